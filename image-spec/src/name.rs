@@ -1,0 +1,211 @@
+//! Names people type: services, branches and images.
+//!
+//! A name is 1 to its kind's maximum length of lowercase ASCII letters, digits,
+//! `-`, `_` and `.`, and starts with a letter or digit. That makes every name safe
+//! as a directory name, a URL segment and a sled key prefix, and keeps `orders`
+//! and `Orders` from being two services.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a string is not a valid name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// The name is empty.
+    #[error("{kind} name is empty")]
+    Empty {
+        /// `service`, `branch` or `image`.
+        kind: &'static str,
+    },
+    /// The name is too long.
+    #[error("{kind} name `{name}` is {len} characters long; the limit is {max}")]
+    TooLong {
+        /// `service`, `branch` or `image`.
+        kind: &'static str,
+        /// The first 80 characters of the name.
+        name: String,
+        /// Its length in characters.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The name holds a character outside `a-z 0-9 - _ .`.
+    #[error(
+        "{kind} name `{name}` contains `{found}`; use lowercase letters, digits, `-`, `_` and `.`"
+    )]
+    BadChar {
+        /// `service`, `branch` or `image`.
+        kind: &'static str,
+        /// The name.
+        name: String,
+        /// The first bad character.
+        found: char,
+    },
+    /// The name starts with `-`, `_` or `.`.
+    #[error("{kind} name `{name}` must start with a letter or digit")]
+    BadStart {
+        /// `service`, `branch` or `image`.
+        kind: &'static str,
+        /// The name.
+        name: String,
+    },
+}
+
+fn check_name(kind: &'static str, max: usize, s: &str) -> Result<(), NameError> {
+    let Some(first) = s.chars().next() else {
+        return Err(NameError::Empty { kind });
+    };
+    let len = s.chars().count();
+    if len > max {
+        return Err(NameError::TooLong {
+            kind,
+            name: s.chars().take(80).collect(),
+            len,
+            max,
+        });
+    }
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c);
+    if let Some(found) = s.chars().find(|c| !allowed(*c)) {
+        return Err(NameError::BadChar {
+            kind,
+            name: s.to_owned(),
+            found,
+        });
+    }
+    if !first.is_ascii_alphanumeric() {
+        return Err(NameError::BadStart {
+            kind,
+            name: s.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+macro_rules! name_type {
+    ($(#[$doc:meta])* $name:ident, $kind:literal, $max:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            /// Longest accepted name, in characters.
+            pub const MAX_LEN: usize = $max;
+
+            /// Parses `s`.
+            pub fn new(s: &str) -> Result<Self, NameError> {
+                check_name($kind, Self::MAX_LEN, s)?;
+                Ok(Self(s.to_owned()))
+            }
+
+            /// The name.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = NameError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::new(s)
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = NameError;
+            fn try_from(s: String) -> Result<Self, Self::Error> {
+                check_name($kind, Self::MAX_LEN, &s)?;
+                Ok(Self(s))
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(n: $name) -> String {
+                n.0
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($name), self.0)
+            }
+        }
+    };
+}
+
+name_type!(
+    /// A microservice's name, e.g. `orders`.
+    ServiceName,
+    "service",
+    64
+);
+name_type!(
+    /// A branch of one service's history, e.g. `main` (the ref is `orders/main`).
+    BranchName,
+    "branch",
+    64
+);
+name_type!(
+    /// An image's name, e.g. `shop-2026.11.23`.
+    ImageName,
+    "image",
+    128
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_and_rejects() {
+        for ok in ["orders", "a", "v1.2_rc-3", "0day"] {
+            assert_eq!(ServiceName::new(ok).unwrap().as_str(), ok);
+        }
+        assert!(matches!(
+            ServiceName::new(""),
+            Err(NameError::Empty { kind: "service" })
+        ));
+        assert!(matches!(
+            ServiceName::new("Orders"),
+            Err(NameError::BadChar { found: 'O', .. })
+        ));
+        assert!(matches!(
+            BranchName::new("feature/x"),
+            Err(NameError::BadChar { found: '/', .. })
+        ));
+        assert!(matches!(
+            ImageName::new(".."),
+            Err(NameError::BadStart { .. })
+        ));
+        assert!(matches!(
+            ServiceName::new("-x"),
+            Err(NameError::BadStart { .. })
+        ));
+        assert!(ServiceName::new(&"a".repeat(64)).is_ok());
+        assert!(matches!(
+            ServiceName::new(&"a".repeat(65)),
+            Err(NameError::TooLong {
+                len: 65,
+                max: 64,
+                ..
+            })
+        ));
+        assert!(ImageName::new(&"a".repeat(128)).is_ok());
+        let e = ServiceName::new("ordérs").unwrap_err();
+        assert!(e.to_string().contains("`é`"), "{e}");
+    }
+}

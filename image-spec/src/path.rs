@@ -1,0 +1,478 @@
+//! Paths that cannot leave their root.
+//!
+//! [`RelPath`] names a file inside a service's tree. It is parsed once, here, and can
+//! then be joined onto any root directory without further checks: it is valid UTF-8,
+//! `/`-separated, relative, has no empty, `.` or `..` component, no NUL and no
+//! backslash, and stays within [`RelPath::MAX_LEN`] bytes, [`RelPath::MAX_DEPTH`]
+//! components and [`RelPath::MAX_COMPONENT_LEN`] bytes per component.
+//!
+//! [`LinkTarget`] is what a symlink in a tree points at. It may use `..` (a link to a
+//! sibling directory is ordinary), but [`LinkTarget::resolve_from`] decides whether,
+//! read from the link's own directory, it stays inside the root. Whether a target
+//! passes *through* another symlink is a property of the whole tree and is checked
+//! in [`crate::tree`].
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a string is not a valid [`RelPath`] or [`LinkTarget`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// The path is the empty string.
+    #[error("path is empty")]
+    Empty,
+    /// The path starts with `/`.
+    #[error("path `{0}` is absolute; it must be relative to the service root")]
+    Absolute(String),
+    /// Two slashes in a row, or a leading or trailing slash.
+    #[error("path `{0}` has an empty component")]
+    EmptyComponent(String),
+    /// A `.` component.
+    #[error("path `{0}` has a `.` component")]
+    Dot(String),
+    /// A `..` component: it would escape the root.
+    #[error("path `{0}` has a `..` component and could escape the service root")]
+    DotDot(String),
+    /// A NUL byte.
+    #[error("path {0:?} contains a NUL byte")]
+    Nul(String),
+    /// A backslash, which some platforms read as a separator.
+    #[error("path `{0}` contains a backslash")]
+    Backslash(String),
+    /// The path is longer than allowed.
+    #[error("path `{path}…` is {len} bytes long; the limit is {max}")]
+    TooLong {
+        /// The first 64 characters of the path.
+        path: String,
+        /// Its length in bytes.
+        len: usize,
+        /// The limit in bytes.
+        max: usize,
+    },
+    /// The path has too many components.
+    #[error("path `{path}` is {depth} components deep; the limit is {max}")]
+    TooDeep {
+        /// The path.
+        path: String,
+        /// Its number of components.
+        depth: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// One component is longer than a file name may be.
+    #[error("path `{path}` has a component of {len} bytes; the limit is {max}")]
+    ComponentTooLong {
+        /// The path.
+        path: String,
+        /// Length in bytes of the longest component.
+        len: usize,
+        /// The limit in bytes.
+        max: usize,
+    },
+    /// The path is not valid UTF-8.
+    #[error("path {0:?} is not valid UTF-8")]
+    NotUtf8(String),
+    /// A symlink's target passes through another symlink (`a -> l/..` where `l` is a
+    /// link): what that resolves to depends on the other link, so it is refused.
+    #[error("symlink `{link}` points at `{target}`, which passes through the symlink `{through}`")]
+    LinkThroughLink {
+        /// The symlink's own path.
+        link: String,
+        /// Its target.
+        target: String,
+        /// The symlink it passes through.
+        through: String,
+    },
+    /// A symlink's target, read from the link's directory, leaves the root.
+    #[error("symlink `{link}` points at `{target}`, which is outside the service root")]
+    LinkEscapes {
+        /// The symlink's own path.
+        link: String,
+        /// Its target.
+        target: String,
+    },
+}
+
+impl PathError {
+    /// The symlink a link error is about.
+    pub fn link(&self) -> Option<&str> {
+        match self {
+            PathError::LinkEscapes { link, .. } | PathError::LinkThroughLink { link, .. } => {
+                Some(link)
+            }
+            _ => None,
+        }
+    }
+}
+
+fn head(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// Checks what RelPath and LinkTarget share: non-empty, relative, no NUL, no
+/// backslash, bounded size; returns the components.
+fn check_common(s: &str) -> Result<Vec<&str>, PathError> {
+    if s.is_empty() {
+        return Err(PathError::Empty);
+    }
+    if s.contains('\0') {
+        return Err(PathError::Nul(head(s)));
+    }
+    if s.len() > RelPath::MAX_LEN {
+        return Err(PathError::TooLong {
+            path: head(s),
+            len: s.len(),
+            max: RelPath::MAX_LEN,
+        });
+    }
+    if s.starts_with('/') {
+        return Err(PathError::Absolute(s.to_owned()));
+    }
+    if s.contains('\\') {
+        return Err(PathError::Backslash(s.to_owned()));
+    }
+    let parts: Vec<&str> = s.split('/').collect();
+    if parts.len() > RelPath::MAX_DEPTH {
+        return Err(PathError::TooDeep {
+            path: s.to_owned(),
+            depth: parts.len(),
+            max: RelPath::MAX_DEPTH,
+        });
+    }
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(PathError::EmptyComponent(s.to_owned()));
+    }
+    if let Some(long) = parts.iter().map(|p| p.len()).max()
+        && long > RelPath::MAX_COMPONENT_LEN
+    {
+        return Err(PathError::ComponentTooLong {
+            path: s.to_owned(),
+            len: long,
+            max: RelPath::MAX_COMPONENT_LEN,
+        });
+    }
+    Ok(parts)
+}
+
+/// A relative path inside a service's tree that cannot escape it (see the module docs).
+///
+/// Ordered by its UTF-8 bytes, which is the order of entries in a tree.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RelPath(String);
+
+impl RelPath {
+    /// Longest accepted path, in bytes.
+    pub const MAX_LEN: usize = 1024;
+    /// Most components accepted.
+    pub const MAX_DEPTH: usize = 64;
+    /// Longest accepted component, in bytes (Linux's `NAME_MAX`).
+    pub const MAX_COMPONENT_LEN: usize = 255;
+
+    /// Parses `s`.
+    pub fn new(s: &str) -> Result<Self, PathError> {
+        for part in check_common(s)? {
+            match part {
+                "." => return Err(PathError::Dot(s.to_owned())),
+                ".." => return Err(PathError::DotDot(s.to_owned())),
+                _ => {}
+            }
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    /// Parses a platform path relative to some root, e.g. from a directory walk.
+    pub fn from_path(p: &Path) -> Result<Self, PathError> {
+        let s = p
+            .to_str()
+            .ok_or_else(|| PathError::NotUtf8(p.to_string_lossy().into_owned()))?;
+        Self::new(s)
+    }
+
+    /// The path as a `/`-separated string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Its components, first to last.
+    pub fn components(&self) -> impl Iterator<Item = &str> {
+        self.0.split('/')
+    }
+
+    /// The number of components.
+    pub fn depth(&self) -> usize {
+        self.components().count()
+    }
+
+    /// The last component.
+    pub fn file_name(&self) -> &str {
+        self.0.rsplit('/').next().unwrap_or(&self.0)
+    }
+
+    /// The directory holding this path, or `None` at the root.
+    pub fn parent(&self) -> Option<RelPath> {
+        self.0.rfind('/').map(|i| RelPath(self.0[..i].to_owned()))
+    }
+
+    /// Every proper ancestor directory, shortest first (`a`, `a/b` for `a/b/c`).
+    pub fn ancestors(&self) -> impl Iterator<Item = &str> {
+        self.0.match_indices('/').map(move |(i, _)| &self.0[..i])
+    }
+
+    /// Is `self` a proper ancestor directory of `other`?
+    pub fn is_ancestor_of(&self, other: &RelPath) -> bool {
+        other.0.len() > self.0.len()
+            && other.0.starts_with(&self.0)
+            && other.0.as_bytes()[self.0.len()] == b'/'
+    }
+
+    /// This path under `root`. Safe by construction: it cannot leave `root` lexically.
+    pub fn under(&self, root: &Path) -> PathBuf {
+        let mut out = root.to_path_buf();
+        out.extend(self.components());
+        out
+    }
+}
+
+impl FromStr for RelPath {
+    type Err = PathError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+impl TryFrom<String> for RelPath {
+    type Error = PathError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::new(&s)
+    }
+}
+
+impl From<RelPath> for String {
+    fn from(p: RelPath) -> String {
+        p.0
+    }
+}
+
+impl fmt::Display for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+/// What a symlink points at: a relative path that may use `.` and `..`.
+///
+/// On its own it is only well-formed; [`resolve_from`](Self::resolve_from) decides
+/// whether it stays inside the root when read from a given link.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct LinkTarget(String);
+
+impl LinkTarget {
+    /// Parses `s`: non-empty, relative, no NUL, no backslash, no empty component,
+    /// bounded like a [`RelPath`].
+    pub fn new(s: &str) -> Result<Self, PathError> {
+        check_common(s)?;
+        Ok(Self(s.to_owned()))
+    }
+
+    /// The target as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Resolves the target lexically from the directory holding `link`.
+    ///
+    /// Returns the components of the path it names inside the root (empty: the root
+    /// itself), or [`PathError::LinkEscapes`] if a `..` climbs above the root.
+    pub fn resolve_from(&self, link: &RelPath) -> Result<Vec<String>, PathError> {
+        self.resolve_within(link, |_| false)
+    }
+
+    /// Like [`resolve_from`](Self::resolve_from), and also refuses a target that walks
+    /// through a path for which `is_link` is true before its last component. A tree
+    /// passes its own symlinks here, so that a chain of links, each lexically inside
+    /// the root, cannot combine into one that leaves it.
+    pub fn resolve_within(
+        &self,
+        link: &RelPath,
+        is_link: impl Fn(&str) -> bool,
+    ) -> Result<Vec<String>, PathError> {
+        let mut stack: Vec<String> = link
+            .parent()
+            .map(|p| p.components().map(str::to_owned).collect())
+            .unwrap_or_default();
+        for part in self.0.split('/') {
+            if !stack.is_empty() {
+                let here = stack.join("/");
+                if is_link(&here) {
+                    return Err(PathError::LinkThroughLink {
+                        link: link.to_string(),
+                        target: self.0.clone(),
+                        through: here,
+                    });
+                }
+            }
+            match part {
+                "." => {}
+                ".." => {
+                    if stack.pop().is_none() {
+                        return Err(PathError::LinkEscapes {
+                            link: link.to_string(),
+                            target: self.0.clone(),
+                        });
+                    }
+                }
+                name => stack.push(name.to_owned()),
+            }
+        }
+        Ok(stack)
+    }
+}
+
+impl TryFrom<String> for LinkTarget {
+    type Error = PathError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::new(&s)
+    }
+}
+
+impl From<LinkTarget> for String {
+    fn from(p: LinkTarget) -> String {
+        p.0
+    }
+}
+
+impl fmt::Display for LinkTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for LinkTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_ordinary_paths() {
+        for ok in [
+            "a",
+            "a/b/c.txt",
+            ".moltignore",
+            "..hidden",
+            "a/.../b",
+            "ünï/cødé ✓",
+            "x y",
+        ] {
+            let p = RelPath::new(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(p.as_str(), ok);
+        }
+    }
+
+    #[test]
+    fn rejects_escapes_with_the_right_error() {
+        type Check = fn(&PathError) -> bool;
+        let cases: &[(&str, Check)] = &[
+            ("", |e| matches!(e, PathError::Empty)),
+            ("/etc/passwd", |e| matches!(e, PathError::Absolute(_))),
+            ("a//b", |e| matches!(e, PathError::EmptyComponent(_))),
+            ("a/", |e| matches!(e, PathError::EmptyComponent(_))),
+            ("./a", |e| matches!(e, PathError::Dot(_))),
+            ("a/..", |e| matches!(e, PathError::DotDot(_))),
+            ("../a", |e| matches!(e, PathError::DotDot(_))),
+            ("a\0b", |e| matches!(e, PathError::Nul(_))),
+            ("a\\..\\b", |e| matches!(e, PathError::Backslash(_))),
+        ];
+        for (input, check) in cases {
+            let err = RelPath::new(input).unwrap_err();
+            assert!(check(&err), "{input:?} gave {err:?}");
+        }
+    }
+
+    #[test]
+    fn enforces_bounds() {
+        let name = "n".repeat(RelPath::MAX_COMPONENT_LEN);
+        assert!(RelPath::new(&name).is_ok());
+        let e = RelPath::new(&format!("{name}n")).unwrap_err();
+        assert!(matches!(e, PathError::ComponentTooLong { len: 256, .. }));
+        let deep = vec!["d"; RelPath::MAX_DEPTH].join("/");
+        assert!(RelPath::new(&deep).is_ok());
+        let e = RelPath::new(&format!("{deep}/d")).unwrap_err();
+        assert!(matches!(e, PathError::TooDeep { depth: 65, .. }));
+        let long = vec!["x".repeat(200); 6].join("/");
+        assert!(matches!(
+            RelPath::new(&long).unwrap_err(),
+            PathError::TooLong { .. }
+        ));
+    }
+
+    #[test]
+    fn structure_helpers() {
+        let p = RelPath::new("a/b/c").unwrap();
+        assert_eq!(p.file_name(), "c");
+        assert_eq!(p.parent().unwrap().as_str(), "a/b");
+        assert_eq!(p.ancestors().collect::<Vec<_>>(), ["a", "a/b"]);
+        assert_eq!(p.depth(), 3);
+        let a = RelPath::new("a").unwrap();
+        assert!(a.is_ancestor_of(&p));
+        assert!(!RelPath::new("a/b/c").unwrap().is_ancestor_of(&p));
+        assert!(!a.is_ancestor_of(&RelPath::new("ab/c").unwrap()));
+        assert_eq!(p.under(Path::new("/r")), PathBuf::from("/r/a/b/c"));
+        assert!(RelPath::new("top").unwrap().parent().is_none());
+    }
+
+    #[test]
+    fn link_targets_resolve_from_the_link_directory() {
+        let link = RelPath::new("a/b/link").unwrap();
+        let t = LinkTarget::new("../c/./d").unwrap();
+        assert_eq!(t.resolve_from(&link).unwrap(), ["a", "c", "d"]);
+        let t = LinkTarget::new("../..").unwrap();
+        assert!(t.resolve_from(&link).unwrap().is_empty());
+        let t = LinkTarget::new("../../../etc").unwrap();
+        assert!(matches!(
+            t.resolve_from(&link),
+            Err(PathError::LinkEscapes { .. })
+        ));
+        // Climbing out and back in still escapes on the way.
+        let top = RelPath::new("link").unwrap();
+        let t = LinkTarget::new("../link-dir/x").unwrap();
+        assert!(t.resolve_from(&top).is_err());
+        assert!(LinkTarget::new("/etc/passwd").is_err());
+        // Walking through another link is refused, even when `..` undoes it lexically.
+        let y = RelPath::new("y").unwrap();
+        let t = LinkTarget::new("x/l1/../f").unwrap();
+        assert_eq!(t.resolve_from(&y).unwrap(), ["x", "f"]);
+        assert!(matches!(
+            t.resolve_within(&y, |p| p == "x/l1"),
+            Err(PathError::LinkThroughLink { through, .. }) if through == "x/l1"
+        ));
+        // Landing on a link is fine: that link is checked on its own.
+        let t = LinkTarget::new("x/l1").unwrap();
+        assert!(t.resolve_within(&y, |p| p == "x/l1").is_ok());
+        assert!(LinkTarget::new("a\\b").is_err());
+    }
+
+    #[test]
+    fn serde_parses_instead_of_trusting() {
+        use serde::de::value::{Error, StrDeserializer};
+        let p = RelPath::deserialize(StrDeserializer::<Error>::new("../x"));
+        assert!(p.is_err());
+        let p = RelPath::deserialize(StrDeserializer::<Error>::new("a/b")).unwrap();
+        assert_eq!(p.as_str(), "a/b");
+    }
+}
