@@ -1,6 +1,9 @@
 //! Property tests: encodings round-trip, decoders never panic, the diff/apply law
 //! holds, and no escaping path is ever accepted.
 
+// Test helpers outside #[test] functions unwrap too: a panic is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::path::{Component, Path};
 
@@ -96,9 +99,9 @@ fn is_safe_relative(s: &str) -> bool {
         && !s.contains('\0')
         && !s.contains('\\')
         && parts.len() <= RelPath::MAX_DEPTH
-        && parts
-            .iter()
-            .all(|c| !c.is_empty() && *c != "." && *c != ".." && c.len() <= RelPath::MAX_COMPONENT_LEN)
+        && parts.iter().all(|c| {
+            !c.is_empty() && *c != "." && *c != ".." && c.len() <= RelPath::MAX_COMPONENT_LEN
+        })
 }
 
 fn hostile_string() -> impl Strategy<Value = String> {
