@@ -123,19 +123,13 @@ pub enum CommitError {
 
 /// One immutable version of one service (see the module docs).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "RawCommit", into = "RawCommit")]
-pub struct Commit {
-    service: ServiceName,
-    tree: TreeId,
-    parents: Vec<CommitId>,
-    author: String,
-    message: String,
-    time: Timestamp,
-}
+#[serde(try_from = "CommitFields", into = "CommitFields")]
+pub struct Commit(CommitFields);
 
-#[derive(Serialize, Deserialize)]
+/// The fields of a commit; also its serde shape, checked on the way in.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawCommit {
+struct CommitFields {
     service: ServiceName,
     tree: TreeId,
     parents: Vec<CommitId>,
@@ -144,23 +138,16 @@ struct RawCommit {
     time: Timestamp,
 }
 
-impl TryFrom<RawCommit> for Commit {
+impl TryFrom<CommitFields> for Commit {
     type Error = CommitError;
-    fn try_from(r: RawCommit) -> Result<Self, CommitError> {
-        Commit::new(r.service, r.tree, r.parents, r.author, r.message, r.time)
+    fn try_from(f: CommitFields) -> Result<Self, CommitError> {
+        Commit::new(f.service, f.tree, f.parents, f.author, f.message, f.time)
     }
 }
 
-impl From<Commit> for RawCommit {
+impl From<Commit> for CommitFields {
     fn from(c: Commit) -> Self {
-        RawCommit {
-            service: c.service,
-            tree: c.tree,
-            parents: c.parents,
-            author: c.author,
-            message: c.message,
-            time: c.time,
-        }
+        c.0
     }
 }
 
@@ -210,58 +197,58 @@ impl Commit {
                 max: Self::MAX_MESSAGE_LEN,
             });
         }
-        Ok(Self {
+        Ok(Self(CommitFields {
             service,
             tree,
             parents,
             author,
             message,
             time,
-        })
+        }))
     }
 
     /// The service this is a version of.
     pub fn service(&self) -> &ServiceName {
-        &self.service
+        &self.0.service
     }
 
     /// The service's files at this version.
     pub fn tree(&self) -> TreeId {
-        self.tree
+        self.0.tree
     }
 
     /// The commits this one follows, first parent first.
     pub fn parents(&self) -> &[CommitId] {
-        &self.parents
+        &self.0.parents
     }
 
     /// Who made it.
     pub fn author(&self) -> &str {
-        &self.author
+        &self.0.author
     }
 
     /// Why it was made.
     pub fn message(&self) -> &str {
-        &self.message
+        &self.0.message
     }
 
     /// When it was made.
     pub fn time(&self) -> Timestamp {
-        self.time
+        self.0.time
     }
 
     /// The canonical encoding (see the module docs).
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new(MAGIC);
-        w.str(self.service.as_str());
-        w.id(self.tree.as_bytes());
-        w.len(self.parents.len());
-        for p in &self.parents {
+        w.str(self.0.service.as_str());
+        w.id(self.0.tree.as_bytes());
+        w.len(self.0.parents.len());
+        for p in &self.0.parents {
             w.id(p.as_bytes());
         }
-        w.str(&self.author);
-        w.str(&self.message);
-        w.i64(self.time.0);
+        w.str(&self.0.author);
+        w.str(&self.0.message);
+        w.i64(self.0.time.as_unix_seconds());
         w.finish()
     }
 

@@ -69,37 +69,29 @@ pub enum ImageError {
 
 /// An immutable, named pin of one commit per service (see the module docs).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "RawImage", into = "RawImage")]
-pub struct Image {
-    name: ImageName,
-    description: String,
-    services: BTreeMap<ServiceName, CommitId>,
-}
+#[serde(try_from = "ImageFields", into = "ImageFields")]
+pub struct Image(ImageFields);
 
-/// The serde and TOML shape of an image.
-#[derive(Serialize, Deserialize)]
+/// The fields of an image; also its serde and TOML shape, checked on the way in.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawImage {
+struct ImageFields {
     name: ImageName,
     #[serde(default)]
     description: String,
     services: BTreeMap<ServiceName, CommitId>,
 }
 
-impl TryFrom<RawImage> for Image {
+impl TryFrom<ImageFields> for Image {
     type Error = ImageError;
-    fn try_from(r: RawImage) -> Result<Self, ImageError> {
-        Image::new(r.name, r.description, r.services)
+    fn try_from(f: ImageFields) -> Result<Self, ImageError> {
+        Image::new(f.name, f.description, f.services)
     }
 }
 
-impl From<Image> for RawImage {
+impl From<Image> for ImageFields {
     fn from(i: Image) -> Self {
-        RawImage {
-            name: i.name,
-            description: i.description,
-            services: i.services,
-        }
+        i.0
     }
 }
 
@@ -130,16 +122,16 @@ impl Image {
                 max: Self::MAX_DESCRIPTION_LEN,
             });
         }
-        Ok(Self {
+        Ok(Self(ImageFields {
             name,
             description,
             services,
-        })
+        }))
     }
 
     /// Parses an image file (see the module docs for the format).
     pub fn from_toml(text: &str) -> Result<Self, ImageError> {
-        let raw: RawImage = toml_input::parse(text)?;
+        let raw: ImageFields = toml_input::parse(text)?;
         Self::try_from(raw).map_err(|e| match e {
             ImageError::NoServices(_) | ImageError::TooManyServices { .. } => {
                 TomlError::at("services", e.to_string()).into()
@@ -153,37 +145,37 @@ impl Image {
 
     /// The image as a TOML document that [`Image::from_toml`] reads back.
     pub fn to_toml(&self) -> String {
-        toml::to_string(&RawImage::from(self.clone()))
+        toml::to_string(&self.0)
             .expect("an image is a table of strings, which TOML can always hold")
     }
 
     /// The image's name.
     pub fn name(&self) -> &ImageName {
-        &self.name
+        &self.0.name
     }
 
     /// What the image is for.
     pub fn description(&self) -> &str {
-        &self.description
+        &self.0.description
     }
 
     /// The commit pinned for each service.
     pub fn services(&self) -> &BTreeMap<ServiceName, CommitId> {
-        &self.services
+        &self.0.services
     }
 
     /// The commit pinned for `service`, if the image has it.
     pub fn commit_of(&self, service: &ServiceName) -> Option<CommitId> {
-        self.services.get(service).copied()
+        self.0.services.get(service).copied()
     }
 
     /// The canonical encoding (see the module docs).
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new(MAGIC);
-        w.str(self.name.as_str());
-        w.str(&self.description);
-        w.len(self.services.len());
-        for (service, commit) in &self.services {
+        w.str(self.0.name.as_str());
+        w.str(&self.0.description);
+        w.len(self.0.services.len());
+        for (service, commit) in &self.0.services {
             w.str(service.as_str());
             w.id(commit.as_bytes());
         }

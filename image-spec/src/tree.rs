@@ -110,19 +110,13 @@ pub enum TreeError {
 
 /// One file of a tree: `(path, mode, size, blob)`, plus the target of a symlink.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "RawEntry", into = "RawEntry")]
-pub struct TreeEntry {
-    path: RelPath,
-    mode: Mode,
-    size: u64,
-    blob: BlobId,
-    target: Option<LinkTarget>,
-}
+#[serde(try_from = "EntryFields", into = "EntryFields")]
+pub struct TreeEntry(EntryFields);
 
-/// The serde shape of an entry, checked on the way in.
-#[derive(Serialize, Deserialize)]
+/// The fields of an entry; also its serde shape, checked on the way in.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawEntry {
+struct EntryFields {
     path: RelPath,
     mode: Mode,
     size: u64,
@@ -131,22 +125,16 @@ struct RawEntry {
     target: Option<LinkTarget>,
 }
 
-impl TryFrom<RawEntry> for TreeEntry {
+impl TryFrom<EntryFields> for TreeEntry {
     type Error = TreeError;
-    fn try_from(r: RawEntry) -> Result<Self, TreeError> {
-        TreeEntry::from_parts(r.path, r.mode, r.size, r.blob, r.target)
+    fn try_from(f: EntryFields) -> Result<Self, TreeError> {
+        TreeEntry::from_parts(f.path, f.mode, f.size, f.blob, f.target)
     }
 }
 
-impl From<TreeEntry> for RawEntry {
+impl From<TreeEntry> for EntryFields {
     fn from(e: TreeEntry) -> Self {
-        RawEntry {
-            path: e.path,
-            mode: e.mode,
-            size: e.size,
-            blob: e.blob,
-            target: e.target,
-        }
+        e.0
     }
 }
 
@@ -158,25 +146,25 @@ impl TreeEntry {
         } else {
             Mode::Regular
         };
-        Self {
+        Self(EntryFields {
             path,
             mode,
             size,
             blob,
             target: None,
-        }
+        })
     }
 
     /// A symlink to `target`. Whether the target stays inside the root is checked
     /// when the entry is put into a [`Tree`].
     pub fn symlink(path: RelPath, target: LinkTarget) -> Self {
-        Self {
+        Self(EntryFields {
             path,
             mode: Mode::Symlink,
             size: target.as_str().len() as u64,
             blob: BlobId::of(target.as_str().as_bytes()),
             target: Some(target),
-        }
+        })
     }
 
     fn from_parts(
@@ -193,52 +181,52 @@ impl TreeEntry {
             }
             (_, _) => return Err(TreeError::InconsistentEntry(path)),
         };
-        if entry.size != size || entry.blob != blob {
-            return Err(TreeError::InconsistentEntry(entry.path));
+        if entry.0.size != size || entry.0.blob != blob {
+            return Err(TreeError::InconsistentEntry(entry.0.path));
         }
         Ok(entry)
     }
 
     /// Where the file lives in the tree.
     pub fn path(&self) -> &RelPath {
-        &self.path
+        &self.0.path
     }
 
     /// Regular, executable or symlink.
     pub fn mode(&self) -> Mode {
-        self.mode
+        self.0.mode
     }
 
     /// Size of the file in bytes (of the target's bytes for a symlink).
     pub fn size(&self) -> u64 {
-        self.size
+        self.0.size
     }
 
     /// The blob holding the file's bytes.
     pub fn blob(&self) -> BlobId {
-        self.blob
+        self.0.blob
     }
 
     /// The target, for a symlink.
     pub fn link_target(&self) -> Option<&LinkTarget> {
-        self.target.as_ref()
+        self.0.target.as_ref()
     }
 
     /// The same file with another executable bit. A symlink is returned unchanged.
     pub fn with_executable(&self, executable: bool) -> Self {
-        if self.mode.is_file() {
-            Self::file(self.path.clone(), executable, self.size, self.blob)
+        if self.0.mode.is_file() {
+            Self::file(self.0.path.clone(), executable, self.0.size, self.0.blob)
         } else {
             self.clone()
         }
     }
 
     fn encode(&self, w: &mut Writer) {
-        w.str(self.path.as_str());
-        w.u8(self.mode.code());
-        w.u64(self.size);
-        w.id(self.blob.as_bytes());
-        if let Some(t) = &self.target {
+        w.str(self.0.path.as_str());
+        w.u8(self.0.mode.code());
+        w.u64(self.0.size);
+        w.id(self.0.blob.as_bytes());
+        if let Some(t) = &self.0.target {
             w.str(t.as_str());
         }
     }
@@ -286,27 +274,27 @@ impl Tree {
                 max: Self::MAX_ENTRIES,
             });
         }
-        entries.sort_by(|a, b| a.path.cmp(&b.path));
-        if let Some(w) = entries.windows(2).find(|w| w[0].path == w[1].path) {
-            return Err(TreeError::Duplicate(w[0].path.clone()));
+        entries.sort_by(|a, b| a.path().cmp(b.path()));
+        if let Some(w) = entries.windows(2).find(|w| w[0].path() == w[1].path()) {
+            return Err(TreeError::Duplicate(w[0].path().clone()));
         }
-        let paths: HashSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+        let paths: HashSet<&str> = entries.iter().map(|e| e.path().as_str()).collect();
         for e in &entries {
-            if let Some(dir) = e.path.ancestors().find(|a| paths.contains(a)) {
+            if let Some(dir) = e.path().ancestors().find(|a| paths.contains(a)) {
                 return Err(TreeError::FileDirClash {
                     file: RelPath::new(dir).expect("an ancestor of a RelPath is a RelPath"),
-                    inside: e.path.clone(),
+                    inside: e.path().clone(),
                 });
             }
         }
         let links: HashSet<&str> = entries
             .iter()
-            .filter(|e| e.mode == Mode::Symlink)
-            .map(|e| e.path.as_str())
+            .filter(|e| e.mode() == Mode::Symlink)
+            .map(|e| e.path().as_str())
             .collect();
         for e in &entries {
-            if let Some(t) = &e.target {
-                t.resolve_within(&e.path, |p| links.contains(p))?;
+            if let Some(t) = e.link_target() {
+                t.resolve_within(e.path(), |p| links.contains(p))?;
             }
         }
         Ok(Self { entries })
@@ -320,7 +308,7 @@ impl Tree {
     /// The entry at `path`, if any.
     pub fn get(&self, path: &RelPath) -> Option<&TreeEntry> {
         self.entries
-            .binary_search_by(|e| e.path.cmp(path))
+            .binary_search_by(|e| e.path().cmp(path))
             .ok()
             .map(|i| &self.entries[i])
     }
@@ -339,8 +327,8 @@ impl Tree {
     pub fn total_size(&self) -> u64 {
         self.entries
             .iter()
-            .filter(|e| e.mode.is_file())
-            .map(|e| e.size)
+            .filter(|e| e.mode().is_file())
+            .map(|e| e.size())
             .sum()
     }
 
@@ -348,8 +336,8 @@ impl Tree {
     pub fn file_blobs(&self) -> BTreeSet<BlobId> {
         self.entries
             .iter()
-            .filter(|e| e.mode.is_file())
-            .map(|e| e.blob)
+            .filter(|e| e.mode().is_file())
+            .map(|e| e.blob())
             .collect()
     }
 
