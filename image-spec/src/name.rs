@@ -1,4 +1,4 @@
-//! Names people type: services, branches and images.
+//! Names people type: services, branches, images, instances and users.
 //!
 //! A name is 1 to its kind's maximum length of lowercase ASCII letters, digits,
 //! `-`, `_` and `.`, and starts with a letter or digit. That makes every name safe
@@ -16,13 +16,13 @@ pub enum NameError {
     /// The name is empty.
     #[error("{kind} name is empty")]
     Empty {
-        /// `service`, `branch` or `image`.
+        /// `service`, `branch`, `image`, `instance` or `user`.
         kind: &'static str,
     },
     /// The name is too long.
     #[error("{kind} name `{name}` is {len} characters long; the limit is {max}")]
     TooLong {
-        /// `service`, `branch` or `image`.
+        /// `service`, `branch`, `image`, `instance` or `user`.
         kind: &'static str,
         /// The first 80 characters of the name.
         name: String,
@@ -36,7 +36,7 @@ pub enum NameError {
         "{kind} name `{name}` contains `{found}`; use lowercase letters, digits, `-`, `_` and `.`"
     )]
     BadChar {
-        /// `service`, `branch` or `image`.
+        /// `service`, `branch`, `image`, `instance` or `user`.
         kind: &'static str,
         /// The name.
         name: String,
@@ -46,7 +46,7 @@ pub enum NameError {
     /// The name starts with `-`, `_` or `.`.
     #[error("{kind} name `{name}` must start with a letter or digit")]
     BadStart {
-        /// `service`, `branch` or `image`.
+        /// `service`, `branch`, `image`, `instance` or `user`.
         kind: &'static str,
         /// The name.
         name: String,
@@ -164,6 +164,19 @@ name_type!(
     ImageName,
     "image",
     128
+);
+
+name_type!(
+    /// An instance's name, e.g. `dev-1` or `prod-eu-3`.
+    InstanceName,
+    "instance",
+    64
+);
+name_type!(
+    /// A person's name as it appears in their certificate, e.g. `ada`.
+    UserName,
+    "user",
+    64
 );
 
 #[cfg(test)]

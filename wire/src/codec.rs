@@ -1,0 +1,311 @@
+//! Frames: the one place where messages become bytes and bytes become messages.
+//!
+//! A frame is a 4-byte big-endian payload length followed by the payload: one serde
+//! message encoded with bincode 2.0.1 (standard configuration: little-endian,
+//! variable-length integers). Swapping the encoding means changing this module only.
+//!
+//! Every read is bounded: the length is checked against the caller's limit
+//! ([`DEFAULT_FRAME_LIMIT`] unless a protocol says otherwise) before any payload is
+//! read or allocated, and the payload must decode to exactly one message with no
+//! trailing bytes. Malformed, truncated or oversized input is a [`FrameError`],
+//! never a panic.
+//!
+//! Frames carry control messages. Bulk bytes (blobs) are not framed: a message
+//! announces their length and the bytes follow raw on the same stream, copied in
+//! chunks of [`CHUNK`] bytes by [`copy_exact`], so a blob of any size never sits in
+//! memory whole.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Largest frame payload accepted unless a protocol sets another limit: 16 MiB.
+pub const DEFAULT_FRAME_LIMIT: usize = 16 << 20;
+
+/// Size of the chunks bulk bytes are copied in.
+pub const CHUNK: usize = 256 << 10;
+
+/// Why a frame cannot be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The frame announces more bytes than the limit.
+    #[error("frame of {len} bytes exceeds the limit of {limit}")]
+    TooLarge {
+        /// The announced payload length.
+        len: usize,
+        /// The limit in force.
+        limit: usize,
+    },
+    /// The stream ended inside a frame or a bulk transfer.
+    #[error("stream ended after {got} of {expected} bytes")]
+    Truncated {
+        /// Bytes expected.
+        expected: u64,
+        /// Bytes received.
+        got: u64,
+    },
+    /// The payload is not a valid message.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// The payload decodes but leaves bytes unread.
+    #[error("message has {0} trailing bytes")]
+    TrailingBytes(usize),
+    /// The message cannot be encoded (a serde error in our own types).
+    #[error("cannot encode message: {0}")]
+    Encode(String),
+    /// The stream failed.
+    #[error("stream error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+/// Encodes `msg` as a whole frame: length prefix and payload.
+pub fn encode_frame<T: Serialize>(msg: &T, limit: usize) -> Result<Vec<u8>, FrameError> {
+    let mut out = vec![0u8; 4];
+    bincode::serde::encode_into_std_write(msg, &mut out, config())
+        .map_err(|e| FrameError::Encode(e.to_string()))?;
+    let len = out.len() - 4;
+    if len > limit {
+        return Err(FrameError::TooLarge { len, limit });
+    }
+    let prefix = u32::try_from(len).map_err(|_| FrameError::TooLarge { len, limit })?;
+    out[..4].copy_from_slice(&prefix.to_be_bytes());
+    Ok(out)
+}
+
+/// Decodes one frame payload (without its length prefix) into a message.
+pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
+    let (msg, used) = bincode::serde::decode_from_slice(payload, config())
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if used != payload.len() {
+        return Err(FrameError::TrailingBytes(payload.len() - used));
+    }
+    Ok(msg)
+}
+
+/// Writes `msg` as one frame.
+pub async fn write_frame<W, T>(w: &mut W, msg: &T) -> Result<(), FrameError>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    let frame = encode_frame(msg, DEFAULT_FRAME_LIMIT)?;
+    w.write_all(&frame).await?;
+    Ok(())
+}
+
+/// Reads one frame of at most `limit` payload bytes and decodes it.
+///
+/// Returns `Ok(None)` when the stream ends cleanly before a frame starts.
+pub async fn read_frame<R, T>(r: &mut R, limit: usize) -> Result<Option<T>, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    let mut header = [0u8; 4];
+    let mut got = 0;
+    while got < header.len() {
+        let n = r.read(&mut header[got..]).await?;
+        if n == 0 {
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(FrameError::Truncated {
+                    expected: 4,
+                    got: got as u64,
+                })
+            };
+        }
+        got += n;
+    }
+    let len = u32::from_be_bytes(header) as usize;
+    if len > limit {
+        return Err(FrameError::TooLarge { len, limit });
+    }
+    let mut payload = vec![0u8; len];
+    let mut filled = 0;
+    while filled < len {
+        let n = r.read(&mut payload[filled..]).await?;
+        if n == 0 {
+            return Err(FrameError::Truncated {
+                expected: len as u64,
+                got: filled as u64,
+            });
+        }
+        filled += n;
+    }
+    decode_payload(&payload).map(Some)
+}
+
+/// Reads a frame that must be there: a clean end of stream is [`FrameError::Truncated`].
+pub async fn expect_frame<R, T>(r: &mut R, limit: usize) -> Result<T, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    read_frame(r, limit).await?.ok_or(FrameError::Truncated {
+        expected: 4,
+        got: 0,
+    })
+}
+
+/// Copies exactly `len` raw bytes from `src` to `dst` in [`CHUNK`]-sized pieces,
+/// calling `inspect` on each (to hash it, count it, show progress).
+pub async fn copy_exact<R, W>(
+    src: &mut R,
+    dst: &mut W,
+    len: u64,
+    mut inspect: impl FnMut(&[u8]),
+) -> Result<(), FrameError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; CHUNK.min(usize::try_from(len).unwrap_or(CHUNK)).max(1)];
+    let mut done = 0u64;
+    while done < len {
+        let want = buf
+            .len()
+            .min(usize::try_from(len - done).unwrap_or(buf.len()));
+        let n = src.read(&mut buf[..want]).await?;
+        if n == 0 {
+            return Err(FrameError::Truncated {
+                expected: len,
+                got: done,
+            });
+        }
+        inspect(&buf[..n]);
+        dst.write_all(&buf[..n]).await?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum Msg {
+        Ping(u64),
+        Text(String),
+        Blob(Vec<u8>),
+    }
+
+    async fn read_all(bytes: &[u8], limit: usize) -> Vec<Result<Option<Msg>, String>> {
+        let mut r = bytes;
+        let mut out = Vec::new();
+        loop {
+            let res = read_frame::<_, Msg>(&mut r, limit).await;
+            let stop = !matches!(res, Ok(Some(_)));
+            out.push(res.map_err(|e| e.to_string()));
+            if stop {
+                return out;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_back_to_back() {
+        let mut buf = Vec::new();
+        for m in [
+            Msg::Ping(7),
+            Msg::Text("héllo".into()),
+            Msg::Blob(vec![1; 1000]),
+        ] {
+            write_frame(&mut buf, &m).await.unwrap();
+        }
+        let got = read_all(&buf, DEFAULT_FRAME_LIMIT).await;
+        assert_eq!(
+            got,
+            vec![
+                Ok(Some(Msg::Ping(7))),
+                Ok(Some(Msg::Text("héllo".into()))),
+                Ok(Some(Msg::Blob(vec![1; 1000]))),
+                Ok(None),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn oversized_frames_are_refused_before_reading() {
+        let frame = encode_frame(&Msg::Blob(vec![0; 100]), DEFAULT_FRAME_LIMIT).unwrap();
+        let mut r = &frame[..];
+        let err = read_frame::<_, Msg>(&mut r, 50).await.unwrap_err();
+        assert!(
+            matches!(err, FrameError::TooLarge { limit: 50, .. }),
+            "{err}"
+        );
+        // A header claiming 4 GiB with nothing behind it fails without allocating.
+        let mut r = &[0xff, 0xff, 0xff, 0xff][..];
+        assert!(matches!(
+            read_frame::<_, Msg>(&mut r, DEFAULT_FRAME_LIMIT).await,
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            encode_frame(&Msg::Blob(vec![0; 100]), 10),
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn truncated_and_malformed_frames_are_typed_errors() {
+        let frame = encode_frame(&Msg::Text("abc".into()), DEFAULT_FRAME_LIMIT).unwrap();
+        for cut in 1..frame.len() {
+            let mut r = &frame[..cut];
+            let err = read_frame::<_, Msg>(&mut r, DEFAULT_FRAME_LIMIT)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, FrameError::Truncated { .. }),
+                "cut {cut}: {err}"
+            );
+        }
+        // Variant 9 does not exist.
+        let mut r = &[0, 0, 0, 1, 9][..];
+        assert!(matches!(
+            read_frame::<_, Msg>(&mut r, DEFAULT_FRAME_LIMIT).await,
+            Err(FrameError::Malformed(_))
+        ));
+        // A valid message followed by junk inside the same frame.
+        let mut r = &[0, 0, 0, 3, 0, 7, 0xaa][..];
+        assert!(matches!(
+            read_frame::<_, Msg>(&mut r, DEFAULT_FRAME_LIMIT).await,
+            Err(FrameError::TrailingBytes(1))
+        ));
+        // A string claiming a huge length inside a small frame.
+        let mut r = &[0, 0, 0, 6, 1, 0xfc, 0xff, 0xff, 0xff, 0x7f][..];
+        assert!(matches!(
+            read_frame::<_, Msg>(&mut r, DEFAULT_FRAME_LIMIT).await,
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn copy_exact_copies_in_chunks_and_detects_short_input() {
+        let data: Vec<u8> = (0..(3 * CHUNK + 17)).map(|i| i as u8).collect();
+        let mut src = &data[..];
+        let mut dst = Vec::new();
+        let mut pieces = 0;
+        copy_exact(&mut src, &mut dst, data.len() as u64, |_| pieces += 1)
+            .await
+            .unwrap();
+        assert_eq!(dst, data);
+        assert!(pieces >= 4);
+        let mut short = &data[..10];
+        let err = copy_exact(&mut short, &mut Vec::new(), 11, |_| {})
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            FrameError::Truncated {
+                expected: 11,
+                got: 10
+            }
+        ));
+    }
+}
