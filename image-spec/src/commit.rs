@@ -298,9 +298,65 @@ mod tests {
     fn round_trips_and_ids_depend_on_every_field() {
         let c = commit(vec![]).unwrap();
         assert_eq!(Commit::decode(&c.encode()).unwrap(), c);
-        let child = commit(vec![c.id()]).unwrap();
-        assert_ne!(child.id(), c.id());
-        assert_eq!(child.parents(), [c.id()]);
+        let f = &c.0;
+        let variants = [
+            Commit::new(
+                ServiceName::new("payments").unwrap(),
+                f.tree,
+                vec![],
+                f.author.clone(),
+                f.message.clone(),
+                f.time,
+            ),
+            Commit::new(
+                f.service.clone(),
+                TreeId::from_bytes([8; 32]),
+                vec![],
+                f.author.clone(),
+                f.message.clone(),
+                f.time,
+            ),
+            Commit::new(
+                f.service.clone(),
+                f.tree,
+                vec![c.id()],
+                f.author.clone(),
+                f.message.clone(),
+                f.time,
+            ),
+            Commit::new(
+                f.service.clone(),
+                f.tree,
+                vec![],
+                "bob".into(),
+                f.message.clone(),
+                f.time,
+            ),
+            Commit::new(
+                f.service.clone(),
+                f.tree,
+                vec![],
+                f.author.clone(),
+                "second".into(),
+                f.time,
+            ),
+            Commit::new(
+                f.service.clone(),
+                f.tree,
+                vec![],
+                f.author.clone(),
+                f.message.clone(),
+                Timestamp(f.time.0 + 1),
+            ),
+        ];
+        let mut ids: Vec<CommitId> = variants.into_iter().map(|v| v.unwrap().id()).collect();
+        ids.push(c.id());
+        let distinct: std::collections::BTreeSet<_> = ids.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            ids.len(),
+            "changing any field must change the id"
+        );
     }
 
     #[test]

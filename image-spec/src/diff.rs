@@ -13,9 +13,15 @@
 //! ```
 //!
 //! A diff names the ids of the tree it starts from and the tree it produces, and
-//! `apply` checks both: a diff cannot be applied to the wrong base, and a diff that
-//! was tampered with in transit cannot produce anything but its declared result. A
-//! first install is the same code path, from [`Tree::empty`].
+//! `apply` checks both: a diff cannot be applied to the wrong base, and it cannot
+//! produce anything but its declared result. The declared result travels with the
+//! diff, so a receiver that asked for a given commit uses
+//! [`TreeDiff::apply_expecting`] with that commit's tree id: then a diff altered in
+//! transit is refused. A first install is the same code path, from [`Tree::empty`].
+//!
+//! Changes are ordered by path, which is not the order a filesystem can replay them
+//! in when a directory becomes a file (`a/b` removed, `a` added: `a` sorts first).
+//! [`TreeDiff::disk_order`] gives an order that can be replayed on disk.
 
 use std::collections::BTreeSet;
 
@@ -176,6 +182,34 @@ impl TreeDiff {
             .collect()
     }
 
+    /// The changes in an order a filesystem can replay: every removal first,
+    /// deepest path first (a directory's files before what replaces the directory),
+    /// then every other change in path order (a directory before its files).
+    pub fn disk_order(&self) -> impl Iterator<Item = &Change> {
+        let removals = self
+            .changes
+            .iter()
+            .rev()
+            .filter(|c| matches!(c, Change::Removed(_)));
+        let others = self
+            .changes
+            .iter()
+            .filter(|c| !matches!(c, Change::Removed(_)));
+        removals.chain(others)
+    }
+
+    /// Like [`apply`](Self::apply), and first checks that the diff promises the
+    /// tree the caller asked for (e.g. the tree of the commit it is installing).
+    pub fn apply_expecting(&self, old: &Tree, expected: TreeId) -> Result<Tree, DiffError> {
+        if self.to != expected {
+            return Err(DiffError::ResultMismatch {
+                expected,
+                found: self.to,
+            });
+        }
+        self.apply(old)
+    }
+
     /// Replays the diff onto `old` (see the module docs for what is checked).
     pub fn apply(&self, old: &Tree) -> Result<Tree, DiffError> {
         let found = old.id();
@@ -229,7 +263,11 @@ impl TreeDiff {
 fn compare(old: &TreeEntry, new: &TreeEntry) -> Option<Change> {
     if old == new {
         None
-    } else if old.mode().is_file() && new.mode().is_file() && old.blob() == new.blob() {
+    } else if old.mode().is_file()
+        && new.mode().is_file()
+        && old.blob() == new.blob()
+        && old.size() == new.size()
+    {
         Some(Change::ModeChanged {
             path: new.path().clone(),
             mode: new.mode(),
@@ -343,6 +381,49 @@ mod tests {
         assert!(matches!(
             forged.apply(&old),
             Err(DiffError::InvalidResult(TreeError::FileDirClash { .. }))
+        ));
+    }
+
+    /// Sizes are declared, not derived from blobs: a change of mode and size with
+    /// the same blob is a modification, or the law would break.
+    #[test]
+    fn mode_and_size_change_with_the_same_blob_is_a_modification() {
+        let blob = BlobId::of(b"x");
+        let old = tree(vec![TreeEntry::file(p("a"), false, 5, blob)]);
+        let new = tree(vec![TreeEntry::file(p("a"), true, 6, blob)]);
+        let diff = TreeDiff::between(&old, &new);
+        assert!(matches!(diff.changes(), [Change::Modified(_)]));
+        assert_eq!(diff.apply(&old).unwrap(), new);
+    }
+
+    #[test]
+    fn disk_order_removes_before_it_adds() {
+        // A directory becomes a file: path order adds `a` before removing `a/b`.
+        let old = tree(vec![
+            f("a/b", "1", false),
+            f("a/c", "2", false),
+            f("z", "3", false),
+        ]);
+        let new = tree(vec![f("a", "4", false), f("z", "3", true)]);
+        let diff = TreeDiff::between(&old, &new);
+        assert_eq!(diff.changes()[0].path().as_str(), "a");
+        let order: Vec<&str> = diff.disk_order().map(|c| c.path().as_str()).collect();
+        assert_eq!(order, ["a/c", "a/b", "a", "z"]);
+        assert_eq!(diff.disk_order().count(), diff.changes().len());
+    }
+
+    #[test]
+    fn apply_expecting_refuses_a_diff_to_another_tree() {
+        let old = tree(vec![f("a", "1", false)]);
+        let new = tree(vec![f("a", "2", false)]);
+        let other = tree(vec![f("a", "3", false)]);
+        let diff = TreeDiff::between(&old, &new);
+        assert_eq!(diff.apply_expecting(&old, new.id()).unwrap(), new);
+        // A forged diff that is internally consistent but leads elsewhere.
+        let forged = TreeDiff::between(&old, &other);
+        assert!(matches!(
+            forged.apply_expecting(&old, new.id()),
+            Err(DiffError::ResultMismatch { .. })
         ));
     }
 

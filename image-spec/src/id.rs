@@ -302,28 +302,23 @@ impl IdPrefix {
         T: AsRef<[u8]> + PartialEq + Copy,
         I: IntoIterator<Item = T>,
     {
-        let mut found: Option<T> = None;
-        let mut count = 0usize;
+        let mut matched: Vec<T> = Vec::new();
         for c in candidates {
             let Ok(bytes) = <&[u8; ID_LEN]>::try_from(c.as_ref()) else {
                 continue;
             };
-            if !self.matches(bytes) || found.as_ref() == Some(&c) {
-                continue;
-            }
-            count += 1;
-            if found.is_none() {
-                found = Some(c);
+            if self.matches(bytes) && !matched.contains(&c) {
+                matched.push(c);
             }
         }
-        match (found, count) {
-            (Some(id), 1) => Ok(id),
-            (None, _) => Err(PrefixResolveError::NotFound {
+        match matched.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(PrefixResolveError::NotFound {
                 prefix: self.hex.clone(),
             }),
-            (Some(_), count) => Err(PrefixResolveError::Ambiguous {
+            many => Err(PrefixResolveError::Ambiguous {
                 prefix: self.hex.clone(),
-                count,
+                count: many.len(),
             }),
         }
     }
@@ -432,7 +427,7 @@ mod tests {
         let (a, b) = (CommitId::from_bytes(a), CommitId::from_bytes(b));
         let p: IdPrefix = "abcdef01".parse().unwrap();
         assert_eq!(
-            p.resolve([a, b]).unwrap_err(),
+            p.resolve([a, b, b, a]).unwrap_err(),
             PrefixResolveError::Ambiguous {
                 prefix: "abcdef01".into(),
                 count: 2

@@ -62,6 +62,14 @@ pub enum ImageError {
         /// The limit.
         max: usize,
     },
+    /// The TOML document is larger than [`Image::MAX_TOML_LEN`].
+    #[error("image file is {len} bytes; the limit is {max}")]
+    TooLarge {
+        /// Its size in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The TOML document is malformed or breaks a rule; names the key.
     #[error("image file: {0}")]
     Toml(#[from] TomlError),
@@ -100,6 +108,8 @@ impl Image {
     pub const MAX_SERVICES: usize = 4096;
     /// Longest description, in bytes.
     pub const MAX_DESCRIPTION_LEN: usize = 4096;
+    /// Largest image file accepted by [`Image::from_toml`], in bytes.
+    pub const MAX_TOML_LEN: usize = 1 << 20;
 
     /// Checks and assembles an image.
     pub fn new(
@@ -131,6 +141,12 @@ impl Image {
 
     /// Parses an image file (see the module docs for the format).
     pub fn from_toml(text: &str) -> Result<Self, ImageError> {
+        if text.len() > Self::MAX_TOML_LEN {
+            return Err(ImageError::TooLarge {
+                len: text.len(),
+                max: Self::MAX_TOML_LEN,
+            });
+        }
         let raw: ImageFields = toml_input::parse(text)?;
         Self::try_from(raw).map_err(|e| match e {
             ImageError::NoServices(_) | ImageError::TooManyServices { .. } => {
@@ -266,6 +282,12 @@ mod tests {
         let e =
             Image::from_toml(&format!("name = \"shop\"\n[services]\nA = \"{C1}\"\n")).unwrap_err();
         assert!(e.to_string().contains("`A`"), "{e}");
+
+        let huge = format!("# {}\n", "x".repeat(Image::MAX_TOML_LEN));
+        assert!(matches!(
+            Image::from_toml(&huge),
+            Err(ImageError::TooLarge { .. })
+        ));
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! `service.toml`: how the shell builds, runs, checks and stops a service.
 //!
 //! Every service has a `service.toml` at its root. [`ServiceManifest::parse`] reads it
-//! into checked types; unknown keys and bad values are errors that name the key and
-//! line ([`TomlError`]). A complete example, with every field and its default:
+//! into checked types; unknown keys and bad values are errors that name the key (and
+//! the line, when the TOML parser knows it) ([`TomlError`]). A complete example,
+//! with every field and its default:
 //!
 //! ```toml
 //! name = "orders"          # required; the service's name (lowercase, digits, - _ .)
@@ -128,16 +129,33 @@ impl Command {
     }
 }
 
+/// Why an argv is not a [`Command`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// The argv is empty.
+    #[error("a command needs at least the program")]
+    Empty,
+    /// The program is the empty string.
+    #[error("the program name is empty")]
+    EmptyProgram,
+    /// An argument holds a NUL byte, which no process can receive.
+    #[error("command argument {index} contains a NUL byte")]
+    Nul {
+        /// Zero-based position in the argv.
+        index: usize,
+    },
+}
+
 impl TryFrom<Vec<String>> for Command {
-    type Error = String;
-    fn try_from(argv: Vec<String>) -> Result<Self, String> {
+    type Error = CommandError;
+    fn try_from(argv: Vec<String>) -> Result<Self, CommandError> {
         match argv.first() {
-            None => Err("a command needs at least the program".into()),
-            Some(p) if p.is_empty() => Err("the program name is empty".into()),
-            Some(_) if argv.iter().any(|a| a.contains('\0')) => {
-                Err("a command argument contains a NUL byte".into())
-            }
-            Some(_) => Ok(Self(argv)),
+            None => Err(CommandError::Empty),
+            Some(p) if p.is_empty() => Err(CommandError::EmptyProgram),
+            Some(_) => match argv.iter().position(|a| a.contains('\0')) {
+                Some(index) => Err(CommandError::Nul { index }),
+                None => Ok(Self(argv)),
+            },
         }
     }
 }
@@ -417,6 +435,8 @@ const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("`{s}` is not a duration; write e.g. `500ms`, `10s`, `5m`, `1h`, `1m30s`");
     let mut total = Duration::ZERO;
+    // Units must go from larger to smaller, each at most once: `1m30s`, not `30s1m`.
+    let mut last_rank = u8::MAX;
     let mut rest = s.trim();
     if rest.is_empty() {
         return Err(bad());
@@ -431,13 +451,17 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit())
             .unwrap_or(rest.len());
-        let part = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n.saturating_mul(60)),
-            "h" => Duration::from_secs(n.saturating_mul(3600)),
+        let (rank, part) = match &rest[..unit_len] {
+            "ms" => (0, Duration::from_millis(n)),
+            "s" => (1, Duration::from_secs(n)),
+            "m" => (2, Duration::from_secs(n.saturating_mul(60))),
+            "h" => (3, Duration::from_secs(n.saturating_mul(3600))),
             _ => return Err(bad()),
         };
+        if rank >= last_rank {
+            return Err(bad());
+        }
+        last_rank = rank;
         rest = &rest[unit_len..];
         total = total.saturating_add(part);
     }
@@ -671,7 +695,7 @@ fn check_ports(raw: Vec<RawPort>, plugin: bool) -> Result<Vec<PortSpec>, TomlErr
                 return Err(TomlError::at(
                     format!("ports[{i}].name"),
                     format!(
-                        "`{n}` is not a port name (lowercase letters, digits, `_`; starts with a letter)"
+                        "`{n}` is not a port name (lowercase letters, digits, `_`; starts with a letter; at most 32)"
                     ),
                 ));
             }
@@ -1177,6 +1201,8 @@ post_swap = { command = ["./notify"], timeout = "10s" }
             "-1s",
             "1 s",
             "99999999999999999999s",
+            "1s1s",
+            "30s1m",
         ] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }

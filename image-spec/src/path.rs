@@ -1,10 +1,17 @@
 //! Paths that cannot leave their root.
 //!
-//! [`RelPath`] names a file inside a service's tree. It is parsed once, here, and can
-//! then be joined onto any root directory without further checks: it is valid UTF-8,
-//! `/`-separated, relative, has no empty, `.` or `..` component, no NUL and no
-//! backslash, and stays within [`RelPath::MAX_LEN`] bytes, [`RelPath::MAX_DEPTH`]
-//! components and [`RelPath::MAX_COMPONENT_LEN`] bytes per component.
+//! [`RelPath`] names a file inside a service's tree. It is parsed once, here, and
+//! joined onto a root it cannot leave *lexically*: it is valid UTF-8, `/`-separated,
+//! relative, has no empty, `.` or `..` component, no NUL, no other ASCII control
+//! character and no backslash, and stays within [`RelPath::MAX_LEN`] bytes,
+//! [`RelPath::MAX_DEPTH`] components and [`RelPath::MAX_COMPONENT_LEN`] bytes per
+//! component. On disk, a directory on the way may still be a symlink (a build output,
+//! say): code that writes under a root must not follow symlinks in the middle of a
+//! path (`openat` with `O_NOFOLLOW` per component, or `RESOLVE_BENEATH`).
+//!
+//! Paths compare byte for byte. Trees are meant for case-sensitive filesystems: on a
+//! case-insensitive one, `A` and `a` name the same file and the symlink checks below
+//! could be bypassed by a link that differs only in case.
 //!
 //! [`LinkTarget`] is what a symlink in a tree points at. It may use `..` (a link to a
 //! sibling directory is ordinary), but [`LinkTarget::resolve_from`] decides whether,
@@ -39,6 +46,10 @@ pub enum PathError {
     /// A NUL byte.
     #[error("path {0:?} contains a NUL byte")]
     Nul(String),
+    /// A control character (U+0001–U+001F or U+007F): a newline or an escape in a
+    /// file name can forge log lines and terminal output.
+    #[error("path {0:?} contains a control character")]
+    Control(String),
     /// A backslash, which some platforms read as a separator.
     #[error("path `{0}` contains a backslash")]
     Backslash(String),
@@ -120,6 +131,9 @@ fn check_common(s: &str) -> Result<Vec<&str>, PathError> {
     }
     if s.contains('\0') {
         return Err(PathError::Nul(head(s)));
+    }
+    if s.chars().any(|c| c.is_ascii_control()) {
+        return Err(PathError::Control(head(s)));
     }
     if s.len() > RelPath::MAX_LEN {
         return Err(PathError::TooLong {
@@ -279,10 +293,18 @@ pub struct LinkTarget(String);
 
 impl LinkTarget {
     /// Parses `s`: non-empty, relative, no NUL, no backslash, no empty component,
-    /// bounded like a [`RelPath`].
+    /// bounded like a [`RelPath`]. One trailing `/` is allowed (`ln -s dir/ link`).
     pub fn new(s: &str) -> Result<Self, PathError> {
-        check_common(s)?;
+        check_common(Self::trimmed(s))?;
         Ok(Self(s.to_owned()))
+    }
+
+    /// `s` without one trailing slash, if that leaves something.
+    fn trimmed(s: &str) -> &str {
+        match s.strip_suffix('/') {
+            Some(t) if !t.is_empty() => t,
+            _ => s,
+        }
     }
 
     /// The target as written.
@@ -307,35 +329,51 @@ impl LinkTarget {
         link: &RelPath,
         is_link: impl Fn(&str) -> bool,
     ) -> Result<Vec<String>, PathError> {
-        let mut stack: Vec<String> = link
-            .parent()
-            .map(|p| p.components().map(str::to_owned).collect())
-            .unwrap_or_default();
-        for part in self.0.split('/') {
-            if !stack.is_empty() {
-                let here = stack.join("/");
-                if is_link(&here) {
-                    return Err(PathError::LinkThroughLink {
-                        link: link.to_string(),
-                        target: self.0.clone(),
-                        through: here,
-                    });
-                }
+        // `here` is the resolved directory so far, `/`-joined; `ends[i]` is where its
+        // first i+1 components end, so `..` pops in O(1) and nothing is re-joined.
+        let mut here = String::new();
+        let mut ends: Vec<usize> = Vec::new();
+        let push = |here: &mut String, ends: &mut Vec<usize>, name: &str| {
+            if !here.is_empty() {
+                here.push('/');
+            }
+            here.push_str(name);
+            ends.push(here.len());
+        };
+        if let Some(dir) = link.parent() {
+            for part in dir.components() {
+                push(&mut here, &mut ends, part);
+            }
+        }
+        for part in Self::trimmed(&self.0).split('/') {
+            if !here.is_empty() && is_link(&here) {
+                return Err(PathError::LinkThroughLink {
+                    link: link.to_string(),
+                    target: self.0.clone(),
+                    through: here,
+                });
             }
             match part {
                 "." => {}
                 ".." => {
-                    if stack.pop().is_none() {
+                    if ends.pop().is_none() {
                         return Err(PathError::LinkEscapes {
                             link: link.to_string(),
                             target: self.0.clone(),
                         });
                     }
+                    // Back to the end of the previous component (or the root).
+                    let keep = ends.last().copied().unwrap_or(0);
+                    here.truncate(keep);
                 }
-                name => stack.push(name.to_owned()),
+                name => push(&mut here, &mut ends, name),
             }
         }
-        Ok(stack)
+        Ok(if here.is_empty() {
+            Vec::new()
+        } else {
+            here.split('/').map(str::to_owned).collect()
+        })
     }
 }
 
@@ -397,6 +435,9 @@ mod tests {
             ("../a", |e| matches!(e, PathError::DotDot(_))),
             ("a\0b", |e| matches!(e, PathError::Nul(_))),
             ("a\\..\\b", |e| matches!(e, PathError::Backslash(_))),
+            ("evil\nINFO forged", |e| matches!(e, PathError::Control(_))),
+            ("\u{1b}[31mred", |e| matches!(e, PathError::Control(_))),
+            ("del\u{7f}", |e| matches!(e, PathError::Control(_))),
         ];
         for (input, check) in cases {
             let err = RelPath::new(input).unwrap_err();
@@ -465,6 +506,12 @@ mod tests {
         let t = LinkTarget::new("x/l1").unwrap();
         assert!(t.resolve_within(&y, |p| p == "x/l1").is_ok());
         assert!(LinkTarget::new("a\\b").is_err());
+        // One trailing slash is how `ln -s dir/ link` writes it.
+        let t = LinkTarget::new("../c/").unwrap();
+        assert_eq!(t.as_str(), "../c/");
+        assert_eq!(t.resolve_from(&link).unwrap(), ["a", "c"]);
+        assert!(LinkTarget::new("c//").is_err());
+        assert!(LinkTarget::new("/").is_err());
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! Symlinks are recorded as symlinks, never followed, and must stay inside the root.
 //! Sockets, FIFOs and devices cannot be shipped and are refused, naming the path.
 //! Files are opened with `O_NOFOLLOW`, so a file swapped for a symlink between the
-//! walk and the read is refused rather than followed out of the root.
+//! walk and the read is refused rather than followed. That protects the last
+//! component only: a *directory* swapped for a symlink while the scan runs is still
+//! followed, so scan a directory that nobody else is rewriting at the same time.
 //!
 //! Empty directories are not part of a tree and are skipped.
 
@@ -161,10 +163,17 @@ fn walk(root: &Path) -> Result<(Vec<Found>, Vec<TreeEntry>), ScanError> {
     let mut files = Vec::new();
     let mut links = Vec::new();
     for entry in walker {
-        let entry = entry.map_err(|e| ScanError::Walk {
+        let walk_err = |e: &ignore::Error| ScanError::Walk {
             root: root.to_owned(),
             message: e.to_string(),
-        })?;
+        };
+        let entry = entry.map_err(|e| walk_err(&e))?;
+        // A directory whose `.moltignore` has a bad pattern still yields the entry,
+        // with the error beside it: refuse, rather than ship what was meant to be
+        // excluded.
+        if let Some(e) = entry.error() {
+            return Err(walk_err(e));
+        }
         if entry.depth() == 0 {
             continue;
         }
@@ -358,6 +367,22 @@ mod tests {
         );
         assert_eq!(scanned.sources.len(), scanned.tree.file_blobs().len());
         assert!(!scanned.sources.contains_key(&get("main-link").blob()));
+    }
+
+    #[test]
+    fn a_bad_ignore_pattern_is_an_error_not_a_silent_skip() {
+        for (dir_of_ignore, file) in [("", ".moltignore"), ("sub", "sub/.moltignore")] {
+            let dir = tempfile::tempdir().unwrap();
+            write(dir.path(), file, b"secret\n[z-a]\n");
+            write(
+                dir.path(),
+                format!("{dir_of_ignore}/secret").trim_start_matches('/'),
+                b"pw",
+            );
+            let err = scan_dir(dir.path()).unwrap_err();
+            assert!(matches!(err, ScanError::Walk { .. }), "{file}: {err:?}");
+            assert!(err.to_string().contains("[z-a]"), "{err}");
+        }
     }
 
     #[test]
