@@ -121,7 +121,8 @@ struct EntryFields {
     mode: Mode,
     size: u64,
     blob: BlobId,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Always serialized (as null for files): binary formats such as bincode are not
+    /// self-describing and cannot skip a field.
     target: Option<LinkTarget>,
 }
 

@@ -32,6 +32,7 @@ pub mod endpoint;
 pub mod hello;
 pub mod identity;
 pub mod pki;
+pub mod repo;
 
 pub use codec::{DEFAULT_FRAME_LIMIT, FrameError};
 pub use endpoint::{ALPN, BiStream, Client, Connection, Handler, Server, WireError};

@@ -1,0 +1,287 @@
+//! Blob storage: bytes named by their blake3, behind a narrow trait.
+//!
+//! [`BlobStore`] is everything the protocol needs from blob storage: does a blob
+//! exist, store one from a stream, read one as a stream. [`FsBlobStore`] keeps each
+//! blob as a file, the way OSTree does: bytes go to a temporary file while they are
+//! hashed, the hash is compared with the claimed id, and only then is the file
+//! synced and renamed into `blobs/<first two hex>/<id>`. A reader therefore never
+//! sees a partial or wrong blob, and a crash leaves at most a stray temporary file,
+//! which the next start removes. An S3-compatible store would implement the same
+//! trait with a multipart upload and a conditional put.
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use image_spec::BlobId;
+use tokio::fs::File;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+/// Why a blob could not be stored or read.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// The bytes received do not hash to the claimed id; nothing was stored.
+    #[error("blob {claimed}: the bytes received hash to {actual}; nothing stored")]
+    Mismatch {
+        /// The id the sender claimed.
+        claimed: BlobId,
+        /// What the bytes hash to.
+        actual: BlobId,
+    },
+    /// The store's files could not be read or written.
+    #[error("blob store `{path}`: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// Storage for blobs (see the module docs).
+pub trait BlobStore: Send + Sync + 'static {
+    /// A blob being written: every byte written is hashed on the way, and the bytes
+    /// become a blob only on [`BlobStore::commit`].
+    type Sink: AsyncWrite + Unpin + Send;
+    /// A blob being read.
+    type Source: AsyncRead + Unpin + Send;
+
+    /// The size of a stored blob, or `None` if it is not stored.
+    fn size(&self, id: &BlobId) -> impl Future<Output = Result<Option<u64>, BlobError>> + Send;
+
+    /// Is the blob stored?
+    fn contains(&self, id: &BlobId) -> impl Future<Output = Result<bool, BlobError>> + Send;
+
+    /// Starts writing a blob.
+    fn begin(&self) -> impl Future<Output = Result<Self::Sink, BlobError>> + Send;
+
+    /// Finishes a blob: stores it under `id` if its bytes hash to `id`, else
+    /// discards it and returns [`BlobError::Mismatch`]. Storing a blob that exists
+    /// already is not an error.
+    fn commit(
+        &self,
+        sink: Self::Sink,
+        id: &BlobId,
+    ) -> impl Future<Output = Result<(), BlobError>> + Send;
+
+    /// Discards a blob being written.
+    fn abort(&self, sink: Self::Sink) -> impl Future<Output = ()> + Send;
+
+    /// Opens a stored blob: its bytes and size, or `None` if it is not stored.
+    fn open(
+        &self,
+        id: &BlobId,
+    ) -> impl Future<Output = Result<Option<(Self::Source, u64)>, BlobError>> + Send;
+}
+
+/// Blobs as files in a directory (see the module docs).
+#[derive(Debug)]
+pub struct FsBlobStore {
+    root: PathBuf,
+    tmp: PathBuf,
+    next_tmp: AtomicU64,
+}
+
+/// A blob being written to a temporary file of an [`FsBlobStore`].
+#[derive(Debug)]
+pub struct FsSink {
+    file: File,
+    path: PathBuf,
+    hasher: blake3::Hasher,
+}
+
+impl AsyncWrite for FsSink {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.file).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &polled {
+            this.hasher.update(&buf[..*n]);
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.file).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.file).poll_shutdown(cx)
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BlobError + '_ {
+    move |source| BlobError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl FsBlobStore {
+    /// Opens (creating if needed) a store under `root`, removing temporary files a
+    /// crash may have left.
+    pub fn open(root: &Path) -> Result<Self, BlobError> {
+        let tmp = root.join("tmp");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        Ok(Self {
+            root: root.to_owned(),
+            tmp,
+            next_tmp: AtomicU64::new(0),
+        })
+    }
+
+    fn path_of(&self, id: &BlobId) -> PathBuf {
+        let hex = id.to_hex();
+        self.root.join(&hex[..2]).join(hex)
+    }
+
+    /// Number of blobs stored and their total size (walks the directory).
+    pub fn usage(&self) -> Result<(u64, u64), BlobError> {
+        let (mut count, mut bytes) = (0, 0);
+        for shard in std::fs::read_dir(&self.root).map_err(io_err(&self.root))? {
+            let shard = shard.map_err(io_err(&self.root))?;
+            if shard.path() == self.tmp {
+                continue;
+            }
+            for f in std::fs::read_dir(shard.path()).map_err(io_err(&shard.path()))? {
+                let f = f.map_err(io_err(&shard.path()))?;
+                count += 1;
+                bytes += f.metadata().map_err(io_err(&f.path()))?.len();
+            }
+        }
+        Ok((count, bytes))
+    }
+}
+
+impl BlobStore for FsBlobStore {
+    type Sink = FsSink;
+    type Source = File;
+
+    async fn size(&self, id: &BlobId) -> Result<Option<u64>, BlobError> {
+        let path = self.path_of(id);
+        match tokio::fs::metadata(&path).await {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    async fn contains(&self, id: &BlobId) -> Result<bool, BlobError> {
+        Ok(self.size(id).await?.is_some())
+    }
+
+    async fn begin(&self) -> Result<FsSink, BlobError> {
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        let path = self.tmp.join(format!("{}-{n}", std::process::id()));
+        let file = File::create(&path).await.map_err(io_err(&path))?;
+        Ok(FsSink {
+            file,
+            path,
+            hasher: blake3::Hasher::new(),
+        })
+    }
+
+    async fn commit(&self, mut sink: FsSink, id: &BlobId) -> Result<(), BlobError> {
+        let actual = BlobId::from(sink.hasher.finalize());
+        if actual != *id {
+            self.abort(sink).await;
+            return Err(BlobError::Mismatch {
+                claimed: *id,
+                actual,
+            });
+        }
+        sink.file.flush().await.map_err(io_err(&sink.path))?;
+        sink.file.sync_all().await.map_err(io_err(&sink.path))?;
+        drop(sink.file);
+        let dest = self.path_of(id);
+        let dir = dest.parent().expect("a blob path has a shard directory");
+        tokio::fs::create_dir_all(dir).await.map_err(io_err(dir))?;
+        // Renaming over an existing copy of the same bytes is harmless.
+        tokio::fs::rename(&sink.path, &dest)
+            .await
+            .map_err(io_err(&dest))?;
+        Ok(())
+    }
+
+    async fn abort(&self, sink: FsSink) {
+        drop(sink.file);
+        // Best effort: a leftover temporary file is removed at the next start.
+        let _ = tokio::fs::remove_file(&sink.path).await;
+    }
+
+    async fn open(&self, id: &BlobId) -> Result<Option<(File, u64)>, BlobError> {
+        let path = self.path_of(id);
+        match File::open(&path).await {
+            Ok(f) => {
+                let len = f.metadata().await.map_err(io_err(&path))?.len();
+                Ok(Some((f, len)))
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    async fn put(store: &FsBlobStore, id: &BlobId, bytes: &[u8]) -> Result<(), BlobError> {
+        let mut sink = store.begin().await?;
+        sink.write_all(bytes).await.unwrap();
+        store.commit(sink, id).await
+    }
+
+    #[tokio::test]
+    async fn stores_verified_blobs_and_refuses_lies() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        let id = BlobId::of(b"hello");
+        assert!(!store.contains(&id).await.unwrap());
+        put(&store, &id, b"hello").await.unwrap();
+        assert!(store.contains(&id).await.unwrap());
+        let (mut f, len) = store.open(&id).await.unwrap().unwrap();
+        let mut back = Vec::new();
+        f.read_to_end(&mut back).await.unwrap();
+        assert_eq!((back.as_slice(), len), (&b"hello"[..], 5));
+
+        let lie = BlobId::of(b"something else");
+        let err = put(&store, &lie, b"hello").await.unwrap_err();
+        assert!(matches!(err, BlobError::Mismatch { .. }), "{err}");
+        assert!(!store.contains(&lie).await.unwrap());
+        assert_eq!(store.usage().unwrap(), (1, 5));
+        // Nothing is left in the temporary directory.
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn reopening_clears_leftover_temporary_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        let mut sink = store.begin().await.unwrap();
+        sink.write_all(b"half a blob").await.unwrap();
+        std::mem::forget(sink);
+        drop(store);
+        let _store = FsBlobStore::open(dir.path()).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+}

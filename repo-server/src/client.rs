@@ -1,0 +1,468 @@
+//! The client side of the repository protocol: typed calls, and the push.
+//!
+//! [`RepoClient::push`] is the whole push flow of DESIGN.md: read `service.toml`,
+//! scan the directory, compare with the branch head (an unchanged tree creates
+//! nothing), ask which blobs the server lacks, upload only those, create the commit,
+//! and move the branch with compare-and-swap from the head it started from.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use image_spec::{
+    BlobId, BranchName, Commit, CommitError, CommitId, Image, ImageId, ImageName, MANIFEST_FILE,
+    ManifestError, ScanError, ServiceManifest, ServiceName, Timestamp, Tree, TreeDiff, TreeId,
+    scan_dir,
+};
+use tokio::io::AsyncWriteExt;
+use tracing::info;
+use wire::codec::{self, DEFAULT_FRAME_LIMIT, FrameError};
+use wire::repo::{ErrorKind, LogEntry, RemoteError, RepoReply, RepoRequest, RepoResponse};
+use wire::{Client, Connection, Identity, WireError};
+
+/// Why a repository call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The connection failed.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// A frame or a blob transfer failed.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The server refused the request.
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    /// The server answered with something else than the request calls for.
+    #[error("unexpected answer from the repository server to {0}")]
+    Unexpected(&'static str),
+    /// The directory to push could not be scanned.
+    #[error(transparent)]
+    Scan(#[from] ScanError),
+    /// The directory's `service.toml` is missing or invalid.
+    #[error("{path}: {source}")]
+    Manifest {
+        /// The manifest file.
+        path: PathBuf,
+        /// Why it cannot be used.
+        source: ManifestError,
+    },
+    /// A local file could not be read or written.
+    #[error("`{path}`: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The commit could not be built (e.g. an author with a newline).
+    #[error(transparent)]
+    Commit(#[from] CommitError),
+    /// A fetched blob's bytes do not match its id.
+    #[error("blob {claimed}: received bytes hash to {actual}")]
+    BlobMismatch {
+        /// The id asked for.
+        claimed: BlobId,
+        /// What the bytes hash to.
+        actual: BlobId,
+    },
+}
+
+impl ClientError {
+    /// The server's error kind, if the server refused the request.
+    pub fn remote_kind(&self) -> Option<&ErrorKind> {
+        match self {
+            ClientError::Remote(e) => Some(&e.kind),
+            _ => None,
+        }
+    }
+}
+
+/// What to push.
+#[derive(Debug, Clone)]
+pub struct PushOptions {
+    /// The branch to move (usually `main`).
+    pub branch: BranchName,
+    /// The commit message.
+    pub message: String,
+    /// The commit author.
+    pub author: String,
+}
+
+/// What a push did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PushReport {
+    /// The service pushed.
+    pub service: ServiceName,
+    /// The branch moved (or left alone).
+    pub branch: BranchName,
+    /// The branch's head after the push.
+    pub commit: CommitId,
+    /// Was a new commit created? `false` when the tree was unchanged.
+    pub created: bool,
+    /// Files in the pushed tree.
+    pub files: usize,
+    /// Blobs uploaded.
+    pub blobs_sent: u64,
+    /// Bytes of blob data uploaded.
+    pub bytes_sent: u64,
+}
+
+/// Progress of a push, for a progress bar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushProgress {
+    /// The directory was scanned.
+    Scanned {
+        /// Files found.
+        files: usize,
+        /// Their total size.
+        bytes: u64,
+    },
+    /// The upload starts.
+    Uploading {
+        /// Blobs to send.
+        blobs: u64,
+        /// Bytes to send.
+        bytes: u64,
+    },
+    /// More bytes were sent.
+    Sent {
+        /// Bytes sent so far.
+        bytes: u64,
+    },
+}
+
+/// A connection to the repository server with typed calls.
+#[derive(Debug, Clone)]
+pub struct RepoClient {
+    conn: Connection,
+}
+
+macro_rules! expect {
+    ($resp:expr, $pat:pat => $out:expr, $what:literal) => {
+        match $resp {
+            $pat => Ok($out),
+            _ => Err(ClientError::Unexpected($what)),
+        }
+    };
+}
+
+impl RepoClient {
+    /// Connects to the repository server at `addr`.
+    pub async fn connect(client: &Client, addr: SocketAddr) -> Result<Self, ClientError> {
+        Ok(Self {
+            conn: client.connect(addr, &Identity::RepoServer).await?,
+        })
+    }
+
+    async fn call(&self, req: &RepoRequest) -> Result<RepoResponse, ClientError> {
+        let reply: RepoReply = self.conn.call(req).await?;
+        Ok(reply?)
+    }
+
+    /// The blobs among `blobs` the server lacks.
+    pub async fn missing_blobs(&self, blobs: Vec<BlobId>) -> Result<Vec<BlobId>, ClientError> {
+        let resp = self.call(&RepoRequest::MissingBlobs { blobs }).await?;
+        expect!(resp, RepoResponse::Missing { blobs } => blobs, "missing_blobs")
+    }
+
+    /// Uploads blobs from local files, streaming each in chunks. `progress` gets the
+    /// running byte count. Returns `(stored, bytes)` as counted by the server.
+    pub async fn put_blobs(
+        &self,
+        blobs: &[(BlobId, u64, PathBuf)],
+        mut progress: impl FnMut(u64),
+    ) -> Result<(u64, u64), ClientError> {
+        let mut s = self.conn.open().await?;
+        let announce = RepoRequest::PutBlobs {
+            blobs: blobs.iter().map(|(id, size, _)| (*id, *size)).collect(),
+        };
+        let sent = async {
+            codec::write_frame(&mut s.send, &announce).await?;
+            let mut total = 0u64;
+            for (_, size, path) in blobs {
+                let mut file = tokio::fs::File::open(path).await?;
+                codec::copy_exact(&mut file, &mut s.send, *size, |chunk| {
+                    total += chunk.len() as u64;
+                    progress(total);
+                })
+                .await?;
+            }
+            s.send.flush().await?;
+            Ok::<_, FrameError>(())
+        }
+        .await;
+        let _ = s.send.finish();
+        // The reply says why the server stopped reading, if it did.
+        let reply = codec::expect_frame::<_, RepoReply>(&mut s.recv, DEFAULT_FRAME_LIMIT).await;
+        match (reply, sent) {
+            (Ok(reply), _) => {
+                let resp = reply?;
+                expect!(resp, RepoResponse::BlobsStored { stored, bytes } => (stored, bytes), "put_blobs")
+            }
+            (Err(_), Err(e)) | (Err(e), Ok(())) => Err(e.into()),
+        }
+    }
+
+    /// Creates a commit with its tree; `(id, created)`.
+    pub async fn create_commit(
+        &self,
+        commit: Commit,
+        tree: Tree,
+    ) -> Result<(CommitId, bool), ClientError> {
+        let resp = self
+            .call(&RepoRequest::CreateCommit { commit, tree })
+            .await?;
+        expect!(resp, RepoResponse::CommitCreated { id, created } => (id, created), "create_commit")
+    }
+
+    /// Moves a branch from `expected` to `new` (compare-and-swap).
+    pub async fn move_branch(
+        &self,
+        service: &ServiceName,
+        branch: &BranchName,
+        expected: Option<CommitId>,
+        new: CommitId,
+    ) -> Result<(), ClientError> {
+        let resp = self
+            .call(&RepoRequest::MoveBranch {
+                service: service.clone(),
+                branch: branch.clone(),
+                expected,
+                new,
+            })
+            .await?;
+        expect!(resp, RepoResponse::BranchMoved => (), "move_branch")
+    }
+
+    /// Resolves a branch name or a full or abbreviated commit id.
+    pub async fn resolve(&self, service: &ServiceName, rev: &str) -> Result<CommitId, ClientError> {
+        let resp = self
+            .call(&RepoRequest::Resolve {
+                service: service.clone(),
+                rev: rev.to_owned(),
+            })
+            .await?;
+        expect!(resp, RepoResponse::Resolved { id } => id, "resolve")
+    }
+
+    /// The history of a branch, newest first.
+    pub async fn log(
+        &self,
+        service: &ServiceName,
+        branch: &BranchName,
+        limit: u32,
+    ) -> Result<Vec<LogEntry>, ClientError> {
+        let resp = self
+            .call(&RepoRequest::Log {
+                service: service.clone(),
+                branch: branch.clone(),
+                limit,
+            })
+            .await?;
+        expect!(resp, RepoResponse::Log { entries } => entries, "log")
+    }
+
+    /// The head of a branch, with its commit; `None` if the branch does not exist.
+    pub async fn head(
+        &self,
+        service: &ServiceName,
+        branch: &BranchName,
+    ) -> Result<Option<LogEntry>, ClientError> {
+        match self.log(service, branch, 1).await {
+            Ok(mut entries) => Ok(entries.pop()),
+            Err(e) if e.remote_kind() == Some(&ErrorKind::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One commit.
+    pub async fn commit(&self, id: CommitId) -> Result<Commit, ClientError> {
+        let resp = self.call(&RepoRequest::GetCommit { id }).await?;
+        expect!(resp, RepoResponse::Commit { commit } => commit, "get_commit")
+    }
+
+    /// One tree.
+    pub async fn tree(&self, id: TreeId) -> Result<Tree, ClientError> {
+        let resp = self.call(&RepoRequest::GetTree { id }).await?;
+        expect!(resp, RepoResponse::Tree { tree } => tree, "get_tree")
+    }
+
+    /// The diff between two commits of a service (`from: None`: the full tree).
+    pub async fn diff(
+        &self,
+        service: &ServiceName,
+        from: Option<CommitId>,
+        to: CommitId,
+    ) -> Result<TreeDiff, ClientError> {
+        let resp = self
+            .call(&RepoRequest::Diff {
+                service: service.clone(),
+                from,
+                to,
+            })
+            .await?;
+        expect!(resp, RepoResponse::Diff { diff } => diff, "diff")
+    }
+
+    /// Downloads blobs into `dir` as `dir/<id>`, verifying each on arrival.
+    /// Returns the bytes received.
+    pub async fn fetch_blobs_to(&self, blobs: &[BlobId], dir: &Path) -> Result<u64, ClientError> {
+        let mut s = self.conn.open().await?;
+        codec::write_frame(
+            &mut s.send,
+            &RepoRequest::FetchBlobs {
+                blobs: blobs.to_vec(),
+            },
+        )
+        .await?;
+        let _ = s.send.finish();
+        let reply: RepoReply = codec::expect_frame(&mut s.recv, DEFAULT_FRAME_LIMIT).await?;
+        let sizes = expect!(reply?, RepoResponse::BlobsFollow { sizes } => sizes, "fetch_blobs")?;
+        if sizes.len() != blobs.len() {
+            return Err(ClientError::Unexpected("fetch_blobs"));
+        }
+        let mut total = 0;
+        for (id, size) in blobs.iter().zip(sizes) {
+            let dest = dir.join(id.to_hex());
+            let tmp = dir.join(format!(".{}.part", id.to_hex()));
+            let io = |source| ClientError::Io {
+                path: tmp.clone(),
+                source,
+            };
+            let mut file = tokio::fs::File::create(&tmp).await.map_err(io)?;
+            let mut hasher = blake3::Hasher::new();
+            codec::copy_exact(&mut s.recv, &mut file, size, |c| {
+                hasher.update(c);
+            })
+            .await?;
+            file.flush().await.map_err(io)?;
+            let actual = BlobId::from(hasher.finalize());
+            if actual != *id {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(ClientError::BlobMismatch {
+                    claimed: *id,
+                    actual,
+                });
+            }
+            tokio::fs::rename(&tmp, &dest).await.map_err(io)?;
+            total += size;
+        }
+        Ok(total)
+    }
+
+    /// Creates an image.
+    pub async fn create_image(&self, image: Image) -> Result<ImageId, ClientError> {
+        let resp = self.call(&RepoRequest::CreateImage { image }).await?;
+        expect!(resp, RepoResponse::ImageCreated { id } => id, "create_image")
+    }
+
+    /// One image by name.
+    pub async fn image(&self, name: &ImageName) -> Result<(ImageId, Image), ClientError> {
+        let resp = self
+            .call(&RepoRequest::GetImage { name: name.clone() })
+            .await?;
+        expect!(resp, RepoResponse::Image { id, image } => (id, image), "get_image")
+    }
+
+    /// Every image, oldest first.
+    pub async fn images(&self) -> Result<Vec<(ImageId, Image)>, ClientError> {
+        let resp = self.call(&RepoRequest::ListImages).await?;
+        expect!(resp, RepoResponse::Images { images } => images, "list_images")
+    }
+
+    /// Pushes the service in `dir` (see the module docs).
+    pub async fn push(
+        &self,
+        dir: &Path,
+        opts: &PushOptions,
+        mut progress: impl FnMut(PushProgress),
+    ) -> Result<PushReport, ClientError> {
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let text = tokio::fs::read_to_string(&manifest_path)
+            .await
+            .map_err(|source| ClientError::Io {
+                path: manifest_path.clone(),
+                source,
+            })?;
+        let manifest = ServiceManifest::parse(&text).map_err(|source| ClientError::Manifest {
+            path: manifest_path.clone(),
+            source,
+        })?;
+        let service = manifest.name().clone();
+
+        let owned = dir.to_owned();
+        let scanned = tokio::task::spawn_blocking(move || scan_dir(&owned))
+            .await
+            .map_err(|e| ClientError::Io {
+                path: dir.to_owned(),
+                source: std::io::Error::other(e),
+            })??;
+        let tree = scanned.tree;
+        progress(PushProgress::Scanned {
+            files: tree.len(),
+            bytes: tree.total_size(),
+        });
+
+        let head = self.head(&service, &opts.branch).await?;
+        let report = |commit, created, blobs_sent, bytes_sent| PushReport {
+            service: service.clone(),
+            branch: opts.branch.clone(),
+            commit,
+            created,
+            files: tree.len(),
+            blobs_sent,
+            bytes_sent,
+        };
+        if let Some(h) = &head
+            && h.commit.tree() == tree.id()
+        {
+            info!(%service, commit = %h.id, "tree unchanged; nothing to push");
+            return Ok(report(h.id, false, 0, 0));
+        }
+
+        let missing = self
+            .missing_blobs(tree.file_blobs().into_iter().collect())
+            .await?;
+        let sizes: std::collections::BTreeMap<BlobId, u64> = tree
+            .entries()
+            .iter()
+            .filter(|e| e.mode().is_file())
+            .map(|e| (e.blob(), e.size()))
+            .collect();
+        let uploads: Vec<(BlobId, u64, PathBuf)> = missing
+            .iter()
+            .filter_map(|id| {
+                Some((
+                    *id,
+                    sizes.get(id).copied()?,
+                    scanned.sources.get(id)?.clone(),
+                ))
+            })
+            .collect();
+        let upload_bytes: u64 = uploads.iter().map(|(_, s, _)| s).sum();
+        progress(PushProgress::Uploading {
+            blobs: uploads.len() as u64,
+            bytes: upload_bytes,
+        });
+        let (blobs_sent, bytes_sent) = if uploads.is_empty() {
+            (0, 0)
+        } else {
+            self.put_blobs(&uploads, |bytes| progress(PushProgress::Sent { bytes }))
+                .await?;
+            (uploads.len() as u64, upload_bytes)
+        };
+
+        let commit = Commit::new(
+            service.clone(),
+            tree.id(),
+            head.iter().map(|h| h.id).collect(),
+            opts.author.clone(),
+            opts.message.clone(),
+            Timestamp::now(),
+        )?;
+        let (id, _) = self.create_commit(commit, tree.clone()).await?;
+        self.move_branch(&service, &opts.branch, head.map(|h| h.id), id)
+            .await?;
+        info!(%service, commit = %id, blobs_sent, bytes_sent, "pushed");
+        Ok(report(id, true, blobs_sent, bytes_sent))
+    }
+}

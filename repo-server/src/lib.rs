@@ -1,0 +1,111 @@
+//! molt's repository server: every commit of every service, content-addressed.
+//!
+//! Blobs live as files in `DATA/blobs` ([`blobs`]); trees, commits, branches and
+//! images live in a sled database in `DATA/meta` ([`meta`]). Both sit behind narrow
+//! traits so an object store or a SQL database can replace them without touching
+//! the protocol code ([`service`]). [`client`] is the other side: the typed calls
+//! and the push that the `molt` CLI (and later the shell) use.
+//!
+//! ```no_run
+//! # async fn demo(config: repo_server::Config) -> Result<(), repo_server::RepoServerError> {
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! repo_server::run(config, shutdown).await
+//! # }
+//! ```
+
+pub mod blobs;
+pub mod client;
+pub mod meta;
+pub mod service;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use wire::{Credentials, Server, WireError};
+
+use crate::blobs::{BlobError, FsBlobStore};
+use crate::meta::{MetaError, SledMeta};
+use crate::service::RepoService;
+
+/// How to run a repository server.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where blobs and metadata live (`DATA/blobs`, `DATA/meta`).
+    pub data: PathBuf,
+    /// The UDP address to serve QUIC on.
+    pub listen: SocketAddr,
+    /// The server's certificate (identity `repo-server`), key and CA.
+    pub credentials: Credentials,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoServerError {
+    /// The blob store could not be opened.
+    #[error(transparent)]
+    Blobs(#[from] BlobError),
+    /// The metadata database could not be opened.
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    /// The QUIC endpoint could not be set up.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The credentials are not the repository server's.
+    #[error(
+        "these credentials are for `{0}`; the repository server needs a `repo-server` certificate"
+    )]
+    WrongIdentity(wire::Identity),
+}
+
+/// The concrete service this crate serves.
+pub type FsRepoService = RepoService<FsBlobStore, SledMeta>;
+
+/// A server bound to its address, not yet serving.
+#[derive(Debug)]
+pub struct Bound {
+    server: Server,
+    service: Arc<FsRepoService>,
+}
+
+/// Opens the stores and binds the endpoint.
+pub fn bind(config: &Config) -> Result<Bound, RepoServerError> {
+    if config.credentials.identity != wire::Identity::RepoServer {
+        return Err(RepoServerError::WrongIdentity(
+            config.credentials.identity.clone(),
+        ));
+    }
+    let blobs = FsBlobStore::open(&config.data.join("blobs"))?;
+    let meta = SledMeta::open(&config.data.join("meta"))?;
+    let server = Server::bind(config.listen, &config.credentials)?;
+    Ok(Bound {
+        server,
+        service: Arc::new(RepoService::new(blobs, meta)),
+    })
+}
+
+impl Bound {
+    /// The address actually bound.
+    pub fn local_addr(&self) -> Result<SocketAddr, RepoServerError> {
+        Ok(self.server.local_addr()?)
+    }
+
+    /// The service, for inspecting the stores (tests, admin tools).
+    pub fn service(&self) -> Arc<FsRepoService> {
+        self.service.clone()
+    }
+
+    /// Serves until `shutdown` is cancelled; returns once every connection is closed.
+    pub async fn serve(self, shutdown: CancellationToken) {
+        tracing::info!(addr = ?self.server.local_addr().ok(), "repository server listening");
+        self.server.serve(self.service, shutdown).await;
+        tracing::info!("repository server stopped");
+    }
+}
+
+/// Binds and serves until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RepoServerError> {
+    bind(&config)?.serve(shutdown).await;
+    Ok(())
+}

@@ -1,0 +1,482 @@
+//! The repository's QUIC service: one request per stream, authorized by the caller's
+//! verified identity, answered from the stores.
+//!
+//! Validation lives here, at the edge: a commit is stored only if its tree hashes to
+//! the commit's tree id, every parent exists, every file blob is stored, and the
+//! tree holds a `service.toml` that parses and names the commit's service. Paths
+//! and symlinks were already checked when the tree was decoded (a `Tree` cannot hold
+//! an escaping path). A blob is stored only if its bytes hash to its id.
+
+use std::sync::Arc;
+
+use image_spec::{
+    BlobId, BranchName, Commit, CommitId, IdPrefix, Image, MANIFEST_FILE, Mode, RelPath,
+    ServiceManifest, ServiceName, Tree, TreeDiff,
+};
+use tokio::io::AsyncReadExt as _;
+use tracing::{Instrument, debug, info, info_span, warn};
+use wire::codec::{self, DEFAULT_FRAME_LIMIT, FrameError};
+use wire::endpoint::code;
+use wire::repo::{
+    ErrorKind, LogEntry, MAX_BLOBS_PER_REQUEST, Operation, RemoteError, RepoReply, RepoRequest,
+    RepoResponse,
+};
+use wire::{BiStream, Handler, Identity};
+
+use crate::blobs::{BlobError, BlobStore};
+use crate::meta::{HeadUpdate, MetaError, MetaStore};
+
+/// Most commits one log request returns.
+const MAX_LOG: u32 = 10_000;
+
+/// The repository service over a blob store and a metadata store.
+#[derive(Debug)]
+pub struct RepoService<B, M> {
+    blobs: B,
+    meta: M,
+}
+
+impl From<MetaError> for RemoteError {
+    fn from(e: MetaError) -> Self {
+        warn!(error = %e, "metadata store failed");
+        RemoteError::new(ErrorKind::Internal, e.to_string())
+    }
+}
+
+impl From<BlobError> for RemoteError {
+    fn from(e: BlobError) -> Self {
+        match e {
+            BlobError::Mismatch { .. } => RemoteError::new(ErrorKind::Invalid, e.to_string()),
+            BlobError::Io { .. } => {
+                warn!(error = %e, "blob store failed");
+                RemoteError::new(ErrorKind::Internal, e.to_string())
+            }
+        }
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> RemoteError {
+    RemoteError::new(ErrorKind::Invalid, msg)
+}
+
+fn not_found(msg: impl Into<String>) -> RemoteError {
+    RemoteError::new(ErrorKind::NotFound, msg)
+}
+
+fn request_name(req: &RepoRequest) -> &'static str {
+    match req {
+        RepoRequest::MissingBlobs { .. } => "missing_blobs",
+        RepoRequest::PutBlobs { .. } => "put_blobs",
+        RepoRequest::CreateCommit { .. } => "create_commit",
+        RepoRequest::MoveBranch { .. } => "move_branch",
+        RepoRequest::Resolve { .. } => "resolve",
+        RepoRequest::Log { .. } => "log",
+        RepoRequest::GetCommit { .. } => "get_commit",
+        RepoRequest::GetTree { .. } => "get_tree",
+        RepoRequest::Diff { .. } => "diff",
+        RepoRequest::FetchBlobs { .. } => "fetch_blobs",
+        RepoRequest::CreateImage { .. } => "create_image",
+        RepoRequest::GetImage { .. } => "get_image",
+        RepoRequest::ListImages => "list_images",
+    }
+}
+
+impl<B: BlobStore, M: MetaStore> Handler for RepoService<B, M> {
+    async fn handle(&self, peer: Arc<Identity>, mut stream: BiStream) {
+        let req: RepoRequest = match stream.read_request(DEFAULT_FRAME_LIMIT).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(%peer, error = %e, "refusing malformed request");
+                stream.refuse(&e);
+                return;
+            }
+        };
+        let span = info_span!("request", %peer, op = request_name(&req));
+        self.serve(&peer, req, stream).instrument(span).await;
+    }
+}
+
+async fn reply(stream: &mut BiStream, reply: &RepoReply) {
+    if let Err(e) = codec::write_frame(&mut stream.send, reply).await {
+        debug!(error = %e, "client went away before the reply");
+        return;
+    }
+    let _ = stream.send.finish();
+}
+
+impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
+    /// A service over these stores.
+    pub fn new(blobs: B, meta: M) -> Self {
+        Self { blobs, meta }
+    }
+
+    /// The blob store.
+    pub fn blobs(&self) -> &B {
+        &self.blobs
+    }
+
+    /// The metadata store.
+    pub fn meta(&self) -> &M {
+        &self.meta
+    }
+
+    async fn serve(&self, peer: &Identity, req: RepoRequest, mut stream: BiStream) {
+        let op = Operation::of(&req);
+        if !op.allowed(peer) {
+            info!(%peer, ?op, "permission denied");
+            let what = match op {
+                Operation::Push => "push",
+                Operation::CreateImage => "create images",
+                Operation::Read => "read",
+            };
+            let err = RemoteError::new(
+                ErrorKind::PermissionDenied,
+                format!("`{peer}` may not {what}"),
+            );
+            // Bytes may be following the request; we will not read them.
+            let _ = stream.recv.stop(code::OK);
+            reply(&mut stream, &Err(err)).await;
+            return;
+        }
+        match req {
+            RepoRequest::PutBlobs { blobs } => {
+                let result = self.put_blobs(&mut stream, blobs).await;
+                if result.is_err() {
+                    let _ = stream.recv.stop(code::OK);
+                }
+                reply(&mut stream, &result).await;
+            }
+            RepoRequest::FetchBlobs { blobs } => self.fetch_blobs(&mut stream, blobs).await,
+            other => {
+                let result = self.answer(other).await;
+                if let Err(e) = &result {
+                    debug!(kind = ?e.kind, error = %e, "request failed");
+                }
+                reply(&mut stream, &result).await;
+            }
+        }
+    }
+
+    async fn answer(&self, req: RepoRequest) -> RepoReply {
+        match req {
+            RepoRequest::MissingBlobs { blobs } => {
+                check_count(blobs.len())?;
+                let mut missing = Vec::new();
+                for id in blobs {
+                    if !self.blobs.contains(&id).await? {
+                        missing.push(id);
+                    }
+                }
+                Ok(RepoResponse::Missing { blobs: missing })
+            }
+            RepoRequest::CreateCommit { commit, tree } => self.create_commit(commit, tree).await,
+            RepoRequest::MoveBranch {
+                service,
+                branch,
+                expected,
+                new,
+            } => self.move_branch(&service, &branch, expected, new),
+            RepoRequest::Resolve { service, rev } => self
+                .resolve(&service, &rev)
+                .map(|id| RepoResponse::Resolved { id }),
+            RepoRequest::Log {
+                service,
+                branch,
+                limit,
+            } => self.log(&service, &branch, limit.min(MAX_LOG)),
+            RepoRequest::GetCommit { id } => Ok(RepoResponse::Commit {
+                commit: self.commit(&id)?,
+            }),
+            RepoRequest::GetTree { id } => {
+                let tree = self
+                    .meta
+                    .tree(&id)?
+                    .ok_or_else(|| not_found(format!("no tree {id}")))?;
+                Ok(RepoResponse::Tree { tree })
+            }
+            RepoRequest::Diff { service, from, to } => self.diff(&service, from, to),
+            RepoRequest::CreateImage { image } => self.create_image(image),
+            RepoRequest::GetImage { name } => {
+                let image = self
+                    .meta
+                    .image(&name)?
+                    .ok_or_else(|| not_found(format!("no image named `{name}`")))?;
+                Ok(RepoResponse::Image {
+                    id: image.id(),
+                    image,
+                })
+            }
+            RepoRequest::ListImages => Ok(RepoResponse::Images {
+                images: self
+                    .meta
+                    .images()?
+                    .into_iter()
+                    .map(|i| (i.id(), i))
+                    .collect(),
+            }),
+            RepoRequest::PutBlobs { .. } | RepoRequest::FetchBlobs { .. } => {
+                Err(invalid("bulk requests are served on their own path"))
+            }
+        }
+    }
+
+    /// Receives each announced blob, verifying it on the way in.
+    async fn put_blobs(&self, stream: &mut BiStream, blobs: Vec<(BlobId, u64)>) -> RepoReply {
+        check_count(blobs.len())?;
+        let (mut stored, mut bytes) = (0u64, 0u64);
+        for (id, size) in blobs {
+            let existed = self.blobs.contains(&id).await?;
+            let mut sink = self.blobs.begin().await?;
+            if let Err(e) = codec::copy_exact(&mut stream.recv, &mut sink, size, |_| {}).await {
+                self.blobs.abort(sink).await;
+                return Err(invalid(format!("blob {id}: {e}")));
+            }
+            self.blobs.commit(sink, &id).await?;
+            bytes += size;
+            if !existed {
+                stored += 1;
+            }
+        }
+        // Nothing may follow the announced blobs.
+        let mut probe = [0u8; 1];
+        match stream.recv.read(&mut probe).await {
+            Ok(None | Some(0)) => {}
+            Ok(Some(_)) => return Err(invalid("bytes follow the announced blobs")),
+            Err(e) => debug!(error = %e, "reading the end of an upload"),
+        }
+        info!(stored, bytes, "blobs received");
+        Ok(RepoResponse::BlobsStored { stored, bytes })
+    }
+
+    /// Sends the sizes, then each blob's bytes in order.
+    async fn fetch_blobs(&self, stream: &mut BiStream, blobs: Vec<BlobId>) {
+        let sizes = async {
+            check_count(blobs.len())?;
+            let mut sizes = Vec::with_capacity(blobs.len());
+            for id in &blobs {
+                let size = self
+                    .blobs
+                    .size(id)
+                    .await?
+                    .ok_or_else(|| not_found(format!("no blob {id}")))?;
+                sizes.push(size);
+            }
+            Ok::<_, RemoteError>(sizes)
+        }
+        .await;
+        let sizes = match sizes {
+            Ok(s) => s,
+            Err(e) => return reply(stream, &Err(e)).await,
+        };
+        let header: RepoReply = Ok(RepoResponse::BlobsFollow {
+            sizes: sizes.clone(),
+        });
+        if codec::write_frame(&mut stream.send, &header).await.is_err() {
+            return;
+        }
+        for (id, size) in blobs.iter().zip(sizes) {
+            let sent = async {
+                let (mut src, _) = self
+                    .blobs
+                    .open(id)
+                    .await
+                    .map_err(|e| FrameError::Io(std::io::Error::other(e.to_string())))?
+                    .ok_or_else(|| FrameError::Io(std::io::Error::other("blob vanished")))?;
+                codec::copy_exact(&mut src, &mut stream.send, size, |_| {}).await
+            }
+            .await;
+            if let Err(e) = sent {
+                warn!(blob = %id, error = %e, "fetch aborted");
+                let _ = stream.send.reset(code::PROTOCOL);
+                return;
+            }
+        }
+        let _ = stream.send.finish();
+    }
+
+    fn commit(&self, id: &CommitId) -> Result<Commit, RemoteError> {
+        self.meta
+            .commit(id)?
+            .ok_or_else(|| not_found(format!("no commit {id}")))
+    }
+
+    fn service_commit(&self, service: &ServiceName, id: &CommitId) -> Result<Commit, RemoteError> {
+        let commit = self.commit(id)?;
+        if commit.service() != service {
+            return Err(invalid(format!(
+                "commit {id} belongs to service `{}`, not `{service}`",
+                commit.service()
+            )));
+        }
+        Ok(commit)
+    }
+
+    async fn create_commit(&self, commit: Commit, tree: Tree) -> RepoReply {
+        let tree_id = tree.id();
+        if tree_id != commit.tree() {
+            return Err(invalid(format!(
+                "the tree sent hashes to {tree_id}, but the commit names tree {}",
+                commit.tree()
+            )));
+        }
+        for parent in commit.parents() {
+            self.service_commit(commit.service(), parent)?;
+        }
+        for blob in tree.file_blobs() {
+            if !self.blobs.contains(&blob).await? {
+                return Err(invalid(format!(
+                    "blob {blob} is not stored; upload it before the commit"
+                )));
+            }
+        }
+        self.check_manifest(&commit, &tree).await?;
+        self.meta.put_tree(&tree)?;
+        let (id, created) = self.meta.put_commit(&commit)?;
+        info!(service = %commit.service(), commit = %id, created, "commit");
+        Ok(RepoResponse::CommitCreated { id, created })
+    }
+
+    /// The tree must hold a `service.toml` that parses and names the service.
+    async fn check_manifest(&self, commit: &Commit, tree: &Tree) -> Result<(), RemoteError> {
+        let path = RelPath::new(MANIFEST_FILE).expect("service.toml is a valid path");
+        let entry = tree.get(&path).ok_or_else(|| {
+            invalid(format!(
+                "the tree has no {MANIFEST_FILE} at its root; every service needs one"
+            ))
+        })?;
+        if entry.mode() == Mode::Symlink {
+            return Err(invalid(format!(
+                "{MANIFEST_FILE} must be a file, not a symlink"
+            )));
+        }
+        if entry.size() > ServiceManifest::MAX_LEN as u64 {
+            return Err(invalid(format!(
+                "{MANIFEST_FILE} is {} bytes; the limit is {}",
+                entry.size(),
+                ServiceManifest::MAX_LEN
+            )));
+        }
+        let (mut src, _) = self
+            .blobs
+            .open(&entry.blob())
+            .await?
+            .ok_or_else(|| invalid(format!("blob {} is not stored", entry.blob())))?;
+        let mut text = String::new();
+        let mut limited = (&mut src).take(ServiceManifest::MAX_LEN as u64 + 1);
+        limited
+            .read_to_string(&mut text)
+            .await
+            .map_err(|e| invalid(format!("{MANIFEST_FILE} is not UTF-8 text: {e}")))?;
+        let manifest = ServiceManifest::parse(&text).map_err(|e| invalid(e.to_string()))?;
+        manifest
+            .check_service(commit.service())
+            .map_err(|e| invalid(e.to_string()))
+    }
+
+    fn move_branch(
+        &self,
+        service: &ServiceName,
+        branch: &BranchName,
+        expected: Option<CommitId>,
+        new: CommitId,
+    ) -> RepoReply {
+        self.service_commit(service, &new)?;
+        match self.meta.swap_head(service, branch, expected, new)? {
+            HeadUpdate::Moved => {
+                info!(%service, %branch, commit = %new, "branch moved");
+                Ok(RepoResponse::BranchMoved)
+            }
+            HeadUpdate::Conflict { current } => {
+                let at =
+                    current.map_or_else(|| "does not exist".to_owned(), |c| format!("is at {c}"));
+                let want =
+                    expected.map_or_else(|| "not to exist".to_owned(), |c| format!("at {c}"));
+                Err(RemoteError::new(
+                    ErrorKind::Conflict { head: current },
+                    format!("branch {service}/{branch} {at}; the push expected it {want}"),
+                ))
+            }
+        }
+    }
+
+    /// A branch name first, then a full id, then an abbreviated id.
+    fn resolve(&self, service: &ServiceName, rev: &str) -> Result<CommitId, RemoteError> {
+        if let Ok(branch) = BranchName::new(rev)
+            && let Some(head) = self.meta.head(service, &branch)?
+        {
+            return Ok(head);
+        }
+        if let Ok(id) = rev.parse::<CommitId>() {
+            self.service_commit(service, &id)?;
+            return Ok(id);
+        }
+        if let Ok(prefix) = rev.parse::<IdPrefix>() {
+            let found = self.meta.commits_with_prefix(service, &prefix)?;
+            return prefix.resolve(found).map_err(|e| not_found(e.to_string()));
+        }
+        Err(not_found(format!(
+            "`{rev}` is neither a branch of `{service}` nor a commit id (8 to 64 hex)"
+        )))
+    }
+
+    fn log(&self, service: &ServiceName, branch: &BranchName, limit: u32) -> RepoReply {
+        let mut next = self.meta.head(service, branch)?;
+        if next.is_none() {
+            return Err(not_found(format!("no branch {service}/{branch}")));
+        }
+        let mut entries = Vec::new();
+        while let Some(id) = next {
+            if entries.len() >= limit as usize {
+                break;
+            }
+            let commit = self.commit(&id)?;
+            next = commit.parents().first().copied();
+            entries.push(LogEntry { id, commit });
+        }
+        Ok(RepoResponse::Log { entries })
+    }
+
+    fn diff(&self, service: &ServiceName, from: Option<CommitId>, to: CommitId) -> RepoReply {
+        let tree_of = |id: &CommitId| -> Result<Tree, RemoteError> {
+            let commit = self.service_commit(service, id)?;
+            self.meta
+                .tree(&commit.tree())?
+                .ok_or_else(|| not_found(format!("no tree {}", commit.tree())))
+        };
+        let old = match from {
+            Some(id) => tree_of(&id)?,
+            None => Tree::empty(),
+        };
+        let new = tree_of(&to)?;
+        Ok(RepoResponse::Diff {
+            diff: TreeDiff::between(&old, &new),
+        })
+    }
+
+    fn create_image(&self, image: Image) -> RepoReply {
+        for (service, commit) in image.services() {
+            self.service_commit(service, commit)?;
+        }
+        let (id, created) = self.meta.create_image(&image)?;
+        if !created {
+            return Err(RemoteError::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "image `{}` exists already (id {id}); images are immutable, pick another name",
+                    image.name()
+                ),
+            ));
+        }
+        info!(image = %image.name(), %id, "image created");
+        Ok(RepoResponse::ImageCreated { id })
+    }
+}
+
+fn check_count(n: usize) -> Result<(), RemoteError> {
+    if n > MAX_BLOBS_PER_REQUEST {
+        return Err(invalid(format!(
+            "{n} blobs in one request; the limit is {MAX_BLOBS_PER_REQUEST}"
+        )));
+    }
+    Ok(())
+}

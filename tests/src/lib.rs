@@ -1,0 +1,137 @@
+//! The one helper every end-to-end test uses: a cluster in a temp directory.
+//!
+//! [`TestCluster::start`] makes a cluster CA, starts a real repository server on
+//! 127.0.0.1 port 0 with a real sled database, and hands out clients for any
+//! identity. Service directories for pushes are written with [`write_service`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use repo_server::FsRepoService;
+use repo_server::client::{PushOptions, RepoClient};
+use tokio_util::sync::CancellationToken;
+use wire::{Client, ClusterCa, Credentials, Identity};
+
+/// A running repository server and the CA of its cluster.
+pub struct TestCluster {
+    /// The temp directory holding everything; removed on drop.
+    pub dir: tempfile::TempDir,
+    /// The cluster CA.
+    pub ca: ClusterCa,
+    /// The repository server's address.
+    pub repo_addr: SocketAddr,
+    repo_creds: Credentials,
+    service: Option<std::sync::Arc<FsRepoService>>,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestCluster {
+    /// A new cluster with a running repository server.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = ClusterCa::generate("e2e").expect("CA");
+        let repo_creds = ca.issue(&Identity::RepoServer).expect("repo cert");
+        let mut cluster = Self {
+            dir,
+            ca,
+            repo_addr: "127.0.0.1:0".parse().expect("address"),
+            repo_creds,
+            service: None,
+            shutdown: CancellationToken::new(),
+            task: None,
+        };
+        cluster.start_repo("127.0.0.1:0".parse().expect("address"));
+        cluster
+    }
+
+    fn start_repo(&mut self, listen: SocketAddr) {
+        let config = repo_server::Config {
+            data: self.dir.path().join("repo"),
+            listen,
+            credentials: self.repo_creds.clone(),
+        };
+        let bound = repo_server::bind(&config).expect("bind repository server");
+        self.repo_addr = bound.local_addr().expect("local address");
+        self.service = Some(bound.service());
+        self.shutdown = CancellationToken::new();
+        self.task = Some(tokio::spawn(bound.serve(self.shutdown.clone())));
+    }
+
+    /// Stops the repository server and waits until it has released its database.
+    pub async fn stop_repo(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.expect("repository server task");
+        }
+        self.service = None;
+    }
+
+    /// Stops the repository server and starts it again on the same data and port.
+    pub async fn restart_repo(&mut self) {
+        self.stop_repo().await;
+        self.start_repo(self.repo_addr);
+    }
+
+    /// The running server's stores.
+    pub fn service(&self) -> &FsRepoService {
+        self.service
+            .as_deref()
+            .expect("the repository server is running")
+    }
+
+    /// Credentials for `identity` (`user/ada/developer`, `shell/dev-1`, …).
+    pub fn credentials(&self, identity: &str) -> Credentials {
+        self.ca
+            .issue(&identity.parse().expect("identity"))
+            .expect("issue")
+    }
+
+    /// A repository client connected as `identity`.
+    pub async fn repo_client(&self, identity: &str) -> RepoClient {
+        let client = Client::new(&self.credentials(identity), self.repo_addr).expect("client");
+        RepoClient::connect(&client, self.repo_addr)
+            .await
+            .expect("connect to the repository server")
+    }
+
+    /// A directory under the cluster's temp dir.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Writes a service directory: a `service.toml` for `name` plus `files`.
+pub fn write_service(dir: &Path, name: &str, files: &[(&str, &[u8])]) {
+    write_file(
+        dir,
+        "service.toml",
+        format!("name = \"{name}\"\n[run]\ncommand = [\"./run\"]\n[[ports]]\nport = 8080\n")
+            .as_bytes(),
+    );
+    for (rel, bytes) in files {
+        write_file(dir, rel, bytes);
+    }
+}
+
+/// Writes one file, creating its directories.
+pub fn write_file(dir: &Path, rel: &str, bytes: &[u8]) {
+    let path = dir.join(rel);
+    std::fs::create_dir_all(path.parent().expect("a file has a parent")).expect("mkdir");
+    std::fs::write(path, bytes).expect("write");
+}
+
+/// Push options for branch `main`.
+pub fn push_main(message: &str) -> PushOptions {
+    PushOptions {
+        branch: "main".parse().expect("branch"),
+        message: message.into(),
+        author: "ada".into(),
+    }
+}

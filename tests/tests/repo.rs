@@ -1,0 +1,490 @@
+//! The repository server end to end: real QUIC, real certificates, real sled.
+
+#![allow(clippy::unwrap_used)]
+
+use image_spec::{
+    BlobId, BranchName, Change, Commit, Image, ImageName, Mode, ServiceName, Timestamp, Tree,
+};
+use molt_e2e::{TestCluster, push_main, write_file, write_service};
+use repo_server::blobs::BlobStore;
+use repo_server::client::ClientError;
+use repo_server::meta::MetaStore;
+use serde::Serialize;
+use wire::repo::{ErrorKind, RepoReply};
+
+fn svc(name: &str) -> ServiceName {
+    ServiceName::new(name).unwrap()
+}
+
+fn main_branch() -> BranchName {
+    BranchName::new("main").unwrap()
+}
+
+#[tokio::test]
+async fn push_repush_change_one_file_and_diff() {
+    let cluster = TestCluster::start().await;
+    let dir = cluster.path("orders");
+    let big = vec![7u8; 300_000];
+    write_service(
+        &dir,
+        "orders",
+        &[
+            ("src/main.rs", b"fn main() {}"),
+            ("assets/big.bin", &big),
+            ("README", b"hi"),
+        ],
+    );
+    let repo = cluster.repo_client("user/ada/developer").await;
+
+    let first = repo.push(&dir, &push_main("first"), |_| {}).await.unwrap();
+    assert!(first.created);
+    assert_eq!(first.files, 4);
+    assert_eq!(first.blobs_sent, 4);
+    let total: u64 = 12 + 300_000 + 2 + std::fs::metadata(dir.join("service.toml")).unwrap().len();
+    assert_eq!(first.bytes_sent, total);
+
+    // Unchanged: nothing is created and nothing is sent.
+    let again = repo.push(&dir, &push_main("again"), |_| {}).await.unwrap();
+    assert!(!again.created);
+    assert_eq!((again.blobs_sent, again.bytes_sent), (0, 0));
+    assert_eq!(again.commit, first.commit);
+    assert_eq!(
+        repo.log(&svc("orders"), &main_branch(), 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // One file changes: exactly that blob is sent.
+    write_file(&dir, "src/main.rs", b"fn main() { println!(\"v2\"); }");
+    let second = repo.push(&dir, &push_main("second"), |_| {}).await.unwrap();
+    assert!(second.created);
+    assert_eq!(second.blobs_sent, 1);
+    assert_eq!(second.bytes_sent, 29);
+
+    let log = repo.log(&svc("orders"), &main_branch(), 10).await.unwrap();
+    assert_eq!(
+        log.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [second.commit, first.commit]
+    );
+    assert_eq!(log[0].commit.parents(), [first.commit]);
+    assert_eq!(log[0].commit.message(), "second");
+
+    let diff = repo
+        .diff(&svc("orders"), Some(first.commit), second.commit)
+        .await
+        .unwrap();
+    assert_eq!(diff.changes().len(), 1);
+    let Change::Modified(entry) = &diff.changes()[0] else {
+        panic!("{:?}", diff.changes())
+    };
+    assert_eq!(entry.path().as_str(), "src/main.rs");
+    assert_eq!(entry.blob(), BlobId::of(b"fn main() { println!(\"v2\"); }"));
+
+    // A full diff (first install) lists every file, and the blobs can be fetched.
+    let full = repo
+        .diff(&svc("orders"), None, second.commit)
+        .await
+        .unwrap();
+    assert_eq!(full.changes().len(), 4);
+    let fetch_dir = cluster.path("fetched");
+    std::fs::create_dir_all(&fetch_dir).unwrap();
+    let wanted: Vec<BlobId> = full.needed_blobs().into_iter().collect();
+    let got = repo.fetch_blobs_to(&wanted, &fetch_dir).await.unwrap();
+    assert_eq!(got, total - 12 + 29);
+    assert_eq!(
+        std::fs::read(fetch_dir.join(BlobId::of(&big).to_hex())).unwrap(),
+        big
+    );
+
+    // Revisions resolve by branch, full id and abbreviation.
+    for rev in ["main", &second.commit.to_hex(), &second.commit.short(10)] {
+        assert_eq!(
+            repo.resolve(&svc("orders"), rev).await.unwrap(),
+            second.commit
+        );
+    }
+    let err = repo.resolve(&svc("orders"), "nope").await.unwrap_err();
+    assert_eq!(err.remote_kind(), Some(&ErrorKind::NotFound));
+}
+
+#[tokio::test]
+async fn two_services_sharing_a_file_store_its_blob_once() {
+    let cluster = TestCluster::start().await;
+    let shared = vec![42u8; 100_000];
+    let (a, b) = (cluster.path("a"), cluster.path("b"));
+    write_service(&a, "alpha", &[("lib/shared.so", &shared)]);
+    write_service(&b, "beta", &[("lib/shared.so", &shared)]);
+    let repo = cluster.repo_client("user/ada/developer").await;
+    let ra = repo.push(&a, &push_main("a"), |_| {}).await.unwrap();
+    let rb = repo.push(&b, &push_main("b"), |_| {}).await.unwrap();
+    assert_eq!(ra.blobs_sent, 2);
+    // Only beta's service.toml is new.
+    assert_eq!(rb.blobs_sent, 1);
+    let (count, _) = cluster.service().blobs().usage().unwrap();
+    assert_eq!(count, 3);
+}
+
+#[tokio::test]
+async fn a_blob_whose_bytes_lie_is_refused_and_nothing_is_stored() {
+    let cluster = TestCluster::start().await;
+    let repo = cluster.repo_client("user/ada/developer").await;
+    let file = cluster.path("payload");
+    write_file(cluster.dir.path(), "payload", b"the real bytes");
+    let lie = BlobId::of(b"other bytes");
+    let err = repo
+        .put_blobs(&[(lie, 14, file.clone())], |_| {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.remote_kind(), Some(&ErrorKind::Invalid), "{err}");
+    assert!(!cluster.service().blobs().contains(&lie).await.unwrap());
+    assert!(
+        !cluster
+            .service()
+            .blobs()
+            .contains(&BlobId::of(b"the real bytes"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(cluster.service().blobs().usage().unwrap().0, 0);
+    // The connection still works after the refusal.
+    assert!(repo.images().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn roles_are_enforced_per_operation() {
+    let cluster = TestCluster::start().await;
+    let dir = cluster.path("orders");
+    write_service(&dir, "orders", &[("x", b"1")]);
+    for who in ["shell/dev-1", "portal", "user/dan/deployer"] {
+        let repo = cluster.repo_client(who).await;
+        let err = repo.push(&dir, &push_main("m"), |_| {}).await.unwrap_err();
+        assert_eq!(
+            err.remote_kind(),
+            Some(&ErrorKind::PermissionDenied),
+            "{who}: {err}"
+        );
+        assert!(err.to_string().contains(who), "{err}");
+    }
+    // Nothing was stored by the refused pushes.
+    assert_eq!(cluster.service().blobs().usage().unwrap().0, 0);
+
+    let dev = cluster.repo_client("user/ada/developer").await;
+    let pushed = dev.push(&dir, &push_main("m"), |_| {}).await.unwrap();
+    let image = Image::new(
+        ImageName::new("shop-1").unwrap(),
+        String::new(),
+        [(svc("orders"), pushed.commit)].into(),
+    )
+    .unwrap();
+    // Shells read but cannot create images; deployers can.
+    let shell = cluster.repo_client("shell/dev-1").await;
+    assert_eq!(
+        shell
+            .create_image(image.clone())
+            .await
+            .unwrap_err()
+            .remote_kind(),
+        Some(&ErrorKind::PermissionDenied)
+    );
+    let deployer = cluster.repo_client("user/dan/deployer").await;
+    let id = deployer.create_image(image.clone()).await.unwrap();
+    assert_eq!(shell.image(image.name()).await.unwrap(), (id, image));
+}
+
+#[tokio::test]
+async fn images_need_existing_commits_and_are_immutable() {
+    let cluster = TestCluster::start().await;
+    let dir = cluster.path("orders");
+    write_service(&dir, "orders", &[]);
+    let repo = cluster.repo_client("user/ada/admin").await;
+    let pushed = repo.push(&dir, &push_main("m"), |_| {}).await.unwrap();
+    let image = |name: &str, commit| {
+        Image::new(
+            ImageName::new(name).unwrap(),
+            String::new(),
+            [(svc("orders"), commit)].into(),
+        )
+        .unwrap()
+    };
+    let missing = image_spec::CommitId::from_bytes([9; 32]);
+    let err = repo.create_image(image("bad", missing)).await.unwrap_err();
+    assert_eq!(err.remote_kind(), Some(&ErrorKind::NotFound), "{err}");
+    // A commit of another service under this name is refused too.
+    let other = cluster.path("pay");
+    write_service(&other, "payments", &[]);
+    let pay = repo.push(&other, &push_main("m"), |_| {}).await.unwrap();
+    let err = repo
+        .create_image(image("mixed", pay.commit))
+        .await
+        .unwrap_err();
+    assert_eq!(err.remote_kind(), Some(&ErrorKind::Invalid), "{err}");
+
+    repo.create_image(image("shop-1", pushed.commit))
+        .await
+        .unwrap();
+    let err = repo
+        .create_image(image("shop-1", pushed.commit))
+        .await
+        .unwrap_err();
+    assert_eq!(err.remote_kind(), Some(&ErrorKind::AlreadyExists), "{err}");
+    let names: Vec<String> = repo
+        .images()
+        .await
+        .unwrap()
+        .iter()
+        .map(|(_, i)| i.name().to_string())
+        .collect();
+    assert_eq!(names, ["shop-1"]);
+}
+
+#[tokio::test]
+async fn concurrent_pushes_to_one_branch_one_wins_none_is_lost() {
+    let cluster = TestCluster::start().await;
+    let base = cluster.path("base");
+    write_service(&base, "orders", &[("f", b"base")]);
+    let repo = cluster.repo_client("user/ada/developer").await;
+    let root = repo.push(&base, &push_main("base"), |_| {}).await.unwrap();
+
+    // Two developers push different trees from the same head at the same time.
+    let (a, b) = (cluster.path("a"), cluster.path("b"));
+    write_service(&a, "orders", &[("f", b"from a")]);
+    write_service(&b, "orders", &[("f", b"from b")]);
+    let (ca, cb) = (
+        cluster.repo_client("user/ada/developer").await,
+        cluster.repo_client("user/bob/developer").await,
+    );
+    let opts = push_main("race");
+    let (ra, rb) = tokio::join!(ca.push(&a, &opts, |_| {}), cb.push(&b, &opts, |_| {}));
+    let (winner, loser) = match (ra, rb) {
+        (Ok(w), Err(l)) | (Err(l), Ok(w)) => (w, l),
+        (Ok(_), Ok(_)) => {
+            // Possible only if one push saw the other's head: then the log has both.
+            let log = repo.log(&svc("orders"), &main_branch(), 10).await.unwrap();
+            assert_eq!(log.len(), 3);
+            return;
+        }
+        (Err(a), Err(b)) => panic!("both pushes failed: {a} / {b}"),
+    };
+    let Some(ErrorKind::Conflict { head }) = loser.remote_kind() else {
+        panic!("the losing push must report a conflict: {loser}")
+    };
+    assert_eq!(*head, Some(winner.commit));
+    assert!(
+        loser.to_string().contains(&winner.commit.to_hex()),
+        "{loser}"
+    );
+    let head_now = repo.resolve(&svc("orders"), "main").await.unwrap();
+    assert_eq!(head_now, winner.commit);
+    // The winner's commit sits on top of the root; nothing was overwritten.
+    let log = repo.log(&svc("orders"), &main_branch(), 10).await.unwrap();
+    assert_eq!(
+        log.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [winner.commit, root.commit]
+    );
+    // The loser pushes again and lands on top of the winner.
+    let winner_tree = repo.commit(winner.commit).await.unwrap().tree();
+    let loser_dir = if image_spec::scan_dir(&a).unwrap().tree.id() == winner_tree {
+        &b
+    } else {
+        &a
+    };
+    let retry = repo
+        .push(loser_dir, &push_main("retry"), |_| {})
+        .await
+        .unwrap();
+    assert!(retry.created);
+    let log = repo.log(&svc("orders"), &main_branch(), 10).await.unwrap();
+    assert_eq!(
+        log.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [retry.commit, winner.commit, root.commit]
+    );
+}
+
+#[tokio::test]
+async fn a_restart_keeps_everything() {
+    let mut cluster = TestCluster::start().await;
+    let dir = cluster.path("orders");
+    write_service(&dir, "orders", &[("a", b"1")]);
+    let repo = cluster.repo_client("user/ada/developer").await;
+    let pushed = repo.push(&dir, &push_main("m"), |_| {}).await.unwrap();
+    let image = Image::new(
+        ImageName::new("keep").unwrap(),
+        "kept".into(),
+        [(svc("orders"), pushed.commit)].into(),
+    )
+    .unwrap();
+    let image_id = repo.create_image(image).await.unwrap();
+    drop(repo);
+
+    cluster.restart_repo().await;
+    let repo = cluster.repo_client("user/ada/developer").await;
+    assert_eq!(
+        repo.resolve(&svc("orders"), "main").await.unwrap(),
+        pushed.commit
+    );
+    assert_eq!(
+        repo.image(&ImageName::new("keep").unwrap())
+            .await
+            .unwrap()
+            .0,
+        image_id
+    );
+    let again = repo.push(&dir, &push_main("m"), |_| {}).await.unwrap();
+    assert!(!again.created);
+}
+
+/// The same shape as the protocol's request, but with a tree of raw strings, so a
+/// test can send what a real `Tree` can never hold.
+#[derive(Serialize)]
+#[allow(dead_code)]
+enum HostileRequest {
+    MissingBlobs {
+        blobs: Vec<BlobId>,
+    },
+    PutBlobs {
+        blobs: Vec<(BlobId, u64)>,
+    },
+    CreateCommit {
+        commit: Commit,
+        tree: Vec<HostileEntry>,
+    },
+}
+
+#[derive(Serialize)]
+struct HostileEntry {
+    path: String,
+    mode: Mode,
+    size: u64,
+    blob: BlobId,
+    target: Option<String>,
+}
+
+#[tokio::test]
+async fn hostile_trees_are_refused() {
+    let cluster = TestCluster::start().await;
+    let dir = cluster.path("orders");
+    write_service(&dir, "orders", &[]);
+    let repo = cluster.repo_client("user/ada/developer").await;
+    repo.push(&dir, &push_main("m"), |_| {}).await.unwrap();
+    let manifest = std::fs::read(dir.join("service.toml")).unwrap();
+    let toml_entry = || HostileEntry {
+        path: "service.toml".into(),
+        mode: Mode::Regular,
+        size: manifest.len() as u64,
+        blob: BlobId::of(&manifest),
+        target: None,
+    };
+    let file = |path: &str| HostileEntry {
+        path: path.into(),
+        mode: Mode::Regular,
+        size: manifest.len() as u64,
+        blob: BlobId::of(&manifest),
+        target: None,
+    };
+    let link = |path: &str, target: &str| HostileEntry {
+        path: path.into(),
+        mode: Mode::Symlink,
+        size: target.len() as u64,
+        blob: BlobId::of(target.as_bytes()),
+        target: Some(target.into()),
+    };
+    let cases: Vec<(&str, Vec<HostileEntry>)> = vec![
+        ("dot-dot", vec![file("../escape"), toml_entry()]),
+        ("absolute", vec![file("/etc/passwd"), toml_entry()]),
+        ("duplicate", vec![toml_entry(), toml_entry()]),
+        (
+            "escaping symlink",
+            vec![link("evil", "../../etc"), toml_entry()],
+        ),
+        ("nul", vec![file("a\0b"), toml_entry()]),
+    ];
+    let client = wire::Client::new(
+        &cluster.credentials("user/ada/developer"),
+        cluster.repo_addr,
+    )
+    .unwrap();
+    let conn = client
+        .connect(cluster.repo_addr, &wire::Identity::RepoServer)
+        .await
+        .unwrap();
+    for (name, entries) in cases {
+        let commit = Commit::new(
+            svc("orders"),
+            Tree::empty().id(),
+            vec![],
+            "mallory".into(),
+            name.into(),
+            Timestamp::from_unix_seconds(1),
+        )
+        .unwrap();
+        let req = HostileRequest::CreateCommit {
+            commit,
+            tree: entries,
+        };
+        let reply = conn.call::<_, RepoReply>(&req).await;
+        assert!(
+            !matches!(reply, Ok(Ok(_))),
+            "hostile tree `{name}` was accepted: {reply:?}"
+        );
+    }
+    // Nothing new exists: still exactly one commit on main, and the server serves.
+    let log = repo.log(&svc("orders"), &main_branch(), 10).await.unwrap();
+    assert_eq!(log.len(), 1);
+    // A tree missing service.toml, or naming another service, is refused too.
+    let bare = cluster.path("bare");
+    write_file(&bare, "only.txt", b"x");
+    let err = repo.push(&bare, &push_main("m"), |_| {}).await.unwrap_err();
+    assert!(matches!(err, ClientError::Io { .. }), "{err}");
+    let dir2 = cluster.path("liar");
+    write_service(&dir2, "orders", &[]);
+    let tree = image_spec::scan_dir(&dir2).unwrap().tree;
+    let commit = Commit::new(
+        svc("payments"),
+        tree.id(),
+        vec![],
+        "mallory".into(),
+        "wrong service".into(),
+        Timestamp::now(),
+    )
+    .unwrap();
+    let err = repo.create_commit(commit, tree).await.unwrap_err();
+    assert_eq!(err.remote_kind(), Some(&ErrorKind::Invalid), "{err}");
+    assert!(err.to_string().contains("payments"), "{err}");
+    assert!(
+        cluster
+            .service()
+            .meta()
+            .head(&svc("payments"), &main_branch())
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn malformed_requests_do_not_disturb_other_clients() {
+    let cluster = TestCluster::start().await;
+    let client = wire::Client::new(
+        &cluster.credentials("user/ada/developer"),
+        cluster.repo_addr,
+    )
+    .unwrap();
+    let conn = client
+        .connect(cluster.repo_addr, &wire::Identity::RepoServer)
+        .await
+        .unwrap();
+    for garbage in [&[0u8, 0, 0, 2, 0xff, 0xff][..], &[0x7f, 0xff, 0xff, 0xff]] {
+        let mut s = conn.open().await.unwrap();
+        s.send.write_all(garbage).await.unwrap();
+        let _ = s.send.finish();
+        let r = wire::codec::read_frame::<_, RepoReply>(&mut s.recv, 1 << 20).await;
+        assert!(!matches!(r, Ok(Some(_))), "garbage was answered: {r:?}");
+    }
+    let other = cluster.repo_client("portal").await;
+    assert!(other.images().await.unwrap().is_empty());
+    let same = repo_server::client::RepoClient::connect(&client, cluster.repo_addr)
+        .await
+        .unwrap();
+    assert!(same.images().await.unwrap().is_empty());
+}
