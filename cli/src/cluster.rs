@@ -1,0 +1,231 @@
+//! Setting a cluster up and running its daemons: `molt init`, `molt cert issue`,
+//! `molt repo-server`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use tokio_util::sync::CancellationToken;
+use wire::{ClusterCa, Credentials, Identity};
+
+use crate::config::{CONFIG_FILE, Config, Loaded, RepoServerConfig};
+
+/// `molt init DIR`: the CA, the repo-server, portal and admin certificates, molt.toml.
+pub(crate) fn init(dir: &Path, name: &str, repo_listen: SocketAddr, json: bool) -> Result<()> {
+    let config_path = dir.join(CONFIG_FILE);
+    if config_path.exists() {
+        bail!(
+            "`{}` exists already; this directory holds a cluster (remove it to start over)",
+            config_path.display()
+        );
+    }
+    let certs = dir.join("certs");
+    if certs.join(wire::pki::CA_KEY_FILE).exists() {
+        bail!("`{}` already holds a CA", certs.display());
+    }
+    let ca = ClusterCa::generate(name).context("cannot create the cluster CA")?;
+    ca.write(&certs).context("cannot write the cluster CA")?;
+    let mut written = vec![
+        certs.join(wire::pki::CA_CERT_FILE),
+        certs.join(wire::pki::CA_KEY_FILE),
+    ];
+    for (identity, stem) in [
+        (Identity::RepoServer, "repo-server"),
+        (Identity::Portal, "portal"),
+        ("user/admin/admin".parse()?, "admin"),
+    ] {
+        let files = ca
+            .issue(&identity)
+            .and_then(|c| c.write(&certs, stem))
+            .with_context(|| format!("cannot issue the {identity} certificate"))?;
+        written.push(files.cert);
+        written.push(files.key);
+    }
+    let config = Config {
+        repo: repo_listen,
+        cert: "certs/admin.crt".into(),
+        key: "certs/admin.key".into(),
+        ca: "certs/ca.crt".into(),
+        ca_key: Some("certs/ca.key".into()),
+        repo_server: Some(RepoServerConfig {
+            data: "repo".into(),
+            listen: repo_listen,
+            cert: "certs/repo-server.crt".into(),
+            key: "certs/repo-server.key".into(),
+        }),
+    };
+    let text = format!(
+        "# molt client configuration, written by `molt init`.\n\
+         # Relative paths are relative to this file. Keys are documented in README.md.\n{}",
+        toml::to_string(&config).context("cannot encode molt.toml")?
+    );
+    std::fs::write(&config_path, text)
+        .with_context(|| format!("cannot write `{}`", config_path.display()))?;
+    written.push(config_path.clone());
+    if json {
+        let files: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+        println!(
+            "{}",
+            serde_json::json!({ "config": config_path.display().to_string(), "files": files })
+        );
+    } else {
+        println!("created cluster `{name}` in {}", dir.display());
+        for f in &written {
+            println!("  {}", f.display());
+        }
+        println!("next: molt --config {} repo-server", config_path.display());
+    }
+    Ok(())
+}
+
+/// `molt cert issue`: a certificate for a role and name, from the cluster CA.
+pub(crate) fn issue(
+    config: Option<&Path>,
+    role: &str,
+    name: Option<&str>,
+    grant: Option<&str>,
+    out: Option<PathBuf>,
+    json: bool,
+) -> Result<()> {
+    let loaded = Loaded::read(config)?;
+    let ca_key = loaded.config.ca_key.as_ref().with_context(|| {
+        format!(
+            "`{}` has no `ca_key`: only a holder of the CA key can issue certificates",
+            loaded.path.display()
+        )
+    })?;
+    let ca_cert_path = loaded.resolve(&loaded.config.ca);
+    let ca_key_path = loaded.resolve(ca_key);
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).with_context(|| format!("cannot read `{}`", p.display()))
+    };
+    let ca = ClusterCa::from_pem(&read(&ca_cert_path)?, &read(&ca_key_path)?)
+        .context("cannot load the cluster CA")?;
+    let (identity, stem) = identity_for(role, name, grant)?;
+    let out = out.unwrap_or_else(|| {
+        ca_cert_path
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    });
+    let creds: Credentials = ca.issue(&identity)?;
+    let files = creds
+        .write(&out, &stem)
+        .with_context(|| format!("cannot write the certificate for {identity}"))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "identity": identity.to_string(),
+                "cert": files.cert.display().to_string(),
+                "key": files.key.display().to_string(),
+                "ca": files.ca.display().to_string(),
+            })
+        );
+    } else {
+        println!("issued {identity}");
+        println!("  certificate {}", files.cert.display());
+        println!("  key         {} (mode 0600)", files.key.display());
+    }
+    Ok(())
+}
+
+/// The identity and file stem for `--role/--name/--grant`.
+fn identity_for(role: &str, name: Option<&str>, grant: Option<&str>) -> Result<(Identity, String)> {
+    let need_name = || name.with_context(|| format!("--role {role} needs --name"));
+    let text = match role {
+        "repo-server" | "portal" => role.to_owned(),
+        "shell" => format!("shell/{}", need_name()?),
+        "user" => {
+            let grant =
+                grant.context("--role user needs --grant (developer, deployer or admin)")?;
+            format!("user/{}/{grant}", need_name()?)
+        }
+        other => bail!("unknown role `{other}` (expected repo-server, portal, shell or user)"),
+    };
+    if grant.is_some() && role != "user" {
+        bail!("--grant applies to users only");
+    }
+    let identity: Identity = text.parse()?;
+    let stem = match &identity {
+        Identity::Shell { instance } => format!("shell-{instance}"),
+        Identity::User { name, .. } => format!("user-{name}"),
+        other => other.role().to_owned(),
+    };
+    Ok((identity, stem))
+}
+
+/// `molt repo-server`: serves until SIGINT or SIGTERM, then shuts down gracefully.
+pub(crate) async fn repo_server(
+    config: Option<&Path>,
+    data: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+) -> Result<()> {
+    let loaded = Loaded::read(config)?;
+    let section = loaded.repo_server()?;
+    let credentials = Credentials::load(
+        &loaded.resolve(&section.cert),
+        &loaded.resolve(&section.key),
+        &loaded.resolve(&loaded.config.ca),
+    )
+    .context("cannot load the repository server's certificate")?;
+    let config = repo_server::Config {
+        data: data.unwrap_or_else(|| loaded.resolve(&section.data)),
+        listen: listen.unwrap_or(section.listen),
+        credentials,
+    };
+    let bound = repo_server::bind(&config)
+        .with_context(|| format!("cannot start the repository server on {}", config.listen))?;
+    let addr = bound.local_addr()?;
+    eprintln!(
+        "repository server listening on {addr} (data in {})",
+        config.data.display()
+    );
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    let waiter = tokio::spawn(async move {
+        wait_for_signal().await;
+        signals.cancel();
+    });
+    bound.serve(shutdown).await;
+    waiter.abort();
+    eprintln!("repository server stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_map_to_identities_and_file_names() {
+        let (id, stem) = identity_for("shell", Some("dev-1"), None).unwrap();
+        assert_eq!(
+            (id.to_string(), stem.as_str()),
+            ("shell/dev-1".into(), "shell-dev-1")
+        );
+        let (id, stem) = identity_for("user", Some("ada"), Some("deployer")).unwrap();
+        assert_eq!(
+            (id.to_string(), stem.as_str()),
+            ("user/ada/deployer".into(), "user-ada")
+        );
+        assert!(identity_for("user", Some("ada"), None).is_err());
+        assert!(identity_for("shell", None, None).is_err());
+        assert!(identity_for("root", Some("x"), None).is_err());
+        assert!(identity_for("shell", Some("x"), Some("admin")).is_err());
+    }
+}

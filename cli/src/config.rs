@@ -1,0 +1,119 @@
+//! `molt.toml`: the client configuration every command reads.
+//!
+//! Found at `--config FILE`, else `$MOLT_CONFIG`, else `./molt.toml`. Relative paths
+//! in it are relative to the file's own directory. `molt init` writes one:
+//!
+//! ```toml
+//! repo = "127.0.0.1:7878"        # the repository server (override: --repo, $MOLT_REPO)
+//! cert = "certs/admin.crt"       # this user's certificate
+//! key = "certs/admin.key"        # its private key (mode 0600)
+//! ca = "certs/ca.crt"            # the cluster CA certificate
+//! ca_key = "certs/ca.key"        # the CA's key: only `molt cert issue` needs it
+//!
+//! [repo_server]                  # used by `molt repo-server`
+//! data = "repo"                  # where blobs and metadata live
+//! listen = "127.0.0.1:7878"      # UDP address to serve QUIC on
+//! cert = "certs/repo-server.crt"
+//! key = "certs/repo-server.key"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use wire::Credentials;
+
+/// The default file name.
+pub(crate) const CONFIG_FILE: &str = "molt.toml";
+
+/// The client configuration (see the module docs).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Config {
+    /// The repository server's address.
+    pub(crate) repo: SocketAddr,
+    /// This user's certificate.
+    pub(crate) cert: PathBuf,
+    /// This user's private key.
+    pub(crate) key: PathBuf,
+    /// The cluster CA certificate.
+    pub(crate) ca: PathBuf,
+    /// The cluster CA's private key (only for issuing certificates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) ca_key: Option<PathBuf>,
+    /// Settings of `molt repo-server`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) repo_server: Option<RepoServerConfig>,
+}
+
+/// The `[repo_server]` table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RepoServerConfig {
+    /// Where blobs and metadata live.
+    pub(crate) data: PathBuf,
+    /// UDP address to serve on.
+    pub(crate) listen: SocketAddr,
+    /// The server's certificate.
+    pub(crate) cert: PathBuf,
+    /// Its private key.
+    pub(crate) key: PathBuf,
+}
+
+/// A loaded configuration and the directory its relative paths start from.
+#[derive(Debug, Clone)]
+pub(crate) struct Loaded {
+    /// The file it came from.
+    pub(crate) path: PathBuf,
+    /// Its contents.
+    pub(crate) config: Config,
+}
+
+impl Loaded {
+    /// Reads the configuration from `explicit`, else `$MOLT_CONFIG` (clap passes it
+    /// in `explicit`), else `./molt.toml`.
+    pub(crate) fn read(explicit: Option<&Path>) -> Result<Self> {
+        let path = explicit.map_or_else(|| PathBuf::from(CONFIG_FILE), Path::to_path_buf);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "cannot read the molt configuration `{}` (make one with `molt init`, or pass --config)",
+                path.display()
+            )
+        })?;
+        let config: Config = toml::from_str(&text)
+            .with_context(|| format!("invalid configuration `{}`", path.display()))?;
+        Ok(Self { path, config })
+    }
+
+    /// `p` resolved against the configuration file's directory.
+    pub(crate) fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.path.parent().unwrap_or_else(|| Path::new(".")).join(p)
+        }
+    }
+
+    /// This user's credentials.
+    pub(crate) fn credentials(&self) -> Result<Credentials> {
+        let c = &self.config;
+        Credentials::load(
+            &self.resolve(&c.cert),
+            &self.resolve(&c.key),
+            &self.resolve(&c.ca),
+        )
+        .context("cannot load this user's certificate")
+    }
+
+    /// The `[repo_server]` table, or a clear error.
+    pub(crate) fn repo_server(&self) -> Result<&RepoServerConfig> {
+        match &self.config.repo_server {
+            Some(r) => Ok(r),
+            None => bail!(
+                "`{}` has no [repo_server] table; add one or pass --data and --listen",
+                self.path.display()
+            ),
+        }
+    }
+}

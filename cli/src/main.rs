@@ -1,0 +1,232 @@
+//! `molt`: every user-facing command, and the daemons.
+//!
+//! Thin by design: each command parses its arguments, loads `molt.toml`
+//! ([`config`]) and calls a library (`repo-server`, `wire`, `image-spec`).
+
+mod cluster;
+mod config;
+mod repo;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// molt ships microservices to running instances and swaps them in with zero downtime.
+#[derive(Debug, Parser)]
+#[command(name = "molt", version, about)]
+struct Cli {
+    /// The client configuration file [default: ./molt.toml]
+    #[arg(long, global = true, env = "MOLT_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The repository server's address, overriding `repo` in the configuration.
+    #[arg(long, global = true, env = "MOLT_REPO", value_name = "ADDR")]
+    repo: Option<SocketAddr>,
+    /// Print one JSON document instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a local cluster's CA and certificates, and its molt.toml.
+    Init {
+        /// Where to write molt.toml and certs/ [default: .]
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// The cluster's name, written into its CA certificate.
+        #[arg(long, default_value = "local")]
+        name: String,
+        /// The address the repository server will listen on.
+        #[arg(long, default_value = "127.0.0.1:7878")]
+        repo_listen: SocketAddr,
+    },
+    /// Manage certificates.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+    /// Run the repository server until SIGINT or SIGTERM.
+    RepoServer {
+        /// Where blobs and metadata live [default: from molt.toml].
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// UDP address to serve QUIC on [default: from molt.toml].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Push the service in DIR: upload what the repository lacks, commit, move the branch.
+    Push {
+        /// The service directory (holds service.toml).
+        dir: PathBuf,
+        /// The commit message.
+        #[arg(short, long, default_value = "push")]
+        message: String,
+        /// The branch to move.
+        #[arg(long, default_value = "main")]
+        branch: String,
+    },
+    /// Show a branch's history, newest first.
+    Log {
+        /// The service.
+        service: String,
+        /// The branch.
+        #[arg(long, default_value = "main")]
+        branch: String,
+        /// Most commits to show.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Show what changed between two revisions of a service (FROM `-`: nothing).
+    Diff {
+        /// The service.
+        service: String,
+        /// The old revision (branch, commit id or ≥ 8-hex abbreviation; `-` for none).
+        from: String,
+        /// The new revision.
+        to: String,
+    },
+    /// Create and inspect images.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCommand {
+    /// Issue a certificate from the cluster CA (needs `ca_key` in molt.toml).
+    Issue {
+        /// repo-server, portal, shell or user.
+        #[arg(long)]
+        role: String,
+        /// The instance (shell) or person (user).
+        #[arg(long)]
+        name: Option<String>,
+        /// developer, deployer or admin (users only).
+        #[arg(long)]
+        grant: Option<String>,
+        /// Where to write the files [default: the CA's directory].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Create an image pinning one commit per service.
+    Create {
+        /// The image's name.
+        name: String,
+        /// SERVICE=REV, repeatable (REV: branch, commit id or abbreviation).
+        #[arg(long = "set", value_name = "SERVICE=REV")]
+        set: Vec<String>,
+        /// Start from this image's services.
+        #[arg(long)]
+        from: Option<String>,
+        /// What the image is for.
+        #[arg(short, long, default_value = "")]
+        description: String,
+    },
+    /// Show one image.
+    Show {
+        /// The image's name.
+        name: String,
+    },
+    /// List every image.
+    List,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MOLT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let json = cli.json;
+    match cli.command {
+        Command::Init {
+            dir,
+            name,
+            repo_listen,
+        } => cluster::init(&dir, &name, repo_listen, json),
+        Command::Cert {
+            command:
+                CertCommand::Issue {
+                    role,
+                    name,
+                    grant,
+                    out,
+                },
+        } => cluster::issue(
+            cli.config.as_deref(),
+            &role,
+            name.as_deref(),
+            grant.as_deref(),
+            out,
+            json,
+        ),
+        Command::RepoServer { data, listen } => {
+            cluster::repo_server(cli.config.as_deref(), data, listen).await
+        }
+        Command::Push {
+            dir,
+            message,
+            branch,
+        } => {
+            let ctx = repo::Context::open(cli.config.as_deref(), cli.repo).await?;
+            ctx.push(&dir, &message, &branch, json).await
+        }
+        Command::Log {
+            service,
+            branch,
+            limit,
+        } => {
+            let ctx = repo::Context::open(cli.config.as_deref(), cli.repo).await?;
+            ctx.log(&service, &branch, limit, json).await
+        }
+        Command::Diff { service, from, to } => {
+            let ctx = repo::Context::open(cli.config.as_deref(), cli.repo).await?;
+            ctx.diff(&service, &from, &to, json).await
+        }
+        Command::Image { command } => {
+            let ctx = repo::Context::open(cli.config.as_deref(), cli.repo).await?;
+            match command {
+                ImageCommand::Create {
+                    name,
+                    set,
+                    from,
+                    description,
+                } => {
+                    ctx.image_create(&name, &set, from.as_deref(), description, json)
+                        .await
+                }
+                ImageCommand::Show { name } => ctx.image_show(&name, json).await,
+                ImageCommand::List => ctx.image_list(json).await,
+            }
+        }
+    }
+}

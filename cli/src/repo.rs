@@ -1,0 +1,295 @@
+//! The repository commands: push, log, diff, image create / show / list.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::{Context as _, Result, bail};
+use image_spec::{BranchName, Change, CommitId, Image, ImageId, ImageName, Mode, ServiceName};
+use indicatif::{ProgressBar, ProgressStyle};
+use repo_server::client::{PushOptions, PushProgress, RepoClient};
+use serde_json::json;
+use wire::{Client, Identity};
+
+use crate::config::Loaded;
+
+/// A connection to the repository as the configured user.
+pub(crate) struct Context {
+    repo: RepoClient,
+    identity: Identity,
+}
+
+impl Context {
+    /// Loads the configuration and connects.
+    pub(crate) async fn open(config: Option<&Path>, repo: Option<SocketAddr>) -> Result<Self> {
+        let loaded = Loaded::read(config)?;
+        let creds = loaded.credentials()?;
+        let addr = repo.unwrap_or(loaded.config.repo);
+        let client = Client::new(&creds, addr)?;
+        let repo = RepoClient::connect(&client, addr)
+            .await
+            .with_context(|| format!("cannot reach the repository server at {addr}"))?;
+        Ok(Self {
+            repo,
+            identity: creds.identity,
+        })
+    }
+
+    fn author(&self) -> String {
+        match &self.identity {
+            Identity::User { name, .. } => name.to_string(),
+            other => other.to_string(),
+        }
+    }
+
+    pub(crate) async fn push(
+        &self,
+        dir: &Path,
+        message: &str,
+        branch: &str,
+        json: bool,
+    ) -> Result<()> {
+        let opts = PushOptions {
+            branch: BranchName::new(branch)?,
+            message: message.to_owned(),
+            author: self.author(),
+        };
+        let bar = if json {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(0)
+        };
+        bar.set_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        let report = self
+            .repo
+            .push(dir, &opts, |p| match p {
+                PushProgress::Scanned { files, .. } => bar.set_message(format!("{files} files")),
+                PushProgress::Uploading { blobs, bytes } => {
+                    bar.set_length(bytes);
+                    bar.set_message(format!("uploading {blobs} blobs"));
+                }
+                PushProgress::Sent { bytes } => bar.set_position(bytes),
+            })
+            .await
+            .with_context(|| format!("push of `{}` failed", dir.display()))?;
+        bar.finish_and_clear();
+        if json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else if report.created {
+            println!(
+                "pushed {}@{} to {}: {} files, {} blobs sent ({} bytes)",
+                report.service,
+                report.commit.short(12),
+                report.branch,
+                report.files,
+                report.blobs_sent,
+                report.bytes_sent
+            );
+        } else {
+            println!(
+                "{}: nothing to push, {} is already at {} ({} files unchanged)",
+                report.service,
+                report.branch,
+                report.commit.short(12),
+                report.files
+            );
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn log(
+        &self,
+        service: &str,
+        branch: &str,
+        limit: u32,
+        json: bool,
+    ) -> Result<()> {
+        let service = ServiceName::new(service)?;
+        let entries = self
+            .repo
+            .log(&service, &BranchName::new(branch)?, limit)
+            .await?;
+        if json {
+            let list: Vec<_> = entries
+                .iter()
+                .map(|e| {
+                    json!({
+                        "commit": e.id,
+                        "tree": e.commit.tree(),
+                        "parents": e.commit.parents(),
+                        "author": e.commit.author(),
+                        "message": e.commit.message(),
+                        "time": e.commit.time().to_string(),
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::Value::Array(list));
+        } else {
+            for e in &entries {
+                let first_line = e.commit.message().lines().next().unwrap_or("");
+                println!(
+                    "{}  {}  {:<12} {}",
+                    e.id.short(12),
+                    e.commit.time(),
+                    e.commit.author(),
+                    first_line
+                );
+            }
+        }
+        Ok(())
+    }
+
+    async fn resolve(&self, service: &ServiceName, rev: &str) -> Result<CommitId> {
+        self.repo
+            .resolve(service, rev)
+            .await
+            .with_context(|| format!("cannot resolve `{rev}` in service `{service}`"))
+    }
+
+    pub(crate) async fn diff(&self, service: &str, from: &str, to: &str, json: bool) -> Result<()> {
+        let service = ServiceName::new(service)?;
+        let from_id = if from == "-" {
+            None
+        } else {
+            Some(self.resolve(&service, from).await?)
+        };
+        let to_id = self.resolve(&service, to).await?;
+        let diff = self.repo.diff(&service, from_id, to_id).await?;
+        let mode = |m: Mode| match m {
+            Mode::Regular => "regular",
+            Mode::Executable => "executable",
+            Mode::Symlink => "symlink",
+        };
+        if json {
+            let changes: Vec<_> = diff
+                .changes()
+                .iter()
+                .map(|c| match c {
+                    Change::Added(e) | Change::Modified(e) => json!({
+                        "change": if matches!(c, Change::Added(_)) { "added" } else { "modified" },
+                        "path": e.path().as_str(),
+                        "mode": mode(e.mode()),
+                        "size": e.size(),
+                        "blob": e.blob(),
+                    }),
+                    Change::ModeChanged { path, mode: m } => json!({
+                        "change": "mode_changed", "path": path.as_str(), "mode": mode(*m),
+                    }),
+                    Change::Removed(path) => json!({ "change": "removed", "path": path.as_str() }),
+                })
+                .collect();
+            println!(
+                "{}",
+                json!({ "service": service, "from": from_id, "to": to_id, "changes": changes })
+            );
+        } else {
+            for c in diff.changes() {
+                match c {
+                    Change::Added(e) => println!("A {}", e.path()),
+                    Change::Modified(e) => println!("M {}", e.path()),
+                    Change::ModeChanged { path, mode: m } => println!("T {path} ({})", mode(*m)),
+                    Change::Removed(path) => println!("D {path}"),
+                }
+            }
+            if diff.is_empty() {
+                println!("no changes");
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn image_create(
+        &self,
+        name: &str,
+        set: &[String],
+        from: Option<&str>,
+        description: String,
+        json: bool,
+    ) -> Result<()> {
+        let name = ImageName::new(name)?;
+        let mut services: BTreeMap<ServiceName, CommitId> = match from {
+            Some(base) => self
+                .repo
+                .image(&ImageName::new(base)?)
+                .await?
+                .1
+                .services()
+                .clone(),
+            None => BTreeMap::new(),
+        };
+        for pair in set {
+            let Some((service, rev)) = pair.split_once('=') else {
+                bail!("--set `{pair}`: expected SERVICE=REV");
+            };
+            let service = ServiceName::new(service).with_context(|| format!("--set `{pair}`"))?;
+            let commit = self.resolve(&service, rev).await?;
+            services.insert(service, commit);
+        }
+        if services.is_empty() {
+            bail!("an image needs at least one service: use --set SERVICE=REV or --from IMAGE");
+        }
+        let image = Image::new(name, description, services)?;
+        let id = self.repo.create_image(image.clone()).await?;
+        if json {
+            print_image_json(&id, &image);
+        } else {
+            println!("created image {} ({})", image.name(), id.short(12));
+            for (s, c) in image.services() {
+                println!("  {:<20} {}", s.as_str(), c.short(12));
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn image_show(&self, name: &str, json: bool) -> Result<()> {
+        let (id, image) = self.repo.image(&ImageName::new(name)?).await?;
+        if json {
+            print_image_json(&id, &image);
+        } else {
+            println!("image       {}", image.name());
+            println!("id          {id}");
+            if !image.description().is_empty() {
+                println!("description {}", image.description());
+            }
+            for (s, c) in image.services() {
+                println!("  {:<20} {c}", s.as_str());
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn image_list(&self, json: bool) -> Result<()> {
+        let images = self.repo.images().await?;
+        if json {
+            let list: Vec<_> = images.iter().map(|(id, i)| image_json(id, i)).collect();
+            println!("{}", serde_json::Value::Array(list));
+        } else {
+            for (id, i) in &images {
+                println!(
+                    "{:<30} {}  {} services  {}",
+                    i.name().as_str(),
+                    id.short(12),
+                    i.services().len(),
+                    i.description()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+fn image_json(id: &ImageId, image: &Image) -> serde_json::Value {
+    json!({
+        "name": image.name(),
+        "id": id,
+        "description": image.description(),
+        "services": image.services(),
+    })
+}
+
+fn print_image_json(id: &ImageId, image: &Image) {
+    println!("{}", image_json(id, image));
+}

@@ -1,0 +1,364 @@
+//! The `molt` binary as a user runs it: `molt init`, a real `molt repo-server` child
+//! process on 127.0.0.1, pushes, logs, diffs, images, SIGTERM and `kill -9`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const MOLT: &str = env!("CARGO_BIN_EXE_molt");
+
+/// A cluster made by `molt init` in a temp dir, with its repository server running.
+struct Cluster {
+    dir: tempfile::TempDir,
+    server: Option<Child>,
+    addr: Option<SocketAddr>,
+}
+
+impl Cluster {
+    fn init() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(MOLT)
+            .args(["init"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut c = Self {
+            dir,
+            server: None,
+            addr: None,
+        };
+        c.start_server();
+        c
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("molt.toml")
+    }
+
+    /// Starts `molt repo-server` and waits for its "listening on" line.
+    fn start_server(&mut self) {
+        let listen = self
+            .addr
+            .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
+        let mut child = Command::new(MOLT)
+            .arg("--config")
+            .arg(self.config())
+            .args(["repo-server", "--listen", &listen])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let first = lines.next().unwrap().unwrap();
+        let addr = first
+            .strip_prefix("repository server listening on ")
+            .and_then(|rest| rest.split(' ').next())
+            .unwrap_or_else(|| panic!("unexpected first line: {first}"));
+        self.addr = Some(addr.parse().unwrap());
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        self.server = Some(child);
+    }
+
+    fn molt(&self, args: &[&str]) -> Output {
+        Command::new(MOLT)
+            .arg("--config")
+            .arg(self.config())
+            .arg("--repo")
+            .arg(self.addr.unwrap().to_string())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn molt_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.molt(&all);
+        assert!(
+            out.status.success(),
+            "molt {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
+        let mut child = self.server.take().unwrap();
+        let ok = Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        child.wait().unwrap()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn write(dir: &Path, rel: &str, bytes: &[u8]) {
+    let p = dir.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, bytes).unwrap();
+}
+
+fn service(dir: &Path, name: &str) {
+    write(
+        dir,
+        "service.toml",
+        format!("name = \"{name}\"\n[run]\ncommand = [\"./run\"]\n[[ports]]\nport = 8080\n")
+            .as_bytes(),
+    );
+}
+
+#[test]
+fn init_writes_a_cluster_with_private_keys_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = Cluster::init();
+    for key in ["ca.key", "admin.key", "repo-server.key", "portal.key"] {
+        let mode = std::fs::metadata(c.dir.path().join("certs").join(key))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key}");
+    }
+    // A second init in the same place refuses to overwrite the cluster.
+    let out = Command::new(MOLT)
+        .arg("init")
+        .arg(c.dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exists already"));
+}
+
+#[test]
+fn push_log_diff_and_images_from_the_binary() {
+    let c = Cluster::init();
+    let svc = c.dir.path().join("orders");
+    service(&svc, "orders");
+    write(&svc, "src/main.rs", b"fn main() {}");
+    write(&svc, "data.bin", &vec![1u8; 50_000]);
+    let dir = svc.to_str().unwrap();
+
+    let first = c.molt_json(&["push", dir, "-m", "first"]);
+    assert_eq!(first["service"], "orders");
+    assert_eq!(first["created"], true);
+    assert_eq!(first["files"], 3);
+    assert_eq!(first["blobs_sent"], 3);
+
+    let again = c.molt_json(&["push", dir]);
+    assert_eq!(again["created"], false);
+    assert_eq!(again["blobs_sent"], 0);
+    assert_eq!(again["bytes_sent"], 0);
+    assert_eq!(again["commit"], first["commit"]);
+    let text = c.molt(&["push", dir]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("nothing to push"));
+
+    write(&svc, "src/main.rs", b"fn main() { v2() }");
+    let second = c.molt_json(&["push", dir, "-m", "second"]);
+    assert_eq!(second["blobs_sent"], 1);
+    assert_eq!(second["bytes_sent"], 18);
+
+    let log = c.molt_json(&["log", "orders"]);
+    let commits: Vec<&str> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["commit"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        commits,
+        [
+            second["commit"].as_str().unwrap(),
+            first["commit"].as_str().unwrap()
+        ]
+    );
+    assert_eq!(log[0]["author"], "admin");
+
+    let short = &first["commit"].as_str().unwrap()[..10];
+    let diff = c.molt_json(&["diff", "orders", short, "main"]);
+    let changes = diff["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0]["change"], "modified");
+    assert_eq!(changes[0]["path"], "src/main.rs");
+
+    let img = c.molt_json(&[
+        "image",
+        "create",
+        "shop-1",
+        "--set",
+        &format!("orders={short}"),
+    ]);
+    assert_eq!(img["services"]["orders"], first["commit"]);
+    let img2 = c.molt_json(&[
+        "image",
+        "create",
+        "shop-2",
+        "--from",
+        "shop-1",
+        "--set",
+        "orders=main",
+    ]);
+    assert_eq!(img2["services"]["orders"], second["commit"]);
+    let shown = c.molt_json(&["image", "show", "shop-1"]);
+    assert_eq!(shown["id"], img["id"]);
+    let list = c.molt_json(&["image", "list"]);
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["shop-1", "shop-2"]);
+
+    // Errors are clear and exit non-zero.
+    let dup = c.molt(&["image", "create", "shop-1", "--set", "orders=main"]);
+    assert!(!dup.status.success());
+    assert!(String::from_utf8_lossy(&dup.stderr).contains("immutable"));
+    let bad = c.molt(&["push", c.dir.path().join("nowhere").to_str().unwrap()]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("service.toml"));
+}
+
+#[test]
+fn a_shell_certificate_cannot_push() {
+    let c = Cluster::init();
+    let out = c.molt(&[
+        "cert", "issue", "--role", "shell", "--name", "dev-1", "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let issued: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(issued["identity"], "shell/dev-1");
+    // A config for the shell's identity.
+    let shell_config = c.dir.path().join("shell.toml");
+    std::fs::write(
+        &shell_config,
+        format!(
+            "repo = \"{}\"\ncert = \"certs/shell-dev-1.crt\"\nkey = \"certs/shell-dev-1.key\"\nca = \"certs/ca.crt\"\n",
+            c.addr.unwrap()
+        ),
+    )
+    .unwrap();
+    let svc = c.dir.path().join("orders");
+    service(&svc, "orders");
+    let out = Command::new(MOLT)
+        .arg("--config")
+        .arg(&shell_config)
+        .args(["push", svc.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`shell/dev-1` may not push"), "{err}");
+}
+
+#[test]
+fn sigterm_stops_the_server_gracefully() {
+    let mut c = Cluster::init();
+    let status = c.signal("-TERM");
+    assert!(status.success(), "{status:?}");
+}
+
+/// `kill -9` of the server in the middle of a push: after a restart no partial commit
+/// is visible, no temporary blob is left, and the push can simply be run again.
+#[test]
+fn kill_9_during_a_push_leaves_the_store_consistent() {
+    let mut c = Cluster::init();
+    let svc = c.dir.path().join("big");
+    service(&svc, "big");
+    for i in 0..40 {
+        write(&svc, &format!("blob{i}.bin"), &vec![i as u8; 2_000_000]);
+    }
+    let mut push = Command::new(MOLT)
+        .arg("--config")
+        .arg(c.config())
+        .arg("--repo")
+        .arg(c.addr.unwrap().to_string())
+        .args(["push", svc.to_str().unwrap(), "--json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    // Wait until the server is receiving blob bytes, then kill it.
+    let blobs = c.dir.path().join("repo").join("blobs");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let receiving = std::fs::read_dir(blobs.join("tmp"))
+            .map(|d| d.count() > 0)
+            .unwrap_or(false)
+            || std::fs::read_dir(&blobs)
+                .map(|d| d.count() > 2)
+                .unwrap_or(false);
+        if receiving {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the push never started uploading"
+        );
+        // Polling a condition with a deadline; the pause only spares the CPU.
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    c.signal("-9");
+    // The user gives up on the stalled push (a client only notices a dead server
+    // at its idle timeout).
+    let _ = push.kill();
+    let pushed = push.wait().unwrap();
+    // The push may have finished before the kill landed; either outcome is allowed,
+    // but never a partial one.
+    c.start_server();
+    let log = c.molt(&["log", "big", "--json"]);
+    if pushed.success() {
+        assert!(log.status.success());
+    } else {
+        assert!(!log.status.success(), "a failed push left a branch behind");
+        assert!(String::from_utf8_lossy(&log.stderr).contains("no branch big/main"));
+    }
+    // No temporary blob survives the restart.
+    assert_eq!(std::fs::read_dir(blobs.join("tmp")).unwrap().count(), 0);
+    // Pushing again completes, sending only what the server lacks.
+    let retry = c.molt_json(&["push", svc.to_str().unwrap()]);
+    assert_eq!(retry["files"], 41);
+    let log = c.molt_json(&["log", "big"]);
+    assert_eq!(log.as_array().unwrap().len(), 1);
+    // Every stored blob is intact: each file's bytes hash to its name.
+    let mut checked = 0;
+    for shard in std::fs::read_dir(&blobs).unwrap() {
+        let shard = shard.unwrap().path();
+        if shard.ends_with("tmp") {
+            continue;
+        }
+        for f in std::fs::read_dir(&shard).unwrap() {
+            let f = f.unwrap().path();
+            let hash = blake3::hash(&std::fs::read(&f).unwrap()).to_hex();
+            assert_eq!(f.file_name().unwrap().to_str().unwrap(), hash.as_str());
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 41);
+    let again = c.molt_json(&["push", svc.to_str().unwrap()]);
+    assert_eq!(again["created"], false);
+}
