@@ -52,6 +52,20 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Is the blob stored?
     fn contains(&self, id: &BlobId) -> impl Future<Output = Result<bool, BlobError>> + Send;
 
+    /// For each id, is the blob stored? One round trip to the storage for many ids.
+    fn contains_many(
+        &self,
+        ids: Vec<BlobId>,
+    ) -> impl Future<Output = Result<Vec<bool>, BlobError>> + Send;
+
+    /// Stores many small blobs held in memory, all or none: every blob's bytes are
+    /// checked against its id first ([`BlobError::Mismatch`] stores nothing), then
+    /// they are made durable together.
+    fn put_many(
+        &self,
+        blobs: Vec<(BlobId, Vec<u8>)>,
+    ) -> impl Future<Output = Result<(), BlobError>> + Send;
+
     /// Starts writing a blob.
     fn begin(&self) -> impl Future<Output = Result<Self::Sink, BlobError>> + Send;
 
@@ -182,6 +196,63 @@ impl BlobStore for FsBlobStore {
         Ok(self.size(id).await?.is_some())
     }
 
+    async fn contains_many(&self, ids: Vec<BlobId>) -> Result<Vec<bool>, BlobError> {
+        let paths: Vec<PathBuf> = ids.iter().map(|id| self.path_of(id)).collect();
+        blocking(move || {
+            paths
+                .iter()
+                .map(|p| match std::fs::symlink_metadata(p) {
+                    Ok(_) => Ok(true),
+                    Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+                    Err(e) => Err(io_err(p)(e)),
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn put_many(&self, blobs: Vec<(BlobId, Vec<u8>)>) -> Result<(), BlobError> {
+        for (id, bytes) in &blobs {
+            let actual = BlobId::of(bytes);
+            if actual != *id {
+                return Err(BlobError::Mismatch {
+                    claimed: *id,
+                    actual,
+                });
+            }
+        }
+        let first = self
+            .next_tmp
+            .fetch_add(blobs.len() as u64, Ordering::Relaxed);
+        let jobs: Vec<(PathBuf, PathBuf, Vec<u8>)> = blobs
+            .into_iter()
+            .enumerate()
+            .map(|(i, (id, bytes))| {
+                let tmp = self
+                    .tmp
+                    .join(format!("{}-{}", std::process::id(), first + i as u64));
+                (tmp, self.path_of(&id), bytes)
+            })
+            .collect();
+        let root = self.root.clone();
+        blocking(move || {
+            // Write every file, make them all durable at once, then move them into
+            // place and make the renames durable: a blob is never visible before
+            // its bytes are on disk.
+            for (tmp, _, bytes) in &jobs {
+                std::fs::write(tmp, bytes).map_err(io_err(tmp))?;
+            }
+            sync_filesystem(&root)?;
+            for (tmp, dest, _) in &jobs {
+                let dir = dest.parent().expect("a blob path has a shard directory");
+                std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+                std::fs::rename(tmp, dest).map_err(io_err(dest))?;
+            }
+            sync_filesystem(&root)
+        })
+        .await
+    }
+
     async fn begin(&self) -> Result<FsSink, BlobError> {
         let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
         let path = self.tmp.join(format!("{}-{n}", std::process::id()));
@@ -234,6 +305,34 @@ impl BlobStore for FsBlobStore {
     }
 }
 
+/// Runs blocking filesystem work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BlobError> + Send + 'static,
+) -> Result<T, BlobError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BlobError::Io {
+            path: PathBuf::from("<blocking task>"),
+            source: std::io::Error::other(e),
+        })?
+}
+
+/// Flushes every dirty page and directory entry of the filesystem holding `dir`:
+/// one `syncfs` instead of one `fsync` per file of a batch.
+fn sync_filesystem(dir: &Path) -> Result<(), BlobError> {
+    use std::os::fd::AsRawFd;
+    let handle = std::fs::File::open(dir).map_err(io_err(dir))?;
+    // SAFETY: `handle` is an open file descriptor for the duration of the call, and
+    // syncfs only reads it.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::syncfs(handle.as_raw_fd()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io_err(dir)(std::io::Error::last_os_error()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,6 +366,28 @@ mod tests {
         assert_eq!(
             std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
             0
+        );
+    }
+
+    #[tokio::test]
+    async fn batches_are_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        let good = (BlobId::of(b"a"), b"a".to_vec());
+        let bad = (BlobId::of(b"b"), b"not b".to_vec());
+        let err = store.put_many(vec![good.clone(), bad]).await.unwrap_err();
+        assert!(matches!(err, BlobError::Mismatch { .. }));
+        assert_eq!(store.usage().unwrap(), (0, 0));
+        store
+            .put_many(vec![good.clone(), (BlobId::of(b"cc"), b"cc".to_vec())])
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .contains_many(vec![good.0, BlobId::of(b"zz"), BlobId::of(b"cc")])
+                .await
+                .unwrap(),
+            [true, false, true]
         );
     }
 

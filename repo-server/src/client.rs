@@ -19,6 +19,9 @@ use wire::codec::{self, DEFAULT_FRAME_LIMIT, FrameError};
 use wire::repo::{ErrorKind, LogEntry, RemoteError, RepoReply, RepoRequest, RepoResponse};
 use wire::{Client, Connection, Identity, WireError};
 
+/// Files up to this size are read in one call when uploading.
+const SMALL_FILE: u64 = 1 << 20;
+
 /// Why a repository call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -175,10 +178,50 @@ impl RepoClient {
         let announce = RepoRequest::PutBlobs {
             blobs: blobs.iter().map(|(id, size, _)| (*id, *size)).collect(),
         };
+        // Small files are read on a blocking thread ahead of the network, so disk
+        // reads and sends overlap; large files stream in chunks as they are sent.
+        let small: Vec<(u64, PathBuf)> = blobs
+            .iter()
+            .filter(|(_, size, _)| *size <= SMALL_FILE)
+            .map(|(_, size, path)| (*size, path.clone()))
+            .collect();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(64);
+        let reader = tokio::task::spawn_blocking(move || {
+            for (size, path) in small {
+                let read = std::fs::read(&path).and_then(|bytes| {
+                    if bytes.len() as u64 == size {
+                        Ok(bytes)
+                    } else {
+                        Err(std::io::Error::other(format!(
+                            "`{}` changed size during the push ({size} -> {} bytes); push again",
+                            path.display(),
+                            bytes.len()
+                        )))
+                    }
+                });
+                let failed = read.is_err();
+                if tx.blocking_send(read).is_err() || failed {
+                    return;
+                }
+            }
+        });
         let sent = async {
             codec::write_frame(&mut s.send, &announce).await?;
             let mut total = 0u64;
             for (_, size, path) in blobs {
+                if *size <= SMALL_FILE {
+                    let bytes = rx
+                        .recv()
+                        .await
+                        .ok_or_else(|| std::io::Error::other("file reader stopped"))??;
+                    s.send
+                        .write_all(&bytes)
+                        .await
+                        .map_err(std::io::Error::from)?;
+                    total += *size;
+                    progress(total);
+                    continue;
+                }
                 let mut file = tokio::fs::File::open(path).await?;
                 codec::copy_exact(&mut file, &mut s.send, *size, |chunk| {
                     total += chunk.len() as u64;
@@ -190,6 +233,8 @@ impl RepoClient {
             Ok::<_, FrameError>(())
         }
         .await;
+        drop(rx);
+        let _ = reader.await;
         let _ = s.send.finish();
         // The reply says why the server stopped reading, if it did.
         let reply = codec::expect_frame::<_, RepoReply>(&mut s.recv, DEFAULT_FRAME_LIMIT).await;

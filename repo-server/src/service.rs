@@ -26,6 +26,11 @@ use wire::{BiStream, Handler, Identity};
 use crate::blobs::{BlobError, BlobStore};
 use crate::meta::{HeadUpdate, MetaError, MetaStore};
 
+/// Blobs up to this size are received into memory and stored in batches.
+const SMALL_BLOB: u64 = 1 << 20;
+/// How many bytes of small blobs are gathered before a batch is stored.
+const BATCH_BYTES: u64 = 32 << 20;
+
 /// Most commits one log request returns.
 const MAX_LOG: u32 = 10_000;
 
@@ -161,12 +166,12 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
         match req {
             RepoRequest::MissingBlobs { blobs } => {
                 check_count(blobs.len())?;
-                let mut missing = Vec::new();
-                for id in blobs {
-                    if !self.blobs.contains(&id).await? {
-                        missing.push(id);
-                    }
-                }
+                let present = self.blobs.contains_many(blobs.clone()).await?;
+                let missing = blobs
+                    .into_iter()
+                    .zip(present)
+                    .filter_map(|(id, here)| (!here).then_some(id))
+                    .collect();
                 Ok(RepoResponse::Missing { blobs: missing })
             }
             RepoRequest::CreateCommit { commit, tree } => self.create_commit(commit, tree).await,
@@ -220,22 +225,45 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
         }
     }
 
-    /// Receives each announced blob, verifying it on the way in.
+    /// Receives each announced blob, verifying it on the way in. Small blobs are
+    /// gathered in memory and stored in batches (one durability barrier per batch);
+    /// large ones stream through a temporary file.
     async fn put_blobs(&self, stream: &mut BiStream, blobs: Vec<(BlobId, u64)>) -> RepoReply {
         check_count(blobs.len())?;
+        let present = self
+            .blobs
+            .contains_many(blobs.iter().map(|(id, _)| *id).collect())
+            .await?;
         let (mut stored, mut bytes) = (0u64, 0u64);
-        for (id, size) in blobs {
-            let existed = self.blobs.contains(&id).await?;
-            let mut sink = self.blobs.begin().await?;
-            if let Err(e) = codec::copy_exact(&mut stream.recv, &mut sink, size, |_| {}).await {
-                self.blobs.abort(sink).await;
-                return Err(invalid(format!("blob {id}: {e}")));
+        let mut batch: Vec<(BlobId, Vec<u8>)> = Vec::new();
+        let mut batch_bytes = 0u64;
+        for ((id, size), existed) in blobs.into_iter().zip(present) {
+            if size <= SMALL_BLOB {
+                let mut buf = Vec::with_capacity(size as usize);
+                codec::copy_exact(&mut stream.recv, &mut buf, size, |_| {})
+                    .await
+                    .map_err(|e| invalid(format!("blob {id}: {e}")))?;
+                batch.push((id, buf));
+                batch_bytes += size;
+                if batch_bytes >= BATCH_BYTES {
+                    self.blobs.put_many(std::mem::take(&mut batch)).await?;
+                    batch_bytes = 0;
+                }
+            } else {
+                let mut sink = self.blobs.begin().await?;
+                if let Err(e) = codec::copy_exact(&mut stream.recv, &mut sink, size, |_| {}).await {
+                    self.blobs.abort(sink).await;
+                    return Err(invalid(format!("blob {id}: {e}")));
+                }
+                self.blobs.commit(sink, &id).await?;
             }
-            self.blobs.commit(sink, &id).await?;
             bytes += size;
             if !existed {
                 stored += 1;
             }
+        }
+        if !batch.is_empty() {
+            self.blobs.put_many(batch).await?;
         }
         // Nothing may follow the announced blobs.
         let mut probe = [0u8; 1];
@@ -322,12 +350,12 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
         for parent in commit.parents() {
             self.service_commit(commit.service(), parent)?;
         }
-        for blob in tree.file_blobs() {
-            if !self.blobs.contains(&blob).await? {
-                return Err(invalid(format!(
-                    "blob {blob} is not stored; upload it before the commit"
-                )));
-            }
+        let blobs: Vec<BlobId> = tree.file_blobs().into_iter().collect();
+        let present = self.blobs.contains_many(blobs.clone()).await?;
+        if let Some((blob, _)) = blobs.iter().zip(present).find(|(_, here)| !here) {
+            return Err(invalid(format!(
+                "blob {blob} is not stored; upload it before the commit"
+            )));
         }
         self.check_manifest(&commit, &tree).await?;
         self.meta.put_tree(&tree)?;
