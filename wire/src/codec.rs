@@ -62,6 +62,17 @@ fn config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
+/// Decoding also caps what one message may claim to allocate: a length field
+/// inside a small frame must not make the decoder reserve gigabytes (found by the
+/// `frame` fuzz target: a 20-byte frame asked for 72 PB and aborted the process).
+fn decode_config() -> bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<DEFAULT_FRAME_LIMIT>,
+> {
+    bincode::config::standard().with_limit::<DEFAULT_FRAME_LIMIT>()
+}
+
 /// Encodes `msg` as a whole frame: length prefix and payload.
 pub fn encode_frame<T: Serialize>(msg: &T, limit: usize) -> Result<Vec<u8>, FrameError> {
     let mut out = vec![0u8; 4];
@@ -78,12 +89,38 @@ pub fn encode_frame<T: Serialize>(msg: &T, limit: usize) -> Result<Vec<u8>, Fram
 
 /// Decodes one frame payload (without its length prefix) into a message.
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
-    let (msg, used) = bincode::serde::decode_from_slice(payload, config())
+    let (msg, used) = bincode::serde::decode_from_slice(payload, decode_config())
         .map_err(|e| FrameError::Malformed(e.to_string()))?;
     if used != payload.len() {
         return Err(FrameError::TrailingBytes(payload.len() - used));
     }
     Ok(msg)
+}
+
+/// Decodes one whole frame (length prefix and payload) from the start of `bytes`;
+/// returns the message and how many bytes it used. The pure counterpart of
+/// [`read_frame`], used by the fuzz target.
+pub fn decode_frame<T: DeserializeOwned>(
+    bytes: &[u8],
+    limit: usize,
+) -> Result<(T, usize), FrameError> {
+    let header: [u8; 4] =
+        bytes
+            .get(..4)
+            .and_then(|h| h.try_into().ok())
+            .ok_or(FrameError::Truncated {
+                expected: 4,
+                got: bytes.len() as u64,
+            })?;
+    let len = u32::from_be_bytes(header) as usize;
+    if len > limit {
+        return Err(FrameError::TooLarge { len, limit });
+    }
+    let payload = bytes.get(4..4 + len).ok_or(FrameError::Truncated {
+        expected: len as u64,
+        got: (bytes.len() - 4) as u64,
+    })?;
+    Ok((decode_payload(payload)?, 4 + len))
 }
 
 /// Writes `msg` as one frame.
@@ -277,11 +314,40 @@ mod tests {
             read_frame::<_, Msg>(&mut r, DEFAULT_FRAME_LIMIT).await,
             Err(FrameError::TrailingBytes(1))
         ));
+        // The frame the fuzzer found: a length field claiming 72 PB.
+        let crash = [
+            0, 0, 0, 0x10, 0, 0xfd, 0xff, 0xff, 0xfa, 0x02, 0xff, 0xf5, 0xff, 0, 0, 0, 0x32, 0xff,
+            0, 0x0a,
+        ];
+        assert!(decode_frame::<crate::repo::RepoRequest>(&crash, DEFAULT_FRAME_LIMIT).is_err());
+        assert!(decode_frame::<crate::repo::RepoReply>(&crash, DEFAULT_FRAME_LIMIT).is_err());
+        assert!(decode_frame::<crate::hello::Hello>(&crash, DEFAULT_FRAME_LIMIT).is_err());
         // A string claiming a huge length inside a small frame.
         let mut r = &[0, 0, 0, 6, 1, 0xfc, 0xff, 0xff, 0xff, 0x7f][..];
         assert!(matches!(
             read_frame::<_, Msg>(&mut r, DEFAULT_FRAME_LIMIT).await,
             Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn decode_frame_matches_read_frame() {
+        let mut bytes = encode_frame(&Msg::Ping(3), DEFAULT_FRAME_LIMIT).unwrap();
+        let used = bytes.len();
+        bytes.extend_from_slice(&[1, 2, 3]);
+        let (msg, n) = decode_frame::<Msg>(&bytes, DEFAULT_FRAME_LIMIT).unwrap();
+        assert_eq!((msg, n), (Msg::Ping(3), used));
+        assert!(matches!(
+            decode_frame::<Msg>(&bytes[..used - 1], DEFAULT_FRAME_LIMIT),
+            Err(FrameError::Truncated { .. })
+        ));
+        assert!(matches!(
+            decode_frame::<Msg>(&bytes[..2], DEFAULT_FRAME_LIMIT),
+            Err(FrameError::Truncated { .. })
+        ));
+        assert!(matches!(
+            decode_frame::<Msg>(&bytes, 1),
+            Err(FrameError::TooLarge { .. })
         ));
     }
 
