@@ -80,12 +80,12 @@ impl Context {
             println!("{}", serde_json::to_string(&report)?);
         } else if report.created {
             println!(
-                "pushed {}@{} to {}: {} files, {} blobs sent ({} bytes)",
+                "pushed {}@{} to {}: {}, {} sent ({} bytes)",
                 report.service,
                 report.commit.short(12),
                 report.branch,
-                report.files,
-                report.blobs_sent,
+                count(report.files as u64, "file"),
+                count(report.blobs_sent, "blob"),
                 report.bytes_sent
             );
         } else {
@@ -269,15 +269,24 @@ impl Context {
         } else {
             for (id, i) in &images {
                 println!(
-                    "{:<30} {}  {} services  {}",
+                    "{:<30} {}  {}  {}",
                     i.name().as_str(),
                     id.short(12),
-                    i.services().len(),
+                    count(i.services().len() as u64, "service"),
                     i.description()
                 );
             }
         }
         Ok(())
+    }
+}
+
+/// `1 file`, `2 files`.
+fn count(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
     }
 }
 
