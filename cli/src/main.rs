@@ -165,6 +165,37 @@ fn main() -> ExitCode {
     }
 }
 
+/// The commands that talk to the repository, over one connection.
+async fn run_repo(ctx: &repo::Context, command: Command, json: bool) -> anyhow::Result<()> {
+    match command {
+        Command::Push {
+            dir,
+            message,
+            branch,
+        } => ctx.push(&dir, &message, &branch, json).await,
+        Command::Log {
+            service,
+            branch,
+            limit,
+        } => ctx.log(&service, &branch, limit, json).await,
+        Command::Diff { service, from, to } => ctx.diff(&service, &from, &to, json).await,
+        Command::Image { command } => match command {
+            ImageCommand::Create {
+                name,
+                set,
+                from,
+                description,
+            } => {
+                ctx.image_create(&name, &set, from.as_deref(), description, json)
+                    .await
+            }
+            ImageCommand::Show { name } => ctx.image_show(&name, json).await,
+            ImageCommand::List => ctx.image_list(json).await,
+        },
+        other => anyhow::bail!("internal: {other:?} is not a repository command"),
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let json = cli.json;
     match cli.command {
@@ -192,41 +223,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::RepoServer { data, listen } => {
             cluster::repo_server(cli.config.as_deref(), data, listen).await
         }
-        Command::Push {
-            dir,
-            message,
-            branch,
-        } => {
+        repo_command => {
             let ctx = repo::Context::open(cli.config.as_deref(), cli.repo).await?;
-            ctx.push(&dir, &message, &branch, json).await
-        }
-        Command::Log {
-            service,
-            branch,
-            limit,
-        } => {
-            let ctx = repo::Context::open(cli.config.as_deref(), cli.repo).await?;
-            ctx.log(&service, &branch, limit, json).await
-        }
-        Command::Diff { service, from, to } => {
-            let ctx = repo::Context::open(cli.config.as_deref(), cli.repo).await?;
-            ctx.diff(&service, &from, &to, json).await
-        }
-        Command::Image { command } => {
-            let ctx = repo::Context::open(cli.config.as_deref(), cli.repo).await?;
-            match command {
-                ImageCommand::Create {
-                    name,
-                    set,
-                    from,
-                    description,
-                } => {
-                    ctx.image_create(&name, &set, from.as_deref(), description, json)
-                        .await
-                }
-                ImageCommand::Show { name } => ctx.image_show(&name, json).await,
-                ImageCommand::List => ctx.image_list(json).await,
-            }
+            let result = run_repo(&ctx, repo_command, json).await;
+            ctx.close().await;
+            result
         }
     }
 }

@@ -9,14 +9,14 @@ use image_spec::{BranchName, Change, CommitId, Image, ImageId, ImageName, Mode, 
 use indicatif::{ProgressBar, ProgressStyle};
 use repo_server::client::{PushOptions, PushProgress, RepoClient};
 use serde_json::json;
-use wire::{Client, Identity};
+use wire::Client;
 
 use crate::config::Loaded;
 
 /// A connection to the repository as the configured user.
 pub(crate) struct Context {
     repo: RepoClient,
-    identity: Identity,
+    client: Client,
 }
 
 impl Context {
@@ -29,17 +29,14 @@ impl Context {
         let repo = RepoClient::connect(&client, addr)
             .await
             .with_context(|| format!("cannot reach the repository server at {addr}"))?;
-        Ok(Self {
-            repo,
-            identity: creds.identity,
-        })
+        Ok(Self { repo, client })
     }
 
-    fn author(&self) -> String {
-        match &self.identity {
-            Identity::User { name, .. } => name.to_string(),
-            other => other.to_string(),
-        }
+    /// Closes the connection and waits until the server has been told, so no
+    /// half-open connection lingers on the server until its idle timeout.
+    pub(crate) async fn close(self) {
+        self.repo.connection().close();
+        self.client.shutdown().await;
     }
 
     pub(crate) async fn push(
@@ -52,7 +49,6 @@ impl Context {
         let opts = PushOptions {
             branch: BranchName::new(branch)?,
             message: message.to_owned(),
-            author: self.author(),
         };
         let bar = if json {
             ProgressBar::hidden()

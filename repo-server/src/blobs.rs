@@ -52,11 +52,12 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Is the blob stored?
     fn contains(&self, id: &BlobId) -> impl Future<Output = Result<bool, BlobError>> + Send;
 
-    /// For each id, is the blob stored? One round trip to the storage for many ids.
-    fn contains_many(
+    /// For each id, the stored blob's size, or `None` if it is not stored. One round
+    /// trip to the storage for many ids.
+    fn sizes_many(
         &self,
         ids: Vec<BlobId>,
-    ) -> impl Future<Output = Result<Vec<bool>, BlobError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Option<u64>>, BlobError>> + Send;
 
     /// Stores many small blobs held in memory, all or none: every blob's bytes are
     /// checked against its id first ([`BlobError::Mismatch`] stores nothing), then
@@ -196,14 +197,14 @@ impl BlobStore for FsBlobStore {
         Ok(self.size(id).await?.is_some())
     }
 
-    async fn contains_many(&self, ids: Vec<BlobId>) -> Result<Vec<bool>, BlobError> {
+    async fn sizes_many(&self, ids: Vec<BlobId>) -> Result<Vec<Option<u64>>, BlobError> {
         let paths: Vec<PathBuf> = ids.iter().map(|id| self.path_of(id)).collect();
         blocking(move || {
             paths
                 .iter()
                 .map(|p| match std::fs::symlink_metadata(p) {
-                    Ok(_) => Ok(true),
-                    Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+                    Ok(m) => Ok(Some(m.len())),
+                    Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
                     Err(e) => Err(io_err(p)(e)),
                 })
                 .collect()
@@ -283,7 +284,14 @@ impl BlobStore for FsBlobStore {
         tokio::fs::rename(&sink.path, &dest)
             .await
             .map_err(io_err(&dest))?;
-        Ok(())
+        // Make the new directory entry durable too, before anyone is told.
+        let dir = dir.to_owned();
+        blocking(move || {
+            std::fs::File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(&dir))
+        })
+        .await
     }
 
     async fn abort(&self, sink: FsSink) {
@@ -384,10 +392,10 @@ mod tests {
             .unwrap();
         assert_eq!(
             store
-                .contains_many(vec![good.0, BlobId::of(b"zz"), BlobId::of(b"cc")])
+                .sizes_many(vec![good.0, BlobId::of(b"zz"), BlobId::of(b"cc")])
                 .await
                 .unwrap(),
-            [true, false, true]
+            [Some(1), None, Some(2)]
         );
     }
 

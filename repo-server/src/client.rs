@@ -19,6 +19,9 @@ use wire::codec::{self, DEFAULT_FRAME_LIMIT, FrameError};
 use wire::repo::{ErrorKind, LogEntry, RemoteError, RepoReply, RepoRequest, RepoResponse};
 use wire::{Client, Connection, Identity, WireError};
 
+/// Most blob ids a push puts in one request.
+const BLOBS_PER_REQUEST: usize = 20_000;
+
 /// Files up to this size are read in one call when uploading.
 const SMALL_FILE: u64 = 1 << 20;
 
@@ -86,8 +89,6 @@ pub struct PushOptions {
     pub branch: BranchName,
     /// The commit message.
     pub message: String,
-    /// The commit author.
-    pub author: String,
 }
 
 /// What a push did.
@@ -149,6 +150,11 @@ macro_rules! expect {
 }
 
 impl RepoClient {
+    /// The underlying connection (for its statistics, or to close it).
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
     /// Connects to the repository server at `addr`.
     pub async fn connect(client: &Client, addr: SocketAddr) -> Result<Self, ClientError> {
         Ok(Self {
@@ -415,6 +421,7 @@ impl RepoClient {
     }
 
     /// Pushes the service in `dir` (see the module docs).
+    #[tracing::instrument(skip_all, fields(dir = %dir.display(), branch = %opts.branch))]
     pub async fn push(
         &self,
         dir: &Path,
@@ -464,9 +471,12 @@ impl RepoClient {
             return Ok(report(h.id, false, 0, 0));
         }
 
-        let missing = self
-            .missing_blobs(tree.file_blobs().into_iter().collect())
-            .await?;
+        // Ask and upload in slices that stay well inside one request's limits.
+        let mut missing = Vec::new();
+        let wanted: Vec<BlobId> = tree.file_blobs().into_iter().collect();
+        for slice in wanted.chunks(BLOBS_PER_REQUEST) {
+            missing.extend(self.missing_blobs(slice.to_vec()).await?);
+        }
         let sizes: std::collections::BTreeMap<BlobId, u64> = tree
             .entries()
             .iter()
@@ -488,19 +498,28 @@ impl RepoClient {
             blobs: uploads.len() as u64,
             bytes: upload_bytes,
         });
-        let (blobs_sent, bytes_sent) = if uploads.is_empty() {
-            (0, 0)
-        } else {
-            self.put_blobs(&uploads, |bytes| progress(PushProgress::Sent { bytes }))
-                .await?;
-            (uploads.len() as u64, upload_bytes)
-        };
+        let mut sent_before = 0u64;
+        for slice in uploads.chunks(BLOBS_PER_REQUEST) {
+            self.put_blobs(slice, |bytes| {
+                progress(PushProgress::Sent {
+                    bytes: sent_before + bytes,
+                })
+            })
+            .await?;
+            sent_before += slice.iter().map(|(_, s, _)| s).sum::<u64>();
+        }
+        let (blobs_sent, bytes_sent) = (uploads.len() as u64, upload_bytes);
 
+        // The server requires the author to be the pusher, as its certificate names it.
+        let author = match self.conn.me() {
+            Identity::User { name, .. } => name.to_string(),
+            other => other.to_string(),
+        };
         let commit = Commit::new(
             service.clone(),
             tree.id(),
             head.iter().map(|h| h.id).collect(),
-            opts.author.clone(),
+            author,
             opts.message.clone(),
             Timestamp::now(),
         )?;

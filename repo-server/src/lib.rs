@@ -76,8 +76,10 @@ pub fn bind(config: &Config) -> Result<Bound, RepoServerError> {
             config.credentials.identity.clone(),
         ));
     }
-    let blobs = FsBlobStore::open(&config.data.join("blobs"))?;
+    // sled locks its directory: opening it first makes a second server on the same
+    // data fail before it can touch the running server's blob store.
     let meta = SledMeta::open(&config.data.join("meta"))?;
+    let blobs = FsBlobStore::open(&config.data.join("blobs"))?;
     let server = Server::bind(config.listen, &config.credentials)?;
     Ok(Bound {
         server,

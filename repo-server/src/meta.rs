@@ -138,6 +138,13 @@ fn service_key(service: &ServiceName, id: Option<&CommitId>) -> Vec<u8> {
     k
 }
 
+fn tx_err(e: sled::transaction::TransactionError<std::convert::Infallible>) -> MetaError {
+    match e {
+        sled::transaction::TransactionError::Storage(e) => MetaError::Db(e),
+        sled::transaction::TransactionError::Abort(never) => match never {},
+    }
+}
+
 fn id_bytes(v: &[u8]) -> Option<[u8; 32]> {
     v.try_into().ok()
 }
@@ -165,14 +172,23 @@ impl MetaStore for SledMeta {
     }
 
     fn put_commit(&self, commit: &Commit) -> Result<(CommitId, bool), MetaError> {
+        use sled::Transactional;
         let id = commit.id();
-        let created = self
-            .commits
-            .compare_and_swap(id.as_bytes(), None as Option<&[u8]>, Some(commit.encode()))?
-            .is_ok();
+        let encoded = commit.encode();
+        let index_key = service_key(commit.service(), Some(&id));
+        // The commit and its index entry land together or not at all, so a crash
+        // can never leave a commit that abbreviated ids do not find.
+        let created = (&self.commits, &self.by_service)
+            .transaction(|(commits, index)| {
+                if commits.get(id.as_bytes())?.is_some() {
+                    return Ok(false);
+                }
+                commits.insert(id.as_bytes(), encoded.as_slice())?;
+                index.insert(index_key.as_slice(), &[])?;
+                Ok(true)
+            })
+            .map_err(tx_err)?;
         if created {
-            self.by_service
-                .insert(service_key(commit.service(), Some(&id)), &[])?;
             self.flush()?;
         }
         Ok((id, created))
@@ -251,27 +267,32 @@ impl MetaStore for SledMeta {
     }
 
     fn create_image(&self, image: &Image) -> Result<(ImageId, bool), MetaError> {
+        use sled::Transactional;
         let key = image.name().as_str().as_bytes();
-        match self
-            .images
-            .compare_and_swap(key, None as Option<&[u8]>, Some(image.encode()))?
-        {
-            Ok(()) => {
-                let seq = self.db.generate_id()?;
-                self.image_order.insert(seq.to_be_bytes(), key)?;
+        let encoded = image.encode();
+        let seq = self.db.generate_id()?;
+        // The image and its place in the listing land together or not at all.
+        let existing = (&self.images, &self.image_order)
+            .transaction(|(images, order)| {
+                if let Some(v) = images.get(key)? {
+                    return Ok(Some(v));
+                }
+                images.insert(key, encoded.as_slice())?;
+                order.insert(&seq.to_be_bytes(), key)?;
+                Ok(None)
+            })
+            .map_err(tx_err)?;
+        match existing {
+            None => {
                 self.flush()?;
                 Ok((image.id(), true))
             }
-            Err(cas) => {
-                let existing =
-                    cas.current
-                        .map(|v| Image::decode(&v))
-                        .transpose()
-                        .map_err(|source| MetaError::Corrupt {
-                            what: "image",
-                            source,
-                        })?;
-                Ok((existing.map_or_else(|| image.id(), |i| i.id()), false))
+            Some(v) => {
+                let stored = Image::decode(&v).map_err(|source| MetaError::Corrupt {
+                    what: "image",
+                    source,
+                })?;
+                Ok((stored.id(), false))
             }
         }
     }

@@ -29,16 +29,25 @@ use crate::meta::{HeadUpdate, MetaError, MetaStore};
 /// Blobs up to this size are received into memory and stored in batches.
 const SMALL_BLOB: u64 = 1 << 20;
 /// How many bytes of small blobs are gathered before a batch is stored.
-const BATCH_BYTES: u64 = 32 << 20;
+const BATCH_BYTES: u64 = 8 << 20;
 
 /// Most commits one log request returns.
 const MAX_LOG: u32 = 10_000;
+
+/// How much request memory (frames being read, small blobs being batched) all
+/// requests together may hold, in KiB: a peer that opens many streams and sends
+/// half frames waits for budget instead of growing the server without bound.
+const REQUEST_BUDGET_KIB: usize = 256 << 10;
+
+/// How long a peer has, from opening a stream, to deliver its whole request frame.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The repository service over a blob store and a metadata store.
 #[derive(Debug)]
 pub struct RepoService<B, M> {
     blobs: B,
     meta: M,
+    budget: tokio::sync::Semaphore,
 }
 
 impl From<MetaError> for RemoteError {
@@ -88,7 +97,13 @@ fn request_name(req: &RepoRequest) -> &'static str {
 
 impl<B: BlobStore, M: MetaStore> Handler for RepoService<B, M> {
     async fn handle(&self, peer: Arc<Identity>, mut stream: BiStream) {
-        let req: RepoRequest = match stream.read_request(DEFAULT_FRAME_LIMIT).await {
+        let read = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            stream.read_request_within::<RepoRequest>(DEFAULT_FRAME_LIMIT, &self.budget),
+        )
+        .await
+        .unwrap_or(Err(FrameError::Stalled(REQUEST_TIMEOUT)));
+        let (req, permit) = match read {
             Ok(r) => r,
             Err(e) => {
                 warn!(%peer, error = %e, "refusing malformed request");
@@ -98,12 +113,28 @@ impl<B: BlobStore, M: MetaStore> Handler for RepoService<B, M> {
         };
         let span = info_span!("request", %peer, op = request_name(&req));
         self.serve(&peer, req, stream).instrument(span).await;
+        drop(permit);
     }
 }
 
 async fn reply(stream: &mut BiStream, reply: &RepoReply) {
-    if let Err(e) = codec::write_frame(&mut stream.send, reply).await {
-        debug!(error = %e, "client went away before the reply");
+    let written = match codec::encode_frame(reply, DEFAULT_FRAME_LIMIT) {
+        Ok(frame) => stream
+            .send
+            .write_all(&frame)
+            .await
+            .map_err(|e| FrameError::Io(e.into())),
+        // An answer too large for one frame becomes a typed error the client sees.
+        Err(FrameError::TooLarge { len, limit }) => {
+            let err: RepoReply = Err(invalid(format!(
+                "the answer is {len} bytes, over the frame limit of {limit}; ask for less (e.g. a smaller --limit)"
+            )));
+            codec::write_frame(&mut stream.send, &err).await
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = written {
+        debug!(error = %e, "could not deliver the reply");
         return;
     }
     let _ = stream.send.finish();
@@ -112,7 +143,11 @@ async fn reply(stream: &mut BiStream, reply: &RepoReply) {
 impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
     /// A service over these stores.
     pub fn new(blobs: B, meta: M) -> Self {
-        Self { blobs, meta }
+        Self {
+            blobs,
+            meta,
+            budget: tokio::sync::Semaphore::new(REQUEST_BUDGET_KIB),
+        }
     }
 
     /// The blob store.
@@ -153,7 +188,7 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
             }
             RepoRequest::FetchBlobs { blobs } => self.fetch_blobs(&mut stream, blobs).await,
             other => {
-                let result = self.answer(other).await;
+                let result = self.answer(peer, other).await;
                 if let Err(e) = &result {
                     debug!(kind = ?e.kind, error = %e, "request failed");
                 }
@@ -162,19 +197,21 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
         }
     }
 
-    async fn answer(&self, req: RepoRequest) -> RepoReply {
+    async fn answer(&self, peer: &Identity, req: RepoRequest) -> RepoReply {
         match req {
             RepoRequest::MissingBlobs { blobs } => {
                 check_count(blobs.len())?;
-                let present = self.blobs.contains_many(blobs.clone()).await?;
+                let sizes = self.blobs.sizes_many(blobs.clone()).await?;
                 let missing = blobs
                     .into_iter()
-                    .zip(present)
-                    .filter_map(|(id, here)| (!here).then_some(id))
+                    .zip(sizes)
+                    .filter_map(|(id, size)| size.is_none().then_some(id))
                     .collect();
                 Ok(RepoResponse::Missing { blobs: missing })
             }
-            RepoRequest::CreateCommit { commit, tree } => self.create_commit(commit, tree).await,
+            RepoRequest::CreateCommit { commit, tree } => {
+                self.create_commit(peer, commit, tree).await
+            }
             RepoRequest::MoveBranch {
                 service,
                 branch,
@@ -230,15 +267,25 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
     /// large ones stream through a temporary file.
     async fn put_blobs(&self, stream: &mut BiStream, blobs: Vec<(BlobId, u64)>) -> RepoReply {
         check_count(blobs.len())?;
-        let present = self
+        let present: Vec<bool> = self
             .blobs
-            .contains_many(blobs.iter().map(|(id, _)| *id).collect())
-            .await?;
+            .sizes_many(blobs.iter().map(|(id, _)| *id).collect())
+            .await?
+            .into_iter()
+            .map(|s| s.is_some())
+            .collect();
         let (mut stored, mut bytes) = (0u64, 0u64);
         let mut batch: Vec<(BlobId, Vec<u8>)> = Vec::new();
+        let mut batch_permits = Vec::new();
         let mut batch_bytes = 0u64;
         for ((id, size), existed) in blobs.into_iter().zip(present) {
             if size <= SMALL_BLOB {
+                // Batched bytes count against the server-wide request budget.
+                batch_permits.push(
+                    codec::acquire(&self.budget, size)
+                        .await
+                        .map_err(|e| RemoteError::new(ErrorKind::Internal, e.to_string()))?,
+                );
                 let mut buf = Vec::with_capacity(size as usize);
                 codec::copy_exact(&mut stream.recv, &mut buf, size, |_| {})
                     .await
@@ -247,6 +294,7 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
                 batch_bytes += size;
                 if batch_bytes >= BATCH_BYTES {
                     self.blobs.put_many(std::mem::take(&mut batch)).await?;
+                    batch_permits.clear();
                     batch_bytes = 0;
                 }
             } else {
@@ -339,7 +387,17 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
         Ok(commit)
     }
 
-    async fn create_commit(&self, commit: Commit, tree: Tree) -> RepoReply {
+    #[tracing::instrument(skip_all, fields(service = %commit.service(), commit = %commit.id()))]
+    async fn create_commit(&self, peer: &Identity, commit: Commit, tree: Tree) -> RepoReply {
+        // A commit is authored by whoever pushes it: the name in their certificate.
+        if let Identity::User { name, .. } = peer
+            && commit.author() != name.as_str()
+        {
+            return Err(invalid(format!(
+                "the commit's author is `{}`, but you are `{name}`; commits are authored by the pusher",
+                commit.author()
+            )));
+        }
         let tree_id = tree.id();
         if tree_id != commit.tree() {
             return Err(invalid(format!(
@@ -350,12 +408,31 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
         for parent in commit.parents() {
             self.service_commit(commit.service(), parent)?;
         }
-        let blobs: Vec<BlobId> = tree.file_blobs().into_iter().collect();
-        let present = self.blobs.contains_many(blobs.clone()).await?;
-        if let Some((blob, _)) = blobs.iter().zip(present).find(|(_, here)| !here) {
-            return Err(invalid(format!(
-                "blob {blob} is not stored; upload it before the commit"
-            )));
+        // Every file's blob is stored, and has the size the tree declares.
+        let files: Vec<(BlobId, u64, &RelPath)> = tree
+            .entries()
+            .iter()
+            .filter(|e| e.mode().is_file())
+            .map(|e| (e.blob(), e.size(), e.path()))
+            .collect();
+        let stored = self
+            .blobs
+            .sizes_many(files.iter().map(|(id, _, _)| *id).collect())
+            .await?;
+        for ((blob, declared, path), actual) in files.iter().zip(stored) {
+            match actual {
+                None => {
+                    return Err(invalid(format!(
+                        "blob {blob} of `{path}` is not stored; upload it before the commit"
+                    )));
+                }
+                Some(actual) if actual != *declared => {
+                    return Err(invalid(format!(
+                        "`{path}` is declared as {declared} bytes but its blob {blob} has {actual}"
+                    )));
+                }
+                Some(_) => {}
+            }
         }
         self.check_manifest(&commit, &tree).await?;
         self.meta.put_tree(&tree)?;
@@ -401,6 +478,7 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
             .map_err(|e| invalid(e.to_string()))
     }
 
+    #[tracing::instrument(skip(self))]
     fn move_branch(
         &self,
         service: &ServiceName,

@@ -220,13 +220,16 @@ async fn main() -> Res<()> {
     }
     write_file(&src, changed, &bytes);
 
+    let wire_before = repo.connection().quinn().stats().udp_tx.bytes;
     let t = Instant::now();
     let second = repo.push(&src, &push_main("one file"), |_| {}).await?;
     let change_push = t.elapsed();
+    let push_wire = repo.connection().quinn().stats().udp_tx.bytes - wire_before;
 
     let other = cluster.repo_client("shell/bench").await;
     let fetch_dir = cluster.path("fetch");
     std::fs::create_dir_all(&fetch_dir)?;
+    let rx_before = other.connection().quinn().stats().udp_rx.bytes;
     let t = Instant::now();
     let diff = other
         .diff(
@@ -238,6 +241,7 @@ async fn main() -> Res<()> {
     let needed: Vec<BlobId> = diff.needed_blobs().into_iter().collect();
     let fetched = other.fetch_blobs_to(&needed, &fetch_dir).await?;
     let fetch = t.elapsed();
+    let fetch_wire = other.connection().quinn().stats().udp_rx.bytes - rx_before;
     let diff_frame = wire::codec::encode_frame(&diff, usize::MAX)?.len() as u64;
 
     let (rsync_whole, rsync_whole_t) = rsync(&src, &rsync_dst, &[])?;
@@ -282,8 +286,20 @@ async fn main() -> Res<()> {
         Some((rsync_whole, rsync_whole_t)),
     );
     row(
+        "molt push of the change (all bytes on the wire)",
+        push_wire,
+        change_push,
+        Some((rsync_whole, rsync_whole_t)),
+    );
+    row(
         "molt diff + fetch by a 2nd client (blob bytes)",
         fetched,
+        fetch,
+        Some((rsync_whole, rsync_whole_t)),
+    );
+    row(
+        "molt diff + fetch (all bytes received)",
+        fetch_wire,
         fetch,
         Some((rsync_whole, rsync_whole_t)),
     );

@@ -132,6 +132,5 @@ pub fn push_main(message: &str) -> PushOptions {
     PushOptions {
         branch: "main".parse().expect("branch"),
         message: message.into(),
-        author: "ada".into(),
     }
 }

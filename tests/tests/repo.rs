@@ -409,13 +409,20 @@ async fn hostile_trees_are_refused() {
         .connect(cluster.repo_addr, &wire::Identity::RepoServer)
         .await
         .unwrap();
-    for (name, entries) in cases {
+    let manifest_tree = Tree::new(vec![image_spec::TreeEntry::file(
+        image_spec::RelPath::new("service.toml").unwrap(),
+        false,
+        manifest.len() as u64,
+        BlobId::of(&manifest),
+    )])
+    .unwrap();
+    let send = |entries: Vec<HostileEntry>, message: &str| {
         let commit = Commit::new(
             svc("orders"),
-            Tree::empty().id(),
+            manifest_tree.id(),
             vec![],
-            "mallory".into(),
-            name.into(),
+            "ada".into(),
+            message.into(),
             Timestamp::from_unix_seconds(1),
         )
         .unwrap();
@@ -423,13 +430,29 @@ async fn hostile_trees_are_refused() {
             commit,
             tree: entries,
         };
-        let reply = conn.call::<_, RepoReply>(&req).await;
+        let conn = conn.clone();
+        async move { conn.call::<_, RepoReply>(&req).await }
+    };
+    // Control: the same request shape with a valid tree is accepted, so a refusal
+    // below is about the tree, not the harness.
+    let control = send(vec![toml_entry()], "control").await;
+    assert!(
+        matches!(
+            control,
+            Ok(Ok(wire::repo::RepoResponse::CommitCreated { .. }))
+        ),
+        "{control:?}"
+    );
+    for (name, entries) in cases {
+        // Refused while decoding: the stream is reset before any handler sees a
+        // tree, so the client gets a transport error, not an answer about ids.
+        let reply = send(entries, name).await;
         assert!(
-            !matches!(reply, Ok(Ok(_))),
-            "hostile tree `{name}` was accepted: {reply:?}"
+            reply.is_err(),
+            "hostile tree `{name}` was not refused at decoding: {reply:?}"
         );
     }
-    // Nothing new exists: still exactly one commit on main, and the server serves.
+    // No hostile commit exists (main was never moved), and the server serves.
     let log = repo.log(&svc("orders"), &main_branch(), 10).await.unwrap();
     assert_eq!(log.len(), 1);
     // A tree missing service.toml, or naming another service, is refused too.
@@ -444,7 +467,7 @@ async fn hostile_trees_are_refused() {
         svc("payments"),
         tree.id(),
         vec![],
-        "mallory".into(),
+        "ada".into(),
         "wrong service".into(),
         Timestamp::now(),
     )
@@ -487,4 +510,95 @@ async fn malformed_requests_do_not_disturb_other_clients() {
         .await
         .unwrap();
     assert!(same.images().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn declared_sizes_and_authors_are_checked() {
+    let cluster = TestCluster::start().await;
+    let dir = cluster.path("orders");
+    write_service(&dir, "orders", &[("big.bin", &[5u8; 20_000])]);
+    let repo = cluster.repo_client("user/ada/developer").await;
+    repo.push(&dir, &push_main("m"), |_| {}).await.unwrap();
+    let scanned = image_spec::scan_dir(&dir).unwrap().tree;
+    let lie: Vec<image_spec::TreeEntry> = scanned
+        .entries()
+        .iter()
+        .map(|e| {
+            if e.path().as_str() == "big.bin" {
+                image_spec::TreeEntry::file(e.path().clone(), false, 7, e.blob())
+            } else {
+                e.clone()
+            }
+        })
+        .collect();
+    let lie = Tree::new(lie).unwrap();
+    let commit = |tree: &Tree, author: &str| {
+        Commit::new(
+            svc("orders"),
+            tree.id(),
+            vec![],
+            author.into(),
+            "x".into(),
+            Timestamp::now(),
+        )
+        .unwrap()
+    };
+    let err = repo
+        .create_commit(commit(&lie, "ada"), lie.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.remote_kind(), Some(&ErrorKind::Invalid), "{err}");
+    assert!(err.to_string().contains("declared as 7 bytes"), "{err}");
+    // Authoring a commit as someone else is refused.
+    let err = repo
+        .create_commit(commit(&scanned, "bob"), scanned.clone())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("authored by the pusher"), "{err}");
+    assert!(
+        repo.create_commit(commit(&scanned, "ada"), scanned)
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn an_answer_too_large_for_a_frame_is_a_clear_error() {
+    let cluster = TestCluster::start().await;
+    let dir = cluster.path("orders");
+    write_service(&dir, "orders", &[]);
+    let repo = cluster.repo_client("user/ada/developer").await;
+    let first = repo.push(&dir, &push_main("m"), |_| {}).await.unwrap();
+    let tree = image_spec::scan_dir(&dir).unwrap().tree;
+    // 300 commits with 64 KiB messages: their log is over 16 MiB.
+    let mut head = first.commit;
+    for i in 0..300 {
+        let c = Commit::new(
+            svc("orders"),
+            tree.id(),
+            vec![head],
+            "ada".into(),
+            format!("{i}{}", "m".repeat(Commit::MAX_MESSAGE_LEN - 4)),
+            Timestamp::now(),
+        )
+        .unwrap();
+        let (id, _) = repo.create_commit(c, tree.clone()).await.unwrap();
+        repo.move_branch(&svc("orders"), &main_branch(), Some(head), id)
+            .await
+            .unwrap();
+        head = id;
+    }
+    assert_eq!(
+        repo.log(&svc("orders"), &main_branch(), 20)
+            .await
+            .unwrap()
+            .len(),
+        20
+    );
+    let err = repo
+        .log(&svc("orders"), &main_branch(), 1000)
+        .await
+        .unwrap_err();
+    assert_eq!(err.remote_kind(), Some(&ErrorKind::Invalid), "{err}");
+    assert!(err.to_string().contains("over the frame limit"), "{err}");
 }

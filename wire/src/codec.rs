@@ -12,18 +12,28 @@
 //!
 //! Frames carry control messages. Bulk bytes (blobs) are not framed: a message
 //! announces their length and the bytes follow raw on the same stream, copied in
-//! chunks of [`CHUNK`] bytes by [`copy_exact`], so a blob of any size never sits in
-//! memory whole.
+//! chunks of [`CHUNK`] bytes by [`copy_exact`], so a large blob never has to sit
+//! in memory whole. Once a frame or a transfer has started, every read must make
+//! progress within [`STALL_TIMEOUT`]; a payload buffer grows as bytes arrive, and
+//! [`read_frame_within`] counts frames in flight against a server-wide budget.
+
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 /// Largest frame payload accepted unless a protocol sets another limit: 16 MiB.
 pub const DEFAULT_FRAME_LIMIT: usize = 16 << 20;
 
 /// Size of the chunks bulk bytes are copied in.
 pub const CHUNK: usize = 256 << 10;
+
+/// Once a frame's payload or a bulk transfer has started, each read must make
+/// progress within this time, so a peer cannot hold a half-sent frame (and the
+/// memory behind it) for ever.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a frame cannot be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +66,9 @@ pub enum FrameError {
     /// The stream failed.
     #[error("stream error: {0}")]
     Io(#[from] std::io::Error),
+    /// The peer stopped sending in the middle of a frame or a transfer.
+    #[error("the peer sent nothing for {0:?} in the middle of a transfer")]
+    Stalled(Duration),
 }
 
 fn config() -> bincode::config::Configuration {
@@ -136,12 +149,53 @@ where
 
 /// Reads one frame of at most `limit` payload bytes and decodes it.
 ///
-/// Returns `Ok(None)` when the stream ends cleanly before a frame starts.
+/// Returns `Ok(None)` when the stream ends cleanly before a frame starts. The
+/// payload buffer grows as bytes arrive: a header alone reserves nothing.
 pub async fn read_frame<R, T>(r: &mut R, limit: usize) -> Result<Option<T>, FrameError>
 where
     R: AsyncRead + Unpin,
     T: DeserializeOwned,
 {
+    let Some(len) = read_header(r, limit).await? else {
+        return Ok(None);
+    };
+    read_payload(r, len).await.map(Some)
+}
+
+/// Like [`read_frame`], but first takes the payload's size (in KiB) from `budget`,
+/// waiting if the budget is spent, so all frames in flight on a server together
+/// stay within it. The permit is returned with the message; drop it when done.
+pub async fn read_frame_within<'b, R, T>(
+    r: &mut R,
+    limit: usize,
+    budget: &'b Semaphore,
+) -> Result<Option<(T, SemaphorePermit<'b>)>, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    let Some(len) = read_header(r, limit).await? else {
+        return Ok(None);
+    };
+    let permit = acquire(budget, len as u64).await?;
+    let msg = read_payload(r, len).await?;
+    Ok(Some((msg, permit)))
+}
+
+/// Takes `bytes` (rounded up to KiB) from `budget`.
+pub async fn acquire(budget: &Semaphore, bytes: u64) -> Result<SemaphorePermit<'_>, FrameError> {
+    let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+    budget
+        .acquire_many(kib)
+        .await
+        .map_err(|_| FrameError::Io(std::io::Error::other("the server is shutting down")))
+}
+
+/// Reads a frame header; `None` on a clean end of stream.
+async fn read_header<R: AsyncRead + Unpin>(
+    r: &mut R,
+    limit: usize,
+) -> Result<Option<usize>, FrameError> {
     let mut header = [0u8; 4];
     let mut got = 0;
     while got < header.len() {
@@ -162,19 +216,31 @@ where
     if len > limit {
         return Err(FrameError::TooLarge { len, limit });
     }
-    let mut payload = vec![0u8; len];
-    let mut filled = 0;
-    while filled < len {
-        let n = r.read(&mut payload[filled..]).await?;
+    Ok(Some(len))
+}
+
+/// Reads and decodes a payload of `len` bytes, growing the buffer as bytes arrive.
+async fn read_payload<R, T>(r: &mut R, len: usize) -> Result<T, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    let mut payload = Vec::with_capacity(len.min(64 << 10));
+    let mut chunk = vec![0u8; len.clamp(1, 64 << 10)];
+    while payload.len() < len {
+        let want = chunk.len().min(len - payload.len());
+        let n = tokio::time::timeout(STALL_TIMEOUT, r.read(&mut chunk[..want]))
+            .await
+            .map_err(|_| FrameError::Stalled(STALL_TIMEOUT))??;
         if n == 0 {
             return Err(FrameError::Truncated {
                 expected: len as u64,
-                got: filled as u64,
+                got: payload.len() as u64,
             });
         }
-        filled += n;
+        payload.extend_from_slice(&chunk[..n]);
     }
-    decode_payload(&payload).map(Some)
+    decode_payload(&payload)
 }
 
 /// Reads a frame that must be there: a clean end of stream is [`FrameError::Truncated`].
@@ -349,6 +415,31 @@ mod tests {
             decode_frame::<Msg>(&bytes, 1),
             Err(FrameError::TooLarge { .. })
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_frame_times_out_and_budgets_bound_frames_in_flight() {
+        // A header promising 1000 bytes, then 10 bytes, then silence.
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(&[0, 0, 3, 0xe8]).await.unwrap();
+        client.write_all(&[0; 10]).await.unwrap();
+        let err = read_frame::<_, Msg>(&mut server, DEFAULT_FRAME_LIMIT)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FrameError::Stalled(_)), "{err}");
+
+        // A budget of 2 KiB admits one 1.5 KiB frame at a time.
+        let budget = Semaphore::new(2);
+        let frame = encode_frame(&Msg::Blob(vec![1; 1500]), DEFAULT_FRAME_LIMIT).unwrap();
+        let mut r = &frame[..];
+        let (msg, permit) = read_frame_within::<_, Msg>(&mut r, DEFAULT_FRAME_LIMIT, &budget)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(msg, Msg::Blob(vec![1; 1500]));
+        assert_eq!(budget.available_permits(), 0);
+        drop(permit);
+        assert_eq!(budget.available_permits(), 2);
     }
 
     #[tokio::test]

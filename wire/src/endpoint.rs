@@ -129,7 +129,7 @@ fn transport() -> TransportConfig {
     t.stream_receive_window(VarInt::from_u32(16 << 20));
     t.receive_window(VarInt::from_u32(64 << 20));
     t.send_window(64 << 20);
-    t.max_concurrent_bidi_streams(VarInt::from_u32(256));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(64));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
     t.keep_alive_interval(Some(Duration::from_secs(10)));
     t.max_idle_timeout(Some(
@@ -230,6 +230,21 @@ impl BiStream {
         limit: usize,
     ) -> Result<T, FrameError> {
         codec::expect_frame(&mut self.recv, limit).await
+    }
+
+    /// Reads the request frame of this stream within a server-wide memory budget
+    /// (see [`codec::read_frame_within`]).
+    pub async fn read_request_within<'b, T: DeserializeOwned>(
+        &mut self,
+        limit: usize,
+        budget: &'b tokio::sync::Semaphore,
+    ) -> Result<(T, tokio::sync::SemaphorePermit<'b>), FrameError> {
+        codec::read_frame_within(&mut self.recv, limit, budget)
+            .await?
+            .ok_or(FrameError::Truncated {
+                expected: 4,
+                got: 0,
+            })
     }
 
     /// Abandons the stream after bad input: resets our side and tells the peer to
@@ -456,7 +471,11 @@ impl Client {
                 hello::HelloError::Write(w) => WireError::Write(w),
             })?;
         match reply {
-            HelloReply::Welcome { .. } => Ok(Connection { conn, peer: found }),
+            HelloReply::Welcome { you, .. } => Ok(Connection {
+                conn,
+                peer: found,
+                me: you,
+            }),
             HelloReply::VersionMismatch { supported } => Err(WireError::VersionMismatch {
                 ours: self.version,
                 theirs: supported,
@@ -476,12 +495,18 @@ impl Client {
 pub struct Connection {
     conn: quinn::Connection,
     peer: Identity,
+    me: Identity,
 }
 
 impl Connection {
     /// The server's verified identity.
     pub fn peer(&self) -> &Identity {
         &self.peer
+    }
+
+    /// Who the server verified us to be (from the hello).
+    pub fn me(&self) -> &Identity {
+        &self.me
     }
 
     /// Opens a new stream for one request.

@@ -5,8 +5,9 @@
 //!
 //! **Goals.** Every hop between molt components is authenticated both ways by the
 //! cluster CA, and every handler knows who is asking (a verified [`Identity`]).
-//! Control messages are small typed frames; bulk data (blobs) streams in chunks and
-//! never sits in memory whole. Bad input from a peer costs that peer its stream,
+//! Control messages are small typed frames; bulk data (blobs) streams in chunks
+//! outside of frames (a receiver may still gather small blobs, up to a bounded
+//! budget, before storing them). Bad input from a peer costs that peer its stream,
 //! never the server.
 //!
 //! **Non-goals.** Talking to anything outside the cluster (browsers use the

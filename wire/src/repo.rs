@@ -250,12 +250,22 @@ pub enum Operation {
 impl Operation {
     /// The operation a request performs.
     pub fn of(req: &RepoRequest) -> Self {
+        // Every variant is listed: a new request must be classified, never
+        // default to "anyone may".
         match req {
             RepoRequest::PutBlobs { .. }
             | RepoRequest::CreateCommit { .. }
             | RepoRequest::MoveBranch { .. } => Operation::Push,
             RepoRequest::CreateImage { .. } => Operation::CreateImage,
-            _ => Operation::Read,
+            RepoRequest::MissingBlobs { .. }
+            | RepoRequest::Resolve { .. }
+            | RepoRequest::Log { .. }
+            | RepoRequest::GetCommit { .. }
+            | RepoRequest::GetTree { .. }
+            | RepoRequest::Diff { .. }
+            | RepoRequest::FetchBlobs { .. }
+            | RepoRequest::GetImage { .. }
+            | RepoRequest::ListImages => Operation::Read,
         }
     }
 
