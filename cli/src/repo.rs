@@ -26,9 +26,12 @@ impl Context {
         let creds = loaded.credentials()?;
         let addr = repo.unwrap_or(loaded.config.repo);
         let client = Client::new(&creds, addr)?;
-        let repo = RepoClient::connect(&client, addr)
+        let mut repo = RepoClient::connect(&client, addr)
             .await
             .with_context(|| format!("cannot reach the repository server at {addr}"))?;
+        if let Some(cache) = tree_cache_dir() {
+            repo = repo.with_tree_cache(cache);
+        }
         Ok(Self { repo, client })
     }
 
@@ -275,6 +278,15 @@ impl Context {
         }
         Ok(())
     }
+}
+
+/// Where pushed trees are cached: `$XDG_CACHE_HOME/molt/trees`, else
+/// `~/.cache/molt/trees`.
+fn tree_cache_dir() -> Option<std::path::PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))?;
+    Some(base.join("molt").join("trees"))
 }
 
 /// `1 file`, `2 files`.

@@ -72,6 +72,7 @@ impl Cluster {
 
     fn molt(&self, args: &[&str]) -> Output {
         Command::new(MOLT)
+            .env("XDG_CACHE_HOME", self.dir.path().join("cache"))
             .arg("--config")
             .arg(self.config())
             .arg("--repo")
@@ -264,6 +265,7 @@ fn a_shell_certificate_cannot_push() {
     let svc = c.dir.path().join("orders");
     service(&svc, "orders");
     let out = Command::new(MOLT)
+        .env("XDG_CACHE_HOME", c.dir.path().join("cache"))
         .arg("--config")
         .arg(&shell_config)
         .args(["push", svc.to_str().unwrap()])
@@ -292,6 +294,7 @@ fn kill_9_during_a_push_leaves_the_store_consistent() {
         write(&svc, &format!("blob{i}.bin"), &vec![i as u8; 2_000_000]);
     }
     let mut push = Command::new(MOLT)
+        .env("XDG_CACHE_HOME", c.dir.path().join("cache"))
         .arg("--config")
         .arg(c.config())
         .arg("--repo")

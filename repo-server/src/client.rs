@@ -138,6 +138,7 @@ pub enum PushProgress {
 #[derive(Debug, Clone)]
 pub struct RepoClient {
     conn: Connection,
+    tree_cache: Option<PathBuf>,
 }
 
 macro_rules! expect {
@@ -159,7 +160,60 @@ impl RepoClient {
     pub async fn connect(client: &Client, addr: SocketAddr) -> Result<Self, ClientError> {
         Ok(Self {
             conn: client.connect(addr, &Identity::RepoServer).await?,
+            tree_cache: None,
         })
+    }
+
+    /// Keeps the trees of pushed commits in `dir`, so the next push of a change can
+    /// send a diff without first downloading the branch head's tree.
+    pub fn with_tree_cache(mut self, dir: PathBuf) -> Self {
+        self.tree_cache = Some(dir);
+        self
+    }
+
+    /// The tree `id`, from the local cache if it holds it, else from the server
+    /// (and then cached).
+    async fn cached_tree(&self, id: TreeId) -> Result<Tree, ClientError> {
+        let path = self.tree_cache.as_ref().map(|d| d.join(id.to_hex()));
+        if let Some(path) = &path
+            && let Ok(bytes) = tokio::fs::read(path).await
+            && let Ok(tree) = Tree::decode(&bytes)
+            && tree.id() == id
+        {
+            return Ok(tree);
+        }
+        let tree = self.tree(id).await?;
+        self.cache_tree(&tree).await;
+        Ok(tree)
+    }
+
+    /// Stores a tree in the local cache; a cache that cannot be written is skipped.
+    async fn cache_tree(&self, tree: &Tree) {
+        let Some(dir) = &self.tree_cache else { return };
+        let path = dir.join(tree.id().to_hex());
+        let tmp = dir.join(format!(".{}.tmp", tree.id().to_hex()));
+        let written = async {
+            tokio::fs::create_dir_all(dir).await?;
+            tokio::fs::write(&tmp, tree.encode()).await?;
+            tokio::fs::rename(&tmp, &path).await
+        }
+        .await;
+        if let Err(e) = written {
+            tracing::debug!(error = %e, "tree cache not written");
+        }
+    }
+
+    /// Creates a commit by sending only the changes from `base`'s tree.
+    pub async fn create_commit_from_diff(
+        &self,
+        commit: Commit,
+        base: CommitId,
+        diff: TreeDiff,
+    ) -> Result<(CommitId, bool), ClientError> {
+        let resp = self
+            .call(&RepoRequest::CreateCommitFromDiff { commit, base, diff })
+            .await?;
+        expect!(resp, RepoResponse::CommitCreated { id, created } => (id, created), "create_commit_from_diff")
     }
 
     async fn call(&self, req: &RepoRequest) -> Result<RepoResponse, ClientError> {
@@ -471,9 +525,21 @@ impl RepoClient {
             return Ok(report(h.id, false, 0, 0));
         }
 
+        // With a head, only the changes travel: the diff from the head's tree (from
+        // the local cache, or fetched once) names the blobs that can be new.
+        let base = match &head {
+            Some(h) => Some((h.id, self.cached_tree(h.commit.tree()).await?)),
+            None => None,
+        };
+        let wanted: Vec<BlobId> = match &base {
+            Some((_, base_tree)) => TreeDiff::between(base_tree, &tree)
+                .needed_blobs()
+                .into_iter()
+                .collect(),
+            None => tree.file_blobs().into_iter().collect(),
+        };
         // Ask and upload in slices that stay well inside one request's limits.
         let mut missing = Vec::new();
-        let wanted: Vec<BlobId> = tree.file_blobs().into_iter().collect();
         for slice in wanted.chunks(BLOBS_PER_REQUEST) {
             missing.extend(self.missing_blobs(slice.to_vec()).await?);
         }
@@ -523,7 +589,14 @@ impl RepoClient {
             opts.message.clone(),
             Timestamp::now(),
         )?;
-        let (id, _) = self.create_commit(commit, tree.clone()).await?;
+        let (id, _) = match base {
+            Some((base_id, base_tree)) => {
+                let diff = TreeDiff::between(&base_tree, &tree);
+                self.create_commit_from_diff(commit, base_id, diff).await?
+            }
+            None => self.create_commit(commit, tree.clone()).await?,
+        };
+        self.cache_tree(&tree).await;
         self.move_branch(&service, &opts.branch, head.map(|h| h.id), id)
             .await?;
         info!(%service, commit = %id, blobs_sent, bytes_sent, "pushed");

@@ -92,6 +92,7 @@ fn request_name(req: &RepoRequest) -> &'static str {
         RepoRequest::CreateImage { .. } => "create_image",
         RepoRequest::GetImage { .. } => "get_image",
         RepoRequest::ListImages => "list_images",
+        RepoRequest::CreateCommitFromDiff { .. } => "create_commit_from_diff",
     }
 }
 
@@ -210,6 +211,18 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
                 Ok(RepoResponse::Missing { blobs: missing })
             }
             RepoRequest::CreateCommit { commit, tree } => {
+                self.create_commit(peer, commit, tree).await
+            }
+            RepoRequest::CreateCommitFromDiff { commit, base, diff } => {
+                let base = self.service_commit(commit.service(), &base)?;
+                let base_tree = self
+                    .meta
+                    .tree(&base.tree())?
+                    .ok_or_else(|| not_found(format!("no tree {}", base.tree())))?;
+                // Re-checks every path and the promised result against the commit.
+                let tree = diff
+                    .apply_expecting(&base_tree, commit.tree())
+                    .map_err(|e| invalid(format!("the diff does not apply: {e}")))?;
                 self.create_commit(peer, commit, tree).await
             }
             RepoRequest::MoveBranch {

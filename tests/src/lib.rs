@@ -93,6 +93,7 @@ impl TestCluster {
         RepoClient::connect(&client, self.repo_addr)
             .await
             .expect("connect to the repository server")
+            .with_tree_cache(self.path("tree-cache"))
     }
 
     /// A directory under the cluster's temp dir.

@@ -602,3 +602,67 @@ async fn an_answer_too_large_for_a_frame_is_a_clear_error() {
     assert_eq!(err.remote_kind(), Some(&ErrorKind::Invalid), "{err}");
     assert!(err.to_string().contains("over the frame limit"), "{err}");
 }
+
+#[tokio::test]
+async fn a_change_is_pushed_as_a_diff_with_or_without_a_tree_cache() {
+    let cluster = TestCluster::start().await;
+    let dir = cluster.path("orders");
+    let files: Vec<(String, Vec<u8>)> = (0..500)
+        .map(|i| (format!("src/f{i}.rs"), format!("file {i}").into_bytes()))
+        .collect();
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(p, b)| (p.as_str(), b.as_slice()))
+        .collect();
+    write_service(&dir, "orders", &refs);
+    let repo = cluster.repo_client("user/ada/developer").await;
+    let first = repo.push(&dir, &push_main("first"), |_| {}).await.unwrap();
+
+    // A client with no cache fetches the head's tree once and still sends a diff.
+    let client = wire::Client::new(
+        &cluster.credentials("user/ada/developer"),
+        cluster.repo_addr,
+    )
+    .unwrap();
+    let fresh = repo_server::client::RepoClient::connect(&client, cluster.repo_addr)
+        .await
+        .unwrap();
+    write_file(&dir, "src/f7.rs", b"changed");
+    let before = fresh.connection().quinn().stats().udp_tx.bytes;
+    let second = fresh
+        .push(&dir, &push_main("second"), |_| {})
+        .await
+        .unwrap();
+    let sent = fresh.connection().quinn().stats().udp_tx.bytes - before;
+    assert_eq!((second.blobs_sent, second.bytes_sent), (1, 7));
+    // The whole tree (500 entries, ~45 KB) did not travel, nor 500 blob ids.
+    assert!(sent < 10_000, "a one-file push sent {sent} bytes");
+    let diff = repo
+        .diff(&svc("orders"), Some(first.commit), second.commit)
+        .await
+        .unwrap();
+    assert_eq!(diff.changes().len(), 1);
+
+    // A diff that does not lead to the commit's tree is refused.
+    let tree = image_spec::scan_dir(&dir).unwrap().tree;
+    let first_tree = repo
+        .tree(repo.commit(first.commit).await.unwrap().tree())
+        .await
+        .unwrap();
+    let wrong = image_spec::TreeDiff::between(&first_tree, &first_tree);
+    let commit = Commit::new(
+        svc("orders"),
+        tree.id(),
+        vec![second.commit],
+        "ada".into(),
+        "x".into(),
+        Timestamp::now(),
+    )
+    .unwrap();
+    let err = repo
+        .create_commit_from_diff(commit, first.commit, wrong)
+        .await
+        .unwrap_err();
+    assert_eq!(err.remote_kind(), Some(&ErrorKind::Invalid), "{err}");
+    assert!(err.to_string().contains("does not apply"), "{err}");
+}

@@ -109,6 +109,17 @@ pub enum RepoRequest {
     },
     /// Every image, oldest first.
     ListImages,
+    /// Create a commit whose tree is `base`'s tree with `diff` applied: what a push
+    /// of a change sends instead of the whole tree. The server applies the diff to
+    /// its own copy of the base tree and checks the result is `commit.tree()`.
+    CreateCommitFromDiff {
+        /// The commit.
+        commit: Commit,
+        /// A stored commit of the same service whose tree the diff starts from.
+        base: CommitId,
+        /// The changes from the base's tree to the commit's tree.
+        diff: TreeDiff,
+    },
 }
 
 /// A commit and its id, as listed by [`RepoRequest::Log`].
@@ -255,6 +266,7 @@ impl Operation {
         match req {
             RepoRequest::PutBlobs { .. }
             | RepoRequest::CreateCommit { .. }
+            | RepoRequest::CreateCommitFromDiff { .. }
             | RepoRequest::MoveBranch { .. } => Operation::Push,
             RepoRequest::CreateImage { .. } => Operation::CreateImage,
             RepoRequest::MissingBlobs { .. }
