@@ -138,6 +138,11 @@ fn service_key(service: &ServiceName, id: Option<&CommitId>) -> Vec<u8> {
     k
 }
 
+/// Maps a decode failure of a stored record to [`MetaError::Corrupt`].
+fn corrupt(what: &'static str) -> impl Fn(DecodeError) -> MetaError {
+    move |source| MetaError::Corrupt { what, source }
+}
+
 fn tx_err(e: sled::transaction::TransactionError<std::convert::Infallible>) -> MetaError {
     match e {
         sled::transaction::TransactionError::Storage(e) => MetaError::Db(e),
@@ -162,12 +167,7 @@ impl MetaStore for SledMeta {
     fn tree(&self, id: &TreeId) -> Result<Option<Tree>, MetaError> {
         self.trees
             .get(id.as_bytes())?
-            .map(|v| {
-                Tree::decode(&v).map_err(|source| MetaError::Corrupt {
-                    what: "tree",
-                    source,
-                })
-            })
+            .map(|v| Tree::decode(&v).map_err(corrupt("tree")))
             .transpose()
     }
 
@@ -197,12 +197,7 @@ impl MetaStore for SledMeta {
     fn commit(&self, id: &CommitId) -> Result<Option<Commit>, MetaError> {
         self.commits
             .get(id.as_bytes())?
-            .map(|v| {
-                Commit::decode(&v).map_err(|source| MetaError::Corrupt {
-                    what: "commit",
-                    source,
-                })
-            })
+            .map(|v| Commit::decode(&v).map_err(corrupt("commit")))
             .transpose()
     }
 
@@ -288,10 +283,7 @@ impl MetaStore for SledMeta {
                 Ok((image.id(), true))
             }
             Some(v) => {
-                let stored = Image::decode(&v).map_err(|source| MetaError::Corrupt {
-                    what: "image",
-                    source,
-                })?;
+                let stored = Image::decode(&v).map_err(corrupt("image"))?;
                 Ok((stored.id(), false))
             }
         }
@@ -300,12 +292,7 @@ impl MetaStore for SledMeta {
     fn image(&self, name: &ImageName) -> Result<Option<Image>, MetaError> {
         self.images
             .get(name.as_str().as_bytes())?
-            .map(|v| {
-                Image::decode(&v).map_err(|source| MetaError::Corrupt {
-                    what: "image",
-                    source,
-                })
-            })
+            .map(|v| Image::decode(&v).map_err(corrupt("image")))
             .transpose()
     }
 
@@ -314,10 +301,7 @@ impl MetaStore for SledMeta {
         for kv in self.image_order.iter() {
             let (_, name) = kv?;
             if let Some(v) = self.images.get(&name)? {
-                out.push(Image::decode(&v).map_err(|source| MetaError::Corrupt {
-                    what: "image",
-                    source,
-                })?);
+                out.push(Image::decode(&v).map_err(corrupt("image"))?);
             }
         }
         Ok(out)
