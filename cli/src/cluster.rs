@@ -176,6 +176,12 @@ pub(crate) async fn repo_server(
     let bound = repo_server::bind(&config)
         .with_context(|| format!("cannot start the repository server on {}", config.listen))?;
     let addr = bound.local_addr()?;
+    // Register for the signals before announcing readiness: whoever reads the
+    // "listening" line may signal at once.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("cannot listen for SIGINT")?;
     eprintln!(
         "repository server listening on {addr} (data in {})",
         config.data.display()
@@ -183,28 +189,16 @@ pub(crate) async fn repo_server(
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     let waiter = tokio::spawn(async move {
-        wait_for_signal().await;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
         signals.cancel();
     });
     bound.serve(shutdown).await;
     waiter.abort();
     eprintln!("repository server stopped");
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 #[cfg(test)]

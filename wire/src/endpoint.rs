@@ -52,6 +52,9 @@ pub mod code {
     pub const SHUTDOWN: VarInt = VarInt::from_u32(5);
 }
 
+/// How long in-flight requests may run on after shutdown is asked for.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
 /// How long a peer has to complete the handshake and the hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -300,7 +303,8 @@ impl Server {
         Ok(addr)
     }
 
-    /// Serves until `shutdown` is cancelled, then closes every connection and waits
+    /// Serves until `shutdown` is cancelled; then accepts nothing new, lets the
+    /// requests in flight finish (up to 10 s), closes every connection and waits
     /// for every task it started.
     pub async fn serve<H: Handler>(self, handler: Arc<H>, shutdown: CancellationToken) {
         let mut connections = JoinSet::new();
@@ -323,8 +327,9 @@ impl Server {
             );
             connections.spawn(serve_connection(incoming, handler, shutdown).instrument(span));
         }
-        self.endpoint.close(code::SHUTDOWN, b"server shutting down");
+        // Each connection drains its requests and closes itself; then the endpoint.
         while connections.join_next().await.is_some() {}
+        self.endpoint.close(code::SHUTDOWN, b"server shutting down");
         self.endpoint.wait_idle().await;
     }
 }
@@ -350,10 +355,7 @@ async fn serve_connection<H: Handler>(
     loop {
         while streams.try_join_next().is_some() {}
         let (send, recv) = tokio::select! {
-            () = shutdown.cancelled() => {
-                conn.close(code::SHUTDOWN, b"server shutting down");
-                break;
-            }
+            () = shutdown.cancelled() => break,
             accepted = conn.accept_bi() => match accepted {
                 Ok(s) => s,
                 Err(e) => {
@@ -366,7 +368,17 @@ async fn serve_connection<H: Handler>(
         let peer = peer.clone();
         streams.spawn(async move { handler.handle(peer, BiStream { send, recv }).await });
     }
-    while streams.join_next().await.is_some() {}
+    // Graceful: requests already being served may finish, within a grace period;
+    // no new stream is accepted. Then the peer is told why the connection ends.
+    let drained = tokio::time::timeout(DRAIN_GRACE, async {
+        while streams.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        debug!(%peer, "in-flight requests cut off after the drain grace period");
+        streams.shutdown().await;
+    }
+    conn.close(code::SHUTDOWN, b"server shutting down");
 }
 
 /// Completes the handshake, reads the peer's identity and answers its hello.

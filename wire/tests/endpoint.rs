@@ -291,3 +291,60 @@ async fn shutdown_closes_connections_and_completes() {
         .unwrap_err();
     assert!(err.to_string().contains("shutting down"), "{err}");
 }
+
+/// Holds each request until released, and says when one has arrived.
+struct HeldHandler {
+    arrived: tokio::sync::mpsc::Sender<()>,
+    release: Arc<tokio::sync::Notify>,
+}
+
+impl Handler for HeldHandler {
+    async fn handle(&self, peer: Arc<Identity>, mut stream: BiStream) {
+        let Ok(Echo(text)) = stream.read_request::<Echo>(1024).await else {
+            return;
+        };
+        let _ = self.arrived.send(()).await;
+        self.release.notified().await;
+        let reply = Echoed {
+            peer: peer.to_string(),
+            text,
+        };
+        let _ = wire::codec::write_frame(&mut stream.send, &reply).await;
+        let _ = stream.send.finish();
+    }
+}
+
+#[tokio::test]
+async fn shutdown_lets_requests_in_flight_finish() {
+    let ca = ClusterCa::generate("test").unwrap();
+    let server = Server::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &ca.issue(&Identity::RepoServer).unwrap(),
+    )
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    let (arrived_tx, mut arrived) = tokio::sync::mpsc::channel(1);
+    let release = Arc::new(tokio::sync::Notify::new());
+    let handler = Arc::new(HeldHandler {
+        arrived: arrived_tx,
+        release: release.clone(),
+    });
+    let shutdown = CancellationToken::new();
+    let serving = tokio::spawn(server.serve(handler, shutdown.clone()));
+
+    let client = client_with(&ca.issue(&"user/ada/admin".parse().unwrap()).unwrap(), addr);
+    let conn = client.connect(addr, &Identity::RepoServer).await.unwrap();
+    let call = tokio::spawn(async move { conn.call::<_, Echoed>(&Echo("slow".into())).await });
+    arrived.recv().await.unwrap();
+    // Shutdown is asked for while the request is being served...
+    shutdown.cancel();
+    tokio::task::yield_now().await;
+    release.notify_one();
+    // ...and the request still gets its answer before the connection closes.
+    let reply = call.await.unwrap().unwrap();
+    assert_eq!(reply.text, "slow");
+    tokio::time::timeout(Duration::from_secs(30), serving)
+        .await
+        .expect("server shut down")
+        .unwrap();
+}
