@@ -6,4 +6,6 @@
 //! atomic rename and never modified afterwards. The local state, builds, the
 //! supervisor, the front proxy and the upgrade itself come next.
 
+pub mod build;
+pub mod install;
 pub mod release;

@@ -53,6 +53,13 @@ pub enum ReleaseError {
     },
 }
 
+impl ReleaseError {
+    /// Wraps an I/O error about `path`.
+    pub fn from_io(path: &Path) -> impl FnOnce(io::Error) -> ReleaseError + '_ {
+        io_err(path)
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ReleaseError + '_ {
     move |source| ReleaseError::Io {
         path: path.to_owned(),

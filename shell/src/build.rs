@@ -1,0 +1,188 @@
+//! Running a service's build command in its release directory.
+//!
+//! The command runs with the service's `env` and the molt variables, its output
+//! (stdout and stderr) appended to a log file, and a time limit after which it is
+//! killed. A failure is a [`BuildError`] carrying the last lines of the log, so an
+//! operator sees why without opening files.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use image_spec::manifest::TimedCommand;
+use tokio::process::Command;
+
+/// How many log lines a failure carries.
+pub const TAIL_LINES: usize = 20;
+
+/// Why a build failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The command could not be started.
+    #[error("cannot start build `{command}`: {source}")]
+    Spawn {
+        /// The command line.
+        command: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The log file could not be written.
+    #[error("build log `{path}`: {source}")]
+    Log {
+        /// The log file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The command exited unsuccessfully.
+    #[error("build `{command}` failed ({status}); last lines of its log:\n{tail}")]
+    Failed {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// The last lines of its output.
+        tail: String,
+    },
+    /// The command ran longer than its timeout and was killed.
+    #[error("build `{command}` did not finish within {timeout:?}; last lines of its log:\n{tail}")]
+    TimedOut {
+        /// The command line.
+        command: String,
+        /// The limit.
+        timeout: Duration,
+        /// The last lines of its output.
+        tail: String,
+    },
+}
+
+/// The last `n` lines of a file (empty if it cannot be read).
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Runs `build` in `dir` with `env`, appending its output to `log`.
+pub async fn run(
+    build: &TimedCommand,
+    dir: &Path,
+    env: &[(String, String)],
+    log: &Path,
+) -> Result<(), BuildError> {
+    let command = build.command.to_string();
+    let log_err = |source| BuildError::Log {
+        path: log.to_owned(),
+        source,
+    };
+    if let Some(parent) = log.parent() {
+        std::fs::create_dir_all(parent).map_err(log_err)?;
+    }
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(log_err)?;
+    let err = out.try_clone().map_err(log_err)?;
+    let mut child = Command::new(build.command.program())
+        .args(build.command.args())
+        .current_dir(dir)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| BuildError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    match tokio::time::timeout(build.timeout, child.wait()).await {
+        Ok(Ok(status)) if status.success() => Ok(()),
+        Ok(Ok(status)) => Err(BuildError::Failed {
+            command,
+            status,
+            tail: tail(log, TAIL_LINES),
+        }),
+        Ok(Err(source)) => Err(BuildError::Spawn { command, source }),
+        Err(_) => {
+            let _ = child.kill().await;
+            Err(BuildError::TimedOut {
+                command,
+                timeout: build.timeout,
+                tail: tail(log, TAIL_LINES),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image_spec::manifest::Command as Argv;
+
+    fn cmd(argv: &[&str], secs: u64) -> TimedCommand {
+        TimedCommand {
+            command: Argv::try_from(argv.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap(),
+            timeout: Duration::from_secs(secs),
+        }
+    }
+
+    #[tokio::test]
+    async fn success_failure_and_the_log_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("logs/build.log");
+        let env = vec![("GREETING".to_owned(), "hi".to_owned())];
+        run(
+            &cmd(&["sh", "-c", "echo $GREETING > out.txt; echo built"], 30),
+            dir.path(),
+            &env,
+            &log,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("out.txt")).unwrap(),
+            "hi\n"
+        );
+        assert!(tail(&log, 5).contains("built"));
+
+        let err = run(
+            &cmd(
+                &[
+                    "sh",
+                    "-c",
+                    "for i in $(seq 1 30); do echo line $i; done; echo boom >&2; exit 3",
+                ],
+                30,
+            ),
+            dir.path(),
+            &env,
+            &log,
+        )
+        .await
+        .unwrap_err();
+        let BuildError::Failed { tail, status, .. } = &err else {
+            panic!("{err}")
+        };
+        assert_eq!(status.code(), Some(3));
+        assert!(tail.ends_with("boom"), "{tail}");
+        assert_eq!(tail.lines().count(), TAIL_LINES);
+        assert!(!tail.contains("line 1\n"), "{tail}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_and_a_timeout_are_typed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("build.log");
+        let err = run(&cmd(&["/nonexistent/tool"], 5), dir.path(), &[], &log)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BuildError::Spawn { .. }), "{err}");
+        let err = run(&cmd(&["sleep", "30"], 1), dir.path(), &[], &log)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BuildError::TimedOut { .. }), "{err}");
+    }
+}

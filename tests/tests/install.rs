@@ -1,0 +1,120 @@
+//! Installing services on an instance (upgrade steps 1–4) against a real repository:
+//! only missing blobs are fetched, the release is built from a copy of the previous
+//! one, old releases stay untouched, and a broken build leaves nothing behind.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use image_spec::{InstanceName, ServiceName};
+use molt_e2e::{TestCluster, push_main, write_file};
+use shell::build::BuildError;
+use shell::install::{BlobCache, InstallContext, InstallError, install};
+use shell::release::{Releases, verify};
+
+/// Copies the sources of `examples/orders` (not its build outputs) to `dst`.
+fn orders_sources(dst: &Path) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/orders");
+    for rel in [
+        "service.toml",
+        "Cargo.toml",
+        "Cargo.lock",
+        ".moltignore",
+        "src/main.rs",
+    ] {
+        write_file(dst, rel, &std::fs::read(src.join(rel)).unwrap());
+    }
+}
+
+#[tokio::test]
+async fn install_builds_incrementally_and_refuses_broken_builds() {
+    let cluster = TestCluster::start().await;
+    let src = cluster.path("orders");
+    orders_sources(&src);
+    let repo = cluster.repo_client("user/ada/developer").await;
+    let v1 = repo.push(&src, &push_main("v1"), |_| {}).await.unwrap();
+
+    let instance_root = cluster.path("instance");
+    let cache = BlobCache::open(&instance_root.join("cache")).unwrap();
+    let (releases, _) = Releases::open(&instance_root.join("releases")).unwrap();
+    let shell_repo = cluster.repo_client("shell/dev-1").await;
+    let instance = InstanceName::new("dev-1").unwrap();
+    let logs = instance_root.join("logs");
+    let ctx = InstallContext {
+        repo: &shell_repo,
+        cache: &cache,
+        releases: &releases,
+        instance: &instance,
+        logs: &logs,
+    };
+    let service = ServiceName::new("orders").unwrap();
+
+    // First install: the full tree, built from scratch.
+    let first = install(&ctx, &service, v1.commit, None).await.unwrap();
+    assert_eq!(first.fetched_blobs, 5);
+    assert!(first.built);
+    let binary = first.release.dir.join("target/release/orders");
+    assert!(binary.is_file());
+    verify(&first.release.dir, &first.release.tree).unwrap();
+    let v1_binary = std::fs::read(&binary).unwrap();
+
+    // Installing the installed commit does nothing.
+    let same = install(&ctx, &service, v1.commit, Some(&first.release))
+        .await
+        .unwrap();
+    assert_eq!((same.fetched_blobs, same.built), (0, false));
+
+    // One file changes: one blob is fetched, the build outputs come along.
+    let main_rs = std::fs::read_to_string(src.join("src/main.rs")).unwrap();
+    write_file(
+        &src,
+        "src/main.rs",
+        main_rs
+            .replace(
+                "const VERSION: &str = \"1\";",
+                "const VERSION: &str = \"2\";",
+            )
+            .as_bytes(),
+    );
+    let v2 = repo.push(&src, &push_main("v2"), |_| {}).await.unwrap();
+    let second = install(&ctx, &service, v2.commit, Some(&first.release))
+        .await
+        .unwrap();
+    assert_eq!(second.fetched_blobs, 1);
+    assert!(
+        second.copied.files > 5,
+        "build outputs were not copied: {:?}",
+        second.copied
+    );
+    let v2_binary = std::fs::read(second.release.dir.join("target/release/orders")).unwrap();
+    assert_ne!(v1_binary, v2_binary);
+    // The old release is exactly as it was.
+    verify(&first.release.dir, &first.release.tree).unwrap();
+    assert_eq!(std::fs::read(&binary).unwrap(), v1_binary);
+
+    // A broken build: a clear error with the compiler's last lines; no release made.
+    write_file(&src, "src/main.rs", b"fn main() { this is not rust }");
+    let v3 = repo.push(&src, &push_main("broken"), |_| {}).await.unwrap();
+    let err = install(&ctx, &service, v3.commit, Some(&second.release))
+        .await
+        .unwrap_err();
+    let InstallError::Build(BuildError::Failed { tail, .. }) = &err else {
+        panic!("expected a build failure, got {err}")
+    };
+    assert!(tail.contains("error"), "{tail}");
+    assert!(!releases.dir(&service, &v3.commit).exists());
+    let leftovers: Vec<_> = std::fs::read_dir(instance_root.join("releases/orders"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    verify(&second.release.dir, &second.release.tree).unwrap();
+
+    // Going back to v1 reuses its sealed release: nothing fetched, nothing built.
+    let back = install(&ctx, &service, v1.commit, Some(&second.release))
+        .await
+        .unwrap();
+    assert_eq!(back.release.dir, first.release.dir);
+    assert_eq!((back.fetched_blobs, back.built), (0, false));
+}
