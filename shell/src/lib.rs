@@ -1,11 +1,22 @@
 //! molt's shell: the agent on every instance.
 //!
-//! Built so far: [`release`], the release directories an upgrade makes — a copy of
-//! the previous release of a service (build outputs and timestamps included, so
-//! builds stay incremental) with the diff to the new commit applied, sealed by an
-//! atomic rename and never modified afterwards. The local state, builds, the
-//! supervisor, the front proxy and the upgrade itself come next.
+//! Built so far:
+//! - [`release`]: the release directories an upgrade makes — a copy of the previous
+//!   release of a service (build outputs and timestamps included, so builds stay
+//!   incremental) with the diff to the new commit applied, sealed by an atomic
+//!   rename and never modified afterwards;
+//! - [`build`]: a service's build command with its environment, timeout and log;
+//! - [`install`]: upgrade steps 1–4 for one service (diff, fetch only what the
+//!   instance's blob cache lacks, make the release, build, seal);
+//! - [`health`]: HTTP, TCP and command probes, and waiting for a starting process;
+//! - [`process`]: starting a service process with its log (rotated), stopping it
+//!   with its stop signal then SIGKILL, and the restart policy with backoff.
+//!
+//! The local state, the supervisor loop, the front proxy, the upgrade and its
+//! recording, and the shell's command service come next.
 
 pub mod build;
+pub mod health;
 pub mod install;
+pub mod process;
 pub mod release;

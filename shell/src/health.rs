@@ -1,0 +1,298 @@
+//! Health checks: is a service process ready to take traffic?
+//!
+//! A [`Probe`] from `service.toml` is one of: an HTTP `GET` on one of the
+//! process's ports (healthy on a 2xx status), a TCP connect, or a command that
+//! must exit 0. [`wait_healthy`] probes a starting process every `interval` until
+//! one probe passes, or fails once `start_grace` has passed, with the last
+//! probe's error. Probes go to 127.0.0.1 only.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use image_spec::manifest::{HealthCheck, Probe};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Why a probe failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    /// The probe names a port the process was not given.
+    #[error("no internal port for `{0}`")]
+    UnknownPort(String),
+    /// The TCP connection failed.
+    #[error("cannot connect to 127.0.0.1:{port}: {reason}")]
+    Connect {
+        /// The port.
+        port: u16,
+        /// Why.
+        reason: String,
+    },
+    /// The HTTP answer was not 2xx (or not HTTP).
+    #[error("GET {path} on port {port} answered `{status}`")]
+    Status {
+        /// The port.
+        port: u16,
+        /// The path.
+        path: String,
+        /// The status line.
+        status: String,
+    },
+    /// The command exited non-zero or could not run.
+    #[error("health command failed: {0}")]
+    Command(String),
+    /// The probe took longer than its timeout.
+    #[error("probe timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// Why a process did not become healthy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not healthy within {grace:?} ({attempts} probes); last: {last}")]
+pub struct HealthError {
+    /// The start grace that ran out.
+    pub grace: Duration,
+    /// How many probes were made.
+    pub attempts: u32,
+    /// The last probe's error.
+    pub last: ProbeError,
+}
+
+/// Runs one probe against a process whose named ports are `ports` (internal
+/// port numbers), with `dir` as the working directory of a command probe.
+pub async fn probe(
+    probe: &Probe,
+    ports: &BTreeMap<String, u16>,
+    dir: &Path,
+    timeout: Duration,
+) -> Result<(), ProbeError> {
+    let port_of = |name: &str| {
+        ports
+            .get(name)
+            .copied()
+            .ok_or_else(|| ProbeError::UnknownPort(name.to_owned()))
+    };
+    let run = async {
+        match probe {
+            Probe::Tcp { port } => connect(port_of(port)?).await.map(drop),
+            Probe::Http { port, path } => http_get(port_of(port)?, path).await,
+            Probe::Command(cmd) => {
+                let status = tokio::process::Command::new(cmd.program())
+                    .args(cmd.args())
+                    .current_dir(dir)
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .kill_on_drop(true)
+                    .status()
+                    .await
+                    .map_err(|e| ProbeError::Command(format!("`{cmd}`: {e}")))?;
+                if status.success() {
+                    Ok(())
+                } else {
+                    Err(ProbeError::Command(format!("`{cmd}` exited with {status}")))
+                }
+            }
+        }
+    };
+    tokio::time::timeout(timeout, run)
+        .await
+        .map_err(|_| ProbeError::Timeout(timeout))?
+}
+
+async fn connect(port: u16) -> Result<TcpStream, ProbeError> {
+    TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| ProbeError::Connect {
+            port,
+            reason: e.to_string(),
+        })
+}
+
+async fn http_get(port: u16, path: &str) -> Result<(), ProbeError> {
+    let mut stream = connect(port).await?;
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    let io = |e: std::io::Error| ProbeError::Connect {
+        port,
+        reason: e.to_string(),
+    };
+    stream.write_all(request.as_bytes()).await.map_err(io)?;
+    // The status line is all we need; read until it is complete.
+    let mut head = Vec::with_capacity(128);
+    let mut buf = [0u8; 128];
+    while !head.contains(&b'\n') && head.len() < 1024 {
+        let n = stream.read(&mut buf).await.map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    let status = line.lines().next().unwrap_or("").trim().to_owned();
+    let code = status.split_whitespace().nth(1).unwrap_or("");
+    if status.starts_with("HTTP/1.") && code.starts_with('2') && code.len() == 3 {
+        Ok(())
+    } else {
+        Err(ProbeError::Status {
+            port,
+            path: path.to_owned(),
+            status,
+        })
+    }
+}
+
+/// Probes every `interval` until one probe passes or `start_grace` runs out.
+pub async fn wait_healthy(
+    check: &HealthCheck,
+    ports: &BTreeMap<String, u16>,
+    dir: &Path,
+) -> Result<(), HealthError> {
+    let deadline = tokio::time::Instant::now() + check.start_grace;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let last = match probe(&check.probe, ports, dir, check.timeout).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if tokio::time::Instant::now() + check.interval > deadline {
+            return Err(HealthError {
+                grace: check.start_grace,
+                attempts,
+                last,
+            });
+        }
+        tokio::time::sleep(check.interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image_spec::manifest::Command;
+    use tokio::net::TcpListener;
+
+    fn ports(port: u16) -> BTreeMap<String, u16> {
+        BTreeMap::from([("main".to_owned(), port)])
+    }
+
+    /// A one-shot HTTP server answering `status` to every request.
+    async fn http_server(status: &'static str) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n").as_bytes())
+                    .await;
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn http_tcp_and_command_probes() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = http_server("200 OK").await;
+        let bad = http_server("503 Service Unavailable").await;
+        let t = Duration::from_secs(5);
+        let http = |p: &str| Probe::Http {
+            port: "main".into(),
+            path: p.into(),
+        };
+        probe(&http("/healthz"), &ports(ok), dir.path(), t)
+            .await
+            .unwrap();
+        let err = probe(&http("/healthz"), &ports(bad), dir.path(), t)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ProbeError::Status { status, .. } if status.contains("503")),
+            "{err}"
+        );
+        let tcp = Probe::Tcp {
+            port: "main".into(),
+        };
+        probe(&tcp, &ports(ok), dir.path(), t).await.unwrap();
+        // A port nobody listens on.
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        assert!(matches!(
+            probe(&tcp, &ports(closed), dir.path(), t).await,
+            Err(ProbeError::Connect { .. })
+        ));
+        assert!(matches!(
+            probe(&tcp, &BTreeMap::new(), dir.path(), t).await,
+            Err(ProbeError::UnknownPort(_))
+        ));
+        let cmd = |argv: &[&str]| {
+            Probe::Command(
+                Command::try_from(argv.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap(),
+            )
+        };
+        probe(&cmd(&["true"]), &ports(ok), dir.path(), t)
+            .await
+            .unwrap();
+        assert!(matches!(
+            probe(&cmd(&["false"]), &ports(ok), dir.path(), t).await,
+            Err(ProbeError::Command(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn waiting_gives_up_after_the_start_grace_with_the_last_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let check = HealthCheck {
+            probe: Probe::Command(Command::try_from(vec!["false".to_owned()]).unwrap()),
+            interval: Duration::from_millis(50),
+            timeout: Duration::from_secs(5),
+            retries: 3,
+            start_grace: Duration::from_millis(300),
+        };
+        let err = wait_healthy(&check, &BTreeMap::new(), dir.path())
+            .await
+            .unwrap_err();
+        assert_eq!(err.grace, Duration::from_millis(300));
+        assert!(err.attempts >= 2, "{err}");
+        assert!(matches!(err.last, ProbeError::Command(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn waiting_succeeds_once_the_service_comes_up() {
+        let dir = tempfile::tempdir().unwrap();
+        // Reserve a port, then start listening on it only after a few probes.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let check = HealthCheck {
+            probe: Probe::Tcp {
+                port: "main".into(),
+            },
+            interval: Duration::from_millis(20),
+            timeout: Duration::from_secs(5),
+            retries: 3,
+            start_grace: Duration::from_secs(30),
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<TcpListener>();
+        let opener = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let l = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+            let _ = tx.send(l);
+        });
+        wait_healthy(&check, &ports(port), dir.path())
+            .await
+            .unwrap();
+        opener.await.unwrap();
+        drop(rx);
+    }
+}

@@ -1,0 +1,405 @@
+//! Service processes: starting one with its environment and logs, stopping it with
+//! its stop signal and then SIGKILL, and deciding whether to restart it.
+//!
+//! A process's stdout and stderr go, through pumps owned by its [`Running`]
+//! handle, into one [`RotatingLog`]: when the file passes its size limit it becomes
+//! `NAME.1` (the older ones shift to `.2`, `.3`; the oldest is dropped).
+//!
+//! [`decide`] is the restart policy as a pure function of the policy, how the
+//! process ended and how many times in a row it has failed: restarts back off
+//! exponentially from 100 ms to 30 s.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use image_spec::manifest::{Command, RestartPolicy, StopSignal};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::task::JoinSet;
+
+/// How many rotated log files are kept besides the current one.
+pub const LOG_GENERATIONS: u32 = 3;
+
+/// Why a process could not be started or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The program could not be started.
+    #[error("cannot start `{command}`: {source}")]
+    Spawn {
+        /// The command line.
+        command: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The log file could not be opened.
+    #[error("log `{path}`: {source}")]
+    Log {
+        /// The log file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Waiting for the process failed.
+    #[error("waiting for pid {pid}: {source}")]
+    Wait {
+        /// The process.
+        pid: u32,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A log file that rotates when it grows past a limit.
+#[derive(Debug)]
+pub struct RotatingLog {
+    path: PathBuf,
+    limit: u64,
+    file: std::fs::File,
+    size: u64,
+}
+
+impl RotatingLog {
+    /// Opens (appending to) `path`, rotating past `limit` bytes.
+    pub fn open(path: &Path, limit: u64) -> std::io::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let size = file.metadata()?.len();
+        Ok(Self {
+            path: path.to_owned(),
+            limit,
+            file,
+            size,
+        })
+    }
+
+    fn rotated(&self, n: u32) -> PathBuf {
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(format!(".{n}"));
+        PathBuf::from(name)
+    }
+
+    /// Appends `bytes`, rotating first if they would take the file past its limit.
+    pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        if self.size > 0 && self.size + bytes.len() as u64 > self.limit {
+            for n in (1..LOG_GENERATIONS).rev() {
+                let from = self.rotated(n);
+                if from.exists() {
+                    std::fs::rename(&from, self.rotated(n + 1))?;
+                }
+            }
+            std::fs::rename(&self.path, self.rotated(1))?;
+            self.file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
+            self.size = 0;
+        }
+        self.file.write_all(bytes)?;
+        self.size += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct ProcessSpec {
+    /// The command, run in `dir`.
+    pub command: Command,
+    /// The working directory (the release).
+    pub dir: PathBuf,
+    /// The environment added to the shell's own.
+    pub env: Vec<(String, String)>,
+    /// Where stdout and stderr go.
+    pub log: PathBuf,
+    /// The log's rotation size.
+    pub log_limit: u64,
+}
+
+/// A started process (see the module docs).
+#[derive(Debug)]
+pub struct Running {
+    child: tokio::process::Child,
+    pid: u32,
+    started: Instant,
+    pumps: JoinSet<()>,
+}
+
+/// How a stop went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped {
+    /// The exit status.
+    pub status: ExitStatus,
+    /// `true` if the grace ran out and SIGKILL was needed.
+    pub killed: bool,
+}
+
+async fn pump(mut from: impl AsyncRead + Unpin, log: Arc<Mutex<RotatingLog>>) {
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let Ok(mut log) = log.lock() else { return };
+                if log.write(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Running {
+    /// Starts `spec`.
+    pub fn start(spec: &ProcessSpec) -> Result<Self, ProcessError> {
+        let log =
+            RotatingLog::open(&spec.log, spec.log_limit).map_err(|source| ProcessError::Log {
+                path: spec.log.clone(),
+                source,
+            })?;
+        let log = Arc::new(Mutex::new(log));
+        let mut child = tokio::process::Command::new(spec.command.program())
+            .args(spec.command.args())
+            .current_dir(&spec.dir)
+            .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| ProcessError::Spawn {
+                command: spec.command.to_string(),
+                source,
+            })?;
+        let pid = child.id().unwrap_or(0);
+        let mut pumps = JoinSet::new();
+        if let Some(out) = child.stdout.take() {
+            pumps.spawn(pump(out, log.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            pumps.spawn(pump(err, log));
+        }
+        Ok(Self {
+            child,
+            pid,
+            started: Instant::now(),
+            pumps,
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// How long it has been running.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Waits until the process exits on its own.
+    pub async fn wait(&mut self) -> Result<ExitStatus, ProcessError> {
+        let status = self
+            .child
+            .wait()
+            .await
+            .map_err(|source| ProcessError::Wait {
+                pid: self.pid,
+                source,
+            })?;
+        while self.pumps.join_next().await.is_some() {}
+        Ok(status)
+    }
+
+    /// Sends `signal`, waits up to `grace` for the process to exit, then SIGKILLs it.
+    pub async fn stop(
+        mut self,
+        signal: StopSignal,
+        grace: Duration,
+    ) -> Result<Stopped, ProcessError> {
+        if let Ok(pid) = i32::try_from(self.pid)
+            && pid > 0
+        {
+            // SAFETY: kill(2) with a pid we started and still own (the child has not
+            // been reaped: `self.child` is not waited yet) and a valid signal number.
+            #[allow(unsafe_code)]
+            let _ = unsafe { libc::kill(pid, signal.number()) };
+        }
+        let killed = match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(_) => false,
+            Err(_) => {
+                let _ = self.child.start_kill();
+                true
+            }
+        };
+        let status = self.wait().await?;
+        Ok(Stopped { status, killed })
+    }
+}
+
+/// What to do after a process exited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Start it again after this pause.
+    Restart {
+        /// The backoff before the restart.
+        after: Duration,
+    },
+    /// Leave it stopped.
+    StayDown,
+}
+
+/// The first restart's backoff.
+pub const BACKOFF_START: Duration = Duration::from_millis(100);
+/// The longest backoff.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The restart policy (see the module docs). `failures` counts the failed exits in
+/// a row, this one included.
+pub fn decide(policy: RestartPolicy, success: bool, failures: u32) -> Decision {
+    let restart = match policy {
+        RestartPolicy::Always => true,
+        RestartPolicy::OnFailure => !success,
+        RestartPolicy::Never => false,
+    };
+    if !restart {
+        return Decision::StayDown;
+    }
+    let exp = failures.saturating_sub(1).min(20);
+    let after = BACKOFF_START.saturating_mul(1u32 << exp).min(BACKOFF_MAX);
+    Decision::Restart { after }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dir: &Path, script: &str) -> ProcessSpec {
+        ProcessSpec {
+            command: Command::try_from(vec!["sh".to_owned(), "-c".to_owned(), script.to_owned()])
+                .unwrap(),
+            dir: dir.to_owned(),
+            env: vec![("GREETING".into(), "hello".into())],
+            log: dir.join("logs/svc.log"),
+            log_limit: 1 << 20,
+        }
+    }
+
+    #[tokio::test]
+    async fn output_goes_to_the_log_and_sigterm_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let running = Running::start(&spec(
+            dir.path(),
+            "echo $GREETING; echo oops >&2; exec sleep 30",
+        ))
+        .unwrap();
+        assert!(running.pid() > 0);
+        // Wait for the output to land (bounded), then stop.
+        let log = dir.path().join("logs/svc.log");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("oops")
+        {
+            assert!(Instant::now() < deadline, "no output");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let stopped = running
+            .stop(StopSignal::Term, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(!stopped.killed);
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("hello") && text.contains("oops"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_process_ignoring_its_stop_signal_is_killed_after_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let running = Running::start(&spec(
+            dir.path(),
+            "trap '' TERM; echo ready; while true; do sleep 1; done",
+        ))
+        .unwrap();
+        let log = dir.path().join("logs/svc.log");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("ready")
+        {
+            assert!(Instant::now() < deadline, "never ready");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let stopped = running
+            .stop(StopSignal::Term, Duration::from_millis(200))
+            .await
+            .unwrap();
+        assert!(stopped.killed);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(stopped.status.signal(), Some(9));
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = spec(dir.path(), "");
+        s.command = Command::try_from(vec!["/nonexistent/server".to_owned()]).unwrap();
+        let err = Running::start(&s).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/server"), "{err}");
+    }
+
+    #[test]
+    fn logs_rotate_and_keep_three_generations() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("svc.log");
+        let mut log = RotatingLog::open(&path, 100).unwrap();
+        for i in 0..10u8 {
+            log.write(&[b'a' + i; 60]).unwrap();
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), vec![b'j'; 60]);
+        assert_eq!(
+            std::fs::read(dir.path().join("svc.log.1")).unwrap(),
+            vec![b'i'; 60]
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("svc.log.3")).unwrap(),
+            vec![b'g'; 60]
+        );
+        assert!(!dir.path().join("svc.log.4").exists());
+    }
+
+    #[test]
+    fn restart_decisions_and_backoff() {
+        use RestartPolicy::*;
+        assert_eq!(decide(Never, false, 1), Decision::StayDown);
+        assert_eq!(decide(OnFailure, true, 0), Decision::StayDown);
+        assert_eq!(
+            decide(OnFailure, false, 1),
+            Decision::Restart {
+                after: BACKOFF_START
+            }
+        );
+        assert_eq!(
+            decide(Always, true, 0),
+            Decision::Restart {
+                after: BACKOFF_START
+            }
+        );
+        assert_eq!(
+            decide(Always, false, 4),
+            Decision::Restart {
+                after: Duration::from_millis(800)
+            }
+        );
+        assert_eq!(
+            decide(OnFailure, false, 50),
+            Decision::Restart { after: BACKOFF_MAX }
+        );
+    }
+}
