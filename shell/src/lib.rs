@@ -10,9 +10,11 @@
 //!   instance's blob cache lacks, make the release, build, seal);
 //! - [`health`]: HTTP, TCP and command probes, and waiting for a starting process;
 //! - [`process`]: starting a service process with its log (rotated), stopping it
-//!   with its stop signal then SIGKILL, and the restart policy with backoff.
+//!   with its stop signal then SIGKILL, and the restart policy with backoff;
+//! - [`state`]: the recorded installed state and generation history in sled,
+//!   replaced atomically.
 //!
-//! The local state, the supervisor loop, the front proxy, the upgrade and its
+//! The supervisor loop, the front proxy, the upgrade and its
 //! recording, and the shell's command service come next.
 
 pub mod build;
@@ -20,3 +22,4 @@ pub mod health;
 pub mod install;
 pub mod process;
 pub mod release;
+pub mod state;

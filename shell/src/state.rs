@@ -1,0 +1,208 @@
+//! The instance's recorded state: what is installed, and every generation so far.
+//!
+//! One sled database under the shell's root. The installed state — the image (if
+//! the instance runs one) and, per service, its commit, tree and release — is one
+//! record, replaced whole; each change of it also appends a [`Generation`] to the
+//! history, in the same transaction. So the record is always exactly the old state
+//! or exactly the new one, never a mix, whatever instant the shell is killed at.
+//! The upgrade writes it only once the new generation is serving (DESIGN.md,
+//! step 6).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use image_spec::{CommitId, ImageId, ImageName, ServiceName, Timestamp, TreeId};
+use serde::{Deserialize, Serialize};
+
+/// Why the state could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The database failed.
+    #[error("instance state database: {0}")]
+    Db(#[from] sled::Error),
+    /// A stored record does not decode.
+    #[error("instance state record `{what}` is corrupt: {message}")]
+    Corrupt {
+        /// Which record.
+        what: &'static str,
+        /// The decoder's message.
+        message: String,
+    },
+}
+
+/// One service as installed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceState {
+    /// The commit.
+    pub commit: CommitId,
+    /// Its tree.
+    pub tree: TreeId,
+    /// The sealed release directory.
+    pub release: PathBuf,
+}
+
+/// Everything installed on the instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstalledState {
+    /// The image the instance runs, if it runs one (dev and QA instances may not).
+    pub image: Option<(ImageName, ImageId)>,
+    /// Each installed service.
+    pub services: BTreeMap<ServiceName, ServiceState>,
+}
+
+/// One recorded change of the installed state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Generation {
+    /// Its number, counting from 1.
+    pub number: u64,
+    /// When it was recorded.
+    pub time: Timestamp,
+    /// Why (`upgrade to shop-2`, `pull orders@main`, `rollback`).
+    pub reason: String,
+    /// The state it recorded.
+    pub state: InstalledState,
+}
+
+/// The instance's state database (see the module docs).
+#[derive(Debug, Clone)]
+pub struct State {
+    db: sled::Db,
+    current: sled::Tree,
+    generations: sled::Tree,
+}
+
+const INSTALLED: &[u8] = b"installed";
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    bincode::serde::encode_to_vec(v, bincode::config::standard())
+        .expect("state records are plain data bincode can always encode")
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, StateError> {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map(|(v, _)| v)
+        .map_err(|e| StateError::Corrupt {
+            what,
+            message: e.to_string(),
+        })
+}
+
+impl State {
+    /// Opens (creating if needed) the database in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StateError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(8 << 20)
+            .open()?;
+        Ok(Self {
+            current: db.open_tree("current")?,
+            generations: db.open_tree("generations")?,
+            db,
+        })
+    }
+
+    /// What is installed now (empty on a new instance).
+    pub fn installed(&self) -> Result<InstalledState, StateError> {
+        match self.current.get(INSTALLED)? {
+            Some(v) => decode("installed", &v),
+            None => Ok(InstalledState::default()),
+        }
+    }
+
+    /// Records `state` as installed and appends it to the history, atomically and
+    /// durably; returns the new generation's number.
+    pub fn record(&self, state: &InstalledState, reason: &str) -> Result<u64, StateError> {
+        use sled::Transactional;
+        let encoded_state = encode(state);
+        let number = (&self.current, &self.generations)
+            .transaction(|(current, generations)| {
+                let last = generations
+                    .get(b"last")?
+                    .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                    .map_or(0, u64::from_be_bytes);
+                let number = last + 1;
+                let generation = Generation {
+                    number,
+                    time: Timestamp::now(),
+                    reason: reason.to_owned(),
+                    state: state.clone(),
+                };
+                current.insert(INSTALLED, encoded_state.as_slice())?;
+                generations.insert(&number.to_be_bytes(), encode(&generation))?;
+                generations.insert(b"last", &number.to_be_bytes())?;
+                Ok(number)
+            })
+            .map_err(
+                |e: sled::transaction::TransactionError<std::convert::Infallible>| match e {
+                    sled::transaction::TransactionError::Storage(e) => StateError::Db(e),
+                    sled::transaction::TransactionError::Abort(never) => match never {},
+                },
+            )?;
+        self.db.flush()?;
+        Ok(number)
+    }
+
+    /// The recorded generations, oldest first.
+    pub fn generations(&self) -> Result<Vec<Generation>, StateError> {
+        let mut out = Vec::new();
+        for kv in self.generations.iter() {
+            let (k, v) = kv?;
+            if k.len() == 8 {
+                out.push(decode("generation", &v)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(n: u8) -> ServiceState {
+        ServiceState {
+            commit: CommitId::from_bytes([n; 32]),
+            tree: TreeId::from_bytes([n; 32]),
+            release: PathBuf::from(format!("/releases/{n}")),
+        }
+    }
+
+    #[test]
+    fn records_replace_the_state_and_grow_the_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        assert_eq!(state.installed().unwrap(), InstalledState::default());
+
+        let mut s1 = InstalledState::default();
+        s1.services
+            .insert(ServiceName::new("orders").unwrap(), service(1));
+        assert_eq!(state.record(&s1, "pull orders").unwrap(), 1);
+        let mut s2 = s1.clone();
+        s2.image = Some((
+            ImageName::new("shop-2").unwrap(),
+            ImageId::from_bytes([9; 32]),
+        ));
+        s2.services
+            .insert(ServiceName::new("orders").unwrap(), service(2));
+        s2.services
+            .insert(ServiceName::new("hello").unwrap(), service(3));
+        assert_eq!(state.record(&s2, "upgrade to shop-2").unwrap(), 2);
+        assert_eq!(state.installed().unwrap(), s2);
+        drop(state);
+
+        // Everything survives reopening.
+        let state = State::open(dir.path()).unwrap();
+        assert_eq!(state.installed().unwrap(), s2);
+        let history = state.generations().unwrap();
+        assert_eq!(history.len(), 2);
+        assert_eq!(
+            (history[0].number, history[0].reason.as_str()),
+            (1, "pull orders")
+        );
+        assert_eq!(history[0].state, s1);
+        assert_eq!(history[1].state, s2);
+    }
+}
