@@ -12,10 +12,12 @@
 //! - [`process`]: starting a service process with its log (rotated), stopping it
 //!   with its stop signal then SIGKILL, and the restart policy with backoff;
 //! - [`state`]: the recorded installed state and generation history in sled,
-//!   replaced atomically.
+//!   replaced atomically;
+//! - [`supervisor`]: one task per service process that restarts it by its policy
+//!   and publishes its status on a `watch` channel.
 //!
-//! The supervisor loop, the front proxy, the upgrade and its
-//! recording, and the shell's command service come next.
+//! The front proxy, the upgrade and its recording, and the shell's command
+//! service come next.
 
 pub mod build;
 pub mod health;
@@ -23,3 +25,4 @@ pub mod install;
 pub mod process;
 pub mod release;
 pub mod state;
+pub mod supervisor;
