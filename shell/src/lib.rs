@@ -14,12 +14,15 @@
 //! - [`state`]: the recorded installed state and generation history in sled,
 //!   replaced atomically;
 //! - [`supervisor`]: one task per service process that restarts it by its policy
-//!   and publishes its status on a `watch` channel.
+//!   and publishes its status on a `watch` channel;
+//! - [`front`]: the per-connection front for `tcp` ports: switchable backend, old
+//!   connections drain, new ones held while there is no backend.
 //!
-//! The front proxy, the upgrade and its recording, and the shell's command
-//! service come next.
+//! The request-level HTTP front, the upgrade and its recording, and the shell's
+//! command service come next.
 
 pub mod build;
+pub mod front;
 pub mod health;
 pub mod install;
 pub mod process;
