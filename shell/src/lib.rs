@@ -16,14 +16,18 @@
 //! - [`supervisor`]: one task per service process that restarts it by its policy
 //!   and publishes its status on a `watch` channel;
 //! - [`front`]: the per-connection front for `tcp` ports: switchable backend, old
-//!   connections drain, new ones held while there is no backend.
+//!   connections drain, new ones held while there is no backend;
+//! - [`http_front`]: the per-request front for `http` ports (hyper): keep-alive
+//!   clients see the next request go to the new process, requests in flight finish
+//!   on the old one.
 //!
-//! The request-level HTTP front, the upgrade and its recording, and the shell's
-//! command service come next.
+//! The upgrade that ties these together (and records its result), shadow
+//! generations, and the shell's command service come next.
 
 pub mod build;
 pub mod front;
 pub mod health;
+pub mod http_front;
 pub mod install;
 pub mod process;
 pub mod release;

@@ -1,0 +1,383 @@
+//! The front for `http` ports: the shell owns the public port and routes each
+//! request, not each connection, to the service process currently behind it.
+//!
+//! Clients keep their connections to the shell (HTTP/1.1 keep-alive); each request
+//! is forwarded to the backend set when the request arrives, over a pooled
+//! connection to that backend. So after [`HttpFront::switch`] the next request of
+//! an existing client connection goes to the new process, while requests already
+//! in flight finish on the old one ([`HttpFront::in_flight`] counts them, so an
+//! upgrade can wait for the drain). With no backend, a request waits up to the hold
+//! time and then gets `503`; a backend that fails gives `502`.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Requests in flight per backend.
+type InFlight = Arc<Mutex<HashMap<SocketAddr, usize>>>;
+
+#[derive(Clone)]
+struct Router {
+    backend: watch::Receiver<Option<SocketAddr>>,
+    hold: Duration,
+    client: Client<HttpConnector, Incoming>,
+    in_flight: InFlight,
+}
+
+/// Counts a request against its backend until dropped.
+struct Flight {
+    backend: SocketAddr,
+    in_flight: InFlight,
+}
+
+impl Flight {
+    fn new(backend: SocketAddr, in_flight: &InFlight) -> Self {
+        if let Ok(mut m) = in_flight.lock() {
+            *m.entry(backend).or_insert(0) += 1;
+        }
+        Self {
+            backend,
+            in_flight: in_flight.clone(),
+        }
+    }
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.in_flight.lock()
+            && let Some(n) = m.get_mut(&self.backend)
+        {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from_static(text.as_bytes()))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp
+}
+
+impl Router {
+    async fn route(mut self, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+        let backend =
+            match tokio::time::timeout(self.hold, self.backend.wait_for(Option::is_some)).await {
+                Ok(Ok(b)) => *b,
+                _ => None,
+            };
+        let Some(backend) = backend else {
+            return Ok(plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no healthy process behind this port\n",
+            ));
+        };
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        let uri = match format!("http://{backend}{path}").parse() {
+            Ok(u) => u,
+            Err(_) => return Ok(plain(StatusCode::BAD_REQUEST, "bad request target\n")),
+        };
+        *req.uri_mut() = uri;
+        let flight = Flight::new(backend, &self.in_flight);
+        match self.client.request(req).await {
+            Ok(resp) => {
+                // The response body streams back after this returns; the flight
+                // ends with it.
+                let (parts, body) = resp.into_parts();
+                let body = body.map_frame(move |f| {
+                    let _ = &flight;
+                    f
+                });
+                Ok(Response::from_parts(parts, body.boxed()))
+            }
+            Err(e) => {
+                debug!(%backend, error = %e, "backend failed");
+                Ok(plain(
+                    StatusCode::BAD_GATEWAY,
+                    "the service did not answer\n",
+                ))
+            }
+        }
+    }
+}
+
+/// A running HTTP front for one public port (see the module docs).
+#[derive(Debug)]
+pub struct HttpFront {
+    addr: SocketAddr,
+    backend: watch::Sender<Option<SocketAddr>>,
+    in_flight: InFlight,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HttpFront {
+    /// Listens on `public`, routing to `backend` (if any); a request arriving with
+    /// no backend waits up to `hold` for one.
+    pub async fn bind(
+        public: SocketAddr,
+        backend: Option<SocketAddr>,
+        hold: Duration,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(public).await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = watch::channel(backend);
+        let in_flight: InFlight = Arc::default();
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let router = Router {
+            backend: rx,
+            hold,
+            client: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build(connector),
+            in_flight: in_flight.clone(),
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(accept_loop(listener, router, stop.clone()));
+        Ok(Self {
+            addr,
+            backend: tx,
+            in_flight,
+            stop,
+            task,
+        })
+    }
+
+    /// The public address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Routes requests arriving from now on to `backend` (`None`: hold them).
+    pub fn switch(&self, backend: Option<SocketAddr>) {
+        self.backend.send_replace(backend);
+    }
+
+    /// Requests still in flight on `backend`.
+    pub fn in_flight(&self, backend: SocketAddr) -> usize {
+        self.in_flight
+            .lock()
+            .map(|m| m.get(&backend).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// Stops accepting and closes client connections.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+async fn accept_loop(listener: TcpListener, router: Router, stop: CancellationToken) {
+    let mut conns = JoinSet::new();
+    loop {
+        while conns.try_join_next().is_some() {}
+        let (stream, _) = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    debug!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let stop = stop.clone();
+        conns.spawn(async move {
+            let service = hyper::service::service_fn(move |req| router.clone().route(req));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                res = conn.as_mut() => {
+                    if let Err(e) = res {
+                        debug!(error = %e, "client connection ended with an error");
+                    }
+                }
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    conns.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpStream;
+
+    /// An HTTP/1.1 backend answering `name` to every request, after `delay`.
+    async fn backend(name: &'static str, delay: Duration) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let service =
+                        hyper::service::service_fn(move |_req: Request<Incoming>| async move {
+                            tokio::time::sleep(delay).await;
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                                name.as_bytes(),
+                            ))))
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), service)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// Sends one GET on an open keep-alive connection and reads the body.
+    async fn get(conn: &mut BufReader<TcpStream>) -> (u16, String) {
+        conn.get_mut()
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut status = String::new();
+        conn.read_line(&mut status).await.unwrap();
+        let code: u16 = status.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let mut len = 0usize;
+        loop {
+            let mut line = String::new();
+            conn.read_line(&mut line).await.unwrap();
+            let line = line.trim_end().to_ascii_lowercase();
+            if line.is_empty() {
+                break;
+            }
+            if let Some(v) = line.strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0u8; len];
+        conn.read_exact(&mut body).await.unwrap();
+        (code, String::from_utf8(body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_switch_moves_the_next_request_of_a_kept_alive_connection() {
+        let (a, b) = (
+            backend("a", Duration::ZERO).await,
+            backend("b", Duration::ZERO).await,
+        );
+        let front = HttpFront::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            Some(a),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        let mut conn = BufReader::new(TcpStream::connect(front.local_addr()).await.unwrap());
+        assert_eq!(get(&mut conn).await, (200, "a".into()));
+        front.switch(Some(b));
+        // Same client connection, next request: the new process answers.
+        assert_eq!(get(&mut conn).await, (200, "b".into()));
+        front.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn requests_in_flight_finish_on_the_old_process() {
+        let slow_old = backend("old", Duration::from_millis(300)).await;
+        let new = backend("new", Duration::ZERO).await;
+        let front = HttpFront::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            Some(slow_old),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        let addr = front.local_addr();
+        let pending = tokio::spawn(async move {
+            let mut conn = BufReader::new(TcpStream::connect(addr).await.unwrap());
+            get(&mut conn).await
+        });
+        // Wait until the request is in flight on the old process, then switch.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while front.in_flight(slow_old) == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "request never arrived"
+            );
+            tokio::task::yield_now().await;
+        }
+        front.switch(Some(new));
+        assert_eq!(pending.await.unwrap(), (200, "old".into()));
+        let mut conn = BufReader::new(TcpStream::connect(addr).await.unwrap());
+        assert_eq!(get(&mut conn).await, (200, "new".into()));
+        assert_eq!(front.in_flight(slow_old), 0);
+        front.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn no_backend_holds_then_503_and_a_dead_backend_is_502() {
+        let front = HttpFront::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap();
+        let mut conn = BufReader::new(TcpStream::connect(front.local_addr()).await.unwrap());
+        assert_eq!(get(&mut conn).await.0, 503);
+        // A backend address nobody listens on.
+        let dead = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        front.switch(Some(dead));
+        assert_eq!(get(&mut conn).await.0, 502);
+        front.shutdown().await;
+
+        // A backend appearing while a request is held gets that request.
+        let front = HttpFront::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        let addr = front.local_addr();
+        let held = tokio::spawn(async move {
+            let mut c = BufReader::new(TcpStream::connect(addr).await.unwrap());
+            get(&mut c).await
+        });
+        let late = backend("late", Duration::ZERO).await;
+        front.switch(Some(late));
+        assert_eq!(held.await.unwrap(), (200, "late".into()));
+        front.shutdown().await;
+    }
+}
