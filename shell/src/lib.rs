@@ -21,14 +21,21 @@
 //!   clients see the next request go to the new process, requests in flight finish
 //!   on the old one.
 //!
-//! The upgrade that ties these together (and records its result), shadow
-//! generations, and the shell's command service come next.
+//! - [`instance`]: the running generation and the in-place upgrade that ties the
+//!   above together — install every changed service, start and health-check each
+//!   new process, switch its fronts, roll everything back on any failure, drain and
+//!   stop the old processes, and only then record the new state; reopening starts
+//!   what the recorded state says.
+//!
+//! Shadow generations, plugins, and the shell's command service (and with it
+//! `molt deploy`, `status`, `rollback`, `pull`, `logs` and `molt up`) come next.
 
 pub mod build;
 pub mod front;
 pub mod health;
 pub mod http_front;
 pub mod install;
+pub mod instance;
 pub mod process;
 pub mod release;
 pub mod state;

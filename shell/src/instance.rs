@@ -1,0 +1,625 @@
+//! The instance: its running generation, and the in-place upgrade.
+//!
+//! An [`Instance`] owns, for each installed service, a supervised process and the
+//! fronts of its public ports. [`Instance::upgrade`] brings it to a set of commits
+//! the way DESIGN.md's upgrade does, service by service (`in-place`):
+//!
+//! 1–4. every changed service is installed first (diff, fetch, release, build);
+//!    a failure here has started nothing;
+//! 5. each changed service is started on fresh internal ports and health-checked,
+//!    then its fronts are switched to it (a service with `overlap = false` is
+//!    stopped first while its fronts hold new connections); old processes keep
+//!    running until every service is switched, so any failure switches every
+//!    front back and stops the new processes — the old generation never stopped
+//!    serving; then the old processes drain and stop, and services the target no
+//!    longer has are stopped;
+//! 6. only then is the new installed state recorded.
+//!
+//! [`Instance::open`] starts what the recorded state says, from the sealed
+//! releases (verified against their trees), so a restarted shell comes back to
+//! exactly the recorded generation.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use image_spec::manifest::{PortSpec, Protocol};
+use image_spec::{
+    CommitId, ImageId, ImageName, InstanceName, MANIFEST_FILE, ServiceManifest, ServiceName,
+};
+use repo_server::client::RepoClient;
+use tracing::{info, warn};
+
+use crate::front::TcpFront;
+use crate::health::{self, HealthError};
+use crate::http_front::HttpFront;
+use crate::install::{BlobCache, InstallContext, InstallError, Installed, install};
+use crate::process::ProcessSpec;
+use crate::release::{ReleaseError, Releases, verify};
+use crate::state::{InstalledState, ServiceState, State, StateError};
+use crate::supervisor::{ProcessState, StopPlan, Supervised, supervise};
+
+/// How public ports are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublicPorts {
+    /// The port in `service.toml` plus this offset (several instances on one host).
+    Offset(u16),
+    /// Any free port (tests); see [`Instance::public_addr`].
+    Ephemeral,
+}
+
+/// How to run an instance.
+#[derive(Debug, Clone)]
+pub struct InstanceConfig {
+    /// The instance's name.
+    pub name: InstanceName,
+    /// Its root directory (state, cache, releases, logs).
+    pub root: PathBuf,
+    /// How public ports are chosen.
+    pub public_ports: PublicPorts,
+}
+
+/// Why an instance could not open or upgrade.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    /// The recorded state could not be read or written.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A release could not be made or verified.
+    #[error(transparent)]
+    Release(#[from] ReleaseError),
+    /// Installing a service failed (fetch, release, build); nothing was started.
+    #[error("service `{service}`: {source}")]
+    Install {
+        /// The service.
+        service: ServiceName,
+        /// What failed.
+        source: Box<InstallError>,
+    },
+    /// A new process did not become healthy; every switched service went back.
+    #[error(
+        "service `{service}` did not become healthy: {source}\nlast lines of its log:\n{log_tail}"
+    )]
+    Unhealthy {
+        /// The service.
+        service: ServiceName,
+        /// The health check's verdict.
+        source: Box<HealthError>,
+        /// The last lines of its log.
+        log_tail: String,
+    },
+    /// A file operation failed.
+    #[error("`{path}`: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A release's `service.toml` is invalid.
+    #[error("{0}")]
+    Manifest(String),
+}
+
+enum Front {
+    Tcp(TcpFront),
+    Http(HttpFront),
+}
+
+impl Front {
+    fn switch(&self, to: Option<SocketAddr>) {
+        match self {
+            Front::Tcp(f) => f.switch(to),
+            Front::Http(f) => f.switch(to),
+        }
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        match self {
+            Front::Tcp(f) => f.local_addr(),
+            Front::Http(f) => f.local_addr(),
+        }
+    }
+
+    fn busy(&self, backend: SocketAddr) -> usize {
+        match self {
+            Front::Tcp(f) => f.active(backend),
+            Front::Http(f) => f.in_flight(backend),
+        }
+    }
+
+    async fn shutdown(self) {
+        match self {
+            Front::Tcp(f) => f.shutdown().await,
+            Front::Http(f) => f.shutdown().await,
+        }
+    }
+}
+
+/// One service of the running generation.
+struct Service {
+    installed: Installed,
+    manifest: ServiceManifest,
+    /// Internal port per port name.
+    ports: BTreeMap<String, u16>,
+    process: Supervised,
+}
+
+impl Service {
+    fn backend(&self, port: &str) -> Option<SocketAddr> {
+        self.ports
+            .get(port)
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+    }
+}
+
+/// What an upgrade did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpgradeReport {
+    /// Services started anew (changed or added).
+    pub restarted: Vec<ServiceName>,
+    /// Services left running untouched.
+    pub unchanged: Vec<ServiceName>,
+    /// Services stopped because the target no longer has them.
+    pub removed: Vec<ServiceName>,
+    /// The generation recorded (none if nothing changed).
+    pub generation: Option<u64>,
+}
+
+/// A running instance (see the module docs).
+pub struct Instance {
+    config: InstanceConfig,
+    state: State,
+    releases: Releases,
+    cache: BlobCache,
+    services: BTreeMap<ServiceName, Service>,
+    fronts: BTreeMap<(ServiceName, String), Front>,
+}
+
+impl std::fmt::Debug for Instance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instance")
+            .field("name", &self.config.name)
+            .field("services", &self.services.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> UpgradeError + '_ {
+    move |source| UpgradeError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A free loopback port, found by binding port 0 and letting it go.
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn read_manifest(release: &Path) -> Result<ServiceManifest, UpgradeError> {
+    let path = release.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    ServiceManifest::parse(&text)
+        .map_err(|e| UpgradeError::Manifest(format!("{}: {e}", path.display())))
+}
+
+impl Instance {
+    /// Opens the instance at `config.root` and starts what its recorded state says.
+    pub async fn open(config: InstanceConfig) -> Result<Self, UpgradeError> {
+        let root = &config.root;
+        let state = State::open(&root.join("state"))?;
+        let (releases, removed) = Releases::open(&root.join("releases"))?;
+        for r in removed {
+            info!(release = %r.display(), "removed a half-made release");
+        }
+        let cache = BlobCache::open(&root.join("cache")).map_err(io_err(&root.join("cache")))?;
+        let mut instance = Self {
+            config,
+            state,
+            releases,
+            cache,
+            services: BTreeMap::new(),
+            fronts: BTreeMap::new(),
+        };
+        let recorded = instance.state.installed()?;
+        for (name, s) in &recorded.services {
+            let tree = instance.tree_of(&s.release, s.tree)?;
+            verify(&s.release, &tree)?;
+            let installed = Installed {
+                commit: s.commit,
+                tree,
+                dir: s.release.clone(),
+            };
+            let service = instance.start(name, installed).await?;
+            instance.expose(name, &service).await?;
+            instance.services.insert(name.clone(), service);
+        }
+        Ok(instance)
+    }
+
+    /// The tree recorded for a release, from the instance's tree store
+    /// (`ROOT/trees/<id>`, written when the release was installed; decoding checks
+    /// it).
+    fn tree_of(
+        &self,
+        release: &Path,
+        id: image_spec::TreeId,
+    ) -> Result<image_spec::Tree, UpgradeError> {
+        let path = self.config.root.join("trees").join(id.to_hex());
+        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+        let tree = image_spec::Tree::decode(&bytes).map_err(|e| {
+            UpgradeError::Manifest(format!(
+                "stored tree for `{}` is corrupt: {e}",
+                release.display()
+            ))
+        })?;
+        if tree.id() != id {
+            return Err(UpgradeError::Manifest(format!(
+                "stored tree for `{}` is not tree {id}",
+                release.display()
+            )));
+        }
+        Ok(tree)
+    }
+
+    fn store_tree(&self, tree: &image_spec::Tree) -> Result<(), UpgradeError> {
+        let dir = self.config.root.join("trees");
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let path = dir.join(tree.id().to_hex());
+        let tmp = dir.join(format!(".{}.tmp", tree.id().to_hex()));
+        std::fs::write(&tmp, tree.encode()).map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io_err(&path))
+    }
+
+    /// The public address of a service's port.
+    pub fn public_addr(&self, service: &ServiceName, port: &str) -> Option<SocketAddr> {
+        self.fronts
+            .get(&(service.clone(), port.to_owned()))
+            .map(Front::local_addr)
+    }
+
+    /// The pid of a service's process, if running.
+    pub fn pid(&self, service: &ServiceName) -> Option<u32> {
+        self.services
+            .get(service)
+            .and_then(|s| match s.process.status().state {
+                ProcessState::Running { pid } => Some(pid),
+                _ => None,
+            })
+    }
+
+    /// The installed commit of each service.
+    pub fn commits(&self) -> BTreeMap<ServiceName, CommitId> {
+        self.services
+            .iter()
+            .map(|(n, s)| (n.clone(), s.installed.commit))
+            .collect()
+    }
+
+    /// Starts a service's process from its release and waits until it is healthy.
+    async fn start(
+        &self,
+        name: &ServiceName,
+        installed: Installed,
+    ) -> Result<Service, UpgradeError> {
+        let manifest = read_manifest(&installed.dir)?;
+        let mut ports = BTreeMap::new();
+        let mut env: Vec<(String, String)> = manifest
+            .env()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (i, p) in manifest.ports().iter().enumerate() {
+            let port = free_port().map_err(io_err(&installed.dir))?;
+            ports.insert(p.name.clone(), port);
+            if i == 0 {
+                env.push(("PORT".into(), port.to_string()));
+            }
+            env.push((
+                format!("MOLT_PORT_{}", p.name.to_ascii_uppercase()),
+                port.to_string(),
+            ));
+        }
+        env.push(("MOLT_INSTANCE".into(), self.config.name.to_string()));
+        env.push(("MOLT_SERVICE".into(), name.to_string()));
+        env.push(("MOLT_COMMIT".into(), installed.commit.to_string()));
+        let command = match manifest.kind() {
+            image_spec::manifest::ServiceKind::Process { command } => command.clone(),
+            image_spec::manifest::ServiceKind::Plugin { .. } => {
+                return Err(UpgradeError::Manifest(format!(
+                    "service `{name}` is a plugin; plugins are not supported yet"
+                )));
+            }
+        };
+        let log = self
+            .config
+            .root
+            .join("logs")
+            .join(name.as_str())
+            .join("service.log");
+        let spec = ProcessSpec {
+            command,
+            dir: installed.dir.clone(),
+            env,
+            log: log.clone(),
+            log_limit: 10 << 20,
+        };
+        let process = supervise(
+            spec,
+            manifest.restart(),
+            StopPlan {
+                signal: manifest.stop().signal,
+                grace: manifest.stop().grace,
+            },
+        );
+        if let Err(source) = health::wait_healthy(manifest.health(), &ports, &installed.dir).await {
+            process.stop().await;
+            return Err(UpgradeError::Unhealthy {
+                service: name.clone(),
+                source: Box::new(source),
+                log_tail: crate::build::tail(&log, crate::build::TAIL_LINES),
+            });
+        }
+        info!(service = %name, commit = %installed.commit, "service healthy");
+        Ok(Service {
+            installed,
+            manifest,
+            ports,
+            process,
+        })
+    }
+
+    fn public_port(&self, spec: &PortSpec) -> SocketAddr {
+        let port = match self.config.public_ports {
+            PublicPorts::Offset(off) => spec.port.saturating_add(off),
+            PublicPorts::Ephemeral => 0,
+        };
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    /// Creates (or switches) the fronts of a service's public ports.
+    async fn expose(&mut self, name: &ServiceName, service: &Service) -> Result<(), UpgradeError> {
+        for spec in service.manifest.ports() {
+            let key = (name.clone(), spec.name.clone());
+            let backend = service.backend(&spec.name);
+            if let Some(front) = self.fronts.get(&key) {
+                front.switch(backend);
+                continue;
+            }
+            let public = self.public_port(spec);
+            let hold = service.manifest.health().start_grace;
+            let front = match spec.protocol {
+                Protocol::Http => Front::Http(
+                    HttpFront::bind(public, backend, hold)
+                        .await
+                        .map_err(io_err(&self.config.root))?,
+                ),
+                Protocol::Tcp => Front::Tcp(
+                    TcpFront::bind(public, backend, hold)
+                        .await
+                        .map_err(io_err(&self.config.root))?,
+                ),
+            };
+            info!(service = %name, port = %spec.name, addr = %front.local_addr(), "public port open");
+            self.fronts.insert(key, front);
+        }
+        Ok(())
+    }
+
+    /// Brings the instance to `target` (see the module docs).
+    #[tracing::instrument(skip_all, fields(instance = %self.config.name))]
+    pub async fn upgrade(
+        &mut self,
+        repo: &RepoClient,
+        target: &BTreeMap<ServiceName, CommitId>,
+        image: Option<(ImageName, ImageId)>,
+        reason: &str,
+    ) -> Result<UpgradeReport, UpgradeError> {
+        let mut report = UpgradeReport::default();
+        // Steps 1–4: install every changed service; nothing runs yet.
+        let logs = self.config.root.join("logs");
+        let ctx = InstallContext {
+            repo,
+            cache: &self.cache,
+            releases: &self.releases,
+            instance: &self.config.name,
+            logs: &logs,
+        };
+        let mut fresh: Vec<(ServiceName, Installed)> = Vec::new();
+        for (name, commit) in target {
+            let current = self.services.get(name).map(|s| &s.installed);
+            if current.is_some_and(|c| c.commit == *commit) {
+                report.unchanged.push(name.clone());
+                continue;
+            }
+            let done = install(&ctx, name, *commit, current)
+                .await
+                .map_err(|source| UpgradeError::Install {
+                    service: name.clone(),
+                    source: Box::new(source),
+                })?;
+            self.store_tree(&done.release.tree)?;
+            fresh.push((name.clone(), done.release));
+        }
+
+        // Step 5: start and switch each, keeping the old processes until all are in.
+        let mut switched: Vec<(ServiceName, Option<Service>)> = Vec::new();
+        let mut failure = None;
+        for (name, installed) in fresh {
+            let old_overlaps = self
+                .services
+                .get(&name)
+                .is_none_or(|s| s.manifest.overlap());
+            let mut stopped_old = None;
+            if !old_overlaps {
+                // Cannot run twice: hold its fronts, stop the old one first.
+                for ((svc, _), front) in &self.fronts {
+                    if svc == &name {
+                        front.switch(None);
+                    }
+                }
+                if let Some(old) = self.services.remove(&name) {
+                    old.process.stop().await;
+                    stopped_old = Some(old.installed);
+                }
+            }
+            match self.start(&name, installed).await {
+                Ok(new) => {
+                    if let Err(e) = self.expose(&name, &new).await {
+                        new.process.stop().await;
+                        failure = Some((e, stopped_old.map(|i| (name.clone(), i))));
+                        break;
+                    }
+                    let old = self.services.insert(name.clone(), new);
+                    switched.push((name.clone(), old));
+                    report.restarted.push(name);
+                }
+                Err(e) => {
+                    failure = Some((e, stopped_old.map(|i| (name.clone(), i))));
+                    break;
+                }
+            }
+        }
+        if let Some((err, restart_old)) = failure {
+            warn!(error = %err, "upgrade failed; switching back");
+            self.roll_back(switched, restart_old).await;
+            return Err(err);
+        }
+
+        // Everything new is serving: drain and stop the old processes.
+        for (name, old) in switched {
+            if let Some(old) = old {
+                self.drain(&name, &old).await;
+                old.process.stop().await;
+            }
+        }
+        let gone: Vec<ServiceName> = self
+            .services
+            .keys()
+            .filter(|n| !target.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(old) = self.services.remove(&name) {
+                let keys: Vec<_> = self
+                    .fronts
+                    .keys()
+                    .filter(|(s, _)| s == &name)
+                    .cloned()
+                    .collect();
+                for k in keys {
+                    if let Some(f) = self.fronts.remove(&k) {
+                        f.shutdown().await;
+                    }
+                }
+                old.process.stop().await;
+                report.removed.push(name);
+            }
+        }
+
+        // Step 6: record, only now.
+        if !report.restarted.is_empty() || !report.removed.is_empty() {
+            let state = InstalledState {
+                image,
+                services: self
+                    .services
+                    .iter()
+                    .map(|(n, s)| {
+                        (
+                            n.clone(),
+                            ServiceState {
+                                commit: s.installed.commit,
+                                tree: s.installed.tree.id(),
+                                release: s.installed.dir.clone(),
+                            },
+                        )
+                    })
+                    .collect(),
+            };
+            report.generation = Some(self.state.record(&state, reason)?);
+        }
+        Ok(report)
+    }
+
+    /// Waits (up to the service's stop grace) until the old process's fronts have
+    /// no connection or request left on it.
+    async fn drain(&self, name: &ServiceName, old: &Service) {
+        let deadline = tokio::time::Instant::now() + old.manifest.stop().grace;
+        for ((svc, port), front) in &self.fronts {
+            if svc != name {
+                continue;
+            }
+            let Some(backend) = old.backend(port) else {
+                continue;
+            };
+            while front.busy(backend) > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    /// Undoes step 5: fronts back to the old processes, new processes stopped, an
+    /// old process that had to stop first started again.
+    async fn roll_back(
+        &mut self,
+        switched: Vec<(ServiceName, Option<Service>)>,
+        restart_old: Option<(ServiceName, Installed)>,
+    ) {
+        for (name, old) in switched.into_iter().rev() {
+            let new = match old {
+                Some(old) => {
+                    for spec in old.manifest.ports() {
+                        if let Some(f) = self.fronts.get(&(name.clone(), spec.name.clone())) {
+                            f.switch(old.backend(&spec.name));
+                        }
+                    }
+                    self.services.insert(name.clone(), old)
+                }
+                None => {
+                    let keys: Vec<_> = self
+                        .fronts
+                        .keys()
+                        .filter(|(s, _)| s == &name)
+                        .cloned()
+                        .collect();
+                    for k in keys {
+                        if let Some(f) = self.fronts.remove(&k) {
+                            f.shutdown().await;
+                        }
+                    }
+                    self.services.remove(&name)
+                }
+            };
+            if let Some(new) = new {
+                new.process.stop().await;
+            }
+        }
+        if let Some((name, installed)) = restart_old {
+            match self.start(&name, installed).await {
+                Ok(service) => {
+                    if let Err(e) = self.expose(&name, &service).await {
+                        warn!(service = %name, error = %e, "could not reopen the ports of the previous release");
+                    }
+                    self.services.insert(name, service);
+                }
+                Err(e) => {
+                    warn!(service = %name, error = %e, "the previous release did not come back")
+                }
+            }
+        }
+    }
+
+    /// Stops every process and closes every port.
+    pub async fn shutdown(mut self) {
+        for (_, front) in std::mem::take(&mut self.fronts) {
+            front.shutdown().await;
+        }
+        for (_, service) in std::mem::take(&mut self.services) {
+            service.process.stop().await;
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! The in-place upgrade end to end: a real repository, real builds (cargo) and real
+//! processes (Python and Rust sample services) behind the shell's fronts on
+//! 127.0.0.1, and HTTP traffic from the test.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use image_spec::{CommitId, InstanceName, ServiceName};
+use molt_e2e::{TestCluster, push_main, write_file};
+use shell::instance::{Instance, InstanceConfig, PublicPorts, UpgradeError};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+fn copy_example(name: &str, dst: &Path) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name);
+    for rel in [
+        "service.toml",
+        "Cargo.toml",
+        "Cargo.lock",
+        ".moltignore",
+        "src/main.rs",
+        "server.py",
+    ] {
+        if let Ok(bytes) = std::fs::read(src.join(rel)) {
+            write_file(dst, rel, &bytes);
+        }
+    }
+}
+
+fn svc(s: &str) -> ServiceName {
+    ServiceName::new(s).unwrap()
+}
+
+/// One GET on a kept-alive connection; the body.
+async fn get(conn: &mut BufReader<TcpStream>, path: &str) -> std::io::Result<(u16, String)> {
+    conn.get_mut()
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await?;
+    let mut status = String::new();
+    if conn.read_line(&mut status).await? == 0 {
+        return Err(std::io::Error::other("connection closed"));
+    }
+    let code: u16 = status
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {status:?}")))?;
+    let mut len = 0usize;
+    loop {
+        let mut line = String::new();
+        conn.read_line(&mut line).await?;
+        let line = line.trim_end().to_ascii_lowercase();
+        if line.is_empty() {
+            break;
+        }
+        if let Some(v) = line.strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0u8; len];
+    conn.read_exact(&mut body).await?;
+    Ok((code, String::from_utf8_lossy(&body).into_owned()))
+}
+
+async fn get_once(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut conn = BufReader::new(TcpStream::connect(addr).await.unwrap());
+    get(&mut conn, path).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_place_upgrades_rebuild_only_what_changed_and_roll_back_on_failure() {
+    let cluster = TestCluster::start().await;
+    let (hello_dir, orders_dir) = (cluster.path("hello"), cluster.path("orders"));
+    copy_example("hello", &hello_dir);
+    copy_example("orders", &orders_dir);
+    let dev = cluster.repo_client("user/ada/developer").await;
+    let hello_v1 = dev
+        .push(&hello_dir, &push_main("hello"), |_| {})
+        .await
+        .unwrap();
+    let orders_v1 = dev
+        .push(&orders_dir, &push_main("orders v1"), |_| {})
+        .await
+        .unwrap();
+    let target = |orders: CommitId| {
+        BTreeMap::from([(svc("hello"), hello_v1.commit), (svc("orders"), orders)])
+    };
+
+    let shell_repo = cluster.repo_client("shell/dev-1").await;
+    let config = InstanceConfig {
+        name: InstanceName::new("dev-1").unwrap(),
+        root: cluster.path("instance"),
+        public_ports: PublicPorts::Ephemeral,
+    };
+    let mut instance = Instance::open(config.clone()).await.unwrap();
+    let report = instance
+        .upgrade(&shell_repo, &target(orders_v1.commit), None, "v1")
+        .await
+        .unwrap();
+    assert_eq!(report.restarted, [svc("hello"), svc("orders")]);
+    let hello_addr = instance.public_addr(&svc("hello"), "main").unwrap();
+    let orders_addr = instance.public_addr(&svc("orders"), "main").unwrap();
+    let (code, body) = get_once(hello_addr, "/").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("hello from molt"), "{body}");
+    let (_, body) = get_once(orders_addr, "/").await;
+    assert!(body.contains("\"version\":\"1\""), "{body}");
+    let hello_pid = instance.pid(&svc("hello")).unwrap();
+
+    // v2 of orders, upgraded under steady keep-alive load.
+    let main_rs = std::fs::read_to_string(orders_dir.join("src/main.rs")).unwrap();
+    let v2_src = main_rs.replace(
+        "const VERSION: &str = \"1\";",
+        "const VERSION: &str = \"2\";",
+    );
+    write_file(&orders_dir, "src/main.rs", v2_src.as_bytes());
+    let orders_v2 = dev
+        .push(&orders_dir, &push_main("orders v2"), |_| {})
+        .await
+        .unwrap();
+    let running = Arc::new(AtomicBool::new(true));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load = {
+        let (running, ok, failed) = (running.clone(), ok.clone(), failed.clone());
+        tokio::spawn(async move {
+            let mut conn = BufReader::new(TcpStream::connect(orders_addr).await.unwrap());
+            let mut versions = std::collections::BTreeSet::new();
+            while running.load(Ordering::Relaxed) {
+                match get(&mut conn, "/").await {
+                    Ok((200, body)) => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                        if let Some(v) = body.split("\"version\":\"").nth(1) {
+                            versions.insert(v.chars().next().unwrap_or('?'));
+                        }
+                    }
+                    _ => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        conn = BufReader::new(TcpStream::connect(orders_addr).await.unwrap());
+                    }
+                }
+            }
+            versions
+        })
+    };
+    let report = instance
+        .upgrade(&shell_repo, &target(orders_v2.commit), None, "v2")
+        .await
+        .unwrap();
+    // Let a few requests reach the new version, then stop the load.
+    let (_, body) = get_once(orders_addr, "/").await;
+    assert!(body.contains("\"version\":\"2\""), "{body}");
+    running.store(false, Ordering::Relaxed);
+    let versions = load.await.unwrap();
+    assert_eq!(report.restarted, [svc("orders")]);
+    assert_eq!(report.unchanged, [svc("hello")]);
+    assert_eq!(
+        instance.pid(&svc("hello")),
+        Some(hello_pid),
+        "hello was restarted"
+    );
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during the upgrade"
+    );
+    assert!(ok.load(Ordering::Relaxed) > 20, "the load barely ran");
+    assert!(
+        versions.contains(&'1') || versions.contains(&'2'),
+        "{versions:?}"
+    );
+    let generation = report.generation.unwrap();
+
+    // A broken build: refused, v2 keeps serving, nothing recorded.
+    write_file(&orders_dir, "src/main.rs", b"fn main() { not rust }");
+    let broken = dev
+        .push(&orders_dir, &push_main("broken"), |_| {})
+        .await
+        .unwrap();
+    let err = instance
+        .upgrade(&shell_repo, &target(broken.commit), None, "broken")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, UpgradeError::Install { .. }), "{err}");
+    assert!(err.to_string().contains("error"), "{err}");
+    assert_eq!(instance.commits()[&svc("orders")], orders_v2.commit);
+    let (_, body) = get_once(orders_addr, "/").await;
+    assert!(body.contains("\"version\":\"2\""), "{body}");
+
+    // A release that builds but never becomes healthy: rolled back, v2 serves.
+    write_file(
+        &orders_dir,
+        "src/main.rs",
+        b"fn main() { std::process::exit(1) }",
+    );
+    let manifest = std::fs::read_to_string(orders_dir.join("service.toml")).unwrap();
+    write_file(
+        &orders_dir,
+        "service.toml",
+        manifest
+            .replace("start_grace = \"20s\"", "start_grace = \"2s\"")
+            .as_bytes(),
+    );
+    let sick = dev
+        .push(&orders_dir, &push_main("sick"), |_| {})
+        .await
+        .unwrap();
+    let err = instance
+        .upgrade(&shell_repo, &target(sick.commit), None, "sick")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, UpgradeError::Unhealthy { .. }), "{err}");
+    let (_, body) = get_once(orders_addr, "/").await;
+    assert!(body.contains("\"version\":\"2\""), "{body}");
+    assert_eq!(instance.commits()[&svc("orders")], orders_v2.commit);
+
+    // A restarted shell comes back to the recorded generation.
+    instance.shutdown().await;
+    let state = shell::state::State::open(&cluster.path("instance/state")).unwrap();
+    assert_eq!(state.generations().unwrap().len() as u64, generation);
+    drop(state);
+    let instance = Instance::open(config).await.unwrap();
+    assert_eq!(instance.commits()[&svc("orders")], orders_v2.commit);
+    let addr = instance.public_addr(&svc("orders"), "main").unwrap();
+    let (_, body) = get_once(addr, "/").await;
+    assert!(body.contains("\"version\":\"2\""), "{body}");
+    instance.shutdown().await;
+}
