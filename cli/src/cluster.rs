@@ -53,6 +53,7 @@ pub(crate) fn init(dir: &Path, name: &str, repo_listen: SocketAddr, json: bool) 
             cert: "certs/repo-server.crt".into(),
             key: "certs/repo-server.key".into(),
         }),
+        instances: Default::default(),
     };
     let text = format!(
         "# molt client configuration, written by `molt init`.\n\

@@ -10,6 +10,9 @@
 //! ca = "certs/ca.crt"            # the cluster CA certificate
 //! ca_key = "certs/ca.key"        # the CA's key: only `molt cert issue` needs it
 //!
+//! [instances]                    # optional: shells by name, for --instance NAME
+//! dev-1 = "127.0.0.1:7901"
+//!
 //! [repo_server]                  # used by `molt repo-server`
 //! data = "repo"                  # where blobs and metadata live
 //! listen = "127.0.0.1:7878"      # UDP address to serve QUIC on
@@ -45,6 +48,9 @@ pub(crate) struct Config {
     /// Settings of `molt repo-server`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) repo_server: Option<RepoServerConfig>,
+    /// Known instances: name → shell command address.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub(crate) instances: std::collections::BTreeMap<String, SocketAddr>,
 }
 
 /// The `[repo_server]` table.

@@ -5,6 +5,7 @@
 
 mod cluster;
 mod config;
+mod instance;
 mod repo;
 
 use std::net::SocketAddr;
@@ -57,6 +58,50 @@ enum Command {
         /// UDP address to serve QUIC on [default: from molt.toml].
         #[arg(long)]
         listen: Option<SocketAddr>,
+    },
+    /// Run an instance's shell until SIGINT or SIGTERM.
+    Shell {
+        /// The instance's name (its certificate is `shell/NAME`).
+        #[arg(long)]
+        instance: String,
+        /// development, quality, staging or production.
+        #[arg(long)]
+        stage: String,
+        /// The instance's root directory (state, cache, releases, logs).
+        #[arg(long)]
+        root: PathBuf,
+        /// UDP address to serve commands on.
+        #[arg(long, default_value = "127.0.0.1:7901")]
+        listen: SocketAddr,
+        /// The shell's certificate [default: certs/shell-NAME.crt beside the CA].
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// The shell's private key [default: certs/shell-NAME.key beside the CA].
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Added to every public port of service.toml (several instances on one host).
+        #[arg(long, default_value_t = 0)]
+        port_offset: u16,
+        /// Pick free public ports instead (see them with `molt status`).
+        #[arg(long)]
+        ephemeral_ports: bool,
+    },
+    /// Deploy an image to an instance (in place), or show the plan.
+    Deploy {
+        /// The image's name.
+        image: String,
+        /// The instance: NAME@ADDR, or a NAME under [instances] in molt.toml.
+        #[arg(long)]
+        instance: String,
+        /// Only show what would be restarted, kept and stopped.
+        #[arg(long)]
+        plan: bool,
+    },
+    /// Show an instance's services, image, generation and queue.
+    Status {
+        /// The instance: NAME@ADDR, or a NAME under [instances] in molt.toml.
+        #[arg(long)]
+        instance: String,
     },
     /// Push the service in DIR: upload what the repository lacks, commit, move the branch.
     Push {
@@ -222,6 +267,40 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ),
         Command::RepoServer { data, listen } => {
             cluster::repo_server(cli.config.as_deref(), data, listen).await
+        }
+        Command::Shell {
+            instance,
+            stage,
+            root,
+            listen,
+            cert,
+            key,
+            port_offset,
+            ephemeral_ports,
+        } => {
+            instance::shell(
+                cli.config.as_deref(),
+                cli.repo,
+                instance::ShellArgs {
+                    instance,
+                    stage,
+                    root,
+                    listen,
+                    cert,
+                    key,
+                    port_offset,
+                    ephemeral_ports,
+                },
+            )
+            .await
+        }
+        Command::Deploy {
+            image,
+            instance,
+            plan,
+        } => instance::deploy(cli.config.as_deref(), &image, &instance, plan, json).await,
+        Command::Status { instance } => {
+            instance::status(cli.config.as_deref(), &instance, json).await
         }
         repo_command => {
             let ctx = repo::Context::open(cli.config.as_deref(), cli.repo).await?;

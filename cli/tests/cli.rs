@@ -365,3 +365,125 @@ fn kill_9_during_a_push_leaves_the_store_consistent() {
     let again = c.molt_json(&["push", svc.to_str().unwrap()]);
     assert_eq!(again["created"], false);
 }
+
+/// `molt shell`, `molt deploy` and `molt status` as a deployer uses them.
+#[test]
+fn deploy_an_image_to_a_shell_and_read_its_status() {
+    let c = Cluster::init();
+    let out = c.molt(&["cert", "issue", "--role", "shell", "--name", "dev-1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hello = c.dir.path().join("hello");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello");
+    for f in ["service.toml", "server.py", ".moltignore"] {
+        write(&hello, f, &std::fs::read(example.join(f)).unwrap());
+    }
+    c.molt_json(&["push", hello.to_str().unwrap()]);
+    c.molt_json(&["image", "create", "demo-1", "--set", "hello=main"]);
+
+    let mut shell = Command::new(MOLT)
+        .env("XDG_CACHE_HOME", c.dir.path().join("cache"))
+        .arg("--config")
+        .arg(c.config())
+        .arg("--repo")
+        .arg(c.addr.unwrap().to_string())
+        .args([
+            "shell",
+            "--instance",
+            "dev-1",
+            "--stage",
+            "staging",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--root")
+        .arg(c.dir.path().join("dev-1"))
+        .arg("--ephemeral-ports")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(shell.stderr.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let addr = first
+        .strip_prefix("shell dev-1 listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {first}"))
+        .to_owned();
+    std::thread::spawn(move || for _ in lines {});
+    let target = format!("dev-1@{addr}");
+
+    let plan = c.molt_json(&["deploy", "demo-1", "--instance", &target, "--plan"]);
+    assert_eq!(plan["restarted"], serde_json::json!(["hello"]));
+    assert_eq!(plan["generation"], serde_json::Value::Null);
+    let done = c.molt_json(&["deploy", "demo-1", "--instance", &target]);
+    assert_eq!(done["restarted"], serde_json::json!(["hello"]));
+    assert_eq!(done["generation"], 1);
+
+    let status = c.molt_json(&["status", "--instance", &target]);
+    assert_eq!(status["instance"], "dev-1");
+    assert_eq!(status["image"][0], "demo-1");
+    let svc = &status["services"]["hello"];
+    assert_eq!(svc["state"], "running");
+    let public = svc["ports"]["main"].as_str().unwrap().to_owned();
+    // The service answers on its public port.
+    let mut conn = std::net::TcpStream::connect(&public).unwrap();
+    use std::io::{Read, Write};
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.contains("hello from molt"), "{body}");
+
+    // Deploying the same image again changes nothing.
+    let again = c.molt_json(&["deploy", "demo-1", "--instance", &target]);
+    assert_eq!(again["unchanged"], serde_json::json!(["hello"]));
+
+    // A developer may not command shells.
+    let out = c.molt(&[
+        "cert",
+        "issue",
+        "--role",
+        "user",
+        "--name",
+        "dev",
+        "--grant",
+        "developer",
+    ]);
+    assert!(out.status.success());
+    let dev_config = c.dir.path().join("dev.toml");
+    std::fs::write(
+        &dev_config,
+        "repo = \"127.0.0.1:1\"\ncert = \"certs/user-dev.crt\"\nkey = \"certs/user-dev.key\"\nca = \"certs/ca.crt\"\n",
+    )
+    .unwrap();
+    let out = Command::new(MOLT)
+        .arg("--config")
+        .arg(&dev_config)
+        .args(["deploy", "demo-1", "--instance", &target])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("may not command shells"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // SIGTERM stops the shell and its services cleanly.
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &shell.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(shell.wait().unwrap().success());
+    assert!(
+        std::net::TcpStream::connect(&public).is_err(),
+        "the public port is still open"
+    );
+}

@@ -613,6 +613,45 @@ impl Instance {
         }
     }
 
+    /// Each service as `status` reports it.
+    pub fn describe(&self) -> BTreeMap<ServiceName, wire::shell::ServiceStatus> {
+        self.services
+            .iter()
+            .map(|(name, s)| {
+                let status = s.process.status();
+                let (pid, state) = match &status.state {
+                    ProcessState::Running { pid } => (Some(*pid), "running".to_owned()),
+                    ProcessState::Backoff { after } => (None, format!("restarting in {after:?}")),
+                    ProcessState::Exited { reason } => (None, format!("exited: {reason}")),
+                    ProcessState::Stopped => (None, "stopped".to_owned()),
+                };
+                let ports = self
+                    .fronts
+                    .iter()
+                    .filter(|((svc, _), _)| svc == name)
+                    .map(|((_, port), f)| (port.clone(), f.local_addr().to_string()))
+                    .collect();
+                (
+                    name.clone(),
+                    wire::shell::ServiceStatus {
+                        commit: s.installed.commit,
+                        pid,
+                        state,
+                        restarts: status.restarts,
+                        ports,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// The recorded image and the last generation's number.
+    pub fn recorded(&self) -> Result<(Option<(ImageName, ImageId)>, u64), UpgradeError> {
+        let image = self.state.installed()?.image;
+        let generation = self.state.generations()?.last().map_or(0, |g| g.number);
+        Ok((image, generation))
+    }
+
     /// Stops every process and closes every port.
     pub async fn shutdown(mut self) {
         for (_, front) in std::mem::take(&mut self.fronts) {

@@ -38,5 +38,6 @@ pub mod install;
 pub mod instance;
 pub mod process;
 pub mod release;
+pub mod service;
 pub mod state;
 pub mod supervisor;

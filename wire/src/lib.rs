@@ -34,6 +34,7 @@ pub mod hello;
 pub mod identity;
 pub mod pki;
 pub mod repo;
+pub mod shell;
 
 pub use codec::{DEFAULT_FRAME_LIMIT, FrameError};
 pub use endpoint::{ALPN, BiStream, Client, Connection, Handler, Server, WireError};

@@ -1,0 +1,213 @@
+//! The instance commands: `molt shell` (the daemon), `molt deploy`, `molt status`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use image_spec::{ImageName, InstanceName};
+use shell::instance::{InstanceConfig, PublicPorts};
+use shell::service::{ShellConfig, Stage};
+use tokio_util::sync::CancellationToken;
+use wire::shell::{ShellReply, ShellRequest, ShellResponse, UpgradeSummary};
+use wire::{Client, Credentials, Identity};
+
+use crate::config::Loaded;
+
+/// What `molt shell` needs besides the configuration.
+pub(crate) struct ShellArgs {
+    pub(crate) instance: String,
+    pub(crate) stage: String,
+    pub(crate) root: PathBuf,
+    pub(crate) listen: SocketAddr,
+    pub(crate) cert: Option<PathBuf>,
+    pub(crate) key: Option<PathBuf>,
+    pub(crate) port_offset: u16,
+    pub(crate) ephemeral_ports: bool,
+}
+
+/// `molt shell`: runs an instance's shell until SIGINT or SIGTERM.
+pub(crate) async fn shell(
+    config: Option<&Path>,
+    repo: Option<SocketAddr>,
+    args: ShellArgs,
+) -> Result<()> {
+    let loaded = Loaded::read(config)?;
+    let name = InstanceName::new(&args.instance)?;
+    let stage: Stage = args.stage.parse().map_err(anyhow::Error::msg)?;
+    let certs = loaded
+        .resolve(&loaded.config.ca)
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let cert = args
+        .cert
+        .unwrap_or_else(|| certs.join(format!("shell-{name}.crt")));
+    let key = args
+        .key
+        .unwrap_or_else(|| certs.join(format!("shell-{name}.key")));
+    let credentials = Credentials::load(&cert, &key, &loaded.resolve(&loaded.config.ca))
+        .with_context(|| {
+            format!("cannot load the shell's certificate (make one: molt cert issue --role shell --name {name})")
+        })?;
+    let config = ShellConfig {
+        instance: InstanceConfig {
+            name: name.clone(),
+            root: args.root,
+            public_ports: if args.ephemeral_ports {
+                PublicPorts::Ephemeral
+            } else {
+                PublicPorts::Offset(args.port_offset)
+            },
+        },
+        stage,
+        repo: repo.unwrap_or(loaded.config.repo),
+        credentials,
+        listen: args.listen,
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("cannot listen for SIGINT")?;
+    let bound = shell::service::bind(config)
+        .await
+        .with_context(|| format!("cannot start the shell of `{name}`"))?;
+    eprintln!("shell {name} listening on {}", bound.local_addr()?);
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    let waiter = tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        signals.cancel();
+    });
+    bound.serve(shutdown).await;
+    waiter.abort();
+    eprintln!("shell {name} stopped");
+    Ok(())
+}
+
+/// `NAME@ADDR`, or a `NAME` listed under `[instances]`.
+fn target(loaded: &Loaded, spec: &str) -> Result<(InstanceName, SocketAddr)> {
+    let (name, addr) = match spec.split_once('@') {
+        Some((name, addr)) => (
+            name,
+            addr.parse()
+                .with_context(|| format!("`{addr}` is not an address (e.g. 127.0.0.1:7901)"))?,
+        ),
+        None => match loaded.config.instances.get(spec) {
+            Some(addr) => (spec, *addr),
+            None => bail!(
+                "unknown instance `{spec}`: write NAME@ADDR, or add it under [instances] in {}",
+                loaded.path.display()
+            ),
+        },
+    };
+    Ok((InstanceName::new(name)?, addr))
+}
+
+async fn command(
+    config: Option<&Path>,
+    instance: &str,
+    req: ShellRequest,
+) -> Result<ShellResponse> {
+    let loaded = Loaded::read(config)?;
+    let creds = loaded.credentials()?;
+    let (name, addr) = target(&loaded, instance)?;
+    let client = Client::new(&creds, addr)?;
+    let conn = client
+        .connect(
+            addr,
+            &Identity::Shell {
+                instance: name.clone(),
+            },
+        )
+        .await
+        .with_context(|| format!("cannot reach the shell of `{name}` at {addr}"))?;
+    let reply: ShellReply = conn.call(&req).await?;
+    conn.close();
+    client.shutdown().await;
+    reply.with_context(|| format!("the shell of `{name}` refused"))
+}
+
+fn print_summary(verb: &str, s: &UpgradeSummary) {
+    let list = |v: &[image_spec::ServiceName]| {
+        if v.is_empty() {
+            "-".to_owned()
+        } else {
+            v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        }
+    };
+    println!("{verb}");
+    println!("  restart:   {}", list(&s.restarted));
+    println!("  unchanged: {}", list(&s.unchanged));
+    println!("  stop:      {}", list(&s.removed));
+    if let Some(g) = s.generation {
+        println!("  recorded as generation {g}");
+    }
+}
+
+/// `molt deploy IMAGE --instance T [--plan]`.
+pub(crate) async fn deploy(
+    config: Option<&Path>,
+    image: &str,
+    instance: &str,
+    plan_only: bool,
+    json: bool,
+) -> Result<()> {
+    let image = ImageName::new(image)?;
+    let req = if plan_only {
+        ShellRequest::Plan {
+            image: image.clone(),
+        }
+    } else {
+        ShellRequest::Upgrade {
+            image: image.clone(),
+        }
+    };
+    let summary = match command(config, instance, req).await? {
+        ShellResponse::Upgraded(s) | ShellResponse::Plan(s) => s,
+        ShellResponse::Status(_) => bail!("the shell answered a deploy with a status"),
+    };
+    if json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else if plan_only {
+        print_summary(&format!("plan for {image} on {instance}:"), &summary);
+    } else {
+        print_summary(&format!("deployed {image} to {instance}:"), &summary);
+    }
+    Ok(())
+}
+
+/// `molt status --instance T`.
+pub(crate) async fn status(config: Option<&Path>, instance: &str, json: bool) -> Result<()> {
+    let ShellResponse::Status(s) = command(config, instance, ShellRequest::Status).await? else {
+        bail!("the shell answered a status request with something else");
+    };
+    if json {
+        println!("{}", serde_json::to_string(&s)?);
+        return Ok(());
+    }
+    println!(
+        "instance {} ({}), generation {}",
+        s.instance, s.stage, s.generation
+    );
+    if let Some((name, id)) = &s.image {
+        println!("image    {name} ({})", id.short(12));
+    }
+    if s.upgrading || s.queued > 0 {
+        println!("upgrade  running: {}, queued: {}", s.upgrading, s.queued);
+    }
+    for (name, svc) in &s.services {
+        let ports: Vec<String> = svc.ports.iter().map(|(p, a)| format!("{p}={a}")).collect();
+        println!(
+            "  {:<16} {}  {:<10} pid {:<8} restarts {}  {}",
+            name.as_str(),
+            svc.commit.short(12),
+            svc.state,
+            svc.pid.map_or("-".to_owned(), |p| p.to_string()),
+            svc.restarts,
+            ports.join(" ")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,338 @@
+//! The shell's command service: `upgrade`, `plan` and `status` over QUIC.
+//!
+//! [`run`] opens the instance (starting its recorded generation), then serves
+//! commands from the portal and from users with the deployer or admin grant.
+//! Upgrades run one at a time: a second waits for the first, and `status` (which
+//! never waits) shows how many are queued. The shell reaches the repository with
+//! its own `shell/<instance>` certificate, which may only read.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use image_spec::{CommitId, ImageName, ServiceName};
+use repo_server::client::RepoClient;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+use wire::repo::{ErrorKind, RemoteError};
+use wire::shell::{InstanceStatus, ShellReply, ShellRequest, ShellResponse, UpgradeSummary};
+use wire::{
+    BiStream, Client, Credentials, DEFAULT_FRAME_LIMIT, Handler, Identity, Server, WireError,
+};
+
+use crate::instance::{Instance, InstanceConfig, UpgradeError};
+
+/// An instance's stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// A developer's instance: takes pulls.
+    Development,
+    /// A QA instance: takes pulls.
+    Quality,
+    /// Takes images only.
+    Staging,
+    /// Takes images only.
+    Production,
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stage::Development => "development",
+            Stage::Quality => "quality",
+            Stage::Staging => "staging",
+            Stage::Production => "production",
+        })
+    }
+}
+
+impl FromStr for Stage {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "development" => Ok(Stage::Development),
+            "quality" => Ok(Stage::Quality),
+            "staging" => Ok(Stage::Staging),
+            "production" => Ok(Stage::Production),
+            other => Err(format!(
+                "unknown stage `{other}` (development, quality, staging or production)"
+            )),
+        }
+    }
+}
+
+/// How to run a shell.
+#[derive(Debug, Clone)]
+pub struct ShellConfig {
+    /// The instance.
+    pub instance: InstanceConfig,
+    /// Its stage.
+    pub stage: Stage,
+    /// The repository server.
+    pub repo: SocketAddr,
+    /// The shell's certificate (`shell/<instance>`), key and CA.
+    pub credentials: Credentials,
+    /// Where to serve commands (UDP).
+    pub listen: SocketAddr,
+}
+
+/// Why a shell could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ShellError {
+    /// The instance could not be opened.
+    #[error(transparent)]
+    Instance(#[from] UpgradeError),
+    /// The endpoint could not be set up.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The credentials are not this instance's shell.
+    #[error("these credentials are for `{found}`; this shell needs `shell/{instance}`")]
+    WrongIdentity {
+        /// The identity in the certificate.
+        found: Identity,
+        /// The instance.
+        instance: String,
+    },
+}
+
+struct ShellService {
+    instance: Mutex<Instance>,
+    name: String,
+    stage: Stage,
+    repo_addr: SocketAddr,
+    client: Client,
+    queued: AtomicU32,
+    upgrading: AtomicBool,
+    status: std::sync::Mutex<InstanceStatus>,
+}
+
+fn remote(kind: ErrorKind, message: impl Into<String>) -> RemoteError {
+    RemoteError::new(kind, message)
+}
+
+impl ShellService {
+    async fn repo(&self) -> Result<RepoClient, RemoteError> {
+        RepoClient::connect(&self.client, self.repo_addr)
+            .await
+            .map_err(|e| {
+                remote(
+                    ErrorKind::Internal,
+                    format!("cannot reach the repository: {e}"),
+                )
+            })
+    }
+
+    async fn image_target(
+        &self,
+        repo: &RepoClient,
+        image: &ImageName,
+    ) -> Result<(image_spec::ImageId, BTreeMap<ServiceName, CommitId>), RemoteError> {
+        let (id, image) = repo.image(image).await.map_err(|e| match e {
+            repo_server::client::ClientError::Remote(r) => r,
+            other => remote(ErrorKind::Internal, other.to_string()),
+        })?;
+        Ok((id, image.services().clone()))
+    }
+
+    fn refresh(&self, instance: &Instance) {
+        let (image, generation) = instance.recorded().unwrap_or((None, 0));
+        if let Ok(mut s) = self.status.lock() {
+            s.services = instance.describe();
+            s.image = image;
+            s.generation = generation;
+        }
+    }
+
+    fn status(&self) -> InstanceStatus {
+        let mut s = self
+            .status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone());
+        s.queued = self.queued.load(Ordering::SeqCst);
+        s.upgrading = self.upgrading.load(Ordering::SeqCst);
+        s
+    }
+
+    async fn answer(&self, req: ShellRequest) -> ShellReply {
+        match req {
+            ShellRequest::Status => Ok(ShellResponse::Status(self.status())),
+            ShellRequest::Plan { image } => {
+                let repo = self.repo().await?;
+                let (_, target) = self.image_target(&repo, &image).await?;
+                let current = self.instance.lock().await.commits();
+                Ok(ShellResponse::Plan(plan(&current, &target)))
+            }
+            ShellRequest::Upgrade { image } => {
+                let repo = self.repo().await?;
+                let (id, target) = self.image_target(&repo, &image).await?;
+                self.queued.fetch_add(1, Ordering::SeqCst);
+                let mut instance = self.instance.lock().await;
+                self.queued.fetch_sub(1, Ordering::SeqCst);
+                self.upgrading.store(true, Ordering::SeqCst);
+                let result = instance
+                    .upgrade(
+                        &repo,
+                        &target,
+                        Some((image.clone(), id)),
+                        &format!("upgrade to {image}"),
+                    )
+                    .await;
+                self.upgrading.store(false, Ordering::SeqCst);
+                self.refresh(&instance);
+                let report = result.map_err(|e| remote(ErrorKind::Invalid, e.to_string()))?;
+                Ok(ShellResponse::Upgraded(UpgradeSummary {
+                    restarted: report.restarted,
+                    unchanged: report.unchanged,
+                    removed: report.removed,
+                    generation: report.generation,
+                }))
+            }
+        }
+    }
+}
+
+/// What an upgrade from `current` to `target` would do.
+pub fn plan(
+    current: &BTreeMap<ServiceName, CommitId>,
+    target: &BTreeMap<ServiceName, CommitId>,
+) -> UpgradeSummary {
+    let mut s = UpgradeSummary::default();
+    for (name, commit) in target {
+        if current.get(name) == Some(commit) {
+            s.unchanged.push(name.clone());
+        } else {
+            s.restarted.push(name.clone());
+        }
+    }
+    s.removed = current
+        .keys()
+        .filter(|n| !target.contains_key(*n))
+        .cloned()
+        .collect();
+    s
+}
+
+impl Handler for ShellService {
+    async fn handle(&self, peer: Arc<Identity>, mut stream: BiStream) {
+        let req: ShellRequest = match stream.read_request(DEFAULT_FRAME_LIMIT).await {
+            Ok(r) => r,
+            Err(e) => {
+                stream.refuse(&e);
+                return;
+            }
+        };
+        let span = info_span!("command", instance = %self.name, %peer, ?req);
+        let reply = async {
+            if !wire::shell::allowed(&peer) {
+                return Err(remote(
+                    ErrorKind::PermissionDenied,
+                    format!("`{peer}` may not command shells"),
+                ));
+            }
+            self.answer(req).await
+        }
+        .instrument(span)
+        .await;
+        if let Err(e) = &reply {
+            warn!(instance = %self.name, error = %e, "command failed");
+        }
+        if wire::codec::write_frame(&mut stream.send, &reply)
+            .await
+            .is_ok()
+        {
+            let _ = stream.send.finish();
+        }
+    }
+}
+
+/// A shell bound to its address, with its instance running.
+pub struct Bound {
+    server: Server,
+    service: Arc<ShellService>,
+}
+
+impl std::fmt::Debug for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bound").finish_non_exhaustive()
+    }
+}
+
+/// Opens the instance (starting its recorded generation) and binds the endpoint.
+pub async fn bind(config: ShellConfig) -> Result<Bound, ShellError> {
+    let name = config.instance.name.to_string();
+    if config.credentials.identity
+        != (Identity::Shell {
+            instance: config.instance.name.clone(),
+        })
+    {
+        return Err(ShellError::WrongIdentity {
+            found: config.credentials.identity.clone(),
+            instance: name,
+        });
+    }
+    let server = Server::bind(config.listen, &config.credentials)?;
+    let client = Client::new(&config.credentials, config.repo)?;
+    let instance = Instance::open(config.instance).await?;
+    let status = InstanceStatus {
+        instance: name.clone(),
+        stage: config.stage.to_string(),
+        image: None,
+        services: BTreeMap::new(),
+        queued: 0,
+        upgrading: false,
+        generation: 0,
+    };
+    let service = Arc::new(ShellService {
+        instance: Mutex::new(instance),
+        name,
+        stage: config.stage,
+        repo_addr: config.repo,
+        client,
+        queued: AtomicU32::new(0),
+        upgrading: AtomicBool::new(false),
+        status: std::sync::Mutex::new(status),
+    });
+    service.refresh(&*service.instance.lock().await);
+    Ok(Bound { server, service })
+}
+
+impl Bound {
+    /// The command address actually bound.
+    pub fn local_addr(&self) -> Result<SocketAddr, ShellError> {
+        Ok(self.server.local_addr()?)
+    }
+
+    /// Serves until `shutdown`, then stops every service process.
+    pub async fn serve(self, shutdown: CancellationToken) {
+        info!(instance = %self.service.name, stage = %self.service.stage, "shell serving");
+        self.server.serve(self.service.clone(), shutdown).await;
+        match Arc::try_unwrap(self.service) {
+            Ok(service) => service.instance.into_inner().shutdown().await,
+            Err(_) => warn!("shell service still referenced at shutdown; processes left to the OS"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_compare_commits() {
+        let c = |n| CommitId::from_bytes([n; 32]);
+        let s = |n: &str| ServiceName::new(n).unwrap();
+        let current = BTreeMap::from([(s("a"), c(1)), (s("b"), c(2)), (s("gone"), c(3))]);
+        let target = BTreeMap::from([(s("a"), c(1)), (s("b"), c(9)), (s("new"), c(4))]);
+        let p = plan(&current, &target);
+        assert_eq!(p.unchanged, [s("a")]);
+        assert_eq!(p.restarted, [s("b"), s("new")]);
+        assert_eq!(p.removed, [s("gone")]);
+        assert!("production".parse::<Stage>().is_ok());
+        assert!("prod".parse::<Stage>().is_err());
+    }
+}

@@ -1,0 +1,121 @@
+//! The shell protocol: commands an instance's shell serves to the portal and to
+//! deployers.
+//!
+//! Each request is one stream with one [`ShellRequest`] frame and one
+//! [`ShellReply`] frame. Command handling does not depend on who opened the
+//! connection, so the same requests can later travel over the connection a shell
+//! opens to the portal. Allowed for the portal and for users with the deployer or
+//! admin grant ([`allowed`]).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use image_spec::{CommitId, ImageId, ImageName, ServiceName};
+
+use crate::identity::{Grant, Identity};
+use crate::repo::RemoteError;
+
+/// A command to a shell.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShellRequest {
+    /// Bring the instance to an image (by name), in place.
+    Upgrade {
+        /// The image.
+        image: ImageName,
+    },
+    /// What an upgrade to the image would do, without doing it.
+    Plan {
+        /// The image.
+        image: ImageName,
+    },
+    /// The instance's state.
+    Status,
+}
+
+/// One service on an instance, as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// The installed commit.
+    pub commit: CommitId,
+    /// The process id, if running.
+    pub pid: Option<u32>,
+    /// The process's state (`running`, `backoff`, `exited: …`, `stopped`).
+    pub state: String,
+    /// How many times it was restarted.
+    pub restarts: u32,
+    /// Public address per port name.
+    pub ports: BTreeMap<String, String>,
+}
+
+/// An instance's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    /// The instance's name.
+    pub instance: String,
+    /// Its stage.
+    pub stage: String,
+    /// The image it runs, if any.
+    pub image: Option<(ImageName, ImageId)>,
+    /// Its services.
+    pub services: BTreeMap<ServiceName, ServiceStatus>,
+    /// Upgrades waiting for the one running (0 when idle).
+    pub queued: u32,
+    /// Whether an upgrade is running now.
+    pub upgrading: bool,
+    /// The last recorded generation.
+    pub generation: u64,
+}
+
+/// What an upgrade would do or did, per service.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeSummary {
+    /// Services (re)started on a new commit.
+    pub restarted: Vec<ServiceName>,
+    /// Services left untouched.
+    pub unchanged: Vec<ServiceName>,
+    /// Services stopped because the image no longer has them.
+    pub removed: Vec<ServiceName>,
+    /// The generation recorded (none for a plan or when nothing changed).
+    pub generation: Option<u64>,
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShellResponse {
+    /// The upgrade is done and recorded.
+    Upgraded(UpgradeSummary),
+    /// What an upgrade would do.
+    Plan(UpgradeSummary),
+    /// The instance's state.
+    Status(InstanceStatus),
+}
+
+/// The answer to a shell request.
+pub type ShellReply = Result<ShellResponse, RemoteError>;
+
+/// May `who` send shell commands? The portal, and users with the deployer or admin
+/// grant.
+pub fn allowed(who: &Identity) -> bool {
+    match who {
+        Identity::Portal => true,
+        Identity::User { grant, .. } => matches!(grant, Grant::Deployer | Grant::Admin),
+        Identity::RepoServer | Identity::Shell { .. } => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn who_may_command_a_shell() {
+        let id = |s: &str| s.parse::<Identity>().unwrap();
+        assert!(allowed(&id("portal")));
+        assert!(allowed(&id("user/a/deployer")));
+        assert!(allowed(&id("user/a/admin")));
+        assert!(!allowed(&id("user/a/developer")));
+        assert!(!allowed(&id("shell/dev-1")));
+        assert!(!allowed(&id("repo-server")));
+    }
+}
