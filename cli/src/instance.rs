@@ -1,4 +1,5 @@
-//! The instance commands: `molt shell` (the daemon), `molt deploy`, `molt status`.
+//! The instance commands: `molt shell` (the daemon), `molt deploy`, `molt status`,
+//! `molt rollback`, `molt pull`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -176,6 +177,35 @@ pub(crate) async fn deploy(
         print_summary(&format!("deployed {image} to {instance}:"), &summary);
     }
     Ok(())
+}
+
+/// `molt rollback --instance T` and `molt pull SERVICE[@REV] --instance T`.
+pub(crate) async fn change(
+    config: Option<&Path>,
+    instance: &str,
+    req: ShellRequest,
+    json: bool,
+) -> Result<()> {
+    let what = match &req {
+        ShellRequest::Rollback => "rolled back".to_owned(),
+        ShellRequest::Pull { service, rev } => format!("pulled {service}@{rev} onto"),
+        _ => "changed".to_owned(),
+    };
+    let ShellResponse::Upgraded(summary) = command(config, instance, req).await? else {
+        bail!("the shell answered with something else than an upgrade");
+    };
+    if json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        print_summary(&format!("{what} {instance}:"), &summary);
+    }
+    Ok(())
+}
+
+/// Splits `SERVICE[@REV]` (REV defaults to `main`).
+pub(crate) fn service_rev(spec: &str) -> Result<(image_spec::ServiceName, String)> {
+    let (service, rev) = spec.split_once('@').unwrap_or((spec, "main"));
+    Ok((image_spec::ServiceName::new(service)?, rev.to_owned()))
 }
 
 /// `molt status --instance T`.

@@ -103,6 +103,20 @@ enum Command {
         #[arg(long)]
         instance: String,
     },
+    /// Go back to the instance's previous generation (no fetch, no build).
+    Rollback {
+        /// The instance: NAME@ADDR, or a NAME under [instances] in molt.toml.
+        #[arg(long)]
+        instance: String,
+    },
+    /// Bring one service of a development or quality instance to a revision.
+    Pull {
+        /// SERVICE or SERVICE@REV (REV: branch, commit id or abbreviation; default main).
+        service: String,
+        /// The instance: NAME@ADDR, or a NAME under [instances] in molt.toml.
+        #[arg(long)]
+        instance: String,
+    },
     /// Push the service in DIR: upload what the repository lacks, commit, move the branch.
     Push {
         /// The service directory (holds service.toml).
@@ -301,6 +315,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => instance::deploy(cli.config.as_deref(), &image, &instance, plan, json).await,
         Command::Status { instance } => {
             instance::status(cli.config.as_deref(), &instance, json).await
+        }
+        Command::Rollback { instance } => {
+            instance::change(
+                cli.config.as_deref(),
+                &instance,
+                wire::shell::ShellRequest::Rollback,
+                json,
+            )
+            .await
+        }
+        Command::Pull { service, instance } => {
+            let (service, rev) = instance::service_rev(&service)?;
+            instance::change(
+                cli.config.as_deref(),
+                &instance,
+                wire::shell::ShellRequest::Pull { service, rev },
+                json,
+            )
+            .await
         }
         repo_command => {
             let ctx = repo::Context::open(cli.config.as_deref(), cli.repo).await?;

@@ -366,7 +366,56 @@ fn kill_9_during_a_push_leaves_the_store_consistent() {
     assert_eq!(again["created"], false);
 }
 
-/// `molt shell`, `molt deploy` and `molt status` as a deployer uses them.
+/// Starts `molt shell` for instance `name` (issuing its certificate) and returns
+/// the child and its command address.
+fn start_shell(c: &Cluster, name: &str, stage: &str) -> (Child, String) {
+    if !c
+        .dir
+        .path()
+        .join(format!("certs/shell-{name}.crt"))
+        .exists()
+    {
+        let out = c.molt(&["cert", "issue", "--role", "shell", "--name", name]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut shell = Command::new(MOLT)
+        .env("XDG_CACHE_HOME", c.dir.path().join("cache"))
+        .arg("--config")
+        .arg(c.config())
+        .arg("--repo")
+        .arg(c.addr.unwrap().to_string())
+        .args([
+            "shell",
+            "--instance",
+            name,
+            "--stage",
+            stage,
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--root")
+        .arg(c.dir.path().join(name))
+        .arg("--ephemeral-ports")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(shell.stderr.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let addr = first
+        .strip_prefix(&format!("shell {name} listening on "))
+        .unwrap_or_else(|| panic!("unexpected first line: {first}"))
+        .to_owned();
+    std::thread::spawn(move || for _ in lines {});
+    (shell, addr)
+}
+
+/// `molt shell`, `molt deploy`, `molt status`, `molt rollback` and `molt pull` as
+/// a deployer uses them.
 #[test]
 fn deploy_an_image_to_a_shell_and_read_its_status() {
     let c = Cluster::init();
@@ -384,35 +433,7 @@ fn deploy_an_image_to_a_shell_and_read_its_status() {
     c.molt_json(&["push", hello.to_str().unwrap()]);
     c.molt_json(&["image", "create", "demo-1", "--set", "hello=main"]);
 
-    let mut shell = Command::new(MOLT)
-        .env("XDG_CACHE_HOME", c.dir.path().join("cache"))
-        .arg("--config")
-        .arg(c.config())
-        .arg("--repo")
-        .arg(c.addr.unwrap().to_string())
-        .args([
-            "shell",
-            "--instance",
-            "dev-1",
-            "--stage",
-            "staging",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--root")
-        .arg(c.dir.path().join("dev-1"))
-        .arg("--ephemeral-ports")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(shell.stderr.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    let addr = first
-        .strip_prefix("shell dev-1 listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {first}"))
-        .to_owned();
-    std::thread::spawn(move || for _ in lines {});
+    let (mut shell, addr) = start_shell(&c, "dev-1", "staging");
     let target = format!("dev-1@{addr}");
 
     let plan = c.molt_json(&["deploy", "demo-1", "--instance", &target, "--plan"]);
@@ -441,6 +462,47 @@ fn deploy_an_image_to_a_shell_and_read_its_status() {
     // Deploying the same image again changes nothing.
     let again = c.molt_json(&["deploy", "demo-1", "--instance", &target]);
     assert_eq!(again["unchanged"], serde_json::json!(["hello"]));
+
+    // A new version, then a rollback to the previous generation.
+    write(
+        &hello,
+        "service.toml",
+        &std::fs::read_to_string(hello.join("service.toml"))
+            .unwrap()
+            .replace("hello from molt", "hello v2")
+            .into_bytes(),
+    );
+    c.molt_json(&["push", hello.to_str().unwrap()]);
+    c.molt_json(&["image", "create", "demo-2", "--set", "hello=main"]);
+    let v2 = c.molt_json(&["deploy", "demo-2", "--instance", &target]);
+    assert_eq!(v2["generation"], 2);
+    let back = c.molt_json(&["rollback", "--instance", &target]);
+    assert_eq!(back["restarted"], serde_json::json!(["hello"]));
+    assert_eq!(back["generation"], 3);
+    let status = c.molt_json(&["status", "--instance", &target]);
+    assert_eq!(status["image"][0], "demo-1");
+    assert_eq!(status["services"]["hello"]["commit"], svc["commit"]);
+
+    // A staging instance takes images, not pulls.
+    let out = c.molt(&["pull", "hello@main", "--instance", &target]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not pulls"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A development instance takes pulls.
+    let (mut dev_shell, dev_addr) = start_shell(&c, "dev-2", "development");
+    let pulled = c.molt_json(&["pull", "hello", "--instance", &format!("dev-2@{dev_addr}")]);
+    assert_eq!(pulled["restarted"], serde_json::json!(["hello"]));
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &dev_shell.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(dev_shell.wait().unwrap().success());
 
     // A developer may not command shells.
     let out = c.molt(&[

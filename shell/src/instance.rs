@@ -545,6 +545,16 @@ impl Instance {
         Ok(report)
     }
 
+    /// The services and image of the generation before the current one, if any:
+    /// what a rollback goes back to.
+    pub fn previous(&self) -> Result<Option<InstalledState>, UpgradeError> {
+        let generations = self.state.generations()?;
+        Ok(generations
+            .len()
+            .checked_sub(2)
+            .map(|i| generations[i].state.clone()))
+    }
+
     /// Waits (up to the service's stop grace) until the old process's fronts have
     /// no connection or request left on it.
     async fn drain(&self, name: &ServiceName, old: &Service) {

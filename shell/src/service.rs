@@ -1,9 +1,13 @@
-//! The shell's command service: `upgrade`, `plan` and `status` over QUIC.
+//! The shell's command service: `upgrade`, `plan`, `status`, `rollback` and
+//! `pull` over QUIC.
 //!
 //! [`run`] opens the instance (starting its recorded generation), then serves
 //! commands from the portal and from users with the deployer or admin grant.
 //! Upgrades run one at a time: a second waits for the first, and `status` (which
-//! never waits) shows how many are queued. The shell reaches the repository with
+//! never waits) shows how many are queued. A rollback upgrades to the previous
+//! generation's commits, whose releases are still on disk (nothing is fetched or
+//! built). Pulls are for development and quality instances; staging and
+//! production refuse them. The shell reaches the repository with
 //! its own `shell/<instance>` certificate, which may only read.
 
 use std::collections::BTreeMap;
@@ -170,30 +174,96 @@ impl ShellService {
             ShellRequest::Upgrade { image } => {
                 let repo = self.repo().await?;
                 let (id, target) = self.image_target(&repo, &image).await?;
-                self.queued.fetch_add(1, Ordering::SeqCst);
-                let mut instance = self.instance.lock().await;
-                self.queued.fetch_sub(1, Ordering::SeqCst);
-                self.upgrading.store(true, Ordering::SeqCst);
-                let result = instance
-                    .upgrade(
-                        &repo,
-                        &target,
-                        Some((image.clone(), id)),
-                        &format!("upgrade to {image}"),
-                    )
-                    .await;
-                self.upgrading.store(false, Ordering::SeqCst);
-                self.refresh(&instance);
-                let report = result.map_err(|e| remote(ErrorKind::Invalid, e.to_string()))?;
-                Ok(ShellResponse::Upgraded(UpgradeSummary {
-                    restarted: report.restarted,
-                    unchanged: report.unchanged,
-                    removed: report.removed,
-                    generation: report.generation,
-                }))
+                self.run_upgrade(
+                    &repo,
+                    Change::To(target, Some((image.clone(), id))),
+                    &format!("upgrade to {image}"),
+                )
+                .await
+            }
+            ShellRequest::Rollback => {
+                let repo = self.repo().await?;
+                self.run_upgrade(&repo, Change::Previous, "rollback").await
+            }
+            ShellRequest::Pull { service, rev } => {
+                if matches!(self.stage, Stage::Staging | Stage::Production) {
+                    return Err(remote(
+                        ErrorKind::PermissionDenied,
+                        format!(
+                            "`{}` is a {} instance: it takes images (molt deploy), not pulls",
+                            self.name, self.stage
+                        ),
+                    ));
+                }
+                let repo = self.repo().await?;
+                let commit = repo.resolve(&service, &rev).await.map_err(|e| match e {
+                    repo_server::client::ClientError::Remote(r) => r,
+                    other => remote(ErrorKind::Internal, other.to_string()),
+                })?;
+                self.run_upgrade(
+                    &repo,
+                    Change::Pull(service.clone(), commit),
+                    &format!("pull {service}@{rev}"),
+                )
+                .await
             }
         }
     }
+
+    /// Runs one upgrade at a time: waits (visibly queued) for the instance.
+    async fn run_upgrade(&self, repo: &RepoClient, change: Change, reason: &str) -> ShellReply {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        let mut instance = self.instance.lock().await;
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+        self.upgrading.store(true, Ordering::SeqCst);
+        let result = async {
+            let (target, image) = match change {
+                Change::To(target, image) => (target, image),
+                Change::Pull(service, commit) => {
+                    let mut target = instance.commits();
+                    target.insert(service, commit);
+                    (target, instance.recorded()?.0)
+                }
+                Change::Previous => {
+                    let previous = instance.previous()?.ok_or_else(|| {
+                        UpgradeError::Manifest(
+                            "there is no previous generation to roll back to".into(),
+                        )
+                    })?;
+                    let target = previous
+                        .services
+                        .iter()
+                        .map(|(n, s)| (n.clone(), s.commit))
+                        .collect();
+                    (target, previous.image)
+                }
+            };
+            instance.upgrade(repo, &target, image, reason).await
+        }
+        .await;
+        self.upgrading.store(false, Ordering::SeqCst);
+        self.refresh(&instance);
+        let report = result.map_err(|e| remote(ErrorKind::Invalid, e.to_string()))?;
+        Ok(ShellResponse::Upgraded(UpgradeSummary {
+            restarted: report.restarted,
+            unchanged: report.unchanged,
+            removed: report.removed,
+            generation: report.generation,
+        }))
+    }
+}
+
+/// What an upgrade changes to.
+enum Change {
+    /// These commits (and the image they come from).
+    To(
+        BTreeMap<ServiceName, CommitId>,
+        Option<(image_spec::ImageName, image_spec::ImageId)>,
+    ),
+    /// One service to one commit, the others as they are.
+    Pull(ServiceName, CommitId),
+    /// The previous generation.
+    Previous,
 }
 
 /// What an upgrade from `current` to `target` would do.

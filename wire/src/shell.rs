@@ -31,6 +31,17 @@ pub enum ShellRequest {
     },
     /// The instance's state.
     Status,
+    /// Go back to the previous generation (its releases are reused: nothing is
+    /// fetched or built).
+    Rollback,
+    /// Bring one service to a revision (branch, full or abbreviated commit id);
+    /// development and quality instances only.
+    Pull {
+        /// The service.
+        service: ServiceName,
+        /// The revision.
+        rev: String,
+    },
 }
 
 /// One service on an instance, as `status` reports it.
@@ -83,7 +94,7 @@ pub struct UpgradeSummary {
 /// A successful answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ShellResponse {
-    /// The upgrade is done and recorded.
+    /// The upgrade (or rollback, or pull) is done and recorded.
     Upgraded(UpgradeSummary),
     /// What an upgrade would do.
     Plan(UpgradeSummary),
