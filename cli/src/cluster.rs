@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use tokio_util::sync::CancellationToken;
 use wire::{ClusterCa, Credentials, Identity};
 
 use crate::config::{CONFIG_FILE, Config, Loaded, RepoServerConfig};
@@ -177,25 +176,11 @@ pub(crate) async fn repo_server(
     let bound = repo_server::bind(&config)
         .with_context(|| format!("cannot start the repository server on {}", config.listen))?;
     let addr = bound.local_addr()?;
-    // Register for the signals before announcing readiness: whoever reads the
-    // "listening" line may signal at once.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot listen for SIGTERM")?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .context("cannot listen for SIGINT")?;
+    let (shutdown, waiter) = crate::signals::shutdown_on_signals()?;
     eprintln!(
         "repository server listening on {addr} (data in {})",
         config.data.display()
     );
-    let shutdown = CancellationToken::new();
-    let signals = shutdown.clone();
-    let waiter = tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        signals.cancel();
-    });
     bound.serve(shutdown).await;
     waiter.abort();
     eprintln!("repository server stopped");

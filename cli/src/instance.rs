@@ -8,7 +8,6 @@ use anyhow::{Context, Result, bail};
 use image_spec::{ImageName, InstanceName};
 use shell::instance::{InstanceConfig, PublicPorts};
 use shell::service::{ShellConfig, Stage};
-use tokio_util::sync::CancellationToken;
 use wire::shell::{ShellReply, ShellRequest, ShellResponse, UpgradeSummary};
 use wire::{Client, Credentials, Identity};
 
@@ -64,23 +63,11 @@ pub(crate) async fn shell(
         credentials,
         listen: args.listen,
     };
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot listen for SIGTERM")?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .context("cannot listen for SIGINT")?;
+    let (shutdown, waiter) = crate::signals::shutdown_on_signals()?;
     let bound = shell::service::bind(config)
         .await
         .with_context(|| format!("cannot start the shell of `{name}`"))?;
     eprintln!("shell {name} listening on {}", bound.local_addr()?);
-    let shutdown = CancellationToken::new();
-    let signals = shutdown.clone();
-    let waiter = tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        signals.cancel();
-    });
     bound.serve(shutdown).await;
     waiter.abort();
     eprintln!("shell {name} stopped");

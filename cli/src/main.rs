@@ -7,6 +7,7 @@ mod cluster;
 mod config;
 mod instance;
 mod repo;
+mod signals;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

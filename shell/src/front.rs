@@ -21,17 +21,153 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-/// Connections currently open per backend.
-type Active = Arc<Mutex<HashMap<SocketAddr, usize>>>;
+/// Connections (or requests) currently open per backend.
+pub(crate) type Counts = Arc<Mutex<HashMap<SocketAddr, usize>>>;
 
-/// A running front for one public port (see the module docs).
+/// Counts one connection or request against its backend while it lives.
+pub(crate) struct Busy {
+    backend: SocketAddr,
+    counts: Counts,
+}
+
+impl Busy {
+    pub(crate) fn new(backend: SocketAddr, counts: &Counts) -> Self {
+        if let Ok(mut m) = counts.lock() {
+            *m.entry(backend).or_insert(0) += 1;
+        }
+        Self {
+            backend,
+            counts: counts.clone(),
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.counts.lock()
+            && let Some(n) = m.get_mut(&self.backend)
+        {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// What a front's connection handler gets besides the client connection.
+#[derive(Clone)]
+pub(crate) struct Routing {
+    /// The backend new work goes to (`None`: hold it).
+    pub(crate) backend: watch::Receiver<Option<SocketAddr>>,
+    /// How long to hold new work while there is no backend.
+    pub(crate) hold: Duration,
+    /// Work in flight per backend.
+    pub(crate) counts: Counts,
+    /// Cancelled when the front shuts down.
+    pub(crate) stop: CancellationToken,
+}
+
+impl Routing {
+    /// The backend, waiting up to the hold time while there is none.
+    pub(crate) async fn current(&mut self) -> Option<SocketAddr> {
+        match tokio::time::timeout(self.hold, self.backend.wait_for(Option::is_some)).await {
+            Ok(Ok(b)) => *b,
+            _ => None,
+        }
+    }
+}
+
+/// A public port: the listener, its accept loop, and the switchable backend. The
+/// TCP and HTTP fronts differ only in what they do with each client connection.
 #[derive(Debug)]
-pub struct TcpFront {
+pub(crate) struct Port {
     addr: SocketAddr,
     backend: watch::Sender<Option<SocketAddr>>,
-    active: Active,
+    counts: Counts,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl Port {
+    /// Listens on `public` and runs `serve` for every client connection.
+    pub(crate) async fn bind<F, Fut>(
+        public: SocketAddr,
+        backend: Option<SocketAddr>,
+        hold: Duration,
+        serve: F,
+    ) -> std::io::Result<Self>
+    where
+        F: Fn(TcpStream, Routing) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind(public).await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = watch::channel(backend);
+        let counts: Counts = Arc::default();
+        let stop = CancellationToken::new();
+        let routing = Routing {
+            backend: rx,
+            hold,
+            counts: counts.clone(),
+            stop: stop.clone(),
+        };
+        let task = tokio::spawn(accept_loop(listener, routing, serve));
+        Ok(Self {
+            addr,
+            backend: tx,
+            counts,
+            stop,
+            task,
+        })
+    }
+
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub(crate) fn switch(&self, backend: Option<SocketAddr>) {
+        self.backend.send_replace(backend);
+    }
+
+    pub(crate) fn busy(&self, backend: SocketAddr) -> usize {
+        self.counts
+            .lock()
+            .map(|m| m.get(&backend).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    pub(crate) async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+async fn accept_loop<F, Fut>(listener: TcpListener, routing: Routing, serve: F)
+where
+    F: Fn(TcpStream, Routing) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut conns = JoinSet::new();
+    loop {
+        while conns.try_join_next().is_some() {}
+        let (client, _) = tokio::select! {
+            () = routing.stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    debug!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let _ = client.set_nodelay(true);
+        conns.spawn(serve(client, routing.clone()));
+    }
+    conns.shutdown().await;
+}
+
+/// A running front for one `tcp` port (see the module docs).
+#[derive(Debug)]
+pub struct TcpFront {
+    port: Port,
 }
 
 impl TcpFront {
@@ -42,100 +178,44 @@ impl TcpFront {
         backend: Option<SocketAddr>,
         hold: Duration,
     ) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(public).await?;
-        let addr = listener.local_addr()?;
-        let (tx, rx) = watch::channel(backend);
-        let active: Active = Arc::default();
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(accept_loop(
-            listener,
-            rx,
-            hold,
-            active.clone(),
-            stop.clone(),
-        ));
-        Ok(Self {
-            addr,
-            backend: tx,
-            active,
-            stop,
-            task,
+        let port = Port::bind(public, backend, hold, |client, routing| async move {
+            let stop = routing.stop.clone();
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = splice(client, routing) => {}
+            }
         })
+        .await?;
+        Ok(Self { port })
     }
 
     /// The public address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.port.local_addr()
     }
 
     /// Sends new connections to `backend` from now on (`None`: hold them).
     pub fn switch(&self, backend: Option<SocketAddr>) {
-        self.backend.send_replace(backend);
+        self.port.switch(backend);
     }
 
     /// Connections still open on `backend`.
     pub fn active(&self, backend: SocketAddr) -> usize {
-        self.active
-            .lock()
-            .map(|m| m.get(&backend).copied().unwrap_or(0))
-            .unwrap_or(0)
+        self.port.busy(backend)
     }
 
     /// Stops accepting and closes every spliced connection.
     pub async fn shutdown(self) {
-        self.stop.cancel();
-        let _ = self.task.await;
+        self.port.shutdown().await;
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    backend: watch::Receiver<Option<SocketAddr>>,
-    hold: Duration,
-    active: Active,
-    stop: CancellationToken,
-) {
-    let mut conns = JoinSet::new();
-    loop {
-        while conns.try_join_next().is_some() {}
-        let (client, _) = tokio::select! {
-            () = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    debug!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-        };
-        let backend = backend.clone();
-        let active = active.clone();
-        let stop = stop.clone();
-        conns.spawn(async move {
-            tokio::select! {
-                () = stop.cancelled() => {}
-                () = splice(client, backend, hold, active) => {}
-            }
-        });
-    }
-    conns.shutdown().await;
-}
-
-/// Waits (up to `hold`) for a backend, connects, and copies both ways.
-async fn splice(
-    mut client: TcpStream,
-    mut backend: watch::Receiver<Option<SocketAddr>>,
-    hold: Duration,
-    active: Active,
-) {
-    let target = match tokio::time::timeout(hold, backend.wait_for(Option::is_some)).await {
-        Ok(Ok(b)) => *b,
-        _ => {
-            debug!("no backend within the hold time; closing the connection");
-            return;
-        }
+/// Waits (up to the hold time) for a backend, connects, and copies both ways.
+async fn splice(mut client: TcpStream, mut routing: Routing) {
+    let Some(target) = routing.current().await else {
+        debug!("no backend within the hold time; closing the connection");
+        return;
     };
-    let Some(target) = target else { return };
     let mut server = match TcpStream::connect(target).await {
         Ok(s) => s,
         Err(e) => {
@@ -143,15 +223,8 @@ async fn splice(
             return;
         }
     };
-    let count = |delta: isize| {
-        if let Ok(mut m) = active.lock() {
-            let n = m.entry(target).or_insert(0);
-            *n = n.saturating_add_signed(delta);
-        }
-    };
-    count(1);
+    let _busy = Busy::new(target, &routing.counts);
     let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-    count(-1);
 }
 
 #[cfg(test)]

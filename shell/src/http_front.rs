@@ -9,10 +9,8 @@
 //! upgrade can wait for the drain). With no backend, a request waits up to the hold
 //! time and then gets `503`; a backend that fails gives `502`.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,52 +20,12 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::front::{Busy, Port, Routing};
+
 type Body = BoxBody<Bytes, hyper::Error>;
-
-/// Requests in flight per backend.
-type InFlight = Arc<Mutex<HashMap<SocketAddr, usize>>>;
-
-#[derive(Clone)]
-struct Router {
-    backend: watch::Receiver<Option<SocketAddr>>,
-    hold: Duration,
-    client: Client<HttpConnector, Incoming>,
-    in_flight: InFlight,
-}
-
-/// Counts a request against its backend until dropped.
-struct Flight {
-    backend: SocketAddr,
-    in_flight: InFlight,
-}
-
-impl Flight {
-    fn new(backend: SocketAddr, in_flight: &InFlight) -> Self {
-        if let Ok(mut m) = in_flight.lock() {
-            *m.entry(backend).or_insert(0) += 1;
-        }
-        Self {
-            backend,
-            in_flight: in_flight.clone(),
-        }
-    }
-}
-
-impl Drop for Flight {
-    fn drop(&mut self) {
-        if let Ok(mut m) = self.in_flight.lock()
-            && let Some(n) = m.get_mut(&self.backend)
-        {
-            *n = n.saturating_sub(1);
-        }
-    }
-}
 
 fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     let mut resp = Response::new(
@@ -79,48 +37,72 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     resp
 }
 
-impl Router {
-    async fn route(mut self, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-        let backend =
-            match tokio::time::timeout(self.hold, self.backend.wait_for(Option::is_some)).await {
-                Ok(Ok(b)) => *b,
-                _ => None,
-            };
-        let Some(backend) = backend else {
-            return Ok(plain(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no healthy process behind this port\n",
-            ));
-        };
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
-        let uri = match format!("http://{backend}{path}").parse() {
-            Ok(u) => u,
-            Err(_) => return Ok(plain(StatusCode::BAD_REQUEST, "bad request target\n")),
-        };
-        *req.uri_mut() = uri;
-        let flight = Flight::new(backend, &self.in_flight);
-        match self.client.request(req).await {
-            Ok(resp) => {
-                // The response body streams back after this returns; the flight
-                // ends with it.
-                let (parts, body) = resp.into_parts();
-                let body = body.map_frame(move |f| {
-                    let _ = &flight;
-                    f
-                });
-                Ok(Response::from_parts(parts, body.boxed()))
+/// Forwards one request to the backend current at its arrival.
+async fn route(
+    mut routing: Routing,
+    client: Client<HttpConnector, Incoming>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let Some(backend) = routing.current().await else {
+        return Ok(plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no healthy process behind this port\n",
+        ));
+    };
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let Ok(uri) = format!("http://{backend}{path}").parse() else {
+        return Ok(plain(StatusCode::BAD_REQUEST, "bad request target\n"));
+    };
+    *req.uri_mut() = uri;
+    let busy = Busy::new(backend, &routing.counts);
+    match client.request(req).await {
+        Ok(resp) => {
+            // The response body streams back after this returns; the request
+            // counts as in flight until it has.
+            let (parts, body) = resp.into_parts();
+            let body = body.map_frame(move |f| {
+                let _ = &busy;
+                f
+            });
+            Ok(Response::from_parts(parts, body.boxed()))
+        }
+        Err(e) => {
+            debug!(%backend, error = %e, "backend failed");
+            Ok(plain(
+                StatusCode::BAD_GATEWAY,
+                "the service did not answer\n",
+            ))
+        }
+    }
+}
+
+/// Serves one client connection, request by request, until it closes or the
+/// front shuts down (then gracefully: the request in progress finishes).
+async fn serve_client(
+    stream: TcpStream,
+    routing: Routing,
+    client: Client<HttpConnector, Incoming>,
+) {
+    let stop = routing.stop.clone();
+    let service =
+        hyper::service::service_fn(move |req| route(routing.clone(), client.clone(), req));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(e) = res {
+                debug!(error = %e, "client connection ended with an error");
             }
-            Err(e) => {
-                debug!(%backend, error = %e, "backend failed");
-                Ok(plain(
-                    StatusCode::BAD_GATEWAY,
-                    "the service did not answer\n",
-                ))
-            }
+        }
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
         }
     }
 }
@@ -128,11 +110,7 @@ impl Router {
 /// A running HTTP front for one public port (see the module docs).
 #[derive(Debug)]
 pub struct HttpFront {
-    addr: SocketAddr,
-    backend: watch::Sender<Option<SocketAddr>>,
-    in_flight: InFlight,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    port: Port,
 }
 
 impl HttpFront {
@@ -143,100 +121,44 @@ impl HttpFront {
         backend: Option<SocketAddr>,
         hold: Duration,
     ) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(public).await?;
-        let addr = listener.local_addr()?;
-        let (tx, rx) = watch::channel(backend);
-        let in_flight: InFlight = Arc::default();
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        let router = Router {
-            backend: rx,
-            hold,
-            client: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build(connector),
-            in_flight: in_flight.clone(),
-        };
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(accept_loop(listener, router, stop.clone()));
-        Ok(Self {
-            addr,
-            backend: tx,
-            in_flight,
-            stop,
-            task,
+        let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        let port = Port::bind(public, backend, hold, move |stream, routing| {
+            serve_client(stream, routing, client.clone())
         })
+        .await?;
+        Ok(Self { port })
     }
 
     /// The public address.
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.port.local_addr()
     }
 
     /// Routes requests arriving from now on to `backend` (`None`: hold them).
     pub fn switch(&self, backend: Option<SocketAddr>) {
-        self.backend.send_replace(backend);
+        self.port.switch(backend);
     }
 
     /// Requests still in flight on `backend`.
     pub fn in_flight(&self, backend: SocketAddr) -> usize {
-        self.in_flight
-            .lock()
-            .map(|m| m.get(&backend).copied().unwrap_or(0))
-            .unwrap_or(0)
+        self.port.busy(backend)
     }
 
     /// Stops accepting and closes client connections.
     pub async fn shutdown(self) {
-        self.stop.cancel();
-        let _ = self.task.await;
+        self.port.shutdown().await;
     }
-}
-
-async fn accept_loop(listener: TcpListener, router: Router, stop: CancellationToken) {
-    let mut conns = JoinSet::new();
-    loop {
-        while conns.try_join_next().is_some() {}
-        let (stream, _) = tokio::select! {
-            () = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    debug!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let router = router.clone();
-        let stop = stop.clone();
-        conns.spawn(async move {
-            let service = hyper::service::service_fn(move |req| router.clone().route(req));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                res = conn.as_mut() => {
-                    if let Err(e) = res {
-                        debug!(error = %e, "client connection ended with an error");
-                    }
-                }
-                () = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
-    }
-    conns.shutdown().await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-    use tokio::net::TcpStream;
+    use tokio::net::{TcpListener, TcpStream};
 
     /// An HTTP/1.1 backend answering `name` to every request, after `delay`.
     async fn backend(name: &'static str, delay: Duration) -> SocketAddr {

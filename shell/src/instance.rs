@@ -505,17 +505,7 @@ impl Instance {
             .collect();
         for name in gone {
             if let Some(old) = self.services.remove(&name) {
-                let keys: Vec<_> = self
-                    .fronts
-                    .keys()
-                    .filter(|(s, _)| s == &name)
-                    .cloned()
-                    .collect();
-                for k in keys {
-                    if let Some(f) = self.fronts.remove(&k) {
-                        f.shutdown().await;
-                    }
-                }
+                self.close_fronts(&name).await;
                 old.process.stop().await;
                 report.removed.push(name);
             }
@@ -590,17 +580,7 @@ impl Instance {
                     self.services.insert(name.clone(), old)
                 }
                 None => {
-                    let keys: Vec<_> = self
-                        .fronts
-                        .keys()
-                        .filter(|(s, _)| s == &name)
-                        .cloned()
-                        .collect();
-                    for k in keys {
-                        if let Some(f) = self.fronts.remove(&k) {
-                            f.shutdown().await;
-                        }
-                    }
+                    self.close_fronts(&name).await;
                     self.services.remove(&name)
                 }
             };
@@ -660,6 +640,21 @@ impl Instance {
         let image = self.state.installed()?.image;
         let generation = self.state.generations()?.last().map_or(0, |g| g.number);
         Ok((image, generation))
+    }
+
+    /// Closes every public port of a service.
+    async fn close_fronts(&mut self, name: &ServiceName) {
+        let keys: Vec<_> = self
+            .fronts
+            .keys()
+            .filter(|(s, _)| s == name)
+            .cloned()
+            .collect();
+        for k in keys {
+            if let Some(f) = self.fronts.remove(&k) {
+                f.shutdown().await;
+            }
+        }
     }
 
     /// Stops every process and closes every port.
