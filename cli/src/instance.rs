@@ -154,7 +154,9 @@ pub(crate) async fn deploy(
     };
     let summary = match command(config, instance, req).await? {
         ShellResponse::Upgraded(s) | ShellResponse::Plan(s) => s,
-        ShellResponse::Status(_) => bail!("the shell answered a deploy with a status"),
+        ShellResponse::Status(_) | ShellResponse::Logs { .. } => {
+            bail!("the shell answered a deploy with something else")
+        }
     };
     if json {
         println!("{}", serde_json::to_string(&summary)?);
@@ -187,6 +189,40 @@ pub(crate) async fn change(
         print_summary(&format!("{what} {instance}:"), &summary);
     }
     Ok(())
+}
+
+/// `molt logs SERVICE --instance T [--lines N] [-f]`.
+pub(crate) async fn logs(
+    config: Option<&Path>,
+    instance: &str,
+    service: &str,
+    lines: u32,
+    follow: bool,
+) -> Result<()> {
+    use std::io::Write;
+    let service = image_spec::ServiceName::new(service)?;
+    let mut from = None;
+    loop {
+        let req = ShellRequest::Logs {
+            service: service.clone(),
+            tail: lines,
+            from,
+        };
+        let ShellResponse::Logs { text, next } = command(config, instance, req).await? else {
+            bail!("the shell answered a logs request with something else");
+        };
+        let mut out = std::io::stdout().lock();
+        out.write_all(text.as_bytes())?;
+        if from.is_none() && !text.is_empty() {
+            out.write_all(b"\n")?;
+        }
+        out.flush()?;
+        if !follow {
+            return Ok(());
+        }
+        from = Some(next);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 /// Splits `SERVICE[@REV]` (REV defaults to `main`).

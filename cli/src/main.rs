@@ -104,6 +104,20 @@ enum Command {
         #[arg(long)]
         instance: String,
     },
+    /// Show a service's log on an instance (the last lines, or follow it).
+    Logs {
+        /// The service.
+        service: String,
+        /// The instance: NAME@ADDR, or a NAME under [instances] in molt.toml.
+        #[arg(long)]
+        instance: String,
+        /// How many lines to show first.
+        #[arg(long, default_value_t = 50)]
+        lines: u32,
+        /// Keep printing what the service writes.
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// Go back to the instance's previous generation (no fetch, no build).
     Rollback {
         /// The instance: NAME@ADDR, or a NAME under [instances] in molt.toml.
@@ -317,6 +331,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { instance } => {
             instance::status(cli.config.as_deref(), &instance, json).await
         }
+        Command::Logs {
+            service,
+            instance,
+            lines,
+            follow,
+        } => instance::logs(cli.config.as_deref(), &instance, &service, lines, follow).await,
         Command::Rollback { instance } => {
             instance::change(
                 cli.config.as_deref(),

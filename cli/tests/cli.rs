@@ -459,6 +459,16 @@ fn deploy_an_image_to_a_shell_and_read_its_status() {
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     assert!(body.contains("hello from molt"), "{body}");
 
+    // The service's log, through the shell.
+    let out = c.molt(&["logs", "hello", "--instance", &target, "--lines", "20"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(log.contains("hello: listening on 127.0.0.1:"), "{log}");
+
     // Deploying the same image again changes nothing.
     let again = c.molt_json(&["deploy", "demo-1", "--instance", &target]);
     assert_eq!(again["unchanged"], serde_json::json!(["hello"]));

@@ -1,5 +1,5 @@
-//! The shell's command service: `upgrade`, `plan`, `status`, `rollback` and
-//! `pull` over QUIC.
+//! The shell's command service: `upgrade`, `plan`, `status`, `logs`, `rollback`
+//! and `pull` over QUIC.
 //!
 //! [`run`] opens the instance (starting its recorded generation), then serves
 //! commands from the portal and from users with the deployer or admin grant.
@@ -105,6 +105,7 @@ pub enum ShellError {
 
 struct ShellService {
     instance: Mutex<Instance>,
+    root: std::path::PathBuf,
     name: String,
     stage: Stage,
     repo_addr: SocketAddr,
@@ -165,6 +166,24 @@ impl ShellService {
     async fn answer(&self, req: ShellRequest) -> ShellReply {
         match req {
             ShellRequest::Status => Ok(ShellResponse::Status(self.status())),
+            ShellRequest::Logs {
+                service,
+                tail,
+                from,
+            } => {
+                let path = self
+                    .root
+                    .join("logs")
+                    .join(service.as_str())
+                    .join("service.log");
+                let (text, next) = read_log(&path, tail, from).map_err(|e| {
+                    remote(
+                        ErrorKind::NotFound,
+                        format!("no log for `{service}` on `{}`: {e}", self.name),
+                    )
+                })?;
+                Ok(ShellResponse::Logs { text, next })
+            }
             ShellRequest::Plan { image } => {
                 let repo = self.repo().await?;
                 let (_, target) = self.image_target(&repo, &image).await?;
@@ -266,6 +285,42 @@ enum Change {
     Previous,
 }
 
+/// Most bytes of log one answer carries.
+const LOG_CHUNK: u64 = 1 << 20;
+
+/// The last `tail` lines of the log at `path`, or what follows offset `from`
+/// (from the start if the file was rotated and is now shorter); and the offset to
+/// continue from.
+pub fn read_log(
+    path: &std::path::Path,
+    tail: u32,
+    from: Option<u64>,
+) -> std::io::Result<(String, u64)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    match from {
+        Some(off) => {
+            let start = if off > len { 0 } else { off };
+            file.seek(SeekFrom::Start(start))?;
+            let mut buf = Vec::new();
+            file.take(LOG_CHUNK).read_to_end(&mut buf)?;
+            let next = start + buf.len() as u64;
+            Ok((String::from_utf8_lossy(&buf).into_owned(), next))
+        }
+        None => {
+            let start = len.saturating_sub(LOG_CHUNK);
+            file.seek(SeekFrom::Start(start))?;
+            let mut buf = Vec::new();
+            file.read_to_end(&mut buf)?;
+            let text = String::from_utf8_lossy(&buf);
+            let lines: Vec<&str> = text.lines().collect();
+            let keep = lines[lines.len().saturating_sub(tail as usize)..].join("\n");
+            Ok((keep, len))
+        }
+    }
+}
+
 /// What an upgrade from `current` to `target` would do.
 pub fn plan(
     current: &BTreeMap<ServiceName, CommitId>,
@@ -347,6 +402,7 @@ pub async fn bind(config: ShellConfig) -> Result<Bound, ShellError> {
     }
     let server = Server::bind(config.listen, &config.credentials)?;
     let client = Client::new(&config.credentials, config.repo)?;
+    let root = config.instance.root.clone();
     let instance = Instance::open(config.instance).await?;
     let status = InstanceStatus {
         instance: name.clone(),
@@ -359,6 +415,7 @@ pub async fn bind(config: ShellConfig) -> Result<Bound, ShellError> {
     };
     let service = Arc::new(ShellService {
         instance: Mutex::new(instance),
+        root,
         name,
         stage: config.stage,
         repo_addr: config.repo,
@@ -403,6 +460,22 @@ mod tests {
         assert_eq!(p.restarted, [s("b"), s("new")]);
         assert_eq!(p.removed, [s("gone")]);
         assert!("production".parse::<Stage>().is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("service.log");
+        std::fs::write(&log, "one\ntwo\nthree\n").unwrap();
+        let (text, next) = read_log(&log, 2, None).unwrap();
+        assert_eq!((text.as_str(), next), ("two\nthree", 14));
+        std::fs::write(&log, "one\ntwo\nthree\nfour\n").unwrap();
+        assert_eq!(
+            read_log(&log, 2, Some(next)).unwrap(),
+            ("four\n".to_owned(), 19)
+        );
+        // After a rotation the file is shorter: follow from its start.
+        std::fs::write(&log, "new\n").unwrap();
+        assert_eq!(
+            read_log(&log, 2, Some(19)).unwrap(),
+            ("new\n".to_owned(), 4)
+        );
         assert!("prod".parse::<Stage>().is_err());
     }
 }

@@ -34,6 +34,16 @@ pub enum ShellRequest {
     /// Go back to the previous generation (its releases are reused: nothing is
     /// fetched or built).
     Rollback,
+    /// A service's log: the last `tail` lines, or (with `from`) everything after
+    /// that byte offset, for following.
+    Logs {
+        /// The service.
+        service: ServiceName,
+        /// How many lines, when `from` is `None`.
+        tail: u32,
+        /// Continue from this offset (the `next` of the previous answer).
+        from: Option<u64>,
+    },
     /// Bring one service to a revision (branch, full or abbreviated commit id);
     /// development and quality instances only.
     Pull {
@@ -100,6 +110,13 @@ pub enum ShellResponse {
     Plan(UpgradeSummary),
     /// The instance's state.
     Status(InstanceStatus),
+    /// Part of a service's log.
+    Logs {
+        /// The text.
+        text: String,
+        /// The offset to continue from.
+        next: u64,
+    },
 }
 
 /// The answer to a shell request.
