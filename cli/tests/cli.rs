@@ -459,15 +459,26 @@ fn deploy_an_image_to_a_shell_and_read_its_status() {
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     assert!(body.contains("hello from molt"), "{body}");
 
-    // The service's log, through the shell.
-    let out = c.molt(&["logs", "hello", "--instance", &target, "--lines", "20"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let log = String::from_utf8_lossy(&out.stdout);
-    assert!(log.contains("hello: listening on 127.0.0.1:"), "{log}");
+    // The service's log, through the shell (its output reaches the log file
+    // asynchronously, so ask until it is there, within a deadline).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = c.molt(&["logs", "hello", "--instance", &target, "--lines", "20"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let log = String::from_utf8_lossy(&out.stdout).into_owned();
+        if log.contains("hello: listening on 127.0.0.1:") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the log never showed the start: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // Deploying the same image again changes nothing.
     let again = c.molt_json(&["deploy", "demo-1", "--instance", &target]);

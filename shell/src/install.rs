@@ -179,6 +179,27 @@ pub async fn install(
         }));
     }
 
+    // Pre-flight: the new release needs a copy of the previous one plus the files
+    // the diff adds; refuse with the numbers rather than fail half way.
+    let needed = current.map_or(Ok(0), |c| crate::release::dir_size(&c.dir))?
+        + diff
+            .changes()
+            .iter()
+            .filter_map(|c| match c {
+                image_spec::Change::Added(e) | image_spec::Change::Modified(e) => Some(e.size()),
+                _ => None,
+            })
+            .sum::<u64>();
+    let available = ctx.releases.free_space()?;
+    if needed > available {
+        return Err(ReleaseError::NoSpace {
+            path: ctx.releases.dir(service, &target),
+            needed,
+            available,
+        }
+        .into());
+    }
+
     let missing = ctx.cache.missing(diff.needed_blobs());
     let fetched_bytes = if missing.is_empty() {
         0

@@ -40,6 +40,10 @@ use crate::release::{ReleaseError, Releases, verify};
 use crate::state::{InstalledState, ServiceState, State, StateError};
 use crate::supervisor::{ProcessState, StopPlan, Supervised, supervise};
 
+/// How many releases of each service are kept on disk (besides the running and
+/// the previous generation's, which are always kept).
+pub const KEEP_RELEASES: usize = 5;
+
 /// How public ports are chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PublicPorts {
@@ -531,6 +535,7 @@ impl Instance {
                     .collect(),
             };
             report.generation = Some(self.state.record(&state, reason)?);
+            self.prune();
         }
         Ok(report)
     }
@@ -640,6 +645,29 @@ impl Instance {
         let image = self.state.installed()?.image;
         let generation = self.state.generations()?.last().map_or(0, |g| g.number);
         Ok((image, generation))
+    }
+
+    /// Keeps the newest [`KEEP_RELEASES`] releases of each service, and always the
+    /// running and the previous generation's (for an instant rollback).
+    fn prune(&self) {
+        let mut protect: Vec<PathBuf> = self
+            .services
+            .values()
+            .map(|s| s.installed.dir.clone())
+            .collect();
+        if let Ok(Some(previous)) = self.previous() {
+            protect.extend(previous.services.values().map(|s| s.release.clone()));
+        }
+        for name in self.services.keys() {
+            match self.releases.prune(name, KEEP_RELEASES, &protect) {
+                Ok(removed) => {
+                    for r in removed {
+                        info!(service = %name, release = %r.display(), "pruned an old release");
+                    }
+                }
+                Err(e) => warn!(service = %name, error = %e, "could not prune old releases"),
+            }
+        }
     }
 
     /// Closes every public port of a service.

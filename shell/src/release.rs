@@ -41,6 +41,18 @@ pub enum ReleaseError {
     /// A blob the diff needs is not in the local cache.
     #[error("blob {0} is not in the local cache")]
     MissingBlob(BlobId),
+    /// Not enough free disk for the new release.
+    #[error(
+        "not enough disk for the new release in `{path}`: it needs about {needed} bytes, {available} are free"
+    )]
+    NoSpace {
+        /// The releases directory.
+        path: PathBuf,
+        /// Bytes the release needs (a copy of the previous one plus new files).
+        needed: u64,
+        /// Bytes free.
+        available: u64,
+    },
     /// A release directory does not match its tree.
     #[error("release `{dir}` does not match its tree at `{path}`: {reason}")]
     Mismatch {
@@ -120,6 +132,67 @@ impl Releases {
     /// Where the sealed release of `service` at `commit` lives.
     pub fn dir(&self, service: &ServiceName, commit: &CommitId) -> PathBuf {
         self.root.join(service.as_str()).join(commit.to_hex())
+    }
+
+    /// Removes the oldest sealed releases of `service` beyond the newest `keep`,
+    /// never one in `protect` (the running and the previous generation's). Returns
+    /// the removed directories.
+    pub fn prune(
+        &self,
+        service: &ServiceName,
+        keep: usize,
+        protect: &[PathBuf],
+    ) -> Result<Vec<PathBuf>, ReleaseError> {
+        let dir = self.root.join(service.as_str());
+        let mut sealed: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        for entry in entries {
+            let path = entry.map_err(io_err(&dir))?.path();
+            let staging = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_none_or(|n| n.starts_with('.'));
+            if staging || !path.is_dir() {
+                continue;
+            }
+            let modified = fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .map_err(io_err(&path))?;
+            sealed.push((modified, path));
+        }
+        sealed.sort();
+        let excess = sealed.len().saturating_sub(keep);
+        let mut removed = Vec::new();
+        for (_, path) in sealed.into_iter().take(excess) {
+            if protect.contains(&path) {
+                continue;
+            }
+            fs::remove_dir_all(&path).map_err(io_err(&path))?;
+            removed.push(path);
+        }
+        Ok(removed)
+    }
+
+    /// Bytes free on the filesystem holding the releases.
+    pub fn free_space(&self) -> Result<u64, ReleaseError> {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(self.root.as_os_str().as_bytes())
+            .map_err(|e| io_err(&self.root)(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        // SAFETY: `c` is a valid NUL-terminated path and `stat` a plain struct
+        // that statvfs fills in; nothing is retained after the call.
+        #[allow(unsafe_code)]
+        let stat = unsafe {
+            let mut stat: libc::statvfs = std::mem::zeroed();
+            if libc::statvfs(c.as_ptr(), &mut stat) != 0 {
+                return Err(io_err(&self.root)(io::Error::last_os_error()));
+            }
+            stat
+        };
+        Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
     }
 
     /// Starts a new release of `service` at `commit`: a fresh staging directory,
@@ -330,6 +403,24 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<CopyStats, ReleaseError> {
         }
     }
     Ok(stats)
+}
+
+/// The bytes of the regular files under `dir` (what a copy of it needs).
+pub fn dir_size(dir: &Path) -> Result<u64, ReleaseError> {
+    let mut total = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).map_err(io_err(&d))? {
+            let entry = entry.map_err(io_err(&d))?;
+            let meta = fs::symlink_metadata(entry.path()).map_err(io_err(&entry.path()))?;
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if meta.is_file() {
+                total += meta.len();
+            }
+        }
+    }
+    Ok(total)
 }
 
 /// Checks that `dir` holds every entry of `tree` as the tree says (see the module
@@ -547,6 +638,32 @@ mod tests {
         assert_eq!(removed, std::slice::from_ref(&half_dir));
         assert!(!half_dir.exists());
         assert!(dir.exists());
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_and_the_protected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (releases, _) = Releases::open(&tmp.path().join("r")).unwrap();
+        let mut dirs = Vec::new();
+        for i in 0..7u8 {
+            let stage = releases
+                .stage(&svc(), &CommitId::from_bytes([i; 32]), None)
+                .unwrap();
+            write(stage.dir(), "f", &[i]);
+            let dir = stage.seal().unwrap();
+            // Distinct, increasing ages.
+            let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + u64::from(i));
+            fs::File::open(&dir).unwrap().set_modified(t).unwrap();
+            dirs.push(dir);
+        }
+        // Keep 3; the oldest one is protected (it is still running, say).
+        let removed = releases.prune(&svc(), 3, &[dirs[0].clone()]).unwrap();
+        assert_eq!(removed, dirs[1..4].to_vec());
+        for d in [&dirs[0], &dirs[4], &dirs[5], &dirs[6]] {
+            assert!(d.exists());
+        }
+        assert!(releases.free_space().unwrap() > 0);
+        assert_eq!(dir_size(&dirs[6]).unwrap(), 1);
     }
 
     #[test]
