@@ -463,7 +463,7 @@ fn deploy_an_image_to_a_shell_and_read_its_status() {
     // asynchronously, so ask until it is there, within a deadline).
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let out = c.molt(&["logs", "hello", "--instance", &target, "--lines", "20"]);
+        let out = c.molt(&["logs", "hello", "--instance", &target, "--lines", "1000"]);
         assert!(
             out.status.success(),
             "{}",

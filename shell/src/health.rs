@@ -118,10 +118,13 @@ async fn http_get(port: u16, path: &str) -> Result<(), ProbeError> {
         reason: e.to_string(),
     };
     stream.write_all(request.as_bytes()).await.map_err(io)?;
-    // The status line is all we need; read until it is complete.
-    let mut head = Vec::with_capacity(128);
-    let mut buf = [0u8; 128];
-    while !head.contains(&b'\n') && head.len() < 1024 {
+    // Read the whole (small) answer — up to its Content-Length, or until the
+    // service closes the connection as asked: hanging up mid-answer makes some
+    // servers log a broken pipe for every probe. Only the status line matters; at
+    // most 64 KiB are read.
+    let mut head = Vec::with_capacity(256);
+    let mut buf = [0u8; 1024];
+    while head.len() < 64 << 10 && !answer_complete(&head) {
         let n = stream.read(&mut buf).await.map_err(io)?;
         if n == 0 {
             break;
@@ -139,6 +142,24 @@ async fn http_get(port: u16, path: &str) -> Result<(), ProbeError> {
             path: path.to_owned(),
             status,
         })
+    }
+}
+
+/// Has `bytes` a complete HTTP answer: headers, and as many body bytes as its
+/// Content-Length says?
+fn answer_complete(bytes: &[u8]) -> bool {
+    let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&bytes[..end]).to_ascii_lowercase();
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    match length {
+        Some(len) => bytes.len() >= end + 4 + len,
+        // Without a length the answer ends when the connection does.
+        None => false,
     }
 }
 
@@ -244,6 +265,45 @@ mod tests {
             probe(&cmd(&["false"]), &ports(ok), dir.path(), t).await,
             Err(ProbeError::Command(_))
         ));
+    }
+
+    #[test]
+    fn answers_are_complete_by_content_length() {
+        assert!(!answer_complete(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok"
+        ));
+        assert!(answer_complete(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
+        ));
+        assert!(!answer_complete(b"HTTP/1.1 200 OK\r\n\r\nbody"));
+        assert!(!answer_complete(b"HTTP/1.1 200 OK\r\n"));
+    }
+
+    /// A server that answers and keeps the connection open (ignoring
+    /// `Connection: close`) still passes a probe: its Content-Length ends it.
+    #[tokio::test]
+    async fn a_kept_open_connection_does_not_stall_the_probe() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
+                .await
+                .unwrap();
+            let _ = rx.await;
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let http = Probe::Http {
+            port: "main".into(),
+            path: "/healthz".into(),
+        };
+        probe(&http, &ports(port), dir.path(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        drop(tx);
     }
 
     #[tokio::test]
