@@ -231,3 +231,65 @@ async fn in_place_upgrades_rebuild_only_what_changed_and_roll_back_on_failure() 
     assert!(body.contains("\"version\":\"2\""), "{body}");
     instance.shutdown().await;
 }
+
+/// A service that cannot run twice (`overlap = false`) is stopped before its new
+/// release starts; when the new release fails, the old one is started again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_without_overlap_is_replaced_and_restored_on_failure() {
+    let cluster = TestCluster::start().await;
+    let dir = cluster.path("hello");
+    copy_example("hello", &dir);
+    let manifest = std::fs::read_to_string(dir.join("service.toml"))
+        .unwrap()
+        .replace("kind = \"process\"", "kind = \"process\"\noverlap = false")
+        .replace("start_grace = \"10s\"", "start_grace = \"3s\"");
+    write_file(&dir, "service.toml", manifest.as_bytes());
+    let dev = cluster.repo_client("user/ada/developer").await;
+    let v1 = dev.push(&dir, &push_main("v1"), |_| {}).await.unwrap();
+    let shell_repo = cluster.repo_client("shell/qa-1").await;
+    let mut instance = Instance::open(InstanceConfig {
+        name: InstanceName::new("qa-1").unwrap(),
+        root: cluster.path("instance"),
+        public_ports: PublicPorts::Ephemeral,
+    })
+    .await
+    .unwrap();
+    let target = |c: CommitId| BTreeMap::from([(svc("hello"), c)]);
+    instance
+        .upgrade(&shell_repo, &target(v1.commit), None, "v1")
+        .await
+        .unwrap();
+    let addr = instance.public_addr(&svc("hello"), "main").unwrap();
+    let v1_pid = instance.pid(&svc("hello")).unwrap();
+
+    // v2: replaced (the old process is gone, the new one answers on the same port).
+    write_file(
+        &dir,
+        "service.toml",
+        manifest.replace("hello from molt", "hello v2").as_bytes(),
+    );
+    let v2 = dev.push(&dir, &push_main("v2"), |_| {}).await.unwrap();
+    let report = instance
+        .upgrade(&shell_repo, &target(v2.commit), None, "v2")
+        .await
+        .unwrap();
+    assert_eq!(report.restarted, [svc("hello")]);
+    assert_ne!(instance.pid(&svc("hello")), Some(v1_pid));
+    let (code, body) = get_once(addr, "/").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("hello v2"), "{body}");
+
+    // v3 never becomes healthy: v2 was stopped first, so it is started again.
+    write_file(&dir, "server.py", b"import sys\nsys.exit(1)\n");
+    let v3 = dev.push(&dir, &push_main("v3"), |_| {}).await.unwrap();
+    let err = instance
+        .upgrade(&shell_repo, &target(v3.commit), None, "v3")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, UpgradeError::Unhealthy { .. }), "{err}");
+    assert_eq!(instance.commits()[&svc("hello")], v2.commit);
+    let (code, body) = get_once(addr, "/").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("hello v2"), "{body}");
+    instance.shutdown().await;
+}
