@@ -31,6 +31,7 @@ fn main() -> std::io::Result<()> {
 /// Serves requests on one connection until the client closes it.
 fn serve(stream: TcpStream) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
+    stream.set_nodelay(true)?;
     let mut out = stream;
     loop {
         let mut request_line = String::new();
@@ -69,13 +70,15 @@ fn serve(stream: TcpStream) -> std::io::Result<()> {
                 path.replace('"', "")
             )
         };
-        write!(
-            out,
+        // One write per response: several small writes would wait on Nagle's
+        // algorithm and delayed ACKs (tens of milliseconds per request).
+        let response = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n{}",
             body.len(),
             if close { "connection: close\r\n" } else { "" },
             body
-        )?;
+        );
+        out.write_all(response.as_bytes())?;
         out.flush()?;
         if close {
             return Ok(());
