@@ -1,12 +1,12 @@
 //! The front for `tcp` ports: the shell owns the public port and splices each
 //! connection to the service process currently behind it.
 //!
-//! [`TcpFront`] accepts on the public address and connects each new connection to
+//! [`bind_tcp`] accepts on the public address and connects each new connection to
 //! the backend set at that moment; a connection stays with its backend until it
-//! ends, so [`TcpFront::switch`] moves only new connections (old ones drain on the
+//! ends, so [`Front::switch`] moves only new connections (old ones drain on the
 //! old process). While there is no backend (a service with `overlap = false`
 //! between its stop and its start), new connections are held for up to the hold
-//! time instead of being refused. [`TcpFront::active`] counts the connections
+//! time instead of being refused. [`Front::busy`] counts the connections
 //! still open on a backend, so an upgrade can wait for the old process to drain.
 //! HTTP ports get a request-level front later; this one is per connection.
 
@@ -75,10 +75,11 @@ impl Routing {
     }
 }
 
-/// A public port: the listener, its accept loop, and the switchable backend. The
-/// TCP and HTTP fronts differ only in what they do with each client connection.
+/// A public port owned by the shell: the listener, its accept loop, and the
+/// switchable backend. [`bind_tcp`] and [`crate::http_front::bind_http`] make one;
+/// they differ only in what they do with each client connection.
 #[derive(Debug)]
-pub(crate) struct Port {
+pub struct Front {
     addr: SocketAddr,
     backend: watch::Sender<Option<SocketAddr>>,
     counts: Counts,
@@ -86,7 +87,7 @@ pub(crate) struct Port {
     task: tokio::task::JoinHandle<()>,
 }
 
-impl Port {
+impl Front {
     /// Listens on `public` and runs `serve` for every client connection.
     pub(crate) async fn bind<F, Fut>(
         public: SocketAddr,
@@ -119,22 +120,27 @@ impl Port {
         })
     }
 
-    pub(crate) fn local_addr(&self) -> SocketAddr {
+    /// The public address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
 
-    pub(crate) fn switch(&self, backend: Option<SocketAddr>) {
+    /// Sends new work to `backend` from now on (`None`: hold it).
+    pub fn switch(&self, backend: Option<SocketAddr>) {
         self.backend.send_replace(backend);
     }
 
-    pub(crate) fn busy(&self, backend: SocketAddr) -> usize {
+    /// Connections (TCP) or requests (HTTP) still open on `backend`: what an
+    /// upgrade waits on to drain the old process.
+    pub fn busy(&self, backend: SocketAddr) -> usize {
         self.counts
             .lock()
             .map(|m| m.get(&backend).copied().unwrap_or(0))
             .unwrap_or(0)
     }
 
-    pub(crate) async fn shutdown(self) {
+    /// Stops accepting and ends every client connection.
+    pub async fn shutdown(self) {
         self.stop.cancel();
         let _ = self.task.await;
     }
@@ -164,50 +170,21 @@ where
     conns.shutdown().await;
 }
 
-/// A running front for one `tcp` port (see the module docs).
-#[derive(Debug)]
-pub struct TcpFront {
-    port: Port,
-}
-
-impl TcpFront {
-    /// Listens on `public`, splicing to `backend` (if any); a connection arriving
-    /// with no backend waits up to `hold` for one.
-    pub async fn bind(
-        public: SocketAddr,
-        backend: Option<SocketAddr>,
-        hold: Duration,
-    ) -> std::io::Result<Self> {
-        let port = Port::bind(public, backend, hold, |client, routing| async move {
-            let stop = routing.stop.clone();
-            tokio::select! {
-                () = stop.cancelled() => {}
-                () = splice(client, routing) => {}
-            }
-        })
-        .await?;
-        Ok(Self { port })
-    }
-
-    /// The public address (useful with port 0).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.port.local_addr()
-    }
-
-    /// Sends new connections to `backend` from now on (`None`: hold them).
-    pub fn switch(&self, backend: Option<SocketAddr>) {
-        self.port.switch(backend);
-    }
-
-    /// Connections still open on `backend`.
-    pub fn active(&self, backend: SocketAddr) -> usize {
-        self.port.busy(backend)
-    }
-
-    /// Stops accepting and closes every spliced connection.
-    pub async fn shutdown(self) {
-        self.port.shutdown().await;
-    }
+/// Listens on `public` for a `tcp` port, splicing each connection to `backend`
+/// (if any); a connection arriving with no backend waits up to `hold` for one.
+pub async fn bind_tcp(
+    public: SocketAddr,
+    backend: Option<SocketAddr>,
+    hold: Duration,
+) -> std::io::Result<Front> {
+    Front::bind(public, backend, hold, |client, routing| async move {
+        let stop = routing.stop.clone();
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = splice(client, routing) => {}
+        }
+    })
+    .await
 }
 
 /// Waits (up to the hold time) for a backend, connects, and copies both ways.
@@ -266,7 +243,7 @@ mod tests {
     #[tokio::test]
     async fn a_switch_moves_new_connections_and_old_ones_drain() {
         let (old, new) = (backend("old").await, backend("new").await);
-        let front = TcpFront::bind(
+        let front = bind_tcp(
             "127.0.0.1:0".parse().unwrap(),
             Some(old),
             Duration::from_secs(5),
@@ -275,7 +252,7 @@ mod tests {
         .unwrap();
         let mut before = TcpStream::connect(front.local_addr()).await.unwrap();
         assert_eq!(ask(&mut before, "a").await, "old:a");
-        assert_eq!(front.active(old), 1);
+        assert_eq!(front.busy(old), 1);
 
         front.switch(Some(new));
         let mut after = TcpStream::connect(front.local_addr()).await.unwrap();
@@ -285,7 +262,7 @@ mod tests {
         drop(before);
         // It drains: the count of the old backend's connections reaches zero.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while front.active(old) > 0 {
+        while front.busy(old) > 0 {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "old connection never drained"
@@ -297,7 +274,7 @@ mod tests {
 
     #[tokio::test]
     async fn connections_are_held_while_there_is_no_backend() {
-        let front = TcpFront::bind(
+        let front = bind_tcp(
             "127.0.0.1:0".parse().unwrap(),
             None,
             Duration::from_secs(10),
@@ -317,7 +294,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_held_connection_is_closed_after_the_hold_time() {
-        let front = TcpFront::bind(
+        let front = bind_tcp(
             "127.0.0.1:0".parse().unwrap(),
             None,
             Duration::from_millis(100),

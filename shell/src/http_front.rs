@@ -3,9 +3,9 @@
 //!
 //! Clients keep their connections to the shell (HTTP/1.1 keep-alive); each request
 //! is forwarded to the backend set when the request arrives, over a pooled
-//! connection to that backend. So after [`HttpFront::switch`] the next request of
+//! connection to that backend. So after [`Front::switch`] the next request of
 //! an existing client connection goes to the new process, while requests already
-//! in flight finish on the old one ([`HttpFront::in_flight`] counts them, so an
+//! in flight finish on the old one ([`Front::busy`] counts them, so an
 //! upgrade can wait for the drain). With no backend, a request waits up to the hold
 //! time and then gets `503`; a backend that fails gives `502`.
 
@@ -23,7 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::front::{Busy, Port, Routing};
+use crate::front::{Busy, Front, Routing};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -107,51 +107,22 @@ async fn serve_client(
     }
 }
 
-/// A running HTTP front for one public port (see the module docs).
-#[derive(Debug)]
-pub struct HttpFront {
-    port: Port,
-}
-
-impl HttpFront {
-    /// Listens on `public`, routing to `backend` (if any); a request arriving with
-    /// no backend waits up to `hold` for one.
-    pub async fn bind(
-        public: SocketAddr,
-        backend: Option<SocketAddr>,
-        hold: Duration,
-    ) -> std::io::Result<Self> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
-        let port = Port::bind(public, backend, hold, move |stream, routing| {
-            serve_client(stream, routing, client.clone())
-        })
-        .await?;
-        Ok(Self { port })
-    }
-
-    /// The public address.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.port.local_addr()
-    }
-
-    /// Routes requests arriving from now on to `backend` (`None`: hold them).
-    pub fn switch(&self, backend: Option<SocketAddr>) {
-        self.port.switch(backend);
-    }
-
-    /// Requests still in flight on `backend`.
-    pub fn in_flight(&self, backend: SocketAddr) -> usize {
-        self.port.busy(backend)
-    }
-
-    /// Stops accepting and closes client connections.
-    pub async fn shutdown(self) {
-        self.port.shutdown().await;
-    }
+/// Listens on `public` for an `http` port, routing each request to `backend`
+/// (if any); a request arriving with no backend waits up to `hold` for one.
+pub async fn bind_http(
+    public: SocketAddr,
+    backend: Option<SocketAddr>,
+    hold: Duration,
+) -> std::io::Result<Front> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector);
+    Front::bind(public, backend, hold, move |stream, routing| {
+        serve_client(stream, routing, client.clone())
+    })
+    .await
 }
 
 #[cfg(test)]
@@ -215,7 +186,7 @@ mod tests {
             backend("a", Duration::ZERO).await,
             backend("b", Duration::ZERO).await,
         );
-        let front = HttpFront::bind(
+        let front = bind_http(
             "127.0.0.1:0".parse().unwrap(),
             Some(a),
             Duration::from_secs(5),
@@ -234,7 +205,7 @@ mod tests {
     async fn requests_in_flight_finish_on_the_old_process() {
         let slow_old = backend("old", Duration::from_millis(300)).await;
         let new = backend("new", Duration::ZERO).await;
-        let front = HttpFront::bind(
+        let front = bind_http(
             "127.0.0.1:0".parse().unwrap(),
             Some(slow_old),
             Duration::from_secs(5),
@@ -248,7 +219,7 @@ mod tests {
         });
         // Wait until the request is in flight on the old process, then switch.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while front.in_flight(slow_old) == 0 {
+        while front.busy(slow_old) == 0 {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "request never arrived"
@@ -259,13 +230,13 @@ mod tests {
         assert_eq!(pending.await.unwrap(), (200, "old".into()));
         let mut conn = BufReader::new(TcpStream::connect(addr).await.unwrap());
         assert_eq!(get(&mut conn).await, (200, "new".into()));
-        assert_eq!(front.in_flight(slow_old), 0);
+        assert_eq!(front.busy(slow_old), 0);
         front.shutdown().await;
     }
 
     #[tokio::test]
     async fn no_backend_holds_then_503_and_a_dead_backend_is_502() {
-        let front = HttpFront::bind(
+        let front = bind_http(
             "127.0.0.1:0".parse().unwrap(),
             None,
             Duration::from_millis(100),
@@ -285,7 +256,7 @@ mod tests {
         front.shutdown().await;
 
         // A backend appearing while a request is held gets that request.
-        let front = HttpFront::bind(
+        let front = bind_http(
             "127.0.0.1:0".parse().unwrap(),
             None,
             Duration::from_secs(30),

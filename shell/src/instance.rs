@@ -31,9 +31,9 @@ use image_spec::{
 use repo_server::client::RepoClient;
 use tracing::{info, warn};
 
-use crate::front::TcpFront;
+use crate::front::{Front, bind_tcp};
 use crate::health::{self, HealthError};
-use crate::http_front::HttpFront;
+use crate::http_front::bind_http;
 use crate::install::{BlobCache, InstallContext, InstallError, Installed, install};
 use crate::process::ProcessSpec;
 use crate::release::{ReleaseError, Releases, verify};
@@ -104,41 +104,6 @@ pub enum UpgradeError {
     /// A release's `service.toml` is invalid.
     #[error("{0}")]
     Manifest(String),
-}
-
-enum Front {
-    Tcp(TcpFront),
-    Http(HttpFront),
-}
-
-impl Front {
-    fn switch(&self, to: Option<SocketAddr>) {
-        match self {
-            Front::Tcp(f) => f.switch(to),
-            Front::Http(f) => f.switch(to),
-        }
-    }
-
-    fn local_addr(&self) -> SocketAddr {
-        match self {
-            Front::Tcp(f) => f.local_addr(),
-            Front::Http(f) => f.local_addr(),
-        }
-    }
-
-    fn busy(&self, backend: SocketAddr) -> usize {
-        match self {
-            Front::Tcp(f) => f.active(backend),
-            Front::Http(f) => f.in_flight(backend),
-        }
-    }
-
-    async fn shutdown(self) {
-        match self {
-            Front::Tcp(f) => f.shutdown().await,
-            Front::Http(f) => f.shutdown().await,
-        }
-    }
 }
 
 /// One service of the running generation.
@@ -397,17 +362,10 @@ impl Instance {
             let public = self.public_port(spec);
             let hold = service.manifest.health().start_grace;
             let front = match spec.protocol {
-                Protocol::Http => Front::Http(
-                    HttpFront::bind(public, backend, hold)
-                        .await
-                        .map_err(io_err(&self.config.root))?,
-                ),
-                Protocol::Tcp => Front::Tcp(
-                    TcpFront::bind(public, backend, hold)
-                        .await
-                        .map_err(io_err(&self.config.root))?,
-                ),
-            };
+                Protocol::Http => bind_http(public, backend, hold).await,
+                Protocol::Tcp => bind_tcp(public, backend, hold).await,
+            }
+            .map_err(io_err(&self.config.root))?;
             info!(service = %name, port = %spec.name, addr = %front.local_addr(), "public port open");
             self.fronts.insert(key, front);
         }

@@ -15,7 +15,8 @@
 //!   replaced atomically;
 //! - [`supervisor`]: one task per service process that restarts it by its policy
 //!   and publishes its status on a `watch` channel;
-//! - [`front`]: the per-connection front for `tcp` ports: switchable backend, old
+//! - [`front`]: the public-port handle both fronts share, and the per-connection
+//!   front for `tcp` ports: switchable backend, old
 //!   connections drain, new ones held while there is no backend;
 //! - [`http_front`]: the per-request front for `http` ports (hyper): keep-alive
 //!   clients see the next request go to the new process, requests in flight finish
