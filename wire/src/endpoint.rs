@@ -134,9 +134,11 @@ fn transport() -> TransportConfig {
     t.send_window(64 << 20);
     t.max_concurrent_bidi_streams(VarInt::from_u32(64));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
-    t.keep_alive_interval(Some(Duration::from_secs(10)));
+    // Keep-alives keep a quiet connection (a long build behind a deploy) open;
+    // a peer that died is noticed after the idle timeout.
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
     t.max_idle_timeout(Some(
-        IdleTimeout::try_from(Duration::from_secs(60)).expect("60 s is a valid idle timeout"),
+        IdleTimeout::try_from(Duration::from_secs(20)).expect("20 s is a valid idle timeout"),
     ));
     t
 }
