@@ -84,7 +84,9 @@ pub async fn run(
         .open(log)
         .map_err(log_err)?;
     let err = out.try_clone().map_err(log_err)?;
-    let mut child = Command::new(build.command.program())
+    let mut child = Command::new(build.command.program());
+    crate::process::owned_by_shell(&mut child);
+    let mut child = child
         .args(build.command.args())
         .current_dir(dir)
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -97,6 +99,7 @@ pub async fn run(
             command: command.clone(),
             source,
         })?;
+    crate::crash::point("mid-build");
     match tokio::time::timeout(build.timeout, child.wait()).await {
         Ok(Ok(status)) if status.success() => Ok(()),
         Ok(Ok(status)) => Err(BuildError::Failed {
@@ -106,6 +109,10 @@ pub async fn run(
         }),
         Ok(Err(source)) => Err(BuildError::Spawn { command, source }),
         Err(_) => {
+            // The whole group: cargo's rustc children too.
+            if let Some(pid) = child.id() {
+                crate::process::signal_group(pid, libc::SIGKILL);
+            }
             let _ = child.kill().await;
             Err(BuildError::TimedOut {
                 command,

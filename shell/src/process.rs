@@ -5,6 +5,12 @@
 //! handle, into one [`RotatingLog`]: when the file passes its size limit it becomes
 //! `NAME.1` (the older ones shift to `.2`, `.3`; the oldest is dropped).
 //!
+//! Every process the shell starts (services and builds) is [`owned_by_shell`]:
+//! it leads its own process group, so a Ctrl-C at the shell's terminal does not
+//! reach it and a stop reaches its children too; and the kernel SIGKILLs it if
+//! the shell dies, even by `kill -9`, so no orphan of a dead shell keeps running
+//! beside the one that restarts.
+//!
 //! [`decide`] is the restart policy as a pure function of the policy, how the
 //! process ended and how many times in a row it has failed: restarts back off
 //! exponentially from 100 ms to 30 s.
@@ -17,6 +23,43 @@ use std::time::{Duration, Instant};
 use image_spec::manifest::{Command, RestartPolicy, StopSignal};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::task::JoinSet;
+
+/// Makes `cmd`'s process the shell's own (see the module docs).
+///
+/// `PR_SET_PDEATHSIG` fires when the thread that forked the child exits; the shell
+/// spawns from its runtime's worker threads, which live as long as the shell.
+pub(crate) fn owned_by_shell(cmd: &mut tokio::process::Command) {
+    cmd.process_group(0);
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the child between fork and exec and only makes
+    // async-signal-safe calls (prctl, getppid, _exit); it allocates nothing.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The shell died before prctl took effect: nobody will ever stop us.
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Sends `signal` to the process group `pid` leads (see [`owned_by_shell`]).
+pub(crate) fn signal_group(pid: u32, signal: i32) {
+    if let Ok(pid) = i32::try_from(pid)
+        && pid > 0
+    {
+        // SAFETY: kill(2) on a process group the shell created and whose leader it
+        // has not reaped yet (so the id cannot have been reused), with a valid
+        // signal number.
+        #[allow(unsafe_code)]
+        let _ = unsafe { libc::kill(-pid, signal) };
+    }
+}
 
 /// How many rotated log files are kept besides the current one.
 pub const LOG_GENERATIONS: u32 = 3;
@@ -164,7 +207,9 @@ impl Running {
                 source,
             })?;
         let log = Arc::new(Mutex::new(log));
-        let mut child = tokio::process::Command::new(spec.command.program())
+        let mut command = tokio::process::Command::new(spec.command.program());
+        owned_by_shell(&mut command);
+        let mut child = command
             .args(spec.command.args())
             .current_dir(&spec.dir)
             .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -217,23 +262,18 @@ impl Running {
         Ok(status)
     }
 
-    /// Sends `signal`, waits up to `grace` for the process to exit, then SIGKILLs it.
+    /// Sends `signal` to its process group, waits up to `grace` for the process to
+    /// exit, then SIGKILLs the group.
     pub async fn stop(
         mut self,
         signal: StopSignal,
         grace: Duration,
     ) -> Result<Stopped, ProcessError> {
-        if let Ok(pid) = i32::try_from(self.pid)
-            && pid > 0
-        {
-            // SAFETY: kill(2) with a pid we started and still own (the child has not
-            // been reaped: `self.child` is not waited yet) and a valid signal number.
-            #[allow(unsafe_code)]
-            let _ = unsafe { libc::kill(pid, signal.number()) };
-        }
+        signal_group(self.pid, signal.number());
         let killed = match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(_) => false,
             Err(_) => {
+                signal_group(self.pid, libc::SIGKILL);
                 let _ = self.child.start_kill();
                 true
             }
