@@ -3,122 +3,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+
+use common::{Cluster, MOLT, start_shell, write};
+
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-const MOLT: &str = env!("CARGO_BIN_EXE_molt");
-
-/// A cluster made by `molt init` in a temp dir, with its repository server running.
-struct Cluster {
-    dir: tempfile::TempDir,
-    server: Option<Child>,
-    addr: Option<SocketAddr>,
-}
-
-impl Cluster {
-    fn init() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new(MOLT)
-            .args(["init"])
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut c = Self {
-            dir,
-            server: None,
-            addr: None,
-        };
-        c.start_server();
-        c
-    }
-
-    fn config(&self) -> PathBuf {
-        self.dir.path().join("molt.toml")
-    }
-
-    /// Starts `molt repo-server` and waits for its "listening on" line.
-    fn start_server(&mut self) {
-        let listen = self
-            .addr
-            .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
-        let mut child = Command::new(MOLT)
-            .arg("--config")
-            .arg(self.config())
-            .args(["repo-server", "--listen", &listen])
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        let first = lines.next().unwrap().unwrap();
-        let addr = first
-            .strip_prefix("repository server listening on ")
-            .and_then(|rest| rest.split(' ').next())
-            .unwrap_or_else(|| panic!("unexpected first line: {first}"));
-        self.addr = Some(addr.parse().unwrap());
-        // Keep draining stderr so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        self.server = Some(child);
-    }
-
-    fn molt(&self, args: &[&str]) -> Output {
-        Command::new(MOLT)
-            .env("XDG_CACHE_HOME", self.dir.path().join("cache"))
-            .arg("--config")
-            .arg(self.config())
-            .arg("--repo")
-            .arg(self.addr.unwrap().to_string())
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn molt_json(&self, args: &[&str]) -> serde_json::Value {
-        let mut all = args.to_vec();
-        all.push("--json");
-        let out = self.molt(&all);
-        assert!(
-            out.status.success(),
-            "molt {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
-        let mut child = self.server.take().unwrap();
-        let ok = Command::new("kill")
-            .args([sig, &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        child.wait().unwrap()
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.server.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn write(dir: &Path, rel: &str, bytes: &[u8]) {
-    let p = dir.join(rel);
-    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    std::fs::write(p, bytes).unwrap();
-}
 
 fn service(dir: &Path, name: &str) {
     write(
@@ -364,54 +255,6 @@ fn kill_9_during_a_push_leaves_the_store_consistent() {
     assert_eq!(checked, 41);
     let again = c.molt_json(&["push", svc.to_str().unwrap()]);
     assert_eq!(again["created"], false);
-}
-
-/// Starts `molt shell` for instance `name` (issuing its certificate) and returns
-/// the child and its command address.
-fn start_shell(c: &Cluster, name: &str, stage: &str) -> (Child, String) {
-    if !c
-        .dir
-        .path()
-        .join(format!("certs/shell-{name}.crt"))
-        .exists()
-    {
-        let out = c.molt(&["cert", "issue", "--role", "shell", "--name", name]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let mut shell = Command::new(MOLT)
-        .env("XDG_CACHE_HOME", c.dir.path().join("cache"))
-        .arg("--config")
-        .arg(c.config())
-        .arg("--repo")
-        .arg(c.addr.unwrap().to_string())
-        .args([
-            "shell",
-            "--instance",
-            name,
-            "--stage",
-            stage,
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--root")
-        .arg(c.dir.path().join(name))
-        .arg("--ephemeral-ports")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(shell.stderr.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    let addr = first
-        .strip_prefix(&format!("shell {name} listening on "))
-        .unwrap_or_else(|| panic!("unexpected first line: {first}"))
-        .to_owned();
-    std::thread::spawn(move || for _ in lines {});
-    (shell, addr)
 }
 
 /// `molt shell`, `molt deploy`, `molt status`, `molt rollback` and `molt pull` as

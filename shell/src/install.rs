@@ -207,6 +207,7 @@ pub async fn install(
         ctx.repo.fetch_blobs_to(&missing, &ctx.cache.dir).await?
     };
     let fetch = started.elapsed();
+    crate::crash::point("after-fetch");
 
     let copy_started = Instant::now();
     let stage = ctx

@@ -439,6 +439,7 @@ impl Instance {
                     let old = self.services.insert(name.clone(), new);
                     switched.push((name.clone(), old));
                     report.restarted.push(name);
+                    crate::crash::point("after-switch");
                 }
                 Err(e) => {
                     failure = Some((e, stopped_old.map(|i| (name.clone(), i))));
@@ -492,7 +493,9 @@ impl Instance {
                     })
                     .collect(),
             };
+            crate::crash::point("before-record");
             report.generation = Some(self.state.record(&state, reason)?);
+            crate::crash::point("after-record");
             self.prune();
         }
         Ok(report)

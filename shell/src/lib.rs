@@ -32,6 +32,7 @@
 //! `molt deploy`, `status`, `rollback`, `pull`, `logs` and `molt up`) come next.
 
 pub mod build;
+pub mod crash;
 pub mod front;
 pub mod health;
 pub mod http_front;

@@ -398,6 +398,9 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<CopyStats, ReleaseError> {
                     .and_then(|f| f.set_times(times))
                     .map_err(io_err(&d))?;
                 stats.files += 1;
+                if stats.files == 1 {
+                    crate::crash::point("mid-copy");
+                }
             }
             // Sockets and FIFOs a build may leave behind are not copied.
         }
