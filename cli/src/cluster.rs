@@ -11,6 +11,28 @@ use crate::config::{CONFIG_FILE, Config, Loaded, RepoServerConfig};
 
 /// `molt init DIR`: the CA, the repo-server, portal and admin certificates, molt.toml.
 pub(crate) fn init(dir: &Path, name: &str, repo_listen: SocketAddr, json: bool) -> Result<()> {
+    let written = create(dir, name, repo_listen)?;
+    let config_path = dir.join(CONFIG_FILE);
+    if json {
+        let files: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+        println!(
+            "{}",
+            serde_json::json!({ "config": config_path.display().to_string(), "files": files })
+        );
+    } else {
+        println!("created cluster `{name}` in {}", dir.display());
+        for f in &written {
+            println!("  {}", f.display());
+        }
+        println!("next: molt --config {} repo-server", config_path.display());
+    }
+    Ok(())
+}
+
+/// Creates a cluster in `dir`: the CA, the repo-server, portal and admin
+/// certificates, and molt.toml (written last, so a directory with molt.toml holds
+/// a whole cluster). Returns the files written.
+pub(crate) fn create(dir: &Path, name: &str, repo_listen: SocketAddr) -> Result<Vec<PathBuf>> {
     let config_path = dir.join(CONFIG_FILE);
     if config_path.exists() {
         bail!(
@@ -54,28 +76,54 @@ pub(crate) fn init(dir: &Path, name: &str, repo_listen: SocketAddr, json: bool) 
         }),
         instances: Default::default(),
     };
-    let text = format!(
-        "# molt client configuration, written by `molt init`.\n\
-         # Relative paths are relative to this file. Keys are documented in README.md.\n{}",
-        toml::to_string(&config).context("cannot encode molt.toml")?
+    config.save(&config_path, "molt init")?;
+    written.push(config_path);
+    Ok(written)
+}
+
+/// The cluster CA of a configuration that holds its key.
+fn load_ca(loaded: &Loaded) -> Result<ClusterCa> {
+    let ca_key = loaded.config.ca_key.as_ref().with_context(|| {
+        format!(
+            "`{}` has no `ca_key`: only a holder of the CA key can issue certificates",
+            loaded.path.display()
+        )
+    })?;
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).with_context(|| format!("cannot read `{}`", p.display()))
+    };
+    ClusterCa::from_pem(
+        &read(&loaded.resolve(&loaded.config.ca))?,
+        &read(&loaded.resolve(ca_key))?,
+    )
+    .context("cannot load the cluster CA")
+}
+
+/// The directory certificates go to by default: the CA certificate's.
+pub(crate) fn certs_dir(loaded: &Loaded) -> PathBuf {
+    loaded
+        .resolve(&loaded.config.ca)
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// Issues a shell's certificate into the certificates directory, unless it is
+/// there already; returns its credentials.
+pub(crate) fn shell_credentials(loaded: &Loaded, instance: &str) -> Result<Credentials> {
+    let (identity, stem) = identity_for("shell", Some(instance), None)?;
+    let dir = certs_dir(loaded);
+    let (cert, key) = (
+        dir.join(format!("{stem}.crt")),
+        dir.join(format!("{stem}.key")),
     );
-    std::fs::write(&config_path, text)
-        .with_context(|| format!("cannot write `{}`", config_path.display()))?;
-    written.push(config_path.clone());
-    if json {
-        let files: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
-        println!(
-            "{}",
-            serde_json::json!({ "config": config_path.display().to_string(), "files": files })
-        );
-    } else {
-        println!("created cluster `{name}` in {}", dir.display());
-        for f in &written {
-            println!("  {}", f.display());
-        }
-        println!("next: molt --config {} repo-server", config_path.display());
+    if !cert.exists() || !key.exists() {
+        load_ca(loaded)?
+            .issue(&identity)?
+            .write(&dir, &stem)
+            .with_context(|| format!("cannot write the certificate for {identity}"))?;
     }
-    Ok(())
+    Credentials::load(&cert, &key, &loaded.resolve(&loaded.config.ca))
+        .with_context(|| format!("cannot load the certificate of {identity}"))
 }
 
 /// `molt cert issue`: a certificate for a role and name, from the cluster CA.
@@ -88,25 +136,9 @@ pub(crate) fn issue(
     json: bool,
 ) -> Result<()> {
     let loaded = Loaded::read(config)?;
-    let ca_key = loaded.config.ca_key.as_ref().with_context(|| {
-        format!(
-            "`{}` has no `ca_key`: only a holder of the CA key can issue certificates",
-            loaded.path.display()
-        )
-    })?;
-    let ca_cert_path = loaded.resolve(&loaded.config.ca);
-    let ca_key_path = loaded.resolve(ca_key);
-    let read = |p: &Path| {
-        std::fs::read_to_string(p).with_context(|| format!("cannot read `{}`", p.display()))
-    };
-    let ca = ClusterCa::from_pem(&read(&ca_cert_path)?, &read(&ca_key_path)?)
-        .context("cannot load the cluster CA")?;
+    let ca = load_ca(&loaded)?;
     let (identity, stem) = identity_for(role, name, grant)?;
-    let out = out.unwrap_or_else(|| {
-        ca_cert_path
-            .parent()
-            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-    });
+    let out = out.unwrap_or_else(|| certs_dir(&loaded));
     let creds: Credentials = ca.issue(&identity)?;
     let files = creds
         .write(&out, &stem)

@@ -76,6 +76,20 @@ pub(crate) struct Loaded {
     pub(crate) config: Config,
 }
 
+impl Config {
+    /// Writes the configuration to `path`, with a header saying where it came from.
+    pub(crate) fn save(&self, path: &Path, by: &str) -> Result<()> {
+        let text = format!(
+            "# molt client configuration, written by `{by}`.\n\
+             # Relative paths are relative to this file. Keys are documented in README.md.\n{}",
+            toml::to_string(self).context("cannot encode molt.toml")?
+        );
+        let tmp = path.with_extension("toml.tmp");
+        std::fs::write(&tmp, text).with_context(|| format!("cannot write `{}`", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot write `{}`", path.display()))
+    }
+}
+
 impl Loaded {
     /// Reads the configuration from `explicit`, else `$MOLT_CONFIG` (clap passes it
     /// in `explicit`), else `./molt.toml`.

@@ -34,10 +34,7 @@ pub(crate) async fn shell(
     let loaded = Loaded::read(config)?;
     let name = InstanceName::new(&args.instance)?;
     let stage: Stage = args.stage.parse().map_err(anyhow::Error::msg)?;
-    let certs = loaded
-        .resolve(&loaded.config.ca)
-        .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let certs = crate::cluster::certs_dir(&loaded);
     let cert = args
         .cert
         .unwrap_or_else(|| certs.join(format!("shell-{name}.crt")));
@@ -93,7 +90,7 @@ fn target(loaded: &Loaded, spec: &str) -> Result<(InstanceName, SocketAddr)> {
     Ok((InstanceName::new(name)?, addr))
 }
 
-async fn command(
+pub(crate) async fn command(
     config: Option<&Path>,
     instance: &str,
     req: ShellRequest,

@@ -5,9 +5,11 @@
 
 mod cluster;
 mod config;
+mod examples;
 mod instance;
 mod repo;
 mod signals;
+mod up;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -34,6 +36,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a whole local cluster (repository + 3 instances) with the examples deployed.
+    Up {
+        /// The state directory (created if missing, reused if it holds a cluster).
+        #[arg(long, default_value = "molt-local")]
+        dir: PathBuf,
+        /// Pick free ports instead of the fixed ones (see them in the output).
+        #[arg(long)]
+        ephemeral_ports: bool,
+    },
     /// Create a local cluster's CA and certificates, and its molt.toml.
     Init {
         /// Where to write molt.toml and certs/ [default: .]
@@ -273,6 +284,16 @@ async fn run_repo(ctx: &repo::Context, command: Command, json: bool) -> anyhow::
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let json = cli.json;
     match cli.command {
+        Command::Up {
+            dir,
+            ephemeral_ports,
+        } => {
+            up::up(up::UpArgs {
+                dir,
+                ephemeral_ports,
+            })
+            .await
+        }
         Command::Init {
             dir,
             name,

@@ -243,6 +243,30 @@ impl Context {
         Ok(())
     }
 
+    /// The names of every image.
+    pub(crate) async fn image_names(&self) -> Result<Vec<String>> {
+        Ok(self
+            .repo
+            .images()
+            .await?
+            .into_iter()
+            .map(|(_, image)| image.name().to_string())
+            .collect())
+    }
+
+    /// Whether the repository has an image of this name.
+    pub(crate) async fn has_image(&self, name: &str) -> Result<bool> {
+        match self.repo.image(&ImageName::new(name)?).await {
+            Ok(_) => Ok(true),
+            Err(repo_server::client::ClientError::Remote(e))
+                if e.kind == wire::repo::ErrorKind::NotFound =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     pub(crate) async fn image_show(&self, name: &str, json: bool) -> Result<()> {
         let (id, image) = self.repo.image(&ImageName::new(name)?).await?;
         if json {

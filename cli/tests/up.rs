@@ -1,0 +1,205 @@
+//! `molt up` as a new user runs it: from an empty directory, a whole cluster that
+//! serves the examples; Ctrl-C stops everything; a second run reuses the state.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{MOLT, get, succeeded};
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// A running `molt up` and the lines it has printed.
+struct Up {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Up {
+    fn start(cwd: &Path) -> Self {
+        let mut child = Command::new(MOLT)
+            .current_dir(cwd)
+            .env("XDG_CACHE_HOME", cwd.join("cache"))
+            .env_remove("MOLT_CONFIG")
+            .env_remove("MOLT_REPO")
+            .args(["up", "--ephemeral-ports"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Reads lines until one starts with `prefix` (cargo builds the Rust example
+    /// twice on the first run, so the deadline is generous).
+    fn wait_for(&mut self, prefix: &str) {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(300)) {
+                Ok(line) => {
+                    let done = line.starts_with(prefix);
+                    self.seen.push(line);
+                    if done {
+                        return;
+                    }
+                }
+                Err(e) => panic!(
+                    "no `{prefix}` line ({e}); output so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// The URL lines: (instance, service) → URL.
+    fn urls(&self) -> BTreeMap<(String, String), String> {
+        self.seen
+            .iter()
+            .filter_map(|l| {
+                let mut words = l.split_whitespace();
+                let (instance, service, url) = (words.next()?, words.next()?, words.next()?);
+                url.starts_with("http://")
+                    .then(|| ((instance.to_owned(), service.to_owned()), url.to_owned()))
+            })
+            .collect()
+    }
+
+    /// SIGINT, as Ctrl-C sends; returns whether it exited successfully.
+    fn interrupt(mut self) -> (bool, Vec<String>) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-INT", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let status = self.child.wait().unwrap();
+        let rest: Vec<String> = self.lines.iter().collect();
+        self.seen.extend(rest);
+        (status.success(), std::mem::take(&mut self.seen))
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn molt_json(dir: &Path, args: &[&str]) -> serde_json::Value {
+    let out = succeeded(
+        Command::new(MOLT)
+            .env("XDG_CACHE_HOME", dir.join("cache"))
+            .arg("--config")
+            .arg(dir.join("molt-local/molt.toml"))
+            .arg("--json")
+            .args(args),
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn molt_up_serves_the_examples_stops_on_ctrl_c_and_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut up = Up::start(dir.path());
+    up.wait_for("molt up: ready");
+    let urls = up.urls();
+    let keys: Vec<(&str, &str)> = urls.keys().map(|(i, s)| (i.as_str(), s.as_str())).collect();
+    assert_eq!(
+        keys,
+        [
+            ("prod", "hello"),
+            ("prod", "orders"),
+            ("staging", "hello"),
+            ("staging", "orders")
+        ],
+        "{}",
+        up.seen.join("\n")
+    );
+    for ((instance, service), url) in &urls {
+        let body = get(url).unwrap();
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        assert!(
+            body.contains(&format!("\"service\": \"{service}\""))
+                || body.contains(&format!("\"service\":\"{service}\"")),
+            "{body}"
+        );
+        if service == "orders" {
+            assert!(
+                body.contains(&format!("\"instance\":\"{instance}\"")),
+                "{body}"
+            );
+        }
+    }
+    // The user's copies of the examples, the config and one image.
+    assert!(
+        dir.path()
+            .join("molt-local/examples/orders/src/main.rs")
+            .exists()
+    );
+    let images = molt_json(dir.path(), &["image", "list"]);
+    assert_eq!(images.as_array().unwrap().len(), 1, "{images}");
+    let status = molt_json(dir.path(), &["status", "--instance", "staging"]);
+    assert_eq!(status["image"][0], "up-1");
+    let pid = status["services"]["orders"]["pid"].as_u64().unwrap();
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+    let dev = molt_json(dir.path(), &["status", "--instance", "dev"]);
+    assert_eq!(dev["services"], serde_json::json!({}));
+
+    // Ctrl-C stops everything: the exit is clean, ports close, processes end.
+    let (ok, lines) = up.interrupt();
+    assert!(ok, "{}", lines.join("\n"));
+    assert!(
+        lines.iter().any(|l| l.starts_with("stopped")),
+        "{}",
+        lines.join("\n")
+    );
+    for url in urls.values() {
+        assert!(get(url).is_err(), "{url} still answers");
+    }
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "orders (pid {pid}) outlived molt up"
+    );
+
+    // A second run reuses the state: no new push, image or deploy; the recorded
+    // generations come back.
+    let mut again = Up::start(dir.path());
+    again.wait_for("molt up: ready");
+    assert!(
+        again.seen[0].starts_with("reusing the cluster"),
+        "{}",
+        again.seen.join("\n")
+    );
+    assert!(!again.seen.iter().any(|l| l.starts_with("deploying")));
+    let urls = again.urls();
+    assert_eq!(urls.len(), 4, "{}", again.seen.join("\n"));
+    let orders = &urls[&("prod".to_owned(), "orders".to_owned())];
+    assert!(get(orders).unwrap().contains("\"version\":\"1\""));
+    let images = molt_json(dir.path(), &["image", "list"]);
+    assert_eq!(images.as_array().unwrap().len(), 1, "{images}");
+    let status = molt_json(dir.path(), &["status", "--instance", "prod"]);
+    assert_eq!(status["generation"], 1);
+    let (ok, lines) = again.interrupt();
+    assert!(ok, "{}", lines.join("\n"));
+}
