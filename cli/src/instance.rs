@@ -250,14 +250,18 @@ pub(crate) async fn status(config: Option<&Path>, instance: &str, json: bool) ->
     for (name, svc) in &s.services {
         let ports: Vec<String> = svc.ports.iter().map(|(p, a)| format!("{p}={a}")).collect();
         println!(
-            "  {:<16} {}  {:<10} pid {:<8} restarts {}  {}",
+            "  {:<16} {}  {:<10} pid {:<8} up {:<8} restarts {}  {}",
             name.as_str(),
             svc.commit.short(12),
             svc.state,
             svc.pid.map_or("-".to_owned(), |p| p.to_string()),
+            svc.uptime_secs.map_or("-".to_owned(), |s| format!("{s}s")),
             svc.restarts,
             ports.join(" ")
         );
+        if svc.health != "healthy" {
+            println!("  {:<16} health: {}", "", svc.health);
+        }
     }
     Ok(())
 }

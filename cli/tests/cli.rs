@@ -292,6 +292,16 @@ fn deploy_an_image_to_a_shell_and_read_its_status() {
     let svc = &status["services"]["hello"];
     assert_eq!(svc["state"], "running");
     let public = svc["ports"]["main"].as_str().unwrap().to_owned();
+    assert!(svc["uptime_secs"].is_u64(), "{svc}");
+    // The supervisor's own probes report it healthy (within a deadline: they run
+    // beside the deploy's).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.molt_json(&["status", "--instance", &target])["services"]["hello"]["health"]
+        != "healthy"
+    {
+        assert!(Instant::now() < deadline, "never reported healthy");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // The service answers on its public port.
     let mut conn = std::net::TcpStream::connect(&public).unwrap();
     use std::io::{Read, Write};

@@ -38,7 +38,7 @@ use crate::install::{BlobCache, InstallContext, InstallError, Installed, install
 use crate::process::ProcessSpec;
 use crate::release::{ReleaseError, Releases, verify};
 use crate::state::{InstalledState, ServiceState, State, StateError};
-use crate::supervisor::{ProcessState, StopPlan, Supervised, supervise};
+use crate::supervisor::{Monitor, ProcessState, StopPlan, Supervised, supervise};
 
 /// How many releases of each service are kept on disk (besides the running and
 /// the previous generation's, which are always kept).
@@ -256,7 +256,7 @@ impl Instance {
         self.services
             .get(service)
             .and_then(|s| match s.process.status().state {
-                ProcessState::Running { pid } => Some(pid),
+                ProcessState::Running { pid, .. } => Some(pid),
                 _ => None,
             })
     }
@@ -324,6 +324,11 @@ impl Instance {
                 signal: manifest.stop().signal,
                 grace: manifest.stop().grace,
             },
+            Some(Monitor {
+                check: manifest.health().clone(),
+                ports: ports.clone(),
+                dir: installed.dir.clone(),
+            }),
         );
         if let Err(source) = health::wait_healthy(manifest.health(), &ports, &installed.dir).await {
             process.stop().await;
@@ -575,11 +580,15 @@ impl Instance {
             .iter()
             .map(|(name, s)| {
                 let status = s.process.status();
-                let (pid, state) = match &status.state {
-                    ProcessState::Running { pid } => (Some(*pid), "running".to_owned()),
-                    ProcessState::Backoff { after } => (None, format!("restarting in {after:?}")),
-                    ProcessState::Exited { reason } => (None, format!("exited: {reason}")),
-                    ProcessState::Stopped => (None, "stopped".to_owned()),
+                let (pid, uptime, state) = match &status.state {
+                    ProcessState::Running { pid, since } => {
+                        (Some(*pid), Some(since.elapsed()), "running".to_owned())
+                    }
+                    ProcessState::Backoff { after } => {
+                        (None, None, format!("restarting in {after:?}"))
+                    }
+                    ProcessState::Exited { reason } => (None, None, format!("exited: {reason}")),
+                    ProcessState::Stopped => (None, None, "stopped".to_owned()),
                 };
                 let ports = self
                     .fronts
@@ -593,6 +602,8 @@ impl Instance {
                         commit: s.installed.commit,
                         pid,
                         state,
+                        health: status.health.to_string(),
+                        uptime_secs: uptime.map(|u| u.as_secs()),
                         restarts: status.restarts,
                         ports,
                     },

@@ -152,7 +152,12 @@ impl ShellService {
         }
     }
 
+    /// The instance's status: fresh when no upgrade holds the instance, else as
+    /// it was when the last one finished (status never waits).
     fn status(&self) -> InstanceStatus {
+        if let Ok(instance) = self.instance.try_lock() {
+            self.refresh(&instance);
+        }
         let mut s = self
             .status
             .lock()

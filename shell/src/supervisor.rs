@@ -4,9 +4,20 @@
 //! restart policy ([`crate::process::decide`]) says whether and after what backoff
 //! to start it again; when the supervisor is told to stop, it stops the process
 //! with its stop signal and grace. Each change is published on a `watch` channel as
-//! a [`ProcessStatus`] (state, pid, restarts), which `status` and tests read.
+//! a [`ProcessStatus`] (state, pid, restarts, health), which `status` and tests
+//! read.
+//!
+//! With a [`Monitor`], the supervisor also watches the running process's health:
+//! it waits for the first passing probe (within the start grace), then probes
+//! every interval; after `retries` failed probes in a row the process counts as
+//! failed — it is stopped like any stop, and the restart policy decides, as if
+//! it had exited with an error.
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use image_spec::manifest::HealthCheck;
 
 use image_spec::manifest::{RestartPolicy, StopSignal};
 use tokio::sync::watch;
@@ -14,6 +25,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::health;
 use crate::process::{Decision, ProcessSpec, Running, decide};
 
 /// Where a supervised process is in its life.
@@ -23,6 +35,8 @@ pub enum ProcessState {
     Running {
         /// The process id.
         pid: u32,
+        /// When it started.
+        since: Instant,
     },
     /// Exited; waiting out the backoff before the next start.
     Backoff {
@@ -45,6 +59,47 @@ pub struct ProcessStatus {
     pub state: ProcessState,
     /// How many times the process was started again.
     pub restarts: u32,
+    /// What the health probes say about the running process.
+    pub health: Health,
+}
+
+/// The health of a supervised process, by its probes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Not probed healthy yet (starting, or no monitor).
+    Unknown,
+    /// The last probe passed.
+    Healthy,
+    /// The last `failures` probes failed (the last one for `reason`).
+    Failing {
+        /// Failed probes in a row.
+        failures: u32,
+        /// Why the last one failed.
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Health::Unknown => f.write_str("unknown"),
+            Health::Healthy => f.write_str("healthy"),
+            Health::Failing { failures, reason } => {
+                write!(f, "failing ({failures} in a row): {reason}")
+            }
+        }
+    }
+}
+
+/// How to watch a running process's health.
+#[derive(Debug, Clone)]
+pub struct Monitor {
+    /// The check from `service.toml`.
+    pub check: HealthCheck,
+    /// The process's internal port per port name.
+    pub ports: BTreeMap<String, u16>,
+    /// Where a command probe runs.
+    pub dir: PathBuf,
 }
 
 /// How the supervisor stops the process.
@@ -85,15 +140,21 @@ impl Supervised {
 }
 
 /// Starts supervising `spec` (see the module docs).
-pub fn supervise(spec: ProcessSpec, policy: RestartPolicy, plan: StopPlan) -> Supervised {
+pub fn supervise(
+    spec: ProcessSpec,
+    policy: RestartPolicy,
+    plan: StopPlan,
+    monitor: Option<Monitor>,
+) -> Supervised {
     let (tx, rx) = watch::channel(ProcessStatus {
         state: ProcessState::Backoff {
             after: Duration::ZERO,
         },
         restarts: 0,
+        health: Health::Unknown,
     });
     let stop = CancellationToken::new();
-    let task = tokio::spawn(run(spec, policy, plan, tx, stop.clone()));
+    let task = tokio::spawn(run(spec, policy, plan, monitor, tx, stop.clone()));
     Supervised {
         status: rx,
         stop,
@@ -101,10 +162,21 @@ pub fn supervise(spec: ProcessSpec, policy: RestartPolicy, plan: StopPlan) -> Su
     }
 }
 
+/// How a running process stopped running.
+enum End {
+    /// The supervisor was told to stop.
+    Stop,
+    /// The process exited.
+    Exited(Result<std::process::ExitStatus, crate::process::ProcessError>),
+    /// Its health probes failed `retries` times in a row.
+    Unhealthy(String),
+}
+
 async fn run(
     spec: ProcessSpec,
     policy: RestartPolicy,
     plan: StopPlan,
+    monitor: Option<Monitor>,
     tx: watch::Sender<ProcessStatus>,
     stop: CancellationToken,
 ) {
@@ -112,7 +184,11 @@ async fn run(
     let mut failures = 0u32;
     loop {
         let publish = |state| {
-            let _ = tx.send(ProcessStatus { state, restarts });
+            let _ = tx.send(ProcessStatus {
+                state,
+                restarts,
+                health: Health::Unknown,
+            });
         };
         let mut running = match Running::start(&spec) {
             Ok(r) => r,
@@ -126,9 +202,17 @@ async fn run(
         };
         let pid = running.pid();
         info!(pid, restarts, "service started");
-        publish(ProcessState::Running { pid });
-        let exited = tokio::select! {
-            () = stop.cancelled() => {
+        publish(ProcessState::Running {
+            pid,
+            since: Instant::now(),
+        });
+        let end = tokio::select! {
+            () = stop.cancelled() => End::Stop,
+            exited = running.wait() => End::Exited(exited),
+            reason = watch_health(monitor.as_ref(), &tx) => End::Unhealthy(reason),
+        };
+        let (success, reason) = match end {
+            End::Stop => {
                 match running.stop(plan.signal, plan.grace).await {
                     Ok(s) => info!(pid, killed = s.killed, "service stopped"),
                     Err(e) => warn!(pid, error = %e, "stopping the service failed"),
@@ -136,23 +220,27 @@ async fn run(
                 publish(ProcessState::Stopped);
                 return;
             }
-            exited = running.wait() => exited,
-        };
-        let (success, reason) = match &exited {
-            Ok(status) => (status.success(), status.to_string()),
-            Err(e) => (false, e.to_string()),
+            End::Exited(Ok(status)) => (status.success(), status.to_string()),
+            End::Exited(Err(e)) => (false, e.to_string()),
+            End::Unhealthy(reason) => {
+                warn!(pid, %reason, "service unhealthy; stopping it");
+                if let Err(e) = running.stop(plan.signal, plan.grace).await {
+                    warn!(pid, error = %e, "stopping the service failed");
+                }
+                (false, format!("unhealthy: {reason}"))
+            }
         };
         failures = if success { 0 } else { failures + 1 };
         match decide(policy, success, failures) {
             Decision::StayDown => {
-                info!(pid, %reason, "service exited; policy keeps it down");
+                info!(pid, %reason, "service ended; policy keeps it down");
                 publish(ProcessState::Exited { reason });
                 // Stay until told to stop, so the status remains readable.
                 stop.cancelled().await;
                 return;
             }
             Decision::Restart { after } => {
-                warn!(pid, %reason, ?after, "service exited; restarting");
+                warn!(pid, %reason, ?after, "service ended; restarting");
                 publish(ProcessState::Backoff { after });
                 tokio::select! {
                     () = stop.cancelled() => {
@@ -162,6 +250,43 @@ async fn run(
                     () = tokio::time::sleep(after) => {}
                 }
                 restarts += 1;
+            }
+        }
+    }
+}
+
+/// Watches a running process's health (see the module docs); returns why it
+/// became unhealthy. Never returns without a monitor.
+async fn watch_health(monitor: Option<&Monitor>, tx: &watch::Sender<ProcessStatus>) -> String {
+    let Some(m) = monitor else {
+        return std::future::pending().await;
+    };
+    let set = |health: Health| tx.send_modify(|s| s.health = health);
+    if let Err(e) = health::wait_healthy(&m.check, &m.ports, &m.dir).await {
+        return e.to_string();
+    }
+    set(Health::Healthy);
+    let mut failures = 0u32;
+    loop {
+        tokio::time::sleep(m.check.interval).await;
+        match health::probe(&m.check.probe, &m.ports, &m.dir, m.check.timeout).await {
+            Ok(()) => {
+                if failures > 0 {
+                    info!(failures, "service healthy again");
+                    set(Health::Healthy);
+                }
+                failures = 0;
+            }
+            Err(e) => {
+                failures += 1;
+                warn!(failures, error = %e, "health probe failed");
+                set(Health::Failing {
+                    failures,
+                    reason: e.to_string(),
+                });
+                if failures >= m.check.retries.max(1) {
+                    return format!("{failures} health probes failed in a row, the last: {e}");
+                }
             }
         }
     }
@@ -203,7 +328,12 @@ mod tests {
     #[tokio::test]
     async fn a_crashing_service_is_restarted_with_backoff() {
         let dir = tempfile::tempdir().unwrap();
-        let sup = supervise(spec(dir.path(), "exit 3"), RestartPolicy::OnFailure, PLAN);
+        let sup = supervise(
+            spec(dir.path(), "exit 3"),
+            RestartPolicy::OnFailure,
+            PLAN,
+            None,
+        );
         let mut rx = sup.watch();
         let s = until(&mut rx, |s| s.restarts >= 2).await;
         assert!(s.restarts >= 2);
@@ -217,7 +347,7 @@ mod tests {
             (RestartPolicy::Never, "exit 3"),
             (RestartPolicy::OnFailure, "exit 0"),
         ] {
-            let sup = supervise(spec(dir.path(), script), policy, PLAN);
+            let sup = supervise(spec(dir.path(), script), policy, PLAN, None);
             let mut rx = sup.watch();
             let s = until(&mut rx, |s| matches!(s.state, ProcessState::Exited { .. })).await;
             assert_eq!(s.restarts, 0, "{policy:?}");
@@ -232,10 +362,11 @@ mod tests {
             spec(dir.path(), "exec sleep 60"),
             RestartPolicy::Always,
             PLAN,
+            None,
         );
         let mut rx = sup.watch();
         let s = until(&mut rx, |s| matches!(s.state, ProcessState::Running { .. })).await;
-        let ProcessState::Running { pid } = s.state else {
+        let ProcessState::Running { pid, .. } = s.state else {
             unreachable!()
         };
         assert_eq!(sup.stop().await.state, ProcessState::Stopped);
@@ -247,11 +378,65 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_process_that_turns_unhealthy_is_restarted_and_watched_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let flag = dir.path().join("healthy");
+        std::fs::write(&flag, "").unwrap();
+        let monitor = Monitor {
+            check: HealthCheck {
+                probe: image_spec::manifest::Probe::Command(
+                    Command::try_from(vec!["test".to_owned(), "-f".into(), "healthy".into()])
+                        .unwrap(),
+                ),
+                interval: Duration::from_millis(50),
+                timeout: Duration::from_secs(5),
+                retries: 3,
+                start_grace: Duration::from_secs(20),
+            },
+            ports: BTreeMap::new(),
+            dir: dir.path().to_owned(),
+        };
+        let sup = supervise(
+            spec(dir.path(), "exec sleep 60"),
+            RestartPolicy::Always,
+            PLAN,
+            Some(monitor),
+        );
+        let mut rx = sup.watch();
+        let first = until(&mut rx, |s| s.health == Health::Healthy).await;
+        let ProcessState::Running { pid: first_pid, .. } = first.state else {
+            panic!("healthy but not running: {first:?}")
+        };
+        assert_eq!(first.restarts, 0);
+        // Probes start failing: reported, then after three the process is replaced.
+        std::fs::remove_file(&flag).unwrap();
+        until(&mut rx, |s| {
+            matches!(s.health, Health::Failing { failures: 1.., .. })
+        })
+        .await;
+        let restarted = until(&mut rx, |s| s.restarts == 1).await;
+        assert_eq!(restarted.health, Health::Unknown);
+        std::fs::write(&flag, "").unwrap();
+        let again = until(&mut rx, |s| s.health == Health::Healthy).await;
+        let ProcessState::Running { pid, .. } = again.state else {
+            panic!("healthy but not running: {again:?}")
+        };
+        assert_ne!(pid, first_pid);
+        assert_eq!(again.restarts, 1);
+        // The replaced process is gone.
+        #[allow(unsafe_code)]
+        // SAFETY: kill with signal 0 only checks whether the pid exists.
+        let alive = unsafe { libc::kill(first_pid as i32, 0) } == 0;
+        assert!(!alive, "pid {first_pid} still exists");
+        sup.stop().await;
+    }
+
+    #[tokio::test]
     async fn a_program_that_cannot_start_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = spec(dir.path(), "");
         s.command = Command::try_from(vec!["/nonexistent/svc".to_owned()]).unwrap();
-        let sup = supervise(s, RestartPolicy::Always, PLAN);
+        let sup = supervise(s, RestartPolicy::Always, PLAN, None);
         let mut rx = sup.watch();
         let st = until(&mut rx, |s| matches!(s.state, ProcessState::Exited { .. })).await;
         let ProcessState::Exited { reason } = st.state else {

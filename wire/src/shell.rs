@@ -61,8 +61,12 @@ pub struct ServiceStatus {
     pub commit: CommitId,
     /// The process id, if running.
     pub pid: Option<u32>,
-    /// The process's state (`running`, `backoff`, `exited: …`, `stopped`).
+    /// The process's state (`running`, `restarting in …`, `exited: …`, `stopped`).
     pub state: String,
+    /// What its health probes say (`healthy`, `failing (N in a row): …`, `unknown`).
+    pub health: String,
+    /// Seconds since the running process started.
+    pub uptime_secs: Option<u64>,
     /// How many times it was restarted.
     pub restarts: u32,
     /// Public address per port name.
