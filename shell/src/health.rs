@@ -2,9 +2,10 @@
 //!
 //! A [`Probe`] from `service.toml` is one of: an HTTP `GET` on one of the
 //! process's ports (healthy on a 2xx status), a TCP connect, or a command that
-//! must exit 0. [`wait_healthy`] probes a starting process every `interval` until
-//! one probe passes, or fails once `start_grace` has passed, with the last
-//! probe's error. Probes go to 127.0.0.1 only.
+//! must exit 0. [`wait_healthy`] probes a starting process (soon at first, then
+//! backing off to every `interval`) until one probe passes, or fails once
+//! `start_grace` has passed, with the last probe's error. Probes go to 127.0.0.1
+//! only.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -163,7 +164,13 @@ fn answer_complete(bytes: &[u8]) -> bool {
     }
 }
 
-/// Probes every `interval` until one probe passes or `start_grace` runs out.
+/// The first pause between start-up probes; it doubles up to the check's interval.
+const FIRST_PAUSE: Duration = Duration::from_millis(10);
+
+/// Probes until one passes or `start_grace` runs out. A starting process is
+/// probed soon and then less and less often (10 ms, doubling up to `interval`):
+/// most services listen within milliseconds, and every probe interval waited
+/// needlessly is time the upgrade keeps the old process serving.
 pub async fn wait_healthy(
     check: &HealthCheck,
     ports: &BTreeMap<String, u16>,
@@ -171,20 +178,22 @@ pub async fn wait_healthy(
 ) -> Result<(), HealthError> {
     let deadline = tokio::time::Instant::now() + check.start_grace;
     let mut attempts = 0;
+    let mut pause = FIRST_PAUSE.min(check.interval);
     loop {
         attempts += 1;
         let last = match probe(&check.probe, ports, dir, check.timeout).await {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
-        if tokio::time::Instant::now() + check.interval > deadline {
+        if tokio::time::Instant::now() + pause > deadline {
             return Err(HealthError {
                 grace: check.start_grace,
                 attempts,
                 last,
             });
         }
-        tokio::time::sleep(check.interval).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(check.interval);
     }
 }
 
@@ -322,6 +331,24 @@ mod tests {
         assert_eq!(err.grace, Duration::from_millis(300));
         assert!(err.attempts >= 2, "{err}");
         assert!(matches!(err.last, ProbeError::Command(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_starting_process_is_probed_soon_then_backing_off_to_the_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let check = HealthCheck {
+            probe: Probe::Command(Command::try_from(vec!["false".to_owned()]).unwrap()),
+            interval: Duration::from_millis(400),
+            timeout: Duration::from_secs(5),
+            retries: 3,
+            start_grace: Duration::from_secs(1),
+        };
+        let err = wait_healthy(&check, &BTreeMap::new(), dir.path())
+            .await
+            .unwrap_err();
+        // Pauses of 10, 20, 40, … ms, then 400: seven probes fit in one second
+        // where probing every interval would have made three.
+        assert!((5..=8).contains(&err.attempts), "{err}");
     }
 
     #[tokio::test]
