@@ -113,6 +113,8 @@ struct Service {
     /// Internal port per port name.
     ports: BTreeMap<String, u16>,
     process: Supervised,
+    /// Until the process ran, and then until it was healthy.
+    startup: (Duration, Duration),
 }
 
 impl Service {
@@ -134,6 +136,25 @@ pub struct UpgradeReport {
     pub removed: Vec<ServiceName>,
     /// The generation recorded (none if nothing changed).
     pub generation: Option<u64>,
+    /// Where each restarted service's upgrade spent its time.
+    pub steps: BTreeMap<ServiceName, StepTimings>,
+}
+
+/// Where one service's upgrade spent its time, step by step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepTimings {
+    /// Diff and fetch of the missing blobs.
+    pub fetch: Duration,
+    /// The new release: copy of the previous one, diff applied.
+    pub copy: Duration,
+    /// The build command.
+    pub build: Duration,
+    /// From starting the process until it runs.
+    pub start: Duration,
+    /// From running until the first passing health probe.
+    pub health: Duration,
+    /// Switching its fronts to it.
+    pub switch: Duration,
 }
 
 /// A running instance (see the module docs).
@@ -261,6 +282,13 @@ impl Instance {
             })
     }
 
+    /// The release directory a service runs from.
+    pub fn release_dir(&self, service: &ServiceName) -> Option<&Path> {
+        self.services
+            .get(service)
+            .map(|s| s.installed.dir.as_path())
+    }
+
     /// The installed commit of each service.
     pub fn commits(&self) -> BTreeMap<ServiceName, CommitId> {
         self.services
@@ -317,6 +345,7 @@ impl Instance {
             log: log.clone(),
             log_limit: 10 << 20,
         };
+        let started = std::time::Instant::now();
         let process = supervise(
             spec,
             manifest.restart(),
@@ -330,6 +359,11 @@ impl Instance {
                 dir: installed.dir.clone(),
             }),
         );
+        let _ = process
+            .watch()
+            .wait_for(|s| !matches!(s.state, ProcessState::Backoff { .. }))
+            .await;
+        let start = started.elapsed();
         if let Err(source) = health::wait_healthy(manifest.health(), &ports, &installed.dir).await {
             process.stop().await;
             return Err(UpgradeError::Unhealthy {
@@ -344,6 +378,7 @@ impl Instance {
             manifest,
             ports,
             process,
+            startup: (start, started.elapsed() - start),
         })
     }
 
@@ -410,6 +445,16 @@ impl Instance {
                     source: Box::new(source),
                 })?;
             self.store_tree(&done.release.tree)?;
+            let t = done.timings;
+            report.steps.insert(
+                name.clone(),
+                StepTimings {
+                    fetch: t.fetch,
+                    copy: t.copy,
+                    build: t.build,
+                    ..StepTimings::default()
+                },
+            );
             fresh.push((name.clone(), done.release));
         }
 
@@ -436,10 +481,15 @@ impl Instance {
             }
             match self.start(&name, installed).await {
                 Ok(new) => {
+                    let switching = std::time::Instant::now();
                     if let Err(e) = self.expose(&name, &new).await {
                         new.process.stop().await;
                         failure = Some((e, stopped_old.map(|i| (name.clone(), i))));
                         break;
+                    }
+                    if let Some(t) = report.steps.get_mut(&name) {
+                        (t.start, t.health) = new.startup;
+                        t.switch = switching.elapsed();
                     }
                     let old = self.services.insert(name.clone(), new);
                     switched.push((name.clone(), old));
