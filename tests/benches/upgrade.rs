@@ -22,7 +22,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use image_spec::{InstanceName, ServiceName};
-use molt_e2e::{TestCluster, push_main, write_file};
+use molt_e2e::{TestCluster, copy_example, push_main, write_file};
 use shell::instance::{Instance, InstanceConfig, PublicPorts, StepTimings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -67,17 +67,8 @@ async fn bench() -> Res<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
     let cluster = TestCluster::start().await;
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/orders");
     let orders_dir = cluster.path("orders");
-    for rel in [
-        "service.toml",
-        "Cargo.toml",
-        "Cargo.lock",
-        ".moltignore",
-        "src/main.rs",
-    ] {
-        write_file(&orders_dir, rel, &std::fs::read(src.join(rel))?);
-    }
+    copy_example("orders", &orders_dir);
     let orders = ServiceName::new("orders")?;
     let dev = cluster.repo_client("user/ada/developer").await;
     let shell_repo = cluster.repo_client("shell/bench").await;

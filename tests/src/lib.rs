@@ -128,6 +128,25 @@ pub fn write_file(dir: &Path, rel: &str, bytes: &[u8]) {
     std::fs::write(path, bytes).expect("write");
 }
 
+/// Copies the sources of `examples/NAME` (never its build outputs) to `dst`.
+pub fn copy_example(name: &str, dst: &Path) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name);
+    for rel in [
+        "service.toml",
+        "Cargo.toml",
+        "Cargo.lock",
+        ".moltignore",
+        "src/main.rs",
+        "server.py",
+    ] {
+        if let Ok(bytes) = std::fs::read(src.join(rel)) {
+            write_file(dst, rel, &bytes);
+        }
+    }
+}
+
 /// Push options for branch `main`.
 pub fn push_main(message: &str) -> PushOptions {
     PushOptions {

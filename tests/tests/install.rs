@@ -4,33 +4,17 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
-
 use image_spec::{InstanceName, ServiceName};
-use molt_e2e::{TestCluster, push_main, write_file};
+use molt_e2e::{TestCluster, copy_example, push_main, write_file};
 use shell::build::BuildError;
 use shell::install::{BlobCache, InstallContext, InstallError, install};
 use shell::release::{Releases, verify};
-
-/// Copies the sources of `examples/orders` (not its build outputs) to `dst`.
-fn orders_sources(dst: &Path) {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/orders");
-    for rel in [
-        "service.toml",
-        "Cargo.toml",
-        "Cargo.lock",
-        ".moltignore",
-        "src/main.rs",
-    ] {
-        write_file(dst, rel, &std::fs::read(src.join(rel)).unwrap());
-    }
-}
 
 #[tokio::test]
 async fn install_builds_incrementally_and_refuses_broken_builds() {
     let cluster = TestCluster::start().await;
     let src = cluster.path("orders");
-    orders_sources(&src);
+    copy_example("orders", &src);
     let repo = cluster.repo_client("user/ada/developer").await;
     let v1 = repo.push(&src, &push_main("v1"), |_| {}).await.unwrap();
 

@@ -5,33 +5,14 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use image_spec::{CommitId, InstanceName, ServiceName};
-use molt_e2e::{TestCluster, push_main, write_file};
+use molt_e2e::{TestCluster, copy_example, push_main, write_file};
 use shell::instance::{Instance, InstanceConfig, PublicPorts, UpgradeError};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-
-fn copy_example(name: &str, dst: &Path) {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples")
-        .join(name);
-    for rel in [
-        "service.toml",
-        "Cargo.toml",
-        "Cargo.lock",
-        ".moltignore",
-        "src/main.rs",
-        "server.py",
-    ] {
-        if let Ok(bytes) = std::fs::read(src.join(rel)) {
-            write_file(dst, rel, &bytes);
-        }
-    }
-}
 
 fn svc(s: &str) -> ServiceName {
     ServiceName::new(s).unwrap()
