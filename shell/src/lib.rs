@@ -1,6 +1,6 @@
 //! molt's shell: the agent on every instance.
 //!
-//! Built so far:
+//! Its modules:
 //! - [`release`]: the release directories an upgrade makes — a copy of the previous
 //!   release of a service (build outputs and timestamps included, so builds stay
 //!   incremental) with the diff to the new commit applied, sealed by an atomic
@@ -26,10 +26,12 @@
 //!   above together — install every changed service, start and health-check each
 //!   new process, switch its fronts, roll everything back on any failure, drain and
 //!   stop the old processes, and only then record the new state; reopening starts
-//!   what the recorded state says.
+//!   what the recorded state says;
+//! - [`service`]: the shell's command service over QUIC (upgrade, plan, status,
+//!   logs, rollback, pull), one upgrade at a time with the others queued;
+//! - [`crash`]: crash points that let tests `kill -9` the shell at a chosen step.
 //!
-//! Shadow generations, plugins, and the shell's command service (and with it
-//! `molt deploy`, `status`, `rollback`, `pull`, `logs` and `molt up`) come next.
+//! Shadow generations and plugins come next.
 
 pub mod build;
 pub mod crash;

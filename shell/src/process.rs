@@ -5,7 +5,7 @@
 //! handle, into one [`RotatingLog`]: when the file passes its size limit it becomes
 //! `NAME.1` (the older ones shift to `.2`, `.3`; the oldest is dropped).
 //!
-//! Every process the shell starts (services and builds) is [`owned_by_shell`]:
+//! Every process the shell starts (services and builds) is owned by the shell:
 //! it leads its own process group, so a Ctrl-C at the shell's terminal does not
 //! reach it and a stop reaches its children too; and the kernel SIGKILLs it if
 //! the shell dies, even by `kill -9`, so no orphan of a dead shell keeps running

@@ -1,7 +1,7 @@
 //! The shell's command service: `upgrade`, `plan`, `status`, `logs`, `rollback`
 //! and `pull` over QUIC.
 //!
-//! [`run`] opens the instance (starting its recorded generation), then serves
+//! [`bind`] opens the instance (starting its recorded generation), then serves
 //! commands from the portal and from users with the deployer or admin grant.
 //! Upgrades run one at a time: a second waits for the first, and `status` (which
 //! never waits) shows how many are queued. A rollback upgrades to the previous
