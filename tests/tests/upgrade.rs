@@ -212,6 +212,41 @@ async fn in_place_upgrades_rebuild_only_what_changed_and_roll_back_on_failure() 
     assert!(body.contains("\"version\":\"2\""), "{body}");
     assert_eq!(instance.commits()[&svc("orders")], orders_v2.commit);
 
+    // A release whose process runs but fails its health check: rolled back, the
+    // old hello keeps serving with its pid, and the error carries the log tail.
+    let hello_manifest = std::fs::read_to_string(hello_dir.join("service.toml")).unwrap();
+    write_file(
+        &hello_dir,
+        "service.toml",
+        hello_manifest
+            .replace("http = \"/healthz\"", "command = [\"false\"]")
+            .replace("start_grace = \"10s\"", "start_grace = \"1s\"")
+            .as_bytes(),
+    );
+    let failing = dev
+        .push(&hello_dir, &push_main("failing health"), |_| {})
+        .await
+        .unwrap();
+    let mut failing_target = target(orders_v2.commit);
+    failing_target.insert(svc("hello"), failing.commit);
+    let err = instance
+        .upgrade(&shell_repo, &failing_target, None, "failing health")
+        .await
+        .unwrap_err();
+    let UpgradeError::Unhealthy {
+        service, log_tail, ..
+    } = &err
+    else {
+        panic!("expected an unhealthy release: {err}");
+    };
+    assert_eq!(service, &svc("hello"));
+    assert!(log_tail.contains("hello: listening on"), "{log_tail}");
+    assert_eq!(instance.pid(&svc("hello")), Some(hello_pid));
+    assert_eq!(instance.commits()[&svc("hello")], hello_v1.commit);
+    let (code, body) = get_once(hello_addr, "/").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("hello from molt"), "{body}");
+
     // A restarted shell comes back to the recorded generation.
     instance.shutdown().await;
     let state = shell::state::State::open(&cluster.path("instance/state")).unwrap();
