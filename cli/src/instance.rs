@@ -108,7 +108,10 @@ pub(crate) async fn command(
         )
         .await
         .with_context(|| format!("cannot reach the shell of `{name}` at {addr}"))?;
-    let reply: ShellReply = conn.call(&req).await?;
+    // An upgrade reports its steps as it goes: show them on stderr (stdout keeps
+    // the one answer, or the one JSON document).
+    let reply: ShellReply =
+        wire::shell::call(&conn, &req, |step| eprintln!("  {name}: {step}")).await?;
     conn.close();
     client.shutdown().await;
     reply.with_context(|| format!("the shell of `{name}` refused"))
@@ -151,7 +154,7 @@ pub(crate) async fn deploy(
     };
     let summary = match command(config, instance, req).await? {
         ShellResponse::Upgraded(s) | ShellResponse::Plan(s) => s,
-        ShellResponse::Status(_) | ShellResponse::Logs { .. } => {
+        ShellResponse::Status(_) | ShellResponse::Logs { .. } | ShellResponse::Progress(_) => {
             bail!("the shell answered a deploy with something else")
         }
     };

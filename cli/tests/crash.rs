@@ -252,6 +252,11 @@ fn a_second_upgrade_waits_in_the_queue_and_status_shows_it() {
         "{}",
         String::from_utf8_lossy(&second.stderr)
     );
+    let steps = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        steps.contains("queue: queued: another upgrade is running"),
+        "{steps}"
+    );
     let first: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
     let second: serde_json::Value = serde_json::from_slice(&second.stdout).unwrap();
     // They ran one after the other, in order.

@@ -125,6 +125,18 @@ impl Service {
     }
 }
 
+/// Told each step of an upgrade as it happens: the service it is about (if any)
+/// and what is happening.
+pub type Progress<'a> = &'a (dyn Fn(Option<&ServiceName>, &str) + Send + Sync);
+
+fn count(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
 /// What an upgrade did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UpgradeReport {
@@ -413,13 +425,26 @@ impl Instance {
     }
 
     /// Brings the instance to `target` (see the module docs).
-    #[tracing::instrument(skip_all, fields(instance = %self.config.name))]
     pub async fn upgrade(
         &mut self,
         repo: &RepoClient,
         target: &BTreeMap<ServiceName, CommitId>,
         image: Option<(ImageName, ImageId)>,
         reason: &str,
+    ) -> Result<UpgradeReport, UpgradeError> {
+        self.upgrade_reporting(repo, target, image, reason, &|_, _| {})
+            .await
+    }
+
+    /// [`Instance::upgrade`], telling `progress` each step as it happens.
+    #[tracing::instrument(skip_all, fields(instance = %self.config.name))]
+    pub async fn upgrade_reporting(
+        &mut self,
+        repo: &RepoClient,
+        target: &BTreeMap<ServiceName, CommitId>,
+        image: Option<(ImageName, ImageId)>,
+        reason: &str,
+        progress: Progress<'_>,
     ) -> Result<UpgradeReport, UpgradeError> {
         let mut report = UpgradeReport::default();
         // Steps 1–4: install every changed service; nothing runs yet.
@@ -438,6 +463,13 @@ impl Instance {
                 report.unchanged.push(name.clone());
                 continue;
             }
+            progress(
+                Some(name),
+                &format!(
+                    "installing {} (diff, fetch, release, build)",
+                    commit.short(12)
+                ),
+            );
             let done = install(&ctx, name, *commit, current)
                 .await
                 .map_err(|source| UpgradeError::Install {
@@ -446,6 +478,19 @@ impl Instance {
                 })?;
             self.store_tree(&done.release.tree)?;
             let t = done.timings;
+            progress(
+                Some(name),
+                &format!(
+                    "installed: {} fetched ({} bytes), {}",
+                    count(done.fetched_blobs, "blob"),
+                    done.fetched_bytes,
+                    if done.built {
+                        format!("built in {:.1} s", t.build.as_secs_f64())
+                    } else {
+                        "no build step".to_owned()
+                    }
+                ),
+            );
             report.steps.insert(
                 name.clone(),
                 StepTimings {
@@ -479,6 +524,7 @@ impl Instance {
                     stopped_old = Some(old.installed);
                 }
             }
+            progress(Some(&name), "starting, waiting until healthy");
             match self.start(&name, installed).await {
                 Ok(new) => {
                     let switching = std::time::Instant::now();
@@ -491,6 +537,7 @@ impl Instance {
                         (t.start, t.health) = new.startup;
                         t.switch = switching.elapsed();
                     }
+                    progress(Some(&name), "healthy; new requests go to it");
                     let old = self.services.insert(name.clone(), new);
                     switched.push((name.clone(), old));
                     report.restarted.push(name);
@@ -504,6 +551,7 @@ impl Instance {
         }
         if let Some((err, restart_old)) = failure {
             warn!(error = %err, "upgrade failed; switching back");
+            progress(None, "failed; switching every service back");
             self.roll_back(switched, restart_old).await;
             return Err(err);
         }
@@ -511,6 +559,7 @@ impl Instance {
         // Everything new is serving: drain and stop the old processes.
         for (name, old) in switched {
             if let Some(old) = old {
+                progress(Some(&name), "draining and stopping the old process");
                 self.drain(&name, &old).await;
                 old.process.stop().await;
             }
@@ -523,6 +572,7 @@ impl Instance {
             .collect();
         for name in gone {
             if let Some(old) = self.services.remove(&name) {
+                progress(Some(&name), "stopping: the target does not have it");
                 self.close_fronts(&name).await;
                 old.process.stop().await;
                 report.removed.push(name);
@@ -549,8 +599,10 @@ impl Instance {
                     .collect(),
             };
             crate::crash::point("before-record");
-            report.generation = Some(self.state.record(&state, reason)?);
+            let generation = self.state.record(&state, reason)?;
+            report.generation = Some(generation);
             crate::crash::point("after-record");
+            progress(None, &format!("recorded generation {generation}"));
             self.prune();
         }
         Ok(report)

@@ -20,10 +20,13 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use image_spec::{CommitId, ImageName, ServiceName};
 use repo_server::client::RepoClient;
 use tokio::sync::Mutex;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 use wire::repo::{ErrorKind, RemoteError};
-use wire::shell::{InstanceStatus, ShellReply, ShellRequest, ShellResponse, UpgradeSummary};
+use wire::shell::{
+    InstanceStatus, Progress, ShellReply, ShellRequest, ShellResponse, UpgradeSummary,
+};
 use wire::{
     BiStream, Client, Credentials, DEFAULT_FRAME_LIMIT, Handler, Identity, Server, WireError,
 };
@@ -168,7 +171,7 @@ impl ShellService {
         s
     }
 
-    async fn answer(&self, req: ShellRequest) -> ShellReply {
+    async fn answer(&self, req: ShellRequest, progress: &Reporter) -> ShellReply {
         match req {
             ShellRequest::Status => Ok(ShellResponse::Status(self.status())),
             ShellRequest::Logs {
@@ -202,12 +205,14 @@ impl ShellService {
                     &repo,
                     Change::To(target, Some((image.clone(), id))),
                     &format!("upgrade to {image}"),
+                    progress,
                 )
                 .await
             }
             ShellRequest::Rollback => {
                 let repo = self.repo().await?;
-                self.run_upgrade(&repo, Change::Previous, "rollback").await
+                self.run_upgrade(&repo, Change::Previous, "rollback", progress)
+                    .await
             }
             ShellRequest::Pull { service, rev } => {
                 if matches!(self.stage, Stage::Staging | Stage::Production) {
@@ -228,6 +233,7 @@ impl ShellService {
                     &repo,
                     Change::Pull(service.clone(), commit),
                     &format!("pull {service}@{rev}"),
+                    progress,
                 )
                 .await
             }
@@ -235,9 +241,28 @@ impl ShellService {
     }
 
     /// Runs one upgrade at a time: waits (visibly queued) for the instance.
-    async fn run_upgrade(&self, repo: &RepoClient, change: Change, reason: &str) -> ShellReply {
+    async fn run_upgrade(
+        &self,
+        repo: &RepoClient,
+        change: Change,
+        reason: &str,
+        progress: &Reporter,
+    ) -> ShellReply {
+        let report = |service: Option<&ServiceName>, step: &str| {
+            // The requester may be gone; the upgrade goes on without it.
+            let _ = progress.send(Progress {
+                service: service.cloned(),
+                step: step.to_owned(),
+            });
+        };
         self.queued.fetch_add(1, Ordering::SeqCst);
-        let mut instance = self.instance.lock().await;
+        let mut instance = match self.instance.try_lock() {
+            Ok(instance) => instance,
+            Err(_) => {
+                report(None, "queued: another upgrade is running");
+                self.instance.lock().await
+            }
+        };
         self.queued.fetch_sub(1, Ordering::SeqCst);
         self.upgrading.store(true, Ordering::SeqCst);
         let result = async {
@@ -262,7 +287,9 @@ impl ShellService {
                     (target, previous.image)
                 }
             };
-            instance.upgrade(repo, &target, image, reason).await
+            instance
+                .upgrade_reporting(repo, &target, image, reason, &report)
+                .await
         }
         .await;
         self.upgrading.store(false, Ordering::SeqCst);
@@ -276,6 +303,9 @@ impl ShellService {
         }))
     }
 }
+
+/// Where an upgrade's steps go while it runs: to the stream that asked for it.
+type Reporter = mpsc::UnboundedSender<Progress>;
 
 /// What an upgrade changes to.
 enum Change {
@@ -347,6 +377,14 @@ pub fn plan(
     s
 }
 
+/// Sends one progress frame; false once the requester is gone.
+async fn forward(stream: &mut BiStream, step: Progress) -> bool {
+    let frame: ShellReply = Ok(ShellResponse::Progress(step));
+    wire::codec::write_frame(&mut stream.send, &frame)
+        .await
+        .is_ok()
+}
+
 impl Handler for ShellService {
     async fn handle(&self, peer: Arc<Identity>, mut stream: BiStream) {
         let req: ShellRequest = match stream.read_request(DEFAULT_FRAME_LIMIT).await {
@@ -357,6 +395,7 @@ impl Handler for ShellService {
             }
         };
         let span = info_span!("command", instance = %self.name, %peer, ?req);
+        let (progress, mut steps) = mpsc::unbounded_channel();
         let reply = async {
             if !wire::shell::allowed(&peer) {
                 return Err(remote(
@@ -364,10 +403,27 @@ impl Handler for ShellService {
                     format!("`{peer}` may not command shells"),
                 ));
             }
-            self.answer(req).await
+            self.answer(req, &progress).await
         }
-        .instrument(span)
-        .await;
+        .instrument(span);
+        // Forward each step as a progress frame while the command runs; a
+        // requester that went away does not stop the command.
+        let mut reply = std::pin::pin!(reply);
+        let mut forwarding = true;
+        let reply = loop {
+            tokio::select! {
+                reply = &mut reply => break reply,
+                Some(step) = steps.recv(), if forwarding => {
+                    forwarding = forward(&mut stream, step).await;
+                }
+            }
+        };
+        while let Ok(step) = steps.try_recv() {
+            if !forwarding {
+                break;
+            }
+            forwarding = forward(&mut stream, step).await;
+        }
         if let Err(e) = &reply {
             warn!(instance = %self.name, error = %e, "command failed");
         }

@@ -1,8 +1,10 @@
 //! The shell protocol: commands an instance's shell serves to the portal and to
 //! deployers.
 //!
-//! Each request is one stream with one [`ShellRequest`] frame and one
-//! [`ShellReply`] frame. Command handling does not depend on who opened the
+//! Each request is one stream with one [`ShellRequest`] frame; the shell answers
+//! with zero or more [`ShellResponse::Progress`] frames (an upgrade reporting its
+//! steps as they happen) and then one final [`ShellReply`] frame ([`call`] reads
+//! them). Command handling does not depend on who opened the
 //! connection, so the same requests can later travel over the connection a shell
 //! opens to the portal. Allowed for the portal and for users with the deployer or
 //! admin grant ([`allowed`]).
@@ -121,6 +123,47 @@ pub enum ShellResponse {
         /// The offset to continue from.
         next: u64,
     },
+    /// A step of a running upgrade; the final answer follows.
+    Progress(Progress),
+}
+
+/// A step of an upgrade, as it happens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The service the step is about, if any.
+    pub service: Option<ServiceName>,
+    /// What is happening (`building`, `healthy; serving`, `recorded generation 3`).
+    pub step: String,
+}
+
+impl std::fmt::Display for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.service {
+            Some(s) => write!(f, "{s}: {}", self.step),
+            None => f.write_str(&self.step),
+        }
+    }
+}
+
+/// Sends `req` on a new stream of `conn` and reads the answer: each progress
+/// frame goes to `on_progress`, and the final reply is returned.
+pub async fn call(
+    conn: &crate::endpoint::Connection,
+    req: &ShellRequest,
+    mut on_progress: impl FnMut(&Progress),
+) -> Result<ShellReply, crate::WireError> {
+    let mut s = conn.open().await?;
+    crate::codec::write_frame(&mut s.send, req).await?;
+    // The stream may already be reset by the shell; the read below reports why.
+    let _ = s.send.finish();
+    loop {
+        let reply: ShellReply =
+            crate::codec::expect_frame(&mut s.recv, crate::codec::DEFAULT_FRAME_LIMIT).await?;
+        match reply {
+            Ok(ShellResponse::Progress(p)) => on_progress(&p),
+            other => return Ok(other),
+        }
+    }
 }
 
 /// The answer to a shell request.
