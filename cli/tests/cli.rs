@@ -348,16 +348,9 @@ fn deploy_an_image_to_a_shell_and_read_its_status() {
     );
     c.molt_json(&["push", hello.to_str().unwrap()]);
     c.molt_json(&["image", "create", "demo-2", "--set", "hello=main"]);
-    let out = c.molt(&["--json", "deploy", "demo-2", "--instance", &target]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v2: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (v2, steps) = c.molt_json_steps(&["deploy", "demo-2", "--instance", &target]);
     assert_eq!(v2["generation"], 2);
     // The steps were shown as they happened, on stderr.
-    let steps = String::from_utf8_lossy(&out.stderr);
     for step in [
         "dev-1: hello: installing",
         "dev-1: hello: installed: 1 blob fetched",
@@ -367,7 +360,11 @@ fn deploy_an_image_to_a_shell_and_read_its_status() {
     ] {
         assert!(steps.contains(step), "no `{step}` in:\n{steps}");
     }
-    let back = c.molt_json(&["rollback", "--instance", &target]);
+    let (back, steps) = c.molt_json_steps(&["rollback", "--instance", &target]);
+    assert!(
+        steps.contains("hello: its release is on disk: nothing fetched or built"),
+        "{steps}"
+    );
     assert_eq!(back["restarted"], serde_json::json!(["hello"]));
     assert_eq!(back["generation"], 3);
     let status = c.molt_json(&["status", "--instance", &target]);

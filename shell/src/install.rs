@@ -79,6 +79,9 @@ pub struct InstallReport {
     pub copied: CopyStats,
     /// Was a build run?
     pub built: bool,
+    /// Was a sealed release of this commit on disk already (a rollback)? Then
+    /// nothing was fetched, copied or built.
+    pub reused: bool,
     /// Time spent fetching, copying and applying, and building.
     pub timings: Timings,
 }
@@ -152,6 +155,7 @@ pub async fn install(
         fetched_bytes: 0,
         copied: CopyStats::default(),
         built: false,
+        reused: true,
         timings: Timings::default(),
     };
     if let Some(c) = current
@@ -267,6 +271,7 @@ pub async fn install(
         fetched_bytes,
         copied,
         built,
+        reused: false,
         timings: Timings { fetch, copy, build },
     })
 }

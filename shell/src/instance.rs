@@ -478,9 +478,10 @@ impl Instance {
                 })?;
             self.store_tree(&done.release.tree)?;
             let t = done.timings;
-            progress(
-                Some(name),
-                &format!(
+            let installed = if done.reused {
+                "its release is on disk: nothing fetched or built".to_owned()
+            } else {
+                format!(
                     "installed: {} fetched ({} bytes), {}",
                     count(done.fetched_blobs, "blob"),
                     done.fetched_bytes,
@@ -489,8 +490,9 @@ impl Instance {
                     } else {
                         "no build step".to_owned()
                     }
-                ),
-            );
+                )
+            };
+            progress(Some(name), &installed);
             report.steps.insert(
                 name.clone(),
                 StepTimings {

@@ -75,6 +75,12 @@ impl Cluster {
     }
 
     pub fn molt_json(&self, args: &[&str]) -> serde_json::Value {
+        self.molt_json_steps(args).0
+    }
+
+    /// `molt --json ARGS`: its JSON document and its stderr (where an upgrade
+    /// shows its steps).
+    pub fn molt_json_steps(&self, args: &[&str]) -> (serde_json::Value, String) {
         let mut all = args.to_vec();
         all.push("--json");
         let out = self.molt(&all);
@@ -83,7 +89,10 @@ impl Cluster {
             "molt {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        serde_json::from_slice(&out.stdout).unwrap()
+        (
+            serde_json::from_slice(&out.stdout).unwrap(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     pub fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
