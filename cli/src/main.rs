@@ -100,7 +100,7 @@ enum Command {
     },
     /// Deploy an image to an instance (in place), or show the plan.
     Deploy {
-        /// The image's name.
+        /// The image: its name, or its id or an abbreviation of it (≥ 8 hex).
         image: String,
         /// The instance: NAME@ADDR, or a NAME under [instances] in molt.toml.
         #[arg(long)]

@@ -274,10 +274,19 @@ fn deploy_an_image_to_a_shell_and_read_its_status() {
         write(&hello, f, &std::fs::read(example.join(f)).unwrap());
     }
     c.molt_json(&["push", hello.to_str().unwrap()]);
-    c.molt_json(&["image", "create", "demo-1", "--set", "hello=main"]);
+    let image = c.molt_json(&["image", "create", "demo-1", "--set", "hello=main"]);
 
     let (mut shell, addr) = start_shell(&c, "dev-1", "staging");
     let target = format!("dev-1@{addr}");
+
+    // An image is named by its name, or by its id or an abbreviation of it.
+    let id = image["id"].as_str().unwrap();
+    let by_id = c.molt_json(&["deploy", &id[..10], "--instance", &target, "--plan"]);
+    assert_eq!(by_id["restarted"], serde_json::json!(["hello"]));
+    let out = c.molt(&["deploy", "0123456789ab", "--instance", &target, "--plan"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no image is named `0123456789ab`"), "{err}");
 
     let plan = c.molt_json(&["deploy", "demo-1", "--instance", &target, "--plan"]);
     assert_eq!(plan["restarted"], serde_json::json!(["hello"]));

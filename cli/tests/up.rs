@@ -165,6 +165,19 @@ fn molt_up_serves_the_examples_stops_on_ctrl_c_and_comes_back() {
     assert!(Path::new(&format!("/proc/{pid}")).exists());
     let dev = molt_json(dir.path(), &["status", "--instance", "dev"]);
     assert_eq!(dev["services"], serde_json::json!({}));
+    // Production takes images only; the development instance takes a pull.
+    let refused = Command::new(MOLT)
+        .env("XDG_CACHE_HOME", dir.path().join("cache"))
+        .arg("--config")
+        .arg(dir.path().join("molt-local/molt.toml"))
+        .args(["pull", "hello", "--instance", "prod"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("not pulls"), "{err}");
+    let pulled = molt_json(dir.path(), &["pull", "hello", "--instance", "dev"]);
+    assert_eq!(pulled["restarted"], serde_json::json!(["hello"]));
 
     // Ctrl-C stops everything: the exit is clean, ports close, processes end.
     let (ok, lines) = up.interrupt();
@@ -193,7 +206,10 @@ fn molt_up_serves_the_examples_stops_on_ctrl_c_and_comes_back() {
     );
     assert!(!again.seen.iter().any(|l| l.starts_with("deploying")));
     let urls = again.urls();
-    assert_eq!(urls.len(), 4, "{}", again.seen.join("\n"));
+    // Four from the first run's deploys, and dev's pulled hello.
+    assert_eq!(urls.len(), 5, "{}", again.seen.join("\n"));
+    let dev_hello = &urls[&("dev".to_owned(), "hello".to_owned())];
+    assert!(get(dev_hello).unwrap().contains("hello from molt"));
     let orders = &urls[&("prod".to_owned(), "orders".to_owned())];
     assert!(get(orders).unwrap().contains("\"version\":\"1\""));
     let images = molt_json(dir.path(), &["image", "list"]);

@@ -139,10 +139,33 @@ impl ShellService {
         repo: &RepoClient,
         image: &ImageName,
     ) -> Result<(image_spec::ImageId, BTreeMap<ServiceName, CommitId>), RemoteError> {
-        let (id, image) = repo.image(image).await.map_err(|e| match e {
+        let as_remote = |e| match e {
             repo_server::client::ClientError::Remote(r) => r,
             other => remote(ErrorKind::Internal, other.to_string()),
-        })?;
+        };
+        let (id, image) = match repo.image(image).await.map_err(as_remote) {
+            Ok(found) => found,
+            // Not a name: perhaps an image id, or an abbreviation of one.
+            Err(e) if e.kind == ErrorKind::NotFound => {
+                let Ok(prefix) = image.as_str().parse::<image_spec::IdPrefix>() else {
+                    return Err(e);
+                };
+                let images = repo.images().await.map_err(as_remote)?;
+                let id = prefix
+                    .resolve(images.iter().map(|(id, _)| *id))
+                    .map_err(|r| {
+                        remote(
+                            ErrorKind::NotFound,
+                            format!("no image is named `{image}`, and {r}"),
+                        )
+                    })?;
+                images
+                    .into_iter()
+                    .find(|(i, _)| *i == id)
+                    .expect("the id was resolved among these images")
+            }
+            Err(e) => return Err(e),
+        };
         Ok((id, image.services().clone()))
     }
 

@@ -21,14 +21,14 @@ use crate::repo::RemoteError;
 /// A command to a shell.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ShellRequest {
-    /// Bring the instance to an image (by name), in place.
+    /// Bring the instance to an image, in place.
     Upgrade {
-        /// The image.
+        /// The image: its name, or its id or an abbreviation of it (≥ 8 hex).
         image: ImageName,
     },
     /// What an upgrade to the image would do, without doing it.
     Plan {
-        /// The image.
+        /// The image, as for `Upgrade`.
         image: ImageName,
     },
     /// The instance's state.
