@@ -1,16 +1,21 @@
 //! The front for `tcp` ports: the shell owns the public port and splices each
 //! connection to the service process currently behind it.
 //!
+//! Where new work goes is one [`Router`] per instance: a table from each public
+//! port's route key to its backend, replaced as a whole, so a change to several
+//! services (a shadow generation's cutover) takes effect for all of them at one
+//! instant — no request can see one service switched and another not.
+//!
 //! [`bind_tcp`] accepts on the public address and connects each new connection to
-//! the backend set at that moment; a connection stays with its backend until it
-//! ends, so [`Front::switch`] moves only new connections (old ones drain on the
-//! old process). While there is no backend (a service with `overlap = false`
+//! the backend its route names at that moment; a connection stays with its
+//! backend until it ends, so a [`Router::set`] moves only new connections (old
+//! ones drain on the old process). While there is no backend (a service with `overlap = false`
 //! between its stop and its start), new connections are held for up to the hold
 //! time instead of being refused. [`Front::busy`] counts the connections
 //! still open on a backend, so an upgrade can wait for the old process to drain.
 //! HTTP ports get a request-level front later; this one is per connection.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -52,11 +57,67 @@ impl Drop for Busy {
     }
 }
 
+/// Backends by route key; a key that is absent holds its work.
+type Table = BTreeMap<String, SocketAddr>;
+
+/// An instance's routing table (see the module docs). Cloning shares it.
+#[derive(Debug, Clone)]
+pub struct Router {
+    table: Arc<watch::Sender<Arc<Table>>>,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Router {
+    /// An empty table: every route holds its work.
+    pub fn new() -> Self {
+        Self {
+            table: Arc::new(watch::channel(Arc::new(Table::new())).0),
+        }
+    }
+
+    /// What a front follows: the backend of `key`, whenever the table changes.
+    pub fn route(&self, key: impl Into<String>) -> Route {
+        Route {
+            table: self.table.subscribe(),
+            key: key.into(),
+        }
+    }
+
+    /// Applies every change (`None`: hold that route's work) as one new table.
+    pub fn set(&self, changes: impl IntoIterator<Item = (String, Option<SocketAddr>)>) {
+        let mut next: Table = (**self.table.borrow()).clone();
+        for (key, backend) in changes {
+            match backend {
+                Some(b) => next.insert(key, b),
+                None => next.remove(&key),
+            };
+        }
+        self.table.send_replace(Arc::new(next));
+    }
+
+    /// The backend `key` sends new work to now.
+    pub fn get(&self, key: &str) -> Option<SocketAddr> {
+        self.table.borrow().get(key).copied()
+    }
+}
+
+/// One route of a [`Router`]: what a front reads for each new piece of work.
+#[derive(Debug, Clone)]
+pub struct Route {
+    table: watch::Receiver<Arc<Table>>,
+    key: String,
+}
+
 /// What a front's connection handler gets besides the client connection.
 #[derive(Clone)]
 pub(crate) struct Routing {
-    /// The backend new work goes to (`None`: hold it).
-    pub(crate) backend: watch::Receiver<Option<SocketAddr>>,
+    /// The route new work follows.
+    pub(crate) route: Route,
     /// How long to hold new work while there is no backend.
     pub(crate) hold: Duration,
     /// Work in flight per backend.
@@ -68,20 +129,20 @@ pub(crate) struct Routing {
 impl Routing {
     /// The backend, waiting up to the hold time while there is none.
     pub(crate) async fn current(&mut self) -> Option<SocketAddr> {
-        match tokio::time::timeout(self.hold, self.backend.wait_for(Option::is_some)).await {
-            Ok(Ok(b)) => *b,
+        let Route { table, key } = &mut self.route;
+        match tokio::time::timeout(self.hold, table.wait_for(|t| t.contains_key(key))).await {
+            Ok(Ok(t)) => t.get(key).copied(),
             _ => None,
         }
     }
 }
 
 /// A public port owned by the shell: the listener, its accept loop, and the
-/// switchable backend. [`bind_tcp`] and [`crate::http_front::bind_http`] make one;
+/// route it follows. [`bind_tcp`] and [`crate::http_front::bind_http`] make one;
 /// they differ only in what they do with each client connection.
 #[derive(Debug)]
 pub struct Front {
     addr: SocketAddr,
-    backend: watch::Sender<Option<SocketAddr>>,
     counts: Counts,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -91,7 +152,7 @@ impl Front {
     /// Listens on `public` and runs `serve` for every client connection.
     pub(crate) async fn bind<F, Fut>(
         public: SocketAddr,
-        backend: Option<SocketAddr>,
+        route: Route,
         hold: Duration,
         serve: F,
     ) -> std::io::Result<Self>
@@ -101,11 +162,10 @@ impl Front {
     {
         let listener = TcpListener::bind(public).await?;
         let addr = listener.local_addr()?;
-        let (tx, rx) = watch::channel(backend);
         let counts: Counts = Arc::default();
         let stop = CancellationToken::new();
         let routing = Routing {
-            backend: rx,
+            route,
             hold,
             counts: counts.clone(),
             stop: stop.clone(),
@@ -113,7 +173,6 @@ impl Front {
         let task = tokio::spawn(accept_loop(listener, routing, serve));
         Ok(Self {
             addr,
-            backend: tx,
             counts,
             stop,
             task,
@@ -123,11 +182,6 @@ impl Front {
     /// The public address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
-    }
-
-    /// Sends new work to `backend` from now on (`None`: hold it).
-    pub fn switch(&self, backend: Option<SocketAddr>) {
-        self.backend.send_replace(backend);
     }
 
     /// Connections (TCP) or requests (HTTP) still open on `backend`: what an
@@ -170,14 +224,10 @@ where
     conns.shutdown().await;
 }
 
-/// Listens on `public` for a `tcp` port, splicing each connection to `backend`
-/// (if any); a connection arriving with no backend waits up to `hold` for one.
-pub async fn bind_tcp(
-    public: SocketAddr,
-    backend: Option<SocketAddr>,
-    hold: Duration,
-) -> std::io::Result<Front> {
-    Front::bind(public, backend, hold, |client, routing| async move {
+/// Listens on `public` for a `tcp` port, splicing each connection to the backend
+/// of `route`; a connection arriving while it has none waits up to `hold`.
+pub async fn bind_tcp(public: SocketAddr, route: Route, hold: Duration) -> std::io::Result<Front> {
+    Front::bind(public, route, hold, |client, routing| async move {
         let stop = routing.stop.clone();
         tokio::select! {
             () = stop.cancelled() => {}
@@ -240,12 +290,18 @@ mod tests {
         String::from_utf8_lossy(&buf[..n]).into_owned()
     }
 
+    fn set(router: &Router, backend: Option<SocketAddr>) {
+        router.set([("svc/main".to_owned(), backend)]);
+    }
+
     #[tokio::test]
     async fn a_switch_moves_new_connections_and_old_ones_drain() {
         let (old, new) = (backend("old").await, backend("new").await);
+        let router = Router::new();
+        set(&router, Some(old));
         let front = bind_tcp(
             "127.0.0.1:0".parse().unwrap(),
-            Some(old),
+            router.route("svc/main"),
             Duration::from_secs(5),
         )
         .await
@@ -254,7 +310,7 @@ mod tests {
         assert_eq!(ask(&mut before, "a").await, "old:a");
         assert_eq!(front.busy(old), 1);
 
-        front.switch(Some(new));
+        set(&router, Some(new));
         let mut after = TcpStream::connect(front.local_addr()).await.unwrap();
         assert_eq!(ask(&mut after, "b").await, "new:b");
         // The connection made before the switch stays on the old process.
@@ -274,9 +330,10 @@ mod tests {
 
     #[tokio::test]
     async fn connections_are_held_while_there_is_no_backend() {
+        let router = Router::new();
         let front = bind_tcp(
             "127.0.0.1:0".parse().unwrap(),
-            None,
+            router.route("svc/main"),
             Duration::from_secs(10),
         )
         .await
@@ -285,7 +342,7 @@ mod tests {
         held.write_all(b"x").await.unwrap();
         // The service comes up while the connection waits.
         let b = backend("late").await;
-        front.switch(Some(b));
+        set(&router, Some(b));
         let mut buf = [0u8; 16];
         let n = held.read(&mut buf).await.unwrap();
         assert_eq!(&buf[..n], b"late:x");
@@ -296,7 +353,7 @@ mod tests {
     async fn a_held_connection_is_closed_after_the_hold_time() {
         let front = bind_tcp(
             "127.0.0.1:0".parse().unwrap(),
-            None,
+            Router::new().route("svc/main"),
             Duration::from_millis(100),
         )
         .await
@@ -309,5 +366,39 @@ mod tests {
             .unwrap_or(0);
         assert_eq!(n, 0);
         front.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn one_change_of_the_table_moves_every_front_at_once() {
+        let (a1, a2, b1, b2) = (
+            backend("a1").await,
+            backend("a2").await,
+            backend("b1").await,
+            backend("b2").await,
+        );
+        let router = Router::new();
+        router.set([("a/main".into(), Some(a1)), ("b/main".into(), Some(b1))]);
+        let hold = Duration::from_secs(5);
+        let any = || "127.0.0.1:0".parse().unwrap();
+        let fa = bind_tcp(any(), router.route("a/main"), hold).await.unwrap();
+        let fb = bind_tcp(any(), router.route("b/main"), hold).await.unwrap();
+        // Every reader of the table sees it before or after a change, whole.
+        let mut seen = router.route("a/main").table;
+        router.set([("a/main".into(), Some(a2)), ("b/main".into(), Some(b2))]);
+        let table = seen.borrow_and_update().clone();
+        assert_eq!(
+            (table.get("a/main"), table.get("b/main")),
+            (Some(&a2), Some(&b2))
+        );
+        let mut ca = TcpStream::connect(fa.local_addr()).await.unwrap();
+        let mut cb = TcpStream::connect(fb.local_addr()).await.unwrap();
+        assert_eq!(ask(&mut ca, "x").await, "a2:x");
+        assert_eq!(ask(&mut cb, "y").await, "b2:y");
+        // A route set to None holds, and others are untouched.
+        router.set([("a/main".into(), None)]);
+        assert_eq!(router.get("a/main"), None);
+        assert_eq!(router.get("b/main"), Some(b2));
+        fa.shutdown().await;
+        fb.shutdown().await;
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! Clients keep their connections to the shell (HTTP/1.1 keep-alive); each request
 //! is forwarded to the backend set when the request arrives, over a pooled
-//! connection to that backend. So after [`Front::switch`] the next request of
+//! connection to that backend. So after a [`crate::front::Router::set`] the next
+//! request of
 //! an existing client connection goes to the new process, while requests already
 //! in flight finish on the old one ([`Front::busy`] counts them, so an
 //! upgrade can wait for the drain). With no backend, a request waits up to the hold
@@ -23,7 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::front::{Busy, Front, Routing};
+use crate::front::{Busy, Front, Route, Routing};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -107,19 +108,15 @@ async fn serve_client(
     }
 }
 
-/// Listens on `public` for an `http` port, routing each request to `backend`
-/// (if any); a request arriving with no backend waits up to `hold` for one.
-pub async fn bind_http(
-    public: SocketAddr,
-    backend: Option<SocketAddr>,
-    hold: Duration,
-) -> std::io::Result<Front> {
+/// Listens on `public` for an `http` port, routing each request to the backend
+/// of `route`; a request arriving while it has none waits up to `hold`.
+pub async fn bind_http(public: SocketAddr, route: Route, hold: Duration) -> std::io::Result<Front> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build(connector);
-    Front::bind(public, backend, hold, move |stream, routing| {
+    Front::bind(public, route, hold, move |stream, routing| {
         serve_client(stream, routing, client.clone())
     })
     .await
@@ -128,8 +125,11 @@ pub async fn bind_http(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::front::Router;
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     use tokio::net::{TcpListener, TcpStream};
+
+    const KEY: &str = "svc/main";
 
     /// An HTTP/1.1 backend answering `name` to every request, after `delay`.
     async fn backend(name: &'static str, delay: Duration) -> SocketAddr {
@@ -186,16 +186,18 @@ mod tests {
             backend("a", Duration::ZERO).await,
             backend("b", Duration::ZERO).await,
         );
+        let router = Router::new();
+        router.set([(KEY.to_owned(), Some(a))]);
         let front = bind_http(
             "127.0.0.1:0".parse().unwrap(),
-            Some(a),
+            router.route(KEY),
             Duration::from_secs(5),
         )
         .await
         .unwrap();
         let mut conn = BufReader::new(TcpStream::connect(front.local_addr()).await.unwrap());
         assert_eq!(get(&mut conn).await, (200, "a".into()));
-        front.switch(Some(b));
+        router.set([(KEY.to_owned(), Some(b))]);
         // Same client connection, next request: the new process answers.
         assert_eq!(get(&mut conn).await, (200, "b".into()));
         front.shutdown().await;
@@ -205,9 +207,11 @@ mod tests {
     async fn requests_in_flight_finish_on_the_old_process() {
         let slow_old = backend("old", Duration::from_millis(300)).await;
         let new = backend("new", Duration::ZERO).await;
+        let router = Router::new();
+        router.set([(KEY.to_owned(), Some(slow_old))]);
         let front = bind_http(
             "127.0.0.1:0".parse().unwrap(),
-            Some(slow_old),
+            router.route(KEY),
             Duration::from_secs(5),
         )
         .await
@@ -226,7 +230,7 @@ mod tests {
             );
             tokio::task::yield_now().await;
         }
-        front.switch(Some(new));
+        router.set([(KEY.to_owned(), Some(new))]);
         assert_eq!(pending.await.unwrap(), (200, "old".into()));
         let mut conn = BufReader::new(TcpStream::connect(addr).await.unwrap());
         assert_eq!(get(&mut conn).await, (200, "new".into()));
@@ -236,9 +240,11 @@ mod tests {
 
     #[tokio::test]
     async fn no_backend_holds_then_503_and_a_dead_backend_is_502() {
+        let router = Router::new();
+        router.set([(KEY.to_owned(), None)]);
         let front = bind_http(
             "127.0.0.1:0".parse().unwrap(),
-            None,
+            router.route(KEY),
             Duration::from_millis(100),
         )
         .await
@@ -251,14 +257,16 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
-        front.switch(Some(dead));
+        router.set([(KEY.to_owned(), Some(dead))]);
         assert_eq!(get(&mut conn).await.0, 502);
         front.shutdown().await;
 
         // A backend appearing while a request is held gets that request.
+        let router = Router::new();
+        router.set([(KEY.to_owned(), None)]);
         let front = bind_http(
             "127.0.0.1:0".parse().unwrap(),
-            None,
+            router.route(KEY),
             Duration::from_secs(30),
         )
         .await
@@ -269,7 +277,7 @@ mod tests {
             get(&mut c).await
         });
         let late = backend("late", Duration::ZERO).await;
-        front.switch(Some(late));
+        router.set([(KEY.to_owned(), Some(late))]);
         assert_eq!(held.await.unwrap(), (200, "late".into()));
         front.shutdown().await;
     }

@@ -31,7 +31,7 @@ use image_spec::{
 use repo_server::client::RepoClient;
 use tracing::{info, warn};
 
-use crate::front::{Front, bind_tcp};
+use crate::front::{Front, Router, bind_tcp};
 use crate::health::{self, HealthError};
 use crate::http_front::bind_http;
 use crate::install::{BlobCache, InstallContext, InstallError, Installed, install};
@@ -177,6 +177,8 @@ pub struct Instance {
     cache: BlobCache,
     services: BTreeMap<ServiceName, Service>,
     fronts: BTreeMap<(ServiceName, String), Front>,
+    /// Where each front sends new work.
+    router: Router,
 }
 
 impl std::fmt::Debug for Instance {
@@ -200,6 +202,21 @@ fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// The routing table's key for a service's port.
+fn route_key(service: &ServiceName, port: &str) -> String {
+    format!("{service}/{port}")
+}
+
+/// A service's routes: each of its ports to its process's internal port.
+fn routes(name: &ServiceName, service: &Service) -> Vec<(String, Option<SocketAddr>)> {
+    service
+        .manifest
+        .ports()
+        .iter()
+        .map(|p| (route_key(name, &p.name), service.backend(&p.name)))
+        .collect()
 }
 
 fn read_manifest(release: &Path) -> Result<ServiceManifest, UpgradeError> {
@@ -226,6 +243,7 @@ impl Instance {
             cache,
             services: BTreeMap::new(),
             fronts: BTreeMap::new(),
+            router: Router::new(),
         };
         let recorded = instance.state.installed()?;
         for (name, s) in &recorded.services {
@@ -402,20 +420,21 @@ impl Instance {
         SocketAddr::from(([127, 0, 0, 1], port))
     }
 
-    /// Creates (or switches) the fronts of a service's public ports.
+    /// Routes a service's public ports to it (one change of the routing table),
+    /// and opens the fronts of ports that have none yet.
     async fn expose(&mut self, name: &ServiceName, service: &Service) -> Result<(), UpgradeError> {
+        self.router.set(routes(name, service));
         for spec in service.manifest.ports() {
             let key = (name.clone(), spec.name.clone());
-            let backend = service.backend(&spec.name);
-            if let Some(front) = self.fronts.get(&key) {
-                front.switch(backend);
+            if self.fronts.contains_key(&key) {
                 continue;
             }
             let public = self.public_port(spec);
             let hold = service.manifest.health().start_grace;
+            let route = self.router.route(route_key(name, &spec.name));
             let front = match spec.protocol {
-                Protocol::Http => bind_http(public, backend, hold).await,
-                Protocol::Tcp => bind_tcp(public, backend, hold).await,
+                Protocol::Http => bind_http(public, route, hold).await,
+                Protocol::Tcp => bind_tcp(public, route, hold).await,
             }
             .map_err(io_err(&self.config.root))?;
             info!(service = %name, port = %spec.name, addr = %front.local_addr(), "public port open");
@@ -516,11 +535,13 @@ impl Instance {
             let mut stopped_old = None;
             if !old_overlaps {
                 // Cannot run twice: hold its fronts, stop the old one first.
-                for ((svc, _), front) in &self.fronts {
-                    if svc == &name {
-                        front.switch(None);
-                    }
-                }
+                let held: Vec<_> = self
+                    .fronts
+                    .keys()
+                    .filter(|(svc, _)| svc == &name)
+                    .map(|(svc, port)| (route_key(svc, port), None))
+                    .collect();
+                self.router.set(held);
                 if let Some(old) = self.services.remove(&name) {
                     old.process.stop().await;
                     stopped_old = Some(old.installed);
@@ -647,11 +668,7 @@ impl Instance {
         for (name, old) in switched.into_iter().rev() {
             let new = match old {
                 Some(old) => {
-                    for spec in old.manifest.ports() {
-                        if let Some(f) = self.fronts.get(&(name.clone(), spec.name.clone())) {
-                            f.switch(old.backend(&spec.name));
-                        }
-                    }
+                    self.router.set(routes(&name, &old));
                     self.services.insert(name.clone(), old)
                 }
                 None => {
@@ -754,6 +771,8 @@ impl Instance {
             .filter(|(s, _)| s == name)
             .cloned()
             .collect();
+        self.router
+            .set(keys.iter().map(|(svc, port)| (route_key(svc, port), None)));
         for k in keys {
             if let Some(f) = self.fronts.remove(&k) {
                 f.shutdown().await;
