@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use image_spec::{ImageName, InstanceName};
 use shell::instance::{InstanceConfig, PublicPorts};
 use shell::service::{ShellConfig, Stage};
-use wire::shell::{ShellReply, ShellRequest, ShellResponse, UpgradeSummary};
+use wire::shell::{ShellReply, ShellRequest, ShellResponse, Strategy, UpgradeSummary};
 use wire::{Client, Credentials, Identity};
 
 use crate::config::Loaded;
@@ -23,6 +23,12 @@ pub(crate) struct ShellArgs {
     pub(crate) key: Option<PathBuf>,
     pub(crate) port_offset: u16,
     pub(crate) ephemeral_ports: bool,
+    pub(crate) strategy: Option<Strategy>,
+}
+
+/// Parses `--strategy`.
+pub(crate) fn strategy(text: &str) -> Result<Strategy> {
+    text.parse().map_err(anyhow::Error::msg)
 }
 
 /// `molt shell`: runs an instance's shell until SIGINT or SIGTERM.
@@ -59,6 +65,7 @@ pub(crate) async fn shell(
         repo: repo.unwrap_or(loaded.config.repo),
         credentials,
         listen: args.listen,
+        strategy: args.strategy.unwrap_or(stage.default_strategy()),
     };
     let (shutdown, waiter) = crate::signals::shutdown_on_signals()?;
     let bound = shell::service::bind(config)
@@ -140,6 +147,7 @@ pub(crate) async fn deploy(
     image: &str,
     instance: &str,
     plan_only: bool,
+    strategy: Option<Strategy>,
     json: bool,
 ) -> Result<()> {
     let image = ImageName::new(image)?;
@@ -150,6 +158,7 @@ pub(crate) async fn deploy(
     } else {
         ShellRequest::Upgrade {
             image: image.clone(),
+            strategy,
         }
     };
     let summary = match command(config, instance, req).await? {
@@ -176,7 +185,7 @@ pub(crate) async fn change(
     json: bool,
 ) -> Result<()> {
     let what = match &req {
-        ShellRequest::Rollback => "rolled back".to_owned(),
+        ShellRequest::Rollback { .. } => "rolled back".to_owned(),
         ShellRequest::Pull { service, rev } => format!("pulled {service}@{rev} onto"),
         _ => "changed".to_owned(),
     };
@@ -241,9 +250,20 @@ pub(crate) async fn status(config: Option<&Path>, instance: &str, json: bool) ->
         return Ok(());
     }
     println!(
-        "instance {} ({}), generation {}",
-        s.instance, s.stage, s.generation
+        "instance {} ({}), generation {}, strategy {}",
+        s.instance, s.stage, s.generation, s.strategy
     );
+    if !s.lifecycle.is_empty() {
+        let phases: Vec<String> = s
+            .lifecycle
+            .iter()
+            .map(|g| format!("{} {}", g.number, g.phase))
+            .collect();
+        println!("lifecycle {}", phases.join(", "));
+    }
+    if let Some(why) = &s.last_failure {
+        println!("last failure: {why}");
+    }
     if let Some((name, id)) = &s.image {
         println!("image    {name} ({})", id.short(12));
     }

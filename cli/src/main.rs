@@ -97,8 +97,12 @@ enum Command {
         /// Pick free public ports instead (see them with `molt status`).
         #[arg(long)]
         ephemeral_ports: bool,
+        /// How upgrades run unless a deploy says: in-place or shadow
+        /// [default: shadow on production, in-place elsewhere].
+        #[arg(long)]
+        strategy: Option<String>,
     },
-    /// Deploy an image to an instance (in place), or show the plan.
+    /// Deploy an image to an instance, or show the plan.
     Deploy {
         /// The image: its name, or its id or an abbreviation of it (≥ 8 hex).
         image: String,
@@ -108,6 +112,10 @@ enum Command {
         /// Only show what would be restarted, kept and stopped.
         #[arg(long)]
         plan: bool,
+        /// in-place (service by service) or shadow (the whole generation beside
+        /// the running one, one cutover) [default: the instance's].
+        #[arg(long)]
+        strategy: Option<String>,
     },
     /// Show an instance's services, image, generation and queue.
     Status {
@@ -134,6 +142,9 @@ enum Command {
         /// The instance: NAME@ADDR, or a NAME under [instances] in molt.toml.
         #[arg(long)]
         instance: String,
+        /// in-place or shadow [default: the instance's].
+        #[arg(long)]
+        strategy: Option<String>,
     },
     /// Bring one service of a development or quality instance to a revision.
     Pull {
@@ -327,6 +338,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             key,
             port_offset,
             ephemeral_ports,
+            strategy,
         } => {
             instance::shell(
                 cli.config.as_deref(),
@@ -340,6 +352,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     key,
                     port_offset,
                     ephemeral_ports,
+                    strategy: strategy.as_deref().map(instance::strategy).transpose()?,
                 },
             )
             .await
@@ -348,7 +361,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             image,
             instance,
             plan,
-        } => instance::deploy(cli.config.as_deref(), &image, &instance, plan, json).await,
+            strategy,
+        } => {
+            let strategy = strategy.as_deref().map(instance::strategy).transpose()?;
+            instance::deploy(
+                cli.config.as_deref(),
+                &image,
+                &instance,
+                plan,
+                strategy,
+                json,
+            )
+            .await
+        }
         Command::Status { instance } => {
             instance::status(cli.config.as_deref(), &instance, json).await
         }
@@ -358,11 +383,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             lines,
             follow,
         } => instance::logs(cli.config.as_deref(), &instance, &service, lines, follow).await,
-        Command::Rollback { instance } => {
+        Command::Rollback { instance, strategy } => {
+            let strategy = strategy.as_deref().map(instance::strategy).transpose()?;
             instance::change(
                 cli.config.as_deref(),
                 &instance,
-                wire::shell::ShellRequest::Rollback,
+                wire::shell::ShellRequest::Rollback { strategy },
                 json,
             )
             .await

@@ -163,6 +163,7 @@ async fn run(
             repo: repo_addr,
             credentials: cluster::shell_credentials(&loaded, m.name)?,
             listen,
+            strategy: m.stage.default_strategy(),
         };
         let bound = shell::service::bind(config)
             .await
@@ -231,7 +232,7 @@ async fn seed(dir: &Path, config_path: &Path) -> Result<()> {
     pushed?;
     for target in DEPLOY_TO {
         println!("deploying {IMAGE} to {target} (orders is built there by cargo)");
-        instance::deploy(Some(config_path), IMAGE, target, false, false).await?;
+        instance::deploy(Some(config_path), IMAGE, target, false, None, false).await?;
     }
     std::fs::write(dir.join(SEEDED), "pushed, pinned up-1 and deployed it\n")
         .with_context(|| format!("cannot write `{}`", dir.join(SEEDED).display()))

@@ -22,6 +22,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use image_spec::manifest::{PortSpec, Protocol};
@@ -39,6 +40,10 @@ use crate::process::ProcessSpec;
 use crate::release::{ReleaseError, Releases, verify};
 use crate::state::{InstalledState, ServiceState, State, StateError};
 use crate::supervisor::{Monitor, ProcessState, StopPlan, Supervised, supervise};
+pub use wire::shell::Strategy;
+use wire::shell::{GenerationPhase, Phase};
+
+mod shadow;
 
 /// How many releases of each service are kept on disk (besides the running and
 /// the previous generation's, which are always kept).
@@ -104,6 +109,16 @@ pub enum UpgradeError {
     /// A release's `service.toml` is invalid.
     #[error("{0}")]
     Manifest(String),
+    /// A hook (`pre_swap`) failed; the new generation never took traffic.
+    #[error("service `{service}`: its {hook} hook failed: {source}")]
+    Hook {
+        /// The service.
+        service: ServiceName,
+        /// Which hook.
+        hook: String,
+        /// How it failed (with its log's tail).
+        source: Box<crate::build::BuildError>,
+    },
 }
 
 /// One service of the running generation.
@@ -179,6 +194,32 @@ pub struct Instance {
     fronts: BTreeMap<(ServiceName, String), Front>,
     /// Where each front sends new work.
     router: Router,
+    /// The latest generations' phases, shared with whoever reports status.
+    lifecycle: Arc<Mutex<Lifecycle>>,
+}
+
+/// The latest generations' phases and the last failure (see [`Instance::lifecycle`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lifecycle {
+    /// The latest generations, oldest first (at most [`Lifecycle::KEPT`]).
+    pub generations: Vec<GenerationPhase>,
+    /// Why the last generation that failed did.
+    pub last_failure: Option<String>,
+}
+
+impl Lifecycle {
+    /// How many generations are listed.
+    pub const KEPT: usize = 3;
+
+    fn set(&mut self, number: u64, phase: Phase) {
+        match self.generations.iter_mut().find(|g| g.number == number) {
+            Some(g) => g.phase = phase,
+            None => self.generations.push(GenerationPhase { number, phase }),
+        }
+        self.generations.sort_by_key(|g| g.number);
+        let excess = self.generations.len().saturating_sub(Self::KEPT);
+        self.generations.drain(..excess);
+    }
 }
 
 impl std::fmt::Debug for Instance {
@@ -244,6 +285,7 @@ impl Instance {
             services: BTreeMap::new(),
             fronts: BTreeMap::new(),
             router: Router::new(),
+            lifecycle: Arc::default(),
         };
         let recorded = instance.state.installed()?;
         for (name, s) in &recorded.services {
@@ -257,6 +299,10 @@ impl Instance {
             let service = instance.start(name, installed).await?;
             instance.expose(name, &service).await?;
             instance.services.insert(name.clone(), service);
+        }
+        let (_, generation) = instance.recorded()?;
+        if generation > 0 {
+            instance.phase(generation, Phase::Serving);
         }
         Ok(instance)
     }
@@ -293,6 +339,28 @@ impl Instance {
         let tmp = dir.join(format!(".{}.tmp", tree.id().to_hex()));
         std::fs::write(&tmp, tree.encode()).map_err(io_err(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(io_err(&path))
+    }
+
+    /// The generations' phases, as a handle that stays readable while an upgrade
+    /// holds the instance.
+    pub fn lifecycle(&self) -> Arc<Mutex<Lifecycle>> {
+        self.lifecycle.clone()
+    }
+
+    /// Moves generation `number` to `phase`, in the lifecycle and in the log.
+    fn phase(&self, number: u64, phase: Phase) {
+        info!(generation = number, %phase, "generation");
+        if let Ok(mut l) = self.lifecycle.lock() {
+            l.set(number, phase);
+        }
+    }
+
+    /// Marks generation `number` failed, for `why`.
+    fn failed(&self, number: u64, why: &UpgradeError) {
+        self.phase(number, Phase::Failed);
+        if let Ok(mut l) = self.lifecycle.lock() {
+            l.last_failure = Some(format!("generation {number}: {why}"));
+        }
     }
 
     /// The public address of a service's port.
@@ -424,6 +492,16 @@ impl Instance {
     /// and opens the fronts of ports that have none yet.
     async fn expose(&mut self, name: &ServiceName, service: &Service) -> Result<(), UpgradeError> {
         self.router.set(routes(name, service));
+        self.open_fronts(name, service).await
+    }
+
+    /// Opens the fronts of a service's ports that have none yet (they follow its
+    /// routes).
+    async fn open_fronts(
+        &mut self,
+        name: &ServiceName,
+        service: &Service,
+    ) -> Result<(), UpgradeError> {
         for spec in service.manifest.ports() {
             let key = (name.clone(), spec.name.clone());
             if self.fronts.contains_key(&key) {
@@ -451,7 +529,7 @@ impl Instance {
         image: Option<(ImageName, ImageId)>,
         reason: &str,
     ) -> Result<UpgradeReport, UpgradeError> {
-        self.upgrade_reporting(repo, target, image, reason, &|_, _| {})
+        self.upgrade_reporting(repo, target, image, reason, Strategy::InPlace, &|_, _| {})
             .await
     }
 
@@ -463,10 +541,33 @@ impl Instance {
         target: &BTreeMap<ServiceName, CommitId>,
         image: Option<(ImageName, ImageId)>,
         reason: &str,
+        strategy: Strategy,
         progress: Progress<'_>,
     ) -> Result<UpgradeReport, UpgradeError> {
         let mut report = UpgradeReport::default();
-        // Steps 1–4: install every changed service; nothing runs yet.
+        let fresh = self
+            .install_changed(repo, target, &mut report, progress)
+            .await?;
+        if !fresh.is_empty() {
+            match strategy {
+                Strategy::InPlace => self.switch_in_place(fresh, &mut report, progress).await?,
+                Strategy::Shadow => self.switch_shadow(fresh, &mut report, progress).await?,
+            }
+        }
+        self.stop_removed(target, &mut report, progress).await;
+        self.record(image, reason, &mut report, progress)?;
+        Ok(report)
+    }
+
+    /// Steps 1–4: installs every changed service (nothing runs yet) and returns
+    /// the new releases.
+    async fn install_changed(
+        &mut self,
+        repo: &RepoClient,
+        target: &BTreeMap<ServiceName, CommitId>,
+        report: &mut UpgradeReport,
+        progress: Progress<'_>,
+    ) -> Result<Vec<(ServiceName, Installed)>, UpgradeError> {
         let logs = self.config.root.join("logs");
         let ctx = InstallContext {
             repo,
@@ -523,8 +624,19 @@ impl Instance {
             );
             fresh.push((name.clone(), done.release));
         }
+        Ok(fresh)
+    }
 
-        // Step 5: start and switch each, keeping the old processes until all are in.
+    /// Step 5, in place: starts and switches each service, keeping the old
+    /// processes until all are in; then drains and stops the old ones.
+    async fn switch_in_place(
+        &mut self,
+        fresh: Vec<(ServiceName, Installed)>,
+        report: &mut UpgradeReport,
+        progress: Progress<'_>,
+    ) -> Result<(), UpgradeError> {
+        let number = self.recorded()?.1 + 1;
+        self.phase(number, Phase::Starting);
         let mut switched: Vec<(ServiceName, Option<Service>)> = Vec::new();
         let mut failure = None;
         for (name, installed) in fresh {
@@ -575,8 +687,14 @@ impl Instance {
         if let Some((err, restart_old)) = failure {
             warn!(error = %err, "upgrade failed; switching back");
             progress(None, "failed; switching every service back");
-            self.roll_back(switched, restart_old).await;
+            self.roll_back(switched, restart_old.into_iter().collect())
+                .await;
+            self.failed(number, &err);
             return Err(err);
+        }
+        self.phase(number, Phase::Serving);
+        if number > 1 {
+            self.phase(number - 1, Phase::Draining);
         }
 
         // Everything new is serving: drain and stop the old processes.
@@ -587,6 +705,19 @@ impl Instance {
                 old.process.stop().await;
             }
         }
+        if number > 1 {
+            self.phase(number - 1, Phase::Stopped);
+        }
+        Ok(())
+    }
+
+    /// Stops the services `target` does not have, and closes their ports.
+    async fn stop_removed(
+        &mut self,
+        target: &BTreeMap<ServiceName, CommitId>,
+        report: &mut UpgradeReport,
+        progress: Progress<'_>,
+    ) {
         let gone: Vec<ServiceName> = self
             .services
             .keys()
@@ -601,8 +732,17 @@ impl Instance {
                 report.removed.push(name);
             }
         }
+    }
 
-        // Step 6: record, only now.
+    /// Step 6: records the running services as the installed state — only now,
+    /// with everything new serving — unless nothing changed.
+    fn record(
+        &mut self,
+        image: Option<(ImageName, ImageId)>,
+        reason: &str,
+        report: &mut UpgradeReport,
+        progress: Progress<'_>,
+    ) -> Result<(), UpgradeError> {
         if !report.restarted.is_empty() || !report.removed.is_empty() {
             let state = InstalledState {
                 image,
@@ -628,7 +768,7 @@ impl Instance {
             progress(None, &format!("recorded generation {generation}"));
             self.prune();
         }
-        Ok(report)
+        Ok(())
     }
 
     /// The services and image of the generation before the current one, if any:
@@ -663,14 +803,18 @@ impl Instance {
     async fn roll_back(
         &mut self,
         switched: Vec<(ServiceName, Option<Service>)>,
-        restart_old: Option<(ServiceName, Installed)>,
+        restart_old: Vec<(ServiceName, Installed)>,
     ) {
+        // Every front back to its old process in one change of the table.
+        let back: Vec<_> = switched
+            .iter()
+            .filter_map(|(name, old)| old.as_ref().map(|old| routes(name, old)))
+            .flatten()
+            .collect();
+        self.router.set(back);
         for (name, old) in switched.into_iter().rev() {
             let new = match old {
-                Some(old) => {
-                    self.router.set(routes(&name, &old));
-                    self.services.insert(name.clone(), old)
-                }
+                Some(old) => self.services.insert(name.clone(), old),
                 None => {
                     self.close_fronts(&name).await;
                     self.services.remove(&name)
@@ -680,7 +824,7 @@ impl Instance {
                 new.process.stop().await;
             }
         }
-        if let Some((name, installed)) = restart_old {
+        for (name, installed) in restart_old {
             match self.start(&name, installed).await {
                 Ok(service) => {
                     if let Err(e) = self.expose(&name, &service).await {

@@ -31,7 +31,7 @@ use wire::{
     BiStream, Client, Credentials, DEFAULT_FRAME_LIMIT, Handler, Identity, Server, WireError,
 };
 
-use crate::instance::{Instance, InstanceConfig, UpgradeError};
+use crate::instance::{Instance, InstanceConfig, Lifecycle, Strategy, UpgradeError};
 
 /// An instance's stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +85,19 @@ pub struct ShellConfig {
     pub credentials: Credentials,
     /// Where to serve commands (UDP).
     pub listen: SocketAddr,
+    /// The strategy upgrades use unless a request names one.
+    pub strategy: Strategy,
+}
+
+impl Stage {
+    /// The strategy an instance of this stage uses by default: production swaps
+    /// whole generations (`shadow`), the others go service by service.
+    pub fn default_strategy(self) -> Strategy {
+        match self {
+            Stage::Production => Strategy::Shadow,
+            Stage::Development | Stage::Quality | Stage::Staging => Strategy::InPlace,
+        }
+    }
 }
 
 /// Why a shell could not start.
@@ -116,6 +129,8 @@ struct ShellService {
     queued: AtomicU32,
     upgrading: AtomicBool,
     status: std::sync::Mutex<InstanceStatus>,
+    strategy: Strategy,
+    lifecycle: Arc<std::sync::Mutex<Lifecycle>>,
 }
 
 fn remote(kind: ErrorKind, message: impl Into<String>) -> RemoteError {
@@ -191,6 +206,10 @@ impl ShellService {
             .unwrap_or_else(|p| p.into_inner().clone());
         s.queued = self.queued.load(Ordering::SeqCst);
         s.upgrading = self.upgrading.load(Ordering::SeqCst);
+        if let Ok(l) = self.lifecycle.lock() {
+            s.lifecycle = l.generations.clone();
+            s.last_failure = l.last_failure.clone();
+        }
         s
     }
 
@@ -221,20 +240,22 @@ impl ShellService {
                 let current = self.instance.lock().await.commits();
                 Ok(ShellResponse::Plan(plan(&current, &target)))
             }
-            ShellRequest::Upgrade { image } => {
+            ShellRequest::Upgrade { image, strategy } => {
                 let repo = self.repo().await?;
                 let (id, target) = self.image_target(&repo, &image).await?;
                 self.run_upgrade(
                     &repo,
                     Change::To(target, Some((image.clone(), id))),
                     &format!("upgrade to {image}"),
+                    strategy.unwrap_or(self.strategy),
                     progress,
                 )
                 .await
             }
-            ShellRequest::Rollback => {
+            ShellRequest::Rollback { strategy } => {
                 let repo = self.repo().await?;
-                self.run_upgrade(&repo, Change::Previous, "rollback", progress)
+                let strategy = strategy.unwrap_or(self.strategy);
+                self.run_upgrade(&repo, Change::Previous, "rollback", strategy, progress)
                     .await
             }
             ShellRequest::Pull { service, rev } => {
@@ -256,6 +277,7 @@ impl ShellService {
                     &repo,
                     Change::Pull(service.clone(), commit),
                     &format!("pull {service}@{rev}"),
+                    self.strategy,
                     progress,
                 )
                 .await
@@ -269,6 +291,7 @@ impl ShellService {
         repo: &RepoClient,
         change: Change,
         reason: &str,
+        strategy: Strategy,
         progress: &Reporter,
     ) -> ShellReply {
         let report = |service: Option<&ServiceName>, step: &str| {
@@ -311,7 +334,7 @@ impl ShellService {
                 }
             };
             instance
-                .upgrade_reporting(repo, &target, image, reason, &report)
+                .upgrade_reporting(repo, &target, image, reason, strategy, &report)
                 .await
         }
         .await;
@@ -496,7 +519,11 @@ pub async fn bind(config: ShellConfig) -> Result<Bound, ShellError> {
         queued: 0,
         upgrading: false,
         generation: 0,
+        strategy: config.strategy,
+        lifecycle: Vec::new(),
+        last_failure: None,
     };
+    let lifecycle = instance.lifecycle();
     let service = Arc::new(ShellService {
         instance: Mutex::new(instance),
         root,
@@ -507,6 +534,8 @@ pub async fn bind(config: ShellConfig) -> Result<Bound, ShellError> {
         queued: AtomicU32::new(0),
         upgrading: AtomicBool::new(false),
         status: std::sync::Mutex::new(status),
+        strategy: config.strategy,
+        lifecycle,
     });
     service.refresh(&*service.instance.lock().await);
     Ok(Bound { server, service })

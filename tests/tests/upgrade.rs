@@ -9,49 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use image_spec::{CommitId, InstanceName, ServiceName};
-use molt_e2e::{TestCluster, copy_example, push_main, write_file};
+use molt_e2e::{TestCluster, copy_example, get, get_once, push_main, write_file};
 use shell::instance::{Instance, InstanceConfig, PublicPorts, UpgradeError};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::BufReader;
 use tokio::net::TcpStream;
 
 fn svc(s: &str) -> ServiceName {
     ServiceName::new(s).unwrap()
-}
-
-/// One GET on a kept-alive connection; the body.
-async fn get(conn: &mut BufReader<TcpStream>, path: &str) -> std::io::Result<(u16, String)> {
-    conn.get_mut()
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await?;
-    let mut status = String::new();
-    if conn.read_line(&mut status).await? == 0 {
-        return Err(std::io::Error::other("connection closed"));
-    }
-    let code: u16 = status
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line {status:?}")))?;
-    let mut len = 0usize;
-    loop {
-        let mut line = String::new();
-        conn.read_line(&mut line).await?;
-        let line = line.trim_end().to_ascii_lowercase();
-        if line.is_empty() {
-            break;
-        }
-        if let Some(v) = line.strip_prefix("content-length:") {
-            len = v.trim().parse().unwrap_or(0);
-        }
-    }
-    let mut body = vec![0u8; len];
-    conn.read_exact(&mut body).await?;
-    Ok((code, String::from_utf8_lossy(&body).into_owned()))
-}
-
-async fn get_once(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut conn = BufReader::new(TcpStream::connect(addr).await.unwrap());
-    get(&mut conn, path).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

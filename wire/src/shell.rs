@@ -21,10 +21,12 @@ use crate::repo::RemoteError;
 /// A command to a shell.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ShellRequest {
-    /// Bring the instance to an image, in place.
+    /// Bring the instance to an image.
     Upgrade {
         /// The image: its name, or its id or an abbreviation of it (≥ 8 hex).
         image: ImageName,
+        /// How; `None`: the instance's default.
+        strategy: Option<Strategy>,
     },
     /// What an upgrade to the image would do, without doing it.
     Plan {
@@ -35,7 +37,10 @@ pub enum ShellRequest {
     Status,
     /// Go back to the previous generation (its releases are reused: nothing is
     /// fetched or built).
-    Rollback,
+    Rollback {
+        /// How; `None`: the instance's default.
+        strategy: Option<Strategy>,
+    },
     /// A service's log: the last `tail` lines, or (with `from`) everything after
     /// that byte offset, for following.
     Logs {
@@ -54,6 +59,77 @@ pub enum ShellRequest {
         /// The revision.
         rev: String,
     },
+}
+
+/// How an upgrade brings a new generation in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Strategy {
+    /// Service by service: each changed service's new process starts beside its
+    /// old one and takes its traffic once healthy.
+    #[default]
+    InPlace,
+    /// The whole new generation starts beside the running one, is health-checked
+    /// as a whole, and takes every service's traffic in one cutover.
+    Shadow,
+}
+
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Strategy::InPlace => "in-place",
+            Strategy::Shadow => "shadow",
+        })
+    }
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "in-place" => Ok(Strategy::InPlace),
+            "shadow" => Ok(Strategy::Shadow),
+            other => Err(format!("unknown strategy `{other}` (in-place or shadow)")),
+        }
+    }
+}
+
+/// Where a generation is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Phase {
+    /// Its new processes are starting.
+    Starting,
+    /// Every new process passed its health check; no traffic yet.
+    Healthy,
+    /// It takes the instance's traffic.
+    Serving,
+    /// Traffic moved on; requests in flight finish on it.
+    Draining,
+    /// Its processes are stopped; its releases stay on disk.
+    Stopped,
+    /// It never served: a start, health check or hook failed.
+    Failed,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Starting => "starting",
+            Phase::Healthy => "healthy",
+            Phase::Serving => "serving",
+            Phase::Draining => "draining",
+            Phase::Stopped => "stopped",
+            Phase::Failed => "failed",
+        })
+    }
+}
+
+/// One generation's phase.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationPhase {
+    /// The generation's number (the one it is or would be recorded as).
+    pub number: u64,
+    /// Its phase.
+    pub phase: Phase,
 }
 
 /// One service on an instance, as `status` reports it.
@@ -92,6 +168,12 @@ pub struct InstanceStatus {
     pub upgrading: bool,
     /// The last recorded generation.
     pub generation: u64,
+    /// The strategy upgrades use unless told otherwise.
+    pub strategy: Strategy,
+    /// The latest generations' phases, oldest first.
+    pub lifecycle: Vec<GenerationPhase>,
+    /// Why the last generation that failed did, if one did.
+    pub last_failure: Option<String>,
 }
 
 /// What an upgrade would do or did, per service.

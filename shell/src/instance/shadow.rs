@@ -1,0 +1,259 @@
+//! The `shadow` strategy: the whole new generation beside the running one.
+//!
+//! Every changed service's new process starts on fresh internal ports while the
+//! running generation keeps all the traffic. Only when every one of them is
+//! healthy, and every `pre_swap` hook (migrations, say) has passed against the
+//! new releases, does the cutover happen: one change of the instance's routing
+//! table moves every service at once. A service with `overlap = false` cannot
+//! run twice, so it is stopped and started at the cutover itself while its
+//! fronts hold new connections. Then the old generation drains (requests in
+//! flight finish on it, within each service's stop grace) and stops; its
+//! releases stay on disk for a rollback. A failure before the cutover stops the
+//! new processes and leaves the old generation serving, untouched; a failure of
+//! a held service after it switches everything back.
+
+use std::collections::BTreeMap;
+
+use image_spec::ServiceName;
+use image_spec::manifest::TimedCommand;
+use tracing::warn;
+
+use super::{Installed, Instance, Phase, Progress, Service, UpgradeError, UpgradeReport, routes};
+
+impl Instance {
+    /// Step 5 with the `shadow` strategy (see the module docs).
+    pub(super) async fn switch_shadow(
+        &mut self,
+        fresh: Vec<(ServiceName, Installed)>,
+        report: &mut UpgradeReport,
+        progress: Progress<'_>,
+    ) -> Result<(), UpgradeError> {
+        let number = self.recorded()?.1 + 1;
+        self.phase(number, Phase::Starting);
+        progress(
+            None,
+            &format!("generation {number}: starting beside the running one"),
+        );
+
+        // Start every service that may overlap; hold back those that may not.
+        let mut started: Vec<(ServiceName, Service)> = Vec::new();
+        let mut held: Vec<(ServiceName, Installed)> = Vec::new();
+        for (name, installed) in fresh {
+            if self
+                .services
+                .get(&name)
+                .is_some_and(|s| !s.manifest.overlap())
+            {
+                held.push((name, installed));
+                continue;
+            }
+            progress(
+                Some(&name),
+                "starting in the new generation, waiting until healthy",
+            );
+            match self.start(&name, installed).await {
+                Ok(service) => started.push((name, service)),
+                Err(e) => return Err(self.abandon(number, started, e, progress).await),
+            }
+        }
+        self.phase(number, Phase::Healthy);
+        progress(None, &format!("generation {number}: healthy"));
+
+        // Hooks that must pass before traffic moves.
+        for (name, service) in &started {
+            if let Some(hook) = &service.manifest.hooks().pre_swap {
+                progress(Some(name), "running its pre_swap hook");
+                if let Err(e) = self.run_hook(name, service, hook, "pre_swap").await {
+                    return Err(self.abandon(number, started, e, progress).await);
+                }
+            }
+        }
+
+        // The cutover: every started service, and the held ones set to hold, in
+        // one change of the routing table.
+        let mut changes = Vec::new();
+        for (name, service) in &started {
+            changes.extend(routes(name, service));
+        }
+        for (name, _) in &held {
+            if let Some(old) = self.services.get(name) {
+                changes.extend(routes(name, old).into_iter().map(|(k, _)| (k, None)));
+            }
+        }
+        self.router.set(changes);
+        let mut switched = Vec::new();
+        for (name, service) in started {
+            if let Err(e) = self.open_fronts(&name, &service).await {
+                warn!(service = %name, error = %e, "could not open a new port");
+                switched.push((name.clone(), self.services.insert(name, service)));
+                return Err(self
+                    .undo_cutover(number, switched, Vec::new(), e, progress)
+                    .await);
+            }
+            report.restarted.push(name.clone());
+            let old = self.services.insert(name.clone(), service);
+            switched.push((name, old));
+        }
+        crate::crash::point("after-switch");
+        progress(
+            None,
+            &format!("generation {number}: cut over, every service at once"),
+        );
+
+        // Services that cannot overlap: stop the old, start the new, while held.
+        let mut stopped_old = Vec::new();
+        for (name, installed) in held {
+            if let Some(old) = self.services.remove(&name) {
+                progress(
+                    Some(&name),
+                    "stopping the old process (no overlap), holding its connections",
+                );
+                old.process.stop().await;
+                stopped_old.push((name.clone(), old.installed));
+            }
+            progress(Some(&name), "starting, waiting until healthy");
+            match self.start(&name, installed).await {
+                Ok(service) => {
+                    if let Err(e) = self.expose(&name, &service).await {
+                        switched.push((name.clone(), self.services.insert(name, service)));
+                        return Err(self
+                            .undo_cutover(number, switched, stopped_old, e, progress)
+                            .await);
+                    }
+                    report.restarted.push(name.clone());
+                    switched.push((name.clone(), self.services.insert(name, service)));
+                }
+                Err(e) => {
+                    return Err(self
+                        .undo_cutover(number, switched, stopped_old, e, progress)
+                        .await);
+                }
+            }
+        }
+        self.phase(number, Phase::Serving);
+
+        // The old generation drains, then stops; its releases stay.
+        let previous = number - 1;
+        if previous > 0 {
+            self.phase(previous, Phase::Draining);
+        }
+        for (name, old) in switched {
+            if let Some(old) = old {
+                progress(Some(&name), "draining and stopping the old process");
+                self.drain(&name, &old).await;
+                old.process.stop().await;
+            }
+        }
+        if previous > 0 {
+            self.phase(previous, Phase::Stopped);
+        }
+
+        // Hooks after the fact: a failure is reported, not rolled back.
+        let after: Vec<(ServiceName, TimedCommand)> = report
+            .restarted
+            .iter()
+            .filter_map(|n| {
+                let hook = self.services.get(n)?.manifest.hooks().post_swap.clone()?;
+                Some((n.clone(), hook))
+            })
+            .collect();
+        for (name, hook) in after {
+            let Some(service) = self.services.get(&name) else {
+                continue;
+            };
+            if let Err(e) = self.run_hook(&name, service, &hook, "post_swap").await {
+                warn!(service = %name, error = %e, "post_swap hook failed");
+                progress(Some(&name), &format!("post_swap hook failed (kept): {e}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// A generation that never served: stops its processes; the running one
+    /// was never touched.
+    async fn abandon(
+        &mut self,
+        number: u64,
+        started: Vec<(ServiceName, Service)>,
+        err: UpgradeError,
+        progress: Progress<'_>,
+    ) -> UpgradeError {
+        warn!(generation = number, error = %err, "new generation failed before the cutover");
+        progress(
+            None,
+            &format!("generation {number} failed; the running one keeps serving"),
+        );
+        for (_, service) in started {
+            service.process.stop().await;
+        }
+        self.failed(number, &err);
+        err
+    }
+
+    /// A failure after the cutover: every service back to the old generation in
+    /// one change, new processes stopped, held services restarted from their old
+    /// releases.
+    async fn undo_cutover(
+        &mut self,
+        number: u64,
+        switched: Vec<(ServiceName, Option<Service>)>,
+        stopped_old: Vec<(ServiceName, Installed)>,
+        err: UpgradeError,
+        progress: Progress<'_>,
+    ) -> UpgradeError {
+        warn!(generation = number, error = %err, "new generation failed after the cutover; switching back");
+        progress(
+            None,
+            &format!("generation {number} failed; switching every service back"),
+        );
+        self.roll_back(switched, stopped_old).await;
+        self.failed(number, &err);
+        err
+    }
+
+    /// Runs a hook of a service in its release directory, with the service's
+    /// environment and its new process's ports.
+    async fn run_hook(
+        &self,
+        name: &ServiceName,
+        service: &Service,
+        hook: &TimedCommand,
+        which: &str,
+    ) -> Result<(), UpgradeError> {
+        let mut env: Vec<(String, String)> = service
+            .manifest
+            .env()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let ports: BTreeMap<&String, &u16> = service.ports.iter().collect();
+        if let Some((_, port)) = ports.first_key_value() {
+            env.push(("PORT".into(), port.to_string()));
+        }
+        for (port_name, port) in &ports {
+            env.push((
+                format!("MOLT_PORT_{}", port_name.to_ascii_uppercase()),
+                port.to_string(),
+            ));
+        }
+        env.push(("MOLT_INSTANCE".into(), self.config.name.to_string()));
+        env.push(("MOLT_SERVICE".into(), name.to_string()));
+        env.push(("MOLT_COMMIT".into(), service.installed.commit.to_string()));
+        let log = self
+            .config
+            .root
+            .join("logs")
+            .join(name.as_str())
+            .join(format!(
+                "{}.{which}.log",
+                service.installed.commit.short(12)
+            ));
+        crate::build::run(hook, &service.installed.dir, &env, &log)
+            .await
+            .map_err(|source| UpgradeError::Hook {
+                service: name.clone(),
+                hook: which.to_owned(),
+                source: Box::new(source),
+            })
+    }
+}

@@ -1,0 +1,370 @@
+//! The shadow strategy end to end: whole generations of two real services
+//! (Python and Rust) started beside the running one and cut over at once, under
+//! keep-alive HTTP load from the test; and the failures that must never reach
+//! traffic (a failing health check, a failing `pre_swap` hook).
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use image_spec::{CommitId, InstanceName, ServiceName};
+use molt_e2e::{TestCluster, copy_example, get, get_once, push_main, write_file};
+use repo_server::client::RepoClient;
+use shell::instance::{Instance, InstanceConfig, PublicPorts, Strategy, UpgradeError};
+use tokio::io::BufReader;
+use tokio::net::TcpStream;
+use wire::shell::Phase;
+
+fn svc(s: &str) -> ServiceName {
+    ServiceName::new(s).unwrap()
+}
+
+/// What identifies a version in an answer: hello's greeting, orders' version.
+fn version_of(body: &str) -> String {
+    for key in ["\"greeting\": \"", "\"version\":\""] {
+        if let Some(rest) = body.split(key).nth(1) {
+            return rest.split('"').next().unwrap_or("?").to_owned();
+        }
+    }
+    format!("unrecognised answer: {body}")
+}
+
+/// Keep-alive GETs on `addr` until stopped: answers, failures, versions seen.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<BTreeSet<String>>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let task = {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            tokio::spawn(async move {
+                let mut seen = BTreeSet::new();
+                let mut conn = BufReader::new(TcpStream::connect(addr).await.unwrap());
+                while !stop.load(Ordering::Relaxed) {
+                    match get(&mut conn, "/").await {
+                        Ok((200, body)) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                            seen.insert(version_of(&body));
+                        }
+                        Ok(_) | Err(_) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            // A new connection, as a client would.
+                            if let Ok(c) = TcpStream::connect(addr).await {
+                                conn = BufReader::new(c);
+                            }
+                        }
+                    }
+                }
+                seen
+            })
+        };
+        Self {
+            stop,
+            ok,
+            failed,
+            task,
+        }
+    }
+
+    /// Stops; returns (answered, failed, versions seen).
+    async fn finish(self) -> (u64, u64, BTreeSet<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let seen = self.task.await.unwrap();
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            seen,
+        )
+    }
+}
+
+/// The two examples in two versions each, pushed: (hello, orders) commits.
+struct Versions {
+    hello: [CommitId; 2],
+    orders: [CommitId; 2],
+}
+
+async fn push_versions(cluster: &TestCluster, dev: &RepoClient) -> Versions {
+    let (hello_dir, orders_dir) = (cluster.path("hello"), cluster.path("orders"));
+    copy_example("hello", &hello_dir);
+    copy_example("orders", &orders_dir);
+    let toml = std::fs::read_to_string(hello_dir.join("service.toml")).unwrap();
+    let main_rs = std::fs::read_to_string(orders_dir.join("src/main.rs")).unwrap();
+    let mut hello = Vec::new();
+    let mut orders = Vec::new();
+    for v in ["1", "2"] {
+        let greeting = format!("GREETING = \"hello v{v}\"");
+        write_file(
+            &hello_dir,
+            "service.toml",
+            toml.replace("GREETING = \"hello from molt\"", &greeting)
+                .as_bytes(),
+        );
+        let version = format!("const VERSION: &str = \"{v}\";");
+        write_file(
+            &orders_dir,
+            "src/main.rs",
+            main_rs
+                .replace("const VERSION: &str = \"1\";", &version)
+                .as_bytes(),
+        );
+        let msg = push_main(&format!("v{v}"));
+        hello.push(dev.push(&hello_dir, &msg, |_| {}).await.unwrap().commit);
+        orders.push(dev.push(&orders_dir, &msg, |_| {}).await.unwrap().commit);
+    }
+    Versions {
+        hello: [hello[0], hello[1]],
+        orders: [orders[0], orders[1]],
+    }
+}
+
+fn target(v: &Versions, i: usize) -> BTreeMap<ServiceName, CommitId> {
+    BTreeMap::from([(svc("hello"), v.hello[i]), (svc("orders"), v.orders[i])])
+}
+
+async fn open(cluster: &TestCluster) -> Instance {
+    Instance::open(InstanceConfig {
+        name: InstanceName::new("prod-1").unwrap(),
+        root: cluster.path("instance"),
+        public_ports: PublicPorts::Ephemeral,
+    })
+    .await
+    .unwrap()
+}
+
+async fn shadow(
+    instance: &mut Instance,
+    repo: &RepoClient,
+    target: &BTreeMap<ServiceName, CommitId>,
+    reason: &str,
+) -> Result<shell::instance::UpgradeReport, UpgradeError> {
+    instance
+        .upgrade_reporting(repo, target, None, reason, Strategy::Shadow, &|_, _| {})
+        .await
+}
+
+/// An instance running v1 of both examples, by a shadow upgrade.
+struct Running {
+    cluster: TestCluster,
+    dev: RepoClient,
+    repo: RepoClient,
+    v: Versions,
+    instance: Instance,
+    hello: SocketAddr,
+    orders: SocketAddr,
+}
+
+async fn running_v1() -> Running {
+    let cluster = TestCluster::start().await;
+    let dev = cluster.repo_client("user/ada/developer").await;
+    let repo = cluster.repo_client("shell/prod-1").await;
+    let v = push_versions(&cluster, &dev).await;
+    let mut instance = open(&cluster).await;
+    shadow(&mut instance, &repo, &target(&v, 0), "v1")
+        .await
+        .unwrap();
+    let hello = instance.public_addr(&svc("hello"), "main").unwrap();
+    let orders = instance.public_addr(&svc("orders"), "main").unwrap();
+    Running {
+        cluster,
+        dev,
+        repo,
+        v,
+        instance,
+        hello,
+        orders,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_shadow_swaps_under_load_fail_no_request_and_roll_back_without_a_build() {
+    let Running {
+        cluster: _cluster,
+        dev: _,
+        repo,
+        v,
+        mut instance,
+        hello,
+        orders,
+    } = running_v1().await;
+    let loads = [Load::start(hello), Load::start(orders)];
+
+    for swap in 1..=20 {
+        let report = shadow(&mut instance, &repo, &target(&v, swap % 2), "swap")
+            .await
+            .unwrap();
+        assert_eq!(report.restarted, [svc("hello"), svc("orders")]);
+        // Each swap is seen by a fresh request, on both services.
+        let want = if swap % 2 == 1 { "2" } else { "1" };
+        assert_eq!(
+            version_of(&get_once(hello, "/").await.1),
+            format!("hello v{want}")
+        );
+        assert_eq!(version_of(&get_once(orders, "/").await.1), want);
+    }
+    let mut answered = 0;
+    for load in loads {
+        let (ok, failed, seen) = load.finish().await;
+        assert_eq!(failed, 0, "requests failed during the swaps");
+        answered += ok;
+        let allowed: BTreeSet<String> = ["hello v1", "hello v2", "1", "2"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        assert!(seen.is_subset(&allowed), "{seen:?}");
+    }
+    assert!(answered > 20, "the load barely ran: {answered}");
+
+    // The lifecycle: the last generation serves, the one before it stopped.
+    let lifecycle = instance.lifecycle().lock().unwrap().clone();
+    let phases: Vec<(u64, Phase)> = lifecycle
+        .generations
+        .iter()
+        .map(|g| (g.number, g.phase))
+        .collect();
+    assert_eq!(phases[1..], [(20, Phase::Stopped), (21, Phase::Serving)]);
+
+    // Back to the previous generation: its releases are on disk, nothing is built.
+    let previous = instance.previous().unwrap().unwrap();
+    let back: BTreeMap<ServiceName, CommitId> = previous
+        .services
+        .iter()
+        .map(|(n, s)| (n.clone(), s.commit))
+        .collect();
+    let started = Instant::now();
+    let report = shadow(&mut instance, &repo, &back, "rollback")
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(report.restarted.len(), 2);
+    for (name, t) in &report.steps {
+        assert_eq!(t.build, Duration::ZERO, "{name} was built again");
+    }
+    assert_eq!(
+        version_of(&get_once(orders, "/").await.1),
+        "2",
+        "generation 21 ran v1 (even swap), so the one before it ran v2"
+    );
+    eprintln!("shadow rollback took {took:?}");
+    instance.shutdown().await;
+}
+
+/// hello with its `service.toml` edited by `edit`, pushed.
+async fn hello_variant(
+    cluster: &TestCluster,
+    dev: &RepoClient,
+    edit: impl Fn(&str) -> String,
+) -> CommitId {
+    let dir = cluster.path("hello");
+    let toml = std::fs::read_to_string(dir.join("service.toml")).unwrap();
+    write_file(&dir, "service.toml", edit(&toml).as_bytes());
+    let pushed = dev.push(&dir, &push_main("variant"), |_| {}).await.unwrap();
+    write_file(&dir, "service.toml", toml.as_bytes());
+    pushed.commit
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_that_fails_health_or_its_pre_swap_hook_never_takes_traffic() {
+    let Running {
+        cluster,
+        dev,
+        repo,
+        v,
+        mut instance,
+        hello,
+        orders,
+    } = running_v1().await;
+    let pids = (
+        instance.pid(&svc("hello")).unwrap(),
+        instance.pid(&svc("orders")).unwrap(),
+    );
+    let loads = [Load::start(hello), Load::start(orders)];
+
+    // A generation whose hello never passes its health check.
+    let sick = hello_variant(&cluster, &dev, |t| {
+        t.replace("http = \"/healthz\"", "command = [\"false\"]")
+            .replace("start_grace = \"10s\"", "start_grace = \"1s\"")
+            .replace("hello v2", "sick")
+    })
+    .await;
+    let mut sick_target = target(&v, 1);
+    sick_target.insert(svc("hello"), sick);
+    let err = shadow(&mut instance, &repo, &sick_target, "sick")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, UpgradeError::Unhealthy { .. }), "{err}");
+    let lifecycle = instance.lifecycle().lock().unwrap().clone();
+    let last = lifecycle.generations.last().unwrap();
+    assert_eq!((last.number, last.phase), (2, Phase::Failed));
+    let why = lifecycle.last_failure.unwrap();
+    assert!(why.contains("hello") && why.contains("healthy"), "{why}");
+
+    // A generation whose pre_swap hook fails (a migration, say).
+    let marks = cluster.path("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    let hooked = |exit: u8| {
+        let marks = marks.clone();
+        move |t: &str| {
+            format!(
+                "{}\n[hooks]\npre_swap = {{ command = [\"sh\", \"-c\", \"echo $PORT > {}/hook-{exit}; exit {exit}\"] }}\n",
+                t.replace("hello v2", "hooked"),
+                marks.display()
+            )
+        }
+    };
+    let refused = hello_variant(&cluster, &dev, hooked(3)).await;
+    let mut hook_target = target(&v, 1);
+    hook_target.insert(svc("hello"), refused);
+    let err = shadow(&mut instance, &repo, &hook_target, "hook")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, UpgradeError::Hook { .. }), "{err}");
+    assert!(err.to_string().contains("pre_swap"), "{err}");
+    // The hook ran against the shadow: it saw the new process's port.
+    let port: u16 = std::fs::read_to_string(marks.join("hook-3"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_ne!(port, hello.port());
+
+    // Through both, the old generation served every request, untouched.
+    assert_eq!(
+        (
+            instance.pid(&svc("hello")).unwrap(),
+            instance.pid(&svc("orders")).unwrap()
+        ),
+        pids
+    );
+    for load in loads {
+        let (ok, failed, seen) = load.finish().await;
+        assert_eq!(failed, 0);
+        assert!(ok > 0);
+        assert!(
+            seen.iter().all(|s| s == "hello v1" || s == "1"),
+            "a failed generation answered: {seen:?}"
+        );
+    }
+
+    // A passing hook lets the generation in.
+    let accepted = hello_variant(&cluster, &dev, hooked(0)).await;
+    let mut ok_target = target(&v, 1);
+    ok_target.insert(svc("hello"), accepted);
+    shadow(&mut instance, &repo, &ok_target, "hook ok")
+        .await
+        .unwrap();
+    assert!(marks.join("hook-0").exists());
+    assert_eq!(version_of(&get_once(hello, "/").await.1), "hooked");
+    assert_eq!(version_of(&get_once(orders, "/").await.1), "2");
+    instance.shutdown().await;
+}
