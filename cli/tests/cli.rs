@@ -446,3 +446,61 @@ fn deploy_an_image_to_a_shell_and_read_its_status() {
         "the public port is still open"
     );
 }
+
+/// Production instances swap whole generations by default; `--strategy` picks
+/// per deploy, and `status` shows the generations' phases.
+#[test]
+fn production_deploys_in_shadow_by_default_and_status_shows_the_lifecycle() {
+    let c = Cluster::init();
+    let hello = c.dir.path().join("hello");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello");
+    for f in ["service.toml", "server.py", ".moltignore"] {
+        write(&hello, f, &std::fs::read(example.join(f)).unwrap());
+    }
+    c.molt_json(&["push", hello.to_str().unwrap()]);
+    c.molt_json(&["image", "create", "one", "--set", "hello=main"]);
+    let toml = std::fs::read_to_string(hello.join("service.toml")).unwrap();
+    write(
+        &hello,
+        "service.toml",
+        toml.replace("hello from molt", "hello two").as_bytes(),
+    );
+    c.molt_json(&["push", hello.to_str().unwrap()]);
+    c.molt_json(&["image", "create", "two", "--set", "hello=main"]);
+
+    let (mut shell, addr) = start_shell(&c, "prod-1", "production");
+    let target = format!("prod-1@{addr}");
+    let (_, steps) = c.molt_json_steps(&["deploy", "one", "--instance", &target]);
+    assert!(
+        steps.contains("generation 1: cut over, every service at once"),
+        "{steps}"
+    );
+    let status = c.molt_json(&["status", "--instance", &target]);
+    assert_eq!(status["strategy"], "Shadow");
+    assert_eq!(
+        status["lifecycle"],
+        serde_json::json!([{ "number": 1, "phase": "Serving" }])
+    );
+    // In place when asked; the lifecycle follows.
+    let (_, steps) = c.molt_json_steps(&[
+        "deploy",
+        "two",
+        "--instance",
+        &target,
+        "--strategy",
+        "in-place",
+    ]);
+    assert!(!steps.contains("cut over"), "{steps}");
+    let status = c.molt_json(&["status", "--instance", &target]);
+    assert_eq!(
+        status["lifecycle"],
+        serde_json::json!([
+            { "number": 1, "phase": "Stopped" },
+            { "number": 2, "phase": "Serving" }
+        ])
+    );
+    let out = c.molt(&["deploy", "one", "--instance", &target, "--strategy", "blue"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in-place or shadow"));
+    assert!(common::signal(&mut shell, "-TERM").success());
+}
