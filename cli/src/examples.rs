@@ -22,6 +22,10 @@ macro_rules! example {
 
 /// Every file of every example.
 const FILES: &[ExampleFile] = &[
+    example!("counter", ".moltignore"),
+    example!("counter", "Cargo.toml"),
+    example!("counter", "service.toml"),
+    example!("counter", "src/lib.rs"),
     example!("hello", ".moltignore"),
     example!("hello", "server.py"),
     example!("hello", "service.toml"),
@@ -33,7 +37,7 @@ const FILES: &[ExampleFile] = &[
 ];
 
 /// The examples' names, in push order.
-pub(crate) const SERVICES: &[&str] = &["hello", "orders"];
+pub(crate) const SERVICES: &[&str] = &["counter", "hello", "orders"];
 
 /// Writes each example to `dir/<service>` unless that directory exists already
 /// (it is the user's working copy then, edits and all). Returns each example's

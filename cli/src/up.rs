@@ -74,6 +74,9 @@ const REPO_PORT: u16 = 7878;
 const IMAGE: &str = "up-1";
 /// The instances the first run deploys to.
 const DEPLOY_TO: [&str; 2] = ["staging", "prod"];
+/// The examples the first run pushes and deploys (the plugin example joins when
+/// instances serve plugins).
+const SEEDED_SERVICES: [&str; 2] = ["hello", "orders"];
 /// Written once the first run has pushed, pinned and deployed.
 const SEEDED: &str = "up.seeded";
 
@@ -204,15 +207,16 @@ fn in_use_hint(what: &str, addr: SocketAddr) -> String {
 
 /// The first run's work: push the examples, pin an image, deploy it.
 async fn seed(dir: &Path, config_path: &Path) -> Result<()> {
-    let dirs = examples::write_out(&dir.join("examples"))?;
+    examples::write_out(&dir.join("examples"))?;
     let ctx = repo::Context::open(Some(config_path), None).await?;
     let pushed = async {
-        for d in &dirs {
-            ctx.push(d, "first version (molt up)", "main", false)
+        for name in SEEDED_SERVICES {
+            let d = dir.join("examples").join(name);
+            ctx.push(&d, "first version (molt up)", "main", false)
                 .await?;
         }
         if !ctx.has_image(IMAGE).await? {
-            let set: Vec<String> = examples::SERVICES
+            let set: Vec<String> = SEEDED_SERVICES
                 .iter()
                 .map(|s| format!("{s}=main"))
                 .collect();

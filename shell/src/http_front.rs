@@ -22,6 +22,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::front::{Busy, Front, Route, Routing};
@@ -91,6 +92,20 @@ async fn serve_client(
     let stop = routing.stop.clone();
     let service =
         hyper::service::service_fn(move |req| route(routing.clone(), client.clone(), req));
+    serve_http1(stream, service, stop).await;
+}
+
+/// Serves HTTP/1.1 with keep-alive on one connection with `service`, until the
+/// client closes it or `stop` (then gracefully: the request in progress finishes).
+pub(crate) async fn serve_http1<S, B>(stream: TcpStream, service: S, stop: CancellationToken)
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), service);

@@ -40,6 +40,7 @@ pub mod health;
 pub mod http_front;
 pub mod install;
 pub mod instance;
+pub mod plugin;
 pub mod process;
 pub mod release;
 pub mod service;

@@ -141,6 +141,7 @@ pub fn copy_example(name: &str, dst: &Path) {
         "Cargo.lock",
         ".moltignore",
         "src/main.rs",
+        "src/lib.rs",
         "server.py",
     ] {
         if let Ok(bytes) = std::fs::read(src.join(rel)) {

@@ -1,0 +1,188 @@
+//! Plugin services end to end: the sample `counter` plugin built by cargo (as a
+//! shell builds it), loaded into a [`PluginHost`] in this process, served over
+//! HTTP on loopback, and swapped between versions under keep-alive load.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use molt_e2e::{copy_example, get, get_once, write_file};
+use shell::plugin::{PluginError, PluginHost, provide_sdk};
+use tokio::io::BufReader;
+use tokio::net::TcpStream;
+
+/// Builds `examples/counter` with its source edited by `edit`, in `dir` (one
+/// build directory for every variant, so later builds are incremental), and
+/// copies the library out as `NAME.so`.
+fn build(dir: &Path, name: &str, edit: impl Fn(&str) -> String) -> PathBuf {
+    let src = dir.join("src");
+    if !src.exists() {
+        copy_example("counter", dir);
+        provide_sdk(dir).unwrap();
+        std::fs::write(
+            dir.join("lib.rs.orig"),
+            std::fs::read(src.join("lib.rs")).unwrap(),
+        )
+        .unwrap();
+    }
+    let original = std::fs::read_to_string(dir.join("lib.rs.orig")).unwrap();
+    write_file(dir, "src/lib.rs", edit(&original).as_bytes());
+    let out = std::process::Command::new("cargo")
+        .args(["build", "--release", "--offline", "--quiet"])
+        .current_dir(dir)
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lib = dir.join(format!("{name}.so"));
+    std::fs::copy(dir.join("target/release/libcounter.so"), &lib).unwrap();
+    lib
+}
+
+fn version(v: &str) -> impl Fn(&str) -> String + '_ {
+    move |src: &str| {
+        src.replace(
+            "const VERSION: &str = \"1\";",
+            &format!("const VERSION: &str = \"{v}\";"),
+        )
+    }
+}
+
+fn field<'a>(body: &'a str, name: &str) -> &'a str {
+    let rest = body.split(&format!("\"{name}\":")).nth(1).unwrap_or("");
+    rest.trim_start_matches('"')
+        .split(['"', ',', '}'])
+        .next()
+        .unwrap_or("")
+}
+
+fn maps() -> String {
+    std::fs::read_to_string("/proc/self/maps").unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_counter_keeps_its_state_across_50_swaps_under_load_and_bad_libraries_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let build_dir = tmp.path().join("counter");
+    let v1 = build(&build_dir, "v1", version("1"));
+    let v2 = build(&build_dir, "v2", version("2"));
+    let wrong_abi = build(&build_dir, "abi", |src| {
+        version("abi")(src).replace(
+            "export_plugin!(Counter);",
+            "#[unsafe(no_mangle)]\npub extern \"C\" fn molt_plugin_entry() -> *const molt_plugin_sdk::PluginTable {\n    static T: molt_plugin_sdk::PluginTable = molt_plugin_sdk::table::<Counter>(999);\n    &T\n}",
+        )
+    });
+    let refusing = build(&build_dir, "refusing", |src| {
+        version("refusing")(src).replace(
+            "        let mut hits = 0;",
+            "        if state.is_some() {\n            return Err(\"this version refuses old state\".into());\n        }\n        let mut hits = 0;",
+        )
+    });
+
+    let loads = tmp.path().join("loaded");
+    let host = PluginHost::start("counter", &v1, &loads, None)
+        .await
+        .unwrap();
+    let addr = host.local_addr();
+    let (code, body) = get_once(addr, "/healthz").await;
+    assert_eq!((code, body.as_str()), (200, "ok\n"));
+    // Some state besides the counter: a key.
+    {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        c.write_all(b"PUT /kv/colour HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nConnection: close\r\n\r\nteal")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    }
+
+    // One keep-alive client counting hits while the library is swapped 50 times.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut conn = BufReader::new(TcpStream::connect(addr).await.unwrap());
+            let mut hits = Vec::new();
+            let mut versions = std::collections::BTreeSet::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (code, body) = get(&mut conn, "/").await.unwrap();
+                assert_eq!(code, 200, "{body}");
+                hits.push(field(&body, "hits").parse::<u64>().unwrap());
+                versions.insert(field(&body, "version").to_owned());
+            }
+            (hits, versions)
+        })
+    };
+    let mut pauses = Vec::new();
+    let mut unloaded = Vec::new();
+    for swap in 0..50 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        unloaded.push(host.loaded_path().await);
+        let next = if swap % 2 == 0 { &v2 } else { &v1 };
+        pauses.push(host.swap(next).await.unwrap().pause);
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (hits, versions) = client.await.unwrap();
+    // Every answer counted on from the one before: no swap lost or reset state.
+    assert!(hits.len() > 50, "only {} answers", hits.len());
+    for pair in hits.windows(2) {
+        assert_eq!(pair[1], pair[0] + 1, "hits jumped: {pair:?}");
+    }
+    let want: std::collections::BTreeSet<String> = ["1", "2"].map(String::from).into();
+    assert_eq!(versions, want);
+    let (_, body) = get_once(addr, "/kv/colour").await;
+    assert_eq!(body, "teal");
+    pauses.sort();
+    eprintln!(
+        "plugin swap pause: p50 {:?}, p99 {:?}, max {:?}",
+        pauses[pauses.len() / 2],
+        pauses[pauses.len() * 99 / 100],
+        pauses[pauses.len() - 1]
+    );
+
+    // The old libraries are really gone from the process; the current one is not.
+    let mapped = maps();
+    for old in &unloaded {
+        assert!(
+            !mapped.contains(old.to_str().unwrap()),
+            "{} is still mapped",
+            old.display()
+        );
+    }
+    assert!(mapped.contains(host.loaded_path().await.to_str().unwrap()));
+
+    // A panicking request is a 500; the plugin serves on.
+    let (code, body) = get_once(addr, "/panic").await;
+    assert_eq!(code, 500);
+    assert!(body.contains("counter was asked to panic"), "{body}");
+    let (code, _) = get_once(addr, "/").await;
+    assert_eq!(code, 200);
+
+    // A library of another ABI is refused, as is one whose create fails; the
+    // running plugin serves on with its state.
+    let before = field(&get_once(addr, "/").await.1, "hits")
+        .parse::<u64>()
+        .unwrap();
+    let err = host.swap(&wrong_abi).await.unwrap_err();
+    assert!(matches!(err, PluginError::Abi { found: 999, .. }), "{err}");
+    let err = host.swap(&refusing).await.unwrap_err();
+    assert!(err.to_string().contains("refuses old state"), "{err}");
+    let (_, body) = get_once(addr, "/").await;
+    assert_eq!(field(&body, "hits").parse::<u64>().unwrap(), before + 1);
+    assert_eq!(field(&body, "version"), "1");
+    assert!(!maps().contains("abi.so") && !maps().contains("refusing"));
+
+    host.shutdown().await;
+    assert!(
+        std::fs::read_dir(&loads).unwrap().next().is_none(),
+        "load copies left behind"
+    );
+}
