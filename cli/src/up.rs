@@ -74,9 +74,6 @@ const REPO_PORT: u16 = 7878;
 const IMAGE: &str = "up-1";
 /// The instances the first run deploys to.
 const DEPLOY_TO: [&str; 2] = ["staging", "prod"];
-/// The examples the first run pushes and deploys (the plugin example joins when
-/// instances serve plugins).
-const SEEDED_SERVICES: [&str; 2] = ["hello", "orders"];
 /// Written once the first run has pushed, pinned and deployed.
 const SEEDED: &str = "up.seeded";
 
@@ -210,13 +207,13 @@ async fn seed(dir: &Path, config_path: &Path) -> Result<()> {
     examples::write_out(&dir.join("examples"))?;
     let ctx = repo::Context::open(Some(config_path), None).await?;
     let pushed = async {
-        for name in SEEDED_SERVICES {
+        for name in examples::SERVICES {
             let d = dir.join("examples").join(name);
             ctx.push(&d, "first version (molt up)", "main", false)
                 .await?;
         }
         if !ctx.has_image(IMAGE).await? {
-            let set: Vec<String> = SEEDED_SERVICES
+            let set: Vec<String> = examples::SERVICES
                 .iter()
                 .map(|s| format!("{s}=main"))
                 .collect();
@@ -235,7 +232,7 @@ async fn seed(dir: &Path, config_path: &Path) -> Result<()> {
     ctx.close().await;
     pushed?;
     for target in DEPLOY_TO {
-        println!("deploying {IMAGE} to {target} (orders is built there by cargo)");
+        println!("deploying {IMAGE} to {target} (orders and counter are built there by cargo)");
         instance::deploy(Some(config_path), IMAGE, target, false, None, false).await?;
     }
     std::fs::write(dir.join(SEEDED), "pushed, pinned up-1 and deployed it\n")
@@ -289,7 +286,10 @@ async fn print_ready(dir: &Path, config_path: &Path, repo_addr: SocketAddr) -> R
          \x20 molt status --instance staging\n\
          \x20 molt logs orders --instance staging\n\
          \x20 molt rollback --instance staging\n\
-         \x20 molt pull hello --instance dev           # dev instances take single services\n",
+         \x20 molt pull hello --instance dev           # dev instances take single services\n\
+         \x20 # counter is a plugin, served inside the shell: edit VERSION in\n\
+         \x20 # {examples}/counter/src/lib.rs, push, pin and deploy it the same way;\n\
+         \x20 # its library is swapped in place and its hit count carries on.\n",
         config = config_path.display(),
         examples = examples.display(),
     );

@@ -128,8 +128,10 @@ fn molt_up_serves_the_examples_stops_on_ctrl_c_and_comes_back() {
     assert_eq!(
         keys,
         [
+            ("prod", "counter"),
             ("prod", "hello"),
             ("prod", "orders"),
+            ("staging", "counter"),
             ("staging", "hello"),
             ("staging", "orders")
         ],
@@ -206,8 +208,8 @@ fn molt_up_serves_the_examples_stops_on_ctrl_c_and_comes_back() {
     );
     assert!(!again.seen.iter().any(|l| l.starts_with("deploying")));
     let urls = again.urls();
-    // Four from the first run's deploys, and dev's pulled hello.
-    assert_eq!(urls.len(), 5, "{}", again.seen.join("\n"));
+    // Six from the first run's deploys, and dev's pulled hello.
+    assert_eq!(urls.len(), 7, "{}", again.seen.join("\n"));
     let dev_hello = &urls[&("dev".to_owned(), "hello".to_owned())];
     assert!(get(dev_hello).unwrap().contains("hello from molt"));
     let orders = &urls[&("prod".to_owned(), "orders".to_owned())];

@@ -228,6 +228,14 @@ pub async fn install(
             source,
         })?;
         let build_started = Instant::now();
+        if matches!(
+            manifest.kind(),
+            image_spec::manifest::ServiceKind::Plugin { .. }
+        ) {
+            // A plugin builds against the SDK this shell speaks.
+            crate::plugin::provide_sdk(stage.dir())
+                .map_err(ReleaseError::from_io(&stage.dir().join(".molt")))?;
+        }
         let built = match manifest.build() {
             Some(b) => {
                 let mut env: Vec<(String, String)> = manifest

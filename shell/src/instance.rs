@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use image_spec::manifest::{PortSpec, Protocol};
+use image_spec::manifest::{PortSpec, Protocol, ServiceKind};
 use image_spec::{
     CommitId, ImageId, ImageName, InstanceName, MANIFEST_FILE, ServiceManifest, ServiceName,
 };
@@ -36,10 +36,11 @@ use crate::front::{Front, Router, bind_tcp};
 use crate::health::{self, HealthError};
 use crate::http_front::bind_http;
 use crate::install::{BlobCache, InstallContext, InstallError, Installed, install};
+use crate::plugin::PluginHost;
 use crate::process::ProcessSpec;
 use crate::release::{ReleaseError, Releases, verify};
 use crate::state::{InstalledState, ServiceState, State, StateError};
-use crate::supervisor::{Monitor, ProcessState, StopPlan, Supervised, supervise};
+use crate::supervisor::{Monitor, ProcessState, ProcessStatus, StopPlan, Supervised, supervise};
 pub use wire::shell::Strategy;
 use wire::shell::{GenerationPhase, Phase};
 
@@ -109,6 +110,14 @@ pub enum UpgradeError {
     /// A release's `service.toml` is invalid.
     #[error("{0}")]
     Manifest(String),
+    /// A plugin could not be loaded, started or swapped; the old one serves on.
+    #[error("service `{service}`: {source}")]
+    Plugin {
+        /// The service.
+        service: ServiceName,
+        /// What failed.
+        source: Box<crate::plugin::PluginError>,
+    },
     /// A hook (`pre_swap`) failed; the new generation never took traffic.
     #[error("service `{service}`: its {hook} hook failed: {source}")]
     Hook {
@@ -127,7 +136,7 @@ struct Service {
     manifest: ServiceManifest,
     /// Internal port per port name.
     ports: BTreeMap<String, u16>,
-    process: Supervised,
+    process: Runner,
     /// Until the process ran, and then until it was healthy.
     startup: (Duration, Duration),
 }
@@ -149,6 +158,54 @@ fn count(n: u64, what: &str) -> String {
         format!("1 {what}")
     } else {
         format!("{n} {what}s")
+    }
+}
+
+/// What runs a service: a supervised child process, or a plugin library
+/// served inside the shell.
+enum Runner {
+    /// A child process.
+    Process(Supervised),
+    /// A plugin, served on a loopback port by the shell itself.
+    Plugin {
+        /// Its host (which swaps libraries in place).
+        host: PluginHost,
+        /// When it was loaded first.
+        since: std::time::Instant,
+    },
+}
+
+impl Runner {
+    /// Stops the process, or unloads the plugin.
+    async fn stop(self) {
+        match self {
+            Runner::Process(p) => {
+                p.stop().await;
+            }
+            Runner::Plugin { host, .. } => host.shutdown().await,
+        }
+    }
+
+    /// The process's status; a plugin runs in the shell's own process.
+    fn status(&self) -> ProcessStatus {
+        match self {
+            Runner::Process(p) => p.status(),
+            Runner::Plugin { since, .. } => ProcessStatus {
+                state: ProcessState::Running {
+                    pid: std::process::id(),
+                    since: *since,
+                },
+                restarts: 0,
+                health: crate::supervisor::Health::Unknown,
+            },
+        }
+    }
+
+    fn plugin(&self) -> Option<&PluginHost> {
+        match self {
+            Runner::Plugin { host, .. } => Some(host),
+            Runner::Process(_) => None,
+        }
     }
 }
 
@@ -423,11 +480,10 @@ impl Instance {
         env.push(("MOLT_SERVICE".into(), name.to_string()));
         env.push(("MOLT_COMMIT".into(), installed.commit.to_string()));
         let command = match manifest.kind() {
-            image_spec::manifest::ServiceKind::Process { command } => command.clone(),
-            image_spec::manifest::ServiceKind::Plugin { .. } => {
-                return Err(UpgradeError::Manifest(format!(
-                    "service `{name}` is a plugin; plugins are not supported yet"
-                )));
+            ServiceKind::Process { command } => command.clone(),
+            ServiceKind::Plugin { library } => {
+                let library = library.clone();
+                return self.start_plugin(name, installed, manifest, &library).await;
             }
         };
         let log = self
@@ -444,7 +500,7 @@ impl Instance {
             log_limit: 10 << 20,
         };
         let started = std::time::Instant::now();
-        let process = supervise(
+        let process = Runner::Process(supervise(
             spec,
             manifest.restart(),
             StopPlan {
@@ -456,11 +512,13 @@ impl Instance {
                 ports: ports.clone(),
                 dir: installed.dir.clone(),
             }),
-        );
-        let _ = process
-            .watch()
-            .wait_for(|s| !matches!(s.state, ProcessState::Backoff { .. }))
-            .await;
+        ));
+        if let Runner::Process(p) = &process {
+            let _ = p
+                .watch()
+                .wait_for(|s| !matches!(s.state, ProcessState::Backoff { .. }))
+                .await;
+        }
         let start = started.elapsed();
         if let Err(source) = health::wait_healthy(manifest.health(), &ports, &installed.dir).await {
             process.stop().await;
@@ -478,6 +536,109 @@ impl Instance {
             process,
             startup: (start, started.elapsed() - start),
         })
+    }
+
+    /// Loads a plugin service's library into a new host and waits until it
+    /// answers its health check. Every port of the service leads to the host.
+    async fn start_plugin(
+        &self,
+        name: &ServiceName,
+        installed: Installed,
+        manifest: ServiceManifest,
+        library: &image_spec::RelPath,
+    ) -> Result<Service, UpgradeError> {
+        let started = std::time::Instant::now();
+        let built = installed.dir.join(library.as_str());
+        let host = PluginHost::start(name.as_str(), &built, &self.plugin_dir(name), None)
+            .await
+            .map_err(|source| UpgradeError::Plugin {
+                service: name.clone(),
+                source: Box::new(source),
+            })?;
+        let port = host.local_addr().port();
+        let ports: BTreeMap<String, u16> = manifest
+            .ports()
+            .iter()
+            .map(|p| (p.name.clone(), port))
+            .collect();
+        let start = started.elapsed();
+        if let Err(source) = health::wait_healthy(manifest.health(), &ports, &installed.dir).await {
+            host.shutdown().await;
+            return Err(UpgradeError::Unhealthy {
+                service: name.clone(),
+                source: Box::new(source),
+                log_tail: String::new(),
+            });
+        }
+        info!(service = %name, commit = %installed.commit, "plugin healthy");
+        Ok(Service {
+            installed,
+            manifest,
+            ports,
+            process: Runner::Plugin {
+                host,
+                since: started,
+            },
+            startup: (start, started.elapsed() - start),
+        })
+    }
+
+    /// Where a plugin service's loaded copies of its library live.
+    fn plugin_dir(&self, name: &ServiceName) -> PathBuf {
+        self.config.root.join("plugins").join(name.as_str())
+    }
+
+    /// Swaps a running plugin service to the library of `installed` in place,
+    /// keeping its state and its port; returns the release it ran before.
+    async fn swap_plugin(
+        &mut self,
+        name: &ServiceName,
+        installed: Installed,
+    ) -> Result<Installed, UpgradeError> {
+        let manifest = read_manifest(&installed.dir)?;
+        let ServiceKind::Plugin { library } = manifest.kind() else {
+            return Err(UpgradeError::Manifest(format!(
+                "service `{name}` is no longer a plugin"
+            )));
+        };
+        let built = installed.dir.join(library.as_str());
+        let service = self
+            .services
+            .get_mut(name)
+            .ok_or_else(|| UpgradeError::Manifest(format!("service `{name}` is not running")))?;
+        let host = service
+            .process
+            .plugin()
+            .ok_or_else(|| UpgradeError::Manifest(format!("service `{name}` is not a plugin")))?;
+        let swapped = host
+            .swap(&built)
+            .await
+            .map_err(|source| UpgradeError::Plugin {
+                service: name.clone(),
+                source: Box::new(source),
+            })?;
+        info!(service = %name, pause = ?swapped.pause, "plugin swapped in place");
+        service.manifest = manifest;
+        Ok(std::mem::replace(&mut service.installed, installed))
+    }
+
+    /// Swaps plugins back to the releases they ran before an upgrade that failed.
+    async fn unswap_plugins(&mut self, swapped: Vec<(ServiceName, Installed)>) {
+        for (name, previous) in swapped.into_iter().rev() {
+            if let Err(e) = self.swap_plugin(&name, previous).await {
+                warn!(service = %name, error = %e, "could not swap a plugin back");
+            }
+        }
+    }
+
+    /// Is `name` a running plugin that `installed` (a plugin too) can replace in
+    /// place?
+    fn swaps_in_place(&self, name: &ServiceName, installed: &Installed) -> bool {
+        self.services
+            .get(name)
+            .is_some_and(|s| s.process.plugin().is_some())
+            && read_manifest(&installed.dir)
+                .is_ok_and(|m| matches!(m.kind(), ServiceKind::Plugin { .. }))
     }
 
     fn public_port(&self, spec: &PortSpec) -> SocketAddr {
@@ -638,8 +799,23 @@ impl Instance {
         let number = self.recorded()?.1 + 1;
         self.phase(number, Phase::Starting);
         let mut switched: Vec<(ServiceName, Option<Service>)> = Vec::new();
+        let mut swapped: Vec<(ServiceName, Installed)> = Vec::new();
         let mut failure = None;
         for (name, installed) in fresh {
+            if self.swaps_in_place(&name, &installed) {
+                progress(Some(&name), "swapping the plugin in place, its state kept");
+                match self.swap_plugin(&name, installed).await {
+                    Ok(previous) => {
+                        swapped.push((name.clone(), previous));
+                        report.restarted.push(name);
+                        continue;
+                    }
+                    Err(e) => {
+                        failure = Some((e, None));
+                        break;
+                    }
+                }
+            }
             let old_overlaps = self
                 .services
                 .get(&name)
@@ -687,6 +863,7 @@ impl Instance {
         if let Some((err, restart_old)) = failure {
             warn!(error = %err, "upgrade failed; switching back");
             progress(None, "failed; switching every service back");
+            self.unswap_plugins(swapped).await;
             self.roll_back(switched, restart_old.into_iter().collect())
                 .await;
             self.failed(number, &err);

@@ -186,3 +186,90 @@ async fn the_counter_keeps_its_state_across_50_swaps_under_load_and_bad_librarie
         "load copies left behind"
     );
 }
+
+/// A plugin service deployed like any service: pushed, built by the shell (with
+/// the SDK it provides), served on its public port through the HTTP front, and
+/// upgraded by swapping the library in place — state kept, no request failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_serves_a_plugin_service_and_upgrades_it_keeping_its_state() {
+    use image_spec::{InstanceName, ServiceName};
+    use molt_e2e::{TestCluster, push_main};
+    use shell::instance::{Instance, InstanceConfig, PublicPorts, Strategy};
+    use std::collections::BTreeMap;
+
+    let cluster = TestCluster::start().await;
+    let dir = cluster.path("counter");
+    copy_example("counter", &dir);
+    let dev = cluster.repo_client("user/ada/developer").await;
+    let repo = cluster.repo_client("shell/dev-1").await;
+    let v1 = dev.push(&dir, &push_main("v1"), |_| {}).await.unwrap();
+    let src = std::fs::read_to_string(dir.join("src/lib.rs")).unwrap();
+    write_file(&dir, "src/lib.rs", version("2")(&src).as_bytes());
+    let v2 = dev.push(&dir, &push_main("v2"), |_| {}).await.unwrap();
+    let counter = ServiceName::new("counter").unwrap();
+    let mut instance = Instance::open(InstanceConfig {
+        name: InstanceName::new("dev-1").unwrap(),
+        root: cluster.path("instance"),
+        public_ports: PublicPorts::Ephemeral,
+    })
+    .await
+    .unwrap();
+    let to = |c| BTreeMap::from([(counter.clone(), c)]);
+    instance
+        .upgrade(&repo, &to(v1.commit), None, "v1")
+        .await
+        .unwrap();
+    let public = instance.public_addr(&counter, "main").unwrap();
+    let (code, body) = get_once(public, "/").await;
+    assert_eq!((code, field(&body, "version")), (200, "1"), "{body}");
+    // It runs inside the shell: its pid is ours.
+    assert_eq!(instance.pid(&counter), Some(std::process::id()));
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut conn = BufReader::new(TcpStream::connect(public).await.unwrap());
+            let mut hits = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (code, body) = get(&mut conn, "/").await.unwrap();
+                assert_eq!(code, 200, "{body}");
+                hits.push(field(&body, "hits").parse::<u64>().unwrap());
+            }
+            hits
+        })
+    };
+    // In place, then in a shadow generation, then back: each a library swap.
+    for (commit, strategy, version) in [
+        (v2.commit, Strategy::InPlace, "2"),
+        (v1.commit, Strategy::Shadow, "1"),
+        (v2.commit, Strategy::Shadow, "2"),
+    ] {
+        let report = instance
+            .upgrade_reporting(&repo, &to(commit), None, "swap", strategy, &|_, _| {})
+            .await
+            .unwrap();
+        assert_eq!(report.restarted, std::slice::from_ref(&counter));
+        let (_, body) = get_once(public, "/").await;
+        assert_eq!(field(&body, "version"), version, "{body}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let hits = client.await.unwrap();
+    assert!(hits.len() > 3);
+    for pair in hits.windows(2) {
+        assert!(pair[1] > pair[0], "the count went back: {pair:?}");
+    }
+    // The recorded state names the new release; a restarted shell reloads it.
+    instance.shutdown().await;
+    let instance = Instance::open(InstanceConfig {
+        name: InstanceName::new("dev-1").unwrap(),
+        root: cluster.path("instance"),
+        public_ports: PublicPorts::Ephemeral,
+    })
+    .await
+    .unwrap();
+    let public = instance.public_addr(&counter, "main").unwrap();
+    let (_, body) = get_once(public, "/").await;
+    assert_eq!(field(&body, "version"), "2");
+    instance.shutdown().await;
+}
