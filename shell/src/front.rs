@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,33 +28,35 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 /// Connections (or requests) currently open per backend.
-pub(crate) type Counts = Arc<Mutex<HashMap<SocketAddr, usize>>>;
+pub(crate) type Counts = Arc<Mutex<HashMap<SocketAddr, Counter>>>;
 
-/// Counts one connection or request against its backend while it lives.
-pub(crate) struct Busy {
-    backend: SocketAddr,
-    counts: Counts,
+/// One backend's count of connections or requests in flight.
+pub(crate) type Counter = Arc<AtomicUsize>;
+
+/// The counter of `backend` (made on first use). Callers that serve many
+/// requests to one backend keep it, so the map's lock is taken once per backend,
+/// not once per request.
+pub(crate) fn counter(counts: &Counts, backend: SocketAddr) -> Counter {
+    match counts.lock() {
+        Ok(mut m) => m.entry(backend).or_default().clone(),
+        // A poisoned map: count on a counter nobody reads rather than fail.
+        Err(_) => Counter::default(),
+    }
 }
 
+/// Counts one connection or request against its backend while it lives.
+pub(crate) struct Busy(Counter);
+
 impl Busy {
-    pub(crate) fn new(backend: SocketAddr, counts: &Counts) -> Self {
-        if let Ok(mut m) = counts.lock() {
-            *m.entry(backend).or_insert(0) += 1;
-        }
-        Self {
-            backend,
-            counts: counts.clone(),
-        }
+    pub(crate) fn new(counter: &Counter) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Self(counter.clone())
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        if let Ok(mut m) = self.counts.lock()
-            && let Some(n) = m.get_mut(&self.backend)
-        {
-            *n = n.saturating_sub(1);
-        }
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -130,6 +133,10 @@ impl Routing {
     /// The backend, waiting up to the hold time while there is none.
     pub(crate) async fn current(&mut self) -> Option<SocketAddr> {
         let Route { table, key } = &mut self.route;
+        // The common case, without arming a timer: there is a backend.
+        if let Some(backend) = table.borrow().get(key.as_str()) {
+            return Some(*backend);
+        }
         match tokio::time::timeout(self.hold, table.wait_for(|t| t.contains_key(key))).await {
             Ok(Ok(t)) => t.get(key).copied(),
             _ => None,
@@ -189,7 +196,7 @@ impl Front {
     pub fn busy(&self, backend: SocketAddr) -> usize {
         self.counts
             .lock()
-            .map(|m| m.get(&backend).copied().unwrap_or(0))
+            .map(|m| m.get(&backend).map_or(0, |c| c.load(Ordering::SeqCst)))
             .unwrap_or(0)
     }
 
@@ -250,7 +257,7 @@ async fn splice(mut client: TcpStream, mut routing: Routing) {
             return;
         }
     };
-    let _busy = Busy::new(target, &routing.counts);
+    let _busy = Busy::new(&counter(&routing.counts, target));
     let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
 }
 

@@ -12,20 +12,20 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::front::{Busy, Front, Route, Routing};
+use crate::front::{Busy, Counter, Counts, Front, Route, Routing, counter};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -39,10 +39,70 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     resp
 }
 
+/// The connection to a backend that one client connection's requests travel
+/// on. A client connection's requests come one at a time, so one upstream
+/// connection carries them all, with no pool shared between clients; after a
+/// switch, the next request opens one to the new backend.
+#[derive(Default)]
+struct Upstream(tokio::sync::Mutex<Option<Kept>>);
+
+/// What a client connection keeps between requests: its backend's in-flight
+/// counter, and its connection to that backend (if still open).
+struct Kept {
+    backend: SocketAddr,
+    counter: Counter,
+    sender: Option<SendRequest<Incoming>>,
+}
+
+impl Upstream {
+    /// The in-flight counter of `backend`, and a sender to it that is ready for
+    /// a request: the kept one, or a new connection.
+    async fn take(
+        &self,
+        backend: SocketAddr,
+        counts: &Counts,
+    ) -> (Counter, std::io::Result<SendRequest<Incoming>>) {
+        let kept = self.0.lock().await.take();
+        let (counter, sender) = match kept {
+            Some(k) if k.backend == backend => (k.counter, k.sender),
+            _ => (counter(counts, backend), None),
+        };
+        if let Some(mut sender) = sender
+            && sender.ready().await.is_ok()
+        {
+            return (counter, Ok(sender));
+        }
+        (counter, Self::connect(backend).await)
+    }
+
+    async fn connect(backend: SocketAddr) -> std::io::Result<SendRequest<Incoming>> {
+        let stream = TcpStream::connect(backend).await?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%backend, error = %e, "backend connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Keeps the counter and `sender` for the next request.
+    async fn keep(&self, backend: SocketAddr, counter: Counter, sender: SendRequest<Incoming>) {
+        *self.0.lock().await = Some(Kept {
+            backend,
+            counter,
+            sender: Some(sender),
+        });
+    }
+}
+
 /// Forwards one request to the backend current at its arrival.
 async fn route(
     mut routing: Routing,
-    client: Client<HttpConnector, Incoming>,
+    upstream: Arc<Upstream>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let Some(backend) = routing.current().await else {
@@ -56,12 +116,25 @@ async fn route(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
-    let Ok(uri) = format!("http://{backend}{path}").parse() else {
+    let Ok(uri) = path.parse() else {
         return Ok(plain(StatusCode::BAD_REQUEST, "bad request target\n"));
     };
     *req.uri_mut() = uri;
-    let busy = Busy::new(backend, &routing.counts);
-    match client.request(req).await {
+    let (counter, sender) = upstream.take(backend, &routing.counts).await;
+    let busy = Busy::new(&counter);
+    let mut sender = match sender {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(%backend, error = %e, "cannot reach the backend");
+            return Ok(plain(
+                StatusCode::BAD_GATEWAY,
+                "the service did not answer\n",
+            ));
+        }
+    };
+    let answer = sender.send_request(req);
+    upstream.keep(backend, counter, sender).await;
+    match answer.await {
         Ok(resp) => {
             // The response body streams back after this returns; the request
             // counts as in flight until it has.
@@ -84,14 +157,11 @@ async fn route(
 
 /// Serves one client connection, request by request, until it closes or the
 /// front shuts down (then gracefully: the request in progress finishes).
-async fn serve_client(
-    stream: TcpStream,
-    routing: Routing,
-    client: Client<HttpConnector, Incoming>,
-) {
+async fn serve_client(stream: TcpStream, routing: Routing) {
     let stop = routing.stop.clone();
+    let upstream = Arc::new(Upstream::default());
     let service =
-        hyper::service::service_fn(move |req| route(routing.clone(), client.clone(), req));
+        hyper::service::service_fn(move |req| route(routing.clone(), upstream.clone(), req));
     serve_http1(stream, service, stop).await;
 }
 
@@ -126,15 +196,7 @@ where
 /// Listens on `public` for an `http` port, routing each request to the backend
 /// of `route`; a request arriving while it has none waits up to `hold`.
 pub async fn bind_http(public: SocketAddr, route: Route, hold: Duration) -> std::io::Result<Front> {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(connector);
-    Front::bind(public, route, hold, move |stream, routing| {
-        serve_client(stream, routing, client.clone())
-    })
-    .await
+    Front::bind(public, route, hold, serve_client).await
 }
 
 #[cfg(test)]

@@ -427,6 +427,12 @@ impl Instance {
             .map(Front::local_addr)
     }
 
+    /// Where a service's port sends new work now: its process's internal address
+    /// (benchmarks compare the front with a direct connection).
+    pub fn backend_addr(&self, service: &ServiceName, port: &str) -> Option<SocketAddr> {
+        self.router.get(&route_key(service, port))
+    }
+
     /// The pid of a service's process, if running.
     pub fn pid(&self, service: &ServiceName) -> Option<u32> {
         self.services
