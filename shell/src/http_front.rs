@@ -1,13 +1,13 @@
 //! The front for `http` ports: the shell owns the public port and routes each
 //! request, not each connection, to the service process currently behind it.
 //!
-//! Clients keep their connections to the shell (HTTP/1.1 keep-alive); each request
-//! is forwarded to the backend set when the request arrives, over a pooled
-//! connection to that backend. So after a [`crate::front::Router::set`] the next
-//! request of
-//! an existing client connection goes to the new process, while requests already
-//! in flight finish on the old one ([`Front::busy`] counts them, so an
-//! upgrade can wait for the drain). With no backend, a request waits up to the hold
+//! Clients keep their connections to the shell (HTTP/1.1 keep-alive); each
+//! request is forwarded to the backend its route names when it arrives, over
+//! the client connection's own connection to that backend (a new one after a
+//! switch). So after a [`crate::front::Router::set`] the next request of an
+//! existing client connection goes to the new process, while requests already
+//! in flight finish on the old one ([`Front::busy`] counts them, so an upgrade
+//! can wait for the drain). With no backend, a request waits up to the hold
 //! time and then gets `503`; a backend that fails gives `502`.
 
 use std::convert::Infallible;
