@@ -185,11 +185,25 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// Silences this library's own panic hook (its copy of std has one): a panic's
+/// message goes back to the shell, which logs it once, with the service's name.
+/// The hook is a zero-sized closure, so loading the library again leaks nothing.
+fn quiet_panics() {
+    // Not in this crate's own tests, where the "plugin" shares the test
+    // harness's std and its failures must still print.
+    #[cfg(not(test))]
+    {
+        static QUIET: std::sync::Once = std::sync::Once::new();
+        QUIET.call_once(|| std::panic::set_hook(Box::new(|_| {})));
+    }
+}
+
 /// Runs `f`, turning a panic into [`PANICKED`] with its message in `out`.
 ///
 /// # Safety
 /// `out` must be valid for a write.
 unsafe fn guarded(out: *mut RawBuffer, f: impl FnOnce() -> (i32, Vec<u8>)) -> i32 {
+    quiet_panics();
     let (code, bytes) = match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(payload) => (PANICKED, panic_message(&*payload).into_bytes()),
