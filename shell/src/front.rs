@@ -200,6 +200,23 @@ impl Front {
             .unwrap_or(0)
     }
 
+    /// Forgets `backend`'s counter once nothing is in flight on it (after a
+    /// drain: new work no longer goes there), so counters do not pile up over
+    /// upgrades.
+    pub fn forget(&self, backend: SocketAddr) {
+        if let Ok(mut m) = self.counts.lock()
+            && m.get(&backend)
+                .is_some_and(|c| c.load(Ordering::SeqCst) == 0)
+        {
+            m.remove(&backend);
+        }
+    }
+
+    /// The number of backends with a counter (for tests of [`Front::forget`]).
+    pub fn counted_backends(&self) -> usize {
+        self.counts.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
     /// Stops accepting and ends every client connection.
     pub async fn shutdown(self) {
         self.stop.cancel();
@@ -332,6 +349,12 @@ mod tests {
             );
             tokio::task::yield_now().await;
         }
+        // Drained, its counter can go; the new backend's (busy) one stays.
+        assert_eq!(front.counted_backends(), 2);
+        front.forget(old);
+        front.forget(new);
+        assert_eq!(front.counted_backends(), 1);
+        assert_eq!(front.busy(new), 1);
         front.shutdown().await;
     }
 

@@ -978,6 +978,7 @@ impl Instance {
             while front.busy(backend) > 0 && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
+            front.forget(backend);
         }
     }
 
