@@ -130,13 +130,22 @@ pub(crate) struct Routing {
 }
 
 impl Routing {
+    /// The backend now, if there is one (no waiting, no copy of the routing).
+    pub(crate) fn now(&self) -> Option<SocketAddr> {
+        self.route
+            .table
+            .borrow()
+            .get(self.route.key.as_str())
+            .copied()
+    }
+
     /// The backend, waiting up to the hold time while there is none.
     pub(crate) async fn current(&mut self) -> Option<SocketAddr> {
-        let Route { table, key } = &mut self.route;
         // The common case, without arming a timer: there is a backend.
-        if let Some(backend) = table.borrow().get(key.as_str()) {
-            return Some(*backend);
+        if let Some(backend) = self.now() {
+            return Some(backend);
         }
+        let Route { table, key } = &mut self.route;
         match tokio::time::timeout(self.hold, table.wait_for(|t| t.contains_key(key))).await {
             Ok(Ok(t)) => t.get(key).copied(),
             _ => None,

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response, StatusCode};
@@ -27,14 +27,50 @@ use tracing::debug;
 
 use crate::front::{Busy, Counter, Counts, Front, Route, Routing, counter};
 
-type Body = BoxBody<Bytes, hyper::Error>;
+/// A response body: the backend's, streamed back while its request counts as in
+/// flight, or a short answer of the front's own.
+enum Body {
+    Upstream {
+        body: Incoming,
+        /// Held until the body has been sent (or dropped).
+        _busy: Busy,
+    },
+    Plain(Full<Bytes>),
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Body::Upstream { body, .. } => std::pin::Pin::new(body).poll_frame(cx),
+            Body::Plain(full) => std::pin::Pin::new(full)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(|never: Infallible| match never {}))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Upstream { body, .. } => body.is_end_stream(),
+            Body::Plain(full) => full.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            Body::Upstream { body, .. } => body.size_hint(),
+            Body::Plain(full) => full.size_hint(),
+        }
+    }
+}
 
 fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
-    let mut resp = Response::new(
-        Full::new(Bytes::from_static(text.as_bytes()))
-            .map_err(|never: Infallible| match never {})
-            .boxed(),
-    );
+    let mut resp = Response::new(Body::Plain(Full::new(Bytes::from_static(text.as_bytes()))));
     *resp.status_mut() = status;
     resp
 }
@@ -101,25 +137,31 @@ impl Upstream {
 
 /// Forwards one request to the backend current at its arrival.
 async fn route(
-    mut routing: Routing,
+    routing: Arc<Routing>,
     upstream: Arc<Upstream>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    let Some(backend) = routing.current().await else {
-        return Ok(plain(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no healthy process behind this port\n",
-        ));
+    let backend = match routing.now() {
+        Some(b) => b,
+        // None now: hold the request, on a copy of the routing that can wait.
+        None => match Routing::clone(&routing).current().await {
+            Some(b) => b,
+            None => {
+                return Ok(plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no healthy process behind this port\n",
+                ));
+            }
+        },
     };
-    let path = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    let Ok(uri) = path.parse() else {
-        return Ok(plain(StatusCode::BAD_REQUEST, "bad request target\n"));
-    };
-    *req.uri_mut() = uri;
+    // The backend gets the request target in origin form (`/path?query`).
+    if req.uri().authority().is_some() {
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let Ok(uri) = path.parse() else {
+            return Ok(plain(StatusCode::BAD_REQUEST, "bad request target\n"));
+        };
+        *req.uri_mut() = uri;
+    }
     let (counter, sender) = upstream.take(backend, &routing.counts).await;
     let busy = Busy::new(&counter);
     let mut sender = match sender {
@@ -139,11 +181,10 @@ async fn route(
             // The response body streams back after this returns; the request
             // counts as in flight until it has.
             let (parts, body) = resp.into_parts();
-            let body = body.map_frame(move |f| {
-                let _ = &busy;
-                f
-            });
-            Ok(Response::from_parts(parts, body.boxed()))
+            Ok(Response::from_parts(
+                parts,
+                Body::Upstream { body, _busy: busy },
+            ))
         }
         Err(e) => {
             debug!(%backend, error = %e, "backend failed");
@@ -159,6 +200,7 @@ async fn route(
 /// front shuts down (then gracefully: the request in progress finishes).
 async fn serve_client(stream: TcpStream, routing: Routing) {
     let stop = routing.stop.clone();
+    let routing = Arc::new(routing);
     let upstream = Arc::new(Upstream::default());
     let service =
         hyper::service::service_fn(move |req| route(routing.clone(), upstream.clone(), req));
