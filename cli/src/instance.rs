@@ -31,6 +31,24 @@ pub(crate) fn strategy(text: &str) -> Result<Strategy> {
     text.parse().map_err(anyhow::Error::msg)
 }
 
+/// Applies `--shadow changed|full` to `--strategy` (which it implies).
+pub(crate) fn with_shadow(
+    strategy: Option<Strategy>,
+    shadow: Option<&str>,
+) -> Result<Option<Strategy>> {
+    let Some(shadow) = shadow else {
+        return Ok(strategy);
+    };
+    if strategy == Some(Strategy::InPlace) {
+        bail!("--shadow goes with a shadow strategy, not in-place");
+    }
+    match shadow {
+        "changed" => Ok(Some(Strategy::Shadow)),
+        "full" => Ok(Some(Strategy::ShadowFull)),
+        other => bail!("--shadow `{other}`: expected changed or full"),
+    }
+}
+
 /// `molt shell`: runs an instance's shell until SIGINT or SIGTERM.
 pub(crate) async fn shell(
     config: Option<&Path>,

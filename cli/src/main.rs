@@ -112,10 +112,14 @@ enum Command {
         /// Only show what would be restarted, kept and stopped.
         #[arg(long)]
         plan: bool,
-        /// in-place (service by service) or shadow (the whole generation beside
-        /// the running one, one cutover) [default: the instance's].
+        /// in-place (service by service), shadow (the whole generation beside
+        /// the running one, one cutover) or shadow-full [default: the instance's].
         #[arg(long)]
         strategy: Option<String>,
+        /// With a shadow: `changed` starts only the changed services; `full` also
+        /// the unchanged ones, on copies of every service's data (= shadow-full).
+        #[arg(long, value_name = "changed|full")]
+        shadow: Option<String>,
     },
     /// Show an instance's services, image, generation and queue.
     Status {
@@ -362,8 +366,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             instance,
             plan,
             strategy,
+            shadow,
         } => {
             let strategy = strategy.as_deref().map(instance::strategy).transpose()?;
+            let strategy = instance::with_shadow(strategy, shadow.as_deref())?;
             instance::deploy(
                 cli.config.as_deref(),
                 &image,

@@ -501,6 +501,22 @@ fn production_deploys_in_shadow_by_default_and_status_shows_the_lifecycle() {
     );
     let out = c.molt(&["deploy", "one", "--instance", &target, "--strategy", "blue"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("in-place or shadow"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in-place, shadow or shadow-full"));
+    // A full shadow restarts every service, here back to image one.
+    let (done, steps) =
+        c.molt_json_steps(&["deploy", "one", "--instance", &target, "--shadow", "full"]);
+    assert_eq!(done["restarted"], serde_json::json!(["hello"]));
+    assert!(steps.contains("generation 3: cut over"), "{steps}");
+    let out = c.molt(&[
+        "deploy",
+        "one",
+        "--instance",
+        &target,
+        "--strategy",
+        "in-place",
+        "--shadow",
+        "full",
+    ]);
+    assert!(!out.status.success());
     assert!(common::signal(&mut shell, "-TERM").success());
 }

@@ -139,6 +139,8 @@ struct Service {
     process: Runner,
     /// Until the process ran, and then until it was healthy.
     startup: (Duration, Duration),
+    /// Its data directory (`$MOLT_DATA`), if it declares data.
+    data: Option<PathBuf>,
 }
 
 impl Service {
@@ -253,6 +255,8 @@ pub struct Instance {
     router: Router,
     /// The latest generations' phases, shared with whoever reports status.
     lifecycle: Arc<Mutex<Lifecycle>>,
+    /// The data directories recorded with the current generation.
+    data_dirs: crate::state::DataDirs,
 }
 
 /// The latest generations' phases and the last failure (see [`Instance::lifecycle`]).
@@ -343,8 +347,11 @@ impl Instance {
             fronts: BTreeMap::new(),
             router: Router::new(),
             lifecycle: Arc::default(),
+            data_dirs: Default::default(),
         };
         let recorded = instance.state.installed()?;
+        let (_, generation) = instance.recorded()?;
+        instance.data_dirs = instance.state.data_dirs(generation)?;
         for (name, s) in &recorded.services {
             let tree = instance.tree_of(&s.release, s.tree)?;
             verify(&s.release, &tree)?;
@@ -357,10 +364,10 @@ impl Instance {
             instance.expose(name, &service).await?;
             instance.services.insert(name.clone(), service);
         }
-        let (_, generation) = instance.recorded()?;
         if generation > 0 {
             instance.phase(generation, Phase::Serving);
         }
+        instance.prune_data();
         Ok(instance)
     }
 
@@ -464,7 +471,43 @@ impl Instance {
         name: &ServiceName,
         installed: Installed,
     ) -> Result<Service, UpgradeError> {
+        self.start_on(name, installed, None).await
+    }
+
+    /// The data directory a service uses unless told otherwise: the one it has
+    /// now, else the one recorded, else `ROOT/data/<service>/live`.
+    fn data_dir(&self, name: &ServiceName) -> PathBuf {
+        self.services
+            .get(name)
+            .and_then(|s| s.data.clone())
+            .or_else(|| self.data_dirs.get(name).cloned())
+            .unwrap_or_else(|| {
+                self.config
+                    .root
+                    .join("data")
+                    .join(name.as_str())
+                    .join("live")
+            })
+    }
+
+    /// [`Instance::start`] on the data directory `data` (default: [`Instance::data_dir`]).
+    async fn start_on(
+        &self,
+        name: &ServiceName,
+        installed: Installed,
+        data: Option<PathBuf>,
+    ) -> Result<Service, UpgradeError> {
         let manifest = read_manifest(&installed.dir)?;
+        let data = if manifest.data().is_empty() {
+            None
+        } else {
+            let dir = data.unwrap_or_else(|| self.data_dir(name));
+            for path in manifest.data() {
+                let sub = dir.join(path.as_str());
+                std::fs::create_dir_all(&sub).map_err(io_err(&sub))?;
+            }
+            Some(dir)
+        };
         let mut ports = BTreeMap::new();
         let mut env: Vec<(String, String)> = manifest
             .env()
@@ -485,6 +528,9 @@ impl Instance {
         env.push(("MOLT_INSTANCE".into(), self.config.name.to_string()));
         env.push(("MOLT_SERVICE".into(), name.to_string()));
         env.push(("MOLT_COMMIT".into(), installed.commit.to_string()));
+        if let Some(dir) = &data {
+            env.push(("MOLT_DATA".into(), dir.display().to_string()));
+        }
         let command = match manifest.kind() {
             ServiceKind::Process { command } => command.clone(),
             ServiceKind::Plugin { library } => {
@@ -541,6 +587,7 @@ impl Instance {
             ports,
             process,
             startup: (start, started.elapsed() - start),
+            data,
         })
     }
 
@@ -586,6 +633,7 @@ impl Instance {
                 since: started,
             },
             startup: (start, started.elapsed() - start),
+            data: None,
         })
     }
 
@@ -715,10 +763,17 @@ impl Instance {
         let fresh = self
             .install_changed(repo, target, &mut report, progress)
             .await?;
-        if !fresh.is_empty() {
+        if !fresh.is_empty() || strategy == Strategy::ShadowFull {
             match strategy {
                 Strategy::InPlace => self.switch_in_place(fresh, &mut report, progress).await?,
-                Strategy::Shadow => self.switch_shadow(fresh, &mut report, progress).await?,
+                Strategy::Shadow => {
+                    self.switch_shadow(fresh, false, &mut report, progress)
+                        .await?
+                }
+                Strategy::ShadowFull => {
+                    self.switch_shadow(fresh, true, &mut report, progress)
+                        .await?
+                }
             }
         }
         self.stop_removed(target, &mut report, progress).await;
@@ -945,11 +1000,18 @@ impl Instance {
                     .collect(),
             };
             crate::crash::point("before-record");
-            let generation = self.state.record(&state, reason)?;
+            let data: crate::state::DataDirs = self
+                .services
+                .iter()
+                .filter_map(|(n, s)| Some((n.clone(), s.data.clone()?)))
+                .collect();
+            let generation = self.state.record_with_data(&state, reason, &data)?;
+            self.data_dirs = data;
             report.generation = Some(generation);
             crate::crash::point("after-record");
             progress(None, &format!("recorded generation {generation}"));
             self.prune();
+            self.prune_data();
         }
         Ok(())
     }
@@ -1087,6 +1149,43 @@ impl Instance {
                     }
                 }
                 Err(e) => warn!(service = %name, error = %e, "could not prune old releases"),
+            }
+        }
+    }
+
+    /// Removes the data directories no generation needs: those of neither the
+    /// current nor the previous generation (a rollback's), nor in use. A copy
+    /// left by a failed or interrupted full shadow goes too.
+    fn prune_data(&self) {
+        let mut keep: Vec<PathBuf> = self.data_dirs.values().cloned().collect();
+        keep.extend(self.services.values().filter_map(|s| s.data.clone()));
+        let (_, generation) = self.recorded().unwrap_or((None, 0));
+        if generation > 1
+            && let Ok(previous) = self.state.data_dirs(generation - 1)
+        {
+            keep.extend(previous.into_values());
+        }
+        let root = self.config.root.join("data");
+        let Ok(services) = std::fs::read_dir(&root) else {
+            return;
+        };
+        for service in services.flatten() {
+            let Ok(slots) = std::fs::read_dir(service.path()) else {
+                continue;
+            };
+            for slot in slots.flatten() {
+                let path = slot.path();
+                if slot.file_name() == "live" || keep.contains(&path) {
+                    continue;
+                }
+                match std::fs::remove_dir_all(&path) {
+                    Ok(()) => {
+                        info!(dir = %path.display(), "removed a data directory no generation needs")
+                    }
+                    Err(e) => {
+                        warn!(dir = %path.display(), error = %e, "could not remove a data directory")
+                    }
+                }
             }
         }
     }

@@ -7,6 +7,10 @@
 //! or exactly the new one, never a mix, whatever instant the shell is killed at.
 //! The upgrade writes it only once the new generation is serving (DESIGN.md,
 //! step 6).
+//!
+//! Beside each generation, in the same transaction, the data directories its
+//! services used (`ROOT/data/<service>/<slot>`), so a restart or a rollback
+//! gives each service the data of its generation.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -73,6 +77,17 @@ pub struct State {
 
 const INSTALLED: &[u8] = b"installed";
 
+/// Each service's data directory, for the services that have one.
+pub type DataDirs = BTreeMap<ServiceName, PathBuf>;
+
+/// Where generation `number`'s data directories are kept (9 bytes, so never
+/// taken for a generation's 8-byte key).
+fn data_key(number: u64) -> [u8; 9] {
+    let mut key = [b'd'; 9];
+    key[1..].copy_from_slice(&number.to_be_bytes());
+    key
+}
+
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     bincode::serde::encode_to_vec(v, bincode::config::standard())
         .expect("state records are plain data bincode can always encode")
@@ -115,7 +130,19 @@ impl State {
     /// Records `state` as installed and appends it to the history, atomically and
     /// durably; returns the new generation's number.
     pub fn record(&self, state: &InstalledState, reason: &str) -> Result<u64, StateError> {
+        self.record_with_data(state, reason, &DataDirs::new())
+    }
+
+    /// [`State::record`], with the data directories of the services that have
+    /// one.
+    pub fn record_with_data(
+        &self,
+        state: &InstalledState,
+        reason: &str,
+        data: &DataDirs,
+    ) -> Result<u64, StateError> {
         use sled::Transactional;
+        let encoded_data = encode(data);
         let encoded_state = encode(state);
         let number = (&self.current, &self.generations)
             .transaction(|(current, generations)| {
@@ -132,6 +159,7 @@ impl State {
                 };
                 current.insert(INSTALLED, encoded_state.as_slice())?;
                 generations.insert(&number.to_be_bytes(), encode(&generation))?;
+                generations.insert(data_key(number).as_slice(), encoded_data.as_slice())?;
                 generations.insert(b"last", &number.to_be_bytes())?;
                 Ok(number)
             })
@@ -143,6 +171,15 @@ impl State {
             )?;
         self.db.flush()?;
         Ok(number)
+    }
+
+    /// The data directories recorded with generation `number` (none recorded:
+    /// empty).
+    pub fn data_dirs(&self, number: u64) -> Result<DataDirs, StateError> {
+        match self.generations.get(data_key(number))? {
+            Some(v) => decode("data directories", &v),
+            None => Ok(DataDirs::new()),
+        }
     }
 
     /// The recorded generations, oldest first.
@@ -204,5 +241,15 @@ mod tests {
         );
         assert_eq!(history[0].state, s1);
         assert_eq!(history[1].state, s2);
+        assert_eq!(state.data_dirs(2).unwrap(), DataDirs::new());
+
+        // Data directories travel with their generation.
+        let dirs = DataDirs::from([(
+            ServiceName::new("orders").unwrap(),
+            PathBuf::from("/data/orders/g3"),
+        )]);
+        assert_eq!(state.record_with_data(&s1, "rollback", &dirs).unwrap(), 3);
+        assert_eq!(state.data_dirs(3).unwrap(), dirs);
+        assert_eq!(state.generations().unwrap().len(), 3);
     }
 }

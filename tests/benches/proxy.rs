@@ -22,7 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use image_spec::{InstanceName, ServiceName};
-use molt_e2e::{TestCluster, copy_example, push_main, write_file};
+use molt_e2e::{TestCluster, copy_example, push_main, set_version, write_file};
 use shell::instance::{Instance, InstanceConfig, PublicPorts, Strategy};
 use shell::plugin::{PluginHost, provide_sdk};
 
@@ -172,16 +172,7 @@ async fn bench() -> Res<()> {
     let dev = cluster.repo_client("user/ada/developer").await;
     let repo = cluster.repo_client("shell/bench").await;
     let v1 = dev.push(&orders_dir, &push_main("v1"), |_| {}).await?;
-    let src = std::fs::read_to_string(orders_dir.join("src/main.rs"))?;
-    write_file(
-        &orders_dir,
-        "src/main.rs",
-        src.replace(
-            "const VERSION: &str = \"1\";",
-            "const VERSION: &str = \"2\";",
-        )
-        .as_bytes(),
-    );
+    set_version(&orders_dir.join("src/main.rs"), "2");
     let v2 = dev.push(&orders_dir, &push_main("v2"), |_| {}).await?;
     let orders = ServiceName::new("orders")?;
     let to = |c| BTreeMap::from([(orders.clone(), c)]);

@@ -150,6 +150,17 @@ pub fn copy_example(name: &str, dst: &Path) {
     }
 }
 
+/// Sets `const VERSION: &str = "…";` in the source file `file` (the sample
+/// services' version) to `version`.
+pub fn set_version(file: &Path, version: &str) {
+    const MARK: &str = "const VERSION: &str = \"";
+    let src = std::fs::read_to_string(file).expect("read the source");
+    let start = src.find(MARK).expect("a VERSION constant") + MARK.len();
+    let end = start + src[start..].find('"').expect("its closing quote");
+    let changed = format!("{}{version}{}", &src[..start], &src[end..]);
+    std::fs::write(file, changed).expect("write the source");
+}
+
 /// Push options for branch `main`.
 pub fn push_main(message: &str) -> PushOptions {
     PushOptions {

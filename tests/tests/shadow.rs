@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use image_spec::{CommitId, InstanceName, ServiceName};
-use molt_e2e::{TestCluster, copy_example, get, get_once, push_main, write_file};
+use molt_e2e::{TestCluster, copy_example, get, get_once, push_main, set_version, write_file};
 use repo_server::client::RepoClient;
 use shell::instance::{Instance, InstanceConfig, PublicPorts, Strategy, UpgradeError};
 use tokio::io::BufReader;
@@ -366,5 +366,104 @@ async fn a_shadow_that_fails_health_or_its_pre_swap_hook_never_takes_traffic() {
     assert!(marks.join("hook-0").exists());
     assert_eq!(version_of(&get_once(hello, "/").await.1), "hooked");
     assert_eq!(version_of(&get_once(orders, "/").await.1), "2");
+    instance.shutdown().await;
+}
+
+/// The environment of process `pid`, as `NAME=VALUE` strings.
+fn environ(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .unwrap()
+        .split(|b| *b == 0)
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+fn data_dir_of(pid: u32) -> std::path::PathBuf {
+    let var = environ(pid)
+        .into_iter()
+        .find_map(|v| v.strip_prefix("MOLT_DATA=").map(std::path::PathBuf::from));
+    var.unwrap_or_else(|| panic!("pid {pid} has no MOLT_DATA"))
+}
+
+/// `shadow-full`: the unchanged services start afresh too, and every service
+/// with data runs on a copy of it, so the new generation is a complete copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_shadow_restarts_everything_on_copies_of_the_data() {
+    let cluster = TestCluster::start().await;
+    let dev = cluster.repo_client("user/ada/developer").await;
+    let repo = cluster.repo_client("shell/prod-1").await;
+    let (hello_dir, orders_dir) = (cluster.path("hello"), cluster.path("orders"));
+    copy_example("hello", &hello_dir);
+    copy_example("orders", &orders_dir);
+    let toml = std::fs::read_to_string(hello_dir.join("service.toml")).unwrap();
+    write_file(
+        &hello_dir,
+        "service.toml",
+        toml.replace("kind = \"process\"", "kind = \"process\"\ndata = [\"db\"]")
+            .as_bytes(),
+    );
+    let hello = dev
+        .push(&hello_dir, &push_main("hello"), |_| {})
+        .await
+        .unwrap();
+    let orders_v1 = dev
+        .push(&orders_dir, &push_main("v1"), |_| {})
+        .await
+        .unwrap();
+    set_version(&orders_dir.join("src/main.rs"), "2");
+    let orders_v2 = dev
+        .push(&orders_dir, &push_main("v2"), |_| {})
+        .await
+        .unwrap();
+    let target =
+        |orders: CommitId| BTreeMap::from([(svc("hello"), hello.commit), (svc("orders"), orders)]);
+    let mut instance = open(&cluster).await;
+    shadow(&mut instance, &repo, &target(orders_v1.commit), "v1")
+        .await
+        .unwrap();
+    let hello_pid = instance.pid(&svc("hello")).unwrap();
+    let live = data_dir_of(hello_pid);
+    assert_eq!(live, cluster.path("instance/data/hello/live"));
+    assert!(live.join("db").is_dir());
+    std::fs::write(live.join("db/note.txt"), "written by generation 1").unwrap();
+
+    let steps = std::sync::Mutex::new(Vec::new());
+    let report = instance
+        .upgrade_reporting(
+            &repo,
+            &target(orders_v2.commit),
+            None,
+            "full",
+            Strategy::ShadowFull,
+            &|s, step| {
+                steps
+                    .lock()
+                    .unwrap()
+                    .push(format!("{}: {step}", s.map_or("-", |s| s.as_str())))
+            },
+        )
+        .await
+        .unwrap();
+    // hello did not change, and still started afresh, on a copy of its data.
+    assert_eq!(report.restarted, [svc("hello"), svc("orders")]);
+    assert!(report.unchanged.is_empty());
+    let new_pid = instance.pid(&svc("hello")).unwrap();
+    assert_ne!(new_pid, hello_pid);
+    let copy = data_dir_of(new_pid);
+    assert_eq!(copy, cluster.path("instance/data/hello/g2"));
+    assert_eq!(
+        std::fs::read_to_string(copy.join("db/note.txt")).unwrap(),
+        "written by generation 1"
+    );
+    let steps = steps.into_inner().unwrap().join("\n");
+    assert!(steps.contains("hello: data copied:"), "{steps}");
+    // The previous generation's data stays for a rollback.
+    assert!(live.join("db/note.txt").exists());
+
+    // A restarted shell gives hello the data of the recorded generation.
+    instance.shutdown().await;
+    let instance = open(&cluster).await;
+    let pid = instance.pid(&svc("hello")).unwrap();
+    assert_eq!(data_dir_of(pid), copy);
     instance.shutdown().await;
 }

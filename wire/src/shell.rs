@@ -71,6 +71,10 @@ pub enum Strategy {
     /// The whole new generation starts beside the running one, is health-checked
     /// as a whole, and takes every service's traffic in one cutover.
     Shadow,
+    /// Like `Shadow`, but the unchanged services start as fresh processes too,
+    /// on copies of every service's data directories: a complete copy of the
+    /// instance.
+    ShadowFull,
 }
 
 impl std::fmt::Display for Strategy {
@@ -78,6 +82,7 @@ impl std::fmt::Display for Strategy {
         f.write_str(match self {
             Strategy::InPlace => "in-place",
             Strategy::Shadow => "shadow",
+            Strategy::ShadowFull => "shadow-full",
         })
     }
 }
@@ -88,7 +93,10 @@ impl std::str::FromStr for Strategy {
         match s {
             "in-place" => Ok(Strategy::InPlace),
             "shadow" => Ok(Strategy::Shadow),
-            other => Err(format!("unknown strategy `{other}` (in-place or shadow)")),
+            "shadow-full" => Ok(Strategy::ShadowFull),
+            other => Err(format!(
+                "unknown strategy `{other}` (in-place, shadow or shadow-full)"
+            )),
         }
     }
 }

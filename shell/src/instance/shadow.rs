@@ -8,7 +8,15 @@
 //! run twice, so it is stopped and started at the cutover itself while its
 //! fronts hold new connections. Then the old generation drains (requests in
 //! flight finish on it, within each service's stop grace) and stops; its
-//! releases stay on disk for a rollback. A failure before the cutover stops the
+//! releases stay on disk for a rollback.
+//!
+//! With `full` (`shadow-full`), the unchanged services start as fresh processes
+//! too, and every started service runs on a copy of its data directory
+//! (`ROOT/data/<service>/g<generation>`, copied with fs_extra, progress
+//! reported), so the new generation is a complete copy of the instance and its
+//! `pre_swap` hooks (migrations) never touch the data the running generation
+//! serves from. A service that cannot overlap is copied after its old process
+//! stopped, so its copy misses no write. A failure before the cutover stops the
 //! new processes and leaves the old generation serving, untouched; a failure of
 //! a held service after it switches everything back.
 
@@ -18,13 +26,19 @@ use image_spec::ServiceName;
 use image_spec::manifest::TimedCommand;
 use tracing::warn;
 
-use super::{Installed, Instance, Phase, Progress, Service, UpgradeError, UpgradeReport, routes};
+use std::path::{Path, PathBuf};
+
+use super::{
+    Installed, Instance, Phase, Progress, Service, UpgradeError, UpgradeReport, read_manifest,
+    routes,
+};
 
 impl Instance {
     /// Step 5 with the `shadow` strategy (see the module docs).
     pub(super) async fn switch_shadow(
         &mut self,
-        fresh: Vec<(ServiceName, Installed)>,
+        mut fresh: Vec<(ServiceName, Installed)>,
+        full: bool,
         report: &mut UpgradeReport,
         progress: Progress<'_>,
     ) -> Result<(), UpgradeError> {
@@ -34,6 +48,22 @@ impl Instance {
             None,
             &format!("generation {number}: starting beside the running one"),
         );
+        if full {
+            // The unchanged services start afresh too (plugins keep theirs).
+            let unchanged: Vec<(ServiceName, Installed)> = self
+                .services
+                .iter()
+                .filter(|(n, s)| {
+                    s.process.plugin().is_none() && !fresh.iter().any(|(f, _)| f == *n)
+                })
+                .map(|(n, s)| (n.clone(), s.installed.clone()))
+                .collect();
+            report
+                .unchanged
+                .retain(|n| !unchanged.iter().any(|(u, _)| u == n));
+            fresh.extend(unchanged);
+            fresh.sort_by(|a, b| a.0.cmp(&b.0));
+        }
 
         // Start every service that may overlap; hold back those that may not.
         let mut started: Vec<(ServiceName, Service)> = Vec::new();
@@ -57,7 +87,14 @@ impl Instance {
                 Some(&name),
                 "starting in the new generation, waiting until healthy",
             );
-            match self.start(&name, installed).await {
+            let data = match self
+                .data_copy(full, number, &name, &installed, progress)
+                .await
+            {
+                Ok(d) => d,
+                Err(e) => return Err(self.abandon(number, started, e, progress).await),
+            };
+            match self.start_on(&name, installed, data).await {
                 Ok(service) => started.push((name, service)),
                 Err(e) => return Err(self.abandon(number, started, e, progress).await),
             }
@@ -134,7 +171,18 @@ impl Instance {
                 stopped_old.push((name.clone(), old.installed));
             }
             progress(Some(&name), "starting, waiting until healthy");
-            match self.start(&name, installed).await {
+            let data = match self
+                .data_copy(full, number, &name, &installed, progress)
+                .await
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    return Err(self
+                        .undo_cutover(number, switched, stopped_old, e, progress)
+                        .await);
+                }
+            };
+            match self.start_on(&name, installed, data).await {
                 Ok(service) => {
                     if let Err(e) = self.expose(&name, &service).await {
                         switched.push((name.clone(), self.services.insert(name, service)));
@@ -189,6 +237,56 @@ impl Instance {
             }
         }
         Ok(())
+    }
+
+    /// With `full`, copies the service's data directory (if it declares data)
+    /// for generation `number` and returns the copy; otherwise `None` (the
+    /// service keeps its data directory).
+    async fn data_copy(
+        &self,
+        full: bool,
+        number: u64,
+        name: &ServiceName,
+        installed: &Installed,
+        progress: Progress<'_>,
+    ) -> Result<Option<PathBuf>, UpgradeError> {
+        if !full || read_manifest(&installed.dir)?.data().is_empty() {
+            return Ok(None);
+        }
+        let from = self.data_dir(name);
+        let to = self
+            .config
+            .root
+            .join("data")
+            .join(name.as_str())
+            .join(format!("g{number}"));
+        progress(Some(name), &format!("copying its data to {}", to.display()));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (src, dst) = (from.clone(), to.clone());
+        let copy = tokio::task::spawn_blocking(move || copy_data(&src, &dst, &tx));
+        tokio::pin!(copy);
+        let mut shown = None;
+        let copied = loop {
+            tokio::select! {
+                done = &mut copy => break done,
+                Some((bytes, total)) = rx.recv() => {
+                    let tenth = bytes * 10 / total.max(1);
+                    if shown != Some(tenth) {
+                        shown = Some(tenth);
+                        progress(Some(name), &format!("copying data: {bytes} of {total} bytes"));
+                    }
+                }
+            }
+        };
+        let total = copied
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|r| r)
+            .map_err(|source| UpgradeError::Io {
+                path: to.clone(),
+                source,
+            })?;
+        progress(Some(name), &format!("data copied: {total} bytes"));
+        Ok(Some(to))
     }
 
     /// A generation that never served: stops its processes; the running one
@@ -278,4 +376,30 @@ impl Instance {
                 source: Box::new(source),
             })
     }
+}
+
+/// Copies the contents of `from` (which may not exist yet: nothing to copy)
+/// into a fresh `to`, reporting (bytes copied, bytes in all); returns the bytes.
+fn copy_data(
+    from: &Path,
+    to: &Path,
+    report: &tokio::sync::mpsc::UnboundedSender<(u64, u64)>,
+) -> std::io::Result<u64> {
+    if to.exists() {
+        // Left by a failed attempt at this same generation.
+        std::fs::remove_dir_all(to)?;
+    }
+    std::fs::create_dir_all(to)?;
+    if !from.exists() {
+        return Ok(0);
+    }
+    let options = fs_extra::dir::CopyOptions {
+        content_only: true,
+        ..fs_extra::dir::CopyOptions::new()
+    };
+    fs_extra::dir::copy_with_progress(from, to, &options, |p| {
+        let _ = report.send((p.copied_bytes, p.total_bytes));
+        fs_extra::dir::TransitProcessResult::ContinueOrAbort
+    })
+    .map_err(|e| std::io::Error::other(e.to_string()))
 }
