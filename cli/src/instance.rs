@@ -26,11 +26,6 @@ pub(crate) struct ShellArgs {
     pub(crate) strategy: Option<Strategy>,
 }
 
-/// Parses `--strategy`.
-pub(crate) fn strategy(text: &str) -> Result<Strategy> {
-    text.parse().map_err(anyhow::Error::msg)
-}
-
 /// Applies `--shadow changed|full` to `--strategy` (which it implies).
 pub(crate) fn with_shadow(
     strategy: Option<Strategy>,

@@ -100,7 +100,7 @@ enum Command {
         /// How upgrades run unless a deploy says: in-place or shadow
         /// [default: shadow on production, in-place elsewhere].
         #[arg(long)]
-        strategy: Option<String>,
+        strategy: Option<wire::shell::Strategy>,
     },
     /// Deploy an image to an instance, or show the plan.
     Deploy {
@@ -115,7 +115,7 @@ enum Command {
         /// in-place (service by service), shadow (the whole generation beside
         /// the running one, one cutover) or shadow-full [default: the instance's].
         #[arg(long)]
-        strategy: Option<String>,
+        strategy: Option<wire::shell::Strategy>,
         /// With a shadow: `changed` starts only the changed services; `full` also
         /// the unchanged ones, on copies of every service's data (= shadow-full).
         #[arg(long, value_name = "changed|full")]
@@ -148,7 +148,7 @@ enum Command {
         instance: String,
         /// in-place or shadow [default: the instance's].
         #[arg(long)]
-        strategy: Option<String>,
+        strategy: Option<wire::shell::Strategy>,
     },
     /// Bring one service of a development or quality instance to a revision.
     Pull {
@@ -356,7 +356,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     key,
                     port_offset,
                     ephemeral_ports,
-                    strategy: strategy.as_deref().map(instance::strategy).transpose()?,
+                    strategy,
                 },
             )
             .await
@@ -368,7 +368,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             strategy,
             shadow,
         } => {
-            let strategy = strategy.as_deref().map(instance::strategy).transpose()?;
             let strategy = instance::with_shadow(strategy, shadow.as_deref())?;
             instance::deploy(
                 cli.config.as_deref(),
@@ -390,7 +389,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             follow,
         } => instance::logs(cli.config.as_deref(), &instance, &service, lines, follow).await,
         Command::Rollback { instance, strategy } => {
-            let strategy = strategy.as_deref().map(instance::strategy).transpose()?;
             instance::change(
                 cli.config.as_deref(),
                 &instance,

@@ -250,6 +250,16 @@ mod tests {
 
     const KEY: &str = "svc/main";
 
+    /// A front on a free port following route KEY, set to `backend`.
+    async fn bind_front(backend: Option<SocketAddr>, hold: Duration) -> (Router, Front) {
+        let router = Router::new();
+        router.set([(KEY.to_owned(), backend)]);
+        let front = bind_http("127.0.0.1:0".parse().unwrap(), router.route(KEY), hold)
+            .await
+            .unwrap();
+        (router, front)
+    }
+
     /// An HTTP/1.1 backend answering `name` to every request, after `delay`.
     async fn backend(name: &'static str, delay: Duration) -> SocketAddr {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -305,15 +315,7 @@ mod tests {
             backend("a", Duration::ZERO).await,
             backend("b", Duration::ZERO).await,
         );
-        let router = Router::new();
-        router.set([(KEY.to_owned(), Some(a))]);
-        let front = bind_http(
-            "127.0.0.1:0".parse().unwrap(),
-            router.route(KEY),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
+        let (router, front) = bind_front(Some(a), Duration::from_secs(5)).await;
         let mut conn = BufReader::new(TcpStream::connect(front.local_addr()).await.unwrap());
         assert_eq!(get(&mut conn).await, (200, "a".into()));
         router.set([(KEY.to_owned(), Some(b))]);
@@ -326,15 +328,7 @@ mod tests {
     async fn requests_in_flight_finish_on_the_old_process() {
         let slow_old = backend("old", Duration::from_millis(300)).await;
         let new = backend("new", Duration::ZERO).await;
-        let router = Router::new();
-        router.set([(KEY.to_owned(), Some(slow_old))]);
-        let front = bind_http(
-            "127.0.0.1:0".parse().unwrap(),
-            router.route(KEY),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
+        let (router, front) = bind_front(Some(slow_old), Duration::from_secs(5)).await;
         let addr = front.local_addr();
         let pending = tokio::spawn(async move {
             let mut conn = BufReader::new(TcpStream::connect(addr).await.unwrap());
@@ -359,15 +353,7 @@ mod tests {
 
     #[tokio::test]
     async fn no_backend_holds_then_503_and_a_dead_backend_is_502() {
-        let router = Router::new();
-        router.set([(KEY.to_owned(), None)]);
-        let front = bind_http(
-            "127.0.0.1:0".parse().unwrap(),
-            router.route(KEY),
-            Duration::from_millis(100),
-        )
-        .await
-        .unwrap();
+        let (router, front) = bind_front(None, Duration::from_millis(100)).await;
         let mut conn = BufReader::new(TcpStream::connect(front.local_addr()).await.unwrap());
         assert_eq!(get(&mut conn).await.0, 503);
         // A backend address nobody listens on.
@@ -381,15 +367,7 @@ mod tests {
         front.shutdown().await;
 
         // A backend appearing while a request is held gets that request.
-        let router = Router::new();
-        router.set([(KEY.to_owned(), None)]);
-        let front = bind_http(
-            "127.0.0.1:0".parse().unwrap(),
-            router.route(KEY),
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
+        let (router, front) = bind_front(None, Duration::from_secs(30)).await;
         let addr = front.local_addr();
         let held = tokio::spawn(async move {
             let mut c = BufReader::new(TcpStream::connect(addr).await.unwrap());

@@ -1,8 +1,11 @@
-//! The instance: its running generation, and the in-place upgrade.
+//! The instance: its running generation, and the upgrade.
 //!
-//! An [`Instance`] owns, for each installed service, a supervised process and the
-//! fronts of its public ports. [`Instance::upgrade`] brings it to a set of commits
-//! the way DESIGN.md's upgrade does, service by service (`in-place`):
+//! An [`Instance`] owns, for each installed service, what runs it (a supervised
+//! process, or a plugin host), its data directory (`$MOLT_DATA`, outside the
+//! releases) and the fronts of its public ports, all routed by one [`Router`].
+//! [`Instance::upgrade_reporting`] brings it to a set of commits the way
+//! DESIGN.md's upgrade does, by [`Strategy`]: `shadow` and `shadow-full` are in
+//! `instance/shadow.rs`; `in-place`, service by service, goes:
 //!
 //! 1–4. every changed service is installed first (diff, fetch, release, build);
 //!    a failure here has started nothing;
@@ -14,6 +17,10 @@
 //!    serving; then the old processes drain and stop, and services the target no
 //!    longer has are stopped;
 //! 6. only then is the new installed state recorded.
+//!
+//! A running plugin whose new release is a plugin too is not restarted but
+//! swapped inside its host, its state kept (and swapped back if the upgrade
+//! fails).
 //!
 //! [`Instance::open`] starts what the recorded state says, from the sealed
 //! releases (verified against their trees), so a restarted shell comes back to

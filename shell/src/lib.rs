@@ -31,7 +31,8 @@
 //!   logs, rollback, pull), one upgrade at a time with the others queued;
 //! - [`crash`]: crash points that let tests `kill -9` the shell at a chosen step.
 //!
-//! Shadow generations and plugins come next.
+//! - [`plugin`]: plugin services, served inside the shell and swapped with
+//!   their state.
 
 pub mod build;
 pub mod crash;

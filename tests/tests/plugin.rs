@@ -178,7 +178,18 @@ async fn the_counter_keeps_its_state_across_50_swaps_under_load_and_bad_librarie
     let (_, body) = get_once(addr, "/").await;
     assert_eq!(field(&body, "hits").parse::<u64>().unwrap(), before + 1);
     assert_eq!(field(&body, "version"), "1");
-    assert!(!maps().contains("abi.so") && !maps().contains("refusing"));
+    // The refused libraries were unloaded and their copies deleted: the only
+    // load left, in memory and on disk, is the one serving.
+    let current = host.loaded_path().await;
+    let loads_dir = loads.to_str().unwrap();
+    for line in maps().lines().filter(|l| l.contains(loads_dir)) {
+        assert!(
+            line.contains(current.to_str().unwrap()),
+            "a refused library is still mapped: {line}"
+        );
+    }
+    let copies: Vec<_> = std::fs::read_dir(&loads).unwrap().flatten().collect();
+    assert_eq!(copies.len(), 1, "{copies:?}");
 
     host.shutdown().await;
     assert!(
