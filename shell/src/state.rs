@@ -108,10 +108,7 @@ fn decode<T: serde::de::DeserializeOwned>(
 impl State {
     /// Opens (creating if needed) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(8 << 20)
-            .open()?;
+        let db = repo_server::meta::open_sled(dir, 8 << 20)?;
         Ok(Self {
             current: db.open_tree("current")?,
             generations: db.open_tree("generations")?,
