@@ -8,203 +8,539 @@
 //! existing client connection goes to the new process, while requests already
 //! in flight finish on the old one ([`Front::busy`] counts them, so an upgrade
 //! can wait for the drain). With no backend, a request waits up to the hold
-//! time and then gets `503`; a backend that fails gives `502`.
+//! time and then gets `503`; a backend that fails before answering gives `502`.
+//!
+//! The forwarding is a small HTTP/1.x relay of its own rather than a server and
+//! a client stacked: one task per client connection reads a request head,
+//! writes it (re-made without hop-by-hop headers, [`crate::http1`]) and the
+//! body as it arrives to the backend, then does the same with the response.
+//! Bodies pass through as bytes, never re-framed and never held whole, and a
+//! small response goes out in one write. That is what lets the front keep up
+//! with nginx (`scripts/bench-proxy`). Along the way it:
+//!
+//! - answers `Expect: 100-continue` itself;
+//! - sends a body-less request again on a new connection when the kept one
+//!   turns out closed before any answer (the backend's idle timeout);
+//! - turns an accepted upgrade (`101`, e.g. WebSocket) into a tunnel that
+//!   counts as in flight until it closes;
+//! - refuses what it cannot frame safely (`400`, `431`) and closes.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
+use bytes::{Buf, BytesMut};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::front::{Busy, Counter, Counts, Front, Route, Routing, counter};
+use crate::front::{Busy, Counter, Front, Route, Routing, counter};
+use crate::http1::{self, Chunked, FrameError, Length, RequestHead, ResponseHead};
 
-/// A response body: the backend's, streamed back while its request counts as in
-/// flight, or a short answer of the front's own.
-enum Body {
-    Upstream {
-        body: Incoming,
-        /// Held until the body has been sent (or dropped).
-        _busy: Busy,
-    },
-    Plain(Full<Bytes>),
+/// How long a client connection may go without a whole request before it is
+/// closed (nginx's default `keepalive_timeout`); see [`Idle`].
+const CLIENT_IDLE: Duration = Duration::from_secs(75);
+
+/// Closes client connections that stay idle, or trickle a head in, for a
+/// whole [`CLIENT_IDLE`] period without completing a request.
+///
+/// One timer per connection, armed once per period rather than once per
+/// request (a timer per request cost the front a few percent of its rate): when
+/// it fires, a connection that completed a request since the last firing gets
+/// another period, so a connection is closed after one to two periods of
+/// idleness.
+struct Idle {
+    period: Duration,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// Requests completed on the connection, and that count at the last firing.
+    served: u64,
+    served_at_last_check: u64,
 }
 
-impl hyper::body::Body for Body {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            Body::Upstream { body, .. } => std::pin::Pin::new(body).poll_frame(cx),
-            Body::Plain(full) => std::pin::Pin::new(full)
-                .poll_frame(cx)
-                .map(|f| f.map(|f| f.map_err(|never: Infallible| match never {}))),
+impl Idle {
+    fn new(period: Duration) -> Self {
+        Self {
+            period,
+            timer: Box::pin(tokio::time::sleep(period)),
+            served: 0,
+            served_at_last_check: 0,
         }
     }
 
-    fn is_end_stream(&self) -> bool {
+    /// Reads from the client: `Some(bytes read)` (0 once it closed), or `None`
+    /// once it has been idle too long.
+    async fn fill(&mut self, client: &mut Side) -> std::io::Result<Option<usize>> {
+        loop {
+            tokio::select! {
+                biased;
+                read = client.fill() => return read.map(Some),
+                () = self.timer.as_mut() => {
+                    if self.served == self.served_at_last_check {
+                        return Ok(None);
+                    }
+                    self.served_at_last_check = self.served;
+                    let next = tokio::time::Instant::now() + self.period;
+                    self.timer.as_mut().reset(next);
+                }
+            }
+        }
+    }
+}
+
+/// How much is read at a time.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// One connection and what was read from it but not yet used.
+struct Side {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl Side {
+    fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+        }
+    }
+
+    /// Reads what has arrived; `Ok(0)` once the peer has closed.
+    async fn fill(&mut self) -> std::io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        self.stream.read_buf(&mut self.buf).await
+    }
+}
+
+/// Where a body is: how much of it is still to come.
+enum BodyLeft {
+    Fixed(u64),
+    Chunked(Chunked),
+    ToClose,
+}
+
+impl BodyLeft {
+    fn new(length: Length) -> Self {
+        match length {
+            Length::Fixed(n) => Self::Fixed(n),
+            Length::Chunked => Self::Chunked(Chunked::new()),
+            Length::ToClose => Self::ToClose,
+        }
+    }
+
+    fn is_done(&self) -> bool {
         match self {
-            Body::Upstream { body, .. } => body.is_end_stream(),
-            Body::Plain(full) => full.is_end_stream(),
+            Self::Fixed(n) => *n == 0,
+            Self::Chunked(c) => c.is_done(),
+            Self::ToClose => false,
         }
     }
 
-    fn size_hint(&self) -> hyper::body::SizeHint {
+    /// How many of `bytes` (the next ones read) belong to the body.
+    fn take(&mut self, bytes: &[u8]) -> Result<usize, FrameError> {
         match self {
-            Body::Upstream { body, .. } => body.size_hint(),
-            Body::Plain(full) => full.size_hint(),
+            Self::Fixed(left) => {
+                let n = usize::try_from(*left)
+                    .unwrap_or(usize::MAX)
+                    .min(bytes.len());
+                *left -= n as u64;
+                Ok(n)
+            }
+            Self::Chunked(c) => c.scan(bytes),
+            Self::ToClose => Ok(bytes.len()),
         }
     }
 }
 
-fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
-    let mut resp = Response::new(Body::Plain(Full::new(Bytes::from_static(text.as_bytes()))));
-    *resp.status_mut() = status;
-    resp
+/// Why copying a body stopped short.
+enum CopyError {
+    /// The side it came from failed, closed early, or sent a malformed body.
+    Read(std::io::Error),
+    /// The side it went to failed.
+    Write(std::io::Error),
 }
 
-/// The connection to a backend that one client connection's requests travel
-/// on. A client connection's requests come one at a time, so one upstream
-/// connection carries them all, with no pool shared between clients; after a
-/// switch, the next request opens one to the new backend.
-#[derive(Default)]
-struct Upstream(tokio::sync::Mutex<Option<Kept>>);
+/// Copies the rest of a body from `from` (its buffered bytes first) to `to`.
+async fn copy_body(
+    from: &mut Side,
+    to: &mut TcpStream,
+    left: &mut BodyLeft,
+) -> Result<(), CopyError> {
+    loop {
+        if !from.buf.is_empty() {
+            let n = left.take(&from.buf).map_err(|e| {
+                CopyError::Read(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+            })?;
+            to.write_all(&from.buf[..n])
+                .await
+                .map_err(CopyError::Write)?;
+            from.buf.advance(n);
+        }
+        if left.is_done() {
+            return Ok(());
+        }
+        match from.fill().await {
+            Ok(0) if matches!(left, BodyLeft::ToClose) => return Ok(()),
+            Ok(0) => {
+                return Err(CopyError::Read(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(CopyError::Read(e)),
+        }
+    }
+}
 
-/// What a client connection keeps between requests: its backend's in-flight
-/// counter, and its connection to that backend (if still open).
-struct Kept {
+/// Moves the buffered bytes of `from` that belong to the body onto `out`.
+fn take_buffered(
+    from: &mut Side,
+    left: &mut BodyLeft,
+    out: &mut Vec<u8>,
+) -> Result<(), FrameError> {
+    let n = left.take(&from.buf)?;
+    out.extend_from_slice(&from.buf[..n]);
+    from.buf.advance(n);
+    Ok(())
+}
+
+/// A client connection's backend: its in-flight counter and, between requests,
+/// the open connection to it (none yet, or closed by the last response).
+struct Upstream {
     backend: SocketAddr,
     counter: Counter,
-    sender: Option<SendRequest<Incoming>>,
+    conn: Option<Side>,
 }
 
-impl Upstream {
-    /// The in-flight counter of `backend`, and a sender to it that is ready for
-    /// a request: the kept one, or a new connection.
-    async fn take(
-        &self,
-        backend: SocketAddr,
-        counts: &Counts,
-    ) -> (Counter, std::io::Result<SendRequest<Incoming>>) {
-        let kept = self.0.lock().await.take();
-        let (counter, sender) = match kept {
-            Some(k) if k.backend == backend => (k.counter, k.sender),
-            _ => (counter(counts, backend), None),
-        };
-        if let Some(mut sender) = sender
-            && sender.ready().await.is_ok()
-        {
-            return (counter, Ok(sender));
-        }
-        (counter, Self::connect(backend).await)
-    }
+/// Why no response came from the backend.
+enum NoResponse {
+    /// The kept connection was closed before anything came back: the request
+    /// may go again, on a new connection.
+    Closed,
+    /// Anything else: the client gets a `502`.
+    Failed(String),
+    /// The client failed while its body was being sent: nothing to answer.
+    Client,
+}
 
-    async fn connect(backend: SocketAddr) -> std::io::Result<SendRequest<Incoming>> {
-        let stream = TcpStream::connect(backend).await?;
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(std::io::Error::other)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(%backend, error = %e, "backend connection ended with an error");
+/// What happens to the client connection after an exchange.
+enum Next {
+    KeepAlive,
+    Close,
+}
+
+/// The reusable buffers of one client connection.
+#[derive(Default)]
+struct Scratch {
+    request: Vec<u8>,
+    response: Vec<u8>,
+}
+
+/// Serves one client connection, request by request, until it closes, sends
+/// something that is not HTTP, or the front shuts down.
+async fn serve_client(stream: TcpStream, mut routing: Routing, idle_period: Duration) {
+    let mut client = Side::new(stream);
+    let mut upstream: Option<Upstream> = None;
+    let mut scratch = Scratch::default();
+    let mut idle = Idle::new(idle_period);
+    loop {
+        let next = exchange(
+            &mut client,
+            &mut upstream,
+            &mut routing,
+            &mut scratch,
+            &mut idle,
+        )
+        .await;
+        idle.served += 1;
+        match next {
+            Ok(Next::KeepAlive) if !routing.stop.is_cancelled() => {}
+            Ok(_) => break,
+            Err(e) => {
+                debug!(error = %e, "client connection ended with an error");
+                break;
             }
-        });
-        Ok(sender)
+        }
     }
-
-    /// Keeps the counter and `sender` for the next request.
-    async fn keep(&self, backend: SocketAddr, counter: Counter, sender: SendRequest<Incoming>) {
-        *self.0.lock().await = Some(Kept {
-            backend,
-            counter,
-            sender: Some(sender),
-        });
-    }
+    let _ = client.stream.shutdown().await;
 }
 
-/// Forwards one request to the backend current at its arrival.
-async fn route(
-    routing: Arc<Routing>,
-    upstream: Arc<Upstream>,
-    mut req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
+/// Writes a response of the front's own. A request with a body that was not
+/// read ends the connection: its bytes would be taken for the next request.
+async fn answer(
+    client: &mut Side,
+    scratch: &mut Scratch,
+    req: Option<&RequestHead>,
+    (status, reason): (u16, &str),
+    text: &str,
+) -> std::io::Result<Next> {
+    let close = req.is_none_or(|r| !r.keep_alive || r.body != Length::Fixed(0));
+    scratch.response.clear();
+    http1::own_response(status, reason, text, close, &mut scratch.response);
+    client.stream.write_all(&scratch.response).await?;
+    Ok(if close { Next::Close } else { Next::KeepAlive })
+}
+
+const BAD_GATEWAY: (u16, &str) = (502, "Bad Gateway");
+
+/// One request and its response.
+async fn exchange(
+    client: &mut Side,
+    upstream: &mut Option<Upstream>,
+    routing: &mut Routing,
+    scratch: &mut Scratch,
+    idle: &mut Idle,
+) -> std::io::Result<Next> {
+    // The request head.
+    scratch.request.clear();
+    let req = loop {
+        match http1::parse_request(&client.buf, &mut scratch.request) {
+            Ok(Some(req)) => break req,
+            Ok(None) => {}
+            Err(e) => {
+                let status = match e {
+                    FrameError::HeadTooLarge => (431, "Request Header Fields Too Large"),
+                    _ => (400, "Bad Request"),
+                };
+                return answer(client, scratch, None, status, &format!("{e}\n")).await;
+            }
+        }
+        match idle.fill(client).await? {
+            Some(0) => return Ok(Next::Close),
+            Some(_) => {}
+            None => {
+                debug!(period = ?idle.period, "client idle too long; closing its connection");
+                return Ok(Next::Close);
+            }
+        }
+    };
+    client.buf.advance(req.consumed);
+
+    // Its backend, now; or, while there is none, the one that comes within the hold.
     let backend = match routing.now() {
         Some(b) => b,
-        // None now: hold the request, on a copy of the routing that can wait.
-        None => match Routing::clone(&routing).current().await {
+        None => match routing.current().await {
             Some(b) => b,
             None => {
-                return Ok(plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no healthy process behind this port\n",
-                ));
+                let status = (503, "Service Unavailable");
+                let text = "no healthy process behind this port\n";
+                return answer(client, scratch, Some(&req), status, text).await;
             }
         },
     };
-    // The backend gets the request target in origin form (`/path?query`).
-    if req.uri().authority().is_some() {
-        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let Ok(uri) = path.parse() else {
-            return Ok(plain(StatusCode::BAD_REQUEST, "bad request target\n"));
-        };
-        *req.uri_mut() = uri;
-    }
-    let (counter, sender) = upstream.take(backend, &routing.counts).await;
-    let busy = Busy::new(&counter);
-    let mut sender = match sender {
-        Ok(s) => s,
-        Err(e) => {
-            debug!(%backend, error = %e, "cannot reach the backend");
-            return Ok(plain(
-                StatusCode::BAD_GATEWAY,
-                "the service did not answer\n",
-            ));
-        }
+    let up = match upstream {
+        Some(up) if up.backend == backend => up,
+        _ => upstream.insert(Upstream {
+            backend,
+            counter: counter(&routing.counts, backend),
+            conn: None,
+        }),
     };
-    let answer = sender.send_request(req);
-    upstream.keep(backend, counter, sender).await;
-    match answer.await {
-        Ok(resp) => {
-            // The response body streams back after this returns; the request
-            // counts as in flight until it has.
-            let (parts, body) = resp.into_parts();
-            Ok(Response::from_parts(
-                parts,
-                Body::Upstream { body, _busy: busy },
-            ))
+    // In flight from here until the response has been passed on.
+    let _busy = Busy::new(&up.counter);
+
+    if req.expects_continue {
+        client
+            .stream
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await?;
+    }
+    let mut body = BodyLeft::new(req.body);
+    if let Err(e) = take_buffered(client, &mut body, &mut scratch.request) {
+        return answer(
+            client,
+            scratch,
+            None,
+            (400, "Bad Request"),
+            &format!("{e}\n"),
+        )
+        .await;
+    }
+    // A request that is whole in `scratch.request` can be sent again.
+    let resendable = body.is_done();
+
+    let resp = match send(client, up, &req, &mut body, scratch).await {
+        Ok(resp) => resp,
+        Err(NoResponse::Closed) if resendable => {
+            debug!(%backend, "kept backend connection was closed; sending again on a new one");
+            up.conn = None;
+            match send(client, up, &req, &mut body, scratch).await {
+                Ok(resp) => resp,
+                Err(e) => return fail(client, up, scratch, &req, e).await,
+            }
         }
-        Err(e) => {
-            debug!(%backend, error = %e, "backend failed");
-            Ok(plain(
-                StatusCode::BAD_GATEWAY,
+        Err(e) => return fail(client, up, scratch, &req, e).await,
+    };
+    let conn = up.conn.as_mut().expect("a response came on it");
+
+    if resp.status == 101 {
+        // The client asked for it (else `send` refused it): from here on the
+        // connection is the two peers' own.
+        let mut backend_stream = up.conn.take().expect("a response came on it");
+        scratch.response.extend_from_slice(&backend_stream.buf);
+        client.stream.write_all(&scratch.response).await?;
+        if !client.buf.is_empty() {
+            backend_stream.stream.write_all(&client.buf).await?;
+        }
+        tokio::io::copy_bidirectional(&mut client.stream, &mut backend_stream.stream).await?;
+        return Ok(Next::Close);
+    }
+
+    // The head, with as much of the body as has arrived, in one write; then the rest.
+    let mut body = BodyLeft::new(resp.body);
+    if let Err(e) = take_buffered(conn, &mut body, &mut scratch.response) {
+        debug!(%backend, error = %e, "backend sent a malformed body");
+        up.conn = None;
+        return answer(
+            client,
+            scratch,
+            Some(&req),
+            BAD_GATEWAY,
+            "the service sent a malformed response\n",
+        )
+        .await;
+    }
+    client.stream.write_all(&scratch.response).await?;
+    if !body.is_done() {
+        match copy_body(conn, &mut client.stream, &mut body).await {
+            Ok(()) => {}
+            Err(CopyError::Read(e)) => {
+                // Too late for a 502: the client sees the connection end.
+                debug!(%backend, error = %e, "backend failed in the middle of a response");
+                up.conn = None;
+                return Ok(Next::Close);
+            }
+            Err(CopyError::Write(e)) => return Err(e),
+        }
+    }
+    if !resp.reusable {
+        up.conn = None;
+    }
+    Ok(if resp.close_client {
+        Next::Close
+    } else {
+        Next::KeepAlive
+    })
+}
+
+/// Answers a request no response came for.
+async fn fail(
+    client: &mut Side,
+    up: &mut Upstream,
+    scratch: &mut Scratch,
+    req: &RequestHead,
+    why: NoResponse,
+) -> std::io::Result<Next> {
+    up.conn = None;
+    match why {
+        NoResponse::Client => Ok(Next::Close),
+        NoResponse::Closed => {
+            debug!(backend = %up.backend, "backend closed the connection without answering");
+            answer(
+                client,
+                scratch,
+                Some(req),
+                BAD_GATEWAY,
                 "the service did not answer\n",
-            ))
+            )
+            .await
+        }
+        NoResponse::Failed(e) => {
+            debug!(backend = %up.backend, error = %e, "backend failed");
+            answer(
+                client,
+                scratch,
+                Some(req),
+                BAD_GATEWAY,
+                "the service did not answer\n",
+            )
+            .await
         }
     }
 }
 
-/// Serves one client connection, request by request, until it closes or the
-/// front shuts down (then gracefully: the request in progress finishes).
-async fn serve_client(stream: TcpStream, routing: Routing) {
-    let stop = routing.stop.clone();
-    let routing = Arc::new(routing);
-    let upstream = Arc::new(Upstream::default());
-    let service =
-        hyper::service::service_fn(move |req| route(routing.clone(), upstream.clone(), req));
-    serve_http1(stream, service, stop).await;
+/// Sends the request (its head and buffered body in `scratch.request`, the
+/// rest of the body from the client) on the kept connection or a new one, and
+/// reads the final response head into `scratch.response`, passing interim
+/// (`1xx`) responses on to the client.
+async fn send(
+    client: &mut Side,
+    up: &mut Upstream,
+    req: &RequestHead,
+    body: &mut BodyLeft,
+    scratch: &mut Scratch,
+) -> Result<ResponseHead, NoResponse> {
+    let reused = up.conn.is_some();
+    let conn = match &mut up.conn {
+        Some(conn) => conn,
+        None => {
+            let stream = TcpStream::connect(up.backend)
+                .await
+                .map_err(|e| NoResponse::Failed(format!("cannot connect: {e}")))?;
+            let _ = stream.set_nodelay(true);
+            up.conn.insert(Side::new(stream))
+        }
+    };
+    let closed = |e: std::io::Error| {
+        if reused {
+            NoResponse::Closed
+        } else {
+            NoResponse::Failed(e.to_string())
+        }
+    };
+    conn.stream
+        .write_all(&scratch.request)
+        .await
+        .map_err(closed)?;
+    if !body.is_done() {
+        match copy_body(client, &mut conn.stream, body).await {
+            Ok(()) => {}
+            Err(CopyError::Read(_)) => return Err(NoResponse::Client),
+            Err(CopyError::Write(e)) => return Err(NoResponse::Failed(e.to_string())),
+        }
+    }
+    loop {
+        scratch.response.clear();
+        match http1::parse_response(&conn.buf, req, &mut scratch.response) {
+            Ok(Some(resp)) if resp.is_interim() => {
+                conn.buf.advance(resp.consumed);
+                if !req.http10 {
+                    client
+                        .stream
+                        .write_all(&scratch.response)
+                        .await
+                        .map_err(|_| NoResponse::Client)?;
+                }
+                continue;
+            }
+            Ok(Some(resp)) if resp.status == 101 && !req.upgrade => {
+                return Err(NoResponse::Failed(
+                    "101 to a request that asked for no upgrade".into(),
+                ));
+            }
+            Ok(Some(resp)) => {
+                conn.buf.advance(resp.consumed);
+                return Ok(resp);
+            }
+            Ok(None) => {}
+            Err(e) => return Err(NoResponse::Failed(format!("malformed response: {e}"))),
+        }
+        match conn.fill().await {
+            Ok(0) if conn.buf.is_empty() => {
+                return Err(closed(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            Ok(0) => {
+                return Err(NoResponse::Failed(
+                    "closed in the middle of a response head".into(),
+                ));
+            }
+            Ok(_) => {}
+            Err(e) if conn.buf.is_empty() => return Err(closed(e)),
+            Err(e) => return Err(NoResponse::Failed(e.to_string())),
+        }
+    }
 }
 
 /// Serves HTTP/1.1 with keep-alive on one connection with `service`, until the
@@ -238,13 +574,29 @@ where
 /// Listens on `public` for an `http` port, routing each request to the backend
 /// of `route`; a request arriving while it has none waits up to `hold`.
 pub async fn bind_http(public: SocketAddr, route: Route, hold: Duration) -> std::io::Result<Front> {
-    Front::bind(public, route, hold, serve_client).await
+    bind_http_idle(public, route, hold, CLIENT_IDLE).await
+}
+
+/// [`bind_http`] with client connections closed after `idle` without a request.
+async fn bind_http_idle(
+    public: SocketAddr,
+    route: Route,
+    hold: Duration,
+    idle: Duration,
+) -> std::io::Result<Front> {
+    Front::bind(public, route, hold, move |stream, routing| {
+        serve_client(stream, routing, idle)
+    })
+    .await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::front::Router;
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use std::convert::Infallible;
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     use tokio::net::{TcpListener, TcpStream};
 
@@ -283,30 +635,184 @@ mod tests {
         addr
     }
 
+    /// A response as the client saw it.
+    #[derive(Debug)]
+    struct Seen {
+        status: u16,
+        /// Header lines, names lowercased.
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    }
+
+    impl Seen {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+        }
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.body).into_owned()
+        }
+    }
+
+    /// Reads one response (Content-Length, chunked or to the close) from `conn`.
+    async fn read_response(conn: &mut BufReader<TcpStream>, head_request: bool) -> Seen {
+        let mut status = String::new();
+        conn.read_line(&mut status).await.unwrap();
+        let status: u16 = status.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let mut headers = Vec::new();
+        loop {
+            let mut line = String::new();
+            conn.read_line(&mut line).await.unwrap();
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            let (n, v) = line.split_once(':').unwrap();
+            headers.push((n.trim().to_ascii_lowercase(), v.trim().to_owned()));
+        }
+        let mut seen = Seen {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
+            return seen;
+        }
+        if seen.header("transfer-encoding") == Some("chunked") {
+            loop {
+                let mut size = String::new();
+                conn.read_line(&mut size).await.unwrap();
+                let size = usize::from_str_radix(size.trim_end(), 16).unwrap();
+                let mut chunk = vec![0u8; size + 2];
+                conn.read_exact(&mut chunk).await.unwrap();
+                assert_eq!(&chunk[size..], b"\r\n");
+                if size == 0 {
+                    break;
+                }
+                seen.body.extend_from_slice(&chunk[..size]);
+            }
+        } else if let Some(len) = seen.header("content-length") {
+            seen.body = vec![0u8; len.parse().unwrap()];
+            conn.read_exact(&mut seen.body).await.unwrap();
+        } else {
+            conn.read_to_end(&mut seen.body).await.unwrap();
+        }
+        seen
+    }
+
     /// Sends one GET on an open keep-alive connection and reads the body.
     async fn get(conn: &mut BufReader<TcpStream>) -> (u16, String) {
         conn.get_mut()
             .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .unwrap();
-        let mut status = String::new();
-        conn.read_line(&mut status).await.unwrap();
-        let code: u16 = status.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let mut len = 0usize;
-        loop {
-            let mut line = String::new();
-            conn.read_line(&mut line).await.unwrap();
-            let line = line.trim_end().to_ascii_lowercase();
-            if line.is_empty() {
-                break;
+        let seen = read_response(conn, false).await;
+        (seen.status, seen.text())
+    }
+
+    /// Sends `raw` on a new connection to `front` and reads one response.
+    async fn ask(front: SocketAddr, raw: &[u8]) -> (Seen, BufReader<TcpStream>) {
+        let mut conn = BufReader::new(TcpStream::connect(front).await.unwrap());
+        conn.get_mut().write_all(raw).await.unwrap();
+        let seen = read_response(&mut conn, raw.starts_with(b"HEAD")).await;
+        (seen, conn)
+    }
+
+    /// Whether the front closed `conn` (EOF, nothing more).
+    async fn closed(conn: &mut BufReader<TcpStream>) -> bool {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest))
+            .await
+            .is_ok_and(|r| r.is_ok() && rest.is_empty())
+    }
+
+    /// An HTTP/1.1 backend (hyper) that answers each request with its method,
+    /// target, `Connection` header and body; `/stream` answers in chunks.
+    async fn echo_backend() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        use http_body_util::BodyExt;
+                        let (parts, body) = req.into_parts();
+                        let body = body.collect().await?.to_bytes();
+                        if parts.uri.path() == "/stream" {
+                            let pieces = (0..3).map(|i| Bytes::from(format!("part{i};"))).collect();
+                            return Ok::<_, hyper::Error>(Response::new(
+                                http_body_util::Either::Right(Pieces(pieces)),
+                            ));
+                        }
+                        let conn = parts
+                            .headers
+                            .get("connection")
+                            .map_or("-", |v| v.to_str().unwrap_or("?"));
+                        let mut text = format!(
+                            "{} {} conn={conn} len={}\n",
+                            parts.method,
+                            parts.uri,
+                            body.len()
+                        )
+                        .into_bytes();
+                        text.extend_from_slice(&body);
+                        Ok(Response::new(http_body_util::Either::Left(Full::new(
+                            Bytes::from(text),
+                        ))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), service)
+                        .await;
+                });
             }
-            if let Some(v) = line.strip_prefix("content-length:") {
-                len = v.trim().parse().unwrap();
-            }
+        });
+        addr
+    }
+
+    /// A body of several pieces and no length: hyper sends it chunked.
+    struct Pieces(std::collections::VecDeque<Bytes>);
+
+    impl hyper::body::Body for Pieces {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+            std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(hyper::body::Frame::data(b))))
         }
-        let mut body = vec![0u8; len];
-        conn.read_exact(&mut body).await.unwrap();
-        (code, String::from_utf8(body).unwrap())
+    }
+
+    /// A backend that reads one request head per connection and answers with
+    /// `reply`, then closes (or keeps reading, when `keep`).
+    async fn raw_backend(reply: &'static [u8], keep: bool) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut s = BufReader::new(s);
+                    loop {
+                        let mut line = String::new();
+                        loop {
+                            line.clear();
+                            if s.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                        }
+                        if s.get_mut().write_all(reply).await.is_err() || !keep {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
     }
 
     #[tokio::test]
@@ -376,6 +882,333 @@ mod tests {
         let late = backend("late", Duration::ZERO).await;
         router.set([(KEY.to_owned(), Some(late))]);
         assert_eq!(held.await.unwrap(), (200, "late".into()));
+        front.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn idle_and_trickling_clients_are_closed_busy_ones_are_not() {
+        let router = Router::new();
+        router.set([(KEY.to_owned(), Some(echo_backend().await))]);
+        let period = Duration::from_millis(300);
+        let front = bind_http_idle(
+            "127.0.0.1:0".parse().unwrap(),
+            router.route(KEY),
+            Duration::ZERO,
+            period,
+        )
+        .await
+        .unwrap();
+        let addr = front.local_addr();
+        // Requests every 100 ms for four periods: never closed.
+        let mut busy = BufReader::new(TcpStream::connect(addr).await.unwrap());
+        let started = tokio::time::Instant::now();
+        while started.elapsed() < period * 4 {
+            assert_eq!(get(&mut busy).await.0, 200);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Silent, or sending a head that never ends: closed within two periods.
+        let mut silent = BufReader::new(TcpStream::connect(addr).await.unwrap());
+        let mut trickle = BufReader::new(TcpStream::connect(addr).await.unwrap());
+        trickle
+            .get_mut()
+            .write_all(b"GET / HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let waited = tokio::time::Instant::now();
+        assert!(closed(&mut silent).await && closed(&mut trickle).await);
+        // (Their timers started a moment before `waited`.)
+        assert!(
+            waited.elapsed() >= period / 2,
+            "closed long before its period"
+        );
+        front.shutdown().await;
+    }
+
+    /// A front on a free port in front of `backend`.
+    async fn front_to(backend: SocketAddr) -> (Router, Front) {
+        bind_front(Some(backend), Duration::from_secs(5)).await
+    }
+
+    #[tokio::test]
+    async fn bodies_of_every_framing_pass_both_ways_and_hop_by_hop_headers_stay_behind() {
+        let (_router, front) = front_to(echo_backend().await).await;
+        let addr = front.local_addr();
+
+        // A fixed-length body, with a hop-by-hop header the backend must not see.
+        let (seen, mut conn) = ask(
+            addr,
+            b"POST /p?q=1 HTTP/1.1\r\nHost: x\r\nConnection: x-hop\r\nX-Hop: 1\r\n\
+              Content-Length: 5\r\n\r\nhello",
+        )
+        .await;
+        assert_eq!(seen.status, 200);
+        assert_eq!(seen.text(), "POST /p?q=1 conn=- len=5\nhello");
+
+        // A chunked request body, on the same kept-alive connection.
+        conn.get_mut()
+            .write_all(
+                b"PUT /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  3\r\nabc\r\n4;ext\r\ndefg\r\n0\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            read_response(&mut conn, false).await.text(),
+            "PUT /c conn=- len=7\nabcdefg"
+        );
+
+        // A chunked response.
+        conn.get_mut()
+            .write_all(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let seen = read_response(&mut conn, false).await;
+        assert_eq!(seen.header("transfer-encoding"), Some("chunked"));
+        assert_eq!(seen.text(), "part0;part1;part2;");
+
+        // A body larger than any buffer, sent in pieces while the front forwards.
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let head = format!(
+            "POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            big.len()
+        );
+        conn.get_mut().write_all(head.as_bytes()).await.unwrap();
+        let (mut reader, mut writer) = conn.into_inner().into_split();
+        let sender = {
+            let big = big.clone();
+            tokio::spawn(async move {
+                for piece in big.chunks(100_000) {
+                    writer.write_all(piece).await.unwrap();
+                }
+                writer
+            })
+        };
+        let mut all = Vec::new();
+        let prefix = format!("POST /big conn=- len={}\n", big.len());
+        // Read the whole response: head, then prefix + body.
+        let mut buf = vec![0u8; 64 * 1024];
+        let want_body = prefix.len() + big.len();
+        let head_end = loop {
+            let n = reader.read(&mut buf).await.unwrap();
+            assert!(n > 0, "front closed early");
+            all.extend_from_slice(&buf[..n]);
+            if let Some(i) = all.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+        };
+        while all.len() < head_end + want_body {
+            let n = reader.read(&mut buf).await.unwrap();
+            assert!(n > 0, "front closed early");
+            all.extend_from_slice(&buf[..n]);
+        }
+        assert!(all.starts_with(b"HTTP/1.1 200 OK\r\n"));
+        assert_eq!(&all[head_end..head_end + prefix.len()], prefix.as_bytes());
+        assert!(
+            all[head_end + prefix.len()..] == big[..],
+            "the body came back changed"
+        );
+        drop(sender.await.unwrap());
+
+        // HEAD: no body though the backend says how long it would be.
+        let (seen, mut conn) = ask(addr, b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert_eq!(seen.status, 200);
+        assert!(seen.header("content-length").is_some() && seen.body.is_empty());
+        // ... and the connection still carries the next request correctly.
+        assert_eq!(get(&mut conn).await, (200, "GET / conn=- len=0\n".into()));
+        front.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_and_http10_clients_are_answered_in_order() {
+        let (_router, front) = front_to(echo_backend().await).await;
+        let mut conn = BufReader::new(TcpStream::connect(front.local_addr()).await.unwrap());
+        conn.get_mut()
+            .write_all(
+                b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nPOST /2 HTTP/1.1\r\nHost: x\r\n\
+                  Content-Length: 2\r\n\r\nhiGET /3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            read_response(&mut conn, false).await.text(),
+            "GET /1 conn=- len=0\n"
+        );
+        assert_eq!(
+            read_response(&mut conn, false).await.text(),
+            "POST /2 conn=- len=2\nhi"
+        );
+        let last = read_response(&mut conn, false).await;
+        assert_eq!(last.text(), "GET /3 conn=- len=0\n");
+        assert_eq!(last.header("connection"), Some("close"));
+        assert!(closed(&mut conn).await, "Connection: close is honoured");
+
+        // HTTP/1.0 without keep-alive: one answer in HTTP/1.0, then the close.
+        let (seen, mut conn) = ask(front.local_addr(), b"GET /old HTTP/1.0\r\n\r\n").await;
+        assert_eq!(seen.text(), "GET /old conn=- len=0\n");
+        assert!(closed(&mut conn).await);
+        front.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_a_clear_error_and_reach_no_backend() {
+        // A backend that only listens: a connection reaching it would queue.
+        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (_router, front) = front_to(backend.local_addr().unwrap()).await;
+        let addr = front.local_addr();
+        for (raw, status, says) in [
+            (
+                &b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"[..],
+                400,
+                "malformed",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+                400,
+                "Content-Length",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+                400,
+                "Transfer-Encoding",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                400,
+                "chunked",
+            ),
+        ] {
+            let (seen, mut conn) = ask(addr, raw).await;
+            assert_eq!(seen.status, status, "{}", String::from_utf8_lossy(raw));
+            assert!(seen.text().contains(says), "{}", seen.text());
+            assert!(closed(&mut conn).await);
+        }
+        let mut huge = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..4000 {
+            huge.extend_from_slice(format!("X-Field-{i}: some value\r\n").as_bytes());
+        }
+        huge.extend_from_slice(b"\r\n");
+        let (seen, _) = ask(addr, &huge).await;
+        assert_eq!(seen.status, 431);
+        let reached = tokio::time::timeout(Duration::from_millis(200), backend.accept()).await;
+        assert!(reached.is_err(), "a bad request reached the backend");
+        front.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn expect_continue_is_answered_before_the_body_is_sent() {
+        let (_router, front) = front_to(echo_backend().await).await;
+        let mut conn = BufReader::new(TcpStream::connect(front.local_addr()).await.unwrap());
+        conn.get_mut()
+            .write_all(
+                b"PUT /e HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        // Nothing of the body is sent until the 100 arrives.
+        assert_eq!(read_response(&mut conn, false).await.status, 100);
+        conn.get_mut().write_all(b"data").await.unwrap();
+        assert_eq!(
+            read_response(&mut conn, false).await.text(),
+            "PUT /e conn=- len=4\ndata"
+        );
+        front.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn responses_without_a_length_end_with_the_connection() {
+        let backend = raw_backend(
+            b"HTTP/1.1 200 OK\r\nX-Kind: raw\r\n\r\nuntil the close",
+            false,
+        )
+        .await;
+        let (_router, front) = front_to(backend).await;
+        let (seen, mut conn) = ask(front.local_addr(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert_eq!(seen.header("connection"), Some("close"));
+        assert_eq!(seen.header("x-kind"), Some("raw"));
+        assert_eq!(seen.text(), "until the close");
+        assert!(closed(&mut conn).await);
+        front.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_kept_backend_connection_closed_between_requests_is_not_a_502() {
+        // Answers one request per connection and closes it without saying so.
+        let backend = raw_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false).await;
+        let (_router, front) = front_to(backend).await;
+        let mut conn = BufReader::new(TcpStream::connect(front.local_addr()).await.unwrap());
+        for _ in 0..5 {
+            assert_eq!(get(&mut conn).await, (200, "ok".into()));
+            // Let the backend's close arrive before the next request.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        front.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_is_not_http_is_a_502_and_the_client_connection_survives() {
+        let backend = raw_backend(b"SSH-2.0-nonsense\r\n\r\n", true).await;
+        let (router, front) = front_to(backend).await;
+        let mut conn = BufReader::new(TcpStream::connect(front.local_addr()).await.unwrap());
+        assert_eq!(get(&mut conn).await.0, 502);
+        router.set([(KEY.to_owned(), Some(echo_backend().await))]);
+        assert_eq!(get(&mut conn).await, (200, "GET / conn=- len=0\n".into()));
+        front.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_becomes_a_tunnel_to_the_backend() {
+        // A backend that switches protocols, then echoes what it gets, upper-cased.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut s = BufReader::new(s);
+            let mut head = String::new();
+            while !head.ends_with("\r\n\r\n") {
+                s.read_line(&mut head).await.unwrap();
+            }
+            assert!(
+                head.contains("Upgrade: echo\r\n") && head.contains("Connection: upgrade\r\n"),
+                "{head}"
+            );
+            s.get_mut()
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: upgrade\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = [0u8; 64];
+            loop {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                let up = buf[..n].to_ascii_uppercase();
+                s.get_mut().write_all(&up).await.unwrap();
+            }
+        });
+        let (_router, front) = front_to(backend).await;
+        let (seen, mut conn) = ask(
+            front.local_addr(),
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .await;
+        assert_eq!(seen.status, 101);
+        assert_eq!(seen.header("upgrade"), Some("echo"));
+        assert_eq!(front.busy(backend), 1, "a tunnel counts as in flight");
+        for word in ["hello", "tunnel"] {
+            conn.get_mut().write_all(word.as_bytes()).await.unwrap();
+            let mut back = vec![0u8; word.len()];
+            conn.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, word.to_uppercase().as_bytes());
+        }
+        drop(conn);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while front.busy(backend) != 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the tunnel never ended"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         front.shutdown().await;
     }
 }

@@ -38,6 +38,7 @@ pub mod build;
 pub mod crash;
 pub mod front;
 pub mod health;
+pub mod http1;
 pub mod http_front;
 pub mod install;
 pub mod instance;

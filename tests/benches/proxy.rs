@@ -4,7 +4,10 @@
 //! 1. Pushes `examples/orders`, upgrades an instance to it (release build), and
 //!    runs `wrk` (keep-alive, 2 threads, 32 connections) against orders
 //!    (a) through the shell's front, (b) through nginx as a reverse proxy with
-//!    upstream keep-alive, (c) directly. Requests/s and p50/p99 latency.
+//!    upstream keep-alive, (c) directly, in turn, three rounds (the machine's
+//!    noise moves every path's rate by ±10% from one run to the next; a ratio
+//!    within a round is steadier). Medians of requests/s and p50/p99 latency,
+//!    and the front-to-nginx ratio of each round.
 //! 2. Runs `wrk` through the shell's front while the instance makes 20 shadow
 //!    swaps between two versions of orders: failed requests (non-2xx answers
 //!    and socket errors) and p99 during the swaps, next to the steady p99.
@@ -141,6 +144,27 @@ fn nginx(dir: &Path, backend: SocketAddr) -> Res<(Child, SocketAddr)> {
     Err("nginx did not start".into())
 }
 
+/// How many times each path is measured.
+const ROUNDS: usize = 3;
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Each figure's median over `runs`; failures summed.
+fn median_run(runs: &[Wrk]) -> Wrk {
+    let of = |f: fn(&Wrk) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+    Wrk {
+        rps: of(|w| w.rps),
+        p50_ms: of(|w| w.p50_ms),
+        p99_ms: of(|w| w.p99_ms),
+        requests: runs.iter().map(|w| w.requests).sum(),
+        failed: runs.iter().map(|w| w.failed).sum(),
+    }
+}
+
 fn percentile(sorted: &[Duration], p: usize) -> Duration {
     sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }
@@ -192,26 +216,37 @@ async fn bench() -> Res<()> {
     let (mut nginx, via_nginx) = nginx(&cluster.path("nginx"), direct)?;
 
     println!(
-        "keep-alive GET / on examples/orders: wrk -t2 -c32 -d5s --latency (each after 1 s of warm-up)\n"
+        "keep-alive GET / on examples/orders: wrk -t2 -c32 -d5s --latency, {ROUNDS} rounds \
+         of front, nginx, direct in turn (1 s of warm-up each first); medians over the rounds\n"
     );
-    println!(
-        "{:<28} {:>12} {:>10} {:>10} {:>10} {:>12}",
-        "path", "requests/s", "p50 ms", "p99 ms", "failed", "rps / direct"
-    );
-    let mut rows = Vec::new();
-    for (name, addr) in [
+    let paths = [
         ("through the shell's front", front),
         ("through nginx", via_nginx),
         ("direct", direct),
-    ] {
+    ];
+    for (_, addr) in paths {
         wrk(addr, 1).await?;
-        rows.push((name, wrk(addr, 5).await?));
+    }
+    let mut runs: Vec<Vec<Wrk>> = vec![Vec::new(); paths.len()];
+    for _ in 0..ROUNDS {
+        for (i, (_, addr)) in paths.iter().enumerate() {
+            runs[i].push(wrk(*addr, 5).await?);
+        }
     }
     // SIGTERM, so the master takes its workers down with it.
     let _ = Command::new("kill")
         .args(["-TERM", &nginx.id().to_string()])
         .status();
     let _ = nginx.wait();
+    let rows: Vec<(&str, Wrk)> = paths
+        .iter()
+        .zip(&runs)
+        .map(|((name, _), r)| (*name, median_run(r)))
+        .collect();
+    println!(
+        "{:<28} {:>12} {:>10} {:>10} {:>10} {:>12}",
+        "path", "requests/s", "p50 ms", "p99 ms", "failed", "rps / direct"
+    );
     let base = rows[2].1.rps;
     for (name, w) in &rows {
         println!(
@@ -223,6 +258,28 @@ async fn bench() -> Res<()> {
             w.rps / base
         );
     }
+    let per_round = |f: fn(&Wrk) -> f64| -> Vec<f64> {
+        runs[0]
+            .iter()
+            .zip(&runs[1])
+            .map(|(a, b)| f(a) / f(b))
+            .collect()
+    };
+    let show = |v: &[f64]| {
+        v.iter()
+            .map(|r| format!("{r:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let rps = per_round(|w| w.rps);
+    let p99 = per_round(|w| w.p99_ms);
+    println!(
+        "\nfront vs nginx, each round: requests/s {} (median {:.2}x); p99 {} (median {:.2}x)",
+        show(&rps),
+        median(&rps),
+        show(&p99),
+        median(&p99)
+    );
     let steady = rows[0].1;
 
     // 20 shadow swaps under the same load.

@@ -1,0 +1,37 @@
+//! Untrusted bytes from an HTTP client or a service, as the shell's HTTP front
+//! reads them. Parsing must return a typed error, never panic; a head it accepts
+//! must be forwarded as a head that frames the body the same way (or the front
+//! and the backend would disagree on where the next request starts); and a
+//! chunked body must end at the same byte however the bytes are split.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use shell::http1::{Chunked, parse_request, parse_response};
+
+fuzz_target!(|data: &[u8]| {
+    let mut out = Vec::new();
+    if let Ok(Some(req)) = parse_request(data, &mut out) {
+        let again = parse_request(&out, &mut Vec::new())
+            .expect("a forwarded head parses")
+            .expect("a forwarded head is complete");
+        assert_eq!(again.consumed, out.len());
+        assert_eq!((again.body, again.http10, again.upgrade), (req.body, req.http10, req.upgrade));
+
+        let rest = &data[req.consumed..];
+        let whole = Chunked::new().scan(rest);
+        let split = rest.len() / 2;
+        let mut parts = Chunked::new();
+        let halves = parts.scan(&rest[..split]).and_then(|a| {
+            if a < split { Ok(a) } else { parts.scan(&rest[split..]).map(|b| a + b) }
+        });
+        if let (Ok(w), Ok(h)) = (&whole, &halves) {
+            assert_eq!(w, h, "the body's end depends on how it was split");
+        }
+
+        let mut forwarded = Vec::new();
+        if let Ok(Some(resp)) = parse_response(rest, &req, &mut forwarded) {
+            assert!(resp.consumed <= rest.len());
+            assert!(forwarded.ends_with(b"\r\n\r\n"));
+        }
+    }
+});
