@@ -51,6 +51,7 @@ use crate::supervisor::{Monitor, ProcessState, ProcessStatus, StopPlan, Supervis
 pub use wire::shell::Strategy;
 use wire::shell::{GenerationPhase, Phase};
 
+mod hooks;
 mod shadow;
 
 /// How many releases of each service are kept on disk (besides the running and
@@ -871,6 +872,10 @@ impl Instance {
         let mut failure = None;
         for (name, installed) in fresh {
             if self.swaps_in_place(&name, &installed) {
+                if let Err(e) = self.plugin_pre_swap(&name, &installed, progress).await {
+                    failure = Some((e, None));
+                    break;
+                }
                 progress(Some(&name), "swapping the plugin in place, its state kept");
                 match self.swap_plugin(&name, installed).await {
                     Ok(previous) => {
@@ -906,8 +911,14 @@ impl Instance {
             progress(Some(&name), "starting, waiting until healthy");
             match self.start(&name, installed).await {
                 Ok(new) => {
+                    // Its hook runs once it is healthy, before it takes traffic.
+                    let hooked = self.pre_swap(&name, new.hook_target(), progress).await;
                     let switching = std::time::Instant::now();
-                    if let Err(e) = self.expose(&name, &new).await {
+                    let ready = match hooked {
+                        Ok(()) => self.expose(&name, &new).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = ready {
                         new.process.stop().await;
                         failure = Some((e, stopped_old.map(|i| (name.clone(), i))));
                         break;
@@ -953,6 +964,7 @@ impl Instance {
         if number > 1 {
             self.phase(number - 1, Phase::Stopped);
         }
+        self.post_swap(&report.restarted, progress).await;
         Ok(())
     }
 

@@ -264,6 +264,77 @@ async fn an_instance_serves_a_plugin_service_and_upgrades_it_keeping_its_state()
         let (_, body) = get_once(public, "/").await;
         assert_eq!(field(&body, "version"), version, "{body}");
     }
+    // Hooks: a failing pre_swap keeps the running library; a passing one runs
+    // with the host's port before the swap, and post_swap after it.
+    let marks = cluster.path("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    let toml = std::fs::read_to_string(dir.join("service.toml")).unwrap();
+    let m = marks.display();
+    let mut hooked = Vec::new();
+    for hooks in [
+        format!(
+            "pre_swap = {{ command = [\"sh\", \"-c\", \"echo $PORT > {m}/refused; exit 5\"] }}"
+        ),
+        format!(
+            "pre_swap = {{ command = [\"sh\", \"-c\", \"echo $PORT > {m}/pre\"] }}\n\
+             post_swap = {{ command = [\"sh\", \"-c\", \"echo $PORT > {m}/post\"] }}"
+        ),
+    ] {
+        write_file(
+            &dir,
+            "service.toml",
+            format!("{toml}\n[hooks]\n{hooks}\n").as_bytes(),
+        );
+        hooked.push(
+            dev.push(&dir, &push_main("hooks"), |_| {})
+                .await
+                .unwrap()
+                .commit,
+        );
+    }
+    let host_port = instance
+        .backend_addr(&counter, "main")
+        .unwrap()
+        .port()
+        .to_string();
+    let err = instance
+        .upgrade_reporting(
+            &repo,
+            &to(hooked[0]),
+            None,
+            "hook",
+            Strategy::Shadow,
+            &|_, _| {},
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, shell::instance::UpgradeError::Hook { .. }),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(marks.join("refused"))
+            .unwrap()
+            .trim(),
+        host_port
+    );
+    assert_eq!(instance.commits()[&counter], v2.commit);
+    let report = instance
+        .upgrade_reporting(
+            &repo,
+            &to(hooked[1]),
+            None,
+            "hook",
+            Strategy::InPlace,
+            &|_, _| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.restarted, std::slice::from_ref(&counter));
+    for mark in ["pre", "post"] {
+        let port = std::fs::read_to_string(marks.join(mark)).unwrap();
+        assert_eq!(port.trim(), host_port, "{mark}");
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let hits = client.await.unwrap();
     assert!(hits.len() > 3);

@@ -366,6 +366,41 @@ async fn a_shadow_that_fails_health_or_its_pre_swap_hook_never_takes_traffic() {
     assert!(marks.join("hook-0").exists());
     assert_eq!(version_of(&get_once(hello, "/").await.1), "hooked");
     assert_eq!(version_of(&get_once(orders, "/").await.1), "2");
+
+    // In place, the same: a failing hook leaves the running process serving...
+    let serving = instance.pid(&svc("hello")).unwrap();
+    let mut failing = target(&v, 1);
+    failing.insert(svc("hello"), hello_variant(&cluster, &dev, hooked(4)).await);
+    let err = instance
+        .upgrade_reporting(&repo, &failing, None, "hook", Strategy::InPlace, &|_, _| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(err, UpgradeError::Hook { .. }), "{err}");
+    assert!(marks.join("hook-4").exists());
+    assert_eq!(instance.pid(&svc("hello")), Some(serving));
+    assert_eq!(version_of(&get_once(hello, "/").await.1), "hooked");
+    // ... and a passing one runs against the new process, then post_swap after it.
+    let both = hello_variant(&cluster, &dev, |t| {
+        let m = marks.display();
+        format!(
+            "{}\n[hooks]\npre_swap = {{ command = [\"sh\", \"-c\", \"echo $PORT > {m}/pre\"] }}\n\
+             post_swap = {{ command = [\"sh\", \"-c\", \"echo $PORT > {m}/post\"] }}\n",
+            t.replace("hello v2", "in place")
+        )
+    })
+    .await;
+    let mut passing = target(&v, 1);
+    passing.insert(svc("hello"), both);
+    instance
+        .upgrade_reporting(&repo, &passing, None, "hook", Strategy::InPlace, &|_, _| {})
+        .await
+        .unwrap();
+    let new_port = instance.backend_addr(&svc("hello"), "main").unwrap().port();
+    for mark in ["pre", "post"] {
+        let port = std::fs::read_to_string(marks.join(mark)).unwrap();
+        assert_eq!(port.trim(), new_port.to_string(), "{mark}");
+    }
+    assert_eq!(version_of(&get_once(hello, "/").await.1), "in place");
     instance.shutdown().await;
 }
 

@@ -4,9 +4,13 @@
 //! running generation keeps all the traffic. Only when every one of them is
 //! healthy, and every `pre_swap` hook (migrations, say) has passed against the
 //! new releases, does the cutover happen: one change of the instance's routing
-//! table moves every service at once. A service with `overlap = false` cannot
-//! run twice, so it is stopped and started at the cutover itself while its
-//! fronts hold new connections. Then the old generation drains (requests in
+//! table moves every service at once. A plugin's `pre_swap` hook runs before the
+//! cutover too, in its new release, with the ports and data of the host that
+//! swaps it in. A service with `overlap = false` cannot run twice, so it is
+//! stopped and started at the cutover itself while its fronts hold new
+//! connections; its hook runs once its new process is healthy and before it
+//! takes a request. Hooks get `PORT`, `MOLT_PORT_*` and `MOLT_DATA` as the
+//! service does. Then the old generation drains (requests in
 //! flight finish on it, within each service's stop grace) and stops; its
 //! releases stay on disk for a rollback.
 //!
@@ -20,10 +24,7 @@
 //! new processes and leaves the old generation serving, untouched; a failure of
 //! a held service after it switches everything back.
 
-use std::collections::BTreeMap;
-
 use image_spec::ServiceName;
-use image_spec::manifest::TimedCommand;
 use tracing::warn;
 
 use std::path::{Path, PathBuf};
@@ -102,13 +103,17 @@ impl Instance {
         self.phase(number, Phase::Healthy);
         progress(None, &format!("generation {number}: healthy"));
 
-        // Hooks that must pass before traffic moves.
+        // Hooks that must pass before traffic moves: the started services',
+        // against their new processes; the plugins', in their new releases
+        // against the host that serves them.
         for (name, service) in &started {
-            if let Some(hook) = &service.manifest.hooks().pre_swap {
-                progress(Some(name), "running its pre_swap hook");
-                if let Err(e) = self.run_hook(name, service, hook, "pre_swap").await {
-                    return Err(self.abandon(number, started, e, progress).await);
-                }
+            if let Err(e) = self.pre_swap(name, service.hook_target(), progress).await {
+                return Err(self.abandon(number, started, e, progress).await);
+            }
+        }
+        for (name, installed) in &plugins {
+            if let Err(e) = self.plugin_pre_swap(name, installed, progress).await {
+                return Err(self.abandon(number, started, e, progress).await);
             }
         }
 
@@ -184,7 +189,12 @@ impl Instance {
             };
             match self.start_on(&name, installed, data).await {
                 Ok(service) => {
-                    if let Err(e) = self.expose(&name, &service).await {
+                    // Its hook runs once it is healthy, before it takes traffic.
+                    let ready = match self.pre_swap(&name, service.hook_target(), progress).await {
+                        Ok(()) => self.expose(&name, &service).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = ready {
                         switched.push((name.clone(), self.services.insert(name, service)));
                         return Err(self
                             .undo_cutover(number, switched, stopped_old, e, progress)
@@ -218,24 +228,7 @@ impl Instance {
             self.phase(previous, Phase::Stopped);
         }
 
-        // Hooks after the fact: a failure is reported, not rolled back.
-        let after: Vec<(ServiceName, TimedCommand)> = report
-            .restarted
-            .iter()
-            .filter_map(|n| {
-                let hook = self.services.get(n)?.manifest.hooks().post_swap.clone()?;
-                Some((n.clone(), hook))
-            })
-            .collect();
-        for (name, hook) in after {
-            let Some(service) = self.services.get(&name) else {
-                continue;
-            };
-            if let Err(e) = self.run_hook(&name, service, &hook, "post_swap").await {
-                warn!(service = %name, error = %e, "post_swap hook failed");
-                progress(Some(&name), &format!("post_swap hook failed (kept): {e}"));
-            }
-        }
+        self.post_swap(&report.restarted, progress).await;
         Ok(())
     }
 
@@ -329,52 +322,6 @@ impl Instance {
         self.roll_back(switched, stopped_old).await;
         self.failed(number, &err);
         err
-    }
-
-    /// Runs a hook of a service in its release directory, with the service's
-    /// environment and its new process's ports.
-    async fn run_hook(
-        &self,
-        name: &ServiceName,
-        service: &Service,
-        hook: &TimedCommand,
-        which: &str,
-    ) -> Result<(), UpgradeError> {
-        let mut env: Vec<(String, String)> = service
-            .manifest
-            .env()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let ports: BTreeMap<&String, &u16> = service.ports.iter().collect();
-        if let Some((_, port)) = ports.first_key_value() {
-            env.push(("PORT".into(), port.to_string()));
-        }
-        for (port_name, port) in &ports {
-            env.push((
-                format!("MOLT_PORT_{}", port_name.to_ascii_uppercase()),
-                port.to_string(),
-            ));
-        }
-        env.push(("MOLT_INSTANCE".into(), self.config.name.to_string()));
-        env.push(("MOLT_SERVICE".into(), name.to_string()));
-        env.push(("MOLT_COMMIT".into(), service.installed.commit.to_string()));
-        let log = self
-            .config
-            .root
-            .join("logs")
-            .join(name.as_str())
-            .join(format!(
-                "{}.{which}.log",
-                service.installed.commit.short(12)
-            ));
-        crate::build::run(hook, &service.installed.dir, &env, &log)
-            .await
-            .map_err(|source| UpgradeError::Hook {
-                service: name.clone(),
-                hook: which.to_owned(),
-                source: Box::new(source),
-            })
     }
 }
 
