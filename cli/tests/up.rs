@@ -118,6 +118,19 @@ fn molt_json(dir: &Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// The `hits` count in an answer of the counter plugin.
+fn hits(answer: &str) -> u64 {
+    let rest = answer
+        .split("\"hits\":")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no hits: {answer}"));
+    rest.trim_start()
+        .split([',', '}'])
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no hits count: {answer}"))
+}
+
 #[test]
 fn molt_up_serves_the_examples_stops_on_ctrl_c_and_comes_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -181,6 +194,10 @@ fn molt_up_serves_the_examples_stops_on_ctrl_c_and_comes_back() {
     let pulled = molt_json(dir.path(), &["pull", "hello", "--instance", "dev"]);
     assert_eq!(pulled["restarted"], serde_json::json!(["hello"]));
 
+    // The counter plugin counts; its count will outlive the restart below.
+    let counter = &urls[&("prod".to_owned(), "counter".to_owned())];
+    let hits_before = hits(&get(counter).unwrap());
+
     // Ctrl-C stops everything: the exit is clean, ports close, processes end.
     let (ok, lines) = up.interrupt();
     assert!(ok, "{}", lines.join("\n"));
@@ -218,6 +235,9 @@ fn molt_up_serves_the_examples_stops_on_ctrl_c_and_comes_back() {
     assert_eq!(images.as_array().unwrap().len(), 1, "{images}");
     let status = molt_json(dir.path(), &["status", "--instance", "prod"]);
     assert_eq!(status["generation"], 1);
+    // The plugin took up the state it exported at Ctrl-C.
+    let counter = &urls[&("prod".to_owned(), "counter".to_owned())];
+    assert_eq!(hits(&get(counter).unwrap()), hits_before + 1);
     let (ok, lines) = again.interrupt();
     assert!(ok, "{}", lines.join("\n"));
 }

@@ -610,12 +610,30 @@ impl Instance {
     ) -> Result<Service, UpgradeError> {
         let started = std::time::Instant::now();
         let built = installed.dir.join(library.as_str());
-        let host = PluginHost::start(name.as_str(), &built, &self.plugin_dir(name), None)
+        // The state a shutdown kept, taken up once and then removed; if the
+        // plugin cannot take it, it stays for the operator and the start fails.
+        let state_path = self.plugin_state_path(name);
+        let kept = match std::fs::read(&state_path) {
+            Ok(state) => Some(state),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(UpgradeError::Plugin {
+                    service: name.clone(),
+                    source: Box::new(crate::plugin::PluginError::Io {
+                        path: state_path,
+                        source: e,
+                    }),
+                });
+            }
+        };
+        let resumed = kept.is_some();
+        let host = PluginHost::start(name.as_str(), &built, &self.plugin_dir(name), kept)
             .await
             .map_err(|source| UpgradeError::Plugin {
                 service: name.clone(),
                 source: Box::new(source),
             })?;
+
         let port = host.local_addr().port();
         let ports: BTreeMap<String, u16> = manifest
             .ports()
@@ -632,6 +650,12 @@ impl Instance {
             });
         }
         info!(service = %name, commit = %installed.commit, "plugin healthy");
+        if resumed {
+            info!(service = %name, "plugin resumed the state its last shutdown kept");
+            if let Err(e) = std::fs::remove_file(&state_path) {
+                warn!(service = %name, error = %e, "could not remove the taken-up plugin state");
+            }
+        }
         Ok(Service {
             installed,
             manifest,
@@ -1231,8 +1255,44 @@ impl Instance {
         for (_, front) in std::mem::take(&mut self.fronts) {
             front.shutdown().await;
         }
-        for (_, service) in std::mem::take(&mut self.services) {
-            service.process.stop().await;
+        for (name, service) in std::mem::take(&mut self.services) {
+            match service.process {
+                Runner::Plugin { host, .. } => self.keep_plugin_state(&name, host).await,
+                process => process.stop().await,
+            }
+        }
+    }
+
+    /// Where a plugin's state waits between a shutdown and the next start.
+    fn plugin_state_path(&self, name: &ServiceName) -> PathBuf {
+        self.config
+            .root
+            .join("plugins")
+            .join(format!("{name}.state"))
+    }
+
+    /// Stops a plugin and writes its exported state where its next start finds
+    /// it, so a plugin's state survives a shell restart as it survives a swap.
+    async fn keep_plugin_state(&self, name: &ServiceName, host: PluginHost) {
+        let path = self.plugin_state_path(name);
+        let state = match host.stop_exporting().await {
+            Ok(state) => state,
+            Err(e) => {
+                warn!(service = %name, error = %e, "could not export the plugin's state; it is lost");
+                return;
+            }
+        };
+        let staged = path.with_extension("state.new");
+        let written = std::fs::write(&staged, &state)
+            .and_then(|()| std::fs::File::open(&staged)?.sync_all())
+            .and_then(|()| std::fs::rename(&staged, &path));
+        match written {
+            Ok(()) => {
+                info!(service = %name, bytes = state.len(), "plugin state kept for the next start")
+            }
+            Err(e) => {
+                warn!(service = %name, error = %e, path = %path.display(), "could not write the plugin's state; it is lost")
+            }
         }
     }
 }

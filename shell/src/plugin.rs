@@ -472,12 +472,41 @@ impl PluginHost {
 
     /// Stops serving and unloads the plugin.
     pub async fn shutdown(self) {
+        let _ = self.stop_with_state(false).await;
+    }
+
+    /// Stops serving, exports the plugin's state once no call is in flight,
+    /// and unloads it: what a later [`PluginHost::start`] takes up again.
+    pub async fn stop_exporting(self) -> Result<Vec<u8>, PluginError> {
+        self.stop_with_state(true)
+            .await
+            .map(|state| state.unwrap_or_default())
+    }
+
+    async fn stop_with_state(self, export: bool) -> Result<Option<Vec<u8>>, PluginError> {
         self.stop.cancel();
         let _ = self.server.await;
-        if let Ok(lock) = Arc::try_unwrap(self.current) {
-            let mut loaded = lock.into_inner();
-            let _ = tokio::task::spawn_blocking(move || loaded.unload()).await;
-        }
+        // Every connection task has ended, so nothing else holds the lock.
+        let mut loaded = match Arc::try_unwrap(self.current) {
+            Ok(lock) => lock.into_inner(),
+            Err(shared) => {
+                // Not expected; export through the lock and leave the unload
+                // to the last holder.
+                let state = if export {
+                    Some(shared.write().await.export().await?)
+                } else {
+                    None
+                };
+                return Ok(state);
+            }
+        };
+        let state = if export {
+            Some(loaded.export().await)
+        } else {
+            None
+        };
+        let _ = tokio::task::spawn_blocking(move || loaded.unload()).await;
+        state.transpose()
     }
 }
 

@@ -341,17 +341,41 @@ async fn an_instance_serves_a_plugin_service_and_upgrades_it_keeping_its_state()
     for pair in hits.windows(2) {
         assert!(pair[1] > pair[0], "the count went back: {pair:?}");
     }
-    // The recorded state names the new release; a restarted shell reloads it.
+    // The recorded state names the new release; a restarted shell reloads it,
+    // with the state the shutdown exported.
+    let (_, body) = get_once(public, "/").await;
+    let before: u64 = field(&body, "hits").parse().unwrap();
     instance.shutdown().await;
-    let instance = Instance::open(InstanceConfig {
+    let config = || InstanceConfig {
         name: InstanceName::new("dev-1").unwrap(),
         root: cluster.path("instance"),
         public_ports: PublicPorts::Ephemeral,
-    })
-    .await
-    .unwrap();
+    };
+    let kept = cluster.path("instance/plugins/counter.state");
+    assert!(kept.exists());
+    let instance = Instance::open(config()).await.unwrap();
     let public = instance.public_addr(&counter, "main").unwrap();
     let (_, body) = get_once(public, "/").await;
     assert_eq!(field(&body, "version"), "2");
+    assert_eq!(
+        field(&body, "hits").parse::<u64>().unwrap(),
+        before + 1,
+        "{body}"
+    );
+    assert!(!kept.exists(), "kept state is taken up once");
+
+    // State the plugin refuses is an error that keeps the file for the operator.
+    instance.shutdown().await;
+    std::fs::write(&kept, b"xx").unwrap();
+    let err = Instance::open(config()).await.unwrap_err();
+    assert!(
+        matches!(err, shell::instance::UpgradeError::Plugin { .. }),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&kept).unwrap(), b"xx");
+    std::fs::remove_file(&kept).unwrap();
+    let instance = Instance::open(config()).await.unwrap();
+    let public = instance.public_addr(&counter, "main").unwrap();
+    assert_eq!(field(&get_once(public, "/").await.1, "hits"), "1");
     instance.shutdown().await;
 }
