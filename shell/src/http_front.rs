@@ -90,6 +90,9 @@ impl Idle {
     }
 }
 
+/// How long a closing client connection is read from after the last response.
+const LINGER: Duration = Duration::from_secs(2);
+
 /// How much is read at a time.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -265,6 +268,14 @@ async fn serve_client(stream: TcpStream, mut routing: Routing, idle_period: Dura
         }
     }
     let _ = client.stream.shutdown().await;
+    // A lingering close: read what the client still sends (the rest of a body
+    // nobody read) for a moment, so that closing does not reset the connection
+    // under the response the client has yet to read.
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(1..) = client.stream.read(&mut sink).await {}
+    })
+    .await;
 }
 
 /// Writes a response of the front's own. A request with a body that was not
@@ -494,13 +505,32 @@ async fn send(
         .write_all(&scratch.request)
         .await
         .map_err(closed)?;
+    // A backend may answer before it has read the whole body (a 413, a 401)
+    // and close: its answer still goes to the client, whose connection then
+    // closes, since the rest of its body was never read.
+    let mut cut = None;
     if !body.is_done() {
         match copy_body(client, &mut conn.stream, body).await {
             Ok(()) => {}
             Err(CopyError::Read(_)) => return Err(NoResponse::Client),
-            Err(CopyError::Write(e)) => return Err(NoResponse::Failed(e.to_string())),
+            Err(CopyError::Write(e)) => cut = Some(e),
         }
     }
+    let closing;
+    let req = match &cut {
+        Some(_) => {
+            closing = RequestHead {
+                keep_alive: false,
+                ..req.clone()
+            };
+            &closing
+        }
+        None => req,
+    };
+    let no_answer = |e: std::io::Error| match &cut {
+        Some(w) => NoResponse::Failed(format!("{w} while sending the body, and no answer")),
+        None => closed(e),
+    };
     loop {
         scratch.response.clear();
         match http1::parse_response(&conn.buf, req, &mut scratch.response) {
@@ -529,7 +559,7 @@ async fn send(
         }
         match conn.fill().await {
             Ok(0) if conn.buf.is_empty() => {
-                return Err(closed(std::io::ErrorKind::UnexpectedEof.into()));
+                return Err(no_answer(std::io::ErrorKind::UnexpectedEof.into()));
             }
             Ok(0) => {
                 return Err(NoResponse::Failed(
@@ -537,7 +567,7 @@ async fn send(
                 ));
             }
             Ok(_) => {}
-            Err(e) if conn.buf.is_empty() => return Err(closed(e)),
+            Err(e) if conn.buf.is_empty() => return Err(no_answer(e)),
             Err(e) => return Err(NoResponse::Failed(e.to_string())),
         }
     }
@@ -1209,6 +1239,43 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        front.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_to_an_unread_body_still_reaches_the_client() {
+        // Refuses every upload at its head, without reading the body, and closes.
+        let backend = raw_backend(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large",
+            false,
+        )
+        .await;
+        let (_router, front) = front_to(backend).await;
+        let conn = TcpStream::connect(front.local_addr()).await.unwrap();
+        let (reader, mut writer) = conn.into_split();
+        let size = 8 << 20;
+        let upload = tokio::spawn(async move {
+            let head = format!("PUT /f HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n");
+            writer.write_all(head.as_bytes()).await.unwrap();
+            let piece = vec![7u8; 64 * 1024];
+            for _ in 0..size / piece.len() {
+                if writer.write_all(&piece).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut reader = BufReader::new(reader);
+        let mut status = String::new();
+        reader.read_line(&mut status).await.unwrap();
+        assert!(status.starts_with("HTTP/1.1 413 "), "{status:?}");
+        let mut rest = Vec::new();
+        let _ = reader.read_to_end(&mut rest).await;
+        let rest = String::from_utf8_lossy(&rest);
+        assert!(
+            rest.contains("Connection: close") && rest.ends_with("too large"),
+            "{rest}"
+        );
+        upload.await.unwrap();
         front.shutdown().await;
     }
 }
