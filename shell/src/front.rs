@@ -127,16 +127,26 @@ pub(crate) struct Routing {
     pub(crate) counts: Counts,
     /// Cancelled when the front shuts down.
     pub(crate) stop: CancellationToken,
+    /// The route's backend as last read, until the table changes (`None`:
+    /// not read yet).
+    pub(crate) seen: Option<Option<SocketAddr>>,
 }
 
 impl Routing {
-    /// The backend now, if there is one (no waiting, no copy of the routing).
-    pub(crate) fn now(&self) -> Option<SocketAddr> {
-        self.route
-            .table
-            .borrow()
-            .get(self.route.key.as_str())
-            .copied()
+    /// The backend now, if there is one (no waiting). The table is read again
+    /// only after it changed: checking for a change is one atomic load, while
+    /// reading takes the table's lock, which every connection would contend on.
+    pub(crate) fn now(&mut self) -> Option<SocketAddr> {
+        let changed = self.route.table.has_changed().unwrap_or(true);
+        match self.seen {
+            Some(backend) if !changed => backend,
+            _ => {
+                let table = self.route.table.borrow_and_update();
+                let backend = table.get(self.route.key.as_str()).copied();
+                self.seen = Some(backend);
+                backend
+            }
+        }
     }
 
     /// The backend, waiting up to the hold time while there is none.
@@ -146,10 +156,14 @@ impl Routing {
             return Some(backend);
         }
         let Route { table, key } = &mut self.route;
-        match tokio::time::timeout(self.hold, table.wait_for(|t| t.contains_key(key))).await {
-            Ok(Ok(t)) => t.get(key).copied(),
-            _ => None,
-        }
+        let backend =
+            match tokio::time::timeout(self.hold, table.wait_for(|t| t.contains_key(key))).await {
+                Ok(Ok(t)) => t.get(key).copied(),
+                _ => None,
+            };
+        // `wait_for` marked the table seen: read it afresh next time.
+        self.seen = None;
+        backend
     }
 }
 
@@ -185,6 +199,7 @@ impl Front {
             hold,
             counts: counts.clone(),
             stop: stop.clone(),
+            seen: None,
         };
         let task = tokio::spawn(accept_loop(listener, routing, serve));
         Ok(Self {

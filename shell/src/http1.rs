@@ -213,11 +213,19 @@ fn copy_upgrade(out: &mut Vec<u8>, headers: &[httparse::Header<'_>]) {
 /// Parses the request head at the start of `input`. `Ok(None)`: it is not
 /// complete yet (read more). On success the head to send the backend is
 /// appended to `out`: the request target in origin form, the client's HTTP
-/// version, the end-to-end headers, and `Connection: upgrade` for an upgrade.
-pub fn parse_request(input: &[u8], out: &mut Vec<u8>) -> Result<Option<RequestHead>, FrameError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let Some(consumed) = head_end(req.parse(input), input)? else {
+/// version, the end-to-end headers, `Connection: upgrade` for an upgrade, and
+/// `extra` (header lines of the front's own, each ending in CRLF).
+pub fn parse_request(
+    input: &[u8],
+    extra: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<Option<RequestHead>, FrameError> {
+    // Left uninitialised: httparse writes each slot it hands back.
+    let mut headers =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let Some(consumed) = head_end(req.parse_with_uninit_headers(input, &mut headers), input)?
+    else {
         return Ok(None);
     };
     let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
@@ -264,6 +272,7 @@ pub fn parse_request(input: &[u8], out: &mut Vec<u8>) -> Result<Option<RequestHe
     if upgrade {
         copy_upgrade(out, headers);
     }
+    out.extend_from_slice(extra);
     out.extend_from_slice(b"\r\n");
 
     Ok(Some(RequestHead {
@@ -494,8 +503,10 @@ mod tests {
     /// body the same way for the backend.
     fn request(raw: &str) -> (RequestHead, String) {
         let mut out = Vec::new();
-        let head = parse_request(raw.as_bytes(), &mut out).unwrap().unwrap();
-        let again = parse_request(&out, &mut Vec::new()).unwrap().unwrap();
+        let head = parse_request(raw.as_bytes(), b"", &mut out)
+            .unwrap()
+            .unwrap();
+        let again = parse_request(&out, b"", &mut Vec::new()).unwrap().unwrap();
         assert_eq!(again.consumed, out.len());
         assert_eq!(
             (again.body, again.http10, again.upgrade, again.is_head),
@@ -527,6 +538,17 @@ mod tests {
         assert!(out.starts_with("GET /p HTTP/1.1\r\n"), "{out}");
         let (_, out) = request("OPTIONS http://h:1 HTTP/1.1\r\nHost: h\r\n\r\n");
         assert!(out.starts_with("OPTIONS / HTTP/1.1\r\n"), "{out}");
+    }
+
+    #[test]
+    fn the_fronts_own_lines_go_last() {
+        let mut out = Vec::new();
+        let raw = b"GET / HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n";
+        parse_request(raw, b"X-Forwarded-For: 127.0.0.1\r\n", &mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET / HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-For: 127.0.0.1\r\n\r\n"
+        );
     }
 
     #[test]
@@ -567,7 +589,7 @@ mod tests {
             "POST / HTTP/1.1\r\nContent-Length: \r\n\r\n",
         ] {
             assert_eq!(
-                parse_request(bad.as_bytes(), &mut Vec::new()),
+                parse_request(bad.as_bytes(), b"", &mut Vec::new()),
                 Err(FrameError::ContentLength),
                 "{bad}"
             );
@@ -575,6 +597,7 @@ mod tests {
         assert_eq!(
             parse_request(
                 b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                b"",
                 &mut Vec::new()
             ),
             Err(FrameError::TransferEncoding)
@@ -585,22 +608,22 @@ mod tests {
     fn incomplete_heads_ask_for_more_and_oversized_or_malformed_ones_are_refused() {
         let mut out = Vec::new();
         assert_eq!(
-            parse_request(b"GET / HTTP/1.1\r\nHost:", &mut out),
+            parse_request(b"GET / HTTP/1.1\r\nHost:", b"", &mut out),
             Ok(None)
         );
         assert!(out.is_empty());
         let mut long = b"GET / HTTP/1.1\r\nX: ".to_vec();
         long.resize(MAX_HEAD + 10, b'a');
         assert_eq!(
-            parse_request(&long, &mut out),
+            parse_request(&long, b"", &mut out),
             Err(FrameError::HeadTooLarge)
         );
         assert!(matches!(
-            parse_request(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n", &mut out),
+            parse_request(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n", b"", &mut out),
             Err(FrameError::Head(_))
         ));
         assert!(matches!(
-            parse_request(b"\x00\x01 nonsense\r\n\r\n", &mut out),
+            parse_request(b"\x00\x01 nonsense\r\n\r\n", b"", &mut out),
             Err(FrameError::Head(_))
         ));
         assert!(out.is_empty(), "nothing is written for a refused head");

@@ -18,11 +18,16 @@
 //! small response goes out in one write. That is what lets the front keep up
 //! with nginx (`scripts/bench-proxy`). Along the way it:
 //!
+//! - tells the service who the client is (`X-Forwarded-For`, after any the
+//!   client sent);
 //! - answers `Expect: 100-continue` itself;
 //! - sends a body-less request again on a new connection when the kept one
 //!   turns out closed before any answer (the backend's idle timeout);
 //! - turns an accepted upgrade (`101`, e.g. WebSocket) into a tunnel that
 //!   counts as in flight until it closes;
+//! - passes on a backend's early answer to an upload it did not read (a
+//!   `413`), then closes, lingering so the close does not reset the answer;
+//! - closes client connections idle for 75–150 s;
 //! - refuses what it cannot frame safely (`400`, `431`) and closes.
 
 use std::net::SocketAddr;
@@ -234,19 +239,26 @@ enum Next {
     Close,
 }
 
-/// The reusable buffers of one client connection.
+/// The reusable buffers of one client connection, and the header lines the
+/// front adds to each of its requests.
 #[derive(Default)]
 struct Scratch {
     request: Vec<u8>,
     response: Vec<u8>,
+    /// `X-Forwarded-For: <client address>`: the services see the client, not
+    /// the front (after any such lines the client sent).
+    forwarded: Vec<u8>,
 }
 
 /// Serves one client connection, request by request, until it closes, sends
 /// something that is not HTTP, or the front shuts down.
 async fn serve_client(stream: TcpStream, mut routing: Routing, idle_period: Duration) {
+    let mut scratch = Scratch::default();
+    if let Ok(peer) = stream.peer_addr() {
+        scratch.forwarded = format!("X-Forwarded-For: {}\r\n", peer.ip()).into_bytes();
+    }
     let mut client = Side::new(stream);
     let mut upstream: Option<Upstream> = None;
-    let mut scratch = Scratch::default();
     let mut idle = Idle::new(idle_period);
     loop {
         let next = exchange(
@@ -307,7 +319,7 @@ async fn exchange(
     // The request head.
     scratch.request.clear();
     let req = loop {
-        match http1::parse_request(&client.buf, &mut scratch.request) {
+        match http1::parse_request(&client.buf, &scratch.forwarded, &mut scratch.request) {
             Ok(Some(req)) => break req,
             Ok(None) => {}
             Err(e) => {
@@ -780,6 +792,18 @@ mod tests {
                             .headers
                             .get("connection")
                             .map_or("-", |v| v.to_str().unwrap_or("?"));
+                        if parts.uri.path() == "/who" {
+                            let who: Vec<&str> = parts
+                                .headers
+                                .get_all("x-forwarded-for")
+                                .iter()
+                                .map(|v| v.to_str().unwrap_or("?"))
+                                .collect();
+                            let text = Bytes::from(who.join(", "));
+                            return Ok(Response::new(http_body_util::Either::Left(Full::new(
+                                text,
+                            ))));
+                        }
                         let mut text = format!(
                             "{} {} conn={conn} len={}\n",
                             parts.method,
@@ -1038,6 +1062,14 @@ mod tests {
             "the body came back changed"
         );
         drop(sender.await.unwrap());
+
+        // The service learns who the client is.
+        let (seen, _) = ask(
+            addr,
+            b"GET /who HTTP/1.1\r\nX-Forwarded-For: 10.1.2.3\r\n\r\n",
+        )
+        .await;
+        assert_eq!(seen.text(), "10.1.2.3, 127.0.0.1");
 
         // HEAD: no body though the backend says how long it would be.
         let (seen, mut conn) = ask(addr, b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n").await;

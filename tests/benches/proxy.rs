@@ -4,9 +4,10 @@
 //! 1. Pushes `examples/orders`, upgrades an instance to it (release build), and
 //!    runs `wrk` (keep-alive, 2 threads, 32 connections) against orders
 //!    (a) through the shell's front, (b) through nginx as a reverse proxy with
-//!    upstream keep-alive, (c) directly, in turn, three rounds (the machine's
-//!    noise moves every path's rate by ±10% from one run to the next; a ratio
-//!    within a round is steadier). Medians of requests/s and p50/p99 latency,
+//!    upstream keep-alive and `X-Forwarded-For` (as the front adds it), (c)
+//!    directly, in turn, three rounds (the machine's noise moves every path's
+//!    rate by ±10% from one run to the next; a ratio within a round is
+//!    steadier). Medians of requests/s and p50/p99 latency,
 //!    and the front-to-nginx ratio of each round.
 //! 2. Runs `wrk` through the shell's front while the instance makes 20 shadow
 //!    swaps between two versions of orders: failed requests (non-2xx answers
@@ -120,7 +121,8 @@ fn nginx(dir: &Path, backend: SocketAddr) -> Res<(Child, SocketAddr)> {
                fastcgi_temp_path {dir}/fcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;\n\
                upstream app {{ server {backend}; keepalive 64; }}\n\
                server {{\n    listen 127.0.0.1:{port};\n\
-                 location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n\
+                 location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\";\n\
+                   proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }}\n\
                }}\n}}\n",
             dir = dir.display()
         ),
