@@ -259,10 +259,25 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", render_error(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: the library errors
+/// already name their source in their own message, so a cause whose text is
+/// already there is not repeated.
+fn render_error(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 /// The commands that talk to the repository, over one connection.
@@ -413,5 +428,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ctx.close().await;
             result
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Like the library errors: names its source in its message, and has it
+    /// as its `source()`.
+    #[derive(Debug)]
+    struct Build {
+        source: std::io::Error,
+    }
+
+    impl std::fmt::Display for Build {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "the build of `orders` failed: {}", self.source)
+        }
+    }
+
+    impl std::error::Error for Build {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.source)
+        }
+    }
+
+    #[test]
+    fn errors_name_each_cause_once() {
+        let io = || std::io::Error::other("exit status 2");
+        // A library error that names its source: the source is not repeated.
+        let e = anyhow::Error::new(Build { source: io() }).context("deploy to prod");
+        assert_eq!(
+            render_error(&e),
+            "deploy to prod: the build of `orders` failed: exit status 2"
+        );
+        // Plain context chains keep every link.
+        let e = anyhow::Error::new(io()).context("reading service.toml");
+        assert_eq!(render_error(&e), "reading service.toml: exit status 2");
     }
 }

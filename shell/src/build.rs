@@ -63,6 +63,27 @@ pub fn tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Variables of the shell's own environment that would send a build's
+/// outputs out of its release (a cargo build would write to the shell's target
+/// directory, and the next release, copied from this one, would not have them):
+/// builds do not inherit them. A service's `env` may still set them.
+const NOT_INHERITED: &[&str] = &["CARGO_TARGET_DIR", "CARGO_BUILD_TARGET_DIR"];
+
+/// The command for `build` in `dir`: the shell's environment without
+/// [`NOT_INHERITED`], plus `env`.
+fn build_command(build: &TimedCommand, dir: &Path, env: &[(String, String)]) -> Command {
+    let mut child = Command::new(build.command.program());
+    crate::process::owned_by_shell(&mut child);
+    for name in NOT_INHERITED {
+        child.env_remove(name);
+    }
+    child
+        .args(build.command.args())
+        .current_dir(dir)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    child
+}
+
 /// Runs `build` in `dir` with `env`, appending its output to `log`.
 pub async fn run(
     build: &TimedCommand,
@@ -84,12 +105,7 @@ pub async fn run(
         .open(log)
         .map_err(log_err)?;
     let err = out.try_clone().map_err(log_err)?;
-    let mut child = Command::new(build.command.program());
-    crate::process::owned_by_shell(&mut child);
-    let mut child = child
-        .args(build.command.args())
-        .current_dir(dir)
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    let mut child = build_command(build, dir, env)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -127,6 +143,33 @@ pub async fn run(
 mod tests {
     use super::*;
     use image_spec::manifest::Command as Argv;
+
+    #[test]
+    fn builds_do_not_inherit_what_would_move_their_outputs() {
+        let build = cmd(&["cargo", "build"], 5);
+        let dir = Path::new("/release");
+        let envs = |env: &[(String, String)]| -> Vec<(String, Option<String>)> {
+            build_command(&build, dir, env)
+                .as_std()
+                .get_envs()
+                .map(|(k, v)| {
+                    let text = |s: &std::ffi::OsStr| s.to_string_lossy().into_owned();
+                    (text(k), v.map(text))
+                })
+                .collect()
+        };
+        let plain = envs(&[("RUST_LOG".into(), "info".into())]);
+        for name in NOT_INHERITED {
+            assert!(plain.contains(&((*name).to_owned(), None)), "{plain:?}");
+        }
+        assert!(plain.contains(&("RUST_LOG".into(), Some("info".into()))));
+        // The service's own env may set it.
+        let set = envs(&[("CARGO_TARGET_DIR".into(), "/elsewhere".into())]);
+        assert!(
+            set.contains(&("CARGO_TARGET_DIR".into(), Some("/elsewhere".into()))),
+            "{set:?}"
+        );
+    }
 
     fn cmd(argv: &[&str], secs: u64) -> TimedCommand {
         TimedCommand {
