@@ -130,6 +130,9 @@ pub(crate) struct Routing {
     /// The route's backend as last read, until the table changes (`None`:
     /// not read yet).
     pub(crate) seen: Option<Option<SocketAddr>>,
+    /// How many times the table was read: what a connection compares to know
+    /// the table changed since it looked something up.
+    pub(crate) table_reads: u64,
 }
 
 impl Routing {
@@ -144,6 +147,7 @@ impl Routing {
                 let table = self.route.table.borrow_and_update();
                 let backend = table.get(self.route.key.as_str()).copied();
                 self.seen = Some(backend);
+                self.table_reads += 1;
                 backend
             }
         }
@@ -200,6 +204,7 @@ impl Front {
             counts: counts.clone(),
             stop: stop.clone(),
             seen: None,
+            table_reads: 0,
         };
         let task = tokio::spawn(accept_loop(listener, routing, serve));
         Ok(Self {

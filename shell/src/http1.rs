@@ -23,6 +23,10 @@ pub const MAX_HEAD: usize = 64 * 1024;
 /// The most header fields in one head.
 const MAX_HEADERS: usize = 128;
 
+/// The most header fields in a client's request head: the rest of
+/// [`MAX_HEADERS`] is room for the lines the front adds.
+const MAX_CLIENT_HEADERS: usize = MAX_HEADERS - 8;
+
 /// Why a message cannot be forwarded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
@@ -35,12 +39,16 @@ pub enum FrameError {
     /// `Content-Length` is not a number, or two of them disagree.
     #[error("invalid or conflicting Content-Length")]
     ContentLength,
-    /// A request's `Transfer-Encoding` does not end in `chunked`.
+    /// A request's `Transfer-Encoding` does not end in `chunked`, or comes
+    /// with HTTP/1.0.
     #[error("unsupported Transfer-Encoding")]
     TransferEncoding,
     /// A chunked body is malformed.
     #[error("malformed chunked body")]
     Chunk,
+    /// `CONNECT`: the front forwards requests to services, it is no tunnel.
+    #[error("CONNECT is not served here")]
+    Connect,
 }
 
 /// How a message's body ends.
@@ -63,6 +71,8 @@ pub struct RequestHead {
     pub body: Length,
     /// `HEAD`: the response has no body whatever its headers say.
     pub is_head: bool,
+    /// The method may be sent twice with the same effect (RFC 9110, 9.2.2).
+    pub idempotent: bool,
     /// HTTP/1.0 (else 1.1).
     pub http10: bool,
     /// The client's connection stays open after the response.
@@ -97,6 +107,9 @@ impl ResponseHead {
     }
 }
 
+/// Headers that say where a message ends or whom it is for: never dropped.
+const FRAMING: [&[u8]; 3] = [b"content-length", b"transfer-encoding", b"host"];
+
 /// What `Connection` said, with the names it declares hop-by-hop.
 #[derive(Default)]
 struct ConnectionTokens {
@@ -122,7 +135,11 @@ impl ConnectionTokens {
                     t.keep_alive = true;
                 } else if token.eq_ignore_ascii_case(b"upgrade") {
                     t.upgrade = true;
-                } else if !token.is_empty() {
+                } else if !token.is_empty()
+                    && !FRAMING.iter().any(|f| token.eq_ignore_ascii_case(f))
+                {
+                    // A peer cannot make the headers that frame the message
+                    // hop-by-hop: dropping them would change where it ends.
                     t.named
                         .push(String::from_utf8_lossy(token).to_ascii_lowercase());
                 }
@@ -140,9 +157,11 @@ impl ConnectionTokens {
     }
 }
 
-/// The body length from `Content-Length` headers: none, or all equal.
-fn content_length(headers: &[httparse::Header<'_>]) -> Result<Option<u64>, FrameError> {
+/// The body length from `Content-Length` headers: none, or all equal; and
+/// whether it was said more than once (then it is passed on once).
+fn content_length(headers: &[httparse::Header<'_>]) -> Result<(Option<u64>, bool), FrameError> {
     let mut found = None;
+    let mut said = 0;
     for h in headers {
         if !h.name.eq_ignore_ascii_case("content-length") {
             continue;
@@ -158,9 +177,10 @@ fn content_length(headers: &[httparse::Header<'_>]) -> Result<Option<u64>, Frame
                 return Err(FrameError::ContentLength);
             }
             found = Some(n);
+            said += 1;
         }
     }
-    Ok(found)
+    Ok((found, said > 1))
 }
 
 /// Whether there is a `Transfer-Encoding`, and whether its last coding is chunked.
@@ -233,42 +253,66 @@ pub fn parse_request(
         return Err(FrameError::Head(httparse::Error::Token));
     };
     let headers = req.headers;
+    // Room is kept for the front's own lines.
+    if headers.len() > MAX_CLIENT_HEADERS {
+        return Err(FrameError::HeadTooLarge);
+    }
+    if method == "CONNECT" {
+        return Err(FrameError::Connect);
+    }
     let http10 = version == 0;
     let conn = ConnectionTokens::read(headers);
     let has_upgrade = headers
         .iter()
         .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
     let upgrade = conn.upgrade && has_upgrade && !http10;
+    let (length, length_repeated) = content_length(headers)?;
     let body = match transfer_encoding(headers) {
-        Some(true) => Length::Chunked,
-        Some(false) => return Err(FrameError::TransferEncoding),
-        None => Length::Fixed(content_length(headers)?.unwrap_or(0)),
+        Some(true) if !http10 => Length::Chunked,
+        Some(_) => return Err(FrameError::TransferEncoding),
+        None => Length::Fixed(length.unwrap_or(0)),
     };
+    // Both: the chunked coding wins, and the connection ends after this
+    // exchange, since whatever sent it framed it two ways (RFC 9112, 6.3).
+    let both = body == Length::Chunked && length.is_some();
     let expects_continue = !http10
         && body != Length::Fixed(0)
         && headers.iter().any(|h| {
             h.name.eq_ignore_ascii_case("expect") && h.value.eq_ignore_ascii_case(b"100-continue")
         });
 
-    // The target in origin form: `http://host/p?q` becomes `/p?q`.
-    let target = match target.split_once("://") {
-        Some((_, rest)) if !target.starts_with('/') => rest.find('/').map_or("/", |i| &rest[i..]),
-        _ => target,
+    // The target in origin form: `http://host/p?q` becomes `/p?q`, and
+    // `http://host?q` becomes `/?q`.
+    let (slash, target) = match target.split_once("://") {
+        Some((_, rest)) if !target.starts_with('/') => match rest.find(['/', '?']) {
+            Some(i) if rest[i..].starts_with('?') => ("/", &rest[i..]),
+            Some(i) => ("", &rest[i..]),
+            None => ("/", ""),
+        },
+        _ => ("", target),
     };
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
+    out.extend_from_slice(slash.as_bytes());
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(if http10 {
         b" HTTP/1.0\r\n"
     } else {
         b" HTTP/1.1\r\n"
     });
+    let rewrite_length = body == Length::Chunked || length_repeated;
     copy_headers(out, headers, |name| {
-        // With a chunked body, a Content-Length is wrong: never pass it on.
-        let wrong_length = body == Length::Chunked && name.eq_ignore_ascii_case("content-length");
+        // With a chunked body a Content-Length is wrong, and a repeated one
+        // goes on once: either way, not as it came.
+        let length = rewrite_length && name.eq_ignore_ascii_case("content-length");
         let answered = expects_continue && name.eq_ignore_ascii_case("expect");
-        !(conn.drops(name) || wrong_length || answered)
+        // `X_Y` could reach a CGI-style service as `X-Y`: such names are dropped.
+        let underscored = name.contains('_');
+        !(conn.drops(name) || length || answered || underscored)
     });
+    if let (Length::Fixed(n), true) = (body, length_repeated) {
+        let _ = write!(StrOut(out), "Content-Length: {n}\r\n");
+    }
     if upgrade {
         copy_upgrade(out, headers);
     }
@@ -279,8 +323,12 @@ pub fn parse_request(
         consumed,
         body,
         is_head: method == "HEAD",
+        idempotent: matches!(
+            method,
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        ),
         http10,
-        keep_alive: if http10 { conn.keep_alive } else { !conn.close },
+        keep_alive: !both && if http10 { conn.keep_alive } else { !conn.close },
         upgrade,
         expects_continue,
     }))
@@ -307,6 +355,7 @@ pub fn parse_response(
     let headers = resp.headers;
     let conn = ConnectionTokens::read(headers);
     let switching = status == 101;
+    let (length, length_repeated) = content_length(headers)?;
     let body = if request.is_head || (100..200).contains(&status) || status == 204 || status == 304
     {
         Length::Fixed(0)
@@ -315,7 +364,7 @@ pub fn parse_response(
             Some(true) => Length::Chunked,
             // A response coding other than chunked is delimited by the close.
             Some(false) => Length::ToClose,
-            None => match content_length(headers)? {
+            None => match length {
                 Some(n) => Length::Fixed(n),
                 None => Length::ToClose,
             },
@@ -335,10 +384,14 @@ pub fn parse_response(
         "HTTP/{} {status} {reason}\r\n",
         if request.http10 { "1.0" } else { "1.1" }
     );
+    let rewrite_length = body == Length::Chunked || length_repeated;
     copy_headers(out, headers, |name| {
-        let wrong_length = body == Length::Chunked && name.eq_ignore_ascii_case("content-length");
-        !(conn.drops(name) || wrong_length)
+        let length = rewrite_length && name.eq_ignore_ascii_case("content-length");
+        !(conn.drops(name) || length)
     });
+    if let (Some(n), true, false) = (length, length_repeated, body == Length::Chunked) {
+        let _ = write!(StrOut(out), "Content-Length: {n}\r\n");
+    }
     if switching {
         copy_upgrade(out, headers);
     } else if close_client {
@@ -392,7 +445,11 @@ enum ChunkState {
         size: u64,
         digits: u8,
     },
-    /// After the size: an extension or whitespace, up to CR.
+    /// Whitespace after the size, before `;` or CR.
+    SizeWs {
+        size: u64,
+    },
+    /// An extension (after `;`), up to CR.
     Extension {
         size: u64,
     },
@@ -464,9 +521,16 @@ impl Chunked {
                     None if digits == 0 => return Err(FrameError::Chunk),
                     None => match b {
                         b'\r' => SizeLf { size },
-                        b';' | b' ' | b'\t' => Extension { size },
+                        b';' => Extension { size },
+                        b' ' | b'\t' => SizeWs { size },
                         _ => return Err(FrameError::Chunk),
                     },
+                },
+                SizeWs { size } => match b {
+                    b'\r' => SizeLf { size },
+                    b';' => Extension { size },
+                    b' ' | b'\t' => SizeWs { size },
+                    _ => return Err(FrameError::Chunk),
                 },
                 Extension { size } => match b {
                     b'\r' => SizeLf { size },
@@ -549,6 +613,85 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "GET / HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-For: 127.0.0.1\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn what_frames_a_message_cannot_be_made_hop_by_hop() {
+        let (head, out) = request(
+            "POST / HTTP/1.1\r\nConnection: content-length, Transfer-Encoding, host\r\n\
+             Host: x\r\nContent-Length: 3\r\n\r\n",
+        );
+        assert_eq!(head.body, Length::Fixed(3));
+        assert!(
+            out.contains("Host: x\r\n") && out.contains("Content-Length: 3\r\n"),
+            "{out}"
+        );
+        let get = request("GET / HTTP/1.1\r\n\r\n").0;
+        let (r, out) = response(
+            "HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 2\r\n\r\n",
+            &get,
+        );
+        assert_eq!(r.body, Length::Fixed(2));
+        assert!(out.contains("Content-Length: 2\r\n"), "{out}");
+    }
+
+    #[test]
+    fn doubtful_framing_is_refused_or_made_plain() {
+        // Chunked and a length: chunked, no length passed on, and the
+        // connection ends after the exchange.
+        let (head, out) =
+            request("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n");
+        assert_eq!(head.body, Length::Chunked);
+        assert!(!head.keep_alive && !out.contains("Content-Length"), "{out}");
+        // HTTP/1.0 has no chunked coding.
+        assert_eq!(
+            parse_request(
+                b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+                b"",
+                &mut Vec::new()
+            ),
+            Err(FrameError::TransferEncoding)
+        );
+        // A repeated length goes on once.
+        let (_, out) =
+            request("POST / HTTP/1.1\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!(out.matches("Content-Length").count(), 1, "{out}");
+        assert!(out.contains("Content-Length: 5\r\n"));
+        let get = request("GET / HTTP/1.1\r\n\r\n").0;
+        let (_, out) = response("HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\n", &get);
+        assert_eq!(out.matches("Content-Length").count(), 1, "{out}");
+        // Underscored names are dropped; CONNECT is refused.
+        let (_, out) = request("GET / HTTP/1.1\r\nContent_Length: 9\r\nX-Ok: 1\r\n\r\n");
+        assert!(
+            !out.contains("Content_Length") && out.contains("X-Ok: 1"),
+            "{out}"
+        );
+        assert_eq!(
+            parse_request(
+                b"CONNECT h:443 HTTP/1.1\r\nHost: h\r\n\r\n",
+                b"",
+                &mut Vec::new()
+            ),
+            Err(FrameError::Connect)
+        );
+        // Too many fields for the front to add its own.
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..MAX_CLIENT_HEADERS + 1 {
+            many.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(
+            parse_request(&many, b"", &mut Vec::new()),
+            Err(FrameError::HeadTooLarge)
+        );
+    }
+
+    #[test]
+    fn absolute_targets_keep_their_query_and_methods_say_if_they_repeat() {
+        let (head, out) = request("GET http://h?r=/admin HTTP/1.1\r\nHost: h\r\n\r\n");
+        assert!(out.starts_with("GET /?r=/admin HTTP/1.1\r\n"), "{out}");
+        assert!(head.idempotent);
+        assert!(!request("POST / HTTP/1.1\r\n\r\n").0.idempotent);
     }
 
     #[test]
@@ -766,8 +909,12 @@ mod tests {
         let mut c = Chunked::new();
         assert_eq!(c.scan(b"0\r\n\r\n"), Ok(5));
         assert!(c.is_done());
+        // Whitespace after the size only before `;` or the line's end.
+        assert_eq!(Chunked::new().scan(b"5 ;a=b\r\n"), Ok(8));
+        assert_eq!(Chunked::new().scan(b"5 \t\r\n"), Ok(5));
         for bad in [
             &b"x\r\n"[..],
+            b"5 junk\r\n",
             b"4\nWiki",
             b"4\r\nWikiX\r\n",
             b"11111111111111111\r\n",

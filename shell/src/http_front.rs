@@ -220,6 +220,8 @@ struct Upstream {
     backend: SocketAddr,
     counter: Counter,
     conn: Option<Side>,
+    /// [`Routing::table_reads`] when the counter was looked up.
+    table: u64,
 }
 
 /// Why no response came from the backend.
@@ -325,6 +327,7 @@ async fn exchange(
             Err(e) => {
                 let status = match e {
                     FrameError::HeadTooLarge => (431, "Request Header Fields Too Large"),
+                    FrameError::Connect => (405, "Method Not Allowed"),
                     _ => (400, "Bad Request"),
                 };
                 return answer(client, scratch, None, status, &format!("{e}\n")).await;
@@ -354,11 +357,23 @@ async fn exchange(
         },
     };
     let up = match upstream {
-        Some(up) if up.backend == backend => up,
+        Some(up) if up.backend == backend && up.table == routing.table_reads => up,
+        // The table changed since this counter was looked up: the address may
+        // now be another process, with another counter (or none, forgotten).
+        Some(up) if up.backend == backend => {
+            let now = counter(&routing.counts, backend);
+            if !std::sync::Arc::ptr_eq(&now, &up.counter) {
+                up.counter = now;
+                up.conn = None;
+            }
+            up.table = routing.table_reads;
+            up
+        }
         _ => upstream.insert(Upstream {
             backend,
             counter: counter(&routing.counts, backend),
             conn: None,
+            table: routing.table_reads,
         }),
     };
     // In flight from here until the response has been passed on.
@@ -381,8 +396,9 @@ async fn exchange(
         )
         .await;
     }
-    // A request that is whole in `scratch.request` can be sent again.
-    let resendable = body.is_done();
+    // A request that is whole in `scratch.request`, has no body and may
+    // repeat can be sent again.
+    let resendable = body.is_done() && req.body == Length::Fixed(0) && req.idempotent;
 
     let resp = match send(client, up, &req, &mut body, scratch).await {
         Ok(resp) => resp,
@@ -438,7 +454,9 @@ async fn exchange(
             Err(CopyError::Write(e)) => return Err(e),
         }
     }
-    if !resp.reusable {
+    // Bytes after the response are not an answer to anything: a connection
+    // that has them is not used again.
+    if !resp.reusable || !conn.buf.is_empty() {
         up.conn = None;
     }
     Ok(if resp.close_client {
@@ -484,6 +502,21 @@ async fn fail(
     }
 }
 
+/// Whether an idle kept connection has become readable: closed by the
+/// backend, or holding bytes nobody asked for.
+fn stale(stream: &TcpStream) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match stream.poll_read_ready(&mut cx) {
+        std::task::Poll::Pending => false,
+        std::task::Poll::Ready(Err(_)) => true,
+        // The poller's word is checked with a read that never waits.
+        std::task::Poll::Ready(Ok(())) => {
+            let mut probe = [0u8; 1];
+            !matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        }
+    }
+}
+
 /// Sends the request (its head and buffered body in `scratch.request`, the
 /// rest of the body from the client) on the kept connection or a new one, and
 /// reads the final response head into `scratch.response`, passing interim
@@ -495,6 +528,12 @@ async fn send(
     body: &mut BodyLeft,
     scratch: &mut Scratch,
 ) -> Result<ResponseHead, NoResponse> {
+    // A kept connection that has something to read before it was asked
+    // anything (the backend closed it, or sent what answers nothing) is
+    // dropped. Asking costs no system call unless the poller saw it readable.
+    if up.conn.as_ref().is_some_and(|c| stale(&c.stream)) {
+        up.conn = None;
+    }
     let reused = up.conn.is_some();
     let conn = match &mut up.conn {
         Some(conn) => conn,
@@ -1308,6 +1347,115 @@ mod tests {
             "{rest}"
         );
         upload.await.unwrap();
+        front.shutdown().await;
+    }
+
+    /// Reads one request head; false at the end of the stream.
+    async fn read_head(s: &mut BufReader<TcpStream>) -> bool {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if s.read_line(&mut line).await.unwrap_or(0) == 0 {
+                return false;
+            }
+            if line == "\r\n" {
+                return true;
+            }
+        }
+    }
+
+    /// A backend that answers the first request of each connection, and then
+    /// does `then` on it: `Some(bytes)`: sends them unasked and closes;
+    /// `None`: reads the next request head and closes without answering.
+    async fn one_answer_backend(then: Option<&'static [u8]>) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut s = BufReader::new(s);
+                    if !read_head(&mut s).await {
+                        return;
+                    }
+                    let _ = s
+                        .get_mut()
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                    match then {
+                        Some(bytes) => {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            let _ = s.get_mut().write_all(bytes).await;
+                        }
+                        None => {
+                            read_head(&mut s).await;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn bytes_nobody_asked_for_never_answer_the_next_request() {
+        let backend = one_answer_backend(Some(
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n",
+        ))
+        .await;
+        let (_router, front) = front_to(backend).await;
+        let mut conn = BufReader::new(TcpStream::connect(front.local_addr()).await.unwrap());
+        for _ in 0..3 {
+            assert_eq!(get(&mut conn).await, (200, "ok".into()));
+            // The unasked 408 arrives on the kept connection meanwhile.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        front.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn only_requests_that_may_repeat_are_sent_again() {
+        // Closes, unanswered, the second request on each connection.
+        let (_router, front) = front_to(one_answer_backend(None).await).await;
+        let mut conn = BufReader::new(TcpStream::connect(front.local_addr()).await.unwrap());
+        assert_eq!(get(&mut conn).await, (200, "ok".into()));
+        // A GET may repeat: sent again on a new connection, answered there.
+        assert_eq!(get(&mut conn).await, (200, "ok".into()));
+        // A POST may not: the client is told it failed.
+        conn.get_mut()
+            .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(read_response(&mut conn, false).await.status, 502);
+        front.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_backend_address_used_again_is_counted_on_its_new_counter() {
+        let slow = backend("a", Duration::from_millis(300)).await;
+        let other = backend("b", Duration::ZERO).await;
+        let (router, front) = front_to(slow).await;
+        let addr = front.local_addr();
+        let mut conn = BufReader::new(TcpStream::connect(addr).await.unwrap());
+        assert_eq!(get(&mut conn).await, (200, "a".into()));
+        // Away and drained: its counter is forgotten. Then the address is
+        // routed to again (a new process may get the same port).
+        router.set([(KEY.to_owned(), Some(other))]);
+        front.forget(slow);
+        router.set([(KEY.to_owned(), Some(slow))]);
+        let pending = tokio::spawn(async move {
+            let r = get(&mut conn).await;
+            (r, conn)
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while front.busy(slow) == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the request in flight is not counted"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(pending.await.unwrap().0, (200, "a".into()));
+        assert_eq!(front.busy(slow), 0);
         front.shutdown().await;
     }
 }
