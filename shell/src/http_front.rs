@@ -31,13 +31,14 @@
 //! - refuses what it cannot frame safely (`400`, `431`) and closes.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -117,11 +118,16 @@ impl Side {
 
     /// Reads what has arrived; `Ok(0)` once the peer has closed.
     async fn fill(&mut self) -> std::io::Result<usize> {
-        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-            self.buf.reserve(READ_CHUNK);
-        }
-        self.stream.read_buf(&mut self.buf).await
+        fill(&mut self.stream, &mut self.buf).await
     }
+}
+
+/// Reads what has arrived from `from` into `buf`; `Ok(0)` once it has closed.
+async fn fill<R: AsyncRead + Unpin>(from: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+    from.read_buf(buf).await
 }
 
 /// Where a body is: how much of it is still to come.
@@ -172,26 +178,26 @@ enum CopyError {
     Write(std::io::Error),
 }
 
-/// Copies the rest of a body from `from` (its buffered bytes first) to `to`.
-async fn copy_body(
-    from: &mut Side,
-    to: &mut TcpStream,
+/// Copies the rest of a body from `from` (the bytes already read from it in
+/// `buf` first) to `to`.
+async fn copy_body<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    from: &mut R,
+    buf: &mut BytesMut,
+    to: &mut W,
     left: &mut BodyLeft,
 ) -> Result<(), CopyError> {
     loop {
-        if !from.buf.is_empty() {
-            let n = left.take(&from.buf).map_err(|e| {
+        if !buf.is_empty() {
+            let n = left.take(buf).map_err(|e| {
                 CopyError::Read(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
             })?;
-            to.write_all(&from.buf[..n])
-                .await
-                .map_err(CopyError::Write)?;
-            from.buf.advance(n);
+            to.write_all(&buf[..n]).await.map_err(CopyError::Write)?;
+            buf.advance(n);
         }
         if left.is_done() {
             return Ok(());
         }
-        match from.fill().await {
+        match fill(from, buf).await {
             Ok(0) if matches!(left, BodyLeft::ToClose) => return Ok(()),
             Ok(0) => {
                 return Err(CopyError::Read(std::io::ErrorKind::UnexpectedEof.into()));
@@ -202,15 +208,15 @@ async fn copy_body(
     }
 }
 
-/// Moves the buffered bytes of `from` that belong to the body onto `out`.
+/// Moves the bytes in `buf` that belong to the body onto `out`.
 fn take_buffered(
-    from: &mut Side,
+    buf: &mut BytesMut,
     left: &mut BodyLeft,
     out: &mut Vec<u8>,
 ) -> Result<(), FrameError> {
-    let n = left.take(&from.buf)?;
-    out.extend_from_slice(&from.buf[..n]);
-    from.buf.advance(n);
+    let n = left.take(buf)?;
+    out.extend_from_slice(&buf[..n]);
+    buf.advance(n);
     Ok(())
 }
 
@@ -231,8 +237,19 @@ enum NoResponse {
     Closed,
     /// Anything else: the client gets a `502`.
     Failed(String),
-    /// The client failed while its body was being sent: nothing to answer.
+    /// The client failed or left: nothing to answer.
     Client,
+    /// The backend failed after the response began: too late for a `502`,
+    /// the client sees its connection end.
+    Broken(String),
+}
+
+/// What came back for a request.
+enum Relayed {
+    /// A whole response went to the client; `close`: its connection ends.
+    Done { resp: ResponseHead, close: bool },
+    /// `101`: the head is in `scratch.response`, nothing passed on yet.
+    Switching,
 }
 
 /// What happens to the client connection after an exchange.
@@ -386,7 +403,7 @@ async fn exchange(
             .await?;
     }
     let mut body = BodyLeft::new(req.body);
-    if let Err(e) = take_buffered(client, &mut body, &mut scratch.request) {
+    if let Err(e) = take_buffered(&mut client.buf, &mut body, &mut scratch.request) {
         return answer(
             client,
             scratch,
@@ -400,70 +417,39 @@ async fn exchange(
     // repeat can be sent again.
     let resendable = body.is_done() && req.body == Length::Fixed(0) && req.idempotent;
 
-    let resp = match send(client, up, &req, &mut body, scratch).await {
-        Ok(resp) => resp,
-        Err(NoResponse::Closed) if resendable => {
-            debug!(%backend, "kept backend connection was closed; sending again on a new one");
-            up.conn = None;
-            match send(client, up, &req, &mut body, scratch).await {
-                Ok(resp) => resp,
-                Err(e) => return fail(client, up, scratch, &req, e).await,
+    let mut again = resendable;
+    let relayed = loop {
+        match send(client, up, &req, &mut body, scratch).await {
+            Err(NoResponse::Closed) if again => {
+                debug!(%backend, "kept backend connection was closed; sending again on a new one");
+                again = false;
+                up.conn = None;
             }
+            other => break other,
+        }
+    };
+    let (resp, close) = match relayed {
+        Ok(Relayed::Done { resp, close }) => (resp, close),
+        Ok(Relayed::Switching) => {
+            // The client asked for it (else `read_head` refused it): from here
+            // on the connection is the two peers' own.
+            let mut backend_side = up.conn.take().expect("a response came on it");
+            scratch.response.extend_from_slice(&backend_side.buf);
+            client.stream.write_all(&scratch.response).await?;
+            if !client.buf.is_empty() {
+                backend_side.stream.write_all(&client.buf).await?;
+            }
+            tokio::io::copy_bidirectional(&mut client.stream, &mut backend_side.stream).await?;
+            return Ok(Next::Close);
         }
         Err(e) => return fail(client, up, scratch, &req, e).await,
     };
-    let conn = up.conn.as_mut().expect("a response came on it");
-
-    if resp.status == 101 {
-        // The client asked for it (else `send` refused it): from here on the
-        // connection is the two peers' own.
-        let mut backend_stream = up.conn.take().expect("a response came on it");
-        scratch.response.extend_from_slice(&backend_stream.buf);
-        client.stream.write_all(&scratch.response).await?;
-        if !client.buf.is_empty() {
-            backend_stream.stream.write_all(&client.buf).await?;
-        }
-        tokio::io::copy_bidirectional(&mut client.stream, &mut backend_stream.stream).await?;
-        return Ok(Next::Close);
-    }
-
-    // The head, with as much of the body as has arrived, in one write; then the rest.
-    let mut body = BodyLeft::new(resp.body);
-    if let Err(e) = take_buffered(conn, &mut body, &mut scratch.response) {
-        debug!(%backend, error = %e, "backend sent a malformed body");
-        up.conn = None;
-        return answer(
-            client,
-            scratch,
-            Some(&req),
-            BAD_GATEWAY,
-            "the service sent a malformed response\n",
-        )
-        .await;
-    }
-    client.stream.write_all(&scratch.response).await?;
-    if !body.is_done() {
-        match copy_body(conn, &mut client.stream, &mut body).await {
-            Ok(()) => {}
-            Err(CopyError::Read(e)) => {
-                // Too late for a 502: the client sees the connection end.
-                debug!(%backend, error = %e, "backend failed in the middle of a response");
-                up.conn = None;
-                return Ok(Next::Close);
-            }
-            Err(CopyError::Write(e)) => return Err(e),
-        }
-    }
     // Bytes after the response are not an answer to anything: a connection
-    // that has them is not used again.
-    if !resp.reusable || !conn.buf.is_empty() {
+    // that has them is not used again; nor one whose request was cut short.
+    if !resp.reusable || close || up.conn.as_ref().is_some_and(|c| !c.buf.is_empty()) {
         up.conn = None;
     }
-    Ok(if resp.close_client {
-        Next::Close
-    } else {
-        Next::KeepAlive
-    })
+    Ok(if close { Next::Close } else { Next::KeepAlive })
 }
 
 /// Answers a request no response came for.
@@ -477,6 +463,10 @@ async fn fail(
     up.conn = None;
     match why {
         NoResponse::Client => Ok(Next::Close),
+        NoResponse::Broken(e) => {
+            debug!(backend = %up.backend, error = %e, "backend failed in the middle of a response");
+            Ok(Next::Close)
+        }
         NoResponse::Closed => {
             debug!(backend = %up.backend, "backend closed the connection without answering");
             answer(
@@ -517,17 +507,16 @@ fn stale(stream: &TcpStream) -> bool {
     }
 }
 
-/// Sends the request (its head and buffered body in `scratch.request`, the
-/// rest of the body from the client) on the kept connection or a new one, and
-/// reads the final response head into `scratch.response`, passing interim
-/// (`1xx`) responses on to the client.
+/// Sends the request on the kept connection or a new one: its head and
+/// buffered body (in `scratch.request`), then the rest of its body while the
+/// response comes back and goes on to the client (see [`relay`]).
 async fn send(
     client: &mut Side,
     up: &mut Upstream,
     req: &RequestHead,
     body: &mut BodyLeft,
     scratch: &mut Scratch,
-) -> Result<ResponseHead, NoResponse> {
+) -> Result<Relayed, NoResponse> {
     // A kept connection that has something to read before it was asked
     // anything (the backend closed it, or sent what answers nothing) is
     // dropped. Asking costs no system call unless the poller saw it readable.
@@ -545,6 +534,114 @@ async fn send(
             up.conn.insert(Side::new(stream))
         }
     };
+    if let Err(e) = conn.stream.write_all(&scratch.request).await {
+        return Err(if reused {
+            NoResponse::Closed
+        } else {
+            NoResponse::Failed(e.to_string())
+        });
+    }
+    relay(client, conn, req, body, &mut scratch.response, reused).await
+}
+
+/// Sends the rest of the request body from the client to the backend while
+/// reading the response and passing it on, so that neither side waits on the
+/// other: a backend may answer before it has read the whole body (a `413`),
+/// or stream its answer while it reads (an echo). A response that starts
+/// before the body is all sent ends the client's connection after it.
+async fn relay(
+    client: &mut Side,
+    conn: &mut Side,
+    req: &RequestHead,
+    body: &mut BodyLeft,
+    response: &mut Vec<u8>,
+    reused: bool,
+) -> Result<Relayed, NoResponse> {
+    let (mut client_rd, mut client_wr) = client.stream.split();
+    let (mut backend_rd, mut backend_wr) = conn.stream.split();
+    let (client_buf, backend_buf) = (&mut client.buf, &mut conn.buf);
+    let sent = AtomicBool::new(body.is_done());
+    let upload = async {
+        if body.is_done() {
+            return Ok(());
+        }
+        let copied = copy_body(&mut client_rd, client_buf, &mut backend_wr, body).await;
+        sent.store(copied.is_ok(), Ordering::Relaxed);
+        copied
+    };
+    let respond = async {
+        let resp = read_head(
+            &mut backend_rd,
+            backend_buf,
+            req,
+            response,
+            &mut client_wr,
+            reused,
+        )
+        .await?;
+        if resp.status == 101 {
+            return Ok(Relayed::Switching);
+        }
+        let close = resp.close_client || !sent.load(Ordering::Relaxed);
+        if close && !resp.close_client {
+            // The head ends in CRLF CRLF: the line goes before the last CRLF.
+            response.truncate(response.len() - 2);
+            response.extend_from_slice(b"Connection: close\r\n\r\n");
+        }
+        // The head, with as much of the body as has arrived, in one write;
+        // then the rest.
+        let mut left = BodyLeft::new(resp.body);
+        take_buffered(backend_buf, &mut left, response)
+            .map_err(|e| NoResponse::Failed(format!("malformed response body: {e}")))?;
+        client_wr
+            .write_all(response)
+            .await
+            .map_err(|_| NoResponse::Client)?;
+        match copy_body(&mut backend_rd, backend_buf, &mut client_wr, &mut left).await {
+            Ok(()) => Ok(Relayed::Done { resp, close }),
+            Err(CopyError::Read(e)) => Err(NoResponse::Broken(e.to_string())),
+            Err(CopyError::Write(_)) => Err(NoResponse::Client),
+        }
+    };
+    tokio::pin!(upload, respond);
+    let mut cut = None;
+    let mut uploading = true;
+    loop {
+        tokio::select! {
+            biased;
+            copied = &mut upload, if uploading => {
+                uploading = false;
+                match copied {
+                    Ok(()) => {}
+                    // The client left, or sent a body that is not one.
+                    Err(CopyError::Read(_)) => return Err(NoResponse::Client),
+                    // The backend stopped reading: its answer may still come.
+                    Err(CopyError::Write(e)) => cut = Some(e),
+                }
+            }
+            relayed = &mut respond => {
+                return match (relayed, cut) {
+                    (Err(NoResponse::Closed | NoResponse::Failed(_)), Some(e)) => Err(NoResponse::Failed(
+                        format!("{e} while sending the body, and no answer"),
+                    )),
+                    (relayed, _) => relayed,
+                };
+            }
+        }
+    }
+}
+
+/// Reads the final response head from the backend into `response`, passing
+/// interim (`1xx`) ones on to the client. `reused`: the connection was kept
+/// from an earlier request, so its end before any answer is [`NoResponse::Closed`].
+async fn read_head<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    from: &mut R,
+    buf: &mut BytesMut,
+    req: &RequestHead,
+    response: &mut Vec<u8>,
+    client: &mut W,
+    reused: bool,
+) -> Result<ResponseHead, NoResponse> {
     let closed = |e: std::io::Error| {
         if reused {
             NoResponse::Closed
@@ -552,45 +649,14 @@ async fn send(
             NoResponse::Failed(e.to_string())
         }
     };
-    conn.stream
-        .write_all(&scratch.request)
-        .await
-        .map_err(closed)?;
-    // A backend may answer before it has read the whole body (a 413, a 401)
-    // and close: its answer still goes to the client, whose connection then
-    // closes, since the rest of its body was never read.
-    let mut cut = None;
-    if !body.is_done() {
-        match copy_body(client, &mut conn.stream, body).await {
-            Ok(()) => {}
-            Err(CopyError::Read(_)) => return Err(NoResponse::Client),
-            Err(CopyError::Write(e)) => cut = Some(e),
-        }
-    }
-    let closing;
-    let req = match &cut {
-        Some(_) => {
-            closing = RequestHead {
-                keep_alive: false,
-                ..req.clone()
-            };
-            &closing
-        }
-        None => req,
-    };
-    let no_answer = |e: std::io::Error| match &cut {
-        Some(w) => NoResponse::Failed(format!("{w} while sending the body, and no answer")),
-        None => closed(e),
-    };
     loop {
-        scratch.response.clear();
-        match http1::parse_response(&conn.buf, req, &mut scratch.response) {
+        response.clear();
+        match http1::parse_response(buf, req, response) {
             Ok(Some(resp)) if resp.is_interim() => {
-                conn.buf.advance(resp.consumed);
+                buf.advance(resp.consumed);
                 if !req.http10 {
                     client
-                        .stream
-                        .write_all(&scratch.response)
+                        .write_all(response)
                         .await
                         .map_err(|_| NoResponse::Client)?;
                 }
@@ -602,15 +668,15 @@ async fn send(
                 ));
             }
             Ok(Some(resp)) => {
-                conn.buf.advance(resp.consumed);
+                buf.advance(resp.consumed);
                 return Ok(resp);
             }
             Ok(None) => {}
             Err(e) => return Err(NoResponse::Failed(format!("malformed response: {e}"))),
         }
-        match conn.fill().await {
-            Ok(0) if conn.buf.is_empty() => {
-                return Err(no_answer(std::io::ErrorKind::UnexpectedEof.into()));
+        match fill(from, buf).await {
+            Ok(0) if buf.is_empty() => {
+                return Err(closed(std::io::ErrorKind::UnexpectedEof.into()));
             }
             Ok(0) => {
                 return Err(NoResponse::Failed(
@@ -618,7 +684,7 @@ async fn send(
                 ));
             }
             Ok(_) => {}
-            Err(e) if conn.buf.is_empty() => return Err(no_answer(e)),
+            Err(e) if buf.is_empty() => return Err(closed(e)),
             Err(e) => return Err(NoResponse::Failed(e.to_string())),
         }
     }
@@ -738,7 +804,10 @@ mod tests {
     }
 
     /// Reads one response (Content-Length, chunked or to the close) from `conn`.
-    async fn read_response(conn: &mut BufReader<TcpStream>, head_request: bool) -> Seen {
+    async fn read_response<R>(conn: &mut R, head_request: bool) -> Seen
+    where
+        R: tokio::io::AsyncBufRead + Unpin,
+    {
         let mut status = String::new();
         conn.read_line(&mut status).await.unwrap();
         let status: u16 = status.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -1456,6 +1525,48 @@ mod tests {
         }
         assert_eq!(pending.await.unwrap().0, (200, "a".into()));
         assert_eq!(front.busy(slow), 0);
+        front.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_answers_while_it_reads_gets_its_whole_body() {
+        // Streams each request's body back as it reads it: an echo.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        Ok::<_, Infallible>(Response::new(req.into_body()))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), service)
+                        .await;
+                });
+            }
+        });
+        let (_router, front) = front_to(backend).await;
+        let conn = TcpStream::connect(front.local_addr()).await.unwrap();
+        let (reader, mut writer) = conn.into_split();
+        // Far more than the socket buffers on the way hold.
+        let size: usize = 16 << 20;
+        let upload = tokio::spawn(async move {
+            let head = format!("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n");
+            writer.write_all(head.as_bytes()).await.unwrap();
+            let piece: Vec<u8> = (0..64 * 1024).map(|i| (i % 253) as u8).collect();
+            for _ in 0..size / piece.len() {
+                writer.write_all(&piece).await.unwrap();
+            }
+            writer
+        });
+        let mut reader = BufReader::new(reader);
+        let seen = tokio::time::timeout(Duration::from_secs(30), read_response(&mut reader, false))
+            .await
+            .expect("no whole answer: the front and the backend wait on each other");
+        assert_eq!(seen.status, 200);
+        let echoed = seen.body.len();
+        assert_eq!(echoed, size);
+        drop(upload.await.unwrap());
         front.shutdown().await;
     }
 }
