@@ -561,14 +561,6 @@ async fn relay(
     let (mut backend_rd, mut backend_wr) = conn.stream.split();
     let (client_buf, backend_buf) = (&mut client.buf, &mut conn.buf);
     let sent = AtomicBool::new(body.is_done());
-    let upload = async {
-        if body.is_done() {
-            return Ok(());
-        }
-        let copied = copy_body(&mut client_rd, client_buf, &mut backend_wr, body).await;
-        sent.store(copied.is_ok(), Ordering::Relaxed);
-        copied
-    };
     let respond = async {
         let resp = read_head(
             &mut backend_rd,
@@ -597,11 +589,23 @@ async fn relay(
             .write_all(response)
             .await
             .map_err(|_| NoResponse::Client)?;
+        if left.is_done() {
+            return Ok(Relayed::Done { resp, close });
+        }
         match copy_body(&mut backend_rd, backend_buf, &mut client_wr, &mut left).await {
             Ok(()) => Ok(Relayed::Done { resp, close }),
             Err(CopyError::Read(e)) => Err(NoResponse::Broken(e.to_string())),
             Err(CopyError::Write(_)) => Err(NoResponse::Client),
         }
+    };
+    if body.is_done() {
+        // Most requests: nothing more to send, only the answer to relay.
+        return respond.await;
+    }
+    let upload = async {
+        let copied = copy_body(&mut client_rd, client_buf, &mut backend_wr, body).await;
+        sent.store(copied.is_ok(), Ordering::Relaxed);
+        copied
     };
     tokio::pin!(upload, respond);
     let mut cut = None;
