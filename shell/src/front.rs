@@ -153,6 +153,11 @@ impl Routing {
         }
     }
 
+    /// Whether the table changed since it was last read here (one atomic load).
+    pub(crate) fn route_changed(&self) -> bool {
+        self.route.table.has_changed().unwrap_or(false)
+    }
+
     /// The backend, waiting up to the hold time while there is none.
     pub(crate) async fn current(&mut self) -> Option<SocketAddr> {
         // The common case, without arming a timer: there is a backend.

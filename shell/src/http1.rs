@@ -63,7 +63,7 @@ pub enum Length {
 }
 
 /// A parsed request head.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestHead {
     /// Bytes of input the head took.
     pub consumed: usize,

@@ -188,11 +188,20 @@ async fn copy_body<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 ) -> Result<(), CopyError> {
     loop {
         if !buf.is_empty() {
-            let n = left.take(buf).map_err(|e| {
+            let mut n = left.take(buf).map_err(|e| {
                 CopyError::Read(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
             })?;
-            to.write_all(&buf[..n]).await.map_err(CopyError::Write)?;
-            buf.advance(n);
+            // Written piece by piece, each piece leaving `buf` as it goes out:
+            // if this is dropped half-way (the backend switched protocols),
+            // `buf` holds exactly what the backend has not got.
+            while n > 0 {
+                let wrote = to.write(&buf[..n]).await.map_err(CopyError::Write)?;
+                if wrote == 0 {
+                    return Err(CopyError::Write(std::io::ErrorKind::WriteZero.into()));
+                }
+                buf.advance(wrote);
+                n -= wrote;
+            }
         }
         if left.is_done() {
             return Ok(());
@@ -327,6 +336,46 @@ async fn answer(
 
 const BAD_GATEWAY: (u16, &str) = (502, "Bad Gateway");
 
+/// Picks the backend for a request (waiting up to the hold time while there
+/// is none) and counts the request on it; `None`: no backend within the hold.
+///
+/// The count comes first and the table is checked again after it, so a
+/// cutover either sees this request on the old backend's counter (and waits
+/// for it) or this request sees the cutover (and goes to the new backend).
+async fn route(upstream: &mut Option<Upstream>, routing: &mut Routing) -> Option<Busy> {
+    loop {
+        let backend = match routing.now() {
+            Some(b) => b,
+            None => routing.current().await?,
+        };
+        let up = match upstream {
+            Some(up) if up.backend == backend && up.table == routing.table_reads => up,
+            // The table changed since this counter was looked up: the address
+            // may now be another process, with another counter (or none,
+            // forgotten).
+            Some(up) if up.backend == backend => {
+                let now = counter(&routing.counts, backend);
+                if !std::sync::Arc::ptr_eq(&now, &up.counter) {
+                    up.counter = now;
+                    up.conn = None;
+                }
+                up.table = routing.table_reads;
+                up
+            }
+            _ => upstream.insert(Upstream {
+                backend,
+                counter: counter(&routing.counts, backend),
+                conn: None,
+                table: routing.table_reads,
+            }),
+        };
+        let busy = Busy::new(&up.counter);
+        if !routing.route_changed() {
+            return Some(busy);
+        }
+    }
+}
+
 /// One request and its response.
 async fn exchange(
     client: &mut Side,
@@ -361,40 +410,15 @@ async fn exchange(
     };
     client.buf.advance(req.consumed);
 
-    // Its backend, now; or, while there is none, the one that comes within the hold.
-    let backend = match routing.now() {
-        Some(b) => b,
-        None => match routing.current().await {
-            Some(b) => b,
-            None => {
-                let status = (503, "Service Unavailable");
-                let text = "no healthy process behind this port\n";
-                return answer(client, scratch, Some(&req), status, text).await;
-            }
-        },
+    // Its backend, and counted on it from here until the response has been
+    // passed on.
+    let Some(mut _in_flight) = route(upstream, routing).await else {
+        let status = (503, "Service Unavailable");
+        let text = "no healthy process behind this port\n";
+        return answer(client, scratch, Some(&req), status, text).await;
     };
-    let up = match upstream {
-        Some(up) if up.backend == backend && up.table == routing.table_reads => up,
-        // The table changed since this counter was looked up: the address may
-        // now be another process, with another counter (or none, forgotten).
-        Some(up) if up.backend == backend => {
-            let now = counter(&routing.counts, backend);
-            if !std::sync::Arc::ptr_eq(&now, &up.counter) {
-                up.counter = now;
-                up.conn = None;
-            }
-            up.table = routing.table_reads;
-            up
-        }
-        _ => upstream.insert(Upstream {
-            backend,
-            counter: counter(&routing.counts, backend),
-            conn: None,
-            table: routing.table_reads,
-        }),
-    };
-    // In flight from here until the response has been passed on.
-    let _busy = Busy::new(&up.counter);
+    let mut up = upstream.as_mut().expect("route() set it");
+    let backend = up.backend;
 
     if req.expects_continue {
         client
@@ -424,6 +448,25 @@ async fn exchange(
                 debug!(%backend, "kept backend connection was closed; sending again on a new one");
                 again = false;
                 up.conn = None;
+                // A backend closing its kept connections may be one being
+                // drained after a cutover: the request goes where the table
+                // says now.
+                if routing.route_changed() {
+                    match route(upstream, routing).await {
+                        Some(b) => _in_flight = b,
+                        None => {
+                            return fail(
+                                client,
+                                upstream.as_mut().expect("set"),
+                                scratch,
+                                &req,
+                                NoResponse::Closed,
+                            )
+                            .await;
+                        }
+                    }
+                }
+                up = upstream.as_mut().expect("route() set it");
             }
             other => break other,
         }
@@ -493,18 +536,11 @@ async fn fail(
 }
 
 /// Whether an idle kept connection has become readable: closed by the
-/// backend, or holding bytes nobody asked for.
+/// backend, or holding bytes nobody asked for. `try_read` consults the
+/// poller's readiness first, so this costs no system call while the poller has
+/// seen nothing; the byte read is lost, but so is the connection.
 fn stale(stream: &TcpStream) -> bool {
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    match stream.poll_read_ready(&mut cx) {
-        std::task::Poll::Pending => false,
-        std::task::Poll::Ready(Err(_)) => true,
-        // The poller's word is checked with a read that never waits.
-        std::task::Poll::Ready(Ok(())) => {
-            let mut probe = [0u8; 1];
-            !matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-        }
-    }
+    !matches!(stream.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 /// Sends the request on the kept connection or a new one: its head and
@@ -566,6 +602,7 @@ async fn relay(
             &mut backend_rd,
             backend_buf,
             req,
+            &sent,
             response,
             &mut client_wr,
             reused,
@@ -574,12 +611,7 @@ async fn relay(
         if resp.status == 101 {
             return Ok(Relayed::Switching);
         }
-        let close = resp.close_client || !sent.load(Ordering::Relaxed);
-        if close && !resp.close_client {
-            // The head ends in CRLF CRLF: the line goes before the last CRLF.
-            response.truncate(response.len() - 2);
-            response.extend_from_slice(b"Connection: close\r\n\r\n");
-        }
+        let close = resp.close_client;
         // The head, with as much of the body as has arrived, in one write;
         // then the rest.
         let mut left = BodyLeft::new(resp.body);
@@ -638,14 +670,23 @@ async fn relay(
 /// Reads the final response head from the backend into `response`, passing
 /// interim (`1xx`) ones on to the client. `reused`: the connection was kept
 /// from an earlier request, so its end before any answer is [`NoResponse::Closed`].
+///
+/// `sent`: whether the request body has all gone to the backend. A response
+/// that starts before it has ends the client's connection (its head says so),
+/// since the rest of the body will not be read.
 async fn read_head<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     from: &mut R,
     buf: &mut BytesMut,
     req: &RequestHead,
+    sent: &AtomicBool,
     response: &mut Vec<u8>,
     client: &mut W,
     reused: bool,
 ) -> Result<ResponseHead, NoResponse> {
+    let cut_short = RequestHead {
+        keep_alive: false,
+        ..*req
+    };
     let closed = |e: std::io::Error| {
         if reused {
             NoResponse::Closed
@@ -655,7 +696,12 @@ async fn read_head<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     };
     loop {
         response.clear();
-        match http1::parse_response(buf, req, response) {
+        let answering = if sent.load(Ordering::Relaxed) {
+            req
+        } else {
+            &cut_short
+        };
+        match http1::parse_response(buf, answering, response) {
             Ok(Some(resp)) if resp.is_interim() => {
                 buf.advance(resp.consumed);
                 if !req.http10 {
@@ -1571,6 +1617,131 @@ mod tests {
         let echoed = seen.body.len();
         assert_eq!(echoed, size);
         drop(upload.await.unwrap());
+        front.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_switch_to_another_protocol_mid_upload_loses_and_repeats_no_byte() {
+        // Switches protocols at the head, before reading the body, then
+        // counts what comes through the tunnel until the client stops.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend = l.local_addr().unwrap();
+        let counted = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut s = BufReader::new(s);
+            assert!(read_head(&mut s).await);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            s.get_mut()
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: raw\r\nConnection: upgrade\r\n\r\n")
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let (_router, front) = front_to(backend).await;
+        let conn = TcpStream::connect(front.local_addr()).await.unwrap();
+        let (mut reader, mut writer) = conn.into_split();
+        let size: usize = 16 << 20;
+        let sent: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let head = format!(
+            "POST /up HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: raw\r\nContent-Length: {size}\r\n\r\n"
+        );
+        let upload = {
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                writer.write_all(head.as_bytes()).await.unwrap();
+                writer.write_all(&sent).await.unwrap();
+                writer.shutdown().await.unwrap();
+                writer
+            })
+        };
+        // Drain the 101 so nothing backs up on the way back.
+        let drain = tokio::spawn(async move {
+            let mut back = Vec::new();
+            let _ = reader.read_to_end(&mut back).await;
+            back
+        });
+        let got = tokio::time::timeout(Duration::from_secs(30), counted)
+            .await
+            .expect("the tunnel never ended")
+            .unwrap();
+        assert_eq!(got.len(), sent.len(), "bytes lost or repeated on the way");
+        assert!(got == sent, "the body arrived changed");
+        drop(upload.await.unwrap());
+        drop(front);
+        assert!(String::from_utf8_lossy(&drain.await.unwrap()).starts_with("HTTP/1.1 101 "));
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_to_an_http10_keep_alive_upload_says_close_once() {
+        let backend = raw_backend(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n",
+            false,
+        )
+        .await;
+        let (_router, front) = front_to(backend).await;
+        let conn = TcpStream::connect(front.local_addr()).await.unwrap();
+        let (reader, mut writer) = conn.into_split();
+        let upload = tokio::spawn(async move {
+            let size = 8 << 20;
+            let head = format!(
+                "POST / HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: {size}\r\n\r\n"
+            );
+            writer.write_all(head.as_bytes()).await.unwrap();
+            let _ = writer.write_all(&vec![1u8; size]).await;
+        });
+        let mut reader = BufReader::new(reader);
+        let seen = read_response(&mut reader, false).await;
+        assert_eq!(seen.status, 413);
+        let connection: Vec<_> = seen
+            .headers
+            .iter()
+            .filter(|(n, _)| n == "connection")
+            .collect();
+        assert_eq!(connection, [&("connection".to_owned(), "close".to_owned())]);
+        upload.await.unwrap();
+        front.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_request_sent_again_follows_a_cutover() {
+        // `old` answers the first request of a connection; at the second it
+        // lets the test cut over, then closes without answering, like a
+        // process being drained.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let old = l.local_addr().unwrap();
+        let (asked, mut asked_rx) =
+            tokio::sync::mpsc::channel::<tokio::sync::oneshot::Sender<()>>(1);
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let asked = asked.clone();
+                tokio::spawn(async move {
+                    let mut s = BufReader::new(s);
+                    if !read_head(&mut s).await {
+                        return;
+                    }
+                    let _ = s
+                        .get_mut()
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nold")
+                        .await;
+                    if read_head(&mut s).await {
+                        let (go, gone) = tokio::sync::oneshot::channel();
+                        let _ = asked.send(go).await;
+                        let _ = gone.await;
+                    }
+                });
+            }
+        });
+        let new = backend("new", Duration::ZERO).await;
+        let (router, front) = front_to(old).await;
+        let mut conn = BufReader::new(TcpStream::connect(front.local_addr()).await.unwrap());
+        assert_eq!(get(&mut conn).await, (200, "old".into()));
+        let second = tokio::spawn(async move { get(&mut conn).await });
+        let go = asked_rx.recv().await.unwrap();
+        router.set([(KEY.to_owned(), Some(new))]);
+        drop(go); // `old` closes the connection, unanswered
+        assert_eq!(second.await.unwrap(), (200, "new".into()));
         front.shutdown().await;
     }
 }
