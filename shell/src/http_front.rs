@@ -27,11 +27,14 @@
 //!   counts as in flight until it closes;
 //! - passes on a backend's early answer to an upload it did not read (a
 //!   `413`), then closes, lingering so the close does not reset the answer;
-//! - closes client connections idle for 75–150 s;
+//! - closes client connections idle for 75–150 s, and ends an exchange in
+//!   which nothing moves either way for as long: `408` if the client's body
+//!   stopped coming, `504` if the service did not answer, a closed connection
+//!   if its answer stalled half-way;
 //! - refuses what it cannot frame safely (`400`, `431`) and closes.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -64,6 +67,8 @@ struct Idle {
     /// Requests completed on the connection, and that count at the last firing.
     served: u64,
     served_at_last_check: u64,
+    /// The count of body and answer bytes moved at the last firing.
+    moved_at_last_check: u64,
 }
 
 impl Idle {
@@ -73,6 +78,23 @@ impl Idle {
             timer: Box::pin(tokio::time::sleep(period)),
             served: 0,
             served_at_last_check: 0,
+            moved_at_last_check: 0,
+        }
+    }
+
+    /// Resolves once a whole period has passed in which no body or answer
+    /// byte moved either way (`moved` counts them), so after one to two
+    /// periods of standstill.
+    async fn stalled(&mut self, moved: &AtomicU64) {
+        loop {
+            self.timer.as_mut().await;
+            let moved = moved.load(Ordering::Relaxed);
+            if moved == self.moved_at_last_check {
+                return;
+            }
+            self.moved_at_last_check = moved;
+            let next = tokio::time::Instant::now() + self.period;
+            self.timer.as_mut().reset(next);
         }
     }
 
@@ -120,6 +142,17 @@ impl Side {
     async fn fill(&mut self) -> std::io::Result<usize> {
         fill(&mut self.stream, &mut self.buf).await
     }
+}
+
+/// [`fill`], adding what it read to `moved`.
+async fn fill_counted<R: AsyncRead + Unpin>(
+    from: &mut R,
+    buf: &mut BytesMut,
+    moved: &AtomicU64,
+) -> std::io::Result<usize> {
+    let n = fill(from, buf).await?;
+    moved.fetch_add(n as u64, Ordering::Relaxed);
+    Ok(n)
 }
 
 /// Reads what has arrived from `from` into `buf`; `Ok(0)` once it has closed.
@@ -185,6 +218,7 @@ async fn copy_body<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     buf: &mut BytesMut,
     to: &mut W,
     left: &mut BodyLeft,
+    moved: &AtomicU64,
 ) -> Result<(), CopyError> {
     loop {
         if !buf.is_empty() {
@@ -206,7 +240,7 @@ async fn copy_body<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         if left.is_done() {
             return Ok(());
         }
-        match fill(from, buf).await {
+        match fill_counted(from, buf, moved).await {
             Ok(0) if matches!(left, BodyLeft::ToClose) => return Ok(()),
             Ok(0) => {
                 return Err(CopyError::Read(std::io::ErrorKind::UnexpectedEof.into()));
@@ -251,6 +285,20 @@ enum NoResponse {
     /// The backend failed after the response began: too late for a `502`,
     /// the client sees its connection end.
     Broken(String),
+    /// Nothing moved for a whole idle period before the answer began: the
+    /// client gets this status, and its connection ends.
+    Stalled((u16, &'static str)),
+}
+
+/// What reading the answer to a request needs to know about it.
+#[derive(Clone, Copy)]
+struct Asked<'a> {
+    req: &'a RequestHead,
+    /// The connection was kept from an earlier request, so its end before any
+    /// answer is [`NoResponse::Closed`].
+    reused: bool,
+    /// Body and answer bytes moved on the client's connection.
+    moved: &'a AtomicU64,
 }
 
 /// What came back for a request.
@@ -276,6 +324,8 @@ struct Scratch {
     /// `X-Forwarded-For: <client address>`: the services see the client, not
     /// the front (after any such lines the client sent).
     forwarded: Vec<u8>,
+    /// Body and answer bytes moved on this connection (see [`Idle::stalled`]).
+    moved: AtomicU64,
 }
 
 /// Serves one client connection, request by request, until it closes, sends
@@ -409,6 +459,11 @@ async fn exchange(
         }
     };
     client.buf.advance(req.consumed);
+    // A request arriving is movement: a standstill is counted from here, not
+    // from an idle moment before it.
+    scratch
+        .moved
+        .fetch_add(req.consumed as u64, Ordering::Relaxed);
 
     // Its backend, and counted on it from here until the response has been
     // passed on.
@@ -443,7 +498,7 @@ async fn exchange(
 
     let mut again = resendable;
     let relayed = loop {
-        match send(client, up, &req, &mut body, scratch).await {
+        match send(client, up, &req, &mut body, scratch, idle).await {
             Err(NoResponse::Closed) if again => {
                 debug!(%backend, "kept backend connection was closed; sending again on a new one");
                 again = false;
@@ -510,6 +565,17 @@ async fn fail(
             debug!(backend = %up.backend, error = %e, "backend failed in the middle of a response");
             Ok(Next::Close)
         }
+        NoResponse::Stalled(status) => {
+            debug!(backend = %up.backend, status = status.0, "nothing moved for a whole idle period");
+            answer(
+                client,
+                scratch,
+                None,
+                status,
+                "nothing moved for too long\n",
+            )
+            .await
+        }
         NoResponse::Closed => {
             debug!(backend = %up.backend, "backend closed the connection without answering");
             answer(
@@ -552,6 +618,7 @@ async fn send(
     req: &RequestHead,
     body: &mut BodyLeft,
     scratch: &mut Scratch,
+    idle: &mut Idle,
 ) -> Result<Relayed, NoResponse> {
     // A kept connection that has something to read before it was asked
     // anything (the backend closed it, or sent what answers nothing) is
@@ -577,7 +644,12 @@ async fn send(
             NoResponse::Failed(e.to_string())
         });
     }
-    relay(client, conn, req, body, &mut scratch.response, reused).await
+    let asked = Asked {
+        req,
+        reused,
+        moved: &scratch.moved,
+    };
+    relay(client, conn, body, &mut scratch.response, idle, asked).await
 }
 
 /// Sends the rest of the request body from the client to the backend while
@@ -588,24 +660,25 @@ async fn send(
 async fn relay(
     client: &mut Side,
     conn: &mut Side,
-    req: &RequestHead,
     body: &mut BodyLeft,
     response: &mut Vec<u8>,
-    reused: bool,
+    idle: &mut Idle,
+    asked: Asked<'_>,
 ) -> Result<Relayed, NoResponse> {
+    let moved = asked.moved;
     let (mut client_rd, mut client_wr) = client.stream.split();
     let (mut backend_rd, mut backend_wr) = conn.stream.split();
     let (client_buf, backend_buf) = (&mut client.buf, &mut conn.buf);
     let sent = AtomicBool::new(body.is_done());
+    let answered = AtomicBool::new(false);
     let respond = async {
         let resp = read_head(
             &mut backend_rd,
             backend_buf,
-            req,
-            &sent,
             response,
             &mut client_wr,
-            reused,
+            asked,
+            &sent,
         )
         .await?;
         if resp.status == 101 {
@@ -621,21 +694,47 @@ async fn relay(
             .write_all(response)
             .await
             .map_err(|_| NoResponse::Client)?;
+        answered.store(true, Ordering::Relaxed);
         if left.is_done() {
             return Ok(Relayed::Done { resp, close });
         }
-        match copy_body(&mut backend_rd, backend_buf, &mut client_wr, &mut left).await {
+        match copy_body(
+            &mut backend_rd,
+            backend_buf,
+            &mut client_wr,
+            &mut left,
+            moved,
+        )
+        .await
+        {
             Ok(()) => Ok(Relayed::Done { resp, close }),
             Err(CopyError::Read(e)) => Err(NoResponse::Broken(e.to_string())),
             Err(CopyError::Write(_)) => Err(NoResponse::Client),
         }
     };
+    // Nothing moving either way for a whole period ends the exchange: the
+    // client is told the backend did not answer in time (504) or that its
+    // body did not come in time (408), or, once its answer has begun, sees
+    // the connection end.
+    let stalled = |uploading: bool| {
+        if answered.load(Ordering::Relaxed) {
+            NoResponse::Broken("nothing moved for a whole idle period".into())
+        } else if uploading {
+            NoResponse::Stalled((408, "Request Timeout"))
+        } else {
+            NoResponse::Stalled((504, "Gateway Timeout"))
+        }
+    };
     if body.is_done() {
         // Most requests: nothing more to send, only the answer to relay.
-        return respond.await;
+        return tokio::select! {
+            biased;
+            relayed = respond => relayed,
+            () = idle.stalled(moved) => Err(stalled(false)),
+        };
     }
     let upload = async {
-        let copied = copy_body(&mut client_rd, client_buf, &mut backend_wr, body).await;
+        let copied = copy_body(&mut client_rd, client_buf, &mut backend_wr, body, moved).await;
         sent.store(copied.is_ok(), Ordering::Relaxed);
         copied
     };
@@ -655,6 +754,7 @@ async fn relay(
                     Err(CopyError::Write(e)) => cut = Some(e),
                 }
             }
+            () = idle.stalled(moved) => return Err(stalled(uploading)),
             relayed = &mut respond => {
                 return match (relayed, cut) {
                     (Err(NoResponse::Closed | NoResponse::Failed(_)), Some(e)) => Err(NoResponse::Failed(
@@ -668,8 +768,7 @@ async fn relay(
 }
 
 /// Reads the final response head from the backend into `response`, passing
-/// interim (`1xx`) ones on to the client. `reused`: the connection was kept
-/// from an earlier request, so its end before any answer is [`NoResponse::Closed`].
+/// interim (`1xx`) ones on to the client.
 ///
 /// `sent`: whether the request body has all gone to the backend. A response
 /// that starts before it has ends the client's connection (its head says so),
@@ -677,12 +776,12 @@ async fn relay(
 async fn read_head<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     from: &mut R,
     buf: &mut BytesMut,
-    req: &RequestHead,
-    sent: &AtomicBool,
     response: &mut Vec<u8>,
     client: &mut W,
-    reused: bool,
+    asked: Asked<'_>,
+    sent: &AtomicBool,
 ) -> Result<ResponseHead, NoResponse> {
+    let Asked { req, reused, moved } = asked;
     let cut_short = RequestHead {
         keep_alive: false,
         ..*req
@@ -724,7 +823,7 @@ async fn read_head<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             Ok(None) => {}
             Err(e) => return Err(NoResponse::Failed(format!("malformed response: {e}"))),
         }
-        match fill(from, buf).await {
+        match fill_counted(from, buf, moved).await {
             Ok(0) if buf.is_empty() => {
                 return Err(closed(std::io::ErrorKind::UnexpectedEof.into()));
             }
@@ -1742,6 +1841,57 @@ mod tests {
         router.set([(KEY.to_owned(), Some(new))]);
         drop(go); // `old` closes the connection, unanswered
         assert_eq!(second.await.unwrap(), (200, "new".into()));
+        front.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_standstill_either_way_ends_with_a_timeout_status() {
+        // A backend that takes connections and requests, and never answers.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        let router = Router::new();
+        router.set([(KEY.to_owned(), Some(silent))]);
+        let period = Duration::from_millis(300);
+        let front = bind_http_idle(
+            "127.0.0.1:0".parse().unwrap(),
+            router.route(KEY),
+            Duration::ZERO,
+            period,
+        )
+        .await
+        .unwrap();
+        let started = tokio::time::Instant::now();
+        let (seen, _) = ask(front.local_addr(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert_eq!(seen.status, 504);
+        assert!(started.elapsed() >= period, "gave up before a whole period");
+        assert_eq!(
+            front.busy(silent),
+            0,
+            "the stalled request is no longer counted"
+        );
+
+        // A slow answer to a request that came late in a quiet period is not
+        // a standstill: the period starts again at the request.
+        router.set([(KEY.to_owned(), Some(backend("slow", period / 2).await))]);
+        let mut conn = BufReader::new(TcpStream::connect(front.local_addr()).await.unwrap());
+        tokio::time::sleep(period * 4 / 5).await;
+        assert_eq!(get(&mut conn).await, (200, "slow".into()));
+
+        // A client that stops sending its body half-way.
+        router.set([(KEY.to_owned(), Some(echo_backend().await))]);
+        let (seen, mut conn) = ask(
+            front.local_addr(),
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhalf",
+        )
+        .await;
+        assert_eq!(seen.status, 408);
+        assert!(closed(&mut conn).await);
         front.shutdown().await;
     }
 }
