@@ -21,8 +21,10 @@
 //! - tells the service who the client is (`X-Forwarded-For`, after any the
 //!   client sent);
 //! - answers `Expect: 100-continue` itself;
-//! - sends a body-less request again on a new connection when the kept one
-//!   turns out closed before any answer (the backend's idle timeout);
+//! - drops a kept backend connection that turned readable while idle (closed,
+//!   or holding bytes nobody asked for), and sends a body-less idempotent
+//!   request again, where the table says now, when the kept one turns out
+//!   closed before any answer;
 //! - turns an accepted upgrade (`101`, e.g. WebSocket) into a tunnel that
 //!   counts as in flight until it closes;
 //! - passes on a backend's early answer to an upload it did not read (a
@@ -385,45 +387,61 @@ async fn answer(
 }
 
 const BAD_GATEWAY: (u16, &str) = (502, "Bad Gateway");
+const UNAVAILABLE: (u16, &str) = (503, "Service Unavailable");
+const NO_BACKEND: &str = "no healthy process behind this port\n";
 
 /// Picks the backend for a request (waiting up to the hold time while there
-/// is none) and counts the request on it; `None`: no backend within the hold.
+/// is none), counts the request on it and returns the count with the
+/// connection's upstream for it; `None`: no backend within the hold.
 ///
 /// The count comes first and the table is checked again after it, so a
 /// cutover either sees this request on the old backend's counter (and waits
 /// for it) or this request sees the cutover (and goes to the new backend).
-async fn route(upstream: &mut Option<Upstream>, routing: &mut Routing) -> Option<Busy> {
-    loop {
+async fn route<'u>(
+    upstream: &'u mut Option<Upstream>,
+    routing: &mut Routing,
+) -> Option<(Busy, &'u mut Upstream)> {
+    let (busy, backend) = loop {
         let backend = match routing.now() {
             Some(b) => b,
             None => routing.current().await?,
         };
-        let up = match upstream {
-            Some(up) if up.backend == backend && up.table == routing.table_reads => up,
-            // The table changed since this counter was looked up: the address
-            // may now be another process, with another counter (or none,
-            // forgotten).
-            Some(up) if up.backend == backend => {
-                let now = counter(&routing.counts, backend);
-                if !std::sync::Arc::ptr_eq(&now, &up.counter) {
-                    up.counter = now;
-                    up.conn = None;
-                }
-                up.table = routing.table_reads;
-                up
-            }
-            _ => upstream.insert(Upstream {
-                backend,
-                counter: counter(&routing.counts, backend),
-                conn: None,
-                table: routing.table_reads,
-            }),
-        };
-        let busy = Busy::new(&up.counter);
+        let busy = Busy::new(&upstream_for(upstream, routing, backend).counter);
         if !routing.route_changed() {
-            return Some(busy);
+            break (busy, backend);
         }
+    };
+    // The same backend and table: this finds what the loop just set up.
+    Some((busy, upstream_for(upstream, routing, backend)))
+}
+
+/// The connection's upstream for `backend`: the kept one, with its counter
+/// looked up again if the table changed since, or a new one.
+fn upstream_for<'u>(
+    upstream: &'u mut Option<Upstream>,
+    routing: &Routing,
+    backend: SocketAddr,
+) -> &'u mut Upstream {
+    if upstream.as_ref().is_some_and(|up| up.backend != backend) {
+        *upstream = None;
     }
+    let up = upstream.get_or_insert_with(|| Upstream {
+        backend,
+        counter: counter(&routing.counts, backend),
+        conn: None,
+        table: routing.table_reads,
+    });
+    // The table changed since this counter was looked up: the address may now
+    // be another process, with another counter (or none, forgotten).
+    if up.table != routing.table_reads {
+        let now = counter(&routing.counts, backend);
+        if !std::sync::Arc::ptr_eq(&now, &up.counter) {
+            up.counter = now;
+            up.conn = None;
+        }
+        up.table = routing.table_reads;
+    }
+    up
 }
 
 /// One request and its response.
@@ -467,12 +485,9 @@ async fn exchange(
 
     // Its backend, and counted on it from here until the response has been
     // passed on.
-    let Some(mut _in_flight) = route(upstream, routing).await else {
-        let status = (503, "Service Unavailable");
-        let text = "no healthy process behind this port\n";
-        return answer(client, scratch, Some(&req), status, text).await;
+    let Some((mut _in_flight, mut up)) = route(upstream, routing).await else {
+        return answer(client, scratch, Some(&req), UNAVAILABLE, NO_BACKEND).await;
     };
-    let mut up = upstream.as_mut().expect("route() set it");
     let backend = up.backend;
 
     if req.expects_continue {
@@ -507,21 +522,11 @@ async fn exchange(
                 // drained after a cutover: the request goes where the table
                 // says now.
                 if routing.route_changed() {
-                    match route(upstream, routing).await {
-                        Some(b) => _in_flight = b,
-                        None => {
-                            return fail(
-                                client,
-                                upstream.as_mut().expect("set"),
-                                scratch,
-                                &req,
-                                NoResponse::Closed,
-                            )
-                            .await;
-                        }
-                    }
+                    let Some((count, now)) = route(upstream, routing).await else {
+                        return answer(client, scratch, Some(&req), UNAVAILABLE, NO_BACKEND).await;
+                    };
+                    (_in_flight, up) = (count, now);
                 }
-                up = upstream.as_mut().expect("route() set it");
             }
             other => break other,
         }
@@ -1118,17 +1123,7 @@ mod tests {
             while let Ok((s, _)) = l.accept().await {
                 tokio::spawn(async move {
                     let mut s = BufReader::new(s);
-                    loop {
-                        let mut line = String::new();
-                        loop {
-                            line.clear();
-                            if s.read_line(&mut line).await.unwrap_or(0) == 0 {
-                                return;
-                            }
-                            if line == "\r\n" {
-                                break;
-                            }
-                        }
+                    while read_head(&mut s).await {
                         if s.get_mut().write_all(reply).await.is_err() || !keep {
                             return;
                         }
