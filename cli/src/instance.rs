@@ -8,7 +8,8 @@ use anyhow::{Context, Result, bail};
 use image_spec::{ImageName, InstanceName};
 use shell::instance::{InstanceConfig, PublicPorts};
 use shell::service::{ShellConfig, Stage};
-use wire::shell::{ShellReply, ShellRequest, ShellResponse, Strategy, UpgradeSummary};
+use wire::plan::{Action, UpgradePlan};
+use wire::shell::{ShellReply, ShellRequest, ShellResponse, Strategy, Update, UpgradeSummary};
 use wire::{Client, Credentials, Identity};
 
 use crate::config::Loaded;
@@ -130,8 +131,11 @@ pub(crate) async fn command(
         .with_context(|| format!("cannot reach the shell of `{name}` at {addr}"))?;
     // An upgrade reports its steps as it goes: show them on stderr (stdout keeps
     // the one answer, or the one JSON document).
-    let reply: ShellReply =
-        wire::shell::call(&conn, &req, |step| eprintln!("  {name}: {step}")).await?;
+    let reply: ShellReply = wire::shell::call(&conn, &req, |update| match update {
+        Update::Progress(p) => eprintln!("  {name}: {p}"),
+        Update::Step(e) => eprintln!("  {name}: {e}"),
+    })
+    .await?;
     conn.close();
     client.shutdown().await;
     reply.with_context(|| format!("the shell of `{name}` refused"))
@@ -152,6 +156,41 @@ fn print_summary(verb: &str, s: &UpgradeSummary) {
     if let Some(g) = s.generation {
         println!("  recorded as generation {g}");
     }
+    for w in &s.warnings {
+        println!("  warning: {w}");
+    }
+}
+
+/// Prints a plan: every service from → to, then every step with its undo.
+fn print_plan(title: &str, plan: &UpgradePlan) {
+    let commit = |c: Option<image_spec::CommitId>| c.map_or("-".to_owned(), |c| c.short(12));
+    match plan.generation {
+        Some(g) => println!("{title} (strategy {}, generation {g})", plan.strategy),
+        None => println!("{title} (strategy {}): nothing to do", plan.strategy),
+    }
+    println!("  services:");
+    for s in &plan.services {
+        let change = match s.action {
+            Action::Unchanged | Action::Restart => commit(s.to),
+            Action::Add => format!("- → {}", commit(s.to)),
+            Action::Remove => format!("{} → -", commit(s.from)),
+            _ => format!("{} → {}", commit(s.from), commit(s.to)),
+        };
+        println!(
+            "    {:<16} {:<16} {change}",
+            s.service.as_str(),
+            s.action.to_string()
+        );
+    }
+    if plan.steps.is_empty() {
+        return;
+    }
+    println!("  steps (and what undoes each if a later one fails):");
+    let width = plan.steps.len().to_string().len();
+    for (i, step) in plan.steps.iter().enumerate() {
+        println!("    {:>width$}. {step:<60} undo: {}", i + 1, step.undo());
+    }
+    println!("  to fetch: {}", wire::plan::ByteCount(plan.fetch_bytes()));
 }
 
 /// `molt deploy IMAGE --instance T [--plan]`.
@@ -167,6 +206,7 @@ pub(crate) async fn deploy(
     let req = if plan_only {
         ShellRequest::Plan {
             image: image.clone(),
+            strategy,
         }
     } else {
         ShellRequest::Upgrade {
@@ -174,18 +214,16 @@ pub(crate) async fn deploy(
             strategy,
         }
     };
-    let summary = match command(config, instance, req).await? {
-        ShellResponse::Upgraded(s) | ShellResponse::Plan(s) => s,
-        ShellResponse::Status(_) | ShellResponse::Logs { .. } | ShellResponse::Progress(_) => {
-            bail!("the shell answered a deploy with something else")
+    match command(config, instance, req).await? {
+        ShellResponse::Plan(plan) if json => println!("{}", serde_json::to_string(&plan)?),
+        ShellResponse::Plan(plan) => print_plan(&format!("plan for {image} on {instance}"), &plan),
+        ShellResponse::Upgraded(summary) if json => {
+            println!("{}", serde_json::to_string(&summary)?)
         }
-    };
-    if json {
-        println!("{}", serde_json::to_string(&summary)?);
-    } else if plan_only {
-        print_summary(&format!("plan for {image} on {instance}:"), &summary);
-    } else {
-        print_summary(&format!("deployed {image} to {instance}:"), &summary);
+        ShellResponse::Upgraded(summary) => {
+            print_summary(&format!("deployed {image} to {instance}:"), &summary)
+        }
+        _ => bail!("the shell answered a deploy with something else"),
     }
     Ok(())
 }

@@ -282,18 +282,56 @@ fn deploy_an_image_to_a_shell_and_read_its_status() {
     // An image is named by its name, or by its id or an abbreviation of it.
     let id = image["id"].as_str().unwrap();
     let by_id = c.molt_json(&["deploy", &id[..10], "--instance", &target, "--plan"]);
-    assert_eq!(by_id["restarted"], serde_json::json!(["hello"]));
+    assert_eq!(by_id["services"][0]["service"], "hello");
+    assert_eq!(by_id["services"][0]["action"], "Add");
     let out = c.molt(&["deploy", "0123456789ab", "--instance", &target, "--plan"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no image is named `0123456789ab`"), "{err}");
 
+    // The plan is exactly what the deploy then does, step by step.
     let plan = c.molt_json(&["deploy", "demo-1", "--instance", &target, "--plan"]);
-    assert_eq!(plan["restarted"], serde_json::json!(["hello"]));
-    assert_eq!(plan["generation"], serde_json::Value::Null);
-    let done = c.molt_json(&["deploy", "demo-1", "--instance", &target]);
+    assert_eq!(plan["generation"], 1);
+    let planned: Vec<serde_json::Value> = plan["steps"].as_array().unwrap().clone();
+    let kinds: Vec<String> = planned
+        .iter()
+        .map(|s| s.as_object().unwrap().keys().next().unwrap().clone())
+        .collect();
+    assert_eq!(kinds, ["Fetch", "Release", "Start", "Cutover", "Record"]);
+    let (done, shown) = c.molt_json_steps(&["deploy", "demo-1", "--instance", &target]);
     assert_eq!(done["restarted"], serde_json::json!(["hello"]));
     assert_eq!(done["generation"], 1);
+    let carried: Vec<serde_json::Value> = done["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["step"].clone())
+        .collect();
+    assert_eq!(carried, planned);
+    assert!(done["steps"][0]["bytes"].as_u64().unwrap() > 0, "{done}");
+    assert!(
+        shown.contains("[5/5] record generation 1 … done in"),
+        "{shown}"
+    );
+    // Printed for people: every service from → to, every step with its undo.
+    let out = c.molt(&["deploy", "demo-1", "--instance", &target, "--plan"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("nothing to do"), "{text}");
+    let out = c.molt(&[
+        "deploy",
+        "demo-1",
+        "--instance",
+        &target,
+        "--plan",
+        "--strategy",
+        "shadow-full",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("hello") && text.contains("restart"), "{text}");
+    assert!(
+        text.contains("cutover: hello") && text.contains("undo: route back to the old processes"),
+        "{text}"
+    );
 
     let status = c.molt_json(&["status", "--instance", &target]);
     assert_eq!(status["instance"], "dev-1");
@@ -361,17 +399,20 @@ fn deploy_an_image_to_a_shell_and_read_its_status() {
     assert_eq!(v2["generation"], 2);
     // The steps were shown as they happened, on stderr.
     for step in [
-        "dev-1: hello: installing",
-        "dev-1: hello: installed: 1 blob fetched",
-        "dev-1: hello: healthy; new requests go to it",
-        "dev-1: hello: draining and stopping the old process",
-        "dev-1: recorded generation 2",
+        "dev-1: [1/7] fetch hello",
+        "blob (",
+        "B fetched",
+        "dev-1: [3/7] start hello",
+        "cutover: hello … done in",
+        "dev-1: [5/7] record generation 2 … done in",
+        "dev-1: [6/7] drain the old hello … done in",
+        "dev-1: [7/7] stop the old hello … done in",
     ] {
         assert!(steps.contains(step), "no `{step}` in:\n{steps}");
     }
     let (back, steps) = c.molt_json_steps(&["rollback", "--instance", &target]);
     assert!(
-        steps.contains("hello: its release is on disk: nothing fetched or built"),
+        steps.contains(": reuse it from disk … done in") && !steps.contains("fetch hello"),
         "{steps}"
     );
     assert_eq!(back["restarted"], serde_json::json!(["hello"]));
@@ -471,10 +512,7 @@ fn production_deploys_in_shadow_by_default_and_status_shows_the_lifecycle() {
     let (mut shell, addr) = start_shell(&c, "prod-1", "production");
     let target = format!("prod-1@{addr}");
     let (_, steps) = c.molt_json_steps(&["deploy", "one", "--instance", &target]);
-    assert!(
-        steps.contains("generation 1: cut over, every service at once"),
-        "{steps}"
-    );
+    assert!(steps.contains("cutover: hello … done"), "{steps}");
     let status = c.molt_json(&["status", "--instance", &target]);
     assert_eq!(status["strategy"], "Shadow");
     assert_eq!(
@@ -490,7 +528,7 @@ fn production_deploys_in_shadow_by_default_and_status_shows_the_lifecycle() {
         "--strategy",
         "in-place",
     ]);
-    assert!(!steps.contains("cut over"), "{steps}");
+    assert!(steps.contains("record generation 2"), "{steps}");
     let status = c.molt_json(&["status", "--instance", &target]);
     assert_eq!(
         status["lifecycle"],
@@ -506,7 +544,18 @@ fn production_deploys_in_shadow_by_default_and_status_shows_the_lifecycle() {
     let (done, steps) =
         c.molt_json_steps(&["deploy", "one", "--instance", &target, "--shadow", "full"]);
     assert_eq!(done["restarted"], serde_json::json!(["hello"]));
-    assert!(steps.contains("generation 3: cut over"), "{steps}");
+    assert!(steps.contains("record generation 3"), "{steps}");
+    let steps = done["steps"].as_array().unwrap();
+    assert!(
+        steps.iter().any(|t| t["step"]["Release"]["reuse"] == true),
+        "image one's release is on disk: {done}"
+    );
+    assert!(
+        steps
+            .iter()
+            .any(|t| t["step"]["Start"]["service"] == "hello"),
+        "{done}"
+    );
     let out = c.molt(&[
         "deploy",
         "one",

@@ -18,7 +18,7 @@ use image_spec::{
 use repo_server::client::{ClientError, RepoClient};
 
 use crate::build::{self, BuildError};
-use crate::release::{CopyStats, ReleaseError, Releases};
+use crate::release::{CopyStats, ReleaseError, Releases, Staging};
 
 /// Blobs fetched by this instance, each once: `DIR/<id>`, written only by a
 /// verified fetch.
@@ -31,6 +31,10 @@ impl BlobCache {
     /// Opens (creating if needed) the cache in `dir`, removing partial downloads.
     pub fn open(dir: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
+        match std::fs::remove_dir_all(dir.join(".scratch")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         for entry in std::fs::read_dir(dir)? {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "part") {
@@ -40,6 +44,12 @@ impl BlobCache {
         Ok(Self {
             dir: dir.to_owned(),
         })
+    }
+
+    /// A scratch directory for blobs read but not kept (planning reads a new
+    /// commit's `service.toml` there); emptied when the cache opens.
+    pub fn scratch(&self) -> PathBuf {
+        self.dir.join(".scratch")
     }
 
     /// Where the blob's bytes are (or would be).
@@ -117,6 +127,14 @@ pub enum InstallError {
         /// Why.
         source: ManifestError,
     },
+    /// The commit has no `service.toml`.
+    #[error("commit {commit} of `{service}` has no {MANIFEST_FILE}")]
+    NoManifest {
+        /// The service.
+        service: ServiceName,
+        /// The commit.
+        commit: CommitId,
+    },
     /// The blob cache could not be used.
     #[error("blob cache: {0}")]
     Cache(std::io::Error),
@@ -137,55 +155,203 @@ pub struct InstallContext<'a> {
     pub logs: &'a Path,
 }
 
-/// Brings `service` to `target` (see the module docs). `current` is the release
-/// installed now, if any.
-#[tracing::instrument(skip_all, fields(instance = %ctx.instance, service = %service, commit = %target))]
-pub async fn install(
+/// An install worked out before anything is written: the commit's tree, and how
+/// to get there from the release installed now.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The service.
+    pub service: ServiceName,
+    /// The commit to install.
+    pub commit: CommitId,
+    /// Its tree.
+    pub tree: Tree,
+    /// How to make the release.
+    pub source: Source,
+}
+
+/// Where a new release comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A sealed release of the commit is on disk (a rollback): reused as it is,
+    /// once verified.
+    Sealed(PathBuf),
+    /// A copy of the release installed now (if any) with `diff` applied.
+    Diff {
+        /// The tree of the release copied (empty for a first install).
+        base: Tree,
+        /// The release copied.
+        from: Option<PathBuf>,
+        /// From `base` to the commit's tree.
+        diff: TreeDiff,
+    },
+}
+
+impl Prepared {
+    /// The blobs the release needs that the cache lacks, and their bytes.
+    pub fn missing(&self, cache: &BlobCache) -> (Vec<BlobId>, u64) {
+        let Source::Diff { diff, .. } = &self.source else {
+            return (Vec::new(), 0);
+        };
+        let missing = cache.missing(diff.needed_blobs());
+        let wanted: std::collections::BTreeSet<&BlobId> = missing.iter().collect();
+        let mut counted = std::collections::BTreeSet::new();
+        let bytes = diff
+            .changes()
+            .iter()
+            .filter_map(|c| match c {
+                image_spec::Change::Added(e) | image_spec::Change::Modified(e) => Some(e),
+                _ => None,
+            })
+            .filter(|e| wanted.contains(&e.blob()) && counted.insert(e.blob()))
+            .map(|e| e.size())
+            .sum();
+        (missing, bytes)
+    }
+}
+
+/// Works out how to bring `service` to `target` from `current` (the release
+/// installed now): reuses a sealed release of the commit on disk, else asks the
+/// repository for the diff, checked to lead to exactly the commit's tree.
+/// `stored_tree` finds a tree the instance stored when it installed it.
+pub async fn prepare(
     ctx: &InstallContext<'_>,
     service: &ServiceName,
     target: CommitId,
     current: Option<&Installed>,
-) -> Result<InstallReport, InstallError> {
-    let started = Instant::now();
+    stored_tree: impl Fn(image_spec::TreeId) -> Option<Tree>,
+) -> Result<Prepared, InstallError> {
     let commit = ctx.repo.commit(target).await?;
-    let base_tree = current.map_or_else(Tree::empty, |c| c.tree.clone());
-    let unchanged = |release: Installed| InstallReport {
-        release,
-        fetched_blobs: 0,
-        fetched_bytes: 0,
-        copied: CopyStats::default(),
-        built: false,
-        reused: true,
-        timings: Timings::default(),
-    };
-    if let Some(c) = current
-        && c.commit == target
+    let sealed = ctx.releases.dir(service, &target);
+    if sealed.is_dir()
+        && let Some(tree) = stored_tree(commit.tree())
     {
-        return Ok(unchanged(c.clone()));
+        return Ok(Prepared {
+            service: service.clone(),
+            commit: target,
+            tree,
+            source: Source::Sealed(sealed),
+        });
     }
+    let base = current.map_or_else(Tree::empty, |c| c.tree.clone());
     let diff: TreeDiff = ctx
         .repo
         .diff(service, current.map(|c| c.commit), target)
         .await?;
     // The diff must lead to exactly the tree of the commit asked for.
     let tree = diff
-        .apply_expecting(&base_tree, commit.tree())
+        .apply_expecting(&base, commit.tree())
         .map_err(ReleaseError::from)?;
+    let source = if sealed.is_dir() {
+        Source::Sealed(sealed)
+    } else {
+        Source::Diff {
+            base,
+            from: current.map(|c| c.dir.clone()),
+            diff,
+        }
+    };
+    Ok(Prepared {
+        service: service.clone(),
+        commit: target,
+        tree,
+        source,
+    })
+}
 
-    // A release of this commit that exists already is reused (a rollback).
-    let sealed = ctx.releases.dir(service, &target);
-    if sealed.is_dir() {
-        crate::release::verify(&sealed, &tree)?;
-        return Ok(unchanged(Installed {
-            commit: target,
-            tree,
-            dir: sealed,
-        }));
-    }
+/// The commit's `service.toml`, read from the sealed release or from the blob
+/// cache, fetching just that blob if the cache lacks it.
+pub async fn manifest(
+    ctx: &InstallContext<'_>,
+    prepared: &Prepared,
+) -> Result<ServiceManifest, InstallError> {
+    let path = match &prepared.source {
+        Source::Sealed(dir) => dir.join(MANIFEST_FILE),
+        Source::Diff { .. } => {
+            let name =
+                image_spec::RelPath::new(MANIFEST_FILE).expect("the manifest's name is a path");
+            let entry = prepared
+                .tree
+                .get(&name)
+                .ok_or_else(|| InstallError::NoManifest {
+                    service: prepared.service.clone(),
+                    commit: prepared.commit,
+                })?;
+            let id = entry.blob();
+            if ctx.cache.missing([id]).is_empty() {
+                ctx.cache.path(&id)
+            } else {
+                // Read from a scratch copy, so that planning leaves the cache
+                // as it was and the plan's fetch counts this blob too.
+                let scratch = ctx.cache.scratch();
+                let _ = std::fs::remove_dir_all(&scratch);
+                std::fs::create_dir_all(&scratch).map_err(InstallError::Cache)?;
+                ctx.repo.fetch_blobs_to(&[id], &scratch).await?;
+                scratch.join(id.to_hex())
+            }
+        }
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        InstallError::Release(ReleaseError::Io {
+            path: path.clone(),
+            source: e,
+        })
+    })?;
+    ServiceManifest::parse(&text).map_err(|source| InstallError::Manifest {
+        path: PathBuf::from(format!(
+            "{}@{}/{MANIFEST_FILE}",
+            prepared.service,
+            prepared.commit.short(12)
+        )),
+        source,
+    })
+}
 
+/// Fetches the blobs the release needs that the cache lacks; returns how many
+/// and their bytes.
+pub async fn fetch(
+    ctx: &InstallContext<'_>,
+    prepared: &Prepared,
+) -> Result<(u64, u64), InstallError> {
+    let (missing, _) = prepared.missing(ctx.cache);
+    let bytes = if missing.is_empty() {
+        0
+    } else {
+        ctx.repo.fetch_blobs_to(&missing, &ctx.cache.dir).await?
+    };
+    crate::crash::point("after-fetch");
+    Ok((missing.len() as u64, bytes))
+}
+
+/// A release being made: staged and not sealed yet, or sealed.
+#[derive(Debug)]
+pub enum Made {
+    /// Sealed: ready to start.
+    Sealed(Installed),
+    /// Staged: the build runs in it, then it is sealed ([`build_and_seal`]).
+    Staged(Staging, Installed),
+}
+
+/// Makes the release of `prepared`: verifies a sealed one, or stages a copy of
+/// the previous release with the diff applied (refusing up front when the disk
+/// cannot hold it). A release with no build command is sealed at once. A
+/// failure leaves nothing behind.
+pub fn make_release(ctx: &InstallContext<'_>, prepared: &Prepared) -> Result<Made, InstallError> {
+    let (base, from, diff) = match &prepared.source {
+        Source::Sealed(dir) => {
+            crate::release::verify(dir, &prepared.tree)?;
+            return Ok(Made::Sealed(Installed {
+                commit: prepared.commit,
+                tree: prepared.tree.clone(),
+                dir: dir.clone(),
+            }));
+        }
+        Source::Diff { base, from, diff } => (base, from, diff),
+    };
+    let service = &prepared.service;
+    let target = prepared.commit;
     // Pre-flight: the new release needs a copy of the previous one plus the files
     // the diff adds; refuse with the numbers rather than fail half way.
-    let needed = current.map_or(Ok(0), |c| crate::release::dir_size(&c.dir))?
+    let needed = from.as_deref().map_or(Ok(0), crate::release::dir_size)?
         + diff
             .changes()
             .iter()
@@ -203,31 +369,10 @@ pub async fn install(
         }
         .into());
     }
-
-    let missing = ctx.cache.missing(diff.needed_blobs());
-    let fetched_bytes = if missing.is_empty() {
-        0
-    } else {
-        ctx.repo.fetch_blobs_to(&missing, &ctx.cache.dir).await?
-    };
-    let fetch = started.elapsed();
-    crate::crash::point("after-fetch");
-
-    let copy_started = Instant::now();
-    let stage = ctx
-        .releases
-        .stage(service, &target, current.map(|c| c.dir.as_path()))?;
-    let outcome = async {
-        stage.apply(&base_tree, &diff, |id| ctx.cache.path(id))?;
-        let copy = copy_started.elapsed();
-        let manifest_path = stage.dir().join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&manifest_path)
-            .map_err(ReleaseError::from_io(&manifest_path))?;
-        let manifest = ServiceManifest::parse(&text).map_err(|source| InstallError::Manifest {
-            path: manifest_path.clone(),
-            source,
-        })?;
-        let build_started = Instant::now();
+    let stage = ctx.releases.stage(service, &target, from.as_deref())?;
+    let staged = (|| {
+        stage.apply(base, diff, |id| ctx.cache.path(id))?;
+        let manifest = release_manifest(stage.dir())?;
         if matches!(
             manifest.kind(),
             image_spec::manifest::ServiceKind::Plugin { .. }
@@ -236,30 +381,10 @@ pub async fn install(
             crate::plugin::provide_sdk(stage.dir())
                 .map_err(ReleaseError::from_io(&stage.dir().join(".molt")))?;
         }
-        let built = match manifest.build() {
-            Some(b) => {
-                let mut env: Vec<(String, String)> = manifest
-                    .env()
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                env.push(("MOLT_SERVICE".into(), service.to_string()));
-                env.push(("MOLT_COMMIT".into(), target.to_string()));
-                env.push(("MOLT_INSTANCE".into(), ctx.instance.to_string()));
-                let log = ctx
-                    .logs
-                    .join(service.as_str())
-                    .join(format!("{}.build.log", target.short(12)));
-                build::run(b, stage.dir(), &env, &log).await?;
-                true
-            }
-            None => false,
-        };
-        Ok::<_, InstallError>((copy, built, build_started.elapsed()))
-    }
-    .await;
-    let (copy, built, build) = match outcome {
-        Ok(o) => o,
+        Ok::<_, InstallError>(manifest)
+    })();
+    let manifest = match staged {
+        Ok(m) => m,
         Err(e) => {
             if let Err(cleanup) = stage.abandon() {
                 tracing::warn!(error = %cleanup, "could not remove the failed release");
@@ -267,19 +392,111 @@ pub async fn install(
             return Err(e);
         }
     };
-    let copied = stage.copied();
-    let dir = stage.seal()?;
+    let installed = Installed {
+        commit: target,
+        tree: prepared.tree.clone(),
+        dir: ctx.releases.dir(service, &target),
+    };
+    if manifest.build().is_some() {
+        return Ok(Made::Staged(stage, installed));
+    }
+    stage.seal()?;
+    Ok(Made::Sealed(installed))
+}
+
+/// The `service.toml` of a release directory.
+fn release_manifest(dir: &Path) -> Result<ServiceManifest, InstallError> {
+    let path = dir.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&path).map_err(ReleaseError::from_io(&path))?;
+    ServiceManifest::parse(&text).map_err(|source| InstallError::Manifest { path, source })
+}
+
+/// Runs the build of a staged release and seals it; a failure removes it.
+pub async fn build_and_seal(
+    ctx: &InstallContext<'_>,
+    service: &ServiceName,
+    stage: Staging,
+    installed: Installed,
+) -> Result<Installed, InstallError> {
+    let built = async {
+        let manifest = release_manifest(stage.dir())?;
+        if let Some(b) = manifest.build() {
+            let mut env: Vec<(String, String)> = manifest
+                .env()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            env.push(("MOLT_SERVICE".into(), service.to_string()));
+            env.push(("MOLT_COMMIT".into(), installed.commit.to_string()));
+            env.push(("MOLT_INSTANCE".into(), ctx.instance.to_string()));
+            let log = ctx
+                .logs
+                .join(service.as_str())
+                .join(format!("{}.build.log", installed.commit.short(12)));
+            build::run(b, stage.dir(), &env, &log).await?;
+        }
+        Ok::<_, InstallError>(())
+    }
+    .await;
+    if let Err(e) = built {
+        if let Err(cleanup) = stage.abandon() {
+            tracing::warn!(error = %cleanup, "could not remove the failed release");
+        }
+        return Err(e);
+    }
+    stage.seal()?;
+    Ok(installed)
+}
+
+/// Brings `service` to `target` (see the module docs). `current` is the release
+/// installed now, if any.
+#[tracing::instrument(skip_all, fields(instance = %ctx.instance, service = %service, commit = %target))]
+pub async fn install(
+    ctx: &InstallContext<'_>,
+    service: &ServiceName,
+    target: CommitId,
+    current: Option<&Installed>,
+) -> Result<InstallReport, InstallError> {
+    let started = Instant::now();
+    if let Some(c) = current
+        && c.commit == target
+    {
+        return Ok(InstallReport {
+            release: c.clone(),
+            fetched_blobs: 0,
+            fetched_bytes: 0,
+            copied: CopyStats::default(),
+            built: false,
+            reused: true,
+            timings: Timings::default(),
+        });
+    }
+    let prepared = prepare(ctx, service, target, current, |_| None).await?;
+    let reused = matches!(prepared.source, Source::Sealed(_));
+    let (fetched_blobs, fetched_bytes) = fetch(ctx, &prepared).await?;
+    let fetch_time = started.elapsed();
+    let copy_started = Instant::now();
+    let made = make_release(ctx, &prepared)?;
+    let copy = copy_started.elapsed();
+    let build_started = Instant::now();
+    let (release, built, copied) = match made {
+        Made::Sealed(i) => (i, false, CopyStats::default()),
+        Made::Staged(stage, i) => {
+            let copied = stage.copied();
+            (build_and_seal(ctx, service, stage, i).await?, true, copied)
+        }
+    };
     Ok(InstallReport {
-        release: Installed {
-            commit: target,
-            tree,
-            dir,
-        },
-        fetched_blobs: missing.len() as u64,
+        release,
+        fetched_blobs,
         fetched_bytes,
         copied,
         built,
-        reused: false,
-        timings: Timings { fetch, copy, build },
+        reused,
+        timings: Timings {
+            fetch: fetch_time,
+            copy,
+            build: build_started.elapsed(),
+        },
     })
 }

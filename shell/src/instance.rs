@@ -29,7 +29,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use image_spec::manifest::{PortSpec, Protocol, ServiceKind};
@@ -39,20 +39,26 @@ use image_spec::{
 use repo_server::client::RepoClient;
 use tracing::{info, warn};
 
+use crate::executor::{Fault, execute};
 use crate::front::{Front, Router, bind_tcp};
 use crate::health::{self, HealthError};
 use crate::http_front::bind_http;
-use crate::install::{BlobCache, InstallContext, InstallError, Installed, install};
+use crate::install::{BlobCache, InstallError, Installed};
+pub use crate::lifecycle::Lifecycle;
+use crate::plan::PlanError;
 use crate::plugin::PluginHost;
 use crate::process::ProcessSpec;
 use crate::release::{ReleaseError, Releases, verify};
-use crate::state::{InstalledState, ServiceState, State, StateError};
+use crate::state::{InstalledState, State, StateError};
 use crate::supervisor::{Monitor, ProcessState, ProcessStatus, StopPlan, Supervised, supervise};
+use wire::plan::{Action, Step, StepEvent, StepKind, StepTime, UpgradePlan};
 pub use wire::shell::Strategy;
-use wire::shell::{GenerationPhase, Phase};
 
+mod data;
 mod hooks;
-mod shadow;
+mod upgrade;
+
+use upgrade::Upgrade;
 
 /// How many releases of each service are kept on disk (besides the running and
 /// the previous generation's, which are always kept).
@@ -126,6 +132,16 @@ pub enum UpgradeError {
         /// What failed.
         source: Box<crate::plugin::PluginError>,
     },
+    /// The upgrade cannot be planned (two services on one public port, say);
+    /// nothing was changed.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// A failure injected on purpose ([`UpgradeOptions::fault`]).
+    #[error("a failure injected after the {after} step")]
+    Injected {
+        /// The kind of step it followed.
+        after: StepKind,
+    },
     /// A hook (`pre_swap`) failed; the new generation never took traffic.
     #[error("service `{service}`: its {hook} hook failed: {source}")]
     Hook {
@@ -162,14 +178,6 @@ impl Service {
 /// Told each step of an upgrade as it happens: the service it is about (if any)
 /// and what is happening.
 pub type Progress<'a> = &'a (dyn Fn(Option<&ServiceName>, &str) + Send + Sync);
-
-fn count(n: u64, what: &str) -> String {
-    if n == 1 {
-        format!("1 {what}")
-    } else {
-        format!("{n} {what}s")
-    }
-}
 
 /// What runs a service: a supervised child process, or a plugin library
 /// served inside the shell.
@@ -232,6 +240,21 @@ pub struct UpgradeReport {
     pub generation: Option<u64>,
     /// Where each restarted service's upgrade spent its time.
     pub steps: BTreeMap<ServiceName, StepTimings>,
+    /// The plan carried out.
+    pub plan: UpgradePlan,
+    /// Every step done, in order, with its time.
+    pub timeline: Vec<StepTime>,
+    /// Failures after the commit point, reported and kept.
+    pub warnings: Vec<String>,
+}
+
+/// How an upgrade runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UpgradeOptions {
+    /// The strategy.
+    pub strategy: Strategy,
+    /// A failure to inject, to test and drill rollbacks (none in normal use).
+    pub fault: Option<Fault>,
 }
 
 /// Where one service's upgrade spent its time, step by step.
@@ -262,33 +285,9 @@ pub struct Instance {
     /// Where each front sends new work.
     router: Router,
     /// The latest generations' phases, shared with whoever reports status.
-    lifecycle: Arc<Mutex<Lifecycle>>,
+    lifecycle: Arc<Lifecycle>,
     /// The data directories recorded with the current generation.
     data_dirs: crate::state::DataDirs,
-}
-
-/// The latest generations' phases and the last failure (see [`Instance::lifecycle`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Lifecycle {
-    /// The latest generations, oldest first (at most [`Lifecycle::KEPT`]).
-    pub generations: Vec<GenerationPhase>,
-    /// Why the last generation that failed did.
-    pub last_failure: Option<String>,
-}
-
-impl Lifecycle {
-    /// How many generations are listed.
-    pub const KEPT: usize = 3;
-
-    fn set(&mut self, number: u64, phase: Phase) {
-        match self.generations.iter_mut().find(|g| g.number == number) {
-            Some(g) => g.phase = phase,
-            None => self.generations.push(GenerationPhase { number, phase }),
-        }
-        self.generations.sort_by_key(|g| g.number);
-        let excess = self.generations.len().saturating_sub(Self::KEPT);
-        self.generations.drain(..excess);
-    }
 }
 
 impl std::fmt::Debug for Instance {
@@ -373,7 +372,7 @@ impl Instance {
             instance.services.insert(name.clone(), service);
         }
         if generation > 0 {
-            instance.phase(generation, Phase::Serving);
+            instance.lifecycle.opened(generation);
         }
         instance.prune_data();
         Ok(instance)
@@ -413,26 +412,10 @@ impl Instance {
         std::fs::rename(&tmp, &path).map_err(io_err(&path))
     }
 
-    /// The generations' phases, as a handle that stays readable while an upgrade
-    /// holds the instance.
-    pub fn lifecycle(&self) -> Arc<Mutex<Lifecycle>> {
+    /// The generations' lifecycle, as a handle that stays readable while an
+    /// upgrade holds the instance.
+    pub fn lifecycle(&self) -> Arc<Lifecycle> {
         self.lifecycle.clone()
-    }
-
-    /// Moves generation `number` to `phase`, in the lifecycle and in the log.
-    fn phase(&self, number: u64, phase: Phase) {
-        info!(generation = number, %phase, "generation");
-        if let Ok(mut l) = self.lifecycle.lock() {
-            l.set(number, phase);
-        }
-    }
-
-    /// Marks generation `number` failed, for `why`.
-    fn failed(&self, number: u64, why: &UpgradeError) {
-        self.phase(number, Phase::Failed);
-        if let Ok(mut l) = self.lifecycle.lock() {
-            l.last_failure = Some(format!("generation {number}: {why}"));
-        }
     }
 
     /// The public address of a service's port.
@@ -708,25 +691,6 @@ impl Instance {
         Ok(std::mem::replace(&mut service.installed, installed))
     }
 
-    /// Swaps plugins back to the releases they ran before an upgrade that failed.
-    async fn unswap_plugins(&mut self, swapped: Vec<(ServiceName, Installed)>) {
-        for (name, previous) in swapped.into_iter().rev() {
-            if let Err(e) = self.swap_plugin(&name, previous).await {
-                warn!(service = %name, error = %e, "could not swap a plugin back");
-            }
-        }
-    }
-
-    /// Is `name` a running plugin that `installed` (a plugin too) can replace in
-    /// place?
-    fn swaps_in_place(&self, name: &ServiceName, installed: &Installed) -> bool {
-        self.services
-            .get(name)
-            .is_some_and(|s| s.process.plugin().is_some())
-            && read_manifest(&installed.dir)
-                .is_ok_and(|m| matches!(m.kind(), ServiceKind::Plugin { .. }))
-    }
-
     fn public_port(&self, spec: &PortSpec) -> SocketAddr {
         let port = match self.config.public_ports {
             PublicPorts::Offset(off) => spec.port.saturating_add(off),
@@ -780,8 +744,21 @@ impl Instance {
             .await
     }
 
-    /// [`Instance::upgrade`], telling `progress` each step as it happens.
-    #[tracing::instrument(skip_all, fields(instance = %self.config.name))]
+    /// The exact plan of bringing the instance to `target` with `strategy`. It
+    /// starts, stops and records nothing; it may fetch the new commits'
+    /// `service.toml` into the blob cache, to know how each service comes in.
+    pub async fn plan(
+        &self,
+        repo: &RepoClient,
+        target: &BTreeMap<ServiceName, CommitId>,
+        strategy: Strategy,
+    ) -> Result<UpgradePlan, UpgradeError> {
+        let (survey, _) = self.survey(repo, target, strategy).await?;
+        Ok(crate::plan::plan(&survey)?)
+    }
+
+    /// [`Instance::upgrade`] with a strategy, telling `progress` each step's
+    /// events as text.
     pub async fn upgrade_reporting(
         &mut self,
         repo: &RepoClient,
@@ -791,272 +768,107 @@ impl Instance {
         strategy: Strategy,
         progress: Progress<'_>,
     ) -> Result<UpgradeReport, UpgradeError> {
-        let mut report = UpgradeReport::default();
-        let fresh = self
-            .install_changed(repo, target, &mut report, progress)
-            .await?;
-        if !fresh.is_empty() || strategy == Strategy::ShadowFull {
-            match strategy {
-                Strategy::InPlace => self.switch_in_place(fresh, &mut report, progress).await?,
-                Strategy::Shadow => {
-                    self.switch_shadow(fresh, false, &mut report, progress)
-                        .await?
-                }
-                Strategy::ShadowFull => {
-                    self.switch_shadow(fresh, true, &mut report, progress)
-                        .await?
-                }
-            }
-        }
-        self.stop_removed(target, &mut report, progress).await;
-        self.record(image, reason, &mut report, progress)?;
-        Ok(report)
+        let options = UpgradeOptions {
+            strategy,
+            fault: None,
+        };
+        let observe = |e: &StepEvent| progress(e.step.service(), &e.to_string());
+        self.upgrade_with(repo, target, image, reason, options, progress, &observe)
+            .await
     }
 
-    /// Steps 1–4: installs every changed service (nothing runs yet) and returns
-    /// the new releases.
-    async fn install_changed(
+    /// Brings the instance to `target`: surveys it, plans the upgrade
+    /// ([`crate::plan`]) and carries the plan out ([`crate::executor`]);
+    /// `observe` gets every step's events, `progress` the notes between them (a
+    /// data copy's progress).
+    #[allow(clippy::too_many_arguments)]
+    #[tracing::instrument(skip_all, fields(instance = %self.config.name, strategy = %options.strategy))]
+    pub async fn upgrade_with(
         &mut self,
         repo: &RepoClient,
         target: &BTreeMap<ServiceName, CommitId>,
-        report: &mut UpgradeReport,
-        progress: Progress<'_>,
-    ) -> Result<Vec<(ServiceName, Installed)>, UpgradeError> {
-        let logs = self.config.root.join("logs");
-        let ctx = InstallContext {
-            repo,
-            cache: &self.cache,
-            releases: &self.releases,
-            instance: &self.config.name,
-            logs: &logs,
-        };
-        let mut fresh: Vec<(ServiceName, Installed)> = Vec::new();
-        for (name, commit) in target {
-            let current = self.services.get(name).map(|s| &s.installed);
-            if current.is_some_and(|c| c.commit == *commit) {
-                report.unchanged.push(name.clone());
-                continue;
-            }
-            progress(
-                Some(name),
-                &format!(
-                    "installing {} (diff, fetch, release, build)",
-                    commit.short(12)
-                ),
-            );
-            let done = install(&ctx, name, *commit, current)
-                .await
-                .map_err(|source| UpgradeError::Install {
-                    service: name.clone(),
-                    source: Box::new(source),
-                })?;
-            self.store_tree(&done.release.tree)?;
-            let t = done.timings;
-            let installed = if done.reused {
-                "its release is on disk: nothing fetched or built".to_owned()
-            } else {
-                format!(
-                    "installed: {} fetched ({} bytes), {}",
-                    count(done.fetched_blobs, "blob"),
-                    done.fetched_bytes,
-                    if done.built {
-                        format!("built in {:.1} s", t.build.as_secs_f64())
-                    } else {
-                        "no build step".to_owned()
-                    }
-                )
-            };
-            progress(Some(name), &installed);
-            report.steps.insert(
-                name.clone(),
-                StepTimings {
-                    fetch: t.fetch,
-                    copy: t.copy,
-                    build: t.build,
-                    ..StepTimings::default()
-                },
-            );
-            fresh.push((name.clone(), done.release));
-        }
-        Ok(fresh)
-    }
-
-    /// Step 5, in place: starts and switches each service, keeping the old
-    /// processes until all are in; then drains and stops the old ones.
-    async fn switch_in_place(
-        &mut self,
-        fresh: Vec<(ServiceName, Installed)>,
-        report: &mut UpgradeReport,
-        progress: Progress<'_>,
-    ) -> Result<(), UpgradeError> {
-        let number = self.recorded()?.1 + 1;
-        self.phase(number, Phase::Starting);
-        let mut switched: Vec<(ServiceName, Option<Service>)> = Vec::new();
-        let mut swapped: Vec<(ServiceName, Installed)> = Vec::new();
-        let mut failure = None;
-        for (name, installed) in fresh {
-            if self.swaps_in_place(&name, &installed) {
-                if let Err(e) = self.plugin_pre_swap(&name, &installed, progress).await {
-                    failure = Some((e, None));
-                    break;
-                }
-                progress(Some(&name), "swapping the plugin in place, its state kept");
-                match self.swap_plugin(&name, installed).await {
-                    Ok(previous) => {
-                        swapped.push((name.clone(), previous));
-                        report.restarted.push(name);
-                        continue;
-                    }
-                    Err(e) => {
-                        failure = Some((e, None));
-                        break;
-                    }
-                }
-            }
-            let old_overlaps = self
-                .services
-                .get(&name)
-                .is_none_or(|s| s.manifest.overlap());
-            let mut stopped_old = None;
-            if !old_overlaps {
-                // Cannot run twice: hold its fronts, stop the old one first.
-                let held: Vec<_> = self
-                    .fronts
-                    .keys()
-                    .filter(|(svc, _)| svc == &name)
-                    .map(|(svc, port)| (route_key(svc, port), None))
-                    .collect();
-                self.router.set(held);
-                if let Some(old) = self.services.remove(&name) {
-                    old.process.stop().await;
-                    stopped_old = Some(old.installed);
-                }
-            }
-            progress(Some(&name), "starting, waiting until healthy");
-            match self.start(&name, installed).await {
-                Ok(new) => {
-                    // Its hook runs once it is healthy, before it takes traffic.
-                    let hooked = self.pre_swap(&name, new.hook_target(), progress).await;
-                    let switching = std::time::Instant::now();
-                    let ready = match hooked {
-                        Ok(()) => self.expose(&name, &new).await,
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = ready {
-                        new.process.stop().await;
-                        failure = Some((e, stopped_old.map(|i| (name.clone(), i))));
-                        break;
-                    }
-                    if let Some(t) = report.steps.get_mut(&name) {
-                        (t.start, t.health) = new.startup;
-                        t.switch = switching.elapsed();
-                    }
-                    progress(Some(&name), "healthy; new requests go to it");
-                    let old = self.services.insert(name.clone(), new);
-                    switched.push((name.clone(), old));
-                    report.restarted.push(name);
-                    crate::crash::point("after-switch");
-                }
-                Err(e) => {
-                    failure = Some((e, stopped_old.map(|i| (name.clone(), i))));
-                    break;
-                }
-            }
-        }
-        if let Some((err, restart_old)) = failure {
-            warn!(error = %err, "upgrade failed; switching back");
-            progress(None, "failed; switching every service back");
-            self.unswap_plugins(swapped).await;
-            self.roll_back(switched, restart_old.into_iter().collect())
-                .await;
-            self.failed(number, &err);
-            return Err(err);
-        }
-        self.phase(number, Phase::Serving);
-        if number > 1 {
-            self.phase(number - 1, Phase::Draining);
-        }
-
-        // Everything new is serving: drain and stop the old processes.
-        for (name, old) in switched {
-            if let Some(old) = old {
-                progress(Some(&name), "draining and stopping the old process");
-                self.drain(&name, &old).await;
-                old.process.stop().await;
-            }
-        }
-        if number > 1 {
-            self.phase(number - 1, Phase::Stopped);
-        }
-        self.post_swap(&report.restarted, progress).await;
-        Ok(())
-    }
-
-    /// Stops the services `target` does not have, and closes their ports.
-    async fn stop_removed(
-        &mut self,
-        target: &BTreeMap<ServiceName, CommitId>,
-        report: &mut UpgradeReport,
-        progress: Progress<'_>,
-    ) {
-        let gone: Vec<ServiceName> = self
-            .services
-            .keys()
-            .filter(|n| !target.contains_key(*n))
-            .cloned()
-            .collect();
-        for name in gone {
-            if let Some(old) = self.services.remove(&name) {
-                progress(Some(&name), "stopping: the target does not have it");
-                self.close_fronts(&name).await;
-                old.process.stop().await;
-                report.removed.push(name);
-            }
-        }
-    }
-
-    /// Step 6: records the running services as the installed state — only now,
-    /// with everything new serving — unless nothing changed.
-    fn record(
-        &mut self,
         image: Option<(ImageName, ImageId)>,
         reason: &str,
-        report: &mut UpgradeReport,
+        options: UpgradeOptions,
         progress: Progress<'_>,
-    ) -> Result<(), UpgradeError> {
-        if !report.restarted.is_empty() || !report.removed.is_empty() {
-            let state = InstalledState {
-                image,
-                services: self
-                    .services
-                    .iter()
-                    .map(|(n, s)| {
-                        (
-                            n.clone(),
-                            ServiceState {
-                                commit: s.installed.commit,
-                                tree: s.installed.tree.id(),
-                                release: s.installed.dir.clone(),
-                            },
-                        )
-                    })
-                    .collect(),
-            };
-            crate::crash::point("before-record");
-            let data: crate::state::DataDirs = self
-                .services
-                .iter()
-                .filter_map(|(n, s)| Some((n.clone(), s.data.clone()?)))
-                .collect();
-            let generation = self.state.record_with_data(&state, reason, &data)?;
-            self.data_dirs = data;
-            report.generation = Some(generation);
-            crate::crash::point("after-record");
-            progress(None, &format!("recorded generation {generation}"));
-            self.prune();
-            self.prune_data();
+        observe: &(dyn Fn(&StepEvent) + Send + Sync),
+    ) -> Result<UpgradeReport, UpgradeError> {
+        let (survey, prepared) = self.survey(repo, target, options.strategy).await?;
+        let plan = crate::plan::plan(&survey)?;
+        let mut report = UpgradeReport {
+            unchanged: plan.with_action(Action::Unchanged).cloned().collect(),
+            plan: plan.clone(),
+            ..UpgradeReport::default()
+        };
+        if plan.is_empty() {
+            return Ok(report);
         }
-        Ok(())
+        let generation = self.state.allocate_generation()?;
+        if plan.generation != Some(generation) {
+            return Err(UpgradeError::Manifest(format!(
+                "the plan was made for generation {:?}, the next is {generation}",
+                plan.generation
+            )));
+        }
+        let lifecycle = self.lifecycle.clone();
+        let mut upgrade = Upgrade::new(
+            self,
+            repo,
+            prepared,
+            target.keys().cloned().collect(),
+            image,
+            reason,
+            generation,
+            progress,
+        );
+        let result = execute(&mut upgrade, &plan, &lifecycle, options.fault, observe).await;
+        let startup = std::mem::take(&mut upgrade.startup);
+        drop(upgrade);
+        let executed = match result {
+            Ok(executed) => executed,
+            Err(failed) => {
+                self.prune_data();
+                return Err(failed.error);
+            }
+        };
+        report.generation = Some(generation);
+        for s in &plan.services {
+            match s.action {
+                Action::Unchanged => {}
+                Action::Remove => report.removed.push(s.service.clone()),
+                Action::Restart
+                | Action::Add
+                | Action::Replace
+                | Action::HoldAndReplace
+                | Action::Swap => report.restarted.push(s.service.clone()),
+            }
+        }
+        for t in &executed.steps {
+            let took = Duration::from_millis(t.millis);
+            let services = match &t.step {
+                Step::Cutover { services } => services.clone(),
+                other => other.service().cloned().into_iter().collect(),
+            };
+            for name in services {
+                let timings = report.steps.entry(name).or_default();
+                match t.step.kind() {
+                    StepKind::Fetch => timings.fetch = took,
+                    StepKind::Release => timings.copy = took,
+                    StepKind::Build => timings.build = took,
+                    StepKind::Cutover | StepKind::SwapPlugin => timings.switch = took,
+                    _ => {}
+                }
+            }
+        }
+        for (name, (start, health)) in startup {
+            let timings = report.steps.entry(name).or_default();
+            (timings.start, timings.health) = (start, health);
+        }
+        report.timeline = executed.steps;
+        report.warnings = executed.warnings;
+        self.prune();
+        self.prune_data();
+        Ok(report)
     }
 
     /// The services and image of the generation before the current one, if any:
@@ -1084,47 +896,6 @@ impl Instance {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             front.forget(backend);
-        }
-    }
-
-    /// Undoes step 5: fronts back to the old processes, new processes stopped, an
-    /// old process that had to stop first started again.
-    async fn roll_back(
-        &mut self,
-        switched: Vec<(ServiceName, Option<Service>)>,
-        restart_old: Vec<(ServiceName, Installed)>,
-    ) {
-        // Every front back to its old process in one change of the table.
-        let back: Vec<_> = switched
-            .iter()
-            .filter_map(|(name, old)| old.as_ref().map(|old| routes(name, old)))
-            .flatten()
-            .collect();
-        self.router.set(back);
-        for (name, old) in switched.into_iter().rev() {
-            let new = match old {
-                Some(old) => self.services.insert(name.clone(), old),
-                None => {
-                    self.close_fronts(&name).await;
-                    self.services.remove(&name)
-                }
-            };
-            if let Some(new) = new {
-                new.process.stop().await;
-            }
-        }
-        for (name, installed) in restart_old {
-            match self.start(&name, installed).await {
-                Ok(service) => {
-                    if let Err(e) = self.expose(&name, &service).await {
-                        warn!(service = %name, error = %e, "could not reopen the ports of the previous release");
-                    }
-                    self.services.insert(name, service);
-                }
-                Err(e) => {
-                    warn!(service = %name, error = %e, "the previous release did not come back")
-                }
-            }
         }
     }
 
@@ -1202,11 +973,16 @@ impl Instance {
     fn prune_data(&self) {
         let mut keep: Vec<PathBuf> = self.data_dirs.values().cloned().collect();
         keep.extend(self.services.values().filter_map(|s| s.data.clone()));
-        let (_, generation) = self.recorded().unwrap_or((None, 0));
-        if generation > 1
-            && let Ok(previous) = self.state.data_dirs(generation - 1)
-        {
-            keep.extend(previous.into_values());
+        // The previous recorded generation's (numbers have gaps where a
+        // generation failed).
+        let Ok(generations) = self.state.generations() else {
+            return;
+        };
+        if let Some(previous) = generations.len().checked_sub(2).map(|i| &generations[i]) {
+            match self.state.data_dirs(previous.number) {
+                Ok(dirs) => keep.extend(dirs.into_values()),
+                Err(_) => return,
+            }
         }
         let root = self.config.root.join("data");
         let Ok(services) = std::fs::read_dir(&root) else {
@@ -1231,6 +1007,11 @@ impl Instance {
                 }
             }
         }
+    }
+
+    /// Does the service have public ports open?
+    fn has_fronts(&self, name: &ServiceName) -> bool {
+        self.fronts.keys().any(|(s, _)| s == name)
     }
 
     /// Closes every public port of a service.

@@ -36,12 +36,15 @@
 
 pub mod build;
 pub mod crash;
+pub mod executor;
 pub mod front;
 pub mod health;
 pub mod http1;
 pub mod http_front;
 pub mod install;
 pub mod instance;
+pub mod lifecycle;
+pub mod plan;
 pub mod plugin;
 pub mod process;
 pub mod release;

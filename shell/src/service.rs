@@ -31,7 +31,10 @@ use wire::{
     BiStream, Client, Credentials, DEFAULT_FRAME_LIMIT, Handler, Identity, Server, WireError,
 };
 
-use crate::instance::{Instance, InstanceConfig, Lifecycle, Strategy, UpgradeError};
+use crate::instance::{
+    Instance, InstanceConfig, Lifecycle, Strategy, UpgradeError, UpgradeOptions,
+};
+use wire::plan::StepEvent;
 
 /// An instance's stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +133,7 @@ struct ShellService {
     upgrading: AtomicBool,
     status: std::sync::Mutex<InstanceStatus>,
     strategy: Strategy,
-    lifecycle: Arc<std::sync::Mutex<Lifecycle>>,
+    lifecycle: Arc<Lifecycle>,
 }
 
 fn remote(kind: ErrorKind, message: impl Into<String>) -> RemoteError {
@@ -206,10 +209,9 @@ impl ShellService {
             .unwrap_or_else(|p| p.into_inner().clone());
         s.queued = self.queued.load(Ordering::SeqCst);
         s.upgrading = self.upgrading.load(Ordering::SeqCst);
-        if let Ok(l) = self.lifecycle.lock() {
-            s.lifecycle = l.generations.clone();
-            s.last_failure = l.last_failure.clone();
-        }
+        let generations = self.lifecycle.snapshot();
+        s.lifecycle = generations.phases();
+        s.last_failure = generations.last_failure;
         s
     }
 
@@ -234,11 +236,16 @@ impl ShellService {
                 })?;
                 Ok(ShellResponse::Logs { text, next })
             }
-            ShellRequest::Plan { image } => {
+            ShellRequest::Plan { image, strategy } => {
                 let repo = self.repo().await?;
                 let (_, target) = self.image_target(&repo, &image).await?;
-                let current = self.instance.lock().await.commits();
-                Ok(ShellResponse::Plan(plan(&current, &target)))
+                let strategy = strategy.unwrap_or(self.strategy);
+                let instance = self.instance.lock().await;
+                let plan = instance
+                    .plan(&repo, &target, strategy)
+                    .await
+                    .map_err(|e| remote(ErrorKind::Invalid, e.to_string()))?;
+                Ok(ShellResponse::Plan(plan))
             }
             ShellRequest::Upgrade { image, strategy } => {
                 let repo = self.repo().await?;
@@ -296,10 +303,13 @@ impl ShellService {
     ) -> ShellReply {
         let report = |service: Option<&ServiceName>, step: &str| {
             // The requester may be gone; the upgrade goes on without it.
-            let _ = progress.send(Progress {
+            let _ = progress.send(Update::Progress(Progress {
                 service: service.cloned(),
                 step: step.to_owned(),
-            });
+            }));
+        };
+        let observe = |event: &StepEvent| {
+            let _ = progress.send(Update::Step(event.clone()));
         };
         self.queued.fetch_add(1, Ordering::SeqCst);
         let mut instance = match self.instance.try_lock() {
@@ -333,8 +343,12 @@ impl ShellService {
                     (target, previous.image)
                 }
             };
+            let options = UpgradeOptions {
+                strategy,
+                fault: None,
+            };
             instance
-                .upgrade_reporting(repo, &target, image, reason, strategy, &report)
+                .upgrade_with(repo, &target, image, reason, options, &report, &observe)
                 .await
         }
         .await;
@@ -346,12 +360,22 @@ impl ShellService {
             unchanged: report.unchanged,
             removed: report.removed,
             generation: report.generation,
+            steps: report.timeline,
+            warnings: report.warnings,
         }))
     }
 }
 
+/// What a running command reports before its answer.
+enum Update {
+    /// A note.
+    Progress(Progress),
+    /// A step's event.
+    Step(StepEvent),
+}
+
 /// Where an upgrade's steps go while it runs: to the stream that asked for it.
-type Reporter = mpsc::UnboundedSender<Progress>;
+type Reporter = mpsc::UnboundedSender<Update>;
 
 /// What an upgrade changes to.
 enum Change {
@@ -402,30 +426,12 @@ pub fn read_log(
     }
 }
 
-/// What an upgrade from `current` to `target` would do.
-pub fn plan(
-    current: &BTreeMap<ServiceName, CommitId>,
-    target: &BTreeMap<ServiceName, CommitId>,
-) -> UpgradeSummary {
-    let mut s = UpgradeSummary::default();
-    for (name, commit) in target {
-        if current.get(name) == Some(commit) {
-            s.unchanged.push(name.clone());
-        } else {
-            s.restarted.push(name.clone());
-        }
-    }
-    s.removed = current
-        .keys()
-        .filter(|n| !target.contains_key(*n))
-        .cloned()
-        .collect();
-    s
-}
-
 /// Sends one progress frame; false once the requester is gone.
-async fn forward(stream: &mut BiStream, step: Progress) -> bool {
-    let frame: ShellReply = Ok(ShellResponse::Progress(step));
+async fn forward(stream: &mut BiStream, update: Update) -> bool {
+    let frame: ShellReply = Ok(match update {
+        Update::Progress(p) => ShellResponse::Progress(p),
+        Update::Step(e) => ShellResponse::Step(e),
+    });
     wire::codec::write_frame(&mut stream.send, &frame)
         .await
         .is_ok()
@@ -563,15 +569,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn plans_compare_commits() {
-        let c = |n| CommitId::from_bytes([n; 32]);
-        let s = |n: &str| ServiceName::new(n).unwrap();
-        let current = BTreeMap::from([(s("a"), c(1)), (s("b"), c(2)), (s("gone"), c(3))]);
-        let target = BTreeMap::from([(s("a"), c(1)), (s("b"), c(9)), (s("new"), c(4))]);
-        let p = plan(&current, &target);
-        assert_eq!(p.unchanged, [s("a")]);
-        assert_eq!(p.restarted, [s("b"), s("new")]);
-        assert_eq!(p.removed, [s("gone")]);
+    fn logs_follow_and_stages_parse() {
         assert!("production".parse::<Stage>().is_ok());
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("service.log");

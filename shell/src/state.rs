@@ -76,6 +76,11 @@ pub struct State {
 }
 
 const INSTALLED: &[u8] = b"installed";
+/// The last recorded generation's number (in `generations`).
+const LAST: &[u8] = b"last";
+/// The last generation number handed out (in `generations`; 9 bytes, so never
+/// taken for a generation's 8-byte key).
+const ALLOCATED: &[u8] = b"allocated";
 
 /// Each service's data directory, for the services that have one.
 pub type DataDirs = BTreeMap<ServiceName, PathBuf>;
@@ -138,27 +143,64 @@ impl State {
         reason: &str,
         data: &DataDirs,
     ) -> Result<u64, StateError> {
+        let number = self.allocate_generation()?;
+        self.record_generation(number, state, reason, data)?;
+        Ok(number)
+    }
+
+    /// The last number recorded or handed out (0: none).
+    fn last_number(&self) -> Result<u64, StateError> {
+        let read = |key: &[u8]| -> Result<u64, StateError> {
+            Ok(self
+                .generations
+                .get(key)?
+                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                .map_or(0, u64::from_be_bytes))
+        };
+        Ok(read(LAST)?.max(read(ALLOCATED)?))
+    }
+
+    /// The number the next generation will get. Numbers are never reused: a
+    /// generation that failed keeps its number ([`State::allocate_generation`]).
+    pub fn next_generation(&self) -> Result<u64, StateError> {
+        Ok(self.last_number()? + 1)
+    }
+
+    /// Hands out the next generation's number, durably, so that no other
+    /// generation ever gets it, whether this one is recorded or fails.
+    pub fn allocate_generation(&self) -> Result<u64, StateError> {
+        let number = self.next_generation()?;
+        self.generations.insert(ALLOCATED, &number.to_be_bytes())?;
+        self.db.flush()?;
+        Ok(number)
+    }
+
+    /// Records `state` as installed as generation `number` (handed out by
+    /// [`State::allocate_generation`]), with its data directories, in one
+    /// transaction, durably.
+    pub fn record_generation(
+        &self,
+        number: u64,
+        state: &InstalledState,
+        reason: &str,
+        data: &DataDirs,
+    ) -> Result<(), StateError> {
         use sled::Transactional;
         let encoded_data = encode(data);
         let encoded_state = encode(state);
-        let number = (&self.current, &self.generations)
+        let generation = encode(&Generation {
+            number,
+            time: Timestamp::now(),
+            reason: reason.to_owned(),
+            state: state.clone(),
+        });
+        (&self.current, &self.generations)
             .transaction(|(current, generations)| {
-                let last = generations
-                    .get(b"last")?
-                    .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-                    .map_or(0, u64::from_be_bytes);
-                let number = last + 1;
-                let generation = Generation {
-                    number,
-                    time: Timestamp::now(),
-                    reason: reason.to_owned(),
-                    state: state.clone(),
-                };
                 current.insert(INSTALLED, encoded_state.as_slice())?;
-                generations.insert(&number.to_be_bytes(), encode(&generation))?;
+                generations.insert(&number.to_be_bytes(), generation.as_slice())?;
                 generations.insert(data_key(number).as_slice(), encoded_data.as_slice())?;
-                generations.insert(b"last", &number.to_be_bytes())?;
-                Ok(number)
+                generations.insert(LAST, &number.to_be_bytes())?;
+                Ok(())
             })
             .map_err(
                 |e: sled::transaction::TransactionError<std::convert::Infallible>| match e {
@@ -167,7 +209,7 @@ impl State {
                 },
             )?;
         self.db.flush()?;
-        Ok(number)
+        Ok(())
     }
 
     /// The data directories recorded with generation `number` (none recorded:
@@ -248,5 +290,20 @@ mod tests {
         assert_eq!(state.record_with_data(&s1, "rollback", &dirs).unwrap(), 3);
         assert_eq!(state.data_dirs(3).unwrap(), dirs);
         assert_eq!(state.generations().unwrap().len(), 3);
+
+        // A number handed out and never recorded (a failed generation) is not
+        // given again, also after a reopen.
+        assert_eq!(state.allocate_generation().unwrap(), 4);
+        drop(state);
+        let state = State::open(dir.path()).unwrap();
+        assert_eq!(state.next_generation().unwrap(), 5);
+        assert_eq!(state.record(&s2, "upgrade").unwrap(), 5);
+        let numbers: Vec<u64> = state
+            .generations()
+            .unwrap()
+            .iter()
+            .map(|g| g.number)
+            .collect();
+        assert_eq!(numbers, [1, 2, 3, 5]);
     }
 }

@@ -4,8 +4,11 @@
 //! 127.0.0.1 port 0 with a real sled database, and hands out clients for any
 //! identity. Service directories for pushes are written with [`write_service`].
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use repo_server::FsRepoService;
 use repo_server::client::{PushOptions, RepoClient};
@@ -204,4 +207,72 @@ pub async fn get(conn: &mut BufReader<TcpStream>, path: &str) -> std::io::Result
 pub async fn get_once(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let mut conn = BufReader::new(TcpStream::connect(addr).await.expect("connect"));
     get(&mut conn, path).await.expect("GET")
+}
+
+/// What identifies a version in a sample service's answer: hello's greeting,
+/// orders' version.
+pub fn version_of(body: &str) -> String {
+    for key in ["\"greeting\": \"", "\"version\":\""] {
+        if let Some(rest) = body.split(key).nth(1) {
+            return rest.split('"').next().unwrap_or("?").to_owned();
+        }
+    }
+    format!("unrecognised answer: {body}")
+}
+
+/// Keep-alive GETs on one address until stopped, counting answers and failures
+/// and collecting the versions seen ([`version_of`]).
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<BTreeSet<String>>,
+}
+
+impl Load {
+    /// Starts the load on `addr`.
+    pub fn start(addr: std::net::SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let task = {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            tokio::spawn(async move {
+                let mut seen = BTreeSet::new();
+                let mut conn = BufReader::new(TcpStream::connect(addr).await.expect("connect"));
+                while !stop.load(Ordering::Relaxed) {
+                    match get(&mut conn, "/").await {
+                        Ok((200, body)) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                            seen.insert(version_of(&body));
+                        }
+                        Ok(_) | Err(_) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            // A new connection, as a client would.
+                            if let Ok(c) = TcpStream::connect(addr).await {
+                                conn = BufReader::new(c);
+                            }
+                        }
+                    }
+                }
+                seen
+            })
+        };
+        Self {
+            stop,
+            ok,
+            failed,
+            task,
+        }
+    }
+
+    /// Stops; returns (answered, failed, versions seen).
+    pub async fn finish(self) -> (u64, u64, BTreeSet<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let seen = self.task.await.expect("the load task");
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            seen,
+        )
+    }
 }

@@ -264,6 +264,35 @@ async fn an_instance_serves_a_plugin_service_and_upgrades_it_keeping_its_state()
         let (_, body) = get_once(public, "/").await;
         assert_eq!(field(&body, "version"), version, "{body}");
     }
+    // A failure right after the swap, in either strategy: the previous library
+    // is swapped back, its state handed back (the hits keep counting up).
+    for strategy in [Strategy::InPlace, Strategy::Shadow] {
+        let options = shell::instance::UpgradeOptions {
+            strategy,
+            fault: Some(shell::executor::Fault {
+                after: wire::plan::StepKind::SwapPlugin,
+            }),
+        };
+        let err = instance
+            .upgrade_with(
+                &repo,
+                &to(v1.commit),
+                None,
+                "fault",
+                options,
+                &|_, _| {},
+                &|_| {},
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, shell::instance::UpgradeError::Injected { .. }),
+            "{err}"
+        );
+        assert_eq!(instance.commits()[&counter], v2.commit);
+        let (_, body) = get_once(public, "/").await;
+        assert_eq!(field(&body, "version"), "2", "{strategy}: {body}");
+    }
     // Hooks: a failing pre_swap keeps the running library; a passing one runs
     // with the host's port before the swap, and post_swap after it.
     let marks = cluster.path("marks");

@@ -33,6 +33,7 @@ pub mod endpoint;
 pub mod hello;
 pub mod identity;
 pub mod pki;
+pub mod plan;
 pub mod repo;
 pub mod shell;
 

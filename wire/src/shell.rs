@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use image_spec::{CommitId, ImageId, ImageName, ServiceName};
 
 use crate::identity::{Grant, Identity};
+pub use crate::plan::{StepEvent, StepTime, UpgradePlan};
 use crate::repo::RemoteError;
 
 /// A command to a shell.
@@ -28,10 +29,13 @@ pub enum ShellRequest {
         /// How; `None`: the instance's default.
         strategy: Option<Strategy>,
     },
-    /// What an upgrade to the image would do, without doing it.
+    /// What an upgrade to the image would do, without doing it: the exact plan
+    /// the upgrade would carry out.
     Plan {
         /// The image, as for `Upgrade`.
         image: ImageName,
+        /// How; `None`: the instance's default.
+        strategy: Option<Strategy>,
     },
     /// The instance's state.
     Status,
@@ -184,17 +188,22 @@ pub struct InstanceStatus {
     pub last_failure: Option<String>,
 }
 
-/// What an upgrade would do or did, per service.
+/// What an upgrade did, per service, and where it spent its time.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpgradeSummary {
-    /// Services (re)started on a new commit.
+    /// Services (re)started or swapped.
     pub restarted: Vec<ServiceName>,
     /// Services left untouched.
     pub unchanged: Vec<ServiceName>,
     /// Services stopped because the image no longer has them.
     pub removed: Vec<ServiceName>,
-    /// The generation recorded (none for a plan or when nothing changed).
+    /// The generation recorded (none when nothing changed).
     pub generation: Option<u64>,
+    /// Every step carried out, with its time.
+    pub steps: Vec<StepTime>,
+    /// Failures after the commit point (a drain cut short, a `post_swap` hook
+    /// that failed): reported, not rolled back.
+    pub warnings: Vec<String>,
 }
 
 /// A successful answer.
@@ -202,8 +211,8 @@ pub struct UpgradeSummary {
 pub enum ShellResponse {
     /// The upgrade (or rollback, or pull) is done and recorded.
     Upgraded(UpgradeSummary),
-    /// What an upgrade would do.
-    Plan(UpgradeSummary),
+    /// What an upgrade would do, exactly.
+    Plan(UpgradePlan),
     /// The instance's state.
     Status(InstanceStatus),
     /// Part of a service's log.
@@ -213,8 +222,12 @@ pub enum ShellResponse {
         /// The offset to continue from.
         next: u64,
     },
-    /// A step of a running upgrade; the final answer follows.
+    /// A note from a running upgrade (a data copy's progress, the queue); the
+    /// final answer follows.
     Progress(Progress),
+    /// A step of a running upgrade started, ended, failed or was undone; the
+    /// final answer follows.
+    Step(StepEvent),
 }
 
 /// A step of an upgrade, as it happens.
@@ -235,12 +248,21 @@ impl std::fmt::Display for Progress {
     }
 }
 
-/// Sends `req` on a new stream of `conn` and reads the answer: each progress
-/// frame goes to `on_progress`, and the final reply is returned.
+/// What a running command reports before its final answer.
+#[derive(Debug, Clone, Copy)]
+pub enum Update<'a> {
+    /// A note.
+    Progress(&'a Progress),
+    /// A step's event.
+    Step(&'a StepEvent),
+}
+
+/// Sends `req` on a new stream of `conn` and reads the answer: each progress or
+/// step frame goes to `on_update`, and the final reply is returned.
 pub async fn call(
     conn: &crate::endpoint::Connection,
     req: &ShellRequest,
-    mut on_progress: impl FnMut(&Progress),
+    mut on_update: impl FnMut(Update<'_>),
 ) -> Result<ShellReply, crate::WireError> {
     let mut s = conn.open().await?;
     crate::codec::write_frame(&mut s.send, req).await?;
@@ -250,7 +272,8 @@ pub async fn call(
         let reply: ShellReply =
             crate::codec::expect_frame(&mut s.recv, crate::codec::DEFAULT_FRAME_LIMIT).await?;
         match reply {
-            Ok(ShellResponse::Progress(p)) => on_progress(&p),
+            Ok(ShellResponse::Progress(p)) => on_update(Update::Progress(&p)),
+            Ok(ShellResponse::Step(e)) => on_update(Update::Step(&e)),
             other => return Ok(other),
         }
     }

@@ -225,7 +225,7 @@ async fn a_version_mismatch_is_a_clear_error() {
             err,
             WireError::VersionMismatch {
                 ours: 99,
-                theirs: 1
+                theirs: wire::PROTOCOL_VERSION
             }
         ),
         "{err}"

@@ -11,7 +11,6 @@ use std::path::Path;
 
 use image_spec::manifest::TimedCommand;
 use image_spec::{ServiceManifest, ServiceName};
-use tracing::warn;
 
 use super::{Installed, Instance, Progress, Service, UpgradeError, read_manifest};
 
@@ -52,24 +51,17 @@ impl Instance {
         self.run_hook(name, target, hook, "pre_swap").await
     }
 
-    /// Runs the `post_swap` hook of each of `restarted` that has one. A failure
-    /// is reported, not rolled back: the traffic has moved already.
-    pub(super) async fn post_swap(&self, restarted: &[ServiceName], progress: Progress<'_>) {
-        for name in restarted {
-            let Some(service) = self.services.get(name) else {
-                continue;
-            };
-            let Some(hook) = &service.manifest.hooks().post_swap else {
-                continue;
-            };
-            if let Err(e) = self
-                .run_hook(name, service.hook_target(), hook, "post_swap")
-                .await
-            {
-                warn!(service = %name, error = %e, "post_swap hook failed");
-                progress(Some(name), &format!("post_swap hook failed (kept): {e}"));
-            }
-        }
+    /// Runs the `post_swap` hook of `name`, if it has one. The caller reports a
+    /// failure; the traffic has moved already.
+    pub(super) async fn post_swap_one(&self, name: &ServiceName) -> Result<(), UpgradeError> {
+        let Some(service) = self.services.get(name) else {
+            return Ok(());
+        };
+        let Some(hook) = &service.manifest.hooks().post_swap else {
+            return Ok(());
+        };
+        self.run_hook(name, service.hook_target(), hook, "post_swap")
+            .await
     }
 
     /// Runs a hook of a service in its release directory, with the service's
