@@ -421,14 +421,15 @@ pub async fn build_and_seal(
     let built = async {
         let manifest = release_manifest(stage.dir())?;
         if let Some(b) = manifest.build() {
-            let mut env: Vec<(String, String)> = manifest
-                .env()
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            env.push(("MOLT_SERVICE".into(), service.to_string()));
-            env.push(("MOLT_COMMIT".into(), installed.commit.to_string()));
-            env.push(("MOLT_INSTANCE".into(), ctx.instance.to_string()));
+            let env = crate::env::ServiceEnv {
+                instance: ctx.instance,
+                service,
+                commit: installed.commit,
+                manifest: &manifest,
+                ports: None,
+                data: None,
+            }
+            .vars();
             let log = ctx
                 .logs
                 .join(service.as_str())

@@ -39,6 +39,7 @@ use image_spec::{
 use repo_server::client::RepoClient;
 use tracing::{info, warn};
 
+use crate::env::ServiceEnv;
 use crate::executor::{Fault, execute};
 use crate::front::{Front, Router, bind_tcp};
 use crate::health::{self, HealthError};
@@ -103,13 +104,28 @@ pub enum UpgradeError {
     },
     /// A new process did not become healthy; every switched service went back.
     #[error(
-        "service `{service}` did not become healthy: {source}\nlast lines of its log:\n{log_tail}"
+        "service `{service}` did not become healthy (the shell expected it to listen on {listen}, given as $PORT): {source}\nlast lines of its log:\n{log_tail}"
     )]
     Unhealthy {
         /// The service.
         service: ServiceName,
+        /// Where it was expected to listen (its first port).
+        listen: String,
         /// The health check's verdict.
         source: Box<HealthError>,
+        /// The last lines of its log.
+        log_tail: String,
+    },
+    /// A new process exited while it was starting; every switched service
+    /// went back.
+    #[error(
+        "service `{service}` exited while starting ({status})\nlast lines of its log:\n{log_tail}"
+    )]
+    Exited {
+        /// The service.
+        service: ServiceName,
+        /// How it ended (`exit status: 3`).
+        status: String,
         /// The last lines of its log.
         log_tail: String,
     },
@@ -215,6 +231,7 @@ impl Runner {
                 },
                 restarts: 0,
                 health: crate::supervisor::Health::Unknown,
+                last_exit: None,
             },
         }
     }
@@ -500,28 +517,19 @@ impl Instance {
             Some(dir)
         };
         let mut ports = BTreeMap::new();
-        let mut env: Vec<(String, String)> = manifest
-            .env()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        for (i, p) in manifest.ports().iter().enumerate() {
+        for p in manifest.ports() {
             let port = free_port().map_err(io_err(&installed.dir))?;
             ports.insert(p.name.clone(), port);
-            if i == 0 {
-                env.push(("PORT".into(), port.to_string()));
-            }
-            env.push((
-                format!("MOLT_PORT_{}", p.name.to_ascii_uppercase()),
-                port.to_string(),
-            ));
         }
-        env.push(("MOLT_INSTANCE".into(), self.config.name.to_string()));
-        env.push(("MOLT_SERVICE".into(), name.to_string()));
-        env.push(("MOLT_COMMIT".into(), installed.commit.to_string()));
-        if let Some(dir) = &data {
-            env.push(("MOLT_DATA".into(), dir.display().to_string()));
+        let env = ServiceEnv {
+            instance: &self.config.name,
+            service: name,
+            commit: installed.commit,
+            manifest: &manifest,
+            ports: Some(&ports),
+            data: data.as_deref(),
         }
+        .vars();
         let command = match manifest.kind() {
             ServiceKind::Process { command } => command.clone(),
             ServiceKind::Plugin { library } => {
@@ -563,13 +571,50 @@ impl Instance {
                 .await;
         }
         let start = started.elapsed();
-        if let Err(source) = health::wait_healthy(manifest.health(), &ports, &installed.dir).await {
-            process.stop().await;
-            return Err(UpgradeError::Unhealthy {
+        // Healthy within the start grace — or a failure at once if the process
+        // exits meanwhile.
+        let exited = async {
+            let Runner::Process(p) = &process else {
+                return std::future::pending().await;
+            };
+            let mut watch = p.watch();
+            match watch.wait_for(|s| s.last_exit.is_some()).await {
+                Ok(s) => s.last_exit.clone().unwrap_or_default(),
+                Err(_) => "its supervisor ended".to_owned(),
+            }
+        };
+        let listen = format!(
+            "127.0.0.1:{}",
+            manifest
+                .ports()
+                .first()
+                .and_then(|p| ports.get(&p.name))
+                .map_or("-".to_owned(), |p| p.to_string())
+        );
+        let failed = tokio::select! {
+            healthy = health::wait_healthy(manifest.health(), &ports, &installed.dir) => {
+                healthy.err().map(|source| UpgradeError::Unhealthy {
+                    service: name.clone(),
+                    listen: listen.clone(),
+                    source: Box::new(source),
+                    log_tail: String::new(),
+                })
+            }
+            status = exited => Some(UpgradeError::Exited {
                 service: name.clone(),
-                source: Box::new(source),
-                log_tail: crate::build::tail(&log, crate::build::TAIL_LINES),
-            });
+                status,
+                log_tail: String::new(),
+            }),
+        };
+        if let Some(mut err) = failed {
+            process.stop().await;
+            let tail = crate::build::tail(&log, crate::build::TAIL_LINES);
+            if let UpgradeError::Unhealthy { log_tail, .. }
+            | UpgradeError::Exited { log_tail, .. } = &mut err
+            {
+                *log_tail = tail;
+            }
+            return Err(err);
         }
         info!(service = %name, commit = %installed.commit, "service healthy");
         Ok(Service {
@@ -617,7 +662,8 @@ impl Instance {
                 source: Box::new(source),
             })?;
 
-        let port = host.local_addr().port();
+        let host_addr = host.local_addr();
+        let port = host_addr.port();
         let ports: BTreeMap<String, u16> = manifest
             .ports()
             .iter()
@@ -628,6 +674,7 @@ impl Instance {
             host.shutdown().await;
             return Err(UpgradeError::Unhealthy {
                 service: name.clone(),
+                listen: host_addr.to_string(),
                 source: Box::new(source),
                 log_tail: String::new(),
             });

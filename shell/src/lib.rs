@@ -36,6 +36,7 @@
 
 pub mod build;
 pub mod crash;
+pub mod env;
 pub mod executor;
 pub mod front;
 pub mod health;

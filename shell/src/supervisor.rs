@@ -61,6 +61,9 @@ pub struct ProcessStatus {
     pub restarts: u32,
     /// What the health probes say about the running process.
     pub health: Health,
+    /// How the last process ended (`exit status: 3`, `unhealthy: …`), once one
+    /// has: a start that is waiting for health fails on it at once.
+    pub last_exit: Option<String>,
 }
 
 /// The health of a supervised process, by its probes.
@@ -152,6 +155,7 @@ pub fn supervise(
         },
         restarts: 0,
         health: Health::Unknown,
+        last_exit: None,
     });
     let stop = CancellationToken::new();
     let task = tokio::spawn(run(spec, policy, plan, monitor, tx, stop.clone()));
@@ -182,30 +186,39 @@ async fn run(
 ) {
     let mut restarts = 0u32;
     let mut failures = 0u32;
+    let mut last_exit: Option<String> = None;
     loop {
-        let publish = |state| {
+        let publish = |state, last_exit: &Option<String>| {
             let _ = tx.send(ProcessStatus {
                 state,
                 restarts,
                 health: Health::Unknown,
+                last_exit: last_exit.clone(),
             });
         };
         let mut running = match Running::start(&spec) {
             Ok(r) => r,
             Err(e) => {
                 warn!(error = %e, "cannot start the service");
-                publish(ProcessState::Exited {
-                    reason: e.to_string(),
-                });
+                let reason = e.to_string();
+                publish(
+                    ProcessState::Exited {
+                        reason: reason.clone(),
+                    },
+                    &Some(reason),
+                );
                 return;
             }
         };
         let pid = running.pid();
         info!(pid, restarts, "service started");
-        publish(ProcessState::Running {
-            pid,
-            since: Instant::now(),
-        });
+        publish(
+            ProcessState::Running {
+                pid,
+                since: Instant::now(),
+            },
+            &last_exit,
+        );
         let end = tokio::select! {
             () = stop.cancelled() => End::Stop,
             exited = running.wait() => End::Exited(exited),
@@ -217,7 +230,7 @@ async fn run(
                     Ok(s) => info!(pid, killed = s.killed, "service stopped"),
                     Err(e) => warn!(pid, error = %e, "stopping the service failed"),
                 }
-                publish(ProcessState::Stopped);
+                publish(ProcessState::Stopped, &last_exit);
                 return;
             }
             End::Exited(Ok(status)) => (status.success(), status.to_string()),
@@ -231,20 +244,21 @@ async fn run(
             }
         };
         failures = if success { 0 } else { failures + 1 };
+        last_exit = Some(reason.clone());
         match decide(policy, success, failures) {
             Decision::StayDown => {
                 info!(pid, %reason, "service ended; policy keeps it down");
-                publish(ProcessState::Exited { reason });
+                publish(ProcessState::Exited { reason }, &last_exit);
                 // Stay until told to stop, so the status remains readable.
                 stop.cancelled().await;
                 return;
             }
             Decision::Restart { after } => {
                 warn!(pid, %reason, ?after, "service ended; restarting");
-                publish(ProcessState::Backoff { after });
+                publish(ProcessState::Backoff { after }, &last_exit);
                 tokio::select! {
                     () = stop.cancelled() => {
-                        publish(ProcessState::Stopped);
+                        publish(ProcessState::Stopped, &last_exit);
                         return;
                     }
                     () = tokio::time::sleep(after) => {}

@@ -141,9 +141,9 @@ async fn a_failure_after_any_step_before_the_record_leaves_everything_as_it_was(
         let broken = toml
             .replace(
                 "[\"python3\", \"server.py\"]",
-                "[\"sh\", \"-c\", \"exit 3\"]",
+                "[\"sh\", \"-c\", \"echo solo cannot start >&2; exit 3\"]",
             )
-            .replace("start_grace = \"10s\"", "start_grace = \"1s\"");
+            .replace("start_grace = \"10s\"", "start_grace = \"10m\"");
         assert_ne!(broken, toml);
         write_file(&dir, "service.toml", broken.as_bytes());
         dev.push(&dir, &push_main("sick"), |_| {})
@@ -232,14 +232,20 @@ async fn a_failure_after_any_step_before_the_record_leaves_everything_as_it_was(
             "{strategy}: post_swap ran for a rolled-back upgrade"
         );
 
-        // A real failure too: `solo` never gets healthy (in a shadow, after the
-        // cutover of the others).
+        // A real failure too: `solo`'s new process exits at once (in a shadow,
+        // after the cutover of the others).
         let mut sick = v2.clone();
         sick.insert(svc("solo"), sick_solo);
         let err = upgrade(&mut instance, &repo, &sick, strategy, None)
             .await
             .unwrap_err();
-        assert!(matches!(err, UpgradeError::Unhealthy { .. }), "{err}");
+        // It fails as soon as the process exits, with its status and its own
+        // last lines — not after the ten-minute start grace.
+        assert!(
+            matches!(&err, UpgradeError::Exited { status, log_tail, .. }
+                if status.contains('3') && log_tail.contains("solo cannot start")),
+            "{err}"
+        );
         assert_eq!(seen(&instance).await, before, "{strategy}, sick");
         assert_eq!(pids(&instance), web_pids);
         assert_eq!(instance.public_addr(&svc("fresh"), "main"), None);

@@ -160,7 +160,7 @@ async fn in_place_upgrades_rebuild_only_what_changed_and_roll_back_on_failure() 
         &orders_dir,
         "service.toml",
         manifest
-            .replace("start_grace = \"20s\"", "start_grace = \"2s\"")
+            .replace("start_grace = \"20s\"", "start_grace = \"10m\"")
             .as_bytes(),
     );
     let sick = dev
@@ -171,7 +171,12 @@ async fn in_place_upgrades_rebuild_only_what_changed_and_roll_back_on_failure() 
         .upgrade(&shell_repo, &target(sick.commit), None, "sick")
         .await
         .unwrap_err();
-    assert!(matches!(err, UpgradeError::Unhealthy { .. }), "{err}");
+    // A process that exits while starting fails the upgrade at once, with its
+    // exit status (not after its ten-minute start grace).
+    assert!(
+        matches!(&err, UpgradeError::Exited { status, .. } if status.contains("exit status: 1")),
+        "{err}"
+    );
     let (_, body) = get_once(orders_addr, "/").await;
     assert!(body.contains("\"version\":\"2\""), "{body}");
     assert_eq!(instance.commits()[&svc("orders")], orders_v2.commit);
@@ -278,7 +283,7 @@ async fn a_service_without_overlap_is_replaced_and_restored_on_failure() {
         .upgrade(&shell_repo, &target(v3.commit), None, "v3")
         .await
         .unwrap_err();
-    assert!(matches!(err, UpgradeError::Unhealthy { .. }), "{err}");
+    assert!(matches!(err, UpgradeError::Exited { .. }), "{err}");
     assert_eq!(instance.commits()[&svc("hello")], v2.commit);
     let (code, body) = get_once(addr, "/").await;
     assert_eq!(code, 200);

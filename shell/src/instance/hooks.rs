@@ -2,7 +2,8 @@
 //! failure aborts the upgrade), `post_swap` after (a failure is reported and
 //! kept). Both strategies run them; a hook runs in the new release directory
 //! with the service's environment, the ports it serves on (`PORT`,
-//! `MOLT_PORT_*`) and its data directory (`MOLT_DATA`), its output in
+//! `MOLT_PORT_*`) and its data directory (`MOLT_DATA`) — the environment of
+//! [`crate::env`], as the process has it — its output in
 //! `ROOT/logs/<service>/<commit>.<hook>.log`. A plugin's hooks see the ports
 //! and data of the host that serves it.
 
@@ -73,27 +74,15 @@ impl Instance {
         hook: &TimedCommand,
         which: &str,
     ) -> Result<(), UpgradeError> {
-        let mut env: Vec<(String, String)> = target
-            .manifest
-            .env()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        if let Some((_, port)) = target.ports.first_key_value() {
-            env.push(("PORT".into(), port.to_string()));
+        let env = crate::env::ServiceEnv {
+            instance: &self.config.name,
+            service: name,
+            commit: target.installed.commit,
+            manifest: target.manifest,
+            ports: Some(target.ports),
+            data: target.data,
         }
-        for (port_name, port) in target.ports {
-            env.push((
-                format!("MOLT_PORT_{}", port_name.to_ascii_uppercase()),
-                port.to_string(),
-            ));
-        }
-        if let Some(data) = target.data {
-            env.push(("MOLT_DATA".into(), data.display().to_string()));
-        }
-        env.push(("MOLT_INSTANCE".into(), self.config.name.to_string()));
-        env.push(("MOLT_SERVICE".into(), name.to_string()));
-        env.push(("MOLT_COMMIT".into(), target.installed.commit.to_string()));
+        .vars();
         let log = self
             .config
             .root
