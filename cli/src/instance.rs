@@ -251,33 +251,89 @@ pub(crate) async fn change(
     Ok(())
 }
 
-/// `molt logs SERVICE --instance T [--lines N] [-f]`.
+/// What `molt logs` shows.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LogOptions {
+    /// Which log.
+    pub(crate) source: wire::shell::LogSource,
+    /// How many lines first.
+    pub(crate) lines: u32,
+    /// Keep printing what comes.
+    pub(crate) follow: bool,
+    /// Only lines from this many seconds ago on.
+    pub(crate) since: Option<u64>,
+    /// One JSON object per line.
+    pub(crate) json: bool,
+}
+
+/// Parses an age such as `90s`, `10m`, `2h` or `1d` into seconds.
+pub(crate) fn parse_age(s: &str) -> Result<u64, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not an age (e.g. 90s, 10m, 2h, 1d)"))?;
+    let scale = match unit {
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("`{s}`: the unit is s, m, h or d")),
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("`{s}` is too long ago"))
+}
+
+/// Prints log text: as it is, or one JSON object per line (`time`, `line`).
+fn print_log(out: &mut impl std::io::Write, text: &str, json: bool) -> Result<()> {
+    if !json {
+        out.write_all(text.as_bytes())?;
+        return Ok(());
+    }
+    for line in text.lines() {
+        let stamped = line.len() > 24 && line.as_bytes()[23] == b'Z' && line.as_bytes()[10] == b'T';
+        let (time, rest) = if stamped {
+            (Some(&line[..24]), &line[25..])
+        } else {
+            (None, line)
+        };
+        let obj = serde_json::json!({ "time": time, "line": rest });
+        writeln!(out, "{obj}")?;
+    }
+    Ok(())
+}
+
+/// `molt logs SERVICE --instance T [--lines N] [-f] [--generation N | --build] [--since AGE]`.
 pub(crate) async fn logs(
     config: Option<&Path>,
     instance: &str,
     service: &str,
-    lines: u32,
-    follow: bool,
+    options: LogOptions,
 ) -> Result<()> {
     use std::io::Write;
     let service = image_spec::ServiceName::new(service)?;
+    let since = options.since.map(|age| {
+        image_spec::Timestamp::now().as_unix_seconds() - i64::try_from(age).unwrap_or(i64::MAX)
+    });
     let mut from = None;
     loop {
         let req = ShellRequest::Logs {
             service: service.clone(),
-            tail: lines,
+            source: options.source,
+            tail: options.lines,
             from,
+            since,
         };
         let ShellResponse::Logs { text, next } = command(config, instance, req).await? else {
             bail!("the shell answered a logs request with something else");
         };
         let mut out = std::io::stdout().lock();
-        out.write_all(text.as_bytes())?;
-        if from.is_none() && !text.is_empty() {
+        print_log(&mut out, &text, options.json)?;
+        if from.is_none() && !text.is_empty() && !options.json {
             out.write_all(b"\n")?;
         }
         out.flush()?;
-        if !follow {
+        if !options.follow {
             return Ok(());
         }
         from = Some(next);

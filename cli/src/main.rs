@@ -140,6 +140,15 @@ enum Command {
         /// Keep printing what the service writes.
         #[arg(short, long)]
         follow: bool,
+        /// The log of its processes in generation N (default: the running one).
+        #[arg(long, value_name = "N", conflicts_with = "build")]
+        generation: Option<u64>,
+        /// The build log of the commit it runs.
+        #[arg(long)]
+        build: bool,
+        /// Only lines from this long ago on: `90s`, `10m`, `2h`, `1d`.
+        #[arg(long, value_name = "AGE", value_parser = instance::parse_age)]
+        since: Option<u64>,
     },
     /// Go back to the instance's previous generation (no fetch, no build).
     Rollback {
@@ -402,7 +411,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             instance,
             lines,
             follow,
-        } => instance::logs(cli.config.as_deref(), &instance, &service, lines, follow).await,
+            generation,
+            build,
+            since,
+        } => {
+            let source = match (generation, build) {
+                (Some(n), _) => wire::shell::LogSource::Generation(n),
+                (None, true) => wire::shell::LogSource::Build,
+                (None, false) => wire::shell::LogSource::Running,
+            };
+            let options = instance::LogOptions {
+                source,
+                lines,
+                follow,
+                since,
+                json,
+            };
+            instance::logs(cli.config.as_deref(), &instance, &service, options).await
+        }
         Command::Rollback { instance, strategy } => {
             instance::change(
                 cli.config.as_deref(),

@@ -421,6 +421,58 @@ fn deploy_an_image_to_a_shell_and_read_its_status() {
     assert_eq!(status["image"][0], "demo-1");
     assert_eq!(status["services"]["hello"]["commit"], svc["commit"]);
 
+    // Logs: one file per generation's processes, every line stamped; the
+    // running one by default, another generation's on request, as JSON lines.
+    let out = c.molt(&[
+        "logs",
+        "hello",
+        "--instance",
+        &target,
+        "--lines",
+        "1000",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!lines.is_empty());
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["time"].as_str().is_some_and(|t| t.ends_with('Z')))
+    );
+    let out = c.molt(&[
+        "logs",
+        "hello",
+        "--instance",
+        &target,
+        "--generation",
+        "2",
+        "--since",
+        "1h",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("hello: listening on"), "{text}");
+    for (args, why) in [
+        (vec!["--generation", "99"], "no such log"),
+        (vec!["--since", "10x"], "the unit is s, m, h or d"),
+    ] {
+        let mut all = vec!["logs", "hello", "--instance", &target];
+        all.extend(args);
+        let out = c.molt(&all);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{err}");
+    }
+    let out = c.molt(&["logs", "nosvc", "--instance", &target]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no service `nosvc` runs"));
+
     // A staging instance takes images, not pulls.
     let out = c.molt(&["pull", "hello@main", "--instance", &target]);
     assert!(!out.status.success());

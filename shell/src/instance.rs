@@ -65,6 +65,10 @@ use upgrade::Upgrade;
 /// the previous generation's, which are always kept).
 pub const KEEP_RELEASES: usize = 5;
 
+/// How many generations' process logs are kept per service (besides the
+/// running process's).
+pub const KEEP_LOGS: usize = 10;
+
 /// How public ports are chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PublicPorts {
@@ -181,6 +185,8 @@ struct Service {
     startup: (Duration, Duration),
     /// Its data directory (`$MOLT_DATA`), if it declares data.
     data: Option<PathBuf>,
+    /// Where its process writes its output (a plugin: its host's notes).
+    log: PathBuf,
 }
 
 impl Service {
@@ -323,6 +329,26 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> UpgradeError + '_ {
     }
 }
 
+/// Appends a stamped note of the shell's to a service's log (a plugin has no
+/// process of its own to write there).
+fn note(log: &Path, text: &str) {
+    use std::io::Write;
+    let line = format!("{} molt: {text}\n", crate::process::stamp_now());
+    let written = log
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+        })
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        warn!(log = %log.display(), error = %e, "could not write to a service's log");
+    }
+}
+
 /// A free loopback port, found by binding port 0 and letting it go.
 fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -384,7 +410,8 @@ impl Instance {
                 tree,
                 dir: s.release.clone(),
             };
-            let service = instance.start(name, installed).await?;
+            let log = instance.log_path(name, generation);
+            let service = instance.start_on(name, installed, None, log).await?;
             instance.expose(name, &service).await?;
             instance.services.insert(name.clone(), service);
         }
@@ -473,13 +500,22 @@ impl Instance {
             .collect()
     }
 
-    /// Starts a service's process from its release and waits until it is healthy.
-    async fn start(
-        &self,
-        name: &ServiceName,
-        installed: Installed,
-    ) -> Result<Service, UpgradeError> {
-        self.start_on(name, installed, None).await
+    /// Where the processes of a service in generation `generation` write their
+    /// output: `ROOT/logs/<service>/g<generation>.log` (every line stamped).
+    pub(crate) fn log_path(&self, name: &ServiceName, generation: u64) -> PathBuf {
+        self.config
+            .root
+            .join("logs")
+            .join(name.as_str())
+            .join(format!("g{generation}.log"))
+    }
+
+    /// Where each running service writes its output now.
+    pub fn log_paths(&self) -> BTreeMap<ServiceName, PathBuf> {
+        self.services
+            .iter()
+            .map(|(n, s)| (n.clone(), s.log.clone()))
+            .collect()
     }
 
     /// The data directory a service uses unless told otherwise: the one it has
@@ -498,12 +534,15 @@ impl Instance {
             })
     }
 
-    /// [`Instance::start`] on the data directory `data` (default: [`Instance::data_dir`]).
+    /// Starts a service's process from its release on the data directory
+    /// `data` (default: [`Instance::data_dir`]), its output to `log`, and waits
+    /// until it is healthy.
     async fn start_on(
         &self,
         name: &ServiceName,
         installed: Installed,
         data: Option<PathBuf>,
+        log: PathBuf,
     ) -> Result<Service, UpgradeError> {
         let manifest = read_manifest(&installed.dir)?;
         let data = if manifest.data().is_empty() {
@@ -534,15 +573,11 @@ impl Instance {
             ServiceKind::Process { command } => command.clone(),
             ServiceKind::Plugin { library } => {
                 let library = library.clone();
-                return self.start_plugin(name, installed, manifest, &library).await;
+                return self
+                    .start_plugin(name, installed, manifest, &library, log)
+                    .await;
             }
         };
-        let log = self
-            .config
-            .root
-            .join("logs")
-            .join(name.as_str())
-            .join("service.log");
         let spec = ProcessSpec {
             command,
             dir: installed.dir.clone(),
@@ -624,6 +659,7 @@ impl Instance {
             process,
             startup: (start, started.elapsed() - start),
             data,
+            log,
         })
     }
 
@@ -635,6 +671,7 @@ impl Instance {
         installed: Installed,
         manifest: ServiceManifest,
         library: &image_spec::RelPath,
+        log: PathBuf,
     ) -> Result<Service, UpgradeError> {
         let started = std::time::Instant::now();
         let built = installed.dir.join(library.as_str());
@@ -680,6 +717,13 @@ impl Instance {
             });
         }
         info!(service = %name, commit = %installed.commit, "plugin healthy");
+        note(
+            &log,
+            &format!(
+                "plugin {} loaded, healthy, serving on {host_addr} inside the shell",
+                installed.commit.short(12)
+            ),
+        );
         if resumed {
             info!(service = %name, "plugin resumed the state its last shutdown kept");
             if let Err(e) = std::fs::remove_file(&state_path) {
@@ -696,6 +740,7 @@ impl Instance {
             },
             startup: (start, started.elapsed() - start),
             data: None,
+            log,
         })
     }
 
@@ -734,6 +779,14 @@ impl Instance {
                 source: Box::new(source),
             })?;
         info!(service = %name, pause = ?swapped.pause, "plugin swapped in place");
+        note(
+            &service.log,
+            &format!(
+                "plugin swapped to {}, its state handed over, dispatch paused {:?}",
+                installed.commit.short(12),
+                swapped.pause
+            ),
+        );
         service.manifest = manifest;
         Ok(std::mem::replace(&mut service.installed, installed))
     }
@@ -1010,6 +1063,41 @@ impl Instance {
                     }
                 }
                 Err(e) => warn!(service = %name, error = %e, "could not prune old releases"),
+            }
+            self.prune_logs(name);
+        }
+    }
+
+    /// Keeps the process logs of a service's newest [`KEEP_LOGS`] generations
+    /// (and always the running process's).
+    fn prune_logs(&self, name: &ServiceName) {
+        let dir = self.config.root.join("logs").join(name.as_str());
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        // g<N>.log and its rotations g<N>.log.1 …, by N.
+        let generation_of = |file: &str| -> Option<u64> {
+            file.strip_prefix('g')?.split_once(".log")?.0.parse().ok()
+        };
+        let running = self
+            .services
+            .get(name)
+            .and_then(|s| generation_of(s.log.file_name()?.to_str()?));
+        let mut logs: Vec<(u64, PathBuf)> = entries
+            .flatten()
+            .filter_map(|e| Some((generation_of(e.file_name().to_str()?)?, e.path())))
+            .collect();
+        let mut numbers: Vec<u64> = logs.iter().map(|(n, _)| *n).collect();
+        numbers.sort_unstable();
+        numbers.dedup();
+        let oldest_kept = numbers
+            .len()
+            .checked_sub(KEEP_LOGS)
+            .map_or(0, |i| numbers[i]);
+        logs.retain(|(n, _)| *n < oldest_kept && Some(*n) != running);
+        for (_, path) in logs {
+            if let Err(e) = std::fs::remove_file(&path) {
+                warn!(log = %path.display(), error = %e, "could not prune an old log");
             }
         }
     }

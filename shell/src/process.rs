@@ -183,17 +183,88 @@ pub struct Stopped {
     pub killed: bool,
 }
 
+/// The time now as a log line's stamp: RFC 3339 in UTC with milliseconds
+/// (`2026-12-01T22:40:15.123Z`), so stamps sort as text.
+pub fn stamp_now() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+    let whole = image_spec::Timestamp::from_unix_seconds(secs).to_string();
+    format!(
+        "{}.{:03}Z",
+        whole.trim_end_matches('Z'),
+        now.subsec_millis()
+    )
+}
+
+/// The length of a stamp made by [`stamp_now`].
+pub const STAMP_LEN: usize = 24;
+
+/// Cuts output into lines and stamps each one with the time it was read.
+#[derive(Debug, Default)]
+pub struct LineStamper {
+    partial: Vec<u8>,
+}
+
+impl LineStamper {
+    /// A line longer than this is cut and stamped in pieces.
+    pub const MAX_LINE: usize = 64 << 10;
+
+    /// Appends to `out` every line `bytes` completes, each as `STAMP line\n`;
+    /// keeps the unfinished rest for the next call.
+    pub fn feed(&mut self, bytes: &[u8], stamp: &str, out: &mut Vec<u8>) {
+        let mut rest = bytes;
+        while let Some(end) = rest.iter().position(|b| *b == b'\n') {
+            self.partial.extend_from_slice(&rest[..end]);
+            self.emit(stamp, out);
+            rest = &rest[end + 1..];
+        }
+        self.partial.extend_from_slice(rest);
+        if self.partial.len() >= Self::MAX_LINE {
+            self.emit(stamp, out);
+        }
+    }
+
+    /// Appends what is left as a last line, if anything is.
+    pub fn finish(&mut self, stamp: &str, out: &mut Vec<u8>) {
+        if !self.partial.is_empty() {
+            self.emit(stamp, out);
+        }
+    }
+
+    fn emit(&mut self, stamp: &str, out: &mut Vec<u8>) {
+        out.extend_from_slice(stamp.as_bytes());
+        out.push(b' ');
+        out.append(&mut self.partial);
+        out.push(b'\n');
+    }
+}
+
 async fn pump(mut from: impl AsyncRead + Unpin, log: Arc<Mutex<RotatingLog>>) {
     let mut buf = vec![0u8; 16 << 10];
+    let mut lines = LineStamper::default();
+    let mut out = Vec::new();
     loop {
-        match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                let Ok(mut log) = log.lock() else { return };
-                if log.write(&buf[..n]).is_err() {
-                    return;
-                }
+        out.clear();
+        let ended = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                lines.finish(&stamp_now(), &mut out);
+                true
             }
+            Ok(n) => {
+                lines.feed(&buf[..n], &stamp_now(), &mut out);
+                false
+            }
+        };
+        if !out.is_empty() {
+            let Ok(mut log) = log.lock() else { return };
+            if log.write(&out).is_err() {
+                return;
+            }
+        }
+        if ended {
+            return;
         }
     }
 }
@@ -319,6 +390,28 @@ pub fn decide(policy: RestartPolicy, success: bool, failures: u32) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_line_is_stamped_and_partial_lines_wait_for_their_end() {
+        let mut lines = LineStamper::default();
+        let mut out = Vec::new();
+        lines.feed(b"one\ntw", "T1", &mut out);
+        assert_eq!(out, b"T1 one\n");
+        lines.feed(b"o\nthree", "T2", &mut out);
+        assert_eq!(out, b"T1 one\nT2 two\n");
+        lines.finish("T3", &mut out);
+        assert_eq!(out, b"T1 one\nT2 two\nT3 three\n");
+        // A line without end is cut, never held without bound.
+        let mut out = Vec::new();
+        lines.feed(&vec![b'x'; LineStamper::MAX_LINE + 10], "T4", &mut out);
+        assert_eq!(out.len(), LineStamper::MAX_LINE + 10 + 4);
+        let stamp = stamp_now();
+        assert_eq!(stamp.len(), STAMP_LEN, "{stamp}");
+        assert!(
+            stamp.ends_with('Z') && stamp.as_bytes()[10] == b'T',
+            "{stamp}"
+        );
+    }
 
     fn spec(dir: &Path, script: &str) -> ProcessSpec {
         ProcessSpec {

@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -25,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 use wire::repo::{ErrorKind, RemoteError};
 use wire::shell::{
-    InstanceStatus, Progress, ShellReply, ShellRequest, ShellResponse, UpgradeSummary,
+    InstanceStatus, LogSource, Progress, ShellReply, ShellRequest, ShellResponse, UpgradeSummary,
 };
 use wire::{
     BiStream, Client, Credentials, DEFAULT_FRAME_LIMIT, Handler, Identity, Server, WireError,
@@ -134,6 +135,8 @@ struct ShellService {
     status: std::sync::Mutex<InstanceStatus>,
     strategy: Strategy,
     lifecycle: Arc<Lifecycle>,
+    /// Each running service's log file, as of the last refresh.
+    logs: std::sync::Mutex<BTreeMap<ServiceName, PathBuf>>,
 }
 
 fn remote(kind: ErrorKind, message: impl Into<String>) -> RemoteError {
@@ -187,7 +190,41 @@ impl ShellService {
         Ok((id, image.services().clone()))
     }
 
+    /// The file of a service's log.
+    fn log_path(&self, service: &ServiceName, source: LogSource) -> Result<PathBuf, RemoteError> {
+        let dir = self.root.join("logs").join(service.as_str());
+        let running = || {
+            self.status()
+                .services
+                .get(service)
+                .map(|s| s.commit)
+                .ok_or_else(|| {
+                    remote(
+                        ErrorKind::NotFound,
+                        format!("no service `{service}` runs on `{}`", self.name),
+                    )
+                })
+        };
+        Ok(match source {
+            LogSource::Running => {
+                running()?;
+                let logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+                logs.get(service).cloned().ok_or_else(|| {
+                    remote(
+                        ErrorKind::NotFound,
+                        format!("no service `{service}` runs on `{}`", self.name),
+                    )
+                })?
+            }
+            LogSource::Generation(n) => dir.join(format!("g{n}.log")),
+            LogSource::Build => dir.join(format!("{}.build.log", running()?.short(12))),
+        })
+    }
+
     fn refresh(&self, instance: &Instance) {
+        if let Ok(mut logs) = self.logs.lock() {
+            *logs = instance.log_paths();
+        }
         let (image, generation) = instance.recorded().unwrap_or((None, 0));
         if let Ok(mut s) = self.status.lock() {
             s.services = instance.describe();
@@ -220,18 +257,20 @@ impl ShellService {
             ShellRequest::Status => Ok(ShellResponse::Status(self.status())),
             ShellRequest::Logs {
                 service,
+                source,
                 tail,
                 from,
+                since,
             } => {
-                let path = self
-                    .root
-                    .join("logs")
-                    .join(service.as_str())
-                    .join("service.log");
-                let (text, next) = read_log(&path, tail, from).map_err(|e| {
+                let path = self.log_path(&service, source)?;
+                let (text, next) = read_log(&path, tail, from, since).map_err(|e| {
                     remote(
                         ErrorKind::NotFound,
-                        format!("no log for `{service}` on `{}`: {e}", self.name),
+                        format!(
+                            "no such log of `{service}` on `{}` ({}): {e}",
+                            self.name,
+                            path.display()
+                        ),
                     )
                 })?;
                 Ok(ShellResponse::Logs { text, next })
@@ -395,23 +434,25 @@ const LOG_CHUNK: u64 = 1 << 20;
 
 /// The last `tail` lines of the log at `path`, or what follows offset `from`
 /// (from the start if the file was rotated and is now shorter); and the offset to
-/// continue from.
+/// continue from. With `since`, only the lines stamped at or after it (a line
+/// without a stamp goes with the one before it).
 pub fn read_log(
     path: &std::path::Path,
     tail: u32,
     from: Option<u64>,
+    since: Option<i64>,
 ) -> std::io::Result<(String, u64)> {
     use std::io::{Read, Seek, SeekFrom};
     let mut file = std::fs::File::open(path)?;
     let len = file.metadata()?.len();
-    match from {
+    let (text, next) = match from {
         Some(off) => {
             let start = if off > len { 0 } else { off };
             file.seek(SeekFrom::Start(start))?;
             let mut buf = Vec::new();
             file.take(LOG_CHUNK).read_to_end(&mut buf)?;
             let next = start + buf.len() as u64;
-            Ok((String::from_utf8_lossy(&buf).into_owned(), next))
+            (String::from_utf8_lossy(&buf).into_owned(), next)
         }
         None => {
             let start = len.saturating_sub(LOG_CHUNK);
@@ -419,11 +460,41 @@ pub fn read_log(
             let mut buf = Vec::new();
             file.read_to_end(&mut buf)?;
             let text = String::from_utf8_lossy(&buf);
+            let text = match since {
+                Some(t) => lines_since(&text, t),
+                None => text.into_owned(),
+            };
             let lines: Vec<&str> = text.lines().collect();
             let keep = lines[lines.len().saturating_sub(tail as usize)..].join("\n");
-            Ok((keep, len))
+            return Ok((keep, len));
+        }
+    };
+    Ok(match since {
+        Some(t) => (lines_since(&text, t), next),
+        None => (text, next),
+    })
+}
+
+/// The lines of `text` stamped at or after `since` (seconds since the epoch);
+/// a line without a stamp goes with the one before it.
+pub fn lines_since(text: &str, since: i64) -> String {
+    let threshold = image_spec::Timestamp::from_unix_seconds(since).to_string();
+    // Stamps and the threshold are RFC 3339 in UTC: they compare as text.
+    let threshold = threshold.trim_end_matches('Z');
+    let mut keep = false;
+    let mut out = String::new();
+    for line in text.split_inclusive('\n') {
+        let stamp = line.get(..crate::process::STAMP_LEN);
+        if let Some(stamp) =
+            stamp.filter(|s| s.ends_with('Z') && s.as_bytes().get(10) == Some(&b'T'))
+        {
+            keep = stamp[..19] >= *threshold;
+        }
+        if keep {
+            out.push_str(line);
         }
     }
+    out
 }
 
 /// Sends one progress frame; false once the requester is gone.
@@ -542,6 +613,7 @@ pub async fn bind(config: ShellConfig) -> Result<Bound, ShellError> {
         status: std::sync::Mutex::new(status),
         strategy: config.strategy,
         lifecycle,
+        logs: std::sync::Mutex::default(),
     });
     service.refresh(&*service.instance.lock().await);
     Ok(Bound { server, service })
@@ -574,18 +646,38 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("service.log");
         std::fs::write(&log, "one\ntwo\nthree\n").unwrap();
-        let (text, next) = read_log(&log, 2, None).unwrap();
+        let (text, next) = read_log(&log, 2, None, None).unwrap();
         assert_eq!((text.as_str(), next), ("two\nthree", 14));
         std::fs::write(&log, "one\ntwo\nthree\nfour\n").unwrap();
         assert_eq!(
-            read_log(&log, 2, Some(next)).unwrap(),
+            read_log(&log, 2, Some(next), None).unwrap(),
             ("four\n".to_owned(), 19)
         );
         // After a rotation the file is shorter: follow from its start.
         std::fs::write(&log, "new\n").unwrap();
         assert_eq!(
-            read_log(&log, 2, Some(19)).unwrap(),
+            read_log(&log, 2, Some(19), None).unwrap(),
             ("new\n".to_owned(), 4)
+        );
+        // --since keeps the lines stamped at or after it, with their
+        // unstamped continuation lines.
+        std::fs::write(
+            &log,
+            "2026-12-01T10:00:00.000Z old\n\
+             2026-12-01T10:05:00.000Z new\n\
+             traceback line\n\
+             2026-12-01T10:06:30.500Z newer\n",
+        )
+        .unwrap();
+        let since = 1_796_119_500; // 2026-12-01T10:05:00Z
+        assert_eq!(
+            image_spec::Timestamp::from_unix_seconds(since).to_string(),
+            "2026-12-01T10:05:00Z"
+        );
+        let (text, _) = read_log(&log, 10, None, Some(since)).unwrap();
+        assert_eq!(
+            text,
+            "2026-12-01T10:05:00.000Z new\ntraceback line\n2026-12-01T10:06:30.500Z newer"
         );
         assert!("prod".parse::<Stage>().is_err());
     }

@@ -122,7 +122,7 @@ async fn running_v1() -> Running {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_shadow_swaps_under_load_fail_no_request_and_roll_back_without_a_build() {
     let Running {
-        cluster: _cluster,
+        cluster,
         dev: _,
         repo,
         v,
@@ -157,6 +157,25 @@ async fn twenty_shadow_swaps_under_load_fail_no_request_and_roll_back_without_a_
         assert!(seen.is_subset(&allowed), "{seen:?}");
     }
     assert!(answered > 20, "the load barely ran: {answered}");
+
+    // Each generation's processes logged to their own file, stamped; only the
+    // newest generations' logs are kept.
+    let logs: BTreeSet<String> = std::fs::read_dir(cluster.path("instance/logs/hello"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|f| f.starts_with('g'))
+        .collect();
+    assert_eq!(logs.len(), shell::instance::KEEP_LOGS, "{logs:?}");
+    assert!(
+        logs.contains("g21.log") && !logs.contains("g11.log"),
+        "{logs:?}"
+    );
+    let log = std::fs::read_to_string(cluster.path("instance/logs/hello/g21.log")).unwrap();
+    let first = log.lines().next().unwrap();
+    assert!(
+        first.starts_with("20") && first.contains("Z hello: listening on"),
+        "{first}"
+    );
 
     // The lifecycle: the last generation serves, the one before it stopped.
     let lifecycle = instance.lifecycle().snapshot();

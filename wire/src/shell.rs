@@ -50,10 +50,14 @@ pub enum ShellRequest {
     Logs {
         /// The service.
         service: ServiceName,
+        /// Which log.
+        source: LogSource,
         /// How many lines, when `from` is `None`.
         tail: u32,
         /// Continue from this offset (the `next` of the previous answer).
         from: Option<u64>,
+        /// Only lines stamped at or after this time (seconds since the epoch).
+        since: Option<i64>,
     },
     /// Bring one service to a revision (branch, full or abbreviated commit id);
     /// development and quality instances only.
@@ -63,6 +67,18 @@ pub enum ShellRequest {
         /// The revision.
         rev: String,
     },
+}
+
+/// Which of a service's logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogSource {
+    /// The log of its running process (of the generation it runs in).
+    #[default]
+    Running,
+    /// The log of its processes in generation N.
+    Generation(u64),
+    /// The build log of the commit it runs.
+    Build,
 }
 
 /// How an upgrade brings a new generation in.

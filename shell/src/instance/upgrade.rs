@@ -144,8 +144,9 @@ pub(super) struct Upgrade<'a> {
     old: BTreeMap<ServiceName, Service>,
     /// Services whose ports a cutover opened (they had none).
     opened: BTreeSet<ServiceName>,
-    /// Held services: the release and data their stopped old process ran on.
-    held: BTreeMap<ServiceName, (Installed, Option<PathBuf>)>,
+    /// Held services: the release, data and log their stopped old process
+    /// had.
+    held: BTreeMap<ServiceName, (Installed, Option<PathBuf>, PathBuf)>,
     /// Plugins swapped: the release each ran before.
     swapped: BTreeMap<ServiceName, Installed>,
     /// Each new process's startup: (until it ran, until it was healthy).
@@ -366,7 +367,11 @@ impl Runtime for Upgrade<'_> {
                     .instance
                     .data_copy(*copy_data, self.generation, service, &installed, progress)
                     .await?;
-                let new = self.instance.start_on(service, installed, data).await?;
+                let log = self.instance.log_path(service, self.generation);
+                let new = self
+                    .instance
+                    .start_on(service, installed, data, log)
+                    .await?;
                 self.startup.insert(service.clone(), new.startup);
                 self.fresh.insert(service.clone(), new);
             }
@@ -380,7 +385,7 @@ impl Runtime for Upgrade<'_> {
                     .collect();
                 self.instance.router.set(held);
                 if let Some(old) = self.instance.services.remove(service) {
-                    let kept = (old.installed.clone(), old.data.clone());
+                    let kept = (old.installed.clone(), old.data.clone(), old.log.clone());
                     old.process.stop().await;
                     self.held.insert(service.clone(), kept);
                 }
@@ -441,10 +446,10 @@ impl Runtime for Upgrade<'_> {
                 }
             }
             Step::Hold { service } => {
-                let Some((installed, data)) = self.held.remove(service) else {
+                let Some((installed, data, log)) = self.held.remove(service) else {
                     return;
                 };
-                match self.instance.start_on(service, installed, data).await {
+                match self.instance.start_on(service, installed, data, log).await {
                     Ok(old) => {
                         if let Err(e) = self.instance.expose(service, &old).await {
                             warn!(service = %service, error = %e, "could not reopen the ports of the previous release");
