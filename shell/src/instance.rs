@@ -187,6 +187,9 @@ struct Service {
     data: Option<PathBuf>,
     /// Where its process writes its output (a plugin: its host's notes).
     log: PathBuf,
+    /// Why its start failed, for a process started at boot that did not get
+    /// healthy (it stays supervised and is retried by its restart policy).
+    failed_start: Option<String>,
 }
 
 impl Service {
@@ -399,27 +402,44 @@ impl Instance {
             lifecycle: Arc::default(),
             data_dirs: Default::default(),
         };
-        let recorded = instance.state.installed()?;
-        let (_, generation) = instance.recorded()?;
-        instance.data_dirs = instance.state.data_dirs(generation)?;
+        // What was started before a failure is stopped again: nothing is left
+        // running by an open that failed.
+        match instance.start_recorded().await {
+            Ok(()) => {
+                instance.prune_data();
+                Ok(instance)
+            }
+            Err(e) => {
+                instance.shutdown().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts the recorded generation. A process that does not get healthy (or
+    /// exits) at boot does not stop the others: it stays under its supervisor,
+    /// retried by its restart policy, and `status` shows it failed.
+    async fn start_recorded(&mut self) -> Result<(), UpgradeError> {
+        let recorded = self.state.installed()?;
+        let (_, generation) = self.recorded()?;
+        self.data_dirs = self.state.data_dirs(generation)?;
         for (name, s) in &recorded.services {
-            let tree = instance.tree_of(&s.release, s.tree)?;
+            let tree = self.tree_of(&s.release, s.tree)?;
             verify(&s.release, &tree)?;
             let installed = Installed {
                 commit: s.commit,
                 tree,
                 dir: s.release.clone(),
             };
-            let log = instance.log_path(name, generation);
-            let service = instance.start_on(name, installed, None, log).await?;
-            instance.expose(name, &service).await?;
-            instance.services.insert(name.clone(), service);
+            let log = self.log_path(name, generation);
+            let service = self.start_at_boot(name, installed, log).await?;
+            self.expose(name, &service).await?;
+            self.services.insert(name.clone(), service);
         }
         if generation > 0 {
-            instance.lifecycle.opened(generation);
+            self.lifecycle.opened(generation);
         }
-        instance.prune_data();
-        Ok(instance)
+        Ok(())
     }
 
     /// The tree recorded for a release, from the instance's tree store
@@ -544,6 +564,29 @@ impl Instance {
         data: Option<PathBuf>,
         log: PathBuf,
     ) -> Result<Service, UpgradeError> {
+        self.start_service(name, installed, data, log, false).await
+    }
+
+    /// [`Instance::start_on`] at boot: a process that fails its start keeps
+    /// running under its supervisor (which retries it by its restart policy)
+    /// and is returned marked failed.
+    async fn start_at_boot(
+        &self,
+        name: &ServiceName,
+        installed: Installed,
+        log: PathBuf,
+    ) -> Result<Service, UpgradeError> {
+        self.start_service(name, installed, None, log, true).await
+    }
+
+    async fn start_service(
+        &self,
+        name: &ServiceName,
+        installed: Installed,
+        data: Option<PathBuf>,
+        log: PathBuf,
+        keep_failed: bool,
+    ) -> Result<Service, UpgradeError> {
         let manifest = read_manifest(&installed.dir)?;
         let data = if manifest.data().is_empty() {
             None
@@ -641,17 +684,24 @@ impl Instance {
                 log_tail: String::new(),
             }),
         };
+        let mut failed_start = None;
         if let Some(mut err) = failed {
-            process.stop().await;
-            let tail = crate::build::tail(&log, crate::build::TAIL_LINES);
-            if let UpgradeError::Unhealthy { log_tail, .. }
-            | UpgradeError::Exited { log_tail, .. } = &mut err
-            {
-                *log_tail = tail;
+            if keep_failed {
+                warn!(service = %name, error = %err, "failed to start at boot; its supervisor retries it by its restart policy");
+                failed_start = Some(err.to_string());
+            } else {
+                process.stop().await;
+                let tail = crate::build::tail(&log, crate::build::TAIL_LINES);
+                if let UpgradeError::Unhealthy { log_tail, .. }
+                | UpgradeError::Exited { log_tail, .. } = &mut err
+                {
+                    *log_tail = tail;
+                }
+                return Err(err);
             }
-            return Err(err);
+        } else {
+            info!(service = %name, commit = %installed.commit, "service healthy");
         }
-        info!(service = %name, commit = %installed.commit, "service healthy");
         Ok(Service {
             installed,
             manifest,
@@ -660,6 +710,7 @@ impl Instance {
             startup: (start, started.elapsed() - start),
             data,
             log,
+            failed_start,
         })
     }
 
@@ -741,6 +792,7 @@ impl Instance {
             startup: (start, started.elapsed() - start),
             data: None,
             log,
+            failed_start: None,
         })
     }
 
@@ -1014,6 +1066,13 @@ impl Instance {
                     }
                     ProcessState::Exited { reason } => (None, None, format!("exited: {reason}")),
                     ProcessState::Stopped => (None, None, "stopped".to_owned()),
+                };
+                // Failed at boot and not healthy since: say so, first.
+                let state = match &s.failed_start {
+                    Some(why) if status.health != crate::supervisor::Health::Healthy => {
+                        format!("failed at start ({state}; retried by its restart policy): {why}")
+                    }
+                    _ => state,
                 };
                 let ports = self
                     .fronts

@@ -115,11 +115,21 @@ pub struct StopPlan {
 }
 
 /// A running supervisor: its status and the way to stop it.
+///
+/// Dropping it stops the process too (the supervisor is told to stop and does
+/// so in the background, stop signal then SIGKILL); [`Supervised::stop`] does
+/// the same and waits for it.
 #[derive(Debug)]
 pub struct Supervised {
     status: watch::Receiver<ProcessStatus>,
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 impl Supervised {
@@ -135,9 +145,11 @@ impl Supervised {
 
     /// Stops the process (stop signal, then SIGKILL after the grace) and waits for
     /// the supervisor to finish.
-    pub async fn stop(self) -> ProcessStatus {
+    pub async fn stop(mut self) -> ProcessStatus {
         self.stop.cancel();
-        let _ = self.task.await;
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
         self.status.borrow().clone()
     }
 }
@@ -162,7 +174,7 @@ pub fn supervise(
     Supervised {
         status: rx,
         stop,
-        task,
+        task: Some(task),
     }
 }
 
@@ -389,6 +401,35 @@ mod tests {
         // SAFETY: kill with signal 0 only checks whether the pid exists.
         let alive = unsafe { libc::kill(pid as i32, 0) } == 0;
         assert!(!alive, "pid {pid} still exists");
+    }
+
+    #[tokio::test]
+    async fn dropping_the_handle_stops_the_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let sup = supervise(
+            spec(dir.path(), "exec sleep 60"),
+            RestartPolicy::Always,
+            PLAN,
+            None,
+        );
+        let mut rx = sup.watch();
+        let s = until(&mut rx, |s| matches!(s.state, ProcessState::Running { .. })).await;
+        let ProcessState::Running { pid, .. } = s.state else {
+            unreachable!()
+        };
+        drop(sup);
+        // The supervisor goes on alone just long enough to stop it.
+        let s = until(&mut rx, |s| s.state == ProcessState::Stopped).await;
+        assert_eq!(s.state, ProcessState::Stopped);
+        let gone = tokio::time::timeout(Duration::from_secs(30), async {
+            // SAFETY: kill with signal 0 only checks whether the pid exists.
+            #[allow(unsafe_code)]
+            while unsafe { libc::kill(pid as i32, 0) } == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        assert!(gone.is_ok(), "pid {pid} outlived its dropped supervisor");
     }
 
     #[tokio::test]

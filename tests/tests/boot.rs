@@ -1,0 +1,139 @@
+//! A shell boots past one bad service: the recorded generation comes back with
+//! the others serving, the bad one shown failed and retried by its restart
+//! policy, and the instance takes upgrades meanwhile.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use image_spec::{InstanceName, ServiceName};
+use molt_e2e::{TestCluster, copy_example, get_once, push_main, version_of, write_file};
+use shell::instance::{Instance, InstanceConfig, PublicPorts};
+
+fn svc(s: &str) -> ServiceName {
+    ServiceName::new(s).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_that_fails_at_boot_does_not_keep_the_others_down() {
+    let cluster = TestCluster::start().await;
+    let dev = cluster.repo_client("user/ada/developer").await;
+    let repo = cluster.repo_client("shell/qa-1").await;
+    // `flaky` is healthy only while the file `sick` does not exist.
+    let sick = cluster.path("sick");
+    let mut commits = BTreeMap::new();
+    for (name, greeting, health) in [
+        ("good", "good v1", None),
+        ("flaky", "flaky v1", Some(&sick)),
+    ] {
+        let dir = cluster.path(&format!("src/{name}"));
+        copy_example("hello", &dir);
+        let toml = std::fs::read_to_string(dir.join("service.toml")).unwrap();
+        let mut toml = toml
+            .replace("name = \"hello\"", &format!("name = \"{name}\""))
+            .replace("hello from molt", greeting)
+            .replace("start_grace = \"10s\"", "start_grace = \"2s\"");
+        if let Some(flag) = health {
+            toml = toml.replace(
+                "http = \"/healthz\"",
+                &format!(
+                    "command = [\"sh\", \"-c\", \"test ! -e {}\"]",
+                    flag.display()
+                ),
+            );
+        }
+        write_file(&dir, "service.toml", toml.as_bytes());
+        let pushed = dev.push(&dir, &push_main(greeting), |_| {}).await.unwrap();
+        commits.insert(svc(name), pushed.commit);
+    }
+    let config = InstanceConfig {
+        name: InstanceName::new("qa-1").unwrap(),
+        root: cluster.path("instance"),
+        public_ports: PublicPorts::Ephemeral,
+    };
+    let mut instance = Instance::open(config.clone()).await.unwrap();
+    instance.upgrade(&repo, &commits, None, "v1").await.unwrap();
+    instance.shutdown().await;
+
+    // The shell comes back while `flaky` cannot get healthy.
+    std::fs::write(&sick, "").unwrap();
+    let mut instance = Instance::open(config).await.unwrap();
+    let good = instance.public_addr(&svc("good"), "main").unwrap();
+    assert_eq!(version_of(&get_once(good, "/").await.1), "good v1");
+    let status = instance.describe();
+    let flaky = &status[&svc("flaky")];
+    assert!(
+        flaky.state.starts_with("failed at start") && flaky.state.contains("healthy"),
+        "{flaky:?}"
+    );
+    assert!(status[&svc("good")].state == "running", "{status:?}");
+
+    // It takes an upgrade meanwhile (here: good to a new commit).
+    let dir = cluster.path("src/good");
+    let toml = std::fs::read_to_string(dir.join("service.toml")).unwrap();
+    write_file(
+        &dir,
+        "service.toml",
+        toml.replace("good v1", "good v2").as_bytes(),
+    );
+    let v2 = dev.push(&dir, &push_main("good v2"), |_| {}).await.unwrap();
+    let mut target = commits.clone();
+    target.insert(svc("good"), v2.commit);
+    let report = instance.upgrade(&repo, &target, None, "v2").await.unwrap();
+    assert_eq!(report.restarted, [svc("good")]);
+    assert_eq!(version_of(&get_once(good, "/").await.1), "good v2");
+
+    // Once it can, its supervisor brings `flaky` back by its restart policy.
+    std::fs::remove_file(&sick).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = instance.describe();
+        let flaky = &status[&svc("flaky")];
+        if flaky.state == "running" && flaky.health == "healthy" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "flaky never came back: {flaky:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // (Its health command does not look at its port: wait for its answer.)
+    let flaky = instance.public_addr(&svc("flaky"), "main").unwrap();
+    while version_of(&get_once(flaky, "/").await.1) != "flaky v1" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "flaky never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let good_release = instance.release_dir(&svc("good")).unwrap().to_owned();
+    let flaky_release = instance.release_dir(&svc("flaky")).unwrap().to_owned();
+    instance.shutdown().await;
+
+    // An open that fails half way (good's release was tampered with, after
+    // flaky started) stops what it started: nothing is left running.
+    write_file(&good_release, "server.py", b"print('tampered')\n");
+    let err = Instance::open(InstanceConfig {
+        name: InstanceName::new("qa-1").unwrap(),
+        root: cluster.path("instance"),
+        public_ports: PublicPorts::Ephemeral,
+    })
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("server.py"), "{err}");
+    // flaky was started (its process log for generation 2 was opened)…
+    assert!(cluster.path("instance/logs/flaky/g2.log").exists());
+    // …and no process runs from its release any more.
+    let running_there: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read_link(e.path().join("cwd")).is_ok_and(|cwd| cwd == flaky_release))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        running_there.is_empty(),
+        "pids {running_there:?} outlived the open"
+    );
+}
