@@ -23,6 +23,7 @@
 use std::future::Future;
 use std::time::Instant;
 
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use wire::plan::{Step, StepEvent, StepKind, StepOutcome, StepTime, UpgradePlan};
 use wire::shell::Phase;
@@ -51,6 +52,9 @@ pub trait Runtime {
 
     /// The error for a failure injected after a step of `kind` (see [`Fault`]).
     fn injected(&self, kind: StepKind) -> Self::Error;
+
+    /// The error for an upgrade cancelled before the step at `index`.
+    fn cancelled(&self, index: usize) -> Self::Error;
 }
 
 /// A failure injected on purpose, to test and drill rollbacks: the upgrade fails
@@ -80,12 +84,16 @@ pub struct Executed {
 }
 
 /// Carries out `plan` on `runtime` (see the module docs), telling `observe`
-/// every step's events; `lifecycle` gets the generation's phases.
+/// every step's events; `lifecycle` gets the generation's phases. Once
+/// `cancel` fires, no step before the record starts: the journal runs
+/// backwards instead (a step running then finishes first); from the record on,
+/// the upgrade completes.
 pub async fn execute<R: Runtime>(
     runtime: &mut R,
     plan: &UpgradePlan,
     lifecycle: &Lifecycle,
     fault: Option<Fault>,
+    cancel: &CancellationToken,
     observe: &(dyn Fn(&StepEvent) + Send + Sync),
 ) -> Result<Executed, Failed<R::Error>> {
     let of = plan.steps.len() as u32;
@@ -130,9 +138,13 @@ pub async fn execute<R: Runtime>(
                 lifecycle.set(n, Phase::Healthy);
             }
         }
-        event(index, step, StepOutcome::Started);
         let clock = Instant::now();
-        let result = runtime.run(step).await;
+        let result = if before_commit && cancel.is_cancelled() {
+            Err(runtime.cancelled(index))
+        } else {
+            event(index, step, StepOutcome::Started);
+            runtime.run(step).await
+        };
         let failure = match result {
             Ok(d) => {
                 let ms = millis(clock);
@@ -462,6 +474,10 @@ mod tests {
         fn injected(&self, kind: StepKind) -> ModelError {
             ModelError(format!("injected after {kind}"))
         }
+
+        fn cancelled(&self, index: usize) -> ModelError {
+            ModelError(format!("cancelled before step {index}"))
+        }
     }
 
     fn svc(n: &str) -> ServiceName {
@@ -545,8 +561,15 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        rt.block_on(execute(model, plan, &lifecycle, fault, &|_| {}))
-            .is_ok()
+        rt.block_on(execute(
+            model,
+            plan,
+            &lifecycle,
+            fault,
+            &CancellationToken::new(),
+            &|_| {},
+        ))
+        .is_ok()
     }
 
     proptest! {
@@ -641,9 +664,14 @@ mod tests {
             .unwrap();
         let events = std::sync::Mutex::new(Vec::new());
         let err = rt
-            .block_on(execute(&mut m, &plan, &lifecycle, None, &|e| {
-                events.lock().unwrap().push(e.clone())
-            }))
+            .block_on(execute(
+                &mut m,
+                &plan,
+                &lifecycle,
+                None,
+                &CancellationToken::new(),
+                &|e| events.lock().unwrap().push(e.clone()),
+            ))
             .unwrap_err();
         assert_eq!(err.index, cutover);
         let done: Vec<String> = m
@@ -680,6 +708,48 @@ mod tests {
     }
 
     #[test]
+    fn a_cancel_stops_before_the_record_and_undoes_what_was_done() {
+        let services = [
+            (Some((1, false)), true, Some(2), false, false),
+            (None, true, Some(1), false, false),
+        ];
+        let (survey, running, target) = setup(&services, 0);
+        let plan = plan(&survey).unwrap();
+        let commit = plan.commit_point().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for at in 0..plan.steps.len() {
+            let mut m = Model::new(&running);
+            m.target = target.clone();
+            let before = m.observe();
+            let cancel = CancellationToken::new();
+            let lifecycle = Lifecycle::default();
+            // Cancelled while step `at` runs (as a shutdown would).
+            let result = rt.block_on(execute(&mut m, &plan, &lifecycle, None, &cancel, &|e| {
+                if e.index as usize == at && e.outcome == StepOutcome::Started {
+                    cancel.cancel();
+                }
+            }));
+            if at < commit {
+                let failed = result.unwrap_err();
+                assert_eq!(failed.index, at + 1, "{:?}", m.log);
+                assert!(failed.error.0.contains("cancelled"));
+                assert_eq!(
+                    m.observe(),
+                    before,
+                    "cancelled during step {at}: {:?}",
+                    m.log
+                );
+            } else {
+                // From the record on, the upgrade completes.
+                assert!(result.is_ok(), "cancelled during step {at}");
+                assert_eq!(m.observe().recorded.1, 2);
+            }
+        }
+    }
+
+    #[test]
     fn a_successful_upgrade_publishes_every_phase_in_order() {
         let services = [(Some((1, false)), true, Some(2), false, true)];
         let (survey, running, target) = setup(&services, 1);
@@ -704,7 +774,14 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        rt.block_on(execute(model, plan, lifecycle, None, &|_| {}))
-            .is_ok()
+        rt.block_on(execute(
+            model,
+            plan,
+            lifecycle,
+            None,
+            &CancellationToken::new(),
+            &|_| {},
+        ))
+        .is_ok()
     }
 }

@@ -156,6 +156,10 @@ pub enum UpgradeError {
     /// nothing was changed.
     #[error(transparent)]
     Plan(#[from] PlanError),
+    /// The upgrade was cancelled (the shell is shutting down) before its
+    /// record; what it had done was undone.
+    #[error("the upgrade was cancelled (the shell is stopping); nothing changed")]
+    Cancelled,
     /// A failure injected on purpose ([`UpgradeOptions::fault`]).
     #[error("a failure injected after the {after} step")]
     Injected {
@@ -275,12 +279,15 @@ pub struct UpgradeReport {
 }
 
 /// How an upgrade runs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct UpgradeOptions {
     /// The strategy.
     pub strategy: Strategy,
     /// A failure to inject, to test and drill rollbacks (none in normal use).
     pub fault: Option<Fault>,
+    /// Cancels the upgrade: no step before the record starts once it fires,
+    /// and what was done is undone.
+    pub cancel: tokio_util::sync::CancellationToken,
 }
 
 /// Where one service's upgrade spent its time, step by step.
@@ -922,7 +929,7 @@ impl Instance {
     ) -> Result<UpgradeReport, UpgradeError> {
         let options = UpgradeOptions {
             strategy,
-            fault: None,
+            ..UpgradeOptions::default()
         };
         let observe = |e: &StepEvent| progress(e.step.service(), &e.to_string());
         self.upgrade_with(repo, target, image, reason, options, progress, &observe)
@@ -973,7 +980,15 @@ impl Instance {
             generation,
             progress,
         );
-        let result = execute(&mut upgrade, &plan, &lifecycle, options.fault, observe).await;
+        let result = execute(
+            &mut upgrade,
+            &plan,
+            &lifecycle,
+            options.fault,
+            &options.cancel,
+            observe,
+        )
+        .await;
         let startup = std::mem::take(&mut upgrade.startup);
         drop(upgrade);
         let executed = match result {
@@ -1227,6 +1242,12 @@ impl Instance {
 
     /// Stops every process and closes every port.
     pub async fn shutdown(mut self) {
+        self.stop_all().await;
+    }
+
+    /// [`Instance::shutdown`] through a reference (the shell's command service
+    /// holds its instance behind a lock): afterwards nothing runs.
+    pub async fn stop_all(&mut self) {
         for (_, front) in std::mem::take(&mut self.fronts) {
             front.shutdown().await;
         }

@@ -23,6 +23,7 @@ use repo_server::client::RepoClient;
 use tokio::sync::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 use wire::repo::{ErrorKind, RemoteError};
 use wire::shell::{
@@ -137,6 +138,10 @@ struct ShellService {
     lifecycle: Arc<Lifecycle>,
     /// Each running service's log file, as of the last refresh.
     logs: std::sync::Mutex<BTreeMap<ServiceName, PathBuf>>,
+    /// The upgrades running or queued, each an owned task.
+    tasks: TaskTracker,
+    /// Cancels the upgrades (at shutdown).
+    cancel: CancellationToken,
 }
 
 fn remote(kind: ErrorKind, message: impl Into<String>) -> RemoteError {
@@ -252,7 +257,7 @@ impl ShellService {
         s
     }
 
-    async fn answer(&self, req: ShellRequest, progress: &Reporter) -> ShellReply {
+    async fn answer(self: &Arc<Self>, req: ShellRequest, progress: &Reporter) -> ShellReply {
         match req {
             ShellRequest::Status => Ok(ShellResponse::Status(self.status())),
             ShellRequest::Logs {
@@ -289,10 +294,10 @@ impl ShellService {
             ShellRequest::Upgrade { image, strategy } => {
                 let repo = self.repo().await?;
                 let (id, target) = self.image_target(&repo, &image).await?;
-                self.run_upgrade(
-                    &repo,
+                self.spawn_upgrade(
+                    repo,
                     Change::To(target, Some((image.clone(), id))),
-                    &format!("upgrade to {image}"),
+                    format!("upgrade to {image}"),
                     strategy.unwrap_or(self.strategy),
                     progress,
                 )
@@ -301,8 +306,14 @@ impl ShellService {
             ShellRequest::Rollback { strategy } => {
                 let repo = self.repo().await?;
                 let strategy = strategy.unwrap_or(self.strategy);
-                self.run_upgrade(&repo, Change::Previous, "rollback", strategy, progress)
-                    .await
+                self.spawn_upgrade(
+                    repo,
+                    Change::Previous,
+                    "rollback".to_owned(),
+                    strategy,
+                    progress,
+                )
+                .await
             }
             ShellRequest::Pull { service, rev } => {
                 if matches!(self.stage, Stage::Staging | Stage::Production) {
@@ -319,16 +330,46 @@ impl ShellService {
                     repo_server::client::ClientError::Remote(r) => r,
                     other => remote(ErrorKind::Internal, other.to_string()),
                 })?;
-                self.run_upgrade(
-                    &repo,
+                self.spawn_upgrade(
+                    repo,
                     Change::Pull(service.clone(), commit),
-                    &format!("pull {service}@{rev}"),
+                    format!("pull {service}@{rev}"),
                     self.strategy,
                     progress,
                 )
                 .await
             }
         }
+    }
+
+    /// Runs an upgrade as a task the service owns, not as part of the command's
+    /// stream: a requester that goes away, or a server closing its connections
+    /// at shutdown, cannot abort it half way; at shutdown it is cancelled at its
+    /// next step before the record and undone ([`Bound::serve`]).
+    async fn spawn_upgrade(
+        self: &Arc<Self>,
+        repo: RepoClient,
+        change: Change,
+        reason: String,
+        strategy: Strategy,
+        progress: &Reporter,
+    ) -> ShellReply {
+        let service = self.clone();
+        let progress = progress.clone();
+        let task = self.tasks.spawn(
+            async move {
+                service
+                    .run_upgrade(&repo, change, &reason, strategy, &progress)
+                    .await
+            }
+            .in_current_span(),
+        );
+        task.await.unwrap_or_else(|e| {
+            Err(remote(
+                ErrorKind::Internal,
+                format!("the upgrade task failed: {e}"),
+            ))
+        })
     }
 
     /// Runs one upgrade at a time: waits (visibly queued) for the instance.
@@ -385,6 +426,7 @@ impl ShellService {
             let options = UpgradeOptions {
                 strategy,
                 fault: None,
+                cancel: self.cancel.clone(),
             };
             instance
                 .upgrade_with(repo, &target, image, reason, options, &report, &observe)
@@ -508,8 +550,18 @@ async fn forward(stream: &mut BiStream, update: Update) -> bool {
         .is_ok()
 }
 
-impl Handler for ShellService {
-    async fn handle(&self, peer: Arc<Identity>, mut stream: BiStream) {
+/// The command service as the wire server's handler: each stream gets a hold
+/// of the service, so an upgrade can run as a task of its own.
+struct Commands(Arc<ShellService>);
+
+impl Handler for Commands {
+    async fn handle(&self, peer: Arc<Identity>, stream: BiStream) {
+        self.0.handle(peer, stream).await;
+    }
+}
+
+impl ShellService {
+    async fn handle(self: &Arc<Self>, peer: Arc<Identity>, mut stream: BiStream) {
         let req: ShellRequest = match stream.read_request(DEFAULT_FRAME_LIMIT).await {
             Ok(r) => r,
             Err(e) => {
@@ -614,6 +666,8 @@ pub async fn bind(config: ShellConfig) -> Result<Bound, ShellError> {
         strategy: config.strategy,
         lifecycle,
         logs: std::sync::Mutex::default(),
+        tasks: TaskTracker::new(),
+        cancel: CancellationToken::new(),
     });
     service.refresh(&*service.instance.lock().await);
     Ok(Bound { server, service })
@@ -626,13 +680,22 @@ impl Bound {
     }
 
     /// Serves until `shutdown`, then stops every service process.
+    ///
+    /// At shutdown: an upgrade in progress is cancelled — it starts no further
+    /// step before its record and undoes what it did (one past its record
+    /// completes) — and waited for; then every service stops.
     pub async fn serve(self, shutdown: CancellationToken) {
         info!(instance = %self.service.name, stage = %self.service.stage, "shell serving");
-        self.server.serve(self.service.clone(), shutdown).await;
-        match Arc::try_unwrap(self.service) {
-            Ok(service) => service.instance.into_inner().shutdown().await,
-            Err(_) => warn!("shell service still referenced at shutdown; processes left to the OS"),
-        }
+        let service = self.service;
+        let cancel = service.cancel.clone();
+        let commands = Arc::new(Commands(service.clone()));
+        tokio::join!(self.server.serve(commands, shutdown.clone()), async {
+            shutdown.cancelled().await;
+            cancel.cancel();
+        });
+        service.tasks.close();
+        service.tasks.wait().await;
+        service.instance.lock().await.stop_all().await;
     }
 }
 

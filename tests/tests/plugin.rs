@@ -272,6 +272,7 @@ async fn an_instance_serves_a_plugin_service_and_upgrades_it_keeping_its_state()
             fault: Some(shell::executor::Fault {
                 after: wire::plan::StepKind::SwapPlugin,
             }),
+            ..shell::instance::UpgradeOptions::default()
         };
         let err = instance
             .upgrade_with(

@@ -87,6 +87,7 @@ async fn upgrade(
     let options = UpgradeOptions {
         strategy,
         fault: fault.map(|after| Fault { after }),
+        ..UpgradeOptions::default()
     };
     instance
         .upgrade_with(repo, target, None, "test", options, &|_, _| {}, &|_| {})

@@ -484,4 +484,8 @@ impl Runtime for Upgrade<'_> {
     fn injected(&self, kind: StepKind) -> UpgradeError {
         UpgradeError::Injected { after: kind }
     }
+
+    fn cancelled(&self, _index: usize) -> UpgradeError {
+        UpgradeError::Cancelled
+    }
 }
