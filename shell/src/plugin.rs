@@ -379,6 +379,10 @@ impl Drop for Loaded {
 }
 
 /// One plugin service served on a loopback port (see the module docs).
+///
+/// Dropping it stops serving (its server and connections end, and the library
+/// is unloaded with the last of them); [`PluginHost::shutdown`] does the same
+/// and waits.
 pub struct PluginHost {
     name: String,
     dir: PathBuf,
@@ -386,6 +390,8 @@ pub struct PluginHost {
     addr: SocketAddr,
     stop: CancellationToken,
     server: tokio::task::JoinHandle<()>,
+    /// Cancels `stop` when the host is dropped without a shutdown.
+    _stop_on_drop: tokio_util::sync::DropGuard,
 }
 
 impl std::fmt::Debug for PluginHost {
@@ -437,6 +443,7 @@ impl PluginHost {
             dir: dir.to_owned(),
             current,
             addr,
+            _stop_on_drop: stop.clone().drop_guard(),
             stop,
             server,
         })

@@ -196,6 +196,29 @@ async fn the_counter_keeps_its_state_across_50_swaps_under_load_and_bad_librarie
         std::fs::read_dir(&loads).unwrap().next().is_none(),
         "load copies left behind"
     );
+
+    // A host dropped without a shutdown stops serving and unloads too.
+    let dropped = PluginHost::start("counter", &v1, &loads, None)
+        .await
+        .unwrap();
+    let addr = dropped.local_addr();
+    assert_eq!(get_once(addr, "/").await.0, 200);
+    drop(dropped);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a dropped host still serves"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    while std::fs::read_dir(&loads).unwrap().next().is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a dropped host stayed loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// A plugin service deployed like any service: pushed, built by the shell (with
