@@ -24,6 +24,8 @@ pub(crate) struct ShellArgs {
     pub(crate) key: Option<PathBuf>,
     pub(crate) port_offset: u16,
     pub(crate) ephemeral_ports: bool,
+    /// The address public ports listen on.
+    pub(crate) public_addr: std::net::IpAddr,
     pub(crate) strategy: Option<Strategy>,
 }
 
@@ -74,6 +76,7 @@ pub(crate) async fn shell(
             } else {
                 PublicPorts::Offset(args.port_offset)
             },
+            public_ip: args.public_addr,
         },
         stage,
         repo: repo.unwrap_or(loaded.config.repo),

@@ -97,6 +97,10 @@ enum Command {
         /// Pick free public ports instead (see them with `molt status`).
         #[arg(long)]
         ephemeral_ports: bool,
+        /// The address the services' public ports listen on (e.g. 0.0.0.0 to
+        /// serve other hosts).
+        #[arg(long, default_value = "127.0.0.1")]
+        public_addr: std::net::IpAddr,
         /// How upgrades run unless a deploy says: in-place or shadow
         /// [default: shadow on production, in-place elsewhere].
         #[arg(long)]
@@ -366,6 +370,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             key,
             port_offset,
             ephemeral_ports,
+            public_addr,
             strategy,
         } => {
             instance::shell(
@@ -380,6 +385,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     key,
                     port_offset,
                     ephemeral_ports,
+                    public_addr,
                     strategy,
                 },
             )

@@ -158,6 +158,7 @@ async fn run(
                 } else {
                     PublicPorts::Offset(m.offset)
                 },
+                public_ip: shell::instance::LOOPBACK,
             },
             stage: m.stage,
             repo: repo_addr,

@@ -87,7 +87,13 @@ pub struct InstanceConfig {
     pub root: PathBuf,
     /// How public ports are chosen.
     pub public_ports: PublicPorts,
+    /// The address the public ports listen on ([`LOOPBACK`] unless the
+    /// instance serves other hosts, e.g. `0.0.0.0`).
+    pub public_ip: std::net::IpAddr,
 }
+
+/// The default address of public ports: this host only.
+pub const LOOPBACK: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 /// Why an instance could not open or upgrade.
 #[derive(Debug, thiserror::Error)]
@@ -850,12 +856,11 @@ impl Instance {
         Ok(std::mem::replace(&mut service.installed, installed))
     }
 
-    fn public_port(&self, spec: &PortSpec) -> SocketAddr {
-        let port = match self.config.public_ports {
-            PublicPorts::Offset(off) => spec.port.saturating_add(off),
-            PublicPorts::Ephemeral => 0,
-        };
-        SocketAddr::from(([127, 0, 0, 1], port))
+    /// Where a port of a service listens publicly: the manifest's port plus
+    /// the offset (past 65535 is refused, never clamped), on the public address.
+    fn public_port(&self, spec: &PortSpec) -> Result<SocketAddr, UpgradeError> {
+        let port = self.port_offset().apply(spec.port)?;
+        Ok(SocketAddr::new(self.config.public_ip, port))
     }
 
     /// Routes a service's public ports to it (one change of the routing table),
@@ -877,7 +882,7 @@ impl Instance {
             if self.fronts.contains_key(&key) {
                 continue;
             }
-            let public = self.public_port(spec);
+            let public = self.public_port(spec)?;
             let hold = service.manifest.health().start_grace;
             let route = self.router.route(route_key(name, &spec.name));
             let front = match spec.protocol {

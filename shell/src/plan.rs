@@ -78,7 +78,8 @@ pub enum PortOffset {
 }
 
 impl PortOffset {
-    fn apply(self, port: u16) -> Result<u16, PlanError> {
+    /// The public port for the manifest's `port`.
+    pub fn apply(self, port: u16) -> Result<u16, PlanError> {
         match self {
             PortOffset::Add(off) => port
                 .checked_add(off)

@@ -206,6 +206,7 @@ async fn bench() -> Res<()> {
         name: InstanceName::new("bench")?,
         root: cluster.path("instance"),
         public_ports: PublicPorts::Ephemeral,
+        public_ip: shell::instance::LOOPBACK,
     })
     .await?;
     // Build both versions once, so the swaps below reuse their releases.

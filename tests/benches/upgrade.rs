@@ -76,6 +76,7 @@ async fn bench() -> Res<()> {
         name: InstanceName::new("bench")?,
         root: cluster.path("instance"),
         public_ports: PublicPorts::Ephemeral,
+        public_ip: shell::instance::LOOPBACK,
     })
     .await?;
 

@@ -51,6 +51,7 @@ async fn a_service_that_fails_at_boot_does_not_keep_the_others_down() {
         name: InstanceName::new("qa-1").unwrap(),
         root: cluster.path("instance"),
         public_ports: PublicPorts::Ephemeral,
+        public_ip: shell::instance::LOOPBACK,
     };
     let mut instance = Instance::open(config.clone()).await.unwrap();
     instance.upgrade(&repo, &commits, None, "v1").await.unwrap();
@@ -119,6 +120,7 @@ async fn a_service_that_fails_at_boot_does_not_keep_the_others_down() {
         name: InstanceName::new("qa-1").unwrap(),
         root: cluster.path("instance"),
         public_ports: PublicPorts::Ephemeral,
+        public_ip: shell::instance::LOOPBACK,
     })
     .await
     .unwrap_err();

@@ -245,6 +245,7 @@ async fn an_instance_serves_a_plugin_service_and_upgrades_it_keeping_its_state()
         name: InstanceName::new("dev-1").unwrap(),
         root: cluster.path("instance"),
         public_ports: PublicPorts::Ephemeral,
+        public_ip: shell::instance::LOOPBACK,
     })
     .await
     .unwrap();
@@ -403,6 +404,7 @@ async fn an_instance_serves_a_plugin_service_and_upgrades_it_keeping_its_state()
         name: InstanceName::new("dev-1").unwrap(),
         root: cluster.path("instance"),
         public_ports: PublicPorts::Ephemeral,
+        public_ip: shell::instance::LOOPBACK,
     };
     let kept = cluster.path("instance/plugins/counter.state");
     assert!(kept.exists());

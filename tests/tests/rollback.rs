@@ -158,6 +158,7 @@ async fn a_failure_after_any_step_before_the_record_leaves_everything_as_it_was(
             name: InstanceName::new("qa-1").unwrap(),
             root: cluster.path(&format!("instance-{strategy}")),
             public_ports: PublicPorts::Ephemeral,
+            public_ip: shell::instance::LOOPBACK,
         })
         .await
         .unwrap();

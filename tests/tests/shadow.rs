@@ -70,6 +70,7 @@ async fn open(cluster: &TestCluster) -> Instance {
         name: InstanceName::new("prod-1").unwrap(),
         root: cluster.path("instance"),
         public_ports: PublicPorts::Ephemeral,
+        public_ip: shell::instance::LOOPBACK,
     })
     .await
     .unwrap()

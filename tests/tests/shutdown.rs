@@ -47,6 +47,7 @@ async fn a_shutdown_during_an_upgrade_cancels_it_cleanly() {
         name: InstanceName::new("qa-1").unwrap(),
         root: cluster.path("instance"),
         public_ports: PublicPorts::Ephemeral,
+        public_ip: shell::instance::LOOPBACK,
     };
     let bound = shell::service::bind(ShellConfig {
         instance: instance.clone(),

@@ -42,6 +42,7 @@ async fn in_place_upgrades_rebuild_only_what_changed_and_roll_back_on_failure() 
         name: InstanceName::new("dev-1").unwrap(),
         root: cluster.path("instance"),
         public_ports: PublicPorts::Ephemeral,
+        public_ip: shell::instance::LOOPBACK,
     };
     let mut instance = Instance::open(config.clone()).await.unwrap();
     let report = instance
@@ -248,6 +249,7 @@ async fn a_service_without_overlap_is_replaced_and_restored_on_failure() {
         name: InstanceName::new("qa-1").unwrap(),
         root: cluster.path("instance"),
         public_ports: PublicPorts::Ephemeral,
+        public_ip: shell::instance::LOOPBACK,
     })
     .await
     .unwrap();
