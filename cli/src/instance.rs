@@ -231,6 +231,12 @@ pub(crate) async fn deploy(
     Ok(())
 }
 
+/// Which change [`change`] made.
+enum Kind {
+    Rollback,
+    Other,
+}
+
 /// `molt rollback --instance T` and `molt pull SERVICE[@REV] --instance T`.
 pub(crate) async fn change(
     config: Option<&Path>,
@@ -243,13 +249,21 @@ pub(crate) async fn change(
         ShellRequest::Pull { service, rev } => format!("pulled {service}@{rev} onto"),
         _ => "changed".to_owned(),
     };
+    let req_kind = match &req {
+        ShellRequest::Rollback { .. } => Kind::Rollback,
+        _ => Kind::Other,
+    };
     let ShellResponse::Upgraded(summary) = command(config, instance, req).await? else {
         bail!("the shell answered with something else than an upgrade");
     };
     if json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
-        print_summary(&format!("{what} {instance}:"), &summary);
+        let title = match &req_kind {
+            Kind::Rollback => format!("{instance}: {}", summary.reason),
+            Kind::Other => format!("{what} {instance}:"),
+        };
+        print_summary(&title, &summary);
     }
     Ok(())
 }

@@ -154,11 +154,15 @@ enum Command {
         #[arg(long, value_name = "AGE", value_parser = instance::parse_age)]
         since: Option<u64>,
     },
-    /// Go back to the instance's previous generation (no fetch, no build).
+    /// Go back to an earlier generation (no fetch, no build): the previous
+    /// one, or the one --to names (see `molt status`).
     Rollback {
         /// The instance: NAME@ADDR, or a NAME under [instances] in molt.toml.
         #[arg(long)]
         instance: String,
+        /// The generation to go back to [default: the one before the current].
+        #[arg(long, value_name = "GENERATION")]
+        to: Option<u64>,
         /// in-place or shadow [default: the instance's].
         #[arg(long)]
         strategy: Option<wire::shell::Strategy>,
@@ -435,11 +439,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             instance::logs(cli.config.as_deref(), &instance, &service, options).await
         }
-        Command::Rollback { instance, strategy } => {
+        Command::Rollback {
+            instance,
+            to,
+            strategy,
+        } => {
             instance::change(
                 cli.config.as_deref(),
                 &instance,
-                wire::shell::ShellRequest::Rollback { strategy },
+                wire::shell::ShellRequest::Rollback { strategy, to },
                 json,
             )
             .await

@@ -417,6 +417,32 @@ fn deploy_an_image_to_a_shell_and_read_its_status() {
     );
     assert_eq!(back["restarted"], serde_json::json!(["hello"]));
     assert_eq!(back["generation"], 3);
+    // A rollback names where it went; --to picks any earlier generation.
+    assert_eq!(back["reason"], "rollback to generation 1 (image demo-1)");
+    assert_eq!(back["image"], "demo-1");
+    let out = c.molt(&["rollback", "--instance", &target, "--to", "3"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("generation 3 is the one running"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = c.molt(&["rollback", "--instance", &target, "--to", "99"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no generation 99") && err.contains("1, 2, 3"),
+        "{err}"
+    );
+    let to_two = c.molt_json(&["rollback", "--instance", &target, "--to", "2"]);
+    assert_eq!(to_two["reason"], "rollback to generation 2 (image demo-2)");
+    assert_eq!(to_two["generation"], 4);
+    let out = c.molt(&["rollback", "--instance", &target, "--to", "3"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("rollback to generation 3 (image demo-1)"),
+        "{text}"
+    );
     let status = c.molt_json(&["status", "--instance", &target]);
     assert_eq!(status["image"][0], "demo-1");
     assert_eq!(status["services"]["hello"]["commit"], svc["commit"]);

@@ -1053,6 +1053,40 @@ impl Instance {
             .map(|i| generations[i].state.clone()))
     }
 
+    /// The generation a rollback goes to, with its recorded state: `to`, or
+    /// the one before the current. The current generation, or one never
+    /// recorded, is refused with the numbers there are.
+    pub fn rollback_target(&self, to: Option<u64>) -> Result<(u64, InstalledState), UpgradeError> {
+        let generations = self.state.generations()?;
+        let current = generations.last().map(|g| g.number);
+        let numbers = || {
+            generations
+                .iter()
+                .map(|g| g.number.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let found = match to {
+            None => generations.len().checked_sub(2).map(|i| &generations[i]),
+            Some(n) => generations.iter().find(|g| g.number == n),
+        };
+        match (found, to) {
+            (Some(g), _) if Some(g.number) != current => Ok((g.number, g.state.clone())),
+            (Some(g), _) => Err(UpgradeError::Manifest(format!(
+                "generation {} is the one running; recorded generations: {}",
+                g.number,
+                numbers()
+            ))),
+            (None, None) => Err(UpgradeError::Manifest(
+                "there is no previous generation to roll back to".into(),
+            )),
+            (None, Some(n)) => Err(UpgradeError::Manifest(format!(
+                "there is no generation {n} to roll back to; recorded generations: {} (failed ones are never recorded)",
+                numbers()
+            ))),
+        }
+    }
+
     /// Waits (up to the service's stop grace) until the old process's fronts have
     /// no connection or request left on it.
     async fn drain(&self, name: &ServiceName, old: &Service) {

@@ -303,12 +303,12 @@ impl ShellService {
                 )
                 .await
             }
-            ShellRequest::Rollback { strategy } => {
+            ShellRequest::Rollback { strategy, to } => {
                 let repo = self.repo().await?;
                 let strategy = strategy.unwrap_or(self.strategy);
                 self.spawn_upgrade(
                     repo,
-                    Change::Previous,
+                    Change::Back(to),
                     "rollback".to_owned(),
                     strategy,
                     progress,
@@ -401,6 +401,7 @@ impl ShellService {
         };
         self.queued.fetch_sub(1, Ordering::SeqCst);
         self.upgrading.store(true, Ordering::SeqCst);
+        let mut reason = reason.to_owned();
         let result = async {
             let (target, image) = match change {
                 Change::To(target, image) => (target, image),
@@ -409,18 +410,21 @@ impl ShellService {
                     target.insert(service, commit);
                     (target, instance.recorded()?.0)
                 }
-                Change::Previous => {
-                    let previous = instance.previous()?.ok_or_else(|| {
-                        UpgradeError::Manifest(
-                            "there is no previous generation to roll back to".into(),
-                        )
-                    })?;
-                    let target = previous
+                Change::Back(to) => {
+                    let (number, earlier) = instance.rollback_target(to)?;
+                    reason = match &earlier.image {
+                        Some((name, _)) => {
+                            format!("rollback to generation {number} (image {name})")
+                        }
+                        None => format!("rollback to generation {number}"),
+                    };
+                    report(None, &reason);
+                    let target = earlier
                         .services
                         .iter()
                         .map(|(n, s)| (n.clone(), s.commit))
                         .collect();
-                    (target, previous.image)
+                    (target, earlier.image)
                 }
             };
             let options = UpgradeOptions {
@@ -429,7 +433,7 @@ impl ShellService {
                 cancel: self.cancel.clone(),
             };
             instance
-                .upgrade_with(repo, &target, image, reason, options, &report, &observe)
+                .upgrade_with(repo, &target, image, &reason, options, &report, &observe)
                 .await
         }
         .await;
@@ -443,6 +447,12 @@ impl ShellService {
             generation: report.generation,
             steps: report.timeline,
             warnings: report.warnings,
+            reason,
+            image: instance
+                .recorded()
+                .ok()
+                .and_then(|(i, _)| i)
+                .map(|(n, _)| n),
         }))
     }
 }
@@ -467,8 +477,8 @@ enum Change {
     ),
     /// One service to one commit, the others as they are.
     Pull(ServiceName, CommitId),
-    /// The previous generation.
-    Previous,
+    /// An earlier generation: this one, or the one before the current.
+    Back(Option<u64>),
 }
 
 /// Most bytes of log one answer carries.

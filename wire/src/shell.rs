@@ -39,11 +39,13 @@ pub enum ShellRequest {
     },
     /// The instance's state.
     Status,
-    /// Go back to the previous generation (its releases are reused: nothing is
+    /// Go back to an earlier generation (its releases are reused: nothing is
     /// fetched or built).
     Rollback {
         /// How; `None`: the instance's default.
         strategy: Option<Strategy>,
+        /// Which generation; `None`: the one before the current.
+        to: Option<u64>,
     },
     /// A service's log: the last `tail` lines, or (with `from`) everything after
     /// that byte offset, for following.
@@ -220,6 +222,11 @@ pub struct UpgradeSummary {
     /// Failures after the commit point (a drain cut short, a `post_swap` hook
     /// that failed): reported, not rolled back.
     pub warnings: Vec<String>,
+    /// What the change was (`upgrade to shop-2`, `rollback to generation 3
+    /// (image shop-1)`), as recorded with the generation.
+    pub reason: String,
+    /// The image the instance runs now, if it runs one.
+    pub image: Option<ImageName>,
 }
 
 /// A successful answer.
