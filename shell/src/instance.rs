@@ -225,6 +225,8 @@ enum Runner {
         host: PluginHost,
         /// When it was loaded first.
         since: std::time::Instant,
+        /// Its health check, probed every interval.
+        health: crate::supervisor::HealthWatch,
     },
 }
 
@@ -243,13 +245,13 @@ impl Runner {
     fn status(&self) -> ProcessStatus {
         match self {
             Runner::Process(p) => p.status(),
-            Runner::Plugin { since, .. } => ProcessStatus {
+            Runner::Plugin { since, health, .. } => ProcessStatus {
                 state: ProcessState::Running {
                     pid: std::process::id(),
                     since: *since,
                 },
                 restarts: 0,
-                health: crate::supervisor::Health::Unknown,
+                health: health.health(),
                 last_exit: None,
             },
         }
@@ -794,6 +796,11 @@ impl Instance {
                 warn!(service = %name, error = %e, "could not remove the taken-up plugin state");
             }
         }
+        let health = crate::supervisor::HealthWatch::start(Monitor {
+            check: manifest.health().clone(),
+            ports: ports.clone(),
+            dir: installed.dir.clone(),
+        });
         Ok(Service {
             installed,
             manifest,
@@ -801,6 +808,7 @@ impl Instance {
             process: Runner::Plugin {
                 host,
                 since: started,
+                health,
             },
             startup: (start, started.elapsed() - start),
             data: None,

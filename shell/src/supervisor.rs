@@ -292,6 +292,13 @@ async fn watch_health(monitor: Option<&Monitor>, tx: &watch::Sender<ProcessStatu
         return e.to_string();
     }
     set(Health::Healthy);
+    probe_every_interval(m, &set, true).await
+}
+
+/// Probes every interval, telling `set` what the probes say. With
+/// `give_up`, returns once `retries` probes failed in a row (why); else
+/// probes for ever.
+async fn probe_every_interval(m: &Monitor, set: &impl Fn(Health), give_up: bool) -> String {
     let mut failures = 0u32;
     loop {
         tokio::time::sleep(m.check.interval).await;
@@ -310,11 +317,44 @@ async fn watch_health(monitor: Option<&Monitor>, tx: &watch::Sender<ProcessStatu
                     failures,
                     reason: e.to_string(),
                 });
-                if failures >= m.check.retries.max(1) {
+                if give_up && failures >= m.check.retries.max(1) {
                     return format!("{failures} health probes failed in a row, the last: {e}");
                 }
             }
         }
+    }
+}
+
+/// The health of something the shell serves itself (a plugin), probed every
+/// interval by a task this handle owns: dropping it stops the probes.
+#[derive(Debug)]
+pub struct HealthWatch {
+    health: watch::Receiver<Health>,
+    task: JoinHandle<()>,
+}
+
+impl HealthWatch {
+    /// Starts probing `monitor`'s target, which passed its start check.
+    pub fn start(monitor: Monitor) -> Self {
+        let (tx, health) = watch::channel(Health::Healthy);
+        let task = tokio::spawn(async move {
+            let set = |h: Health| {
+                let _ = tx.send(h);
+            };
+            probe_every_interval(&monitor, &set, false).await;
+        });
+        Self { health, task }
+    }
+
+    /// What the probes say now.
+    pub fn health(&self) -> Health {
+        self.health.borrow().clone()
+    }
+}
+
+impl Drop for HealthWatch {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

@@ -257,8 +257,15 @@ async fn an_instance_serves_a_plugin_service_and_upgrades_it_keeping_its_state()
     let public = instance.public_addr(&counter, "main").unwrap();
     let (code, body) = get_once(public, "/").await;
     assert_eq!((code, field(&body, "version")), (200, "1"), "{body}");
-    // It runs inside the shell: its pid is ours.
+    // It runs inside the shell: its pid is ours; its health check is probed.
     assert_eq!(instance.pid(&counter), Some(std::process::id()));
+    assert_eq!(instance.describe()[&counter].health, "healthy");
+    // Its log holds the shell's notes about it.
+    let log = std::fs::read_to_string(cluster.path("instance/logs/counter/g1.log")).unwrap();
+    assert!(
+        log.contains("molt: plugin") && log.contains("loaded, healthy"),
+        "{log}"
+    );
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let client = {
