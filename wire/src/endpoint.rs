@@ -58,6 +58,17 @@ const DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// How long a peer has to complete the handshake and the hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a client waits for the QUIC handshake: a peer that is not there
+/// (nothing listens, or the packets go nowhere) is reported in about this long.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often a quiet connection sends a keep-alive.
+const KEEP_ALIVE: Duration = Duration::from_secs(1);
+
+/// A connection that hears nothing for this long is dead: a peer killed in the
+/// middle of a command is noticed within it.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Why a connection cannot be made or used.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -136,9 +147,9 @@ fn transport() -> TransportConfig {
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
     // Keep-alives keep a quiet connection (a long build behind a deploy) open;
     // a peer that died is noticed after the idle timeout.
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.keep_alive_interval(Some(KEEP_ALIVE));
     t.max_idle_timeout(Some(
-        IdleTimeout::try_from(Duration::from_secs(20)).expect("20 s is a valid idle timeout"),
+        IdleTimeout::try_from(IDLE_TIMEOUT).expect("5 s is a valid idle timeout"),
     ));
     t
 }
@@ -458,7 +469,7 @@ impl Client {
                 addr,
                 message: e.to_string(),
             })?;
-        let conn = tokio::time::timeout(HELLO_TIMEOUT, connecting)
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| WireError::Timeout("handshake"))?
             .map_err(|source| WireError::Connection {

@@ -348,3 +348,94 @@ async fn shutdown_lets_requests_in_flight_finish() {
         .expect("server shut down")
         .unwrap();
 }
+
+#[tokio::test]
+async fn nobody_there_is_a_handshake_timeout() {
+    let server = TestServer::start().await;
+    let client = server.client("user/ada/admin");
+    // A UDP socket that never answers: packets go nowhere, as to a dead host.
+    let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let err = client
+        .connect(silent.local_addr().unwrap(), &Identity::RepoServer)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, WireError::Timeout("handshake")), "{err}");
+    server.stop().await;
+}
+
+/// Relays UDP between a client and `to` until `cut` fires; then drops every
+/// packet, as if the server's host died.
+async fn relay(to: SocketAddr, cut: CancellationToken) -> SocketAddr {
+    let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    back.connect(to).await.unwrap();
+    let addr = front.local_addr().unwrap();
+    let client = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+    {
+        let (front, back, client, cut) = (front.clone(), back.clone(), client.clone(), cut.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                *client.lock().unwrap() = Some(from);
+                if !cut.is_cancelled() {
+                    let _ = back.send(&buf[..n]).await;
+                }
+            }
+        });
+    }
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n) = back.recv(&mut buf).await {
+            let to = *client.lock().unwrap();
+            if let (Some(to), false) = (to, cut.is_cancelled()) {
+                let _ = front.send_to(&buf[..n], to).await;
+            }
+        }
+    });
+    addr
+}
+
+/// Never answers: holds each stream open.
+struct SilentHandler;
+
+impl Handler for SilentHandler {
+    async fn handle(&self, _peer: Arc<Identity>, stream: BiStream) {
+        std::future::pending::<()>().await;
+        drop(stream);
+    }
+}
+
+#[tokio::test]
+async fn a_peer_that_vanishes_mid_command_ends_the_command() {
+    let ca = ClusterCa::generate("test").unwrap();
+    let server = Server::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &ca.issue(&Identity::RepoServer).unwrap(),
+    )
+    .unwrap();
+    let server_addr = server.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let serving = tokio::spawn(server.serve(Arc::new(SilentHandler), shutdown.clone()));
+    let cut = CancellationToken::new();
+    let addr = relay(server_addr, cut.clone()).await;
+    let client = client_with(&ca.issue(&"user/ada/admin".parse().unwrap()).unwrap(), addr);
+    let conn = client.connect(addr, &Identity::RepoServer).await.unwrap();
+    let mut stream = conn.open().await.unwrap();
+    wire::codec::write_frame(&mut stream.send, &Echo("hello?".into()))
+        .await
+        .unwrap();
+    // The server's host goes away while the command waits for its answer.
+    cut.cancel();
+    let mut buf = [0u8; 16];
+    // A hang guard, not a speed assertion: the read must end at all.
+    let read = tokio::time::timeout(Duration::from_secs(120), stream.recv.read(&mut buf))
+        .await
+        .expect("a read on a vanished peer's connection never ended");
+    let err = read.unwrap_err();
+    assert!(
+        format!("{err:?}").contains("TimedOut"),
+        "the connection should time out: {err:?}"
+    );
+    shutdown.cancel();
+    let _ = serving.await;
+}
