@@ -421,11 +421,10 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn stopping_ends_the_process() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A supervised `sleep 60`, once it runs: the handle, its status and pid.
+    async fn sleeper(dir: &std::path::Path) -> (Supervised, watch::Receiver<ProcessStatus>, u32) {
         let sup = supervise(
-            spec(dir.path(), "exec sleep 60"),
+            spec(dir, "exec sleep 60"),
             RestartPolicy::Always,
             PLAN,
             None,
@@ -435,6 +434,13 @@ mod tests {
         let ProcessState::Running { pid, .. } = s.state else {
             unreachable!()
         };
+        (sup, rx, pid)
+    }
+
+    #[tokio::test]
+    async fn stopping_ends_the_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sup, _, pid) = sleeper(dir.path()).await;
         assert_eq!(sup.stop().await.state, ProcessState::Stopped);
         // The process is gone (reaped): signalling it fails.
         #[allow(unsafe_code)]
@@ -446,17 +452,7 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_handle_stops_the_process() {
         let dir = tempfile::tempdir().unwrap();
-        let sup = supervise(
-            spec(dir.path(), "exec sleep 60"),
-            RestartPolicy::Always,
-            PLAN,
-            None,
-        );
-        let mut rx = sup.watch();
-        let s = until(&mut rx, |s| matches!(s.state, ProcessState::Running { .. })).await;
-        let ProcessState::Running { pid, .. } = s.state else {
-            unreachable!()
-        };
+        let (sup, mut rx, pid) = sleeper(dir.path()).await;
         drop(sup);
         // The supervisor goes on alone just long enough to stop it.
         let s = until(&mut rx, |s| s.state == ProcessState::Stopped).await;
