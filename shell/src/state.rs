@@ -113,7 +113,7 @@ fn decode<T: serde::de::DeserializeOwned>(
 impl State {
     /// Opens (creating if needed) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
-        let db = repo_server::meta::open_sled(dir, 8 << 20)?;
+        let db = embedded_db::open(dir, 8 << 20)?;
         Ok(Self {
             current: db.open_tree("current")?,
             generations: db.open_tree("generations")?,
@@ -202,12 +202,7 @@ impl State {
                 generations.insert(LAST, &number.to_be_bytes())?;
                 Ok(())
             })
-            .map_err(
-                |e: sled::transaction::TransactionError<std::convert::Infallible>| match e {
-                    sled::transaction::TransactionError::Storage(e) => StateError::Db(e),
-                    sled::transaction::TransactionError::Abort(never) => match never {},
-                },
-            )?;
+            .map_err(embedded_db::storage_error)?;
         self.db.flush()?;
         Ok(())
     }
