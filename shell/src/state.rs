@@ -11,12 +11,17 @@
 //! Beside each generation, in the same transaction, the data directories its
 //! services used (`ROOT/data/<service>/<slot>`), so a restart or a rollback
 //! gives each service the data of its generation.
+//!
+//! Records are serde values encoded by `wire`'s codec ([`codec::encode_record`]),
+//! so the shell's stored state and its messages change encoding in one place,
+//! and a corrupt record is a [`StateError::Corrupt`], bounded like a frame.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use image_spec::{CommitId, ImageId, ImageName, ServiceName, Timestamp, TreeId};
 use serde::{Deserialize, Serialize};
+use wire::codec::{self, FrameError};
 
 /// Why the state could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -25,12 +30,20 @@ pub enum StateError {
     #[error("instance state database: {0}")]
     Db(#[from] sled::Error),
     /// A stored record does not decode.
-    #[error("instance state record `{what}` is corrupt: {message}")]
+    #[error("instance state record `{what}` is corrupt: {source}")]
     Corrupt {
         /// Which record.
         what: &'static str,
-        /// The decoder's message.
-        message: String,
+        /// Why it does not decode.
+        source: FrameError,
+    },
+    /// A record cannot be encoded (too large, or a path that is not UTF-8).
+    #[error("instance state record `{what}` cannot be stored: {source}")]
+    Encode {
+        /// Which record.
+        what: &'static str,
+        /// Why.
+        source: FrameError,
     },
 }
 
@@ -93,21 +106,15 @@ fn data_key(number: u64) -> [u8; 9] {
     key
 }
 
-fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    bincode::serde::encode_to_vec(v, bincode::config::standard())
-        .expect("state records are plain data bincode can always encode")
+fn encode<T: Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>, StateError> {
+    codec::encode_record(v).map_err(|source| StateError::Encode { what, source })
 }
 
 fn decode<T: serde::de::DeserializeOwned>(
     what: &'static str,
     bytes: &[u8],
 ) -> Result<T, StateError> {
-    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-        .map(|(v, _)| v)
-        .map_err(|e| StateError::Corrupt {
-            what,
-            message: e.to_string(),
-        })
+    codec::decode_record(bytes).map_err(|source| StateError::Corrupt { what, source })
 }
 
 impl State {
@@ -186,14 +193,17 @@ impl State {
         data: &DataDirs,
     ) -> Result<(), StateError> {
         use sled::Transactional;
-        let encoded_data = encode(data);
-        let encoded_state = encode(state);
-        let generation = encode(&Generation {
-            number,
-            time: Timestamp::now(),
-            reason: reason.to_owned(),
-            state: state.clone(),
-        });
+        let encoded_data = encode("data directories", data)?;
+        let encoded_state = encode("installed", state)?;
+        let generation = encode(
+            "generation",
+            &Generation {
+                number,
+                time: Timestamp::now(),
+                reason: reason.to_owned(),
+                state: state.clone(),
+            },
+        )?;
         (&self.current, &self.generations)
             .transaction(|(current, generations)| {
                 current.insert(INSTALLED, encoded_state.as_slice())?;
@@ -239,6 +249,41 @@ mod tests {
             tree: TreeId::from_bytes([n; 32]),
             release: PathBuf::from(format!("/releases/{n}")),
         }
+    }
+
+    #[test]
+    fn a_corrupt_record_is_a_typed_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let mut s1 = InstalledState::default();
+        s1.services
+            .insert(ServiceName::new("orders").unwrap(), service(1));
+        state.record(&s1, "pull orders").unwrap();
+        // What the codec wrote reads back; a record cut short does not.
+        let stored = state.current.get(INSTALLED).unwrap().unwrap();
+        assert_eq!(codec::decode_record::<InstalledState>(&stored).unwrap(), s1);
+        state
+            .current
+            .insert(INSTALLED, &stored[..stored.len() - 1])
+            .unwrap();
+        let err = state.installed().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StateError::Corrupt {
+                    what: "installed",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // No image, then a service count claiming two billion entries: refused
+        // without reserving room for them.
+        state
+            .current
+            .insert(INSTALLED, &[0, 0xfc, 0xff, 0xff, 0xff, 0x7f][..])
+            .unwrap();
+        assert!(matches!(state.installed(), Err(StateError::Corrupt { .. })));
     }
 
     #[test]
