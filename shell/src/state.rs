@@ -81,30 +81,34 @@ pub struct Generation {
 }
 
 /// The instance's state database (see the module docs).
+///
+/// One sled tree per kind of record, each with one key layout, so no reader
+/// has to tell records apart by the length of their keys:
+///
+/// | tree | key | value |
+/// |---|---|---|
+/// | `current` | `installed` | [`InstalledState`] |
+/// | `generations` | the number, u64 big-endian | [`Generation`] |
+/// | `data_dirs` | the generation's number, u64 big-endian | [`DataDirs`] |
+/// | `counters` | `last`, `allocated` | u64 |
 #[derive(Debug, Clone)]
 pub struct State {
     db: sled::Db,
     current: sled::Tree,
     generations: sled::Tree,
+    data_dirs: sled::Tree,
+    counters: sled::Tree,
 }
 
+/// The installed state's key (in `current`).
 const INSTALLED: &[u8] = b"installed";
-/// The last recorded generation's number (in `generations`).
+/// The last recorded generation's number (in `counters`).
 const LAST: &[u8] = b"last";
-/// The last generation number handed out (in `generations`; 9 bytes, so never
-/// taken for a generation's 8-byte key).
+/// The last generation number handed out (in `counters`).
 const ALLOCATED: &[u8] = b"allocated";
 
 /// Each service's data directory, for the services that have one.
 pub type DataDirs = BTreeMap<ServiceName, PathBuf>;
-
-/// Where generation `number`'s data directories are kept (9 bytes, so never
-/// taken for a generation's 8-byte key).
-fn data_key(number: u64) -> [u8; 9] {
-    let mut key = [b'd'; 9];
-    key[1..].copy_from_slice(&number.to_be_bytes());
-    key
-}
 
 fn encode<T: Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>, StateError> {
     codec::encode_record(v).map_err(|source| StateError::Encode { what, source })
@@ -124,6 +128,8 @@ impl State {
         Ok(Self {
             current: db.open_tree("current")?,
             generations: db.open_tree("generations")?,
+            data_dirs: db.open_tree("data_dirs")?,
+            counters: db.open_tree("counters")?,
             db,
         })
     }
@@ -158,11 +164,10 @@ impl State {
     /// The last number recorded or handed out (0: none).
     fn last_number(&self) -> Result<u64, StateError> {
         let read = |key: &[u8]| -> Result<u64, StateError> {
-            Ok(self
-                .generations
-                .get(key)?
-                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-                .map_or(0, u64::from_be_bytes))
+            match self.counters.get(key)? {
+                Some(v) => decode("generation counter", &v),
+                None => Ok(0),
+            }
         };
         Ok(read(LAST)?.max(read(ALLOCATED)?))
     }
@@ -177,7 +182,8 @@ impl State {
     /// generation ever gets it, whether this one is recorded or fails.
     pub fn allocate_generation(&self) -> Result<u64, StateError> {
         let number = self.next_generation()?;
-        self.generations.insert(ALLOCATED, &number.to_be_bytes())?;
+        self.counters
+            .insert(ALLOCATED, encode("generation counter", &number)?)?;
         self.db.flush()?;
         Ok(number)
     }
@@ -204,12 +210,19 @@ impl State {
                 state: state.clone(),
             },
         )?;
-        (&self.current, &self.generations)
-            .transaction(|(current, generations)| {
+        let encoded_number = encode("generation counter", &number)?;
+        let key = number.to_be_bytes();
+        (
+            &self.current,
+            &self.generations,
+            &self.data_dirs,
+            &self.counters,
+        )
+            .transaction(|(current, generations, data_dirs, counters)| {
                 current.insert(INSTALLED, encoded_state.as_slice())?;
-                generations.insert(&number.to_be_bytes(), generation.as_slice())?;
-                generations.insert(data_key(number).as_slice(), encoded_data.as_slice())?;
-                generations.insert(LAST, &number.to_be_bytes())?;
+                generations.insert(&key, generation.as_slice())?;
+                data_dirs.insert(&key, encoded_data.as_slice())?;
+                counters.insert(LAST, encoded_number.as_slice())?;
                 Ok(())
             })
             .map_err(embedded_db::storage_error)?;
@@ -220,7 +233,7 @@ impl State {
     /// The data directories recorded with generation `number` (none recorded:
     /// empty).
     pub fn data_dirs(&self, number: u64) -> Result<DataDirs, StateError> {
-        match self.generations.get(data_key(number))? {
+        match self.data_dirs.get(number.to_be_bytes())? {
             Some(v) => decode("data directories", &v),
             None => Ok(DataDirs::new()),
         }
@@ -230,10 +243,8 @@ impl State {
     pub fn generations(&self) -> Result<Vec<Generation>, StateError> {
         let mut out = Vec::new();
         for kv in self.generations.iter() {
-            let (k, v) = kv?;
-            if k.len() == 8 {
-                out.push(decode("generation", &v)?);
-            }
+            let (_, v) = kv?;
+            out.push(decode("generation", &v)?);
         }
         Ok(out)
     }
@@ -284,6 +295,41 @@ mod tests {
             .insert(INSTALLED, &[0, 0xfc, 0xff, 0xff, 0xff, 0x7f][..])
             .unwrap();
         assert!(matches!(state.installed(), Err(StateError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn each_tree_keeps_one_key_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let mut s1 = InstalledState::default();
+        s1.services
+            .insert(ServiceName::new("orders").unwrap(), service(1));
+        let dirs = DataDirs::from([(
+            ServiceName::new("orders").unwrap(),
+            PathBuf::from("/data/orders/g1"),
+        )]);
+        state.record_with_data(&s1, "one", &dirs).unwrap();
+        state.allocate_generation().unwrap();
+        state.record(&s1, "three").unwrap();
+
+        let keys = |tree: &sled::Tree| -> Vec<Vec<u8>> {
+            tree.iter().keys().map(|k| k.unwrap().to_vec()).collect()
+        };
+        let numbers = [1u64, 3].map(|n| n.to_be_bytes().to_vec());
+        assert_eq!(keys(&state.current), [INSTALLED.to_vec()]);
+        assert_eq!(keys(&state.generations), numbers);
+        assert_eq!(keys(&state.data_dirs), numbers);
+        let mut counters = keys(&state.counters);
+        counters.sort();
+        assert_eq!(counters, [ALLOCATED.to_vec(), LAST.to_vec()]);
+        // Every generation is found under its own number, and only there.
+        for (k, v) in state.generations.iter().map(Result::unwrap) {
+            let g: Generation = codec::decode_record(&v).unwrap();
+            assert_eq!(k.as_ref(), g.number.to_be_bytes());
+        }
+        assert_eq!(state.data_dirs(1).unwrap(), dirs);
+        assert_eq!(state.data_dirs(3).unwrap(), DataDirs::new());
+        assert_eq!(state.next_generation().unwrap(), 4);
     }
 
     #[test]
