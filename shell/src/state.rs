@@ -12,12 +12,18 @@
 //! services used (`ROOT/data/<service>/<slot>`), so a restart or a rollback
 //! gives each service the data of its generation.
 //!
+//! The database lives in `ROOT/state`, and every path it records (releases,
+//! data directories) is stored relative to ROOT and resolved against it when
+//! read: an instance root moved or copied elsewhere comes back with its paths
+//! pointing into itself, not into the old place. A path outside ROOT is never
+//! recorded ([`StateError::OutsideRoot`]).
+//!
 //! Records are serde values encoded by `wire`'s codec ([`codec::encode_record`]),
 //! so the shell's stored state and its messages change encoding in one place,
 //! and a corrupt record is a [`StateError::Corrupt`], bounded like a frame.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use image_spec::{CommitId, ImageId, ImageName, ServiceName, Timestamp, TreeId};
 use serde::{Deserialize, Serialize};
@@ -36,6 +42,24 @@ pub enum StateError {
         what: &'static str,
         /// Why it does not decode.
         source: FrameError,
+    },
+    /// A path to record is not inside the instance root.
+    #[error(
+        "`{path}` is not inside the instance root `{root}`; the state records only paths inside it"
+    )]
+    OutsideRoot {
+        /// The path.
+        path: PathBuf,
+        /// The instance root.
+        root: PathBuf,
+    },
+    /// A stored path is not a plain relative path (no `..`, not absolute).
+    #[error("instance state record `{what}` holds `{path}`, not a path inside the instance root")]
+    CorruptPath {
+        /// Which record.
+        what: &'static str,
+        /// The stored path.
+        path: PathBuf,
     },
     /// A record cannot be encoded (too large, or a path that is not UTF-8).
     #[error("instance state record `{what}` cannot be stored: {source}")]
@@ -93,6 +117,9 @@ pub struct Generation {
 /// | `counters` | `last`, `allocated` | u64 |
 #[derive(Debug, Clone)]
 pub struct State {
+    /// The instance root: the directory holding the database's; recorded
+    /// paths are relative to it.
+    root: PathBuf,
     db: sled::Db,
     current: sled::Tree,
     generations: sled::Tree,
@@ -121,11 +148,42 @@ fn decode<T: serde::de::DeserializeOwned>(
     codec::decode_record(bytes).map_err(|source| StateError::Corrupt { what, source })
 }
 
+/// A path of names only: not empty, not absolute, no `.` or `..`.
+fn is_plain_relative(path: &Path) -> bool {
+    path.components().next().is_some()
+        && path.components().all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// `state` with every release path passed through `f`.
+fn map_releases(
+    state: &InstalledState,
+    mut f: impl FnMut(&Path) -> Result<PathBuf, StateError>,
+) -> Result<InstalledState, StateError> {
+    let mut out = state.clone();
+    for service in out.services.values_mut() {
+        service.release = f(&service.release)?;
+    }
+    Ok(out)
+}
+
+/// `dirs` with every path passed through `f`.
+fn map_dirs(
+    dirs: &DataDirs,
+    mut f: impl FnMut(&Path) -> Result<PathBuf, StateError>,
+) -> Result<DataDirs, StateError> {
+    dirs.iter()
+        .map(|(name, dir)| Ok((name.clone(), f(dir)?)))
+        .collect()
+}
+
 impl State {
-    /// Opens (creating if needed) the database in `dir`.
+    /// Opens (creating if needed) the database in `dir`, the instance's
+    /// `ROOT/state`: the paths it records are relative to ROOT, the directory
+    /// that holds `dir`.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
         let db = embedded_db::open(dir, 8 << 20)?;
         Ok(Self {
+            root: dir.parent().unwrap_or(dir).to_owned(),
             current: db.open_tree("current")?,
             generations: db.open_tree("generations")?,
             data_dirs: db.open_tree("data_dirs")?,
@@ -137,9 +195,41 @@ impl State {
     /// What is installed now (empty on a new instance).
     pub fn installed(&self) -> Result<InstalledState, StateError> {
         match self.current.get(INSTALLED)? {
-            Some(v) => decode("installed", &v),
+            Some(v) => self.resolve_state("installed", &decode("installed", &v)?),
             None => Ok(InstalledState::default()),
         }
+    }
+
+    /// `path` as it is recorded: relative to the root.
+    fn to_stored(&self, path: &Path) -> Result<PathBuf, StateError> {
+        path.strip_prefix(&self.root)
+            .ok()
+            .filter(|rel| is_plain_relative(rel))
+            .map(Path::to_owned)
+            .ok_or_else(|| StateError::OutsideRoot {
+                path: path.to_owned(),
+                root: self.root.clone(),
+            })
+    }
+
+    /// A recorded path, resolved against the root.
+    fn resolve(&self, what: &'static str, stored: &Path) -> Result<PathBuf, StateError> {
+        if is_plain_relative(stored) {
+            Ok(self.root.join(stored))
+        } else {
+            Err(StateError::CorruptPath {
+                what,
+                path: stored.to_owned(),
+            })
+        }
+    }
+
+    fn resolve_state(
+        &self,
+        what: &'static str,
+        stored: &InstalledState,
+    ) -> Result<InstalledState, StateError> {
+        map_releases(stored, |p| self.resolve(what, p))
     }
 
     /// Records `state` as installed and appends it to the history, atomically and
@@ -199,15 +289,17 @@ impl State {
         data: &DataDirs,
     ) -> Result<(), StateError> {
         use sled::Transactional;
-        let encoded_data = encode("data directories", data)?;
-        let encoded_state = encode("installed", state)?;
+        let state = map_releases(state, |p| self.to_stored(p))?;
+        let data = map_dirs(data, |p| self.to_stored(p))?;
+        let encoded_data = encode("data directories", &data)?;
+        let encoded_state = encode("installed", &state)?;
         let generation = encode(
             "generation",
             &Generation {
                 number,
                 time: Timestamp::now(),
                 reason: reason.to_owned(),
-                state: state.clone(),
+                state,
             },
         )?;
         let encoded_number = encode("generation counter", &number)?;
@@ -234,7 +326,9 @@ impl State {
     /// empty).
     pub fn data_dirs(&self, number: u64) -> Result<DataDirs, StateError> {
         match self.data_dirs.get(number.to_be_bytes())? {
-            Some(v) => decode("data directories", &v),
+            Some(v) => map_dirs(&decode("data directories", &v)?, |p| {
+                self.resolve("data directories", p)
+            }),
             None => Ok(DataDirs::new()),
         }
     }
@@ -244,7 +338,9 @@ impl State {
         let mut out = Vec::new();
         for kv in self.generations.iter() {
             let (_, v) = kv?;
-            out.push(decode("generation", &v)?);
+            let mut generation: Generation = decode("generation", &v)?;
+            generation.state = self.resolve_state("generation", &generation.state)?;
+            out.push(generation);
         }
         Ok(out)
     }
@@ -254,25 +350,43 @@ impl State {
 mod tests {
     use super::*;
 
-    fn service(n: u8) -> ServiceState {
+    /// The state of an instance whose root is `root`.
+    fn open(root: &Path) -> State {
+        State::open(&root.join("state")).unwrap()
+    }
+
+    fn service(root: &Path, n: u8) -> ServiceState {
         ServiceState {
             commit: CommitId::from_bytes([n; 32]),
             tree: TreeId::from_bytes([n; 32]),
-            release: PathBuf::from(format!("/releases/{n}")),
+            release: root.join(format!("releases/orders/{n}")),
         }
+    }
+
+    fn orders() -> ServiceName {
+        ServiceName::new("orders").unwrap()
+    }
+
+    fn one_service(root: &Path, n: u8) -> InstalledState {
+        let mut state = InstalledState::default();
+        state.services.insert(orders(), service(root, n));
+        state
     }
 
     #[test]
     fn a_corrupt_record_is_a_typed_error_naming_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = State::open(dir.path()).unwrap();
-        let mut s1 = InstalledState::default();
-        s1.services
-            .insert(ServiceName::new("orders").unwrap(), service(1));
+        let root = tempfile::tempdir().unwrap();
+        let state = open(root.path());
+        let s1 = one_service(root.path(), 1);
         state.record(&s1, "pull orders").unwrap();
-        // What the codec wrote reads back; a record cut short does not.
+        // What the codec wrote reads back (with the release relative to the
+        // root); a record cut short does not.
         let stored = state.current.get(INSTALLED).unwrap().unwrap();
-        assert_eq!(codec::decode_record::<InstalledState>(&stored).unwrap(), s1);
+        let decoded: InstalledState = codec::decode_record(&stored).unwrap();
+        assert_eq!(
+            decoded.services[&orders()].release,
+            Path::new("releases/orders/1")
+        );
         state
             .current
             .insert(INSTALLED, &stored[..stored.len() - 1])
@@ -299,15 +413,10 @@ mod tests {
 
     #[test]
     fn each_tree_keeps_one_key_layout() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = State::open(dir.path()).unwrap();
-        let mut s1 = InstalledState::default();
-        s1.services
-            .insert(ServiceName::new("orders").unwrap(), service(1));
-        let dirs = DataDirs::from([(
-            ServiceName::new("orders").unwrap(),
-            PathBuf::from("/data/orders/g1"),
-        )]);
+        let root = tempfile::tempdir().unwrap();
+        let state = open(root.path());
+        let s1 = one_service(root.path(), 1);
+        let dirs = DataDirs::from([(orders(), root.path().join("data/orders/g1"))]);
         state.record_with_data(&s1, "one", &dirs).unwrap();
         state.allocate_generation().unwrap();
         state.record(&s1, "three").unwrap();
@@ -335,28 +444,26 @@ mod tests {
     #[test]
     fn records_replace_the_state_and_grow_the_history() {
         let dir = tempfile::tempdir().unwrap();
-        let state = State::open(dir.path()).unwrap();
+        let root = dir.path();
+        let state = open(root);
         assert_eq!(state.installed().unwrap(), InstalledState::default());
 
-        let mut s1 = InstalledState::default();
-        s1.services
-            .insert(ServiceName::new("orders").unwrap(), service(1));
+        let s1 = one_service(root, 1);
         assert_eq!(state.record(&s1, "pull orders").unwrap(), 1);
         let mut s2 = s1.clone();
         s2.image = Some((
             ImageName::new("shop-2").unwrap(),
             ImageId::from_bytes([9; 32]),
         ));
+        s2.services.insert(orders(), service(root, 2));
         s2.services
-            .insert(ServiceName::new("orders").unwrap(), service(2));
-        s2.services
-            .insert(ServiceName::new("hello").unwrap(), service(3));
+            .insert(ServiceName::new("hello").unwrap(), service(root, 3));
         assert_eq!(state.record(&s2, "upgrade to shop-2").unwrap(), 2);
         assert_eq!(state.installed().unwrap(), s2);
         drop(state);
 
         // Everything survives reopening.
-        let state = State::open(dir.path()).unwrap();
+        let state = open(root);
         assert_eq!(state.installed().unwrap(), s2);
         let history = state.generations().unwrap();
         assert_eq!(history.len(), 2);
@@ -369,10 +476,7 @@ mod tests {
         assert_eq!(state.data_dirs(2).unwrap(), DataDirs::new());
 
         // Data directories travel with their generation.
-        let dirs = DataDirs::from([(
-            ServiceName::new("orders").unwrap(),
-            PathBuf::from("/data/orders/g3"),
-        )]);
+        let dirs = DataDirs::from([(orders(), root.join("data/orders/g3"))]);
         assert_eq!(state.record_with_data(&s1, "rollback", &dirs).unwrap(), 3);
         assert_eq!(state.data_dirs(3).unwrap(), dirs);
         assert_eq!(state.generations().unwrap().len(), 3);
@@ -381,7 +485,7 @@ mod tests {
         // given again, also after a reopen.
         assert_eq!(state.allocate_generation().unwrap(), 4);
         drop(state);
-        let state = State::open(dir.path()).unwrap();
+        let state = open(root);
         assert_eq!(state.next_generation().unwrap(), 5);
         assert_eq!(state.record(&s2, "upgrade").unwrap(), 5);
         let numbers: Vec<u64> = state
@@ -391,5 +495,95 @@ mod tests {
             .map(|g| g.number)
             .collect();
         assert_eq!(numbers, [1, 2, 3, 5]);
+    }
+
+    #[test]
+    fn a_moved_or_copied_root_finds_its_paths_where_it_is_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, moved, copy) = (
+            dir.path().join("old"),
+            dir.path().join("moved"),
+            dir.path().join("copy"),
+        );
+        let state = open(&old);
+        let s1 = one_service(&old, 1);
+        state
+            .record_with_data(
+                &s1,
+                "one",
+                &DataDirs::from([(orders(), old.join("data/orders/g1"))]),
+            )
+            .unwrap();
+        state.record(&one_service(&old, 2), "two").unwrap();
+        drop(state);
+
+        std::fs::rename(&old, &moved).unwrap();
+        fs_extra::dir::copy(
+            &moved,
+            &copy,
+            &fs_extra::dir::CopyOptions::new().copy_inside(true),
+        )
+        .unwrap();
+        for root in [&moved, &copy] {
+            let state = open(root);
+            // Every path read is inside this root, none inside the old one.
+            assert_eq!(state.installed().unwrap(), one_service(root, 2));
+            let history = state.generations().unwrap();
+            assert_eq!(history[0].state, one_service(root, 1));
+            assert_eq!(history[1].state, one_service(root, 2));
+            assert_eq!(
+                state.data_dirs(1).unwrap(),
+                DataDirs::from([(orders(), root.join("data/orders/g1"))])
+            );
+            // And what is recorded from here is relative again.
+            state.record(&one_service(root, 3), "three").unwrap();
+            drop(state);
+            assert_eq!(open(root).installed().unwrap(), one_service(root, 3));
+        }
+    }
+
+    #[test]
+    fn only_paths_inside_the_root_are_recorded_or_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("instance");
+        let state = open(&root);
+        state.record(&one_service(&root, 1), "one").unwrap();
+
+        // Outside the root, or climbing out of it: refused, nothing changes.
+        for outside in [
+            dir.path().join("elsewhere/releases/x"),
+            root.join("../elsewhere"),
+            root.clone(),
+        ] {
+            let mut s = one_service(&root, 2);
+            s.services.get_mut(&orders()).unwrap().release = outside.clone();
+            let err = state.record(&s, "outside").unwrap_err();
+            assert!(
+                matches!(&err, StateError::OutsideRoot { path, .. } if *path == outside),
+                "{err}"
+            );
+            let data = DataDirs::from([(orders(), outside.clone())]);
+            let err = state
+                .record_with_data(&one_service(&root, 2), "outside", &data)
+                .unwrap_err();
+            assert!(matches!(err, StateError::OutsideRoot { .. }), "{err}");
+        }
+        assert_eq!(state.installed().unwrap(), one_service(&root, 1));
+        assert_eq!(state.generations().unwrap().len(), 1);
+
+        // A stored path that would leave the root is a corrupt record.
+        for stored in ["/etc", "../elsewhere", "releases/../../x", ""] {
+            let mut s = one_service(Path::new(""), 1);
+            s.services.get_mut(&orders()).unwrap().release = PathBuf::from(stored);
+            state
+                .current
+                .insert(INSTALLED, codec::encode_record(&s).unwrap())
+                .unwrap();
+            let err = state.installed().unwrap_err();
+            assert!(
+                matches!(&err, StateError::CorruptPath { what: "installed", path } if path == Path::new(stored)),
+                "{stored}: {err}"
+            );
+        }
     }
 }
