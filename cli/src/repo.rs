@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context as _, Result, bail};
 use image_spec::{BranchName, Change, CommitId, Image, ImageId, ImageName, Mode, ServiceName};
 use indicatif::{ProgressBar, ProgressStyle};
-use repo_server::client::{PushOptions, PushProgress, RepoClient};
+use repo_client::{PushOptions, PushProgress, RepoClient};
 use serde_json::json;
 use wire::Client;
 
@@ -258,7 +258,7 @@ impl Context {
     pub(crate) async fn has_image(&self, name: &str) -> Result<bool> {
         match self.repo.image(&ImageName::new(name)?).await {
             Ok(_) => Ok(true),
-            Err(repo_server::client::ClientError::Remote(e))
+            Err(repo_client::ClientError::Remote(e))
                 if e.kind == wire::repo::ErrorKind::NotFound =>
             {
                 Ok(false)

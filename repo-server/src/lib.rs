@@ -3,8 +3,9 @@
 //! Blobs live as files in `DATA/blobs` ([`blobs`]); trees, commits, branches and
 //! images live in a sled database in `DATA/meta` ([`meta`]). Both sit behind narrow
 //! traits so an object store or a SQL database can replace them without touching
-//! the protocol code ([`service`]). [`client`] is the other side: the typed calls
-//! and the push that the `molt` CLI (and later the shell) use.
+//! the protocol code ([`service`]). The other side, the typed calls and the push
+//! that the `molt` CLI and the shell use, is the `repo-client` crate, which holds
+//! none of this storage.
 //!
 //! ```no_run
 //! # async fn demo(config: repo_server::Config) -> Result<(), repo_server::RepoServerError> {
@@ -14,7 +15,6 @@
 //! ```
 
 pub mod blobs;
-pub mod client;
 pub mod meta;
 pub mod service;
 

@@ -11,7 +11,6 @@
 //! the same trait with one table per kind and `UPDATE … WHERE head = expected`.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use image_spec::{
     BranchName, Commit, CommitId, DecodeError, IdPrefix, Image, ImageId, ImageName, ServiceName,
@@ -102,48 +101,10 @@ pub struct SledMeta {
 /// sled's page cache, bounded: metadata is small and blobs never go into sled.
 const CACHE_BYTES: u64 = 64 << 20;
 
-/// How long [`open_sled`] waits for a lock that is being let go.
-const LOCK_WAIT: Duration = Duration::from_secs(5);
-
-/// Opens (creating if needed) the sled database in `dir` with a page cache of
-/// `cache_bytes`.
-///
-/// sled drops its file lock only once its background writer threads let go of
-/// the database, a moment after the last handle is dropped. A reopen in the same
-/// process (a shell or repository restarted in place) waits up to five seconds
-/// for that instead of failing; a lock that stays held (another live process on
-/// the same directory) is still an error.
-pub fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db, sled::Error> {
-    open_sled_waiting(dir, cache_bytes, LOCK_WAIT)
-}
-
-fn open_sled_waiting(
-    dir: &Path,
-    cache_bytes: u64,
-    wait: Duration,
-) -> Result<sled::Db, sled::Error> {
-    let deadline = Instant::now() + wait;
-    loop {
-        match sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            .open()
-        {
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock")
-                    && Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            other => return other,
-        }
-    }
-}
-
 impl SledMeta {
     /// Opens (creating if needed) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Self, MetaError> {
-        let db = open_sled(dir, CACHE_BYTES)?;
+        let db = embedded_db::open(dir, CACHE_BYTES)?;
         Ok(Self {
             trees: db.open_tree("trees")?,
             commits: db.open_tree("commits")?,
@@ -177,13 +138,6 @@ fn service_key(service: &ServiceName, id: Option<&CommitId>) -> Vec<u8> {
 /// Maps a decode failure of a stored record to [`MetaError::Corrupt`].
 fn corrupt(what: &'static str) -> impl Fn(DecodeError) -> MetaError {
     move |source| MetaError::Corrupt { what, source }
-}
-
-fn tx_err(e: sled::transaction::TransactionError<std::convert::Infallible>) -> MetaError {
-    match e {
-        sled::transaction::TransactionError::Storage(e) => MetaError::Db(e),
-        sled::transaction::TransactionError::Abort(never) => match never {},
-    }
 }
 
 fn id_bytes(v: &[u8]) -> Option<[u8; 32]> {
@@ -223,7 +177,7 @@ impl MetaStore for SledMeta {
                 index.insert(index_key.as_slice(), &[])?;
                 Ok(true)
             })
-            .map_err(tx_err)?;
+            .map_err(embedded_db::storage_error)?;
         if created {
             self.flush()?;
         }
@@ -312,7 +266,7 @@ impl MetaStore for SledMeta {
                 order.insert(&seq.to_be_bytes(), key)?;
                 Ok(None)
             })
-            .map_err(tx_err)?;
+            .map_err(embedded_db::storage_error)?;
         match existing {
             None => {
                 self.flush()?;
@@ -349,27 +303,6 @@ mod tests {
     use super::*;
     use image_spec::Timestamp;
     use std::collections::BTreeMap;
-
-    #[test]
-    fn a_reopen_waits_for_a_lock_being_let_go_but_not_for_one_held() {
-        let dir = tempfile::tempdir().unwrap();
-        let held = open_sled(dir.path(), 1 << 20).unwrap();
-        // Held throughout: still the lock error, after the (short) wait.
-        let err = open_sled_waiting(dir.path(), 1 << 20, Duration::from_millis(100)).unwrap_err();
-        assert!(err.to_string().contains("could not acquire lock"), "{err}");
-        // Let go while the reopen waits: the reopen succeeds.
-        let releaser = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(200));
-            drop(held);
-        });
-        let reopened = open_sled(dir.path(), 1 << 20).unwrap();
-        releaser.join().unwrap();
-        reopened.insert(b"k", b"v".as_slice()).unwrap();
-        assert_eq!(
-            reopened.get(b"k").unwrap().as_deref(),
-            Some(b"v".as_slice())
-        );
-    }
 
     fn commit(service: &str, msg: &str, parents: Vec<CommitId>) -> Commit {
         Commit::new(

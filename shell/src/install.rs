@@ -15,7 +15,7 @@ use image_spec::{
     BlobId, CommitId, InstanceName, MANIFEST_FILE, ManifestError, ServiceManifest, ServiceName,
     Tree, TreeDiff,
 };
-use repo_server::client::{ClientError, RepoClient};
+use repo_client::{ClientError, RepoClient};
 
 use crate::build::{self, BuildError};
 use crate::release::{CopyStats, ReleaseError, Releases, Staging};

@@ -36,7 +36,7 @@ use image_spec::manifest::{PortSpec, Protocol, ServiceKind};
 use image_spec::{
     CommitId, ImageId, ImageName, InstanceName, MANIFEST_FILE, ServiceManifest, ServiceName,
 };
-use repo_server::client::RepoClient;
+use repo_client::RepoClient;
 use tracing::{info, warn};
 
 use crate::env::ServiceEnv;

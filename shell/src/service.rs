@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use image_spec::{CommitId, ImageName, ServiceName};
-use repo_server::client::RepoClient;
+use repo_client::RepoClient;
 use tokio::sync::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -166,7 +166,7 @@ impl ShellService {
         image: &ImageName,
     ) -> Result<(image_spec::ImageId, BTreeMap<ServiceName, CommitId>), RemoteError> {
         let as_remote = |e| match e {
-            repo_server::client::ClientError::Remote(r) => r,
+            repo_client::ClientError::Remote(r) => r,
             other => remote(ErrorKind::Internal, other.to_string()),
         };
         let (id, image) = match repo.image(image).await.map_err(as_remote) {
@@ -327,7 +327,7 @@ impl ShellService {
                 }
                 let repo = self.repo().await?;
                 let commit = repo.resolve(&service, &rev).await.map_err(|e| match e {
-                    repo_server::client::ClientError::Remote(r) => r,
+                    repo_client::ClientError::Remote(r) => r,
                     other => remote(ErrorKind::Internal, other.to_string()),
                 })?;
                 self.spawn_upgrade(

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use image_spec::{CommitId, InstanceName, ServiceName};
 use molt_e2e::{TestCluster, copy_example, get_once, push_main, write_file};
-use repo_server::client::RepoClient;
+use repo_client::RepoClient;
 use shell::instance::{Instance, InstanceConfig, PublicPorts, UpgradeError};
 use shell::plan::PlanError;
 

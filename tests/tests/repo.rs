@@ -6,8 +6,8 @@ use image_spec::{
     BlobId, BranchName, Change, Commit, Image, ImageName, Mode, ServiceName, Timestamp, Tree,
 };
 use molt_e2e::{TestCluster, push_main, write_file, write_service};
+use repo_client::ClientError;
 use repo_server::blobs::BlobStore;
-use repo_server::client::ClientError;
 use repo_server::meta::MetaStore;
 use serde::Serialize;
 use wire::repo::{ErrorKind, RepoReply};
@@ -506,7 +506,7 @@ async fn malformed_requests_do_not_disturb_other_clients() {
     }
     let other = cluster.repo_client("portal").await;
     assert!(other.images().await.unwrap().is_empty());
-    let same = repo_server::client::RepoClient::connect(&client, cluster.repo_addr)
+    let same = repo_client::RepoClient::connect(&client, cluster.repo_addr)
         .await
         .unwrap();
     assert!(same.images().await.unwrap().is_empty());
@@ -624,7 +624,7 @@ async fn a_change_is_pushed_as_a_diff_with_or_without_a_tree_cache() {
         cluster.repo_addr,
     )
     .unwrap();
-    let fresh = repo_server::client::RepoClient::connect(&client, cluster.repo_addr)
+    let fresh = repo_client::RepoClient::connect(&client, cluster.repo_addr)
         .await
         .unwrap();
     write_file(&dir, "src/f7.rs", b"changed");

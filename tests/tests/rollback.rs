@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use image_spec::{CommitId, InstanceName, ServiceName};
 use molt_e2e::{Load, TestCluster, copy_example, get_once, push_main, version_of, write_file};
-use repo_server::client::RepoClient;
+use repo_client::RepoClient;
 use shell::executor::Fault;
 use shell::instance::{
     Instance, InstanceConfig, PublicPorts, Strategy, UpgradeError, UpgradeOptions,

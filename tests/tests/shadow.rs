@@ -13,7 +13,7 @@ use image_spec::{CommitId, InstanceName, ServiceName};
 use molt_e2e::{
     Load, TestCluster, copy_example, get_once, push_main, set_version, version_of, write_file,
 };
-use repo_server::client::RepoClient;
+use repo_client::RepoClient;
 use shell::instance::{Instance, InstanceConfig, PublicPorts, Strategy, UpgradeError};
 use wire::shell::Phase;
 

@@ -292,3 +292,82 @@ async fn a_service_without_overlap_is_replaced_and_restored_on_failure() {
     assert!(body.contains("hello v2"), "{body}");
     instance.shutdown().await;
 }
+
+/// An instance root moved elsewhere comes back from its new place: the state
+/// records its paths relative to the root, so the releases and data
+/// directories it names are found where the root is now, and the next upgrade
+/// copies its release from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_root_moved_elsewhere_serves_and_upgrades_from_there() {
+    let cluster = TestCluster::start().await;
+    let dir = cluster.path("hello");
+    copy_example("hello", &dir);
+    let manifest = std::fs::read_to_string(dir.join("service.toml"))
+        .unwrap()
+        .replace(
+            "kind = \"process\"",
+            "kind = \"process\"\ndata = [\"data\"]",
+        );
+    write_file(&dir, "service.toml", manifest.as_bytes());
+    let dev = cluster.repo_client("user/ada/developer").await;
+    let v1 = dev.push(&dir, &push_main("v1"), |_| {}).await.unwrap();
+    let shell_repo = cluster.repo_client("shell/dev-1").await;
+    let config = |root: &str| InstanceConfig {
+        name: InstanceName::new("dev-1").unwrap(),
+        root: cluster.path(root),
+        public_ports: PublicPorts::Ephemeral,
+        public_ip: shell::instance::LOOPBACK,
+    };
+    let target = |c: CommitId| BTreeMap::from([(svc("hello"), c)]);
+    let mut instance = Instance::open(config("before")).await.unwrap();
+    instance
+        .upgrade(&shell_repo, &target(v1.commit), None, "v1")
+        .await
+        .unwrap();
+    instance.shutdown().await;
+
+    std::fs::rename(cluster.path("before"), cluster.path("after")).unwrap();
+    let after = cluster.path("after");
+    let mut instance = Instance::open(config("after")).await.unwrap();
+    assert_eq!(instance.commits()[&svc("hello")], v1.commit);
+    assert!(
+        instance
+            .release_dir(&svc("hello"))
+            .unwrap()
+            .starts_with(&after)
+    );
+    let addr = instance.public_addr(&svc("hello"), "main").unwrap();
+    let (code, body) = get_once(addr, "/").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("hello from molt"), "{body}");
+
+    write_file(
+        &dir,
+        "service.toml",
+        manifest.replace("hello from molt", "hello v2").as_bytes(),
+    );
+    let v2 = dev.push(&dir, &push_main("v2"), |_| {}).await.unwrap();
+    instance
+        .upgrade(&shell_repo, &target(v2.commit), None, "v2")
+        .await
+        .unwrap();
+    let (code, body) = get_once(addr, "/").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("hello v2"), "{body}");
+    instance.shutdown().await;
+
+    // Every path the state gives back is inside the root where it is now.
+    let state = shell::state::State::open(&after.join("state")).unwrap();
+    let generations = state.generations().unwrap();
+    assert_eq!(generations.len(), 2);
+    for g in &generations {
+        let release = &g.state.services[&svc("hello")].release;
+        assert!(
+            release.starts_with(&after) && release.is_dir(),
+            "{release:?}"
+        );
+        let data = state.data_dirs(g.number).unwrap();
+        assert!(data[&svc("hello")].starts_with(&after), "{data:?}");
+    }
+    assert!(!cluster.path("before").exists());
+}

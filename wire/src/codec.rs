@@ -16,6 +16,11 @@
 //! in memory whole. Once a frame or a transfer has started, every read must make
 //! progress within [`STALL_TIMEOUT`]; a payload buffer grows as bytes arrive, and
 //! [`read_frame_within`] counts frames in flight against a server-wide budget.
+//!
+//! The same encoding serves records kept on disk by a component (the shell's
+//! installed state): [`encode_record`] and [`decode_record`] turn a plain serde
+//! value into bytes and back with the payload format and the bounds of a frame,
+//! without the length prefix, so stored records too change encoding only here.
 
 use std::time::Duration;
 
@@ -84,6 +89,35 @@ fn decode_config() -> bincode::config::Configuration<
     bincode::config::Limit<DEFAULT_FRAME_LIMIT>,
 > {
     bincode::config::standard().with_limit::<DEFAULT_FRAME_LIMIT>()
+}
+
+/// Encodes a plain record (a value kept on disk, not sent) to the bytes of a
+/// frame's payload. A record over [`DEFAULT_FRAME_LIMIT`] is refused
+/// ([`FrameError::TooLarge`]): [`decode_record`] could not read it back.
+pub fn encode_record<T: Serialize>(record: &T) -> Result<Vec<u8>, FrameError> {
+    let bytes = bincode::serde::encode_to_vec(record, config())
+        .map_err(|e| FrameError::Encode(e.to_string()))?;
+    if bytes.len() > DEFAULT_FRAME_LIMIT {
+        return Err(FrameError::TooLarge {
+            len: bytes.len(),
+            limit: DEFAULT_FRAME_LIMIT,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Decodes a record written by [`encode_record`], bounded like a frame: more
+/// than [`DEFAULT_FRAME_LIMIT`] bytes are refused before decoding, nothing
+/// inside may claim more memory than that, and the bytes must hold exactly one
+/// record. Corrupt bytes are a [`FrameError`], never a panic.
+pub fn decode_record<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FrameError> {
+    if bytes.len() > DEFAULT_FRAME_LIMIT {
+        return Err(FrameError::TooLarge {
+            len: bytes.len(),
+            limit: DEFAULT_FRAME_LIMIT,
+        });
+    }
+    decode_payload(bytes)
 }
 
 /// Encodes `msg` as a whole frame: length prefix and payload.
@@ -413,6 +447,48 @@ mod tests {
         ));
         assert!(matches!(
             decode_frame::<Msg>(&bytes, 1),
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn records_round_trip_with_the_bounds_of_a_frame() {
+        for m in [
+            Msg::Ping(u64::MAX),
+            Msg::Text("héllo".into()),
+            Msg::Blob(vec![7; 1000]),
+        ] {
+            let bytes = encode_record(&m).unwrap();
+            // A record is exactly a frame's payload.
+            assert_eq!(
+                encode_frame(&m, DEFAULT_FRAME_LIMIT).unwrap()[4..],
+                bytes[..]
+            );
+            assert_eq!(decode_record::<Msg>(&bytes).unwrap(), m);
+            // Cut anywhere, or followed by anything, it is refused.
+            for cut in 0..bytes.len() {
+                assert!(decode_record::<Msg>(&bytes[..cut]).is_err(), "cut {cut}");
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert!(matches!(
+                decode_record::<Msg>(&longer),
+                Err(FrameError::TrailingBytes(1))
+            ));
+        }
+        // A length inside claiming far more than the limit allocates nothing.
+        assert!(matches!(
+            decode_record::<Msg>(&[2, 0xfc, 0xff, 0xff, 0xff, 0x7f]),
+            Err(FrameError::Malformed(_))
+        ));
+        // Over the limit: refused before decoding, and never written.
+        let huge = vec![0u8; DEFAULT_FRAME_LIMIT + 1];
+        assert!(matches!(
+            decode_record::<Msg>(&huge),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            encode_record(&Msg::Blob(huge)),
             Err(FrameError::TooLarge { .. })
         ));
     }

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use image_spec::{CommitId, ImageId, ImageName, ServiceName};
-use repo_server::client::RepoClient;
+use repo_client::RepoClient;
 use tracing::{info, warn};
 use wire::plan::{Step, StepKind};
 

@@ -1,9 +1,33 @@
-//! The client side of the repository protocol: typed calls, and the push.
+//! The client side of molt's repository protocol: typed calls, the blob
+//! transfers, and the push.
+//!
+//! Everything that talks to a repository server goes through [`RepoClient`]: the
+//! `molt` CLI (push, log, diff, images), the shell (diffs and blobs for an
+//! upgrade) and, later, the portal. This crate holds none of the server's storage
+//! (no blob store, no sled): a client only needs `wire`'s messages and
+//! `image-spec`'s types, so depending on it never pulls the server in.
 //!
 //! [`RepoClient::push`] is the whole push flow of DESIGN.md: read `service.toml`,
 //! scan the directory, compare with the branch head (an unchanged tree creates
 //! nothing), ask which blobs the server lacks, upload only those, create the commit,
 //! and move the branch with compare-and-swap from the head it started from.
+//!
+//! [`RepoClient::fetch_blobs_to`] is the other direction: blobs stream into a
+//! directory (the shell's blob cache), each verified against its id on arrival
+//! and renamed into place only then.
+//!
+//! ```no_run
+//! # async fn demo(client: &wire::Client, addr: std::net::SocketAddr) -> Result<(), repo_client::ClientError> {
+//! let repo = repo_client::RepoClient::connect(client, addr).await?;
+//! let options = repo_client::PushOptions {
+//!     branch: "main".parse().expect("a valid branch name"),
+//!     message: "first version".into(),
+//! };
+//! let report = repo.push(std::path::Path::new("services/orders"), &options, |_| {}).await?;
+//! println!("{} is at {}", report.service, report.commit);
+//! # Ok(())
+//! # }
+//! ```
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
