@@ -37,7 +37,8 @@ use image_spec::{
     ManifestError, ScanError, ServiceManifest, ServiceName, Timestamp, Tree, TreeDiff, TreeId,
     scan_dir,
 };
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::task::{JoinError, JoinSet};
 use tracing::info;
 use wire::codec::{self, DEFAULT_FRAME_LIMIT, FrameError};
 use wire::repo::{ErrorKind, LogEntry, RemoteError, RepoReply, RepoRequest, RepoResponse};
@@ -48,6 +49,10 @@ const BLOBS_PER_REQUEST: usize = 20_000;
 
 /// Files up to this size are read in one call when uploading.
 const SMALL_FILE: u64 = 1 << 20;
+
+/// Most fetched blobs being fsynced and renamed into place at once, while the
+/// next ones arrive.
+pub const SYNCS_IN_FLIGHT: usize = 32;
 
 /// Why a repository call failed.
 #[derive(Debug, thiserror::Error)]
@@ -434,6 +439,18 @@ impl RepoClient {
 
     /// Downloads blobs into `dir` as `dir/<id>`, verifying each on arrival.
     /// Returns the bytes received.
+    ///
+    /// A blob is visible under its id only once its bytes are verified and
+    /// durable, so after a crash or a power loss `dir` holds whole, correct
+    /// blobs and at most some `.<id>.part` files (the shell's blob cache removes
+    /// them when it opens). Each blob arrives in `dir/.<id>.part`, hashed on the
+    /// way; if it matches its id it is fsynced and renamed into place, and the
+    /// directory is fsynced before this returns, so the renames are durable
+    /// too. The fsyncs of up to [`SYNCS_IN_FLIGHT`] blobs run on blocking
+    /// threads while the next blobs arrive, so the file system commits them
+    /// together instead of one at a time. On a failure, the blobs verified
+    /// before it are still put in place, the one in flight is removed, and
+    /// nothing unverified is ever renamed.
     pub async fn fetch_blobs_to(&self, blobs: &[BlobId], dir: &Path) -> Result<u64, ClientError> {
         let mut s = self.conn.open().await?;
         codec::write_frame(
@@ -449,32 +466,28 @@ impl RepoClient {
         if sizes.len() != blobs.len() {
             return Err(ClientError::Unexpected("fetch_blobs"));
         }
-        let mut total = 0;
-        for (id, size) in blobs.iter().zip(sizes) {
-            let dest = dir.join(id.to_hex());
-            let tmp = dir.join(format!(".{}.part", id.to_hex()));
-            let io = |source| ClientError::Io {
-                path: tmp.clone(),
-                source,
-            };
-            let mut file = tokio::fs::File::create(&tmp).await.map_err(io)?;
-            let mut hasher = blake3::Hasher::new();
-            codec::copy_exact(&mut s.recv, &mut file, size, |c| {
-                hasher.update(c);
-            })
-            .await?;
-            file.flush().await.map_err(io)?;
-            let actual = BlobId::from(hasher.finalize());
-            if actual != *id {
-                let _ = tokio::fs::remove_file(&tmp).await;
-                return Err(ClientError::BlobMismatch {
-                    claimed: *id,
-                    actual,
-                });
+        let mut placing = JoinSet::new();
+        let received = receive_blobs(&mut s.recv, blobs.iter().zip(sizes), dir, &mut placing).await;
+        // Whatever stopped the transfer, every blob verified before it is made
+        // durable and put in place: no task outlives the call.
+        let mut placed = Ok(());
+        while let Some(done) = placing.join_next().await {
+            if let Err(e) = joined(done) {
+                placed = placed.and(Err(e));
             }
-            tokio::fs::rename(&tmp, &dest).await.map_err(io)?;
-            total += size;
         }
+        let total = received?;
+        placed?;
+        let io = |source| ClientError::Io {
+            path: dir.to_owned(),
+            source,
+        };
+        tokio::fs::File::open(dir)
+            .await
+            .map_err(io)?
+            .sync_all()
+            .await
+            .map_err(io)?;
         Ok(total)
     }
 
@@ -626,4 +639,76 @@ impl RepoClient {
         info!(%service, commit = %id, blobs_sent, bytes_sent, "pushed");
         Ok(report(id, true, blobs_sent, bytes_sent))
     }
+}
+
+/// A blob's move into place: fsync its file, then rename it.
+type Placing = JoinSet<Result<(), ClientError>>;
+
+/// Receives the announced blobs from `src` into `dir`, each in a `.part` file
+/// hashed on the way. A verified blob is handed to `placing`, which fsyncs and
+/// renames it (at most [`SYNCS_IN_FLIGHT`] at once); a blob that is cut short
+/// or does not hash to its id is removed and ends the transfer. Returns the
+/// bytes received.
+async fn receive_blobs<'a, R: AsyncRead + Unpin>(
+    src: &mut R,
+    blobs: impl Iterator<Item = (&'a BlobId, u64)>,
+    dir: &Path,
+    placing: &mut Placing,
+) -> Result<u64, ClientError> {
+    let mut total = 0;
+    for (id, size) in blobs {
+        let dest = dir.join(id.to_hex());
+        let tmp = dir.join(format!(".{}.part", id.to_hex()));
+        let io = |source| ClientError::Io {
+            path: tmp.clone(),
+            source,
+        };
+        let mut file = tokio::fs::File::create(&tmp).await.map_err(io)?;
+        let mut hasher = blake3::Hasher::new();
+        let received = match codec::copy_exact(src, &mut file, size, |c| {
+            hasher.update(c);
+        })
+        .await
+        {
+            Ok(()) => file.flush().await.map_err(io),
+            Err(e) => Err(e.into()),
+        };
+        let actual = BlobId::from(hasher.finalize());
+        let verified = received.and_then(|()| {
+            if actual == *id {
+                Ok(())
+            } else {
+                Err(ClientError::BlobMismatch {
+                    claimed: *id,
+                    actual,
+                })
+            }
+        });
+        if let Err(e) = verified {
+            drop(file);
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+        let file = file.into_std().await;
+        if placing.len() >= SYNCS_IN_FLIGHT
+            && let Some(done) = placing.join_next().await
+        {
+            joined(done)?;
+        }
+        placing.spawn_blocking(move || {
+            file.sync_all()
+                .and_then(|()| std::fs::rename(&tmp, &dest))
+                .map_err(|source| ClientError::Io { path: tmp, source })
+        });
+        total += size;
+    }
+    Ok(total)
+}
+
+/// The outcome of a task of [`Placing`].
+fn joined(done: Result<Result<(), ClientError>, JoinError>) -> Result<(), ClientError> {
+    done.map_err(|e| ClientError::Io {
+        path: PathBuf::from("<blob fsync task>"),
+        source: std::io::Error::other(e),
+    })?
 }

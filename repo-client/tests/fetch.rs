@@ -87,72 +87,82 @@ impl Repo {
     }
 }
 
-/// The names in `dir`, sorted.
-fn names(dir: &Path) -> Vec<String> {
-    let mut out: Vec<String> = std::fs::read_dir(dir)
+/// Fetches `ids` from a stand-in serving `served` (announcing `announced`
+/// sizes where given) into a new directory.
+async fn fetch(
+    served: &[(BlobId, Vec<u8>)],
+    announced: &[(BlobId, u64)],
+    ids: &[BlobId],
+) -> (tempfile::TempDir, Result<u64, ClientError>) {
+    let repo = Repo::start(StandIn {
+        served: served.iter().cloned().collect(),
+        announced: announced.iter().copied().collect(),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let got = repo.client().await.fetch_blobs_to(ids, dir.path()).await;
+    repo.stop().await;
+    (dir, got)
+}
+
+/// `dir` holds exactly `blobs`, each under its id with its bytes: no temporary
+/// file beside them.
+fn assert_holds_exactly(dir: &Path, blobs: &[(BlobId, Vec<u8>)]) {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    out.sort();
-    out
+    names.sort();
+    let mut expected: Vec<String> = blobs.iter().map(|(id, _)| id.to_hex()).collect();
+    expected.sort();
+    assert_eq!(names, expected);
+    for (id, bytes) in blobs {
+        assert_eq!(&std::fs::read(dir.join(id.to_hex())).unwrap(), bytes);
+    }
 }
 
-fn sorted_hex(ids: &[BlobId]) -> Vec<String> {
-    let mut out: Vec<String> = ids.iter().map(BlobId::to_hex).collect();
-    out.sort();
-    out
+/// Each of `bytes` under its id.
+fn blobs(bytes: impl IntoIterator<Item = Vec<u8>>) -> Vec<(BlobId, Vec<u8>)> {
+    bytes.into_iter().map(|b| (BlobId::of(&b), b)).collect()
+}
+
+fn ids(blobs: &[(BlobId, Vec<u8>)]) -> Vec<BlobId> {
+    blobs.iter().map(|(id, _)| *id).collect()
 }
 
 #[tokio::test]
 async fn fetched_blobs_are_verified_and_land_whole_under_their_ids() {
-    let small = b"small blob".to_vec();
-    // Several chunks of the transfer, so the bytes arrive in pieces.
-    let large: Vec<u8> = (0..3 * wire::codec::CHUNK + 5).map(|i| i as u8).collect();
-    let empty = Vec::new();
-    let ids = [BlobId::of(&small), BlobId::of(&large), BlobId::of(&empty)];
-    let served = BTreeMap::from([
-        (ids[0], small.clone()),
-        (ids[1], large.clone()),
-        (ids[2], empty.clone()),
+    // The large one spans several chunks of the transfer.
+    let served = blobs([
+        b"small blob".to_vec(),
+        (0..3 * wire::codec::CHUNK + 5).map(|i| i as u8).collect(),
+        Vec::new(),
     ]);
-    let repo = Repo::start(StandIn {
-        served,
-        announced: BTreeMap::new(),
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let got = repo
-        .client()
-        .await
-        .fetch_blobs_to(&ids, dir.path())
-        .await
-        .unwrap();
-    assert_eq!(got, (small.len() + large.len()) as u64);
-    // Exactly the blobs, under their ids: no temporary file is left beside them.
-    assert_eq!(names(dir.path()), sorted_hex(&ids));
-    for (id, bytes) in [(ids[0], &small), (ids[1], &large), (ids[2], &empty)] {
-        assert_eq!(&std::fs::read(dir.path().join(id.to_hex())).unwrap(), bytes);
-    }
-    repo.stop().await;
+    let (dir, got) = fetch(&served, &[], &ids(&served)).await;
+    let total: usize = served.iter().map(|(_, b)| b.len()).sum();
+    assert_eq!(got.unwrap(), total as u64);
+    assert_holds_exactly(dir.path(), &served);
+}
+
+#[tokio::test]
+async fn many_blobs_all_land_while_earlier_ones_are_synced() {
+    // More blobs than are synced at once, so the transfer waits on its syncs.
+    let served = blobs(
+        (0..(3 * repo_client::SYNCS_IN_FLIGHT + 7)).map(|i| format!("blob {i}").into_bytes()),
+    );
+    let (dir, got) = fetch(&served, &[], &ids(&served)).await;
+    let total: usize = served.iter().map(|(_, b)| b.len()).sum();
+    assert_eq!(got.unwrap(), total as u64);
+    assert_holds_exactly(dir.path(), &served);
 }
 
 #[tokio::test]
 async fn a_blob_whose_bytes_lie_is_refused_and_never_lands() {
-    let honest = b"honest".to_vec();
+    let honest = blobs([b"honest".to_vec()]);
     let claimed = BlobId::of(b"what was asked for");
-    let ids = [BlobId::of(&honest), claimed];
-    let served = BTreeMap::from([(ids[0], honest.clone()), (claimed, b"a lie".to_vec())]);
-    let repo = Repo::start(StandIn {
-        served,
-        announced: BTreeMap::new(),
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let err = repo
-        .client()
-        .await
-        .fetch_blobs_to(&ids, dir.path())
-        .await
-        .unwrap_err();
-    match err {
+    let mut served = honest.clone();
+    served.push((claimed, b"a lie".to_vec()));
+    let (dir, got) = fetch(&served, &[], &[honest[0].0, claimed]).await;
+    match got.unwrap_err() {
         ClientError::BlobMismatch { claimed: c, actual } => {
             assert_eq!(c, claimed);
             assert_eq!(actual, BlobId::of(b"a lie"));
@@ -160,6 +170,19 @@ async fn a_blob_whose_bytes_lie_is_refused_and_never_lands() {
         other => panic!("expected a mismatch, got {other}"),
     }
     // The verified blob before it stays; nothing of the lie does.
-    assert_eq!(names(dir.path()), [ids[0].to_hex()]);
-    repo.stop().await;
+    assert_holds_exactly(dir.path(), &honest);
+}
+
+#[tokio::test]
+async fn a_transfer_cut_short_keeps_the_blobs_before_it_and_nothing_of_the_rest() {
+    let served = blobs([b"first".to_vec(), b"second".to_vec(), b"third".to_vec()]);
+    // The second blob is announced longer than it is: the stream ends inside it.
+    let (dir, got) = fetch(&served, &[(served[1].0, 1000)], &ids(&served)).await;
+    let err = got.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Frame(wire::FrameError::Truncated { .. })),
+        "{err}"
+    );
+    // The first is in place and whole; no partial file of the second remains.
+    assert_holds_exactly(dir.path(), &served[..1]);
 }

@@ -482,13 +482,19 @@ impl Instance {
         Ok(tree)
     }
 
+    /// Stores a release's tree as `ROOT/trees/<id>`, durably
+    /// ([`crate::durable::write_file`]), before anything records the release: a
+    /// power loss never leaves a recorded release whose tree is missing or cut
+    /// short, so `Instance::open` can always verify it.
     fn store_tree(&self, tree: &image_spec::Tree) -> Result<(), UpgradeError> {
         let dir = self.config.root.join("trees");
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        if !dir.is_dir() {
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            // The new directory's own entry, too.
+            crate::durable::sync_dir(&self.config.root).map_err(io_err(&self.config.root))?;
+        }
         let path = dir.join(tree.id().to_hex());
-        let tmp = dir.join(format!(".{}.tmp", tree.id().to_hex()));
-        std::fs::write(&tmp, tree.encode()).map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io_err(&path))
+        crate::durable::write_file(&path, &tree.encode()).map_err(io_err(&path))
     }
 
     /// The generations' lifecycle, as a handle that stays readable while an

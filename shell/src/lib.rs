@@ -13,6 +13,8 @@
 //!   with its stop signal then SIGKILL, and the restart policy with backoff;
 //! - [`state`]: the recorded installed state and generation history in sled,
 //!   replaced atomically;
+//! - [`durable`]: small files written so that a power loss leaves them whole or
+//!   absent (temporary file, fsync, rename, fsync of the directory);
 //! - [`supervisor`]: one task per service process that restarts it by its policy
 //!   and publishes its status on a `watch` channel;
 //! - [`front`]: the public-port handle both fronts share, and the per-connection
@@ -36,6 +38,7 @@
 
 pub mod build;
 pub mod crash;
+pub mod durable;
 pub mod env;
 pub mod executor;
 pub mod front;

@@ -370,4 +370,13 @@ async fn an_instance_root_moved_elsewhere_serves_and_upgrades_from_there() {
         assert!(data[&svc("hello")].starts_with(&after), "{data:?}");
     }
     assert!(!cluster.path("before").exists());
+    // The stored trees: each whole under its id, no temporary file beside them.
+    let mut trees = 0;
+    for entry in std::fs::read_dir(after.join("trees")).unwrap() {
+        let entry = entry.unwrap();
+        let tree = image_spec::Tree::decode(&std::fs::read(entry.path()).unwrap()).unwrap();
+        assert_eq!(entry.file_name().to_string_lossy(), tree.id().to_hex());
+        trees += 1;
+    }
+    assert_eq!(trees, 2);
 }
