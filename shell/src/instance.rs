@@ -1331,11 +1331,8 @@ impl Instance {
                 return;
             }
         };
-        let staged = path.with_extension("state.new");
-        let written = std::fs::write(&staged, &state)
-            .and_then(|()| std::fs::File::open(&staged)?.sync_all())
-            .and_then(|()| std::fs::rename(&staged, &path));
-        match written {
+        // Durable before the shell says it is kept: file and directory synced.
+        match crate::durable::write_file(&path, &state) {
             Ok(()) => {
                 info!(service = %name, bytes = state.len(), "plugin state kept for the next start")
             }
