@@ -1,12 +1,13 @@
-//! Untrusted bytes from an HTTP client or a service, as the shell's HTTP front
-//! reads them. Parsing must return a typed error, never panic; a head it accepts
-//! must be forwarded as a head that frames the body the same way (or the front
-//! and the backend would disagree on where the next request starts); and a
-//! chunked body must end at the same byte however the bytes are split.
+//! Untrusted bytes from an HTTP client or a service, as the HTTP front reads
+//! them (`front::http1`). Parsing must return a typed error, never panic; a
+//! head it accepts must be forwarded as a head that frames the body the same
+//! way (or the front and the backend would disagree on where the next request
+//! starts); and a chunked body must end at the same byte however the bytes are
+//! split.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shell::http1::{Chunked, parse_request, parse_response};
+use front::http1::{Chunked, parse_request, parse_response};
 
 fuzz_target!(|data: &[u8]| {
     // With the front's own line: whatever it accepts must not panic.

@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use front::{Front, Router, bind_http, bind_tcp};
 use image_spec::manifest::{PortSpec, Protocol, ServiceKind};
 use image_spec::{
     CommitId, ImageId, ImageName, InstanceName, MANIFEST_FILE, ServiceManifest, ServiceName,
@@ -40,9 +41,7 @@ use repo_server::client::RepoClient;
 use tracing::{info, warn};
 
 use crate::executor::{Fault, execute};
-use crate::front::{Front, Router, bind_tcp};
 use crate::health::{self, HealthError};
-use crate::http_front::bind_http;
 use crate::install::{BlobCache, InstallError, Installed};
 pub use crate::lifecycle::Lifecycle;
 use crate::plan::PlanError;

@@ -1,19 +1,20 @@
-//! The front for `tcp` ports: the shell owns the public port and splices each
-//! connection to the service process currently behind it.
+//! A public port: the routing table it follows, the listener and its accept
+//! loop, the work it has in flight per backend, and the per-connection front
+//! for `tcp` ports.
 //!
 //! Where new work goes is one [`Router`] per instance: a table from each public
 //! port's route key to its backend, replaced as a whole, so a change to several
-//! services (a shadow generation's cutover) takes effect for all of them at one
-//! instant — no request can see one service switched and another not.
+//! routes (a shadow generation's cutover) takes effect for all of them at one
+//! instant — no request can see one route switched and another not.
 //!
 //! [`bind_tcp`] accepts on the public address and connects each new connection to
 //! the backend its route names at that moment; a connection stays with its
 //! backend until it ends, so a [`Router::set`] moves only new connections (old
-//! ones drain on the old process). While there is no backend (a service with `overlap = false`
-//! between its stop and its start), new connections are held for up to the hold
-//! time instead of being refused. [`Front::busy`] counts the connections
-//! still open on a backend, so an upgrade can wait for the old process to drain.
-//! HTTP ports get a request-level front later; this one is per connection.
+//! ones drain on the old process). While there is no backend (a service with
+//! `overlap = false` between its stop and its start), new connections are held
+//! for up to the hold time instead of being refused. [`Front::busy`] counts the
+//! connections (or, for HTTP, requests) still open on a backend, so an upgrade
+//! can wait for the old process to drain.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -22,10 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
-use tracing::debug;
 
 /// Connections (or requests) currently open per backend.
 pub(crate) type Counts = Arc<Mutex<HashMap<SocketAddr, Counter>>>;
@@ -57,6 +56,43 @@ impl Busy {
 impl Drop for Busy {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A front's stop signal: set once, seen by its accept loop and every
+/// connection. Checking it is one atomic load, so a connection may look at it
+/// between any two requests.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Stop(Arc<StopInner>);
+
+#[derive(Debug, Default)]
+struct StopInner {
+    stopped: std::sync::atomic::AtomicBool,
+    notify: Notify,
+}
+
+impl Stop {
+    /// Stops: every waiter of [`Stop::stopped`] wakes, and later ones return at once.
+    pub(crate) fn stop(&self) {
+        self.0.stopped.store(true, Ordering::SeqCst);
+        self.0.notify.notify_waiters();
+    }
+
+    /// Whether [`Stop::stop`] was called.
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.0.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once [`Stop::stop`] has been called.
+    pub(crate) async fn stopped(&self) {
+        let notified = self.0.notify.notified();
+        tokio::pin!(notified);
+        // Registered before the flag is checked, so a stop in between wakes it.
+        notified.as_mut().enable();
+        if self.is_stopped() {
+            return;
+        }
+        notified.await;
     }
 }
 
@@ -125,8 +161,8 @@ pub(crate) struct Routing {
     pub(crate) hold: Duration,
     /// Work in flight per backend.
     pub(crate) counts: Counts,
-    /// Cancelled when the front shuts down.
-    pub(crate) stop: CancellationToken,
+    /// Set when the front shuts down.
+    pub(crate) stop: Stop,
     /// The route's backend as last read, until the table changes (`None`:
     /// not read yet).
     pub(crate) seen: Option<Option<SocketAddr>>,
@@ -177,13 +213,13 @@ impl Routing {
 }
 
 /// A public port owned by the shell: the listener, its accept loop, and the
-/// route it follows. [`bind_tcp`] and [`crate::http_front::bind_http`] make one;
+/// route it follows. [`bind_tcp`] and [`crate::bind_http`] make one;
 /// they differ only in what they do with each client connection.
 #[derive(Debug)]
 pub struct Front {
     addr: SocketAddr,
     counts: Counts,
-    stop: CancellationToken,
+    stop: Stop,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -202,7 +238,7 @@ impl Front {
         let listener = TcpListener::bind(public).await?;
         let addr = listener.local_addr()?;
         let counts: Counts = Arc::default();
-        let stop = CancellationToken::new();
+        let stop = Stop::default();
         let routing = Routing {
             route,
             hold,
@@ -253,7 +289,7 @@ impl Front {
 
     /// Stops accepting and ends every client connection.
     pub async fn shutdown(self) {
-        self.stop.cancel();
+        self.stop.stop();
         let _ = self.task.await;
     }
 }
@@ -267,13 +303,10 @@ where
     loop {
         while conns.try_join_next().is_some() {}
         let (client, _) = tokio::select! {
-            () = routing.stop.cancelled() => break,
+            () = routing.stop.stopped() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
-                Err(e) => {
-                    debug!(error = %e, "accept failed");
-                    continue;
-                }
+                Err(_) => continue,
             },
         };
         let _ = client.set_nodelay(true);
@@ -288,7 +321,7 @@ pub async fn bind_tcp(public: SocketAddr, route: Route, hold: Duration) -> std::
     Front::bind(public, route, hold, |client, routing| async move {
         let stop = routing.stop.clone();
         tokio::select! {
-            () = stop.cancelled() => {}
+            () = stop.stopped() => {}
             () = splice(client, routing) => {}
         }
     })
@@ -297,16 +330,13 @@ pub async fn bind_tcp(public: SocketAddr, route: Route, hold: Duration) -> std::
 
 /// Waits (up to the hold time) for a backend, connects, and copies both ways.
 async fn splice(mut client: TcpStream, mut routing: Routing) {
+    // No backend within the hold time, or one that refuses: the client's
+    // connection closes.
     let Some(target) = routing.current().await else {
-        debug!("no backend within the hold time; closing the connection");
         return;
     };
-    let mut server = match TcpStream::connect(target).await {
-        Ok(s) => s,
-        Err(e) => {
-            debug!(%target, error = %e, "backend refused the connection");
-            return;
-        }
+    let Ok(mut server) = TcpStream::connect(target).await else {
+        return;
     };
     let _busy = Busy::new(&counter(&routing.counts, target));
     let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;

@@ -1,14 +1,14 @@
-//! The front for `http` ports: the shell owns the public port and routes each
-//! request, not each connection, to the service process currently behind it.
+//! The front for `http` ports: it owns the public port and routes each
+//! request, not each connection, to the backend currently behind it.
 //!
-//! Clients keep their connections to the shell (HTTP/1.1 keep-alive); each
+//! Clients keep their connections to the front (HTTP/1.1 keep-alive); each
 //! request is forwarded to the backend its route names when it arrives, over
 //! the client connection's own connection to that backend (a new one after a
-//! switch). So after a [`crate::front::Router::set`] the next request of an
-//! existing client connection goes to the new process, while requests already
-//! in flight finish on the old one ([`Front::busy`] counts them, so an upgrade
-//! can wait for the drain). With no backend, a request waits up to the hold
-//! time and then gets `503`; a backend that fails before answering gives `502`.
+//! switch). So after a [`crate::Router::set`] the next request of an existing
+//! client connection goes to the new process, while requests already in flight
+//! finish on the old one ([`crate::Front::busy`] counts them, so an upgrade can
+//! wait for the drain). With no backend, a request waits up to the hold time
+//! and then gets `503`; a backend that fails before answering gives `502`.
 //!
 //! The forwarding is a small HTTP/1.x relay of its own rather than a server and
 //! a client stacked: one task per client connection reads a request head,
@@ -39,17 +39,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
-use hyper::body::Incoming;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
-use tracing::debug;
 
-use crate::front::{Busy, Counter, Front, Route, Routing, counter};
 use crate::http1::{self, Chunked, FrameError, Length, RequestHead, ResponseHead};
+use crate::port::{Busy, Counter, Front, Route, Routing, counter};
 
 /// How long a client connection may go without a whole request before it is
 /// closed (nginx's default `keepalive_timeout`); see [`Idle`].
@@ -126,43 +120,83 @@ const LINGER: Duration = Duration::from_secs(2);
 /// How much is read at a time.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// Bytes read from a connection and not yet used: `data[start..]`. Using
+/// bytes moves `start`; the used ones are reclaimed when all are used (the
+/// common case: nothing to move) or when room runs short.
+struct Inbox {
+    data: Vec<u8>,
+    start: usize,
+}
+
+impl Inbox {
+    fn new() -> Self {
+        Self {
+            data: Vec::with_capacity(READ_CHUNK),
+            start: 0,
+        }
+    }
+
+    /// What was read and not yet used.
+    fn bytes(&self) -> &[u8] {
+        &self.data[self.start..]
+    }
+
+    fn is_empty(&self) -> bool {
+        self.start == self.data.len()
+    }
+
+    /// Marks the first `n` bytes as used.
+    fn advance(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.data.len());
+        if self.start == self.data.len() {
+            self.data.clear();
+            self.start = 0;
+        }
+    }
+
+    /// Reads what has arrived from `from`; `Ok(0)` once it has closed.
+    async fn fill<R: AsyncRead + Unpin>(&mut self, from: &mut R) -> std::io::Result<usize> {
+        if self.data.capacity() - self.data.len() < READ_CHUNK / 4 {
+            // Room first from the bytes already used, then from the allocator.
+            self.data.drain(..self.start);
+            self.start = 0;
+            if self.data.capacity() - self.data.len() < READ_CHUNK / 4 {
+                self.data.reserve(READ_CHUNK);
+            }
+        }
+        from.read_buf(&mut self.data).await
+    }
+
+    /// [`Inbox::fill`], adding what it read to `moved`.
+    async fn fill_counted<R: AsyncRead + Unpin>(
+        &mut self,
+        from: &mut R,
+        moved: &AtomicU64,
+    ) -> std::io::Result<usize> {
+        let n = self.fill(from).await?;
+        moved.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
 /// One connection and what was read from it but not yet used.
 struct Side {
     stream: TcpStream,
-    buf: BytesMut,
+    buf: Inbox,
 }
 
 impl Side {
     fn new(stream: TcpStream) -> Self {
         Self {
             stream,
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            buf: Inbox::new(),
         }
     }
 
     /// Reads what has arrived; `Ok(0)` once the peer has closed.
     async fn fill(&mut self) -> std::io::Result<usize> {
-        fill(&mut self.stream, &mut self.buf).await
+        self.buf.fill(&mut self.stream).await
     }
-}
-
-/// [`fill`], adding what it read to `moved`.
-async fn fill_counted<R: AsyncRead + Unpin>(
-    from: &mut R,
-    buf: &mut BytesMut,
-    moved: &AtomicU64,
-) -> std::io::Result<usize> {
-    let n = fill(from, buf).await?;
-    moved.fetch_add(n as u64, Ordering::Relaxed);
-    Ok(n)
-}
-
-/// Reads what has arrived from `from` into `buf`; `Ok(0)` once it has closed.
-async fn fill<R: AsyncRead + Unpin>(from: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
-    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-        buf.reserve(READ_CHUNK);
-    }
-    from.read_buf(buf).await
 }
 
 /// Where a body is: how much of it is still to come.
@@ -208,32 +242,33 @@ impl BodyLeft {
 /// Why copying a body stopped short.
 enum CopyError {
     /// The side it came from failed, closed early, or sent a malformed body.
-    Read(std::io::Error),
+    Read,
     /// The side it went to failed.
-    Write(std::io::Error),
+    Write,
 }
 
 /// Copies the rest of a body from `from` (the bytes already read from it in
 /// `buf` first) to `to`.
 async fn copy_body<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     from: &mut R,
-    buf: &mut BytesMut,
+    buf: &mut Inbox,
     to: &mut W,
     left: &mut BodyLeft,
     moved: &AtomicU64,
 ) -> Result<(), CopyError> {
     loop {
         if !buf.is_empty() {
-            let mut n = left.take(buf).map_err(|e| {
-                CopyError::Read(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-            })?;
+            let mut n = left.take(buf.bytes()).map_err(|_| CopyError::Read)?;
             // Written piece by piece, each piece leaving `buf` as it goes out:
             // if this is dropped half-way (the backend switched protocols),
             // `buf` holds exactly what the backend has not got.
             while n > 0 {
-                let wrote = to.write(&buf[..n]).await.map_err(CopyError::Write)?;
+                let wrote = to
+                    .write(&buf.bytes()[..n])
+                    .await
+                    .map_err(|_| CopyError::Write)?;
                 if wrote == 0 {
-                    return Err(CopyError::Write(std::io::ErrorKind::WriteZero.into()));
+                    return Err(CopyError::Write);
                 }
                 buf.advance(wrote);
                 n -= wrote;
@@ -242,25 +277,22 @@ async fn copy_body<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         if left.is_done() {
             return Ok(());
         }
-        match fill_counted(from, buf, moved).await {
+        match buf.fill_counted(from, moved).await {
             Ok(0) if matches!(left, BodyLeft::ToClose) => return Ok(()),
-            Ok(0) => {
-                return Err(CopyError::Read(std::io::ErrorKind::UnexpectedEof.into()));
-            }
+            Ok(0) | Err(_) => return Err(CopyError::Read),
             Ok(_) => {}
-            Err(e) => return Err(CopyError::Read(e)),
         }
     }
 }
 
 /// Moves the bytes in `buf` that belong to the body onto `out`.
 fn take_buffered(
-    buf: &mut BytesMut,
+    buf: &mut Inbox,
     left: &mut BodyLeft,
     out: &mut Vec<u8>,
 ) -> Result<(), FrameError> {
-    let n = left.take(buf)?;
-    out.extend_from_slice(&buf[..n]);
+    let n = left.take(buf.bytes())?;
+    out.extend_from_slice(&buf.bytes()[..n]);
     buf.advance(n);
     Ok(())
 }
@@ -280,13 +312,14 @@ enum NoResponse {
     /// The kept connection was closed before anything came back: the request
     /// may go again, on a new connection.
     Closed,
-    /// Anything else: the client gets a `502`.
-    Failed(String),
+    /// Anything else (no connection, a malformed or unasked-for answer, a
+    /// close in the middle of a head): the client gets a `502`.
+    Failed,
     /// The client failed or left: nothing to answer.
     Client,
-    /// The backend failed after the response began: too late for a `502`,
-    /// the client sees its connection end.
-    Broken(String),
+    /// The backend failed after the response began, or the exchange stood
+    /// still after it: too late for a `502`, the client sees its connection end.
+    Broken,
     /// Nothing moved for a whole idle period before the answer began: the
     /// client gets this status, and its connection ends.
     Stalled((u16, &'static str)),
@@ -351,12 +384,8 @@ async fn serve_client(stream: TcpStream, mut routing: Routing, idle_period: Dura
         .await;
         idle.served += 1;
         match next {
-            Ok(Next::KeepAlive) if !routing.stop.is_cancelled() => {}
-            Ok(_) => break,
-            Err(e) => {
-                debug!(error = %e, "client connection ended with an error");
-                break;
-            }
+            Ok(Next::KeepAlive) if !routing.stop.is_stopped() => {}
+            Ok(_) | Err(_) => break,
         }
     }
     let _ = client.stream.shutdown().await;
@@ -455,7 +484,7 @@ async fn exchange(
     // The request head.
     scratch.request.clear();
     let req = loop {
-        match http1::parse_request(&client.buf, &scratch.forwarded, &mut scratch.request) {
+        match http1::parse_request(client.buf.bytes(), &scratch.forwarded, &mut scratch.request) {
             Ok(Some(req)) => break req,
             Ok(None) => {}
             Err(e) => {
@@ -470,10 +499,8 @@ async fn exchange(
         match idle.fill(client).await? {
             Some(0) => return Ok(Next::Close),
             Some(_) => {}
-            None => {
-                debug!(period = ?idle.period, "client idle too long; closing its connection");
-                return Ok(Next::Close);
-            }
+            // Idle too long.
+            None => return Ok(Next::Close),
         }
     };
     client.buf.advance(req.consumed);
@@ -488,7 +515,6 @@ async fn exchange(
     let Some((mut _in_flight, mut up)) = route(upstream, routing).await else {
         return answer(client, scratch, Some(&req), UNAVAILABLE, NO_BACKEND).await;
     };
-    let backend = up.backend;
 
     if req.expects_continue {
         client
@@ -514,8 +540,8 @@ async fn exchange(
     let mut again = resendable;
     let relayed = loop {
         match send(client, up, &req, &mut body, scratch, idle).await {
+            // The kept backend connection was closed: sent again on a new one.
             Err(NoResponse::Closed) if again => {
-                debug!(%backend, "kept backend connection was closed; sending again on a new one");
                 again = false;
                 up.conn = None;
                 // A backend closing its kept connections may be one being
@@ -537,10 +563,10 @@ async fn exchange(
             // The client asked for it (else `read_head` refused it): from here
             // on the connection is the two peers' own.
             let mut backend_side = up.conn.take().expect("a response came on it");
-            scratch.response.extend_from_slice(&backend_side.buf);
+            scratch.response.extend_from_slice(backend_side.buf.bytes());
             client.stream.write_all(&scratch.response).await?;
             if !client.buf.is_empty() {
-                backend_side.stream.write_all(&client.buf).await?;
+                backend_side.stream.write_all(client.buf.bytes()).await?;
             }
             tokio::io::copy_bidirectional(&mut client.stream, &mut backend_side.stream).await?;
             return Ok(Next::Close);
@@ -565,13 +591,9 @@ async fn fail(
 ) -> std::io::Result<Next> {
     up.conn = None;
     match why {
-        NoResponse::Client => Ok(Next::Close),
-        NoResponse::Broken(e) => {
-            debug!(backend = %up.backend, error = %e, "backend failed in the middle of a response");
-            Ok(Next::Close)
-        }
+        // Too late for an answer of the front's own: the client's connection ends.
+        NoResponse::Client | NoResponse::Broken => Ok(Next::Close),
         NoResponse::Stalled(status) => {
-            debug!(backend = %up.backend, status = status.0, "nothing moved for a whole idle period");
             answer(
                 client,
                 scratch,
@@ -581,19 +603,7 @@ async fn fail(
             )
             .await
         }
-        NoResponse::Closed => {
-            debug!(backend = %up.backend, "backend closed the connection without answering");
-            answer(
-                client,
-                scratch,
-                Some(req),
-                BAD_GATEWAY,
-                "the service did not answer\n",
-            )
-            .await
-        }
-        NoResponse::Failed(e) => {
-            debug!(backend = %up.backend, error = %e, "backend failed");
+        NoResponse::Closed | NoResponse::Failed => {
             answer(
                 client,
                 scratch,
@@ -637,16 +647,16 @@ async fn send(
         None => {
             let stream = TcpStream::connect(up.backend)
                 .await
-                .map_err(|e| NoResponse::Failed(format!("cannot connect: {e}")))?;
+                .map_err(|_| NoResponse::Failed)?;
             let _ = stream.set_nodelay(true);
             up.conn.insert(Side::new(stream))
         }
     };
-    if let Err(e) = conn.stream.write_all(&scratch.request).await {
+    if conn.stream.write_all(&scratch.request).await.is_err() {
         return Err(if reused {
             NoResponse::Closed
         } else {
-            NoResponse::Failed(e.to_string())
+            NoResponse::Failed
         });
     }
     let asked = Asked {
@@ -693,8 +703,8 @@ async fn relay(
         // The head, with as much of the body as has arrived, in one write;
         // then the rest.
         let mut left = BodyLeft::new(resp.body);
-        take_buffered(backend_buf, &mut left, response)
-            .map_err(|e| NoResponse::Failed(format!("malformed response body: {e}")))?;
+        // A malformed start of the body: a 502 still fits.
+        take_buffered(backend_buf, &mut left, response).map_err(|_| NoResponse::Failed)?;
         client_wr
             .write_all(response)
             .await
@@ -713,8 +723,8 @@ async fn relay(
         .await
         {
             Ok(()) => Ok(Relayed::Done { resp, close }),
-            Err(CopyError::Read(e)) => Err(NoResponse::Broken(e.to_string())),
-            Err(CopyError::Write(_)) => Err(NoResponse::Client),
+            Err(CopyError::Read) => Err(NoResponse::Broken),
+            Err(CopyError::Write) => Err(NoResponse::Client),
         }
     };
     // Nothing moving either way for a whole period ends the exchange: the
@@ -723,7 +733,7 @@ async fn relay(
     // the connection end.
     let stalled = |uploading: bool| {
         if answered.load(Ordering::Relaxed) {
-            NoResponse::Broken("nothing moved for a whole idle period".into())
+            NoResponse::Broken
         } else if uploading {
             NoResponse::Stalled((408, "Request Timeout"))
         } else {
@@ -744,7 +754,7 @@ async fn relay(
         copied
     };
     tokio::pin!(upload, respond);
-    let mut cut = None;
+    let mut cut = false;
     let mut uploading = true;
     loop {
         tokio::select! {
@@ -754,17 +764,17 @@ async fn relay(
                 match copied {
                     Ok(()) => {}
                     // The client left, or sent a body that is not one.
-                    Err(CopyError::Read(_)) => return Err(NoResponse::Client),
+                    Err(CopyError::Read) => return Err(NoResponse::Client),
                     // The backend stopped reading: its answer may still come.
-                    Err(CopyError::Write(e)) => cut = Some(e),
+                    Err(CopyError::Write) => cut = true,
                 }
             }
             () = idle.stalled(moved) => return Err(stalled(uploading)),
             relayed = &mut respond => {
+                // Cut off while sending the body, and no answer: not a
+                // kept connection that may be asked again.
                 return match (relayed, cut) {
-                    (Err(NoResponse::Closed | NoResponse::Failed(_)), Some(e)) => Err(NoResponse::Failed(
-                        format!("{e} while sending the body, and no answer"),
-                    )),
+                    (Err(NoResponse::Closed | NoResponse::Failed), true) => Err(NoResponse::Failed),
                     (relayed, _) => relayed,
                 };
             }
@@ -780,7 +790,7 @@ async fn relay(
 /// since the rest of the body will not be read.
 async fn read_head<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     from: &mut R,
-    buf: &mut BytesMut,
+    buf: &mut Inbox,
     response: &mut Vec<u8>,
     client: &mut W,
     asked: Asked<'_>,
@@ -791,12 +801,10 @@ async fn read_head<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         keep_alive: false,
         ..*req
     };
-    let closed = |e: std::io::Error| {
-        if reused {
-            NoResponse::Closed
-        } else {
-            NoResponse::Failed(e.to_string())
-        }
+    let closed = if reused {
+        NoResponse::Closed
+    } else {
+        NoResponse::Failed
     };
     loop {
         response.clear();
@@ -805,7 +813,7 @@ async fn read_head<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         } else {
             &cut_short
         };
-        match http1::parse_response(buf, answering, response) {
+        match http1::parse_response(buf.bytes(), answering, response) {
             Ok(Some(resp)) if resp.is_interim() => {
                 buf.advance(resp.consumed);
                 if !req.http10 {
@@ -816,58 +824,22 @@ async fn read_head<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 }
                 continue;
             }
+            // A 101 to a request that asked for no upgrade.
             Ok(Some(resp)) if resp.status == 101 && !req.upgrade => {
-                return Err(NoResponse::Failed(
-                    "101 to a request that asked for no upgrade".into(),
-                ));
+                return Err(NoResponse::Failed);
             }
             Ok(Some(resp)) => {
                 buf.advance(resp.consumed);
                 return Ok(resp);
             }
             Ok(None) => {}
-            Err(e) => return Err(NoResponse::Failed(format!("malformed response: {e}"))),
+            Err(_) => return Err(NoResponse::Failed),
         }
-        match fill_counted(from, buf, moved).await {
-            Ok(0) if buf.is_empty() => {
-                return Err(closed(std::io::ErrorKind::UnexpectedEof.into()));
-            }
-            Ok(0) => {
-                return Err(NoResponse::Failed(
-                    "closed in the middle of a response head".into(),
-                ));
-            }
+        match buf.fill_counted(from, moved).await {
+            // Closed or failed before any answer, or in the middle of a head.
+            Ok(0) | Err(_) if buf.is_empty() => return Err(closed),
+            Ok(0) | Err(_) => return Err(NoResponse::Failed),
             Ok(_) => {}
-            Err(e) if buf.is_empty() => return Err(closed(e)),
-            Err(e) => return Err(NoResponse::Failed(e.to_string())),
-        }
-    }
-}
-
-/// Serves HTTP/1.1 with keep-alive on one connection with `service`, until the
-/// client closes it or `stop` (then gracefully: the request in progress finishes).
-pub(crate) async fn serve_http1<S, B>(stream: TcpStream, service: S, stop: CancellationToken)
-where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let conn = hyper::server::conn::http1::Builder::new()
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        res = conn.as_mut() => {
-            if let Err(e) = res {
-                debug!(error = %e, "client connection ended with an error");
-            }
-        }
-        () = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
         }
     }
 }
@@ -894,9 +866,12 @@ async fn bind_http_idle(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::front::Router;
+    use crate::port::Router;
     use bytes::Bytes;
     use http_body_util::Full;
+    use hyper::body::Incoming;
+    use hyper::{Request, Response};
+    use hyper_util::rt::TokioIo;
     use std::convert::Infallible;
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     use tokio::net::{TcpListener, TcpStream};
