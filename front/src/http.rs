@@ -873,6 +873,7 @@ mod tests {
     use hyper::{Request, Response};
     use hyper_util::rt::TokioIo;
     use std::convert::Infallible;
+    use std::sync::{Arc, Mutex};
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     use tokio::net::{TcpListener, TcpStream};
 
@@ -1393,6 +1394,83 @@ mod tests {
         assert_eq!(seen.status, 431);
         let reached = tokio::time::timeout(Duration::from_millis(200), backend.accept()).await;
         assert!(reached.is_err(), "a bad request reached the backend");
+        front.shutdown().await;
+    }
+
+    /// A backend that answers `ok` to every request and records each
+    /// request line it reads, in order.
+    async fn recording_backend() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let mut s = BufReader::new(s);
+                    loop {
+                        let mut line = String::new();
+                        if s.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        record.lock().unwrap().push(line.trim_end().to_owned());
+                        if !read_head(&mut s).await {
+                            return;
+                        }
+                        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if s.get_mut().write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn ambiguous_framing_or_hosts_get_a_400_and_reach_no_backend() {
+        let (backend, seen) = recording_backend().await;
+        let (_router, front) = front_to(backend).await;
+        let addr = front.local_addr();
+        // Each would let a reader that takes the other reading find a second,
+        // smuggled request in the body, or send the request to another host.
+        for (raw, says) in [
+            (
+                &b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity, chunked\r\n\
+                   Content-Length: 32\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n"[..],
+                "Transfer-Encoding",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+                  Transfer-Encoding: identity\r\n\r\n0\r\n\r\n",
+                "Transfer-Encoding",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+                  Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                "Transfer-Encoding",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: public.example\r\nHost: internal.example\r\n\r\n",
+                "Host",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: public.example, internal.example\r\n\r\n",
+                "Host",
+            ),
+        ] {
+            let (answer, mut conn) = ask(addr, raw).await;
+            assert_eq!(answer.status, 400, "{}", String::from_utf8_lossy(raw));
+            assert!(answer.text().contains(says), "{}", answer.text());
+            assert!(closed(&mut conn).await);
+        }
+        // A plain request gets through, and is the only one the backend saw:
+        // had any of the above reached it, it would have been seen first.
+        let (answer, _) = ask(addr, b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert_eq!((answer.status, answer.text().as_str()), (200, "ok"));
+        assert_eq!(*seen.lock().unwrap(), ["GET /plain HTTP/1.1"]);
         front.shutdown().await;
     }
 

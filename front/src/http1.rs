@@ -6,10 +6,12 @@
 //! connection is found exactly where the backend will find it. This module owns
 //! that knowledge (RFC 9112, sections 6 and 7), with no I/O, so it is tested and
 //! fuzzed on its own. It is strict where a lenient reading could let the front
-//! and the backend disagree on a message's end (request smuggling): conflicting
-//! `Content-Length`s, a request `Transfer-Encoding` that does not end in
-//! `chunked`, a chunk line that is not hex digits then CRLF — each is a
-//! [`FrameError`], and the front answers it with an error and closes.
+//! and the backend disagree on a message's end or on whom it is for (request
+//! smuggling): conflicting `Content-Length`s; a request `Transfer-Encoding`
+//! that does not end in `chunked`, names `chunked` twice or `identity` at all,
+//! or comes in more than one field line; more than one `Host`; a chunk line
+//! that is not hex digits then CRLF — each is a [`FrameError`], and the front
+//! answers it with an error and closes.
 //!
 //! Forwarded heads drop the hop-by-hop headers (`Connection`, `Keep-Alive`,
 //! `Proxy-Connection` and whatever `Connection` names): each hop's connection
@@ -39,10 +41,14 @@ pub enum FrameError {
     /// `Content-Length` is not a number, or two of them disagree.
     #[error("invalid or conflicting Content-Length")]
     ContentLength,
-    /// A request's `Transfer-Encoding` does not end in `chunked`, or comes
-    /// with HTTP/1.0.
-    #[error("unsupported Transfer-Encoding")]
+    /// A request's `Transfer-Encoding` does not end in `chunked`, names
+    /// `chunked` more than once or `identity` at all, comes in more than one
+    /// field line, or comes with HTTP/1.0.
+    #[error("unsupported or ambiguous Transfer-Encoding")]
     TransferEncoding,
+    /// A request has more than one `Host` (as field lines, or as a list in one).
+    #[error("more than one Host")]
+    Host,
     /// A chunked body is malformed.
     #[error("malformed chunked body")]
     Chunk,
@@ -200,6 +206,38 @@ fn transfer_encoding(headers: &[httparse::Header<'_>]) -> Option<bool> {
     last.map(|c| c.eq_ignore_ascii_case(b"chunked"))
 }
 
+/// Refuses a request whose framing or target a server behind the front could
+/// read another way: a `Transfer-Encoding` in several field lines (one reader
+/// may take the first, another the last), with `identity` (obsolete, and
+/// ignored by some readers but not others) or `chunked` twice; several
+/// `Host`s, or a `Host` list (RFC 9112, 3.2: a server answers it with 400).
+fn refuse_ambiguous_request(headers: &[httparse::Header<'_>]) -> Result<(), FrameError> {
+    let (mut te_lines, mut chunked, mut hosts) = (0, 0, 0);
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            te_lines += 1;
+            for coding in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if coding.eq_ignore_ascii_case(b"identity") {
+                    return Err(FrameError::TransferEncoding);
+                }
+                chunked += usize::from(coding.eq_ignore_ascii_case(b"chunked"));
+            }
+        } else if h.name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+            if h.value.contains(&b',') {
+                return Err(FrameError::Host);
+            }
+        }
+    }
+    if te_lines > 1 || chunked > 1 {
+        return Err(FrameError::TransferEncoding);
+    }
+    if hosts > 1 {
+        return Err(FrameError::Host);
+    }
+    Ok(())
+}
+
 /// Where the head parsed from `input` ends: `None` while it is incomplete.
 fn head_end(parsed: httparse::Result<usize>, input: &[u8]) -> Result<Option<usize>, FrameError> {
     match parsed {
@@ -266,6 +304,7 @@ pub fn parse_request(
         .iter()
         .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
     let upgrade = conn.upgrade && has_upgrade && !http10;
+    refuse_ambiguous_request(headers)?;
     let (length, length_repeated) = content_length(headers)?;
     let body = match transfer_encoding(headers) {
         Some(true) if !http10 => Length::Chunked,
@@ -684,6 +723,54 @@ mod tests {
             parse_request(&many, b"", &mut Vec::new()),
             Err(FrameError::HeadTooLarge)
         );
+    }
+
+    #[test]
+    fn framing_that_readers_could_take_two_ways_is_refused() {
+        for (bad, why) in [
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: identity, chunked\r\n\r\n",
+                FrameError::TransferEncoding,
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: IDENTITY\r\nContent-Length: 3\r\n\r\n",
+                FrameError::TransferEncoding,
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+                FrameError::TransferEncoding,
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n",
+                FrameError::TransferEncoding,
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+                FrameError::TransferEncoding,
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                FrameError::Host,
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n",
+                FrameError::Host,
+            ),
+            ("GET / HTTP/1.1\r\nHost: a, b\r\n\r\n", FrameError::Host),
+        ] {
+            let mut out = Vec::new();
+            assert_eq!(
+                parse_request(bad.as_bytes(), b"", &mut out),
+                Err(why),
+                "{bad}"
+            );
+            assert!(out.is_empty(), "a refused head wrote {out:?}");
+        }
+        // One Host, one chunked coding last: as before.
+        let (head, out) =
+            request("POST / HTTP/1.1\r\nHost: a:80\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+        assert_eq!(head.body, Length::Chunked);
+        assert!(out.contains("Host: a:80\r\n"), "{out}");
     }
 
     #[test]
