@@ -18,8 +18,9 @@
 //! small response goes out in one write. That is what lets the front keep up
 //! with nginx (`scripts/bench-proxy`). Along the way it:
 //!
-//! - tells the service who the client is (`X-Forwarded-For`, after any the
-//!   client sent);
+//! - tells the service who the client is: `X-Forwarded-For` with the peer's
+//!   address, replacing any the client sent, unless the peer is one of the
+//!   configured trusted proxies (then appended to theirs);
 //! - answers `Expect: 100-continue` itself;
 //! - drops a kept backend connection that turned readable while idle (closed,
 //!   or holding bytes nobody asked for), and sends a body-less idempotent
@@ -29,10 +30,10 @@
 //!   counts as in flight until it closes;
 //! - passes on a backend's early answer to an upload it did not read (a
 //!   `413`), then closes, lingering so the close does not reset the answer;
-//! - closes client connections idle for 75–150 s, and ends an exchange in
-//!   which nothing moves either way for as long: `408` if the client's body
-//!   stopped coming, `504` if the service did not answer, a closed connection
-//!   if its answer stalled half-way;
+//! - closes client connections idle for one to two idle timeouts (75–150 s
+//!   by default), and ends an exchange in which nothing moves either way for
+//!   as long: `408` if the client's body stopped coming, `504` if the service
+//!   did not answer, a closed connection if its answer stalled half-way;
 //! - refuses what it cannot frame safely (`400`, `431`) and closes.
 
 use std::net::SocketAddr;
@@ -42,15 +43,12 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::http1::{self, Chunked, FrameError, Length, RequestHead, ResponseHead};
+use crate::FrontConfig;
+use crate::http1::{self, Added, Chunked, FrameError, Length, RequestHead, ResponseHead};
 use crate::port::{Busy, Counter, Front, Route, Routing, counter};
 
-/// How long a client connection may go without a whole request before it is
-/// closed (nginx's default `keepalive_timeout`); see [`Idle`].
-const CLIENT_IDLE: Duration = Duration::from_secs(75);
-
 /// Closes client connections that stay idle, or trickle a head in, for a
-/// whole [`CLIENT_IDLE`] period without completing a request.
+/// whole [`FrontConfig::idle_timeout`] without completing a request.
 ///
 /// One timer per connection, armed once per period rather than once per
 /// request (a timer per request cost the front a few percent of its rate): when
@@ -357,22 +355,27 @@ struct Scratch {
     request: Vec<u8>,
     response: Vec<u8>,
     /// `X-Forwarded-For: <client address>`: the services see the client, not
-    /// the front (after any such lines the client sent).
+    /// the front.
     forwarded: Vec<u8>,
+    /// Whether the client's own `X-Forwarded-For` lines are passed on (before
+    /// the front's): only from a trusted proxy.
+    keep_forwarded: bool,
     /// Body and answer bytes moved on this connection (see [`Idle::stalled`]).
     moved: AtomicU64,
 }
 
 /// Serves one client connection, request by request, until it closes, sends
 /// something that is not HTTP, or the front shuts down.
-async fn serve_client(stream: TcpStream, mut routing: Routing, idle_period: Duration) {
+async fn serve_client(stream: TcpStream, mut routing: Routing, config: &FrontConfig) {
     let mut scratch = Scratch::default();
     if let Ok(peer) = stream.peer_addr() {
-        scratch.forwarded = format!("X-Forwarded-For: {}\r\n", peer.ip()).into_bytes();
+        let ip = peer.ip().to_canonical();
+        scratch.forwarded = format!("X-Forwarded-For: {ip}\r\n").into_bytes();
+        scratch.keep_forwarded = config.trusts(ip);
     }
     let mut client = Side::new(stream);
     let mut upstream: Option<Upstream> = None;
-    let mut idle = Idle::new(idle_period);
+    let mut idle = Idle::new(config.idle_timeout);
     loop {
         let next = exchange(
             &mut client,
@@ -483,8 +486,16 @@ async fn exchange(
 ) -> std::io::Result<Next> {
     // The request head.
     scratch.request.clear();
+    let added = Added {
+        lines: &scratch.forwarded,
+        replacing: if scratch.keep_forwarded {
+            &[]
+        } else {
+            &["x-forwarded-for"]
+        },
+    };
     let req = loop {
-        match http1::parse_request(client.buf.bytes(), &scratch.forwarded, &mut scratch.request) {
+        match http1::parse_request(client.buf.bytes(), &added, &mut scratch.request) {
             Ok(Some(req)) => break req,
             Ok(None) => {}
             Err(e) => {
@@ -846,19 +857,17 @@ async fn read_head<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 
 /// Listens on `public` for an `http` port, routing each request to the backend
 /// of `route`; a request arriving while it has none waits up to `hold`.
-pub async fn bind_http(public: SocketAddr, route: Route, hold: Duration) -> std::io::Result<Front> {
-    bind_http_idle(public, route, hold, CLIENT_IDLE).await
-}
-
-/// [`bind_http`] with client connections closed after `idle` without a request.
-async fn bind_http_idle(
+/// `config` says how clients are treated.
+pub async fn bind_http(
     public: SocketAddr,
     route: Route,
     hold: Duration,
-    idle: Duration,
+    config: &FrontConfig,
 ) -> std::io::Result<Front> {
+    let config = std::sync::Arc::new(config.clone());
     Front::bind(public, route, hold, move |stream, routing| {
-        serve_client(stream, routing, idle)
+        let config = config.clone();
+        async move { serve_client(stream, routing, &config).await }
     })
     .await
 }
@@ -881,12 +890,30 @@ mod tests {
 
     /// A front on a free port following route KEY, set to `backend`.
     async fn bind_front(backend: Option<SocketAddr>, hold: Duration) -> (Router, Front) {
+        configured_front(backend, hold, FrontConfig::default()).await
+    }
+
+    /// [`bind_front`] with `config`.
+    async fn configured_front(
+        backend: Option<SocketAddr>,
+        hold: Duration,
+        config: FrontConfig,
+    ) -> (Router, Front) {
         let router = Router::new();
         router.set([(KEY.to_owned(), backend)]);
-        let front = bind_http("127.0.0.1:0".parse().unwrap(), router.route(KEY), hold)
+        let any = "127.0.0.1:0".parse().unwrap();
+        let front = bind_http(any, router.route(KEY), hold, &config)
             .await
             .unwrap();
         (router, front)
+    }
+
+    /// The default configuration with `idle` as its idle timeout.
+    fn idle_after(idle: Duration) -> FrontConfig {
+        FrontConfig {
+            idle_timeout: idle,
+            ..FrontConfig::default()
+        }
     }
 
     /// An HTTP/1.1 backend answering `name` to every request, after `delay`.
@@ -1182,17 +1209,13 @@ mod tests {
 
     #[tokio::test]
     async fn idle_and_trickling_clients_are_closed_busy_ones_are_not() {
-        let router = Router::new();
-        router.set([(KEY.to_owned(), Some(echo_backend().await))]);
         let period = Duration::from_millis(300);
-        let front = bind_http_idle(
-            "127.0.0.1:0".parse().unwrap(),
-            router.route(KEY),
+        let (_router, front) = configured_front(
+            Some(echo_backend().await),
             Duration::ZERO,
-            period,
+            idle_after(period),
         )
-        .await
-        .unwrap();
+        .await;
         let addr = front.local_addr();
         // Requests every 100 ms for four periods: never closed.
         let mut busy = BufReader::new(TcpStream::connect(addr).await.unwrap());
@@ -1304,13 +1327,13 @@ mod tests {
         );
         drop(sender.await.unwrap());
 
-        // The service learns who the client is.
+        // The service learns who the client is (and not who it says it is).
         let (seen, _) = ask(
             addr,
             b"GET /who HTTP/1.1\r\nX-Forwarded-For: 10.1.2.3\r\n\r\n",
         )
         .await;
-        assert_eq!(seen.text(), "10.1.2.3, 127.0.0.1");
+        assert_eq!(seen.text(), "127.0.0.1");
 
         // HEAD: no body though the backend says how long it would be.
         let (seen, mut conn) = ask(addr, b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n").await;
@@ -1318,6 +1341,35 @@ mod tests {
         assert!(seen.header("content-length").is_some() && seen.body.is_empty());
         // ... and the connection still carries the next request correctly.
         assert_eq!(get(&mut conn).await, (200, "GET / conn=- len=0\n".into()));
+        front.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_clients_forwarded_for_is_replaced_unless_it_is_a_trusted_proxy() {
+        let backend = echo_backend().await;
+        let hold = Duration::from_secs(5);
+        let claims = b"GET /who HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.1.2.3\r\n\
+                       x-forwarded-for: 10.4.5.6, 10.7.8.9\r\n\r\n";
+        // By default, and when the trusted proxies are others: replaced.
+        let elsewhere = FrontConfig {
+            trusted_proxies: vec!["10.0.0.1".parse().unwrap(), "::1".parse().unwrap()],
+            ..FrontConfig::default()
+        };
+        for config in [FrontConfig::default(), elsewhere] {
+            let (_router, front) = configured_front(Some(backend), hold, config).await;
+            let (seen, _) = ask(front.local_addr(), claims).await;
+            assert_eq!(seen.text(), "127.0.0.1");
+            front.shutdown().await;
+        }
+        // From a trusted proxy (named as an IPv4-mapped address here): kept,
+        // and the proxy's address appended.
+        let trusting = FrontConfig {
+            trusted_proxies: vec!["::ffff:127.0.0.1".parse().unwrap()],
+            ..FrontConfig::default()
+        };
+        let (_router, front) = configured_front(Some(backend), hold, trusting).await;
+        let (seen, _) = ask(front.local_addr(), claims).await;
+        assert_eq!(seen.text(), "10.1.2.3, 10.4.5.6, 10.7.8.9, 127.0.0.1");
         front.shutdown().await;
     }
 
@@ -1916,17 +1968,9 @@ mod tests {
                 held.push(s);
             }
         });
-        let router = Router::new();
-        router.set([(KEY.to_owned(), Some(silent))]);
         let period = Duration::from_millis(300);
-        let front = bind_http_idle(
-            "127.0.0.1:0".parse().unwrap(),
-            router.route(KEY),
-            Duration::ZERO,
-            period,
-        )
-        .await
-        .unwrap();
+        let (router, front) =
+            configured_front(Some(silent), Duration::ZERO, idle_after(period)).await;
         let started = tokio::time::Instant::now();
         let (seen, _) = ask(front.local_addr(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert_eq!(seen.status, 504);

@@ -268,14 +268,33 @@ fn copy_upgrade(out: &mut Vec<u8>, headers: &[httparse::Header<'_>]) {
     out.extend_from_slice(b"Connection: upgrade\r\n");
 }
 
+/// What the front adds to each request it forwards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Added<'a> {
+    /// Header lines of the front's own, each `Name: value` and CRLF,
+    /// written after the client's.
+    pub lines: &'a [u8],
+    /// Names (any case) of the client's headers left out, because `lines`
+    /// replaces them rather than adding to them.
+    pub replacing: &'a [&'a str],
+}
+
+impl Added<'_> {
+    /// Nothing added, nothing replaced.
+    pub const NONE: Added<'static> = Added {
+        lines: b"",
+        replacing: &[],
+    };
+}
+
 /// Parses the request head at the start of `input`. `Ok(None)`: it is not
 /// complete yet (read more). On success the head to send the backend is
 /// appended to `out`: the request target in origin form, the client's HTTP
-/// version, the end-to-end headers, `Connection: upgrade` for an upgrade, and
-/// `extra` (header lines of the front's own, each ending in CRLF).
+/// version, the end-to-end headers (but those `added` replaces),
+/// `Connection: upgrade` for an upgrade, and `added`'s lines.
 pub fn parse_request(
     input: &[u8],
-    extra: &[u8],
+    added: &Added<'_>,
     out: &mut Vec<u8>,
 ) -> Result<Option<RequestHead>, FrameError> {
     // Left uninitialised: httparse writes each slot it hands back.
@@ -347,7 +366,8 @@ pub fn parse_request(
         let answered = expects_continue && name.eq_ignore_ascii_case("expect");
         // `X_Y` could reach a CGI-style service as `X-Y`: such names are dropped.
         let underscored = name.contains('_');
-        !(conn.drops(name) || length || answered || underscored)
+        let replaced = added.replacing.iter().any(|r| name.eq_ignore_ascii_case(r));
+        !(conn.drops(name) || length || answered || underscored || replaced)
     });
     if let (Length::Fixed(n), true) = (body, length_repeated) {
         let _ = write!(StrOut(out), "Content-Length: {n}\r\n");
@@ -355,7 +375,7 @@ pub fn parse_request(
     if upgrade {
         copy_upgrade(out, headers);
     }
-    out.extend_from_slice(extra);
+    out.extend_from_slice(added.lines);
     out.extend_from_slice(b"\r\n");
 
     Ok(Some(RequestHead {
@@ -606,10 +626,12 @@ mod tests {
     /// body the same way for the backend.
     fn request(raw: &str) -> (RequestHead, String) {
         let mut out = Vec::new();
-        let head = parse_request(raw.as_bytes(), b"", &mut out)
+        let head = parse_request(raw.as_bytes(), &Added::NONE, &mut out)
             .unwrap()
             .unwrap();
-        let again = parse_request(&out, b"", &mut Vec::new()).unwrap().unwrap();
+        let again = parse_request(&out, &Added::NONE, &mut Vec::new())
+            .unwrap()
+            .unwrap();
         assert_eq!(again.consumed, out.len());
         assert_eq!(
             (again.body, again.http10, again.upgrade, again.is_head),
@@ -644,13 +666,30 @@ mod tests {
     }
 
     #[test]
-    fn the_fronts_own_lines_go_last() {
+    fn the_fronts_own_lines_go_last_and_replace_what_they_name() {
+        let raw =
+            b"GET / HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\nx-forwarded-for: 10.0.0.2\r\n\r\n";
+        let lines = b"X-Forwarded-For: 127.0.0.1\r\n";
         let mut out = Vec::new();
-        let raw = b"GET / HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n";
-        parse_request(raw, b"X-Forwarded-For: 127.0.0.1\r\n", &mut out).unwrap();
+        let appending = Added {
+            lines,
+            replacing: &[],
+        };
+        parse_request(raw, &appending, &mut out).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "GET / HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-For: 127.0.0.1\r\n\r\n"
+            "GET / HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\nx-forwarded-for: 10.0.0.2\r\n\
+             X-Forwarded-For: 127.0.0.1\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        let replacing = Added {
+            lines,
+            replacing: &["X-Forwarded-For"],
+        };
+        parse_request(raw, &replacing, &mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET / HTTP/1.1\r\nX-Forwarded-For: 127.0.0.1\r\n\r\n"
         );
     }
 
@@ -686,7 +725,7 @@ mod tests {
         assert_eq!(
             parse_request(
                 b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
-                b"",
+                &Added::NONE,
                 &mut Vec::new()
             ),
             Err(FrameError::TransferEncoding)
@@ -708,7 +747,7 @@ mod tests {
         assert_eq!(
             parse_request(
                 b"CONNECT h:443 HTTP/1.1\r\nHost: h\r\n\r\n",
-                b"",
+                &Added::NONE,
                 &mut Vec::new()
             ),
             Err(FrameError::Connect)
@@ -720,7 +759,7 @@ mod tests {
         }
         many.extend_from_slice(b"\r\n");
         assert_eq!(
-            parse_request(&many, b"", &mut Vec::new()),
+            parse_request(&many, &Added::NONE, &mut Vec::new()),
             Err(FrameError::HeadTooLarge)
         );
     }
@@ -760,7 +799,7 @@ mod tests {
         ] {
             let mut out = Vec::new();
             assert_eq!(
-                parse_request(bad.as_bytes(), b"", &mut out),
+                parse_request(bad.as_bytes(), &Added::NONE, &mut out),
                 Err(why),
                 "{bad}"
             );
@@ -819,7 +858,7 @@ mod tests {
             "POST / HTTP/1.1\r\nContent-Length: \r\n\r\n",
         ] {
             assert_eq!(
-                parse_request(bad.as_bytes(), b"", &mut Vec::new()),
+                parse_request(bad.as_bytes(), &Added::NONE, &mut Vec::new()),
                 Err(FrameError::ContentLength),
                 "{bad}"
             );
@@ -827,7 +866,7 @@ mod tests {
         assert_eq!(
             parse_request(
                 b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
-                b"",
+                &Added::NONE,
                 &mut Vec::new()
             ),
             Err(FrameError::TransferEncoding)
@@ -838,22 +877,26 @@ mod tests {
     fn incomplete_heads_ask_for_more_and_oversized_or_malformed_ones_are_refused() {
         let mut out = Vec::new();
         assert_eq!(
-            parse_request(b"GET / HTTP/1.1\r\nHost:", b"", &mut out),
+            parse_request(b"GET / HTTP/1.1\r\nHost:", &Added::NONE, &mut out),
             Ok(None)
         );
         assert!(out.is_empty());
         let mut long = b"GET / HTTP/1.1\r\nX: ".to_vec();
         long.resize(MAX_HEAD + 10, b'a');
         assert_eq!(
-            parse_request(&long, b"", &mut out),
+            parse_request(&long, &Added::NONE, &mut out),
             Err(FrameError::HeadTooLarge)
         );
         assert!(matches!(
-            parse_request(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n", b"", &mut out),
+            parse_request(
+                b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+                &Added::NONE,
+                &mut out
+            ),
             Err(FrameError::Head(_))
         ));
         assert!(matches!(
-            parse_request(b"\x00\x01 nonsense\r\n\r\n", b"", &mut out),
+            parse_request(b"\x00\x01 nonsense\r\n\r\n", &Added::NONE, &mut out),
             Err(FrameError::Head(_))
         ));
         assert!(out.is_empty(), "nothing is written for a refused head");

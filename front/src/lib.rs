@@ -29,9 +29,11 @@
 //! balancer), HTTP/2, caching, load balancing across several backends of one
 //! route.
 
+mod config;
 mod http;
 pub mod http1;
 mod port;
 
+pub use config::FrontConfig;
 pub use http::bind_http;
 pub use port::{Front, Route, Router, bind_tcp};

@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use front::{Front, Router, bind_http, bind_tcp};
+use front::{Front, FrontConfig, Router, bind_http, bind_tcp};
 use image_spec::manifest::{PortSpec, Protocol, ServiceKind};
 use image_spec::{
     CommitId, ImageId, ImageName, InstanceName, MANIFEST_FILE, ServiceManifest, ServiceName,
@@ -721,7 +721,7 @@ impl Instance {
             let hold = service.manifest.health().start_grace;
             let route = self.router.route(route_key(name, &spec.name));
             let front = match spec.protocol {
-                Protocol::Http => bind_http(public, route, hold).await,
+                Protocol::Http => bind_http(public, route, hold, &FrontConfig::default()).await,
                 Protocol::Tcp => bind_tcp(public, route, hold).await,
             }
             .map_err(io_err(&self.config.root))?;

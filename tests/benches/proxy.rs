@@ -6,7 +6,8 @@
 //!    runs `wrk` (keep-alive, 2 threads, 32 connections) against orders
 //!    (a) through a front of its own (`front::bind_http`, as the shell opens
 //!    one for every `http` port), (b) through nginx as a reverse proxy with
-//!    upstream keep-alive and `X-Forwarded-For` (as the front adds it), (c)
+//!    upstream keep-alive and `X-Forwarded-For` set to the peer (as the
+//!    front sets it by default), (c)
 //!    directly, in turn, three rounds (the machine's noise moves every path's
 //!    rate by ±10% from one run to the next; a ratio within a round is
 //!    steadier). Medians of requests/s and p50/p99 latency, and the
@@ -27,7 +28,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use front::Router;
+use front::{FrontConfig, Router};
 use image_spec::{InstanceName, ServiceName};
 use molt_e2e::{TestCluster, copy_example, push_main, set_version, write_file};
 use shell::instance::{Instance, InstanceConfig, PublicPorts, Strategy};
@@ -125,7 +126,7 @@ fn nginx(dir: &Path, backend: SocketAddr) -> Res<(Child, SocketAddr)> {
                upstream app {{ server {backend}; keepalive 64; }}\n\
                server {{\n    listen 127.0.0.1:{port};\n\
                  location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\";\n\
-                   proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }}\n\
+                   proxy_set_header X-Forwarded-For $remote_addr; }}\n\
                }}\n}}\n",
             dir = dir.display()
         ),
@@ -222,6 +223,7 @@ async fn bench() -> Res<()> {
         SocketAddr::from(([127, 0, 0, 1], 0)),
         router.route("orders/main"),
         Duration::from_secs(5),
+        &FrontConfig::default(),
     )
     .await?;
     let (mut nginx, via_nginx) = nginx(&cluster.path("nginx"), direct)?;

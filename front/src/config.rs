@@ -1,0 +1,46 @@
+//! How a front treats its clients: [`FrontConfig`].
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// How a front treats its clients: how long they may stay idle, and whom it
+/// believes about who the client is. [`FrontConfig::default`] is what the
+/// shell uses for every public port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrontConfig {
+    /// HTTP: a client connection with no request for one to two of these is
+    /// closed, and an exchange in which no body or answer byte moves either
+    /// way for as long ends — `408` if the client's body stopped coming,
+    /// `504` if the backend did not answer, a closed connection once the
+    /// answer began (so a service holding a long poll must send something
+    /// within it). One timer per connection, re-armed only when it fires,
+    /// hence "one to two". Default: 75 s, nginx's `keepalive_timeout`.
+    pub idle_timeout: Duration,
+    /// HTTP: the peers whose own `X-Forwarded-For` is believed. A request
+    /// from one of them keeps its `X-Forwarded-For` and gets the peer's
+    /// address appended; from anyone else, its `X-Forwarded-For` is replaced
+    /// by the peer's address, so a client cannot make a service believe it
+    /// comes from elsewhere. List the balancers in front of the instance
+    /// here. Default: none.
+    pub trusted_proxies: Vec<IpAddr>,
+}
+
+impl Default for FrontConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(75),
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+impl FrontConfig {
+    /// Whether `peer` is one of [`FrontConfig::trusted_proxies`] (an
+    /// IPv4-mapped IPv6 address counts as its IPv4 address).
+    pub(crate) fn trusts(&self, peer: IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        self.trusted_proxies
+            .iter()
+            .any(|p| p.to_canonical() == peer)
+    }
+}
