@@ -3,11 +3,28 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-/// How a front treats its clients: how long they may stay idle, and whom it
+/// How a front treats its clients: how long they may take, and whom it
 /// believes about who the client is. [`FrontConfig::default`] is what the
 /// shell uses for every public port.
+///
+/// The deadlines are what keeps a slow client (a "slowloris" sending its
+/// request a byte at a time) from holding a connection, and the task and
+/// buffers behind it, for ever.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FrontConfig {
+    /// HTTP: how long a client may take to send a whole request head,
+    /// counted from the connection's start for its first request and from the
+    /// head's first byte for later ones (before that byte a kept-alive
+    /// connection is idle: see `idle_timeout`). A head not whole in time gets
+    /// `408` and the connection closes; a new connection that sent nothing at
+    /// all is closed without an answer. Default: 20 s.
+    pub head_timeout: Duration,
+    /// HTTP: how long the front waits for the next byte of a request body.
+    /// A body that stops coming for as long gets `408` if its answer has not
+    /// begun, else the connection closes. A body that keeps coming, however
+    /// slowly, is never cut off by it; time the front spends waiting for the
+    /// backend to take the body does not count. Default: 30 s.
+    pub body_timeout: Duration,
     /// HTTP: a client connection with no request for one to two of these is
     /// closed, and an exchange in which no body or answer byte moves either
     /// way for as long ends — `408` if the client's body stopped coming,
@@ -28,6 +45,8 @@ pub struct FrontConfig {
 impl Default for FrontConfig {
     fn default() -> Self {
         Self {
+            head_timeout: Duration::from_secs(20),
+            body_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(75),
             trusted_proxies: Vec::new(),
         }

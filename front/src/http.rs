@@ -30,6 +30,10 @@
 //!   counts as in flight until it closes;
 //! - passes on a backend's early answer to an upload it did not read (a
 //!   `413`), then closes, lingering so the close does not reset the answer;
+//! - answers `408` and closes when a request head is not whole within the
+//!   head timeout, or a request body sends nothing for the body timeout
+//!   (once the answer began, only closes), so a client that trickles its
+//!   bytes cannot hold a connection;
 //! - closes client connections idle for one to two idle timeouts (75–150 s
 //!   by default), and ends an exchange in which nothing moves either way for
 //!   as long: `408` if the client's body stopped coming, `504` if the service
@@ -47,15 +51,23 @@ use crate::FrontConfig;
 use crate::http1::{self, Added, Chunked, FrameError, Length, RequestHead, ResponseHead};
 use crate::port::{Busy, Counter, Front, Route, Routing, counter};
 
-/// Closes client connections that stay idle, or trickle a head in, for a
-/// whole [`FrontConfig::idle_timeout`] without completing a request.
+/// The time limits of one client connection (see [`FrontConfig`]).
 ///
-/// One timer per connection, armed once per period rather than once per
-/// request (a timer per request cost the front a few percent of its rate): when
-/// it fires, a connection that completed a request since the last firing gets
-/// another period, so a connection is closed after one to two periods of
-/// idleness.
-struct Idle {
+/// Idle: a connection that completes no request for a whole idle timeout is
+/// closed, and so is an exchange in which nothing moves either way for as
+/// long. One timer per connection, armed once per period rather than once per
+/// request (a timer per request cost the front a few percent of its rate):
+/// when it fires, a connection that completed a request (or moved a byte)
+/// since the last firing gets another period, so a connection is closed after
+/// one to two periods of idleness.
+///
+/// Head: a request head must be whole by a deadline, counted from the
+/// connection's start for its first request and from the head's first byte
+/// for the next ones. Only a head that is not whole in its first read arms a
+/// timer for it, so keep-alive requests that arrive whole cost none.
+///
+/// Body: each read of a request body waits at most the body timeout.
+struct Timers {
     period: Duration,
     timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     /// Requests completed on the connection, and that count at the last firing.
@@ -63,16 +75,36 @@ struct Idle {
     served_at_last_check: u64,
     /// The count of body and answer bytes moved at the last firing.
     moved_at_last_check: u64,
+    /// How long a head may take, and when the one being read must be whole
+    /// (`None`: none of it has come yet).
+    head: Duration,
+    head_by: Option<tokio::time::Instant>,
+    /// How long a read of a request body may wait.
+    body: Duration,
 }
 
-impl Idle {
-    fn new(period: Duration) -> Self {
+/// What waiting for more of a request head came to.
+enum HeadRead {
+    /// This many bytes came (0: the client closed).
+    Read(usize),
+    /// The connection was idle too long.
+    Idle,
+    /// The head was not whole by its deadline.
+    Late,
+}
+
+impl Timers {
+    fn new(config: &FrontConfig) -> Self {
+        let period = config.idle_timeout;
         Self {
             period,
             timer: Box::pin(tokio::time::sleep(period)),
             served: 0,
             served_at_last_check: 0,
             moved_at_last_check: 0,
+            head: config.head_timeout,
+            head_by: Some(tokio::time::Instant::now() + config.head_timeout),
+            body: config.body_timeout,
         }
     }
 
@@ -92,16 +124,28 @@ impl Idle {
         }
     }
 
-    /// Reads from the client: `Some(bytes read)` (0 once it closed), or `None`
-    /// once it has been idle too long.
-    async fn fill(&mut self, client: &mut Side) -> std::io::Result<Option<usize>> {
+    /// Reads more of a request head from the client, within the head's
+    /// deadline (armed here once part of it has come) and the idle timeout.
+    async fn read_head(&mut self, client: &mut Side) -> std::io::Result<HeadRead> {
+        if self.head_by.is_none() && !client.buf.is_empty() {
+            self.head_by = Some(tokio::time::Instant::now() + self.head);
+        }
+        let by = self.head_by;
+        let late = async move {
+            match by {
+                Some(by) => tokio::time::sleep_until(by).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(late);
         loop {
             tokio::select! {
                 biased;
-                read = client.fill() => return read.map(Some),
+                read = client.fill() => return read.map(HeadRead::Read),
+                () = &mut late => return Ok(HeadRead::Late),
                 () = self.timer.as_mut() => {
                     if self.served == self.served_at_last_check {
-                        return Ok(None);
+                        return Ok(HeadRead::Idle);
                     }
                     self.served_at_last_check = self.served;
                     let next = tokio::time::Instant::now() + self.period;
@@ -109,6 +153,11 @@ impl Idle {
                 }
             }
         }
+    }
+
+    /// A whole head came: the next one's deadline starts with its first byte.
+    fn head_done(&mut self) {
+        self.head_by = None;
     }
 }
 
@@ -241,18 +290,23 @@ impl BodyLeft {
 enum CopyError {
     /// The side it came from failed, closed early, or sent a malformed body.
     Read,
+    /// The side it came from sent nothing for as long as it may.
+    Stalled,
     /// The side it went to failed.
     Write,
 }
 
 /// Copies the rest of a body from `from` (the bytes already read from it in
-/// `buf` first) to `to`.
+/// `buf` first) to `to`; with `stall`, a read from `from` that waits longer
+/// than that is [`CopyError::Stalled`] (time spent writing to `to` does not
+/// count).
 async fn copy_body<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     from: &mut R,
     buf: &mut Inbox,
     to: &mut W,
     left: &mut BodyLeft,
     moved: &AtomicU64,
+    stall: Option<Duration>,
 ) -> Result<(), CopyError> {
     loop {
         if !buf.is_empty() {
@@ -275,7 +329,14 @@ async fn copy_body<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         if left.is_done() {
             return Ok(());
         }
-        match buf.fill_counted(from, moved).await {
+        let read = buf.fill_counted(from, moved);
+        let read = match stall {
+            Some(limit) => tokio::time::timeout(limit, read)
+                .await
+                .map_err(|_| CopyError::Stalled)?,
+            None => read.await,
+        };
+        match read {
             Ok(0) if matches!(left, BodyLeft::ToClose) => return Ok(()),
             Ok(0) | Err(_) => return Err(CopyError::Read),
             Ok(_) => {}
@@ -360,7 +421,7 @@ struct Scratch {
     /// Whether the client's own `X-Forwarded-For` lines are passed on (before
     /// the front's): only from a trusted proxy.
     keep_forwarded: bool,
-    /// Body and answer bytes moved on this connection (see [`Idle::stalled`]).
+    /// Body and answer bytes moved on this connection (see [`Timers::stalled`]).
     moved: AtomicU64,
 }
 
@@ -375,17 +436,17 @@ async fn serve_client(stream: TcpStream, mut routing: Routing, config: &FrontCon
     }
     let mut client = Side::new(stream);
     let mut upstream: Option<Upstream> = None;
-    let mut idle = Idle::new(config.idle_timeout);
+    let mut timers = Timers::new(config);
     loop {
         let next = exchange(
             &mut client,
             &mut upstream,
             &mut routing,
             &mut scratch,
-            &mut idle,
+            &mut timers,
         )
         .await;
-        idle.served += 1;
+        timers.served += 1;
         match next {
             Ok(Next::KeepAlive) if !routing.stop.is_stopped() => {}
             Ok(_) | Err(_) => break,
@@ -419,6 +480,7 @@ async fn answer(
 }
 
 const BAD_GATEWAY: (u16, &str) = (502, "Bad Gateway");
+const REQUEST_TIMEOUT: (u16, &str) = (408, "Request Timeout");
 const UNAVAILABLE: (u16, &str) = (503, "Service Unavailable");
 const NO_BACKEND: &str = "no healthy process behind this port\n";
 
@@ -482,7 +544,7 @@ async fn exchange(
     upstream: &mut Option<Upstream>,
     routing: &mut Routing,
     scratch: &mut Scratch,
-    idle: &mut Idle,
+    timers: &mut Timers,
 ) -> std::io::Result<Next> {
     // The request head.
     scratch.request.clear();
@@ -507,13 +569,18 @@ async fn exchange(
                 return answer(client, scratch, None, status, &format!("{e}\n")).await;
             }
         }
-        match idle.fill(client).await? {
-            Some(0) => return Ok(Next::Close),
-            Some(_) => {}
-            // Idle too long.
-            None => return Ok(Next::Close),
+        match timers.read_head(client).await? {
+            HeadRead::Read(0) | HeadRead::Idle => return Ok(Next::Close),
+            HeadRead::Read(_) => {}
+            // Nothing of a head came: no request to answer.
+            HeadRead::Late if client.buf.is_empty() => return Ok(Next::Close),
+            HeadRead::Late => {
+                let late = "the request head did not come in time\n";
+                return answer(client, scratch, None, REQUEST_TIMEOUT, late).await;
+            }
         }
     };
+    timers.head_done();
     client.buf.advance(req.consumed);
     // A request arriving is movement: a standstill is counted from here, not
     // from an idle moment before it.
@@ -550,7 +617,7 @@ async fn exchange(
 
     let mut again = resendable;
     let relayed = loop {
-        match send(client, up, &req, &mut body, scratch, idle).await {
+        match send(client, up, &req, &mut body, scratch, timers).await {
             // The kept backend connection was closed: sent again on a new one.
             Err(NoResponse::Closed) if again => {
                 again = false;
@@ -644,7 +711,7 @@ async fn send(
     req: &RequestHead,
     body: &mut BodyLeft,
     scratch: &mut Scratch,
-    idle: &mut Idle,
+    timers: &mut Timers,
 ) -> Result<Relayed, NoResponse> {
     // A kept connection that has something to read before it was asked
     // anything (the backend closed it, or sent what answers nothing) is
@@ -675,7 +742,7 @@ async fn send(
         reused,
         moved: &scratch.moved,
     };
-    relay(client, conn, body, &mut scratch.response, idle, asked).await
+    relay(client, conn, body, &mut scratch.response, timers, asked).await
 }
 
 /// Sends the rest of the request body from the client to the backend while
@@ -688,10 +755,11 @@ async fn relay(
     conn: &mut Side,
     body: &mut BodyLeft,
     response: &mut Vec<u8>,
-    idle: &mut Idle,
+    timers: &mut Timers,
     asked: Asked<'_>,
 ) -> Result<Relayed, NoResponse> {
     let moved = asked.moved;
+    let body_stall = timers.body;
     let (mut client_rd, mut client_wr) = client.stream.split();
     let (mut backend_rd, mut backend_wr) = conn.stream.split();
     let (client_buf, backend_buf) = (&mut client.buf, &mut conn.buf);
@@ -730,11 +798,12 @@ async fn relay(
             &mut client_wr,
             &mut left,
             moved,
+            None,
         )
         .await
         {
             Ok(()) => Ok(Relayed::Done { resp, close }),
-            Err(CopyError::Read) => Err(NoResponse::Broken),
+            Err(CopyError::Read | CopyError::Stalled) => Err(NoResponse::Broken),
             Err(CopyError::Write) => Err(NoResponse::Client),
         }
     };
@@ -746,7 +815,7 @@ async fn relay(
         if answered.load(Ordering::Relaxed) {
             NoResponse::Broken
         } else if uploading {
-            NoResponse::Stalled((408, "Request Timeout"))
+            NoResponse::Stalled(REQUEST_TIMEOUT)
         } else {
             NoResponse::Stalled((504, "Gateway Timeout"))
         }
@@ -756,11 +825,19 @@ async fn relay(
         return tokio::select! {
             biased;
             relayed = respond => relayed,
-            () = idle.stalled(moved) => Err(stalled(false)),
+            () = timers.stalled(moved) => Err(stalled(false)),
         };
     }
     let upload = async {
-        let copied = copy_body(&mut client_rd, client_buf, &mut backend_wr, body, moved).await;
+        let copied = copy_body(
+            &mut client_rd,
+            client_buf,
+            &mut backend_wr,
+            body,
+            moved,
+            Some(body_stall),
+        )
+        .await;
         sent.store(copied.is_ok(), Ordering::Relaxed);
         copied
     };
@@ -776,11 +853,13 @@ async fn relay(
                     Ok(()) => {}
                     // The client left, or sent a body that is not one.
                     Err(CopyError::Read) => return Err(NoResponse::Client),
+                    // Its body stopped coming.
+                    Err(CopyError::Stalled) => return Err(stalled(true)),
                     // The backend stopped reading: its answer may still come.
                     Err(CopyError::Write) => cut = true,
                 }
             }
-            () = idle.stalled(moved) => return Err(stalled(uploading)),
+            () = timers.stalled(moved) => return Err(stalled(uploading)),
             relayed = &mut respond => {
                 // Cut off while sending the body, and no answer: not a
                 // kept connection that may be asked again.
@@ -1041,7 +1120,7 @@ mod tests {
     }
 
     /// Whether the front closed `conn` (EOF, nothing more).
-    async fn closed(conn: &mut BufReader<TcpStream>) -> bool {
+    async fn closed<R: AsyncRead + Unpin>(conn: &mut R) -> bool {
         let mut rest = Vec::new();
         tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest))
             .await
@@ -1238,6 +1317,133 @@ mod tests {
         assert!(
             waited.elapsed() >= period / 2,
             "closed long before its period"
+        );
+        front.shutdown().await;
+    }
+
+    /// Sends `bytes` on `to` one at a time, `every` apart, until they are all
+    /// sent or the front stops taking them.
+    fn trickle(
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        bytes: &'static [u8],
+        every: Duration,
+    ) -> tokio::task::JoinHandle<tokio::net::tcp::OwnedWriteHalf> {
+        tokio::spawn(async move {
+            for byte in bytes {
+                tokio::time::sleep(every).await;
+                if to.write_all(&[*byte]).await.is_err() {
+                    break;
+                }
+            }
+            to
+        })
+    }
+
+    /// Head and body deadlines of `limit`, and an idle timeout of `IDLE`:
+    /// the idle timeout would close a connection too, so one closed well
+    /// before it was closed by a deadline.
+    fn deadlines(limit: Duration) -> FrontConfig {
+        FrontConfig {
+            head_timeout: limit,
+            body_timeout: limit,
+            idle_timeout: IDLE,
+            ..FrontConfig::default()
+        }
+    }
+
+    const IDLE: Duration = Duration::from_secs(3600);
+
+    // On tokio's paused clock: time moves only when every task waits, to the
+    // next timer, so the deadlines below fire exactly when they are due
+    // however loaded the machine is.
+    #[tokio::test(start_paused = true)]
+    async fn a_head_that_trickles_in_gets_a_408_at_its_deadline() {
+        let (backend, seen) = recording_backend().await;
+        let limit = Duration::from_millis(200);
+        let hold = Duration::from_secs(5);
+        let (_router, front) = configured_front(Some(backend), hold, deadlines(limit)).await;
+        let addr = front.local_addr();
+
+        // A byte every 50 ms: the head would take 3 s, the front waits 200 ms.
+        let started = tokio::time::Instant::now();
+        let (reader, writer) = TcpStream::connect(addr).await.unwrap().into_split();
+        let head = b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Padding: 0123456789abcdef\r\n\r\n";
+        let sender = trickle(writer, head, Duration::from_millis(50));
+        let mut reader = BufReader::new(reader);
+        let answer = read_response(&mut reader, false).await;
+        assert_eq!(answer.status, 408);
+        assert!((limit..IDLE).contains(&started.elapsed()));
+        assert!(closed(&mut reader).await);
+        drop(sender.await.unwrap());
+
+        // A new connection that sends nothing is closed, without an answer.
+        let started = tokio::time::Instant::now();
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        assert!(closed(&mut silent).await);
+        assert!((limit..IDLE).contains(&started.elapsed()));
+
+        // Between requests a kept-alive connection is idle, not late: a
+        // head's deadline runs from its first byte.
+        let mut kept = BufReader::new(TcpStream::connect(addr).await.unwrap());
+        assert_eq!(get(&mut kept).await, (200, "ok".into()));
+        tokio::time::sleep(limit * 5).await;
+        assert_eq!(get(&mut kept).await, (200, "ok".into()));
+        // The late head never reached the backend.
+        assert_eq!(*seen.lock().unwrap(), ["GET / HTTP/1.1", "GET / HTTP/1.1"]);
+        front.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stops_coming_gets_a_408_one_that_keeps_coming_does_not() {
+        let limit = Duration::from_millis(200);
+        let hold = Duration::from_secs(5);
+        let backend = echo_backend().await;
+        let (router, front) = configured_front(Some(backend), hold, deadlines(limit)).await;
+        let addr = front.local_addr();
+
+        // A byte every 100 ms: slow, but never 200 ms without one.
+        let (reader, mut writer) = TcpStream::connect(addr).await.unwrap().into_split();
+        writer
+            .write_all(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n")
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let sender = trickle(writer, b"01234567", Duration::from_millis(100));
+        let answer = read_response(&mut BufReader::new(reader), false).await;
+        assert_eq!(answer.text(), "POST /slow conn=- len=8\n01234567");
+        assert!(started.elapsed() > limit * 2, "the body came in less time");
+        drop(sender.await.unwrap());
+
+        // Half a body, then nothing: 408, and the connection closes.
+        let started = tokio::time::Instant::now();
+        let (answer, mut conn) = ask(
+            addr,
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhalf",
+        )
+        .await;
+        assert_eq!(answer.status, 408);
+        assert!((limit..IDLE).contains(&started.elapsed()));
+        assert!(closed(&mut conn).await);
+
+        // A service that answers while it reads has begun its answer when the
+        // body stops: too late for a 408, the connection just ends.
+        router.set([(KEY.to_owned(), Some(streaming_echo_backend().await))]);
+        let started = tokio::time::Instant::now();
+        let mut conn = BufReader::new(TcpStream::connect(addr).await.unwrap());
+        conn.get_mut()
+            .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhalf")
+            .await
+            .unwrap();
+        let mut status = String::new();
+        conn.read_line(&mut status).await.unwrap();
+        assert!(status.starts_with("HTTP/1.1 200 "), "{status:?}");
+        let mut rest = Vec::new();
+        conn.read_to_end(&mut rest).await.unwrap();
+        assert!((limit..IDLE).contains(&started.elapsed()));
+        let rest = String::from_utf8_lossy(&rest);
+        assert!(
+            rest.contains("half") && !rest.contains("408") && !rest.ends_with("0\r\n\r\n"),
+            "{rest:?}"
         );
         front.shutdown().await;
     }
@@ -1790,9 +1996,9 @@ mod tests {
         front.shutdown().await;
     }
 
-    #[tokio::test]
-    async fn a_backend_that_answers_while_it_reads_gets_its_whole_body() {
-        // Streams each request's body back as it reads it: an echo.
+    /// A backend (hyper) that streams each request's body back as it reads
+    /// it: an echo that begins its answer at once.
+    async fn streaming_echo_backend() -> SocketAddr {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let backend = l.local_addr().unwrap();
         tokio::spawn(async move {
@@ -1807,7 +2013,12 @@ mod tests {
                 });
             }
         });
-        let (_router, front) = front_to(backend).await;
+        backend
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_answers_while_it_reads_gets_its_whole_body() {
+        let (_router, front) = front_to(streaming_echo_backend().await).await;
         let conn = TcpStream::connect(front.local_addr()).await.unwrap();
         let (reader, mut writer) = conn.into_split();
         // Far more than the socket buffers on the way hold.
