@@ -3,8 +3,8 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-/// How a front treats its clients: how long they may take, and whom it
-/// believes about who the client is. [`FrontConfig::default`] is what the
+/// How a front treats its clients: how long they may take, how many it
+/// serves at once, and whom it believes about who the client is. [`FrontConfig::default`] is what the
 /// shell uses for every public port.
 ///
 /// The deadlines are what keeps a slow client (a "slowloris" sending its
@@ -33,6 +33,15 @@ pub struct FrontConfig {
     /// within it). One timer per connection, re-armed only when it fires,
     /// hence "one to two". Default: 75 s, nginx's `keepalive_timeout`.
     pub idle_timeout: Duration,
+    /// HTTP and TCP: the most client connections one front serves at once.
+    /// One more is accepted and closed at once, before anything is read (its
+    /// client sees the connection close without an answer), so a flood of
+    /// connections on one port costs the front nothing it keeps; they are
+    /// served again as soon as others end. Each open connection holds two
+    /// file descriptors (the client's and the backend's): keep twice this,
+    /// times the number of public ports, under the process's open-file limit.
+    /// Default: 1024.
+    pub max_connections: usize,
     /// HTTP: the peers whose own `X-Forwarded-For` is believed. A request
     /// from one of them keeps its `X-Forwarded-For` and gets the peer's
     /// address appended; from anyone else, its `X-Forwarded-For` is replaced
@@ -48,6 +57,7 @@ impl Default for FrontConfig {
             head_timeout: Duration::from_secs(20),
             body_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(75),
+            max_connections: 1024,
             trusted_proxies: Vec::new(),
         }
     }

@@ -943,8 +943,9 @@ pub async fn bind_http(
     hold: Duration,
     config: &FrontConfig,
 ) -> std::io::Result<Front> {
+    let max = config.max_connections;
     let config = std::sync::Arc::new(config.clone());
-    Front::bind(public, route, hold, move |stream, routing| {
+    Front::bind(public, route, hold, max, move |stream, routing| {
         let config = config.clone();
         async move { serve_client(stream, routing, &config).await }
     })
@@ -1576,6 +1577,40 @@ mod tests {
         let (_router, front) = configured_front(Some(backend), hold, trusting).await;
         let (seen, _) = ask(front.local_addr(), claims).await;
         assert_eq!(seen.text(), "10.1.2.3, 10.4.5.6, 10.7.8.9, 127.0.0.1");
+        front.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn client_connections_over_the_limit_are_closed_until_others_end() {
+        use crate::port::tests::{refused, until_connections};
+        let config = FrontConfig {
+            max_connections: 2,
+            ..FrontConfig::default()
+        };
+        let backend = Some(backend("b", Duration::ZERO).await);
+        let (_router, front) = configured_front(backend, Duration::from_secs(5), config).await;
+        let addr = front.local_addr();
+        let connect = || async { BufReader::new(TcpStream::connect(addr).await.unwrap()) };
+        let (mut first, mut second) = (connect().await, connect().await);
+        assert_eq!(get(&mut first).await, (200, "b".into()));
+        assert_eq!(get(&mut second).await, (200, "b".into()));
+
+        // Kept alive, both stay open: a third is closed before any answer.
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        third
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(refused(&mut third).await);
+        assert_eq!(front.connections(), 2);
+
+        // Once one ends, a new one is served; the limit still holds.
+        drop(first);
+        until_connections(&front, 1).await;
+        let mut fourth = connect().await;
+        assert_eq!(get(&mut fourth).await, (200, "b".into()));
+        assert!(refused(&mut TcpStream::connect(addr).await.unwrap()).await);
+        assert_eq!(get(&mut second).await, (200, "b".into()));
         front.shutdown().await;
     }
 

@@ -15,6 +15,10 @@
 //! for up to the hold time instead of being refused. [`Front::busy`] counts the
 //! connections (or, for HTTP, requests) still open on a backend, so an upgrade
 //! can wait for the old process to drain.
+//!
+//! Each front serves at most [`FrontConfig::max_connections`] client
+//! connections at once: one more is accepted and closed at once, and
+//! accepted again as soon as another has ended.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -23,8 +27,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
+
+use crate::FrontConfig;
+
+/// How long the accept loop waits after an error other than a connection
+/// given up before it was accepted: out of file descriptors or memory, say,
+/// which retrying at once would only turn into a busy loop.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
 
 /// Connections (or requests) currently open per backend.
 pub(crate) type Counts = Arc<Mutex<HashMap<SocketAddr, Counter>>>;
@@ -219,16 +230,22 @@ impl Routing {
 pub struct Front {
     addr: SocketAddr,
     counts: Counts,
+    /// One permit per client connection it may still take.
+    permits: Arc<Semaphore>,
+    /// How many permits there are in all.
+    max_connections: usize,
     stop: Stop,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Front {
-    /// Listens on `public` and runs `serve` for every client connection.
+    /// Listens on `public` and runs `serve` for every client connection, at
+    /// most `max_connections` at once.
     pub(crate) async fn bind<F, Fut>(
         public: SocketAddr,
         route: Route,
         hold: Duration,
+        max_connections: usize,
         serve: F,
     ) -> std::io::Result<Self>
     where
@@ -247,10 +264,14 @@ impl Front {
             seen: None,
             table_reads: 0,
         };
-        let task = tokio::spawn(accept_loop(listener, routing, serve));
+        let max_connections = max_connections.min(Semaphore::MAX_PERMITS);
+        let permits = Arc::new(Semaphore::new(max_connections));
+        let task = tokio::spawn(accept_loop(listener, routing, permits.clone(), serve));
         Ok(Self {
             addr,
             counts,
+            permits,
+            max_connections,
             stop,
             task,
         })
@@ -259,6 +280,12 @@ impl Front {
     /// The public address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Client connections open now (at most
+    /// [`FrontConfig::max_connections`]).
+    pub fn connections(&self) -> usize {
+        self.max_connections - self.permits.available_permits()
     }
 
     /// Connections (TCP) or requests (HTTP) still open on `backend`: what an
@@ -294,11 +321,16 @@ impl Front {
     }
 }
 
-async fn accept_loop<F, Fut>(listener: TcpListener, routing: Routing, serve: F)
-where
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    routing: Routing,
+    permits: Arc<Semaphore>,
+    serve: F,
+) where
     F: Fn(TcpStream, Routing) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, Interrupted};
     let mut conns = JoinSet::new();
     loop {
         while conns.try_join_next().is_some() {}
@@ -306,19 +338,43 @@ where
             () = routing.stop.stopped() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
-                Err(_) => continue,
+                Err(e) if matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted) => {
+                    continue;
+                }
+                Err(_) => {
+                    tokio::select! {
+                        () = routing.stop.stopped() => break,
+                        () = tokio::time::sleep(ACCEPT_PAUSE) => continue,
+                    }
+                }
             },
         };
+        // Over the limit: closed at once, before anything is read or spent.
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            drop(client);
+            continue;
+        };
         let _ = client.set_nodelay(true);
-        conns.spawn(serve(client, routing.clone()));
+        let served = serve(client, routing.clone());
+        conns.spawn(async move {
+            served.await;
+            drop(permit);
+        });
     }
     conns.shutdown().await;
 }
 
 /// Listens on `public` for a `tcp` port, splicing each connection to the backend
 /// of `route`; a connection arriving while it has none waits up to `hold`.
-pub async fn bind_tcp(public: SocketAddr, route: Route, hold: Duration) -> std::io::Result<Front> {
-    Front::bind(public, route, hold, |client, routing| async move {
+/// Of `config`, only [`FrontConfig::max_connections`] applies to a `tcp` port.
+pub async fn bind_tcp(
+    public: SocketAddr,
+    route: Route,
+    hold: Duration,
+    config: &FrontConfig,
+) -> std::io::Result<Front> {
+    let max = config.max_connections;
+    Front::bind(public, route, hold, max, |client, routing| async move {
         let stop = routing.stop.clone();
         tokio::select! {
             () = stop.stopped() => {}
@@ -343,7 +399,7 @@ async fn splice(mut client: TcpStream, mut routing: Routing) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -371,6 +427,10 @@ mod tests {
         addr
     }
 
+    fn any() -> SocketAddr {
+        "127.0.0.1:0".parse().unwrap()
+    }
+
     async fn ask(s: &mut TcpStream, what: &str) -> String {
         s.write_all(what.as_bytes()).await.unwrap();
         let mut buf = [0u8; 64];
@@ -382,6 +442,65 @@ mod tests {
         router.set([("svc/main".to_owned(), backend)]);
     }
 
+    /// Waits (up to 10 s) until `front` has `n` client connections open: a
+    /// closed one counts until its task has ended.
+    pub(crate) async fn until_connections(front: &Front, n: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while front.connections() != n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} connections open, not {n}",
+                front.connections()
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Whether `conn` was closed by the front (within 10 s) before anything
+    /// came on it.
+    pub(crate) async fn refused(conn: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await;
+        // A close with unread bytes is a reset: refused too.
+        matches!(read, Ok(Ok(0) | Err(_)))
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_limit_are_closed_until_others_end() {
+        let b = backend("b").await;
+        let router = Router::new();
+        set(&router, Some(b));
+        let config = FrontConfig {
+            max_connections: 2,
+            ..FrontConfig::default()
+        };
+        let hold = Duration::from_secs(5);
+        let front = bind_tcp(any(), router.route("svc/main"), hold, &config)
+            .await
+            .unwrap();
+        let addr = front.local_addr();
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(ask(&mut first, "1").await, "b:1");
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(ask(&mut second, "2").await, "b:2");
+        assert_eq!(front.connections(), 2);
+
+        // A third is closed at once, and never reaches the backend.
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        assert!(refused(&mut third).await);
+        assert_eq!((front.connections(), front.busy(b)), (2, 2));
+
+        // Once one ends, connections are taken again, up to the limit.
+        drop(first);
+        until_connections(&front, 1).await;
+        let mut fourth = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(ask(&mut fourth, "4").await, "b:4");
+        let mut fifth = TcpStream::connect(addr).await.unwrap();
+        assert!(refused(&mut fifth).await);
+        assert_eq!(ask(&mut second, "still").await, "b:still");
+        front.shutdown().await;
+    }
+
     #[tokio::test]
     async fn a_switch_moves_new_connections_and_old_ones_drain() {
         let (old, new) = (backend("old").await, backend("new").await);
@@ -391,6 +510,7 @@ mod tests {
             "127.0.0.1:0".parse().unwrap(),
             router.route("svc/main"),
             Duration::from_secs(5),
+            &FrontConfig::default(),
         )
         .await
         .unwrap();
@@ -429,6 +549,7 @@ mod tests {
             "127.0.0.1:0".parse().unwrap(),
             router.route("svc/main"),
             Duration::from_secs(10),
+            &FrontConfig::default(),
         )
         .await
         .unwrap();
@@ -449,6 +570,7 @@ mod tests {
             "127.0.0.1:0".parse().unwrap(),
             Router::new().route("svc/main"),
             Duration::from_millis(100),
+            &FrontConfig::default(),
         )
         .await
         .unwrap();
@@ -473,9 +595,13 @@ mod tests {
         let router = Router::new();
         router.set([("a/main".into(), Some(a1)), ("b/main".into(), Some(b1))]);
         let hold = Duration::from_secs(5);
-        let any = || "127.0.0.1:0".parse().unwrap();
-        let fa = bind_tcp(any(), router.route("a/main"), hold).await.unwrap();
-        let fb = bind_tcp(any(), router.route("b/main"), hold).await.unwrap();
+        let config = FrontConfig::default();
+        let fa = bind_tcp(any(), router.route("a/main"), hold, &config)
+            .await
+            .unwrap();
+        let fb = bind_tcp(any(), router.route("b/main"), hold, &config)
+            .await
+            .unwrap();
         // Every reader of the table sees it before or after a change, whole.
         let mut seen = router.route("a/main").table;
         router.set([("a/main".into(), Some(a2)), ("b/main".into(), Some(b2))]);

@@ -722,7 +722,7 @@ impl Instance {
             let route = self.router.route(route_key(name, &spec.name));
             let front = match spec.protocol {
                 Protocol::Http => bind_http(public, route, hold, &FrontConfig::default()).await,
-                Protocol::Tcp => bind_tcp(public, route, hold).await,
+                Protocol::Tcp => bind_tcp(public, route, hold, &FrontConfig::default()).await,
             }
             .map_err(io_err(&self.config.root))?;
             info!(service = %name, port = %spec.name, addr = %front.local_addr(), "public port open");
