@@ -4,8 +4,9 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 /// How a front treats its clients: how long they may take, how many it
-/// serves at once, and whom it believes about who the client is. [`FrontConfig::default`] is what the
-/// shell uses for every public port.
+/// serves at once, and whom it believes about who the client is.
+/// [`FrontConfig::default`] is what the shell uses for every public port; a
+/// `tcp` port uses only `max_connections`.
 ///
 /// The deadlines are what keeps a slow client (a "slowloris" sending its
 /// request a byte at a time) from holding a connection, and the task and

@@ -481,7 +481,7 @@ impl std::fmt::Write for StrOut<'_> {
 
 /// A whole response of the front's own: `status`, a plain-text body, and
 /// `Connection: close` when `close`.
-pub fn own_response(status: u16, reason: &str, text: &str, close: bool, out: &mut Vec<u8>) {
+pub(crate) fn own_response(status: u16, reason: &str, text: &str, close: bool, out: &mut Vec<u8>) {
     let _ = write!(
         StrOut(out),
         "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{text}",

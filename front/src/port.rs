@@ -310,7 +310,8 @@ impl Front {
     }
 
     /// The number of backends with a counter (for tests of [`Front::forget`]).
-    pub fn counted_backends(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn counted_backends(&self) -> usize {
         self.counts.lock().map(|m| m.len()).unwrap_or(0)
     }
 
