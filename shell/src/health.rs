@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use front::http1::{self, Chunked, FrameError, Length, RequestHead};
 use image_spec::manifest::{HealthCheck, Probe};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -119,48 +120,93 @@ async fn http_get(port: u16, path: &str) -> Result<(), ProbeError> {
         reason: e.to_string(),
     };
     stream.write_all(request.as_bytes()).await.map_err(io)?;
-    // Read the whole (small) answer — up to its Content-Length, or until the
-    // service closes the connection as asked: hanging up mid-answer makes some
-    // servers log a broken pipe for every probe. Only the status line matters; at
-    // most 64 KiB are read.
-    let mut head = Vec::with_capacity(256);
+    // Read the whole (small) answer — its head, then its body by its
+    // Content-Length or chunks, or until the service closes the connection as
+    // asked: hanging up mid-answer makes some servers log a broken pipe for
+    // every probe. The answer is framed as the front frames it; only its final
+    // status matters. At most 64 KiB are read.
+    let mut bytes = Vec::with_capacity(256);
     let mut buf = [0u8; 1024];
-    while head.len() < 64 << 10 && !answer_complete(&head) {
+    let answer = loop {
+        let answer = read_answer(&bytes);
+        if matches!(answer, Ok(Answer::Whole(_)) | Err(_)) || bytes.len() >= 64 << 10 {
+            break answer;
+        }
         let n = stream.read(&mut buf).await.map_err(io)?;
         if n == 0 {
-            break;
+            break answer;
         }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let line = String::from_utf8_lossy(&head);
-    let status = line.lines().next().unwrap_or("").trim().to_owned();
-    let code = status.split_whitespace().nth(1).unwrap_or("");
-    if status.starts_with("HTTP/1.") && code.starts_with('2') && code.len() == 3 {
-        Ok(())
-    } else {
-        Err(ProbeError::Status {
+        bytes.extend_from_slice(&buf[..n]);
+    };
+    match answer {
+        Ok(Answer::Head(status) | Answer::Whole(status)) if (200..300).contains(&status) => Ok(()),
+        _ => Err(ProbeError::Status {
             port,
             path: path.to_owned(),
-            status,
-        })
+            status: status_line(&bytes),
+        }),
     }
 }
 
-/// Has `bytes` a complete HTTP answer: headers, and as many body bytes as its
-/// Content-Length says?
-fn answer_complete(bytes: &[u8]) -> bool {
-    let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return false;
+/// How much of an HTTP answer the bytes read so far hold.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    /// Not yet its final head.
+    Partial,
+    /// The final head, with this status, but not yet all of its body.
+    Head(u16),
+    /// The final head and all of its body.
+    Whole(u16),
+}
+
+/// Reads `bytes` as the answer to the probe's `GET` (interim `1xx` heads are
+/// passed over), with the front's framing.
+fn read_answer(bytes: &[u8]) -> Result<Answer, FrameError> {
+    let asked = RequestHead {
+        consumed: 0,
+        body: Length::Fixed(0),
+        is_head: false,
+        idempotent: true,
+        http10: false,
+        keep_alive: false,
+        upgrade: false,
+        expects_continue: false,
     };
-    let head = String::from_utf8_lossy(&bytes[..end]).to_ascii_lowercase();
-    let length = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse::<usize>().ok());
-    match length {
-        Some(len) => bytes.len() >= end + 4 + len,
-        // Without a length the answer ends when the connection does.
-        None => false,
+    let mut rest = bytes;
+    let mut forwarded = Vec::new();
+    loop {
+        forwarded.clear();
+        let Some(head) = http1::parse_response(rest, &asked, &mut forwarded)? else {
+            return Ok(Answer::Partial);
+        };
+        rest = &rest[head.consumed..];
+        if head.is_interim() {
+            continue;
+        }
+        let whole = match head.body {
+            Length::Fixed(n) => rest.len() as u64 >= n,
+            Length::Chunked => {
+                let mut chunks = Chunked::new();
+                chunks.scan(rest)?;
+                chunks.is_done()
+            }
+            // Without a length the answer ends when the connection does.
+            Length::ToClose => false,
+        };
+        return Ok(if whole {
+            Answer::Whole(head.status)
+        } else {
+            Answer::Head(head.status)
+        });
+    }
+}
+
+/// The first line of an answer, for an error message.
+fn status_line(bytes: &[u8]) -> String {
+    let line = bytes.split(|&b| b == b'\n').next().unwrap_or_default();
+    match String::from_utf8_lossy(line).trim() {
+        "" => "nothing".to_owned(),
+        line => line.to_owned(),
     }
 }
 
@@ -278,14 +324,74 @@ mod tests {
 
     #[test]
     fn answers_are_complete_by_content_length() {
-        assert!(!answer_complete(
-            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok"
-        ));
-        assert!(answer_complete(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
-        ));
-        assert!(!answer_complete(b"HTTP/1.1 200 OK\r\n\r\nbody"));
-        assert!(!answer_complete(b"HTTP/1.1 200 OK\r\n"));
+        assert_eq!(
+            read_answer(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok"),
+            Ok(Answer::Head(200))
+        );
+        assert_eq!(
+            read_answer(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"),
+            Ok(Answer::Whole(200))
+        );
+        assert_eq!(
+            read_answer(b"HTTP/1.1 200 OK\r\n\r\nbody"),
+            Ok(Answer::Head(200))
+        );
+        assert_eq!(read_answer(b"HTTP/1.1 200 OK\r\n"), Ok(Answer::Partial));
+    }
+
+    #[test]
+    fn answers_are_framed_as_the_front_frames_them() {
+        // An interim answer is passed over; a chunked body ends with its last chunk.
+        let interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n";
+        assert_eq!(read_answer(interim), Ok(Answer::Whole(204)));
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n";
+        assert_eq!(read_answer(chunked), Ok(Answer::Head(200)));
+        let whole = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n";
+        assert_eq!(read_answer(whole), Ok(Answer::Whole(200)));
+        // What the front would refuse is no healthy answer.
+        assert!(read_answer(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
+        assert!(
+            read_answer(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+                .is_err()
+        );
+        assert_eq!(
+            status_line(b"HTTP/1.1 503 Busy\r\n\r\n"),
+            "HTTP/1.1 503 Busy"
+        );
+        assert_eq!(status_line(b""), "nothing");
+    }
+
+    /// An answer that is not HTTP, or that ends before its head does, fails
+    /// the probe and says what came.
+    #[tokio::test]
+    async fn answers_that_are_not_http_fail_the_probe() {
+        let dir = tempfile::tempdir().unwrap();
+        let http = Probe::Http {
+            port: "main".into(),
+            path: "/healthz".into(),
+        };
+        for (reply, says) in [
+            (&b"SSH-2.0-OpenSSH\r\n\r\n"[..], "SSH-2.0-OpenSSH"),
+            (b"HTTP/1.1 200 O", "HTTP/1.1 200 O"),
+            (b"", "nothing"),
+        ] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let server = tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                s.write_all(reply).await.unwrap();
+            });
+            let err = probe(&http, &ports(port), dir.path(), Duration::from_secs(5))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&err, ProbeError::Status { status, .. } if status == says),
+                "{err}"
+            );
+            server.await.unwrap();
+        }
     }
 
     /// A server that answers and keeps the connection open (ignoring

@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use front::{Front, FrontConfig, Router, bind_http, bind_tcp};
 use image_spec::manifest::{PortSpec, Protocol, ServiceKind};
 use image_spec::{
     CommitId, ImageId, ImageName, InstanceName, MANIFEST_FILE, ServiceManifest, ServiceName,
@@ -41,9 +42,7 @@ use tracing::{info, warn};
 
 use crate::env::ServiceEnv;
 use crate::executor::{Fault, execute};
-use crate::front::{Front, Router, bind_tcp};
 use crate::health::{self, HealthError};
-use crate::http_front::bind_http;
 use crate::install::{BlobCache, InstallError, Installed};
 pub use crate::lifecycle::Lifecycle;
 use crate::plan::PlanError;
@@ -900,8 +899,8 @@ impl Instance {
             let hold = service.manifest.health().start_grace;
             let route = self.router.route(route_key(name, &spec.name));
             let front = match spec.protocol {
-                Protocol::Http => bind_http(public, route, hold).await,
-                Protocol::Tcp => bind_tcp(public, route, hold).await,
+                Protocol::Http => bind_http(public, route, hold, &FrontConfig::default()).await,
+                Protocol::Tcp => bind_tcp(public, route, hold, &FrontConfig::default()).await,
             }
             .map_err(io_err(&self.config.root))?;
             info!(service = %name, port = %spec.name, addr = %front.local_addr(), "public port open");

@@ -17,12 +17,10 @@
 //!   absent (temporary file, fsync, rename, fsync of the directory);
 //! - [`supervisor`]: one task per service process that restarts it by its policy
 //!   and publishes its status on a `watch` channel;
-//! - [`front`]: the public-port handle both fronts share, and the per-connection
-//!   front for `tcp` ports: switchable backend, old
-//!   connections drain, new ones held while there is no backend;
-//! - [`http_front`]: the per-request front for `http` ports (hyper): keep-alive
-//!   clients see the next request go to the new process, requests in flight finish
-//!   on the old one.
+//!
+//! The public ports in front of the services (the routing table, the HTTP and
+//! TCP fronts, their drain counters) are the `front` crate's; the shell opens
+//! them and moves their routes.
 //!
 //! - [`instance`]: the running generation and the in-place upgrade that ties the
 //!   above together — install every changed service, start and health-check each
@@ -41,10 +39,7 @@ pub mod crash;
 pub mod durable;
 pub mod env;
 pub mod executor;
-pub mod front;
 pub mod health;
-pub mod http1;
-pub mod http_front;
 pub mod install;
 pub mod instance;
 pub mod lifecycle;

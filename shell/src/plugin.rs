@@ -41,6 +41,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+mod connection;
+
 /// The largest request body a plugin is given.
 pub const MAX_BODY: usize = 16 << 20;
 
@@ -535,7 +537,7 @@ async fn serve(listener: TcpListener, current: Arc<RwLock<Loaded>>, stop: Cancel
         let current = current.clone();
         let stop = stop.clone();
         let service = hyper::service::service_fn(move |req| dispatch(current.clone(), req));
-        conns.spawn(crate::http_front::serve_http1(stream, service, stop));
+        conns.spawn(connection::serve_http1(stream, service, stop));
     }
     conns.shutdown().await;
 }

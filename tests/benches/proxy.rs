@@ -1,15 +1,18 @@
-//! Benchmark: the shell's HTTP front next to nginx and to no proxy at all, in
-//! one run; what 20 shadow swaps under load cost; how long a plugin swap pauses.
+//! Benchmark: the HTTP front (crate `front`) next to nginx and to no proxy at
+//! all, in one run; what 20 shadow swaps under load cost; how long a plugin
+//! swap pauses.
 //!
 //! 1. Pushes `examples/orders`, upgrades an instance to it (release build), and
 //!    runs `wrk` (keep-alive, 2 threads, 32 connections) against orders
-//!    (a) through the shell's front, (b) through nginx as a reverse proxy with
-//!    upstream keep-alive and `X-Forwarded-For` (as the front adds it), (c)
+//!    (a) through a front of its own (`front::bind_http`, as the shell opens
+//!    one for every `http` port), (b) through nginx as a reverse proxy with
+//!    upstream keep-alive and `X-Forwarded-For` set to the peer (as the
+//!    front sets it by default), (c)
 //!    directly, in turn, three rounds (the machine's noise moves every path's
 //!    rate by ±10% from one run to the next; a ratio within a round is
-//!    steadier). Medians of requests/s and p50/p99 latency,
-//!    and the front-to-nginx ratio of each round.
-//! 2. Runs `wrk` through the shell's front while the instance makes 20 shadow
+//!    steadier). Medians of requests/s and p50/p99 latency, and the
+//!    front-to-nginx ratio of each round.
+//! 2. Runs `wrk` through the instance's front while the instance makes 20 shadow
 //!    swaps between two versions of orders: failed requests (non-2xx answers
 //!    and socket errors) and p99 during the swaps, next to the steady p99.
 //! 3. Builds `examples/counter`, serves it in a `PluginHost` under `wrk` load,
@@ -25,6 +28,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use front::{FrontConfig, Router};
 use image_spec::{InstanceName, ServiceName};
 use molt_e2e::{TestCluster, copy_example, push_main, set_version, write_file};
 use shell::instance::{Instance, InstanceConfig, PublicPorts, Strategy};
@@ -122,7 +126,7 @@ fn nginx(dir: &Path, backend: SocketAddr) -> Res<(Child, SocketAddr)> {
                upstream app {{ server {backend}; keepalive 64; }}\n\
                server {{\n    listen 127.0.0.1:{port};\n\
                  location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\";\n\
-                   proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }}\n\
+                   proxy_set_header X-Forwarded-For $remote_addr; }}\n\
                }}\n}}\n",
             dir = dir.display()
         ),
@@ -212,10 +216,17 @@ async fn bench() -> Res<()> {
     // Build both versions once, so the swaps below reuse their releases.
     instance.upgrade(&repo, &to(v2.commit), None, "v2").await?;
     instance.upgrade(&repo, &to(v1.commit), None, "v1").await?;
-    let front = instance
-        .public_addr(&orders, "main")
-        .ok_or("no public port")?;
     let direct = instance.backend_addr(&orders, "main").ok_or("no backend")?;
+    // The front on its own, in front of the same process as nginx.
+    let router = Router::new();
+    router.set([("orders/main".to_owned(), Some(direct))]);
+    let alone = front::bind_http(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        router.route("orders/main"),
+        Duration::from_secs(5),
+        &FrontConfig::default(),
+    )
+    .await?;
     let (mut nginx, via_nginx) = nginx(&cluster.path("nginx"), direct)?;
 
     println!(
@@ -223,7 +234,7 @@ async fn bench() -> Res<()> {
          of front, nginx, direct in turn (1 s of warm-up each first); medians over the rounds\n"
     );
     let paths = [
-        ("through the shell's front", front),
+        ("through the front", alone.local_addr()),
         ("through nginx", via_nginx),
         ("direct", direct),
     ];
@@ -241,6 +252,7 @@ async fn bench() -> Res<()> {
         .args(["-TERM", &nginx.id().to_string()])
         .status();
     let _ = nginx.wait();
+    alone.shutdown().await;
     let rows: Vec<(&str, Wrk)> = paths
         .iter()
         .zip(&runs)
@@ -285,7 +297,10 @@ async fn bench() -> Res<()> {
     );
     let steady = rows[0].1;
 
-    // 20 shadow swaps under the same load.
+    // 20 shadow swaps under the same load, through the instance's own front.
+    let front = instance
+        .public_addr(&orders, "main")
+        .ok_or("no public port")?;
     let load = wrk_spawn(front, 8)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut swap_times = Vec::new();

@@ -1,14 +1,14 @@
-//! The front for `http` ports: the shell owns the public port and routes each
-//! request, not each connection, to the service process currently behind it.
+//! The front for `http` ports: it owns the public port and routes each
+//! request, not each connection, to the backend currently behind it.
 //!
-//! Clients keep their connections to the shell (HTTP/1.1 keep-alive); each
+//! Clients keep their connections to the front (HTTP/1.1 keep-alive); each
 //! request is forwarded to the backend its route names when it arrives, over
 //! the client connection's own connection to that backend (a new one after a
-//! switch). So after a [`crate::front::Router::set`] the next request of an
-//! existing client connection goes to the new process, while requests already
-//! in flight finish on the old one ([`Front::busy`] counts them, so an upgrade
-//! can wait for the drain). With no backend, a request waits up to the hold
-//! time and then gets `503`; a backend that fails before answering gives `502`.
+//! switch). So after a [`crate::Router::set`] the next request of an existing
+//! client connection goes to the new process, while requests already in flight
+//! finish on the old one ([`crate::Front::busy`] counts them, so an upgrade can
+//! wait for the drain). With no backend, a request waits up to the hold time
+//! and then gets `503`; a backend that fails before answering gives `502`.
 //!
 //! The forwarding is a small HTTP/1.x relay of its own rather than a server and
 //! a client stacked: one task per client connection reads a request head,
@@ -18,8 +18,9 @@
 //! small response goes out in one write. That is what lets the front keep up
 //! with nginx (`scripts/bench-proxy`). Along the way it:
 //!
-//! - tells the service who the client is (`X-Forwarded-For`, after any the
-//!   client sent);
+//! - tells the service who the client is: `X-Forwarded-For` with the peer's
+//!   address, replacing any the client sent, unless the peer is one of the
+//!   configured trusted proxies (then appended to theirs);
 //! - answers `Expect: 100-continue` itself;
 //! - drops a kept backend connection that turned readable while idle (closed,
 //!   or holding bytes nobody asked for), and sends a body-less idempotent
@@ -29,41 +30,44 @@
 //!   counts as in flight until it closes;
 //! - passes on a backend's early answer to an upload it did not read (a
 //!   `413`), then closes, lingering so the close does not reset the answer;
-//! - closes client connections idle for 75–150 s, and ends an exchange in
-//!   which nothing moves either way for as long: `408` if the client's body
-//!   stopped coming, `504` if the service did not answer, a closed connection
-//!   if its answer stalled half-way;
+//! - answers `408` and closes when a request head is not whole within the
+//!   head timeout, or a request body sends nothing for the body timeout
+//!   (once the answer began, only closes), so a client that trickles its
+//!   bytes cannot hold a connection;
+//! - closes client connections idle for one to two idle timeouts (75–150 s
+//!   by default), and ends an exchange in which nothing moves either way for
+//!   as long: `408` if the client's body stopped coming, `504` if the service
+//!   did not answer, a closed connection if its answer stalled half-way;
 //! - refuses what it cannot frame safely (`400`, `431`) and closes.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
-use hyper::body::Incoming;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
-use tracing::debug;
 
-use crate::front::{Busy, Counter, Front, Route, Routing, counter};
-use crate::http1::{self, Chunked, FrameError, Length, RequestHead, ResponseHead};
+use crate::FrontConfig;
+use crate::http1::{self, Added, Chunked, FrameError, Length, RequestHead, ResponseHead};
+use crate::port::{Busy, Counter, Front, Route, Routing, counter};
 
-/// How long a client connection may go without a whole request before it is
-/// closed (nginx's default `keepalive_timeout`); see [`Idle`].
-const CLIENT_IDLE: Duration = Duration::from_secs(75);
-
-/// Closes client connections that stay idle, or trickle a head in, for a
-/// whole [`CLIENT_IDLE`] period without completing a request.
+/// The time limits of one client connection (see [`FrontConfig`]).
 ///
-/// One timer per connection, armed once per period rather than once per
-/// request (a timer per request cost the front a few percent of its rate): when
-/// it fires, a connection that completed a request since the last firing gets
-/// another period, so a connection is closed after one to two periods of
-/// idleness.
-struct Idle {
+/// Idle: a connection that completes no request for a whole idle timeout is
+/// closed, and so is an exchange in which nothing moves either way for as
+/// long. One timer per connection, armed once per period rather than once per
+/// request (a timer per request cost the front a few percent of its rate):
+/// when it fires, a connection that completed a request (or moved a byte)
+/// since the last firing gets another period, so a connection is closed after
+/// one to two periods of idleness.
+///
+/// Head: a request head must be whole by a deadline, counted from the
+/// connection's start for its first request and from the head's first byte
+/// for the next ones. Only a head that is not whole in its first read arms a
+/// timer for it, so keep-alive requests that arrive whole cost none.
+///
+/// Body: each read of a request body waits at most the body timeout.
+struct Timers {
     period: Duration,
     timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     /// Requests completed on the connection, and that count at the last firing.
@@ -71,16 +75,36 @@ struct Idle {
     served_at_last_check: u64,
     /// The count of body and answer bytes moved at the last firing.
     moved_at_last_check: u64,
+    /// How long a head may take, and when the one being read must be whole
+    /// (`None`: none of it has come yet).
+    head: Duration,
+    head_by: Option<tokio::time::Instant>,
+    /// How long a read of a request body may wait.
+    body: Duration,
 }
 
-impl Idle {
-    fn new(period: Duration) -> Self {
+/// What waiting for more of a request head came to.
+enum HeadRead {
+    /// This many bytes came (0: the client closed).
+    Read(usize),
+    /// The connection was idle too long.
+    Idle,
+    /// The head was not whole by its deadline.
+    Late,
+}
+
+impl Timers {
+    fn new(config: &FrontConfig) -> Self {
+        let period = config.idle_timeout;
         Self {
             period,
             timer: Box::pin(tokio::time::sleep(period)),
             served: 0,
             served_at_last_check: 0,
             moved_at_last_check: 0,
+            head: config.head_timeout,
+            head_by: Some(tokio::time::Instant::now() + config.head_timeout),
+            body: config.body_timeout,
         }
     }
 
@@ -100,16 +124,28 @@ impl Idle {
         }
     }
 
-    /// Reads from the client: `Some(bytes read)` (0 once it closed), or `None`
-    /// once it has been idle too long.
-    async fn fill(&mut self, client: &mut Side) -> std::io::Result<Option<usize>> {
+    /// Reads more of a request head from the client, within the head's
+    /// deadline (armed here once part of it has come) and the idle timeout.
+    async fn read_head(&mut self, client: &mut Side) -> std::io::Result<HeadRead> {
+        if self.head_by.is_none() && !client.buf.is_empty() {
+            self.head_by = Some(tokio::time::Instant::now() + self.head);
+        }
+        let by = self.head_by;
+        let late = async move {
+            match by {
+                Some(by) => tokio::time::sleep_until(by).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(late);
         loop {
             tokio::select! {
                 biased;
-                read = client.fill() => return read.map(Some),
+                read = client.fill() => return read.map(HeadRead::Read),
+                () = &mut late => return Ok(HeadRead::Late),
                 () = self.timer.as_mut() => {
                     if self.served == self.served_at_last_check {
-                        return Ok(None);
+                        return Ok(HeadRead::Idle);
                     }
                     self.served_at_last_check = self.served;
                     let next = tokio::time::Instant::now() + self.period;
@@ -117,6 +153,11 @@ impl Idle {
                 }
             }
         }
+    }
+
+    /// A whole head came: the next one's deadline starts with its first byte.
+    fn head_done(&mut self) {
+        self.head_by = None;
     }
 }
 
@@ -126,43 +167,83 @@ const LINGER: Duration = Duration::from_secs(2);
 /// How much is read at a time.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// Bytes read from a connection and not yet used: `data[start..]`. Using
+/// bytes moves `start`; the used ones are reclaimed when all are used (the
+/// common case: nothing to move) or when room runs short.
+struct Inbox {
+    data: Vec<u8>,
+    start: usize,
+}
+
+impl Inbox {
+    fn new() -> Self {
+        Self {
+            data: Vec::with_capacity(READ_CHUNK),
+            start: 0,
+        }
+    }
+
+    /// What was read and not yet used.
+    fn bytes(&self) -> &[u8] {
+        &self.data[self.start..]
+    }
+
+    fn is_empty(&self) -> bool {
+        self.start == self.data.len()
+    }
+
+    /// Marks the first `n` bytes as used.
+    fn advance(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.data.len());
+        if self.start == self.data.len() {
+            self.data.clear();
+            self.start = 0;
+        }
+    }
+
+    /// Reads what has arrived from `from`; `Ok(0)` once it has closed.
+    async fn fill<R: AsyncRead + Unpin>(&mut self, from: &mut R) -> std::io::Result<usize> {
+        if self.data.capacity() - self.data.len() < READ_CHUNK / 4 {
+            // Room first from the bytes already used, then from the allocator.
+            self.data.drain(..self.start);
+            self.start = 0;
+            if self.data.capacity() - self.data.len() < READ_CHUNK / 4 {
+                self.data.reserve(READ_CHUNK);
+            }
+        }
+        from.read_buf(&mut self.data).await
+    }
+
+    /// [`Inbox::fill`], adding what it read to `moved`.
+    async fn fill_counted<R: AsyncRead + Unpin>(
+        &mut self,
+        from: &mut R,
+        moved: &AtomicU64,
+    ) -> std::io::Result<usize> {
+        let n = self.fill(from).await?;
+        moved.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
 /// One connection and what was read from it but not yet used.
 struct Side {
     stream: TcpStream,
-    buf: BytesMut,
+    buf: Inbox,
 }
 
 impl Side {
     fn new(stream: TcpStream) -> Self {
         Self {
             stream,
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            buf: Inbox::new(),
         }
     }
 
     /// Reads what has arrived; `Ok(0)` once the peer has closed.
     async fn fill(&mut self) -> std::io::Result<usize> {
-        fill(&mut self.stream, &mut self.buf).await
+        self.buf.fill(&mut self.stream).await
     }
-}
-
-/// [`fill`], adding what it read to `moved`.
-async fn fill_counted<R: AsyncRead + Unpin>(
-    from: &mut R,
-    buf: &mut BytesMut,
-    moved: &AtomicU64,
-) -> std::io::Result<usize> {
-    let n = fill(from, buf).await?;
-    moved.fetch_add(n as u64, Ordering::Relaxed);
-    Ok(n)
-}
-
-/// Reads what has arrived from `from` into `buf`; `Ok(0)` once it has closed.
-async fn fill<R: AsyncRead + Unpin>(from: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
-    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-        buf.reserve(READ_CHUNK);
-    }
-    from.read_buf(buf).await
 }
 
 /// Where a body is: how much of it is still to come.
@@ -208,32 +289,38 @@ impl BodyLeft {
 /// Why copying a body stopped short.
 enum CopyError {
     /// The side it came from failed, closed early, or sent a malformed body.
-    Read(std::io::Error),
+    Read,
+    /// The side it came from sent nothing for as long as it may.
+    Stalled,
     /// The side it went to failed.
-    Write(std::io::Error),
+    Write,
 }
 
 /// Copies the rest of a body from `from` (the bytes already read from it in
-/// `buf` first) to `to`.
+/// `buf` first) to `to`; with `stall`, a read from `from` that waits longer
+/// than that is [`CopyError::Stalled`] (time spent writing to `to` does not
+/// count).
 async fn copy_body<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     from: &mut R,
-    buf: &mut BytesMut,
+    buf: &mut Inbox,
     to: &mut W,
     left: &mut BodyLeft,
     moved: &AtomicU64,
+    stall: Option<Duration>,
 ) -> Result<(), CopyError> {
     loop {
         if !buf.is_empty() {
-            let mut n = left.take(buf).map_err(|e| {
-                CopyError::Read(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-            })?;
+            let mut n = left.take(buf.bytes()).map_err(|_| CopyError::Read)?;
             // Written piece by piece, each piece leaving `buf` as it goes out:
             // if this is dropped half-way (the backend switched protocols),
             // `buf` holds exactly what the backend has not got.
             while n > 0 {
-                let wrote = to.write(&buf[..n]).await.map_err(CopyError::Write)?;
+                let wrote = to
+                    .write(&buf.bytes()[..n])
+                    .await
+                    .map_err(|_| CopyError::Write)?;
                 if wrote == 0 {
-                    return Err(CopyError::Write(std::io::ErrorKind::WriteZero.into()));
+                    return Err(CopyError::Write);
                 }
                 buf.advance(wrote);
                 n -= wrote;
@@ -242,25 +329,29 @@ async fn copy_body<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         if left.is_done() {
             return Ok(());
         }
-        match fill_counted(from, buf, moved).await {
+        let read = buf.fill_counted(from, moved);
+        let read = match stall {
+            Some(limit) => tokio::time::timeout(limit, read)
+                .await
+                .map_err(|_| CopyError::Stalled)?,
+            None => read.await,
+        };
+        match read {
             Ok(0) if matches!(left, BodyLeft::ToClose) => return Ok(()),
-            Ok(0) => {
-                return Err(CopyError::Read(std::io::ErrorKind::UnexpectedEof.into()));
-            }
+            Ok(0) | Err(_) => return Err(CopyError::Read),
             Ok(_) => {}
-            Err(e) => return Err(CopyError::Read(e)),
         }
     }
 }
 
 /// Moves the bytes in `buf` that belong to the body onto `out`.
 fn take_buffered(
-    buf: &mut BytesMut,
+    buf: &mut Inbox,
     left: &mut BodyLeft,
     out: &mut Vec<u8>,
 ) -> Result<(), FrameError> {
-    let n = left.take(buf)?;
-    out.extend_from_slice(&buf[..n]);
+    let n = left.take(buf.bytes())?;
+    out.extend_from_slice(&buf.bytes()[..n]);
     buf.advance(n);
     Ok(())
 }
@@ -280,13 +371,14 @@ enum NoResponse {
     /// The kept connection was closed before anything came back: the request
     /// may go again, on a new connection.
     Closed,
-    /// Anything else: the client gets a `502`.
-    Failed(String),
+    /// Anything else (no connection, a malformed or unasked-for answer, a
+    /// close in the middle of a head): the client gets a `502`.
+    Failed,
     /// The client failed or left: nothing to answer.
     Client,
-    /// The backend failed after the response began: too late for a `502`,
-    /// the client sees its connection end.
-    Broken(String),
+    /// The backend failed after the response began, or the exchange stood
+    /// still after it: too late for a `502`, the client sees its connection end.
+    Broken,
     /// Nothing moved for a whole idle period before the answer began: the
     /// client gets this status, and its connection ends.
     Stalled((u16, &'static str)),
@@ -324,39 +416,40 @@ struct Scratch {
     request: Vec<u8>,
     response: Vec<u8>,
     /// `X-Forwarded-For: <client address>`: the services see the client, not
-    /// the front (after any such lines the client sent).
+    /// the front.
     forwarded: Vec<u8>,
-    /// Body and answer bytes moved on this connection (see [`Idle::stalled`]).
+    /// Whether the client's own `X-Forwarded-For` lines are passed on (before
+    /// the front's): only from a trusted proxy.
+    keep_forwarded: bool,
+    /// Body and answer bytes moved on this connection (see [`Timers::stalled`]).
     moved: AtomicU64,
 }
 
 /// Serves one client connection, request by request, until it closes, sends
 /// something that is not HTTP, or the front shuts down.
-async fn serve_client(stream: TcpStream, mut routing: Routing, idle_period: Duration) {
+async fn serve_client(stream: TcpStream, mut routing: Routing, config: &FrontConfig) {
     let mut scratch = Scratch::default();
     if let Ok(peer) = stream.peer_addr() {
-        scratch.forwarded = format!("X-Forwarded-For: {}\r\n", peer.ip()).into_bytes();
+        let ip = peer.ip().to_canonical();
+        scratch.forwarded = format!("X-Forwarded-For: {ip}\r\n").into_bytes();
+        scratch.keep_forwarded = config.trusts(ip);
     }
     let mut client = Side::new(stream);
     let mut upstream: Option<Upstream> = None;
-    let mut idle = Idle::new(idle_period);
+    let mut timers = Timers::new(config);
     loop {
         let next = exchange(
             &mut client,
             &mut upstream,
             &mut routing,
             &mut scratch,
-            &mut idle,
+            &mut timers,
         )
         .await;
-        idle.served += 1;
+        timers.served += 1;
         match next {
-            Ok(Next::KeepAlive) if !routing.stop.is_cancelled() => {}
-            Ok(_) => break,
-            Err(e) => {
-                debug!(error = %e, "client connection ended with an error");
-                break;
-            }
+            Ok(Next::KeepAlive) if !routing.stop.is_stopped() => {}
+            Ok(_) | Err(_) => break,
         }
     }
     let _ = client.stream.shutdown().await;
@@ -387,6 +480,7 @@ async fn answer(
 }
 
 const BAD_GATEWAY: (u16, &str) = (502, "Bad Gateway");
+const REQUEST_TIMEOUT: (u16, &str) = (408, "Request Timeout");
 const UNAVAILABLE: (u16, &str) = (503, "Service Unavailable");
 const NO_BACKEND: &str = "no healthy process behind this port\n";
 
@@ -450,12 +544,20 @@ async fn exchange(
     upstream: &mut Option<Upstream>,
     routing: &mut Routing,
     scratch: &mut Scratch,
-    idle: &mut Idle,
+    timers: &mut Timers,
 ) -> std::io::Result<Next> {
     // The request head.
     scratch.request.clear();
+    let added = Added {
+        lines: &scratch.forwarded,
+        replacing: if scratch.keep_forwarded {
+            &[]
+        } else {
+            &["x-forwarded-for"]
+        },
+    };
     let req = loop {
-        match http1::parse_request(&client.buf, &scratch.forwarded, &mut scratch.request) {
+        match http1::parse_request(client.buf.bytes(), &added, &mut scratch.request) {
             Ok(Some(req)) => break req,
             Ok(None) => {}
             Err(e) => {
@@ -467,15 +569,18 @@ async fn exchange(
                 return answer(client, scratch, None, status, &format!("{e}\n")).await;
             }
         }
-        match idle.fill(client).await? {
-            Some(0) => return Ok(Next::Close),
-            Some(_) => {}
-            None => {
-                debug!(period = ?idle.period, "client idle too long; closing its connection");
-                return Ok(Next::Close);
+        match timers.read_head(client).await? {
+            HeadRead::Read(0) | HeadRead::Idle => return Ok(Next::Close),
+            HeadRead::Read(_) => {}
+            // Nothing of a head came: no request to answer.
+            HeadRead::Late if client.buf.is_empty() => return Ok(Next::Close),
+            HeadRead::Late => {
+                let late = "the request head did not come in time\n";
+                return answer(client, scratch, None, REQUEST_TIMEOUT, late).await;
             }
         }
     };
+    timers.head_done();
     client.buf.advance(req.consumed);
     // A request arriving is movement: a standstill is counted from here, not
     // from an idle moment before it.
@@ -488,7 +593,6 @@ async fn exchange(
     let Some((mut _in_flight, mut up)) = route(upstream, routing).await else {
         return answer(client, scratch, Some(&req), UNAVAILABLE, NO_BACKEND).await;
     };
-    let backend = up.backend;
 
     if req.expects_continue {
         client
@@ -513,9 +617,9 @@ async fn exchange(
 
     let mut again = resendable;
     let relayed = loop {
-        match send(client, up, &req, &mut body, scratch, idle).await {
+        match send(client, up, &req, &mut body, scratch, timers).await {
+            // The kept backend connection was closed: sent again on a new one.
             Err(NoResponse::Closed) if again => {
-                debug!(%backend, "kept backend connection was closed; sending again on a new one");
                 again = false;
                 up.conn = None;
                 // A backend closing its kept connections may be one being
@@ -537,10 +641,10 @@ async fn exchange(
             // The client asked for it (else `read_head` refused it): from here
             // on the connection is the two peers' own.
             let mut backend_side = up.conn.take().expect("a response came on it");
-            scratch.response.extend_from_slice(&backend_side.buf);
+            scratch.response.extend_from_slice(backend_side.buf.bytes());
             client.stream.write_all(&scratch.response).await?;
             if !client.buf.is_empty() {
-                backend_side.stream.write_all(&client.buf).await?;
+                backend_side.stream.write_all(client.buf.bytes()).await?;
             }
             tokio::io::copy_bidirectional(&mut client.stream, &mut backend_side.stream).await?;
             return Ok(Next::Close);
@@ -565,13 +669,9 @@ async fn fail(
 ) -> std::io::Result<Next> {
     up.conn = None;
     match why {
-        NoResponse::Client => Ok(Next::Close),
-        NoResponse::Broken(e) => {
-            debug!(backend = %up.backend, error = %e, "backend failed in the middle of a response");
-            Ok(Next::Close)
-        }
+        // Too late for an answer of the front's own: the client's connection ends.
+        NoResponse::Client | NoResponse::Broken => Ok(Next::Close),
         NoResponse::Stalled(status) => {
-            debug!(backend = %up.backend, status = status.0, "nothing moved for a whole idle period");
             answer(
                 client,
                 scratch,
@@ -581,19 +681,7 @@ async fn fail(
             )
             .await
         }
-        NoResponse::Closed => {
-            debug!(backend = %up.backend, "backend closed the connection without answering");
-            answer(
-                client,
-                scratch,
-                Some(req),
-                BAD_GATEWAY,
-                "the service did not answer\n",
-            )
-            .await
-        }
-        NoResponse::Failed(e) => {
-            debug!(backend = %up.backend, error = %e, "backend failed");
+        NoResponse::Closed | NoResponse::Failed => {
             answer(
                 client,
                 scratch,
@@ -623,7 +711,7 @@ async fn send(
     req: &RequestHead,
     body: &mut BodyLeft,
     scratch: &mut Scratch,
-    idle: &mut Idle,
+    timers: &mut Timers,
 ) -> Result<Relayed, NoResponse> {
     // A kept connection that has something to read before it was asked
     // anything (the backend closed it, or sent what answers nothing) is
@@ -637,16 +725,16 @@ async fn send(
         None => {
             let stream = TcpStream::connect(up.backend)
                 .await
-                .map_err(|e| NoResponse::Failed(format!("cannot connect: {e}")))?;
+                .map_err(|_| NoResponse::Failed)?;
             let _ = stream.set_nodelay(true);
             up.conn.insert(Side::new(stream))
         }
     };
-    if let Err(e) = conn.stream.write_all(&scratch.request).await {
+    if conn.stream.write_all(&scratch.request).await.is_err() {
         return Err(if reused {
             NoResponse::Closed
         } else {
-            NoResponse::Failed(e.to_string())
+            NoResponse::Failed
         });
     }
     let asked = Asked {
@@ -654,7 +742,7 @@ async fn send(
         reused,
         moved: &scratch.moved,
     };
-    relay(client, conn, body, &mut scratch.response, idle, asked).await
+    relay(client, conn, body, &mut scratch.response, timers, asked).await
 }
 
 /// Sends the rest of the request body from the client to the backend while
@@ -667,10 +755,11 @@ async fn relay(
     conn: &mut Side,
     body: &mut BodyLeft,
     response: &mut Vec<u8>,
-    idle: &mut Idle,
+    timers: &mut Timers,
     asked: Asked<'_>,
 ) -> Result<Relayed, NoResponse> {
     let moved = asked.moved;
+    let body_stall = timers.body;
     let (mut client_rd, mut client_wr) = client.stream.split();
     let (mut backend_rd, mut backend_wr) = conn.stream.split();
     let (client_buf, backend_buf) = (&mut client.buf, &mut conn.buf);
@@ -693,8 +782,8 @@ async fn relay(
         // The head, with as much of the body as has arrived, in one write;
         // then the rest.
         let mut left = BodyLeft::new(resp.body);
-        take_buffered(backend_buf, &mut left, response)
-            .map_err(|e| NoResponse::Failed(format!("malformed response body: {e}")))?;
+        // A malformed start of the body: a 502 still fits.
+        take_buffered(backend_buf, &mut left, response).map_err(|_| NoResponse::Failed)?;
         client_wr
             .write_all(response)
             .await
@@ -709,12 +798,13 @@ async fn relay(
             &mut client_wr,
             &mut left,
             moved,
+            None,
         )
         .await
         {
             Ok(()) => Ok(Relayed::Done { resp, close }),
-            Err(CopyError::Read(e)) => Err(NoResponse::Broken(e.to_string())),
-            Err(CopyError::Write(_)) => Err(NoResponse::Client),
+            Err(CopyError::Read | CopyError::Stalled) => Err(NoResponse::Broken),
+            Err(CopyError::Write) => Err(NoResponse::Client),
         }
     };
     // Nothing moving either way for a whole period ends the exchange: the
@@ -723,9 +813,9 @@ async fn relay(
     // the connection end.
     let stalled = |uploading: bool| {
         if answered.load(Ordering::Relaxed) {
-            NoResponse::Broken("nothing moved for a whole idle period".into())
+            NoResponse::Broken
         } else if uploading {
-            NoResponse::Stalled((408, "Request Timeout"))
+            NoResponse::Stalled(REQUEST_TIMEOUT)
         } else {
             NoResponse::Stalled((504, "Gateway Timeout"))
         }
@@ -735,16 +825,24 @@ async fn relay(
         return tokio::select! {
             biased;
             relayed = respond => relayed,
-            () = idle.stalled(moved) => Err(stalled(false)),
+            () = timers.stalled(moved) => Err(stalled(false)),
         };
     }
     let upload = async {
-        let copied = copy_body(&mut client_rd, client_buf, &mut backend_wr, body, moved).await;
+        let copied = copy_body(
+            &mut client_rd,
+            client_buf,
+            &mut backend_wr,
+            body,
+            moved,
+            Some(body_stall),
+        )
+        .await;
         sent.store(copied.is_ok(), Ordering::Relaxed);
         copied
     };
     tokio::pin!(upload, respond);
-    let mut cut = None;
+    let mut cut = false;
     let mut uploading = true;
     loop {
         tokio::select! {
@@ -754,17 +852,19 @@ async fn relay(
                 match copied {
                     Ok(()) => {}
                     // The client left, or sent a body that is not one.
-                    Err(CopyError::Read(_)) => return Err(NoResponse::Client),
+                    Err(CopyError::Read) => return Err(NoResponse::Client),
+                    // Its body stopped coming.
+                    Err(CopyError::Stalled) => return Err(stalled(true)),
                     // The backend stopped reading: its answer may still come.
-                    Err(CopyError::Write(e)) => cut = Some(e),
+                    Err(CopyError::Write) => cut = true,
                 }
             }
-            () = idle.stalled(moved) => return Err(stalled(uploading)),
+            () = timers.stalled(moved) => return Err(stalled(uploading)),
             relayed = &mut respond => {
+                // Cut off while sending the body, and no answer: not a
+                // kept connection that may be asked again.
                 return match (relayed, cut) {
-                    (Err(NoResponse::Closed | NoResponse::Failed(_)), Some(e)) => Err(NoResponse::Failed(
-                        format!("{e} while sending the body, and no answer"),
-                    )),
+                    (Err(NoResponse::Closed | NoResponse::Failed), true) => Err(NoResponse::Failed),
                     (relayed, _) => relayed,
                 };
             }
@@ -780,7 +880,7 @@ async fn relay(
 /// since the rest of the body will not be read.
 async fn read_head<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     from: &mut R,
-    buf: &mut BytesMut,
+    buf: &mut Inbox,
     response: &mut Vec<u8>,
     client: &mut W,
     asked: Asked<'_>,
@@ -791,12 +891,10 @@ async fn read_head<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         keep_alive: false,
         ..*req
     };
-    let closed = |e: std::io::Error| {
-        if reused {
-            NoResponse::Closed
-        } else {
-            NoResponse::Failed(e.to_string())
-        }
+    let closed = if reused {
+        NoResponse::Closed
+    } else {
+        NoResponse::Failed
     };
     loop {
         response.clear();
@@ -805,7 +903,7 @@ async fn read_head<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         } else {
             &cut_short
         };
-        match http1::parse_response(buf, answering, response) {
+        match http1::parse_response(buf.bytes(), answering, response) {
             Ok(Some(resp)) if resp.is_interim() => {
                 buf.advance(resp.consumed);
                 if !req.http10 {
@@ -816,77 +914,40 @@ async fn read_head<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 }
                 continue;
             }
+            // A 101 to a request that asked for no upgrade.
             Ok(Some(resp)) if resp.status == 101 && !req.upgrade => {
-                return Err(NoResponse::Failed(
-                    "101 to a request that asked for no upgrade".into(),
-                ));
+                return Err(NoResponse::Failed);
             }
             Ok(Some(resp)) => {
                 buf.advance(resp.consumed);
                 return Ok(resp);
             }
             Ok(None) => {}
-            Err(e) => return Err(NoResponse::Failed(format!("malformed response: {e}"))),
+            Err(_) => return Err(NoResponse::Failed),
         }
-        match fill_counted(from, buf, moved).await {
-            Ok(0) if buf.is_empty() => {
-                return Err(closed(std::io::ErrorKind::UnexpectedEof.into()));
-            }
-            Ok(0) => {
-                return Err(NoResponse::Failed(
-                    "closed in the middle of a response head".into(),
-                ));
-            }
+        match buf.fill_counted(from, moved).await {
+            // Closed or failed before any answer, or in the middle of a head.
+            Ok(0) | Err(_) if buf.is_empty() => return Err(closed),
+            Ok(0) | Err(_) => return Err(NoResponse::Failed),
             Ok(_) => {}
-            Err(e) if buf.is_empty() => return Err(closed(e)),
-            Err(e) => return Err(NoResponse::Failed(e.to_string())),
-        }
-    }
-}
-
-/// Serves HTTP/1.1 with keep-alive on one connection with `service`, until the
-/// client closes it or `stop` (then gracefully: the request in progress finishes).
-pub(crate) async fn serve_http1<S, B>(stream: TcpStream, service: S, stop: CancellationToken)
-where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let conn = hyper::server::conn::http1::Builder::new()
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        res = conn.as_mut() => {
-            if let Err(e) = res {
-                debug!(error = %e, "client connection ended with an error");
-            }
-        }
-        () = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
         }
     }
 }
 
 /// Listens on `public` for an `http` port, routing each request to the backend
 /// of `route`; a request arriving while it has none waits up to `hold`.
-pub async fn bind_http(public: SocketAddr, route: Route, hold: Duration) -> std::io::Result<Front> {
-    bind_http_idle(public, route, hold, CLIENT_IDLE).await
-}
-
-/// [`bind_http`] with client connections closed after `idle` without a request.
-async fn bind_http_idle(
+/// `config` says how clients are treated.
+pub async fn bind_http(
     public: SocketAddr,
     route: Route,
     hold: Duration,
-    idle: Duration,
+    config: &FrontConfig,
 ) -> std::io::Result<Front> {
-    Front::bind(public, route, hold, move |stream, routing| {
-        serve_client(stream, routing, idle)
+    let max = config.max_connections;
+    let config = std::sync::Arc::new(config.clone());
+    Front::bind(public, route, hold, max, move |stream, routing| {
+        let config = config.clone();
+        async move { serve_client(stream, routing, &config).await }
     })
     .await
 }
@@ -894,10 +955,14 @@ async fn bind_http_idle(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::front::Router;
+    use crate::port::Router;
     use bytes::Bytes;
     use http_body_util::Full;
+    use hyper::body::Incoming;
+    use hyper::{Request, Response};
+    use hyper_util::rt::TokioIo;
     use std::convert::Infallible;
+    use std::sync::{Arc, Mutex};
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     use tokio::net::{TcpListener, TcpStream};
 
@@ -905,12 +970,30 @@ mod tests {
 
     /// A front on a free port following route KEY, set to `backend`.
     async fn bind_front(backend: Option<SocketAddr>, hold: Duration) -> (Router, Front) {
+        configured_front(backend, hold, FrontConfig::default()).await
+    }
+
+    /// [`bind_front`] with `config`.
+    async fn configured_front(
+        backend: Option<SocketAddr>,
+        hold: Duration,
+        config: FrontConfig,
+    ) -> (Router, Front) {
         let router = Router::new();
         router.set([(KEY.to_owned(), backend)]);
-        let front = bind_http("127.0.0.1:0".parse().unwrap(), router.route(KEY), hold)
+        let any = "127.0.0.1:0".parse().unwrap();
+        let front = bind_http(any, router.route(KEY), hold, &config)
             .await
             .unwrap();
         (router, front)
+    }
+
+    /// The default configuration with `idle` as its idle timeout.
+    fn idle_after(idle: Duration) -> FrontConfig {
+        FrontConfig {
+            idle_timeout: idle,
+            ..FrontConfig::default()
+        }
     }
 
     /// An HTTP/1.1 backend answering `name` to every request, after `delay`.
@@ -1038,7 +1121,7 @@ mod tests {
     }
 
     /// Whether the front closed `conn` (EOF, nothing more).
-    async fn closed(conn: &mut BufReader<TcpStream>) -> bool {
+    async fn closed<R: AsyncRead + Unpin>(conn: &mut R) -> bool {
         let mut rest = Vec::new();
         tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest))
             .await
@@ -1206,17 +1289,13 @@ mod tests {
 
     #[tokio::test]
     async fn idle_and_trickling_clients_are_closed_busy_ones_are_not() {
-        let router = Router::new();
-        router.set([(KEY.to_owned(), Some(echo_backend().await))]);
         let period = Duration::from_millis(300);
-        let front = bind_http_idle(
-            "127.0.0.1:0".parse().unwrap(),
-            router.route(KEY),
+        let (_router, front) = configured_front(
+            Some(echo_backend().await),
             Duration::ZERO,
-            period,
+            idle_after(period),
         )
-        .await
-        .unwrap();
+        .await;
         let addr = front.local_addr();
         // Requests every 100 ms for four periods: never closed.
         let mut busy = BufReader::new(TcpStream::connect(addr).await.unwrap());
@@ -1239,6 +1318,133 @@ mod tests {
         assert!(
             waited.elapsed() >= period / 2,
             "closed long before its period"
+        );
+        front.shutdown().await;
+    }
+
+    /// Sends `bytes` on `to` one at a time, `every` apart, until they are all
+    /// sent or the front stops taking them.
+    fn trickle(
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        bytes: &'static [u8],
+        every: Duration,
+    ) -> tokio::task::JoinHandle<tokio::net::tcp::OwnedWriteHalf> {
+        tokio::spawn(async move {
+            for byte in bytes {
+                tokio::time::sleep(every).await;
+                if to.write_all(&[*byte]).await.is_err() {
+                    break;
+                }
+            }
+            to
+        })
+    }
+
+    /// Head and body deadlines of `limit`, and an idle timeout of `IDLE`:
+    /// the idle timeout would close a connection too, so one closed well
+    /// before it was closed by a deadline.
+    fn deadlines(limit: Duration) -> FrontConfig {
+        FrontConfig {
+            head_timeout: limit,
+            body_timeout: limit,
+            idle_timeout: IDLE,
+            ..FrontConfig::default()
+        }
+    }
+
+    const IDLE: Duration = Duration::from_secs(3600);
+
+    // On tokio's paused clock: time moves only when every task waits, to the
+    // next timer, so the deadlines below fire exactly when they are due
+    // however loaded the machine is.
+    #[tokio::test(start_paused = true)]
+    async fn a_head_that_trickles_in_gets_a_408_at_its_deadline() {
+        let (backend, seen) = recording_backend().await;
+        let limit = Duration::from_millis(200);
+        let hold = Duration::from_secs(5);
+        let (_router, front) = configured_front(Some(backend), hold, deadlines(limit)).await;
+        let addr = front.local_addr();
+
+        // A byte every 50 ms: the head would take 3 s, the front waits 200 ms.
+        let started = tokio::time::Instant::now();
+        let (reader, writer) = TcpStream::connect(addr).await.unwrap().into_split();
+        let head = b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Padding: 0123456789abcdef\r\n\r\n";
+        let sender = trickle(writer, head, Duration::from_millis(50));
+        let mut reader = BufReader::new(reader);
+        let answer = read_response(&mut reader, false).await;
+        assert_eq!(answer.status, 408);
+        assert!((limit..IDLE).contains(&started.elapsed()));
+        assert!(closed(&mut reader).await);
+        drop(sender.await.unwrap());
+
+        // A new connection that sends nothing is closed, without an answer.
+        let started = tokio::time::Instant::now();
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        assert!(closed(&mut silent).await);
+        assert!((limit..IDLE).contains(&started.elapsed()));
+
+        // Between requests a kept-alive connection is idle, not late: a
+        // head's deadline runs from its first byte.
+        let mut kept = BufReader::new(TcpStream::connect(addr).await.unwrap());
+        assert_eq!(get(&mut kept).await, (200, "ok".into()));
+        tokio::time::sleep(limit * 5).await;
+        assert_eq!(get(&mut kept).await, (200, "ok".into()));
+        // The late head never reached the backend.
+        assert_eq!(*seen.lock().unwrap(), ["GET / HTTP/1.1", "GET / HTTP/1.1"]);
+        front.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stops_coming_gets_a_408_one_that_keeps_coming_does_not() {
+        let limit = Duration::from_millis(200);
+        let hold = Duration::from_secs(5);
+        let backend = echo_backend().await;
+        let (router, front) = configured_front(Some(backend), hold, deadlines(limit)).await;
+        let addr = front.local_addr();
+
+        // A byte every 100 ms: slow, but never 200 ms without one.
+        let (reader, mut writer) = TcpStream::connect(addr).await.unwrap().into_split();
+        writer
+            .write_all(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n")
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let sender = trickle(writer, b"01234567", Duration::from_millis(100));
+        let answer = read_response(&mut BufReader::new(reader), false).await;
+        assert_eq!(answer.text(), "POST /slow conn=- len=8\n01234567");
+        assert!(started.elapsed() > limit * 2, "the body came in less time");
+        drop(sender.await.unwrap());
+
+        // Half a body, then nothing: 408, and the connection closes.
+        let started = tokio::time::Instant::now();
+        let (answer, mut conn) = ask(
+            addr,
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhalf",
+        )
+        .await;
+        assert_eq!(answer.status, 408);
+        assert!((limit..IDLE).contains(&started.elapsed()));
+        assert!(closed(&mut conn).await);
+
+        // A service that answers while it reads has begun its answer when the
+        // body stops: too late for a 408, the connection just ends.
+        router.set([(KEY.to_owned(), Some(streaming_echo_backend().await))]);
+        let started = tokio::time::Instant::now();
+        let mut conn = BufReader::new(TcpStream::connect(addr).await.unwrap());
+        conn.get_mut()
+            .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhalf")
+            .await
+            .unwrap();
+        let mut status = String::new();
+        conn.read_line(&mut status).await.unwrap();
+        assert!(status.starts_with("HTTP/1.1 200 "), "{status:?}");
+        let mut rest = Vec::new();
+        conn.read_to_end(&mut rest).await.unwrap();
+        assert!((limit..IDLE).contains(&started.elapsed()));
+        let rest = String::from_utf8_lossy(&rest);
+        assert!(
+            rest.contains("half") && !rest.contains("408") && !rest.ends_with("0\r\n\r\n"),
+            "{rest:?}"
         );
         front.shutdown().await;
     }
@@ -1328,13 +1534,13 @@ mod tests {
         );
         drop(sender.await.unwrap());
 
-        // The service learns who the client is.
+        // The service learns who the client is (and not who it says it is).
         let (seen, _) = ask(
             addr,
             b"GET /who HTTP/1.1\r\nX-Forwarded-For: 10.1.2.3\r\n\r\n",
         )
         .await;
-        assert_eq!(seen.text(), "10.1.2.3, 127.0.0.1");
+        assert_eq!(seen.text(), "127.0.0.1");
 
         // HEAD: no body though the backend says how long it would be.
         let (seen, mut conn) = ask(addr, b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n").await;
@@ -1342,6 +1548,69 @@ mod tests {
         assert!(seen.header("content-length").is_some() && seen.body.is_empty());
         // ... and the connection still carries the next request correctly.
         assert_eq!(get(&mut conn).await, (200, "GET / conn=- len=0\n".into()));
+        front.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_clients_forwarded_for_is_replaced_unless_it_is_a_trusted_proxy() {
+        let backend = echo_backend().await;
+        let hold = Duration::from_secs(5);
+        let claims = b"GET /who HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.1.2.3\r\n\
+                       x-forwarded-for: 10.4.5.6, 10.7.8.9\r\n\r\n";
+        // By default, and when the trusted proxies are others: replaced.
+        let elsewhere = FrontConfig {
+            trusted_proxies: vec!["10.0.0.1".parse().unwrap(), "::1".parse().unwrap()],
+            ..FrontConfig::default()
+        };
+        for config in [FrontConfig::default(), elsewhere] {
+            let (_router, front) = configured_front(Some(backend), hold, config).await;
+            let (seen, _) = ask(front.local_addr(), claims).await;
+            assert_eq!(seen.text(), "127.0.0.1");
+            front.shutdown().await;
+        }
+        // From a trusted proxy (named as an IPv4-mapped address here): kept,
+        // and the proxy's address appended.
+        let trusting = FrontConfig {
+            trusted_proxies: vec!["::ffff:127.0.0.1".parse().unwrap()],
+            ..FrontConfig::default()
+        };
+        let (_router, front) = configured_front(Some(backend), hold, trusting).await;
+        let (seen, _) = ask(front.local_addr(), claims).await;
+        assert_eq!(seen.text(), "10.1.2.3, 10.4.5.6, 10.7.8.9, 127.0.0.1");
+        front.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn client_connections_over_the_limit_are_closed_until_others_end() {
+        use crate::port::tests::{refused, until_connections};
+        let config = FrontConfig {
+            max_connections: 2,
+            ..FrontConfig::default()
+        };
+        let backend = Some(backend("b", Duration::ZERO).await);
+        let (_router, front) = configured_front(backend, Duration::from_secs(5), config).await;
+        let addr = front.local_addr();
+        let connect = || async { BufReader::new(TcpStream::connect(addr).await.unwrap()) };
+        let (mut first, mut second) = (connect().await, connect().await);
+        assert_eq!(get(&mut first).await, (200, "b".into()));
+        assert_eq!(get(&mut second).await, (200, "b".into()));
+
+        // Kept alive, both stay open: a third is closed before any answer.
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        third
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(refused(&mut third).await);
+        assert_eq!(front.connections(), 2);
+
+        // Once one ends, a new one is served; the limit still holds.
+        drop(first);
+        until_connections(&front, 1).await;
+        let mut fourth = connect().await;
+        assert_eq!(get(&mut fourth).await, (200, "b".into()));
+        assert!(refused(&mut TcpStream::connect(addr).await.unwrap()).await);
+        assert_eq!(get(&mut second).await, (200, "b".into()));
         front.shutdown().await;
     }
 
@@ -1418,6 +1687,83 @@ mod tests {
         assert_eq!(seen.status, 431);
         let reached = tokio::time::timeout(Duration::from_millis(200), backend.accept()).await;
         assert!(reached.is_err(), "a bad request reached the backend");
+        front.shutdown().await;
+    }
+
+    /// A backend that answers `ok` to every request and records each
+    /// request line it reads, in order.
+    async fn recording_backend() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let mut s = BufReader::new(s);
+                    loop {
+                        let mut line = String::new();
+                        if s.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        record.lock().unwrap().push(line.trim_end().to_owned());
+                        if !read_head(&mut s).await {
+                            return;
+                        }
+                        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if s.get_mut().write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn ambiguous_framing_or_hosts_get_a_400_and_reach_no_backend() {
+        let (backend, seen) = recording_backend().await;
+        let (_router, front) = front_to(backend).await;
+        let addr = front.local_addr();
+        // Each would let a reader that takes the other reading find a second,
+        // smuggled request in the body, or send the request to another host.
+        for (raw, says) in [
+            (
+                &b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity, chunked\r\n\
+                   Content-Length: 32\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n"[..],
+                "Transfer-Encoding",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+                  Transfer-Encoding: identity\r\n\r\n0\r\n\r\n",
+                "Transfer-Encoding",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+                  Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                "Transfer-Encoding",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: public.example\r\nHost: internal.example\r\n\r\n",
+                "Host",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: public.example, internal.example\r\n\r\n",
+                "Host",
+            ),
+        ] {
+            let (answer, mut conn) = ask(addr, raw).await;
+            assert_eq!(answer.status, 400, "{}", String::from_utf8_lossy(raw));
+            assert!(answer.text().contains(says), "{}", answer.text());
+            assert!(closed(&mut conn).await);
+        }
+        // A plain request gets through, and is the only one the backend saw:
+        // had any of the above reached it, it would have been seen first.
+        let (answer, _) = ask(addr, b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert_eq!((answer.status, answer.text().as_str()), (200, "ok"));
+        assert_eq!(*seen.lock().unwrap(), ["GET /plain HTTP/1.1"]);
         front.shutdown().await;
     }
 
@@ -1685,9 +2031,9 @@ mod tests {
         front.shutdown().await;
     }
 
-    #[tokio::test]
-    async fn a_backend_that_answers_while_it_reads_gets_its_whole_body() {
-        // Streams each request's body back as it reads it: an echo.
+    /// A backend (hyper) that streams each request's body back as it reads
+    /// it: an echo that begins its answer at once.
+    async fn streaming_echo_backend() -> SocketAddr {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let backend = l.local_addr().unwrap();
         tokio::spawn(async move {
@@ -1702,7 +2048,12 @@ mod tests {
                 });
             }
         });
-        let (_router, front) = front_to(backend).await;
+        backend
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_answers_while_it_reads_gets_its_whole_body() {
+        let (_router, front) = front_to(streaming_echo_backend().await).await;
         let conn = TcpStream::connect(front.local_addr()).await.unwrap();
         let (reader, mut writer) = conn.into_split();
         // Far more than the socket buffers on the way hold.
@@ -1863,17 +2214,9 @@ mod tests {
                 held.push(s);
             }
         });
-        let router = Router::new();
-        router.set([(KEY.to_owned(), Some(silent))]);
         let period = Duration::from_millis(300);
-        let front = bind_http_idle(
-            "127.0.0.1:0".parse().unwrap(),
-            router.route(KEY),
-            Duration::ZERO,
-            period,
-        )
-        .await
-        .unwrap();
+        let (router, front) =
+            configured_front(Some(silent), Duration::ZERO, idle_after(period)).await;
         let started = tokio::time::Instant::now();
         let (seen, _) = ask(front.local_addr(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert_eq!(seen.status, 504);

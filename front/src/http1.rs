@@ -6,10 +6,12 @@
 //! connection is found exactly where the backend will find it. This module owns
 //! that knowledge (RFC 9112, sections 6 and 7), with no I/O, so it is tested and
 //! fuzzed on its own. It is strict where a lenient reading could let the front
-//! and the backend disagree on a message's end (request smuggling): conflicting
-//! `Content-Length`s, a request `Transfer-Encoding` that does not end in
-//! `chunked`, a chunk line that is not hex digits then CRLF — each is a
-//! [`FrameError`], and the front answers it with an error and closes.
+//! and the backend disagree on a message's end or on whom it is for (request
+//! smuggling): conflicting `Content-Length`s; a request `Transfer-Encoding`
+//! that does not end in `chunked`, names `chunked` twice or `identity` at all,
+//! or comes in more than one field line; more than one `Host`; a chunk line
+//! that is not hex digits then CRLF — each is a [`FrameError`], and the front
+//! answers it with an error and closes.
 //!
 //! Forwarded heads drop the hop-by-hop headers (`Connection`, `Keep-Alive`,
 //! `Proxy-Connection` and whatever `Connection` names): each hop's connection
@@ -39,10 +41,14 @@ pub enum FrameError {
     /// `Content-Length` is not a number, or two of them disagree.
     #[error("invalid or conflicting Content-Length")]
     ContentLength,
-    /// A request's `Transfer-Encoding` does not end in `chunked`, or comes
-    /// with HTTP/1.0.
-    #[error("unsupported Transfer-Encoding")]
+    /// A request's `Transfer-Encoding` does not end in `chunked`, names
+    /// `chunked` more than once or `identity` at all, comes in more than one
+    /// field line, or comes with HTTP/1.0.
+    #[error("unsupported or ambiguous Transfer-Encoding")]
     TransferEncoding,
+    /// A request has more than one `Host` (as field lines, or as a list in one).
+    #[error("more than one Host")]
+    Host,
     /// A chunked body is malformed.
     #[error("malformed chunked body")]
     Chunk,
@@ -200,6 +206,38 @@ fn transfer_encoding(headers: &[httparse::Header<'_>]) -> Option<bool> {
     last.map(|c| c.eq_ignore_ascii_case(b"chunked"))
 }
 
+/// Refuses a request whose framing or target a server behind the front could
+/// read another way: a `Transfer-Encoding` in several field lines (one reader
+/// may take the first, another the last), with `identity` (obsolete, and
+/// ignored by some readers but not others) or `chunked` twice; several
+/// `Host`s, or a `Host` list (RFC 9112, 3.2: a server answers it with 400).
+fn refuse_ambiguous_request(headers: &[httparse::Header<'_>]) -> Result<(), FrameError> {
+    let (mut te_lines, mut chunked, mut hosts) = (0, 0, 0);
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            te_lines += 1;
+            for coding in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if coding.eq_ignore_ascii_case(b"identity") {
+                    return Err(FrameError::TransferEncoding);
+                }
+                chunked += usize::from(coding.eq_ignore_ascii_case(b"chunked"));
+            }
+        } else if h.name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+            if h.value.contains(&b',') {
+                return Err(FrameError::Host);
+            }
+        }
+    }
+    if te_lines > 1 || chunked > 1 {
+        return Err(FrameError::TransferEncoding);
+    }
+    if hosts > 1 {
+        return Err(FrameError::Host);
+    }
+    Ok(())
+}
+
 /// Where the head parsed from `input` ends: `None` while it is incomplete.
 fn head_end(parsed: httparse::Result<usize>, input: &[u8]) -> Result<Option<usize>, FrameError> {
     match parsed {
@@ -230,14 +268,33 @@ fn copy_upgrade(out: &mut Vec<u8>, headers: &[httparse::Header<'_>]) {
     out.extend_from_slice(b"Connection: upgrade\r\n");
 }
 
+/// What the front adds to each request it forwards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Added<'a> {
+    /// Header lines of the front's own, each `Name: value` and CRLF,
+    /// written after the client's.
+    pub lines: &'a [u8],
+    /// Names (any case) of the client's headers left out, because `lines`
+    /// replaces them rather than adding to them.
+    pub replacing: &'a [&'a str],
+}
+
+impl Added<'_> {
+    /// Nothing added, nothing replaced.
+    pub const NONE: Added<'static> = Added {
+        lines: b"",
+        replacing: &[],
+    };
+}
+
 /// Parses the request head at the start of `input`. `Ok(None)`: it is not
 /// complete yet (read more). On success the head to send the backend is
 /// appended to `out`: the request target in origin form, the client's HTTP
-/// version, the end-to-end headers, `Connection: upgrade` for an upgrade, and
-/// `extra` (header lines of the front's own, each ending in CRLF).
+/// version, the end-to-end headers (but those `added` replaces),
+/// `Connection: upgrade` for an upgrade, and `added`'s lines.
 pub fn parse_request(
     input: &[u8],
-    extra: &[u8],
+    added: &Added<'_>,
     out: &mut Vec<u8>,
 ) -> Result<Option<RequestHead>, FrameError> {
     // Left uninitialised: httparse writes each slot it hands back.
@@ -266,6 +323,7 @@ pub fn parse_request(
         .iter()
         .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
     let upgrade = conn.upgrade && has_upgrade && !http10;
+    refuse_ambiguous_request(headers)?;
     let (length, length_repeated) = content_length(headers)?;
     let body = match transfer_encoding(headers) {
         Some(true) if !http10 => Length::Chunked,
@@ -308,7 +366,8 @@ pub fn parse_request(
         let answered = expects_continue && name.eq_ignore_ascii_case("expect");
         // `X_Y` could reach a CGI-style service as `X-Y`: such names are dropped.
         let underscored = name.contains('_');
-        !(conn.drops(name) || length || answered || underscored)
+        let replaced = added.replacing.iter().any(|r| name.eq_ignore_ascii_case(r));
+        !(conn.drops(name) || length || answered || underscored || replaced)
     });
     if let (Length::Fixed(n), true) = (body, length_repeated) {
         let _ = write!(StrOut(out), "Content-Length: {n}\r\n");
@@ -316,7 +375,7 @@ pub fn parse_request(
     if upgrade {
         copy_upgrade(out, headers);
     }
-    out.extend_from_slice(extra);
+    out.extend_from_slice(added.lines);
     out.extend_from_slice(b"\r\n");
 
     Ok(Some(RequestHead {
@@ -422,7 +481,7 @@ impl std::fmt::Write for StrOut<'_> {
 
 /// A whole response of the front's own: `status`, a plain-text body, and
 /// `Connection: close` when `close`.
-pub fn own_response(status: u16, reason: &str, text: &str, close: bool, out: &mut Vec<u8>) {
+pub(crate) fn own_response(status: u16, reason: &str, text: &str, close: bool, out: &mut Vec<u8>) {
     let _ = write!(
         StrOut(out),
         "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{text}",
@@ -567,10 +626,12 @@ mod tests {
     /// body the same way for the backend.
     fn request(raw: &str) -> (RequestHead, String) {
         let mut out = Vec::new();
-        let head = parse_request(raw.as_bytes(), b"", &mut out)
+        let head = parse_request(raw.as_bytes(), &Added::NONE, &mut out)
             .unwrap()
             .unwrap();
-        let again = parse_request(&out, b"", &mut Vec::new()).unwrap().unwrap();
+        let again = parse_request(&out, &Added::NONE, &mut Vec::new())
+            .unwrap()
+            .unwrap();
         assert_eq!(again.consumed, out.len());
         assert_eq!(
             (again.body, again.http10, again.upgrade, again.is_head),
@@ -605,13 +666,30 @@ mod tests {
     }
 
     #[test]
-    fn the_fronts_own_lines_go_last() {
+    fn the_fronts_own_lines_go_last_and_replace_what_they_name() {
+        let raw =
+            b"GET / HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\nx-forwarded-for: 10.0.0.2\r\n\r\n";
+        let lines = b"X-Forwarded-For: 127.0.0.1\r\n";
         let mut out = Vec::new();
-        let raw = b"GET / HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n";
-        parse_request(raw, b"X-Forwarded-For: 127.0.0.1\r\n", &mut out).unwrap();
+        let appending = Added {
+            lines,
+            replacing: &[],
+        };
+        parse_request(raw, &appending, &mut out).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "GET / HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-For: 127.0.0.1\r\n\r\n"
+            "GET / HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\nx-forwarded-for: 10.0.0.2\r\n\
+             X-Forwarded-For: 127.0.0.1\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        let replacing = Added {
+            lines,
+            replacing: &["X-Forwarded-For"],
+        };
+        parse_request(raw, &replacing, &mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET / HTTP/1.1\r\nX-Forwarded-For: 127.0.0.1\r\n\r\n"
         );
     }
 
@@ -647,7 +725,7 @@ mod tests {
         assert_eq!(
             parse_request(
                 b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
-                b"",
+                &Added::NONE,
                 &mut Vec::new()
             ),
             Err(FrameError::TransferEncoding)
@@ -669,7 +747,7 @@ mod tests {
         assert_eq!(
             parse_request(
                 b"CONNECT h:443 HTTP/1.1\r\nHost: h\r\n\r\n",
-                b"",
+                &Added::NONE,
                 &mut Vec::new()
             ),
             Err(FrameError::Connect)
@@ -681,9 +759,57 @@ mod tests {
         }
         many.extend_from_slice(b"\r\n");
         assert_eq!(
-            parse_request(&many, b"", &mut Vec::new()),
+            parse_request(&many, &Added::NONE, &mut Vec::new()),
             Err(FrameError::HeadTooLarge)
         );
+    }
+
+    #[test]
+    fn framing_that_readers_could_take_two_ways_is_refused() {
+        for (bad, why) in [
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: identity, chunked\r\n\r\n",
+                FrameError::TransferEncoding,
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: IDENTITY\r\nContent-Length: 3\r\n\r\n",
+                FrameError::TransferEncoding,
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+                FrameError::TransferEncoding,
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n",
+                FrameError::TransferEncoding,
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+                FrameError::TransferEncoding,
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                FrameError::Host,
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n",
+                FrameError::Host,
+            ),
+            ("GET / HTTP/1.1\r\nHost: a, b\r\n\r\n", FrameError::Host),
+        ] {
+            let mut out = Vec::new();
+            assert_eq!(
+                parse_request(bad.as_bytes(), &Added::NONE, &mut out),
+                Err(why),
+                "{bad}"
+            );
+            assert!(out.is_empty(), "a refused head wrote {out:?}");
+        }
+        // One Host, one chunked coding last: as before.
+        let (head, out) =
+            request("POST / HTTP/1.1\r\nHost: a:80\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+        assert_eq!(head.body, Length::Chunked);
+        assert!(out.contains("Host: a:80\r\n"), "{out}");
     }
 
     #[test]
@@ -732,7 +858,7 @@ mod tests {
             "POST / HTTP/1.1\r\nContent-Length: \r\n\r\n",
         ] {
             assert_eq!(
-                parse_request(bad.as_bytes(), b"", &mut Vec::new()),
+                parse_request(bad.as_bytes(), &Added::NONE, &mut Vec::new()),
                 Err(FrameError::ContentLength),
                 "{bad}"
             );
@@ -740,7 +866,7 @@ mod tests {
         assert_eq!(
             parse_request(
                 b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
-                b"",
+                &Added::NONE,
                 &mut Vec::new()
             ),
             Err(FrameError::TransferEncoding)
@@ -751,22 +877,26 @@ mod tests {
     fn incomplete_heads_ask_for_more_and_oversized_or_malformed_ones_are_refused() {
         let mut out = Vec::new();
         assert_eq!(
-            parse_request(b"GET / HTTP/1.1\r\nHost:", b"", &mut out),
+            parse_request(b"GET / HTTP/1.1\r\nHost:", &Added::NONE, &mut out),
             Ok(None)
         );
         assert!(out.is_empty());
         let mut long = b"GET / HTTP/1.1\r\nX: ".to_vec();
         long.resize(MAX_HEAD + 10, b'a');
         assert_eq!(
-            parse_request(&long, b"", &mut out),
+            parse_request(&long, &Added::NONE, &mut out),
             Err(FrameError::HeadTooLarge)
         );
         assert!(matches!(
-            parse_request(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n", b"", &mut out),
+            parse_request(
+                b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+                &Added::NONE,
+                &mut out
+            ),
             Err(FrameError::Head(_))
         ));
         assert!(matches!(
-            parse_request(b"\x00\x01 nonsense\r\n\r\n", b"", &mut out),
+            parse_request(b"\x00\x01 nonsense\r\n\r\n", &Added::NONE, &mut out),
             Err(FrameError::Head(_))
         ));
         assert!(out.is_empty(), "nothing is written for a refused head");

@@ -1,19 +1,24 @@
-//! The front for `tcp` ports: the shell owns the public port and splices each
-//! connection to the service process currently behind it.
+//! A public port: the routing table it follows, the listener and its accept
+//! loop, the work it has in flight per backend, and the per-connection front
+//! for `tcp` ports.
 //!
 //! Where new work goes is one [`Router`] per instance: a table from each public
 //! port's route key to its backend, replaced as a whole, so a change to several
-//! services (a shadow generation's cutover) takes effect for all of them at one
-//! instant — no request can see one service switched and another not.
+//! routes (a shadow generation's cutover) takes effect for all of them at one
+//! instant — no request can see one route switched and another not.
 //!
 //! [`bind_tcp`] accepts on the public address and connects each new connection to
 //! the backend its route names at that moment; a connection stays with its
 //! backend until it ends, so a [`Router::set`] moves only new connections (old
-//! ones drain on the old process). While there is no backend (a service with `overlap = false`
-//! between its stop and its start), new connections are held for up to the hold
-//! time instead of being refused. [`Front::busy`] counts the connections
-//! still open on a backend, so an upgrade can wait for the old process to drain.
-//! HTTP ports get a request-level front later; this one is per connection.
+//! ones drain on the old process). While there is no backend (a service with
+//! `overlap = false` between its stop and its start), new connections are held
+//! for up to the hold time instead of being refused. [`Front::busy`] counts the
+//! connections (or, for HTTP, requests) still open on a backend, so an upgrade
+//! can wait for the old process to drain.
+//!
+//! Each front serves at most [`FrontConfig::max_connections`] client
+//! connections at once: one more is accepted and closed at once, and
+//! accepted again as soon as another has ended.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -22,10 +27,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
-use tracing::debug;
+
+use crate::FrontConfig;
+
+/// How long the accept loop waits after an error other than a connection
+/// given up before it was accepted: out of file descriptors or memory, say,
+/// which retrying at once would only turn into a busy loop.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
 
 /// Connections (or requests) currently open per backend.
 pub(crate) type Counts = Arc<Mutex<HashMap<SocketAddr, Counter>>>;
@@ -57,6 +67,43 @@ impl Busy {
 impl Drop for Busy {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A front's stop signal: set once, seen by its accept loop and every
+/// connection. Checking it is one atomic load, so a connection may look at it
+/// between any two requests.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Stop(Arc<StopInner>);
+
+#[derive(Debug, Default)]
+struct StopInner {
+    stopped: std::sync::atomic::AtomicBool,
+    notify: Notify,
+}
+
+impl Stop {
+    /// Stops: every waiter of [`Stop::stopped`] wakes, and later ones return at once.
+    pub(crate) fn stop(&self) {
+        self.0.stopped.store(true, Ordering::SeqCst);
+        self.0.notify.notify_waiters();
+    }
+
+    /// Whether [`Stop::stop`] was called.
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.0.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once [`Stop::stop`] has been called.
+    pub(crate) async fn stopped(&self) {
+        let notified = self.0.notify.notified();
+        tokio::pin!(notified);
+        // Registered before the flag is checked, so a stop in between wakes it.
+        notified.as_mut().enable();
+        if self.is_stopped() {
+            return;
+        }
+        notified.await;
     }
 }
 
@@ -125,8 +172,8 @@ pub(crate) struct Routing {
     pub(crate) hold: Duration,
     /// Work in flight per backend.
     pub(crate) counts: Counts,
-    /// Cancelled when the front shuts down.
-    pub(crate) stop: CancellationToken,
+    /// Set when the front shuts down.
+    pub(crate) stop: Stop,
     /// The route's backend as last read, until the table changes (`None`:
     /// not read yet).
     pub(crate) seen: Option<Option<SocketAddr>>,
@@ -177,22 +224,36 @@ impl Routing {
 }
 
 /// A public port owned by the shell: the listener, its accept loop, and the
-/// route it follows. [`bind_tcp`] and [`crate::http_front::bind_http`] make one;
+/// route it follows. [`bind_tcp`] and [`crate::bind_http`] make one;
 /// they differ only in what they do with each client connection.
 #[derive(Debug)]
 pub struct Front {
     addr: SocketAddr,
     counts: Counts,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    /// One permit per client connection it may still take.
+    permits: Arc<Semaphore>,
+    /// How many permits there are in all.
+    max_connections: usize,
+    stop: Stop,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A front dropped without [`Front::shutdown`] stops too: it accepts no more,
+/// and its connections end as `shutdown` would end them, in the background.
+impl Drop for Front {
+    fn drop(&mut self) {
+        self.stop.stop();
+    }
 }
 
 impl Front {
-    /// Listens on `public` and runs `serve` for every client connection.
+    /// Listens on `public` and runs `serve` for every client connection, at
+    /// most `max_connections` at once.
     pub(crate) async fn bind<F, Fut>(
         public: SocketAddr,
         route: Route,
         hold: Duration,
+        max_connections: usize,
         serve: F,
     ) -> std::io::Result<Self>
     where
@@ -202,7 +263,7 @@ impl Front {
         let listener = TcpListener::bind(public).await?;
         let addr = listener.local_addr()?;
         let counts: Counts = Arc::default();
-        let stop = CancellationToken::new();
+        let stop = Stop::default();
         let routing = Routing {
             route,
             hold,
@@ -211,18 +272,28 @@ impl Front {
             seen: None,
             table_reads: 0,
         };
-        let task = tokio::spawn(accept_loop(listener, routing, serve));
+        let max_connections = max_connections.min(Semaphore::MAX_PERMITS);
+        let permits = Arc::new(Semaphore::new(max_connections));
+        let task = tokio::spawn(accept_loop(listener, routing, permits.clone(), serve));
         Ok(Self {
             addr,
             counts,
+            permits,
+            max_connections,
             stop,
-            task,
+            task: Some(task),
         })
     }
 
     /// The public address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Client connections open now (at most
+    /// [`FrontConfig::max_connections`]).
+    pub fn connections(&self) -> usize {
+        self.max_connections - self.permits.available_permits()
     }
 
     /// Connections (TCP) or requests (HTTP) still open on `backend`: what an
@@ -247,48 +318,77 @@ impl Front {
     }
 
     /// The number of backends with a counter (for tests of [`Front::forget`]).
-    pub fn counted_backends(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn counted_backends(&self) -> usize {
         self.counts.lock().map(|m| m.len()).unwrap_or(0)
     }
 
     /// Stops accepting and ends every client connection.
-    pub async fn shutdown(self) {
-        self.stop.cancel();
-        let _ = self.task.await;
+    pub async fn shutdown(mut self) {
+        self.stop.stop();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
     }
 }
 
-async fn accept_loop<F, Fut>(listener: TcpListener, routing: Routing, serve: F)
-where
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    routing: Routing,
+    permits: Arc<Semaphore>,
+    serve: F,
+) where
     F: Fn(TcpStream, Routing) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, Interrupted};
     let mut conns = JoinSet::new();
     loop {
         while conns.try_join_next().is_some() {}
         let (client, _) = tokio::select! {
-            () = routing.stop.cancelled() => break,
+            () = routing.stop.stopped() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
-                Err(e) => {
-                    debug!(error = %e, "accept failed");
+                Err(e) if matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted) => {
                     continue;
+                }
+                Err(_) => {
+                    tokio::select! {
+                        () = routing.stop.stopped() => break,
+                        () = tokio::time::sleep(ACCEPT_PAUSE) => continue,
+                    }
                 }
             },
         };
+        // Over the limit: closed at once, before anything is read or spent.
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            drop(client);
+            continue;
+        };
         let _ = client.set_nodelay(true);
-        conns.spawn(serve(client, routing.clone()));
+        let served = serve(client, routing.clone());
+        conns.spawn(async move {
+            served.await;
+            drop(permit);
+        });
     }
     conns.shutdown().await;
 }
 
 /// Listens on `public` for a `tcp` port, splicing each connection to the backend
 /// of `route`; a connection arriving while it has none waits up to `hold`.
-pub async fn bind_tcp(public: SocketAddr, route: Route, hold: Duration) -> std::io::Result<Front> {
-    Front::bind(public, route, hold, |client, routing| async move {
+/// Of `config`, only [`FrontConfig::max_connections`] applies to a `tcp` port.
+pub async fn bind_tcp(
+    public: SocketAddr,
+    route: Route,
+    hold: Duration,
+    config: &FrontConfig,
+) -> std::io::Result<Front> {
+    let max = config.max_connections;
+    Front::bind(public, route, hold, max, |client, routing| async move {
         let stop = routing.stop.clone();
         tokio::select! {
-            () = stop.cancelled() => {}
+            () = stop.stopped() => {}
             () = splice(client, routing) => {}
         }
     })
@@ -297,23 +397,20 @@ pub async fn bind_tcp(public: SocketAddr, route: Route, hold: Duration) -> std::
 
 /// Waits (up to the hold time) for a backend, connects, and copies both ways.
 async fn splice(mut client: TcpStream, mut routing: Routing) {
+    // No backend within the hold time, or one that refuses: the client's
+    // connection closes.
     let Some(target) = routing.current().await else {
-        debug!("no backend within the hold time; closing the connection");
         return;
     };
-    let mut server = match TcpStream::connect(target).await {
-        Ok(s) => s,
-        Err(e) => {
-            debug!(%target, error = %e, "backend refused the connection");
-            return;
-        }
+    let Ok(mut server) = TcpStream::connect(target).await else {
+        return;
     };
     let _busy = Busy::new(&counter(&routing.counts, target));
     let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -341,6 +438,10 @@ mod tests {
         addr
     }
 
+    fn any() -> SocketAddr {
+        "127.0.0.1:0".parse().unwrap()
+    }
+
     async fn ask(s: &mut TcpStream, what: &str) -> String {
         s.write_all(what.as_bytes()).await.unwrap();
         let mut buf = [0u8; 64];
@@ -352,6 +453,92 @@ mod tests {
         router.set([("svc/main".to_owned(), backend)]);
     }
 
+    /// Waits (up to 10 s) until `front` has `n` client connections open: a
+    /// closed one counts until its task has ended.
+    pub(crate) async fn until_connections(front: &Front, n: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while front.connections() != n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} connections open, not {n}",
+                front.connections()
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Whether `conn` was closed by the front (within 10 s) before anything
+    /// came on it.
+    pub(crate) async fn refused(conn: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await;
+        // A close with unread bytes is a reset: refused too.
+        matches!(read, Ok(Ok(0) | Err(_)))
+    }
+
+    #[tokio::test]
+    async fn a_dropped_front_stops_listening() {
+        let b = backend("b").await;
+        let router = Router::new();
+        set(&router, Some(b));
+        let front = bind_tcp(
+            any(),
+            router.route("svc/main"),
+            Duration::from_secs(5),
+            &FrontConfig::default(),
+        )
+        .await
+        .unwrap();
+        let addr = front.local_addr();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(ask(&mut client, "1").await, "b:1");
+        drop(front);
+        // A hang guard, not a speed assertion: the port must close at all.
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while TcpStream::connect(addr).await.is_ok() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("a dropped front still accepts connections");
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_limit_are_closed_until_others_end() {
+        let b = backend("b").await;
+        let router = Router::new();
+        set(&router, Some(b));
+        let config = FrontConfig {
+            max_connections: 2,
+            ..FrontConfig::default()
+        };
+        let hold = Duration::from_secs(5);
+        let front = bind_tcp(any(), router.route("svc/main"), hold, &config)
+            .await
+            .unwrap();
+        let addr = front.local_addr();
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(ask(&mut first, "1").await, "b:1");
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(ask(&mut second, "2").await, "b:2");
+        assert_eq!(front.connections(), 2);
+
+        // A third is closed at once, and never reaches the backend.
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        assert!(refused(&mut third).await);
+        assert_eq!((front.connections(), front.busy(b)), (2, 2));
+
+        // Once one ends, connections are taken again, up to the limit.
+        drop(first);
+        until_connections(&front, 1).await;
+        let mut fourth = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(ask(&mut fourth, "4").await, "b:4");
+        let mut fifth = TcpStream::connect(addr).await.unwrap();
+        assert!(refused(&mut fifth).await);
+        assert_eq!(ask(&mut second, "still").await, "b:still");
+        front.shutdown().await;
+    }
+
     #[tokio::test]
     async fn a_switch_moves_new_connections_and_old_ones_drain() {
         let (old, new) = (backend("old").await, backend("new").await);
@@ -361,6 +548,7 @@ mod tests {
             "127.0.0.1:0".parse().unwrap(),
             router.route("svc/main"),
             Duration::from_secs(5),
+            &FrontConfig::default(),
         )
         .await
         .unwrap();
@@ -399,6 +587,7 @@ mod tests {
             "127.0.0.1:0".parse().unwrap(),
             router.route("svc/main"),
             Duration::from_secs(10),
+            &FrontConfig::default(),
         )
         .await
         .unwrap();
@@ -419,6 +608,7 @@ mod tests {
             "127.0.0.1:0".parse().unwrap(),
             Router::new().route("svc/main"),
             Duration::from_millis(100),
+            &FrontConfig::default(),
         )
         .await
         .unwrap();
@@ -443,9 +633,13 @@ mod tests {
         let router = Router::new();
         router.set([("a/main".into(), Some(a1)), ("b/main".into(), Some(b1))]);
         let hold = Duration::from_secs(5);
-        let any = || "127.0.0.1:0".parse().unwrap();
-        let fa = bind_tcp(any(), router.route("a/main"), hold).await.unwrap();
-        let fb = bind_tcp(any(), router.route("b/main"), hold).await.unwrap();
+        let config = FrontConfig::default();
+        let fa = bind_tcp(any(), router.route("a/main"), hold, &config)
+            .await
+            .unwrap();
+        let fb = bind_tcp(any(), router.route("b/main"), hold, &config)
+            .await
+            .unwrap();
         // Every reader of the table sees it before or after a change, whole.
         let mut seen = router.route("a/main").table;
         router.set([("a/main".into(), Some(a2)), ("b/main".into(), Some(b2))]);
