@@ -254,7 +254,7 @@ async fn print_ready(dir: &Path, config_path: &Path, repo_addr: SocketAddr) -> R
         };
         let image = status.image.as_ref().map_or_else(
             || "no image".to_owned(),
-            |(name, _)| format!("image {name}"),
+            |image| format!("image {}", image.name),
         );
         println!(
             "instance    {} ({}), {image}, generation {}",

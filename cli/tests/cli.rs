@@ -283,7 +283,7 @@ fn deploy_an_image_to_a_shell_and_read_its_status() {
     let id = image["id"].as_str().unwrap();
     let by_id = c.molt_json(&["deploy", &id[..10], "--instance", &target, "--plan"]);
     assert_eq!(by_id["services"][0]["service"], "hello");
-    assert_eq!(by_id["services"][0]["action"], "Add");
+    assert_eq!(by_id["services"][0]["action"], "add");
     let out = c.molt(&["deploy", "0123456789ab", "--instance", &target, "--plan"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -297,7 +297,7 @@ fn deploy_an_image_to_a_shell_and_read_its_status() {
         .iter()
         .map(|s| s.as_object().unwrap().keys().next().unwrap().clone())
         .collect();
-    assert_eq!(kinds, ["Fetch", "Release", "Start", "Cutover", "Record"]);
+    assert_eq!(kinds, ["fetch", "release", "start", "cutover", "record"]);
     let (done, shown) = c.molt_json_steps(&["deploy", "demo-1", "--instance", &target]);
     assert_eq!(done["restarted"], serde_json::json!(["hello"]));
     assert_eq!(done["generation"], 1);
@@ -335,7 +335,8 @@ fn deploy_an_image_to_a_shell_and_read_its_status() {
 
     let status = c.molt_json(&["status", "--instance", &target]);
     assert_eq!(status["instance"], "dev-1");
-    assert_eq!(status["image"][0], "demo-1");
+    assert_eq!(status["image"]["name"], "demo-1");
+    assert_eq!(status["image"]["id"], image["id"]);
     let svc = &status["services"]["hello"];
     assert_eq!(svc["state"], "running");
     let public = svc["ports"]["main"].as_str().unwrap().to_owned();
@@ -418,7 +419,8 @@ fn deploy_an_image_to_a_shell_and_read_its_status() {
     assert_eq!(back["restarted"], serde_json::json!(["hello"]));
     assert_eq!(back["generation"], 3);
     let status = c.molt_json(&["status", "--instance", &target]);
-    assert_eq!(status["image"][0], "demo-1");
+    assert_eq!(status["image"]["name"], "demo-1");
+    assert_eq!(status["image"]["id"], image["id"]);
     assert_eq!(status["services"]["hello"]["commit"], svc["commit"]);
 
     // Logs: one file per generation's processes, every line stamped; the
@@ -566,10 +568,10 @@ fn production_deploys_in_shadow_by_default_and_status_shows_the_lifecycle() {
     let (_, steps) = c.molt_json_steps(&["deploy", "one", "--instance", &target]);
     assert!(steps.contains("cutover: hello … done"), "{steps}");
     let status = c.molt_json(&["status", "--instance", &target]);
-    assert_eq!(status["strategy"], "Shadow");
+    assert_eq!(status["strategy"], "shadow");
     assert_eq!(
         status["lifecycle"],
-        serde_json::json!([{ "number": 1, "phase": "Serving" }])
+        serde_json::json!([{ "number": 1, "phase": "serving" }])
     );
     // In place when asked; the lifecycle follows.
     let (_, steps) = c.molt_json_steps(&[
@@ -585,8 +587,8 @@ fn production_deploys_in_shadow_by_default_and_status_shows_the_lifecycle() {
     assert_eq!(
         status["lifecycle"],
         serde_json::json!([
-            { "number": 1, "phase": "Stopped" },
-            { "number": 2, "phase": "Serving" }
+            { "number": 1, "phase": "stopped" },
+            { "number": 2, "phase": "serving" }
         ])
     );
     let out = c.molt(&["deploy", "one", "--instance", &target, "--strategy", "blue"]);
@@ -599,13 +601,13 @@ fn production_deploys_in_shadow_by_default_and_status_shows_the_lifecycle() {
     assert!(steps.contains("record generation 3"), "{steps}");
     let steps = done["steps"].as_array().unwrap();
     assert!(
-        steps.iter().any(|t| t["step"]["Release"]["reuse"] == true),
+        steps.iter().any(|t| t["step"]["release"]["reuse"] == true),
         "image one's release is on disk: {done}"
     );
     assert!(
         steps
             .iter()
-            .any(|t| t["step"]["Start"]["service"] == "hello"),
+            .any(|t| t["step"]["start"]["service"] == "hello"),
         "{done}"
     );
     let out = c.molt(&[

@@ -175,7 +175,7 @@ fn molt_up_serves_the_examples_stops_on_ctrl_c_and_comes_back() {
     let images = molt_json(dir.path(), &["image", "list"]);
     assert_eq!(images.as_array().unwrap().len(), 1, "{images}");
     let status = molt_json(dir.path(), &["status", "--instance", "staging"]);
-    assert_eq!(status["image"][0], "up-1");
+    assert_eq!(status["image"]["name"], "up-1");
     let pid = status["services"]["orders"]["pid"].as_u64().unwrap();
     assert!(Path::new(&format!("/proc/{pid}")).exists());
     let dev = molt_json(dir.path(), &["status", "--instance", "dev"]);
