@@ -21,7 +21,7 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "molt", version, about)]
 struct Cli {
-    /// The client configuration file [default: ./molt.toml]
+    /// The client configuration file [default: ./molt.toml, else ./molt-local/molt.toml]
     #[arg(long, global = true, env = "MOLT_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     /// The repository server's address, overriding `repo` in the configuration.
@@ -39,7 +39,7 @@ enum Command {
     /// Run a whole local cluster (repository + 3 instances) with the examples deployed.
     Up {
         /// The state directory (created if missing, reused if it holds a cluster).
-        #[arg(long, default_value = "molt-local")]
+        #[arg(long, default_value = config::UP_DIR)]
         dir: PathBuf,
         /// Pick free ports instead of the fixed ones (see them in the output).
         #[arg(long)]

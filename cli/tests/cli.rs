@@ -130,6 +130,55 @@ fn push_log_diff_and_images_from_the_binary() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("service.toml"));
 }
 
+/// Without `--config` or `$MOLT_CONFIG`, molt reads `./molt.toml`, else the
+/// `./molt-local/molt.toml` that `molt up` writes; with neither, it says how to
+/// get one and warns that `molt init` makes another cluster.
+#[test]
+fn without_a_config_molt_finds_the_one_molt_up_wrote() {
+    let c = Cluster::init();
+    let cwd = tempfile::tempdir().unwrap();
+    let molt = |args: &[&str]| {
+        Command::new(MOLT)
+            .current_dir(cwd.path())
+            .env("XDG_CACHE_HOME", cwd.path().join("cache"))
+            .env_remove("MOLT_CONFIG")
+            .arg("--repo")
+            .arg(c.addr.unwrap().to_string())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = molt(&["image", "list"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("./molt.toml") && err.contains("./molt-local/molt.toml"),
+        "{err}"
+    );
+    assert!(
+        err.contains("molt init") && err.contains("molt up"),
+        "{err}"
+    );
+
+    // The cluster's directory where `molt up` keeps its state.
+    std::os::unix::fs::symlink(c.dir.path(), cwd.path().join("molt-local")).unwrap();
+    let out = molt(&["image", "list", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let images: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(images, serde_json::json!([]));
+
+    // ./molt.toml comes first.
+    write(cwd.path(), "molt.toml", b"repo = 1\n");
+    let out = molt(&["image", "list"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid configuration `molt.toml`"), "{err}");
+}
+
 #[test]
 fn a_shell_certificate_cannot_push() {
     let c = Cluster::init();
