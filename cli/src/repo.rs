@@ -224,7 +224,11 @@ impl Context {
                 bail!("--set `{pair}`: expected SERVICE=REV");
             };
             let service = ServiceName::new(service).with_context(|| format!("--set `{pair}`"))?;
-            let commit = self.resolve(&service, rev).await?;
+            let commit = self
+                .repo
+                .resolve(&service, rev)
+                .await
+                .with_context(|| format!("--set `{pair}`"))?;
             services.insert(service, commit);
         }
         if services.is_empty() {

@@ -130,6 +130,21 @@ fn push_log_diff_and_images_from_the_binary() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("service.toml"));
 }
 
+/// What a new user trips on when making an image: a service the repository
+/// does not have is named as such, not reported as an unknown revision.
+#[test]
+fn image_create_names_a_missing_service() {
+    let c = Cluster::init();
+    let out = c.molt(&["image", "create", "shop-1", "--set", "nosvc=main"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the repository has no service `nosvc`"),
+        "{err}"
+    );
+    assert!(!err.contains("neither a branch"), "{err}");
+}
+
 /// Without `--config` or `$MOLT_CONFIG`, molt reads `./molt.toml`, else the
 /// `./molt-local/molt.toml` that `molt up` writes; with neither, it says how to
 /// get one and warns that `molt init` makes another cluster.

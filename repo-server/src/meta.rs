@@ -56,6 +56,8 @@ pub trait MetaStore: Send + Sync + 'static {
     fn put_commit(&self, commit: &Commit) -> Result<(CommitId, bool), MetaError>;
     /// A stored commit.
     fn commit(&self, id: &CommitId) -> Result<Option<Commit>, MetaError>;
+    /// Does the repository hold any commit of `service`?
+    fn has_service(&self, service: &ServiceName) -> Result<bool, MetaError>;
     /// The commits of `service` whose id starts with `prefix`.
     fn commits_with_prefix(
         &self,
@@ -237,6 +239,16 @@ impl MetaStore for SledMeta {
             .transpose()
     }
 
+    fn has_service(&self, service: &ServiceName) -> Result<bool, MetaError> {
+        let base = service_key(service, None);
+        Ok(self
+            .by_service
+            .scan_prefix(&base)
+            .next()
+            .transpose()?
+            .is_some())
+    }
+
     fn commits_with_prefix(
         &self,
         service: &ServiceName,
@@ -402,6 +414,15 @@ mod tests {
             meta.commits_with_prefix(&other, &prefix)
                 .unwrap()
                 .is_empty()
+        );
+        // A service exists once it has a commit; a name that is a prefix of
+        // another service's is a service of its own.
+        assert!(meta.has_service(&svc).unwrap());
+        assert!(!meta.has_service(&other).unwrap());
+        assert!(
+            !meta
+                .has_service(&ServiceName::new("order").unwrap())
+                .unwrap()
         );
     }
 

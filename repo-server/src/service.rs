@@ -518,8 +518,14 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
         }
     }
 
-    /// A branch name first, then a full id, then an abbreviated id.
+    /// A branch name first, then a full id, then an abbreviated id. A service
+    /// the repository has never seen is named as such, whatever the revision.
     fn resolve(&self, service: &ServiceName, rev: &str) -> Result<CommitId, RemoteError> {
+        if !self.meta.has_service(service)? {
+            return Err(not_found(format!(
+                "the repository has no service `{service}`; push it first (molt push DIR)"
+            )));
+        }
         if let Ok(branch) = BranchName::new(rev)
             && let Some(head) = self.meta.head(service, &branch)?
         {

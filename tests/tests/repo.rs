@@ -107,6 +107,16 @@ async fn push_repush_change_one_file_and_diff() {
     }
     let err = repo.resolve(&svc("orders"), "nope").await.unwrap_err();
     assert_eq!(err.remote_kind(), Some(&ErrorKind::NotFound));
+    // A service the repository never saw is named as such, whatever the revision.
+    for rev in ["main", &second.commit.to_hex()] {
+        let err = repo.resolve(&svc("nosvc"), rev).await.unwrap_err();
+        assert_eq!(err.remote_kind(), Some(&ErrorKind::NotFound));
+        assert!(
+            err.to_string()
+                .contains("the repository has no service `nosvc`"),
+            "{err}"
+        );
+    }
 }
 
 #[tokio::test]
