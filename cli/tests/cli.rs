@@ -131,9 +131,10 @@ fn push_log_diff_and_images_from_the_binary() {
 }
 
 /// What a new user trips on when making an image: a service the repository
-/// does not have is named as such, not reported as an unknown revision.
+/// does not have, and two services on one public port (which would pass here
+/// and fail at deploy with the port in use). Both are refused, clearly.
 #[test]
-fn image_create_names_a_missing_service() {
+fn image_create_names_a_missing_service_and_a_shared_port() {
     let c = Cluster::init();
     let out = c.molt(&["image", "create", "shop-1", "--set", "nosvc=main"]);
     assert!(!out.status.success());
@@ -143,6 +144,34 @@ fn image_create_names_a_missing_service() {
         "{err}"
     );
     assert!(!err.contains("neither a branch"), "{err}");
+
+    // `service` writes port 8080 for both.
+    for name in ["orders", "payments"] {
+        let dir = c.dir.path().join(name);
+        service(&dir, name);
+        c.molt_json(&["push", dir.to_str().unwrap()]);
+    }
+    let out = c.molt(&[
+        "image",
+        "create",
+        "shop-1",
+        "--set",
+        "orders=main",
+        "--set",
+        "payments=main",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("services `orders` and `payments` both want public port 8080"),
+        "{err}"
+    );
+    assert!(
+        c.molt_json(&["image", "list"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// Without `--config` or `$MOLT_CONFIG`, molt reads `./molt.toml`, else the

@@ -45,7 +45,7 @@ pub use diff::{Change, DiffError, TreeDiff};
 pub use encoding::DecodeError;
 pub use id::{BlobId, CommitId, IdParseError, IdPrefix, ImageId, PrefixResolveError, TreeId};
 pub use image::{Image, ImageError};
-pub use manifest::{MANIFEST_FILE, ManifestError, ServiceManifest};
+pub use manifest::{MANIFEST_FILE, ManifestError, PortClash, ServiceManifest, distinct_ports};
 pub use name::{BranchName, ImageName, InstanceName, NameError, ServiceName, UserName};
 pub use path::{LinkTarget, PathError, RelPath};
 pub use scan::{IGNORE_FILE, ScanError, ScannedTree, scan_dir};
