@@ -141,7 +141,7 @@ pub(crate) async fn command(
     reply.with_context(|| format!("the shell of `{name}` refused"))
 }
 
-fn print_summary(verb: &str, s: &UpgradeSummary) {
+pub(crate) fn print_summary(verb: &str, s: &UpgradeSummary) {
     let list = |v: &[image_spec::ServiceName]| {
         if v.is_empty() {
             "-".to_owned()

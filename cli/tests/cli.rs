@@ -174,6 +174,69 @@ fn image_create_names_a_missing_service_and_a_shared_port() {
     );
 }
 
+/// With `--json`, a failure is a JSON document on stdout too, whatever failed:
+/// the arguments, the configuration, the repository, a shell, the local files.
+#[test]
+fn with_json_every_failure_is_a_json_document() {
+    let c = Cluster::init();
+    let nowhere = c.dir.path().join("nowhere");
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &["image", "create", "x", "--set", "nosvc=main"],
+            "no service `nosvc`",
+        ),
+        (&["image", "show", "nope"], "no image named `nope`"),
+        (&["push", nowhere.to_str().unwrap()], "nowhere"),
+        (
+            &["status", "--instance", "dev-9"],
+            "unknown instance `dev-9`",
+        ),
+        (
+            &[
+                "deploy",
+                "x",
+                "--instance",
+                "a@127.0.0.1:1",
+                "--strategy",
+                "blue",
+            ],
+            "in-place, shadow or shadow-full",
+        ),
+        (&["cert", "issue", "--role", "wizard"], "wizard"),
+        (&["init", c.dir.path().to_str().unwrap()], "exists already"),
+    ];
+    for (args, says) in cases {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = c.molt(&all);
+        assert!(!out.status.success(), "{args:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!("{args:?}: stdout is not one JSON document ({e}): {stdout}")
+        });
+        let error = doc["error"].as_str().unwrap_or_else(|| panic!("{doc}"));
+        assert!(error.contains(says), "{args:?}: {doc}");
+        assert!(doc["causes"].is_array(), "{doc}");
+    }
+    // Without a configuration at all.
+    let empty = tempfile::tempdir().unwrap();
+    let out = Command::new(MOLT)
+        .current_dir(empty.path())
+        .env_remove("MOLT_CONFIG")
+        .args(["image", "list", "--json"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        doc["error"]
+            .as_str()
+            .unwrap()
+            .contains("no molt configuration"),
+        "{doc}"
+    );
+}
+
 /// Without `--config` or `$MOLT_CONFIG`, molt reads `./molt.toml`, else the
 /// `./molt-local/molt.toml` that `molt up` writes; with neither, it says how to
 /// get one and warns that `molt init` makes another cluster.
