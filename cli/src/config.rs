@@ -1,7 +1,9 @@
 //! `molt.toml`: the client configuration every command reads.
 //!
-//! Found at `--config FILE`, else `$MOLT_CONFIG`, else `./molt.toml`. Relative paths
-//! in it are relative to the file's own directory. `molt init` writes one:
+//! Found at `--config FILE`, else `$MOLT_CONFIG`, else `./molt.toml`, else
+//! `./molt-local/molt.toml` (the one `molt up` writes, so the commands it suggests
+//! work from the directory it ran in). Relative paths in it are relative to the
+//! file's own directory. `molt init` writes one:
 //!
 //! ```toml
 //! repo = "127.0.0.1:7878"        # the repository server (override: --repo, $MOLT_REPO)
@@ -29,6 +31,10 @@ use wire::Credentials;
 
 /// The default file name.
 pub(crate) const CONFIG_FILE: &str = "molt.toml";
+
+/// The state directory `molt up` uses unless told otherwise; its `molt.toml` is
+/// the configuration of last resort.
+pub(crate) const UP_DIR: &str = "molt-local";
 
 /// The client configuration (see the module docs).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -90,14 +96,35 @@ impl Config {
     }
 }
 
+/// The configuration in `dir` when none is named: `molt.toml`, else the one
+/// `molt up` wrote in `molt-local/`. Without either, the error says how to get
+/// one — and that `molt init` makes a new cluster, whose certificates a running
+/// `molt up` cluster does not accept.
+fn discover(dir: &Path) -> Result<PathBuf> {
+    let candidates = [dir.join(CONFIG_FILE), dir.join(UP_DIR).join(CONFIG_FILE)];
+    if let Some(found) = candidates.iter().find(|p| p.exists()) {
+        // Shown relative to the working directory, as the user would type it.
+        return Ok(found.strip_prefix(".").unwrap_or(found).to_path_buf());
+    }
+    bail!(
+        "no molt configuration: neither ./{CONFIG_FILE} nor ./{UP_DIR}/{CONFIG_FILE} exists. \
+         To use a cluster `molt up` started, run from the directory it ran in or pass \
+         --config DIR/{UP_DIR}/{CONFIG_FILE} (or set MOLT_CONFIG); `molt init` makes a \
+         new cluster of your own, with its own CA that a running `molt up` does not trust"
+    )
+}
+
 impl Loaded {
     /// Reads the configuration from `explicit`, else `$MOLT_CONFIG` (clap passes it
-    /// in `explicit`), else `./molt.toml`.
+    /// in `explicit`), else `./molt.toml`, else `./molt-local/molt.toml`.
     pub(crate) fn read(explicit: Option<&Path>) -> Result<Self> {
-        let path = explicit.map_or_else(|| PathBuf::from(CONFIG_FILE), Path::to_path_buf);
+        let path = match explicit {
+            Some(path) => path.to_path_buf(),
+            None => discover(Path::new("."))?,
+        };
         let text = std::fs::read_to_string(&path).with_context(|| {
             format!(
-                "cannot read the molt configuration `{}` (make one with `molt init`, or pass --config)",
+                "cannot read the molt configuration `{}` (pass another with --config)",
                 path.display()
             )
         })?;
@@ -135,5 +162,33 @@ impl Loaded {
                 self.path.display()
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discovery_prefers_molt_toml_then_what_molt_up_wrote() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let err = discover(dir.path())
+            .expect_err("nothing to find")
+            .to_string();
+        assert!(
+            err.contains("./molt-local/molt.toml") && err.contains("molt init"),
+            "{err}"
+        );
+        std::fs::create_dir(dir.path().join(UP_DIR)).expect("mkdir");
+        std::fs::write(dir.path().join(UP_DIR).join(CONFIG_FILE), "").expect("write");
+        assert_eq!(
+            discover(dir.path()).expect("found"),
+            dir.path().join("molt-local/molt.toml")
+        );
+        std::fs::write(dir.path().join(CONFIG_FILE), "").expect("write");
+        assert_eq!(
+            discover(dir.path()).expect("found"),
+            dir.path().join("molt.toml")
+        );
     }
 }

@@ -144,7 +144,7 @@ pub(crate) async fn command(
     reply.with_context(|| format!("the shell of `{name}` refused"))
 }
 
-fn print_summary(verb: &str, s: &UpgradeSummary) {
+pub(crate) fn print_summary(verb: &str, s: &UpgradeSummary) {
     let list = |v: &[image_spec::ServiceName]| {
         if v.is_empty() {
             "-".to_owned()
@@ -388,8 +388,8 @@ pub(crate) async fn status(config: Option<&Path>, instance: &str, json: bool) ->
     if let Some(why) = &s.last_failure {
         println!("last failure: {why}");
     }
-    if let Some((name, id)) = &s.image {
-        println!("image    {name} ({})", id.short(12));
+    if let Some(image) = &s.image {
+        println!("image    {} ({})", image.name, image.id.short(12));
     }
     if s.upgrading || s.queued > 0 {
         println!("upgrade  running: {}, queued: {}", s.upgrading, s.queued);

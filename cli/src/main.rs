@@ -21,13 +21,14 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "molt", version, about)]
 struct Cli {
-    /// The client configuration file [default: ./molt.toml]
+    /// The client configuration file [default: ./molt.toml, else ./molt-local/molt.toml]
     #[arg(long, global = true, env = "MOLT_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     /// The repository server's address, overriding `repo` in the configuration.
     #[arg(long, global = true, env = "MOLT_REPO", value_name = "ADDR")]
     repo: Option<SocketAddr>,
-    /// Print one JSON document instead of text.
+    /// Print one JSON document instead of text (`molt up`, `molt logs`: one a
+    /// line); a failure is a JSON document too: `{"error": …, "causes": […]}`.
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -39,7 +40,7 @@ enum Command {
     /// Run a whole local cluster (repository + 3 instances) with the examples deployed.
     Up {
         /// The state directory (created if missing, reused if it holds a cluster).
-        #[arg(long, default_value = "molt-local")]
+        #[arg(long, default_value = config::UP_DIR)]
         dir: PathBuf,
         /// Pick free ports instead of the fixed ones (see them in the output).
         #[arg(long)]
@@ -258,7 +259,10 @@ enum ImageCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return refuse_arguments(&e),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MOLT_LOG")
@@ -266,20 +270,62 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    let json = cli.json;
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
+            let e = anyhow::Error::new(e).context("cannot start the runtime");
+            report_error(&e, json);
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", render_error(&e));
+            report_error(&e, json);
             ExitCode::FAILURE
         }
     }
+}
+
+/// Reports a command's failure on stderr and, with `--json`, also as one JSON
+/// document on stdout (see [`error_json`]).
+fn report_error(e: &anyhow::Error, json: bool) {
+    eprintln!("error: {}", render_error(e));
+    if json {
+        println!("{}", error_json(e));
+    }
+}
+
+/// An error as JSON: `error` is the one line stderr shows, `causes` every
+/// underlying error's own message, outermost first.
+fn error_json(e: &anyhow::Error) -> serde_json::Value {
+    let causes: Vec<String> = e.chain().skip(1).map(|c| c.to_string()).collect();
+    serde_json::json!({ "error": render_error(e), "causes": causes })
+}
+
+/// Arguments clap refused: its usual message on stderr and, when `--json` is
+/// among the arguments, the error as JSON on stdout too. Help and version
+/// requests print as usual.
+fn refuse_arguments(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let shown = matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    );
+    if !shown && std::env::args_os().skip(1).any(|a| a == "--json") {
+        let text = e.to_string();
+        let first = text.lines().next().unwrap_or_default();
+        let message = first.strip_prefix("error: ").unwrap_or(first);
+        println!(
+            "{}",
+            serde_json::json!({ "error": message, "causes": Vec::<String>::new() })
+        );
+    }
+    let _ = e.print();
+    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
 }
 
 /// An error and its causes on one line, each cause once: the library errors
@@ -338,6 +384,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             up::up(up::UpArgs {
                 dir,
                 ephemeral_ports,
+                json,
             })
             .await
         }
@@ -506,5 +553,19 @@ mod tests {
         // Plain context chains keep every link.
         let e = anyhow::Error::new(io()).context("reading service.toml");
         assert_eq!(render_error(&e), "reading service.toml: exit status 2");
+    }
+
+    #[test]
+    fn json_errors_carry_the_line_and_every_cause() {
+        let e = anyhow::Error::new(std::io::Error::other("exit status 2"))
+            .context("the build failed")
+            .context("deploy to prod");
+        assert_eq!(
+            error_json(&e),
+            serde_json::json!({
+                "error": "deploy to prod: the build failed: exit status 2",
+                "causes": ["the build failed", "exit status 2"],
+            })
+        );
     }
 }

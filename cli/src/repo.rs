@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context as _, Result, bail};
 use image_spec::{BranchName, Change, CommitId, Image, ImageId, ImageName, Mode, ServiceName};
 use indicatif::{ProgressBar, ProgressStyle};
-use repo_client::{PushOptions, PushProgress, RepoClient};
+use repo_client::{PushOptions, PushProgress, PushReport, RepoClient};
 use serde_json::json;
 use wire::Client;
 
@@ -42,6 +42,7 @@ impl Context {
         self.client.shutdown().await;
     }
 
+    /// `molt push`: pushes and prints what it did.
     pub(crate) async fn push(
         &self,
         dir: &Path,
@@ -49,14 +50,32 @@ impl Context {
         branch: &str,
         json: bool,
     ) -> Result<()> {
+        let report = self.push_report(dir, message, branch, !json).await?;
+        if json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print_push(&report);
+        }
+        Ok(())
+    }
+
+    /// Pushes the service in `dir` (with a progress bar on a terminal when
+    /// `progress`) and says what the push did, printing nothing.
+    pub(crate) async fn push_report(
+        &self,
+        dir: &Path,
+        message: &str,
+        branch: &str,
+        progress: bool,
+    ) -> Result<PushReport> {
         let opts = PushOptions {
             branch: BranchName::new(branch)?,
             message: message.to_owned(),
         };
-        let bar = if json {
-            ProgressBar::hidden()
-        } else {
+        let bar = if progress {
             ProgressBar::new(0)
+        } else {
+            ProgressBar::hidden()
         };
         bar.set_style(
             ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
@@ -75,28 +94,7 @@ impl Context {
             .await
             .with_context(|| format!("push of `{}` failed", dir.display()))?;
         bar.finish_and_clear();
-        if json {
-            println!("{}", serde_json::to_string(&report)?);
-        } else if report.created {
-            println!(
-                "pushed {}@{} to {}: {}, {} sent ({} bytes)",
-                report.service,
-                report.commit.short(12),
-                report.branch,
-                count(report.files as u64, "file"),
-                count(report.blobs_sent, "blob"),
-                report.bytes_sent
-            );
-        } else {
-            println!(
-                "{}: nothing to push, {} is already at {} ({} files unchanged)",
-                report.service,
-                report.branch,
-                report.commit.short(12),
-                report.files
-            );
-        }
-        Ok(())
+        Ok(report)
     }
 
     pub(crate) async fn log(
@@ -200,6 +198,7 @@ impl Context {
         Ok(())
     }
 
+    /// `molt image create`: creates the image and prints it.
     pub(crate) async fn image_create(
         &self,
         name: &str,
@@ -208,6 +207,24 @@ impl Context {
         description: String,
         json: bool,
     ) -> Result<()> {
+        let (id, image) = self.create_image(name, set, from, description).await?;
+        if json {
+            print_image_json(&id, &image);
+        } else {
+            print_image_created(&id, &image);
+        }
+        Ok(())
+    }
+
+    /// Creates an image from `--from` and `--set SERVICE=REV` pairs, printing
+    /// nothing.
+    pub(crate) async fn create_image(
+        &self,
+        name: &str,
+        set: &[String],
+        from: Option<&str>,
+        description: String,
+    ) -> Result<(ImageId, Image)> {
         let name = ImageName::new(name)?;
         let mut services: BTreeMap<ServiceName, CommitId> = match from {
             Some(base) => self
@@ -224,7 +241,11 @@ impl Context {
                 bail!("--set `{pair}`: expected SERVICE=REV");
             };
             let service = ServiceName::new(service).with_context(|| format!("--set `{pair}`"))?;
-            let commit = self.resolve(&service, rev).await?;
+            let commit = self
+                .repo
+                .resolve(&service, rev)
+                .await
+                .with_context(|| format!("--set `{pair}`"))?;
             services.insert(service, commit);
         }
         if services.is_empty() {
@@ -232,15 +253,7 @@ impl Context {
         }
         let image = Image::new(name, description, services)?;
         let id = self.repo.create_image(image.clone()).await?;
-        if json {
-            print_image_json(&id, &image);
-        } else {
-            println!("created image {} ({})", image.name(), id.short(12));
-            for (s, c) in image.services() {
-                println!("  {:<20} {}", s.as_str(), c.short(12));
-            }
-        }
-        Ok(())
+        Ok((id, image))
     }
 
     /// The names of every image.
@@ -313,6 +326,37 @@ fn tree_cache_dir() -> Option<std::path::PathBuf> {
     Some(base.join("molt").join("trees"))
 }
 
+/// What `molt push` prints for people.
+pub(crate) fn print_push(report: &PushReport) {
+    if report.created {
+        println!(
+            "pushed {}@{} to {}: {}, {} sent ({} bytes)",
+            report.service,
+            report.commit.short(12),
+            report.branch,
+            count(report.files as u64, "file"),
+            count(report.blobs_sent, "blob"),
+            report.bytes_sent
+        );
+    } else {
+        println!(
+            "{}: nothing to push, {} is already at {} ({} files unchanged)",
+            report.service,
+            report.branch,
+            report.commit.short(12),
+            report.files
+        );
+    }
+}
+
+/// What `molt image create` prints for people.
+pub(crate) fn print_image_created(id: &ImageId, image: &Image) {
+    println!("created image {} ({})", image.name(), id.short(12));
+    for (s, c) in image.services() {
+        println!("  {:<20} {}", s.as_str(), c.short(12));
+    }
+}
+
 /// `1 file`, `2 files`.
 fn count(n: u64, noun: &str) -> String {
     if n == 1 {
@@ -322,7 +366,7 @@ fn count(n: u64, noun: &str) -> String {
     }
 }
 
-fn image_json(id: &ImageId, image: &Image) -> serde_json::Value {
+pub(crate) fn image_json(id: &ImageId, image: &Image) -> serde_json::Value {
     json!({
         "name": image.name(),
         "id": id,

@@ -14,13 +14,19 @@
 //! repository on 7878, shells on 7901–7903, and each service's public port plus
 //! 1000 (dev), 2000 (staging) or 3000 (prod). `--ephemeral-ports` picks free
 //! ports instead (tests; several clusters on one host) and rewrites molt.toml.
+//!
+//! With `--json` it prints one JSON object per line instead of text, each with an
+//! `event`: `cluster`, `shell`, `pushed`, `image`, `deploying`, `deployed`,
+//! `ready` (with every instance's services and their URLs), `stopping` and
+//! `stopped`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, bail};
-use image_spec::InstanceName;
+use image_spec::{ImageName, InstanceName};
+use serde_json::json;
 use shell::instance::{InstanceConfig, PublicPorts};
 use shell::service::{ShellConfig, Stage};
 use tokio::task::JoinSet;
@@ -37,6 +43,35 @@ pub(crate) struct UpArgs {
     pub(crate) dir: PathBuf,
     /// Pick free ports instead of the fixed ones.
     pub(crate) ephemeral_ports: bool,
+    /// One JSON object per line instead of text.
+    pub(crate) json: bool,
+}
+
+/// Where `molt up` says what happens: text for people, or one JSON object a line.
+#[derive(Debug, Clone, Copy)]
+struct Out {
+    json: bool,
+}
+
+impl Out {
+    /// Prints `text`, or with `--json` the `event` with its fields.
+    fn event(self, text: impl std::fmt::Display, event: &str, fields: serde_json::Value) {
+        if self.json {
+            emit(event, fields);
+        } else {
+            println!("{text}");
+        }
+    }
+}
+
+/// Prints one JSON line: `{"event": EVENT, ...fields}`.
+fn emit(event: &str, fields: serde_json::Value) {
+    let mut object = serde_json::Map::new();
+    object.insert("event".into(), event.into());
+    if let serde_json::Value::Object(fields) = fields {
+        object.extend(fields);
+    }
+    println!("{}", serde_json::Value::Object(object));
 }
 
 /// One shell of the local cluster.
@@ -85,13 +120,25 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
         .dir
         .canonicalize()
         .with_context(|| format!("cannot resolve `{}`", args.dir.display()))?;
+    let out = Out { json: args.json };
     let config_path = dir.join(CONFIG_FILE);
-    if config_path.exists() {
-        println!("reusing the cluster in {}", dir.display());
-    } else {
+    let created = !config_path.exists();
+    if created {
         cluster::create(&dir, "local", loopback(args.ephemeral_ports, REPO_PORT))?;
-        println!("created a cluster in {}", dir.display());
     }
+    out.event(
+        format_args!(
+            "{} in {}",
+            if created {
+                "created a cluster"
+            } else {
+                "reusing the cluster"
+            },
+            dir.display()
+        ),
+        "cluster",
+        json!({ "dir": dir, "created": created }),
+    );
 
     let (shutdown, waiter) = crate::signals::shutdown_on_signals()?;
     let mut daemons = JoinSet::new();
@@ -99,18 +146,27 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
         &dir,
         &config_path,
         args.ephemeral_ports,
+        out,
         &shutdown,
         &mut daemons,
     )
     .await;
     shutdown.cancel();
     if result.is_ok() {
-        println!("stopping: services, shells, repository server");
+        out.event(
+            "stopping: services, shells, repository server",
+            "stopping",
+            json!({}),
+        );
     }
     while daemons.join_next().await.is_some() {}
     waiter.abort();
     if result.is_ok() {
-        println!("stopped; the state stays in {}", dir.display());
+        out.event(
+            format_args!("stopped; the state stays in {}", dir.display()),
+            "stopped",
+            json!({ "dir": dir }),
+        );
     }
     result
 }
@@ -120,6 +176,7 @@ async fn run(
     dir: &Path,
     config_path: &Path,
     ephemeral: bool,
+    out: Out,
     shutdown: &CancellationToken,
     daemons: &mut JoinSet<()>,
 ) -> Result<()> {
@@ -147,7 +204,11 @@ async fn run(
 
     let mut instances = BTreeMap::new();
     for m in &MEMBERS {
-        println!("starting shell {} ({})", m.name, m.stage);
+        out.event(
+            format_args!("starting shell {} ({})", m.name, m.stage),
+            "shell",
+            json!({ "instance": m.name, "stage": m.stage.to_string() }),
+        );
         let listen = loopback(ephemeral, m.listen);
         let config = ShellConfig {
             instance: InstanceConfig {
@@ -178,11 +239,11 @@ async fn run(
 
     if !dir.join(SEEDED).exists() {
         tokio::select! {
-            seeded = seed(dir, config_path) => seeded?,
+            seeded = seed(dir, config_path, out) => seeded?,
             () = shutdown.cancelled() => bail!("interrupted before the cluster was seeded; run molt up again to finish"),
         }
     }
-    print_ready(dir, config_path, repo_addr).await?;
+    print_ready(dir, config_path, repo_addr, out).await?;
     shutdown.cancelled().await;
     Ok(())
 }
@@ -204,28 +265,39 @@ fn in_use_hint(what: &str, addr: SocketAddr) -> String {
 }
 
 /// The first run's work: push the examples, pin an image, deploy it.
-async fn seed(dir: &Path, config_path: &Path) -> Result<()> {
+async fn seed(dir: &Path, config_path: &Path, out: Out) -> Result<()> {
     examples::write_out(&dir.join("examples"))?;
     let ctx = repo::Context::open(Some(config_path), None).await?;
     let pushed = async {
         for name in examples::SERVICES {
             let d = dir.join("examples").join(name);
-            ctx.push(&d, "first version (molt up)", "main", false)
+            let report = ctx
+                .push_report(&d, "first version (molt up)", "main", !out.json)
                 .await?;
+            if out.json {
+                emit("pushed", serde_json::to_value(&report)?);
+            } else {
+                repo::print_push(&report);
+            }
         }
         if !ctx.has_image(IMAGE).await? {
             let set: Vec<String> = examples::SERVICES
                 .iter()
                 .map(|s| format!("{s}=main"))
                 .collect();
-            ctx.image_create(
-                IMAGE,
-                &set,
-                None,
-                "the examples as `molt up` first pushed them".into(),
-                false,
-            )
-            .await?;
+            let (id, image) = ctx
+                .create_image(
+                    IMAGE,
+                    &set,
+                    None,
+                    "the examples as `molt up` first pushed them".into(),
+                )
+                .await?;
+            if out.json {
+                emit("image", repo::image_json(&id, &image));
+            } else {
+                repo::print_image_created(&id, &image);
+            }
         }
         anyhow::Ok(())
     }
@@ -233,17 +305,57 @@ async fn seed(dir: &Path, config_path: &Path) -> Result<()> {
     ctx.close().await;
     pushed?;
     for target in DEPLOY_TO {
-        println!("deploying {IMAGE} to {target} (orders and counter are built there by cargo)");
-        instance::deploy(Some(config_path), IMAGE, target, false, None, false).await?;
+        out.event(
+            format_args!(
+                "deploying {IMAGE} to {target} (orders and counter are built there by cargo)"
+            ),
+            "deploying",
+            json!({ "image": IMAGE, "instance": target }),
+        );
+        let upgrade = ShellRequest::Upgrade {
+            image: ImageName::new(IMAGE)?,
+            strategy: None,
+        };
+        let ShellResponse::Upgraded(summary) =
+            instance::command(Some(config_path), target, upgrade).await?
+        else {
+            bail!("the shell of `{target}` answered a deploy with something else");
+        };
+        if out.json {
+            emit(
+                "deployed",
+                json!({ "image": IMAGE, "instance": target, "summary": summary }),
+            );
+        } else {
+            instance::print_summary(&format!("deployed {IMAGE} to {target}:"), &summary);
+        }
     }
     std::fs::write(dir.join(SEEDED), "pushed, pinned up-1 and deployed it\n")
         .with_context(|| format!("cannot write `{}`", dir.join(SEEDED).display()))
 }
 
+/// One instance of the local cluster, as the `ready` event shows it.
+#[derive(Debug, serde::Serialize)]
+struct ReadyInstance {
+    name: &'static str,
+    stage: String,
+    /// The shell's command address.
+    address: SocketAddr,
+    image: Option<wire::shell::ImageRef>,
+    generation: u64,
+    /// service → port name → URL.
+    services: BTreeMap<String, BTreeMap<String, String>>,
+}
+
 /// Prints every service's URL on every instance, and what to try next.
-async fn print_ready(dir: &Path, config_path: &Path, repo_addr: SocketAddr) -> Result<()> {
-    println!();
-    println!("repository  {repo_addr}");
+async fn print_ready(
+    dir: &Path,
+    config_path: &Path,
+    repo_addr: SocketAddr,
+    out: Out,
+) -> Result<()> {
+    let loaded = Loaded::read(Some(config_path))?;
+    let mut ready = Vec::new();
     for m in &MEMBERS {
         let ShellResponse::Status(status) =
             instance::command(Some(config_path), m.name, ShellRequest::Status).await?
@@ -253,27 +365,67 @@ async fn print_ready(dir: &Path, config_path: &Path, repo_addr: SocketAddr) -> R
                 m.name
             );
         };
-        let image = status.image.as_ref().map_or_else(
-            || "no image".to_owned(),
-            |(name, _)| format!("image {name}"),
-        );
-        println!(
-            "instance    {} ({}), {image}, generation {}",
-            m.name, m.stage, status.generation
-        );
-        if status.services.is_empty() {
-            println!("  (no services yet)");
-        }
-        for (service, s) in &status.services {
-            for addr in s.ports.values() {
-                println!("  {:<8} {:<8} http://{addr}/", m.name, service.as_str());
-            }
-        }
+        let address =
+            *loaded.config.instances.get(m.name).with_context(|| {
+                format!("`{}` lost instance `{}`", config_path.display(), m.name)
+            })?;
+        ready.push(ReadyInstance {
+            name: m.name,
+            stage: m.stage.to_string(),
+            address,
+            image: status.image,
+            generation: status.generation,
+            services: status
+                .services
+                .into_iter()
+                .map(|(service, s)| {
+                    let urls = s
+                        .ports
+                        .into_iter()
+                        .map(|(port, addr)| (port, format!("http://{addr}/")))
+                        .collect();
+                    (service.to_string(), urls)
+                })
+                .collect(),
+        });
     }
     let ctx = repo::Context::open(Some(config_path), None).await?;
     let names = ctx.image_names().await;
     ctx.close().await;
     let next = next_image(&names?);
+    if out.json {
+        emit(
+            "ready",
+            json!({
+                "dir": dir,
+                "config": config_path,
+                "repository": repo_addr,
+                "instances": ready,
+                "next_image": next,
+            }),
+        );
+        return Ok(());
+    }
+    println!();
+    println!("repository  {repo_addr}");
+    for i in &ready {
+        let image = i.image.as_ref().map_or_else(
+            || "no image".to_owned(),
+            |image| format!("image {}", image.name),
+        );
+        println!(
+            "instance    {} ({}), {image}, generation {}",
+            i.name, i.stage, i.generation
+        );
+        if i.services.is_empty() {
+            println!("  (no services yet)");
+        }
+        for (service, urls) in &i.services {
+            for url in urls.values() {
+                println!("  {:<8} {:<8} {url}", i.name, service);
+            }
+        }
+    }
     let exe = std::env::current_exe().map_or_else(|_| "molt".into(), |p| p.display().to_string());
     let examples = dir.join("examples");
     println!(

@@ -130,6 +130,162 @@ fn push_log_diff_and_images_from_the_binary() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("service.toml"));
 }
 
+/// What a new user trips on when making an image: a service the repository
+/// does not have, and two services on one public port (which would pass here
+/// and fail at deploy with the port in use). Both are refused, clearly.
+#[test]
+fn image_create_names_a_missing_service_and_a_shared_port() {
+    let c = Cluster::init();
+    let out = c.molt(&["image", "create", "shop-1", "--set", "nosvc=main"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the repository has no service `nosvc`"),
+        "{err}"
+    );
+    assert!(!err.contains("neither a branch"), "{err}");
+
+    // `service` writes port 8080 for both.
+    for name in ["orders", "payments"] {
+        let dir = c.dir.path().join(name);
+        service(&dir, name);
+        c.molt_json(&["push", dir.to_str().unwrap()]);
+    }
+    let out = c.molt(&[
+        "image",
+        "create",
+        "shop-1",
+        "--set",
+        "orders=main",
+        "--set",
+        "payments=main",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("services `orders` and `payments` both want public port 8080"),
+        "{err}"
+    );
+    assert!(
+        c.molt_json(&["image", "list"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// With `--json`, a failure is a JSON document on stdout too, whatever failed:
+/// the arguments, the configuration, the repository, a shell, the local files.
+#[test]
+fn with_json_every_failure_is_a_json_document() {
+    let c = Cluster::init();
+    let nowhere = c.dir.path().join("nowhere");
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &["image", "create", "x", "--set", "nosvc=main"],
+            "no service `nosvc`",
+        ),
+        (&["image", "show", "nope"], "no image named `nope`"),
+        (&["push", nowhere.to_str().unwrap()], "nowhere"),
+        (
+            &["status", "--instance", "dev-9"],
+            "unknown instance `dev-9`",
+        ),
+        (
+            &[
+                "deploy",
+                "x",
+                "--instance",
+                "a@127.0.0.1:1",
+                "--strategy",
+                "blue",
+            ],
+            "in-place, shadow or shadow-full",
+        ),
+        (&["cert", "issue", "--role", "wizard"], "wizard"),
+        (&["init", c.dir.path().to_str().unwrap()], "exists already"),
+    ];
+    for (args, says) in cases {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = c.molt(&all);
+        assert!(!out.status.success(), "{args:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!("{args:?}: stdout is not one JSON document ({e}): {stdout}")
+        });
+        let error = doc["error"].as_str().unwrap_or_else(|| panic!("{doc}"));
+        assert!(error.contains(says), "{args:?}: {doc}");
+        assert!(doc["causes"].is_array(), "{doc}");
+    }
+    // Without a configuration at all.
+    let empty = tempfile::tempdir().unwrap();
+    let out = Command::new(MOLT)
+        .current_dir(empty.path())
+        .env_remove("MOLT_CONFIG")
+        .args(["image", "list", "--json"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        doc["error"]
+            .as_str()
+            .unwrap()
+            .contains("no molt configuration"),
+        "{doc}"
+    );
+}
+
+/// Without `--config` or `$MOLT_CONFIG`, molt reads `./molt.toml`, else the
+/// `./molt-local/molt.toml` that `molt up` writes; with neither, it says how to
+/// get one and warns that `molt init` makes another cluster.
+#[test]
+fn without_a_config_molt_finds_the_one_molt_up_wrote() {
+    let c = Cluster::init();
+    let cwd = tempfile::tempdir().unwrap();
+    let molt = |args: &[&str]| {
+        Command::new(MOLT)
+            .current_dir(cwd.path())
+            .env("XDG_CACHE_HOME", cwd.path().join("cache"))
+            .env_remove("MOLT_CONFIG")
+            .arg("--repo")
+            .arg(c.addr.unwrap().to_string())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = molt(&["image", "list"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("./molt.toml") && err.contains("./molt-local/molt.toml"),
+        "{err}"
+    );
+    assert!(
+        err.contains("molt init") && err.contains("molt up"),
+        "{err}"
+    );
+
+    // The cluster's directory where `molt up` keeps its state.
+    std::os::unix::fs::symlink(c.dir.path(), cwd.path().join("molt-local")).unwrap();
+    let out = molt(&["image", "list", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let images: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(images, serde_json::json!([]));
+
+    // ./molt.toml comes first.
+    write(cwd.path(), "molt.toml", b"repo = 1\n");
+    let out = molt(&["image", "list"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid configuration `molt.toml`"), "{err}");
+}
+
 #[test]
 fn a_shell_certificate_cannot_push() {
     let c = Cluster::init();
@@ -283,7 +439,7 @@ fn deploy_an_image_to_a_shell_and_read_its_status() {
     let id = image["id"].as_str().unwrap();
     let by_id = c.molt_json(&["deploy", &id[..10], "--instance", &target, "--plan"]);
     assert_eq!(by_id["services"][0]["service"], "hello");
-    assert_eq!(by_id["services"][0]["action"], "Add");
+    assert_eq!(by_id["services"][0]["action"], "add");
     let out = c.molt(&["deploy", "0123456789ab", "--instance", &target, "--plan"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -297,7 +453,7 @@ fn deploy_an_image_to_a_shell_and_read_its_status() {
         .iter()
         .map(|s| s.as_object().unwrap().keys().next().unwrap().clone())
         .collect();
-    assert_eq!(kinds, ["Fetch", "Release", "Start", "Cutover", "Record"]);
+    assert_eq!(kinds, ["fetch", "release", "start", "cutover", "record"]);
     let (done, shown) = c.molt_json_steps(&["deploy", "demo-1", "--instance", &target]);
     assert_eq!(done["restarted"], serde_json::json!(["hello"]));
     assert_eq!(done["generation"], 1);
@@ -335,7 +491,8 @@ fn deploy_an_image_to_a_shell_and_read_its_status() {
 
     let status = c.molt_json(&["status", "--instance", &target]);
     assert_eq!(status["instance"], "dev-1");
-    assert_eq!(status["image"][0], "demo-1");
+    assert_eq!(status["image"]["name"], "demo-1");
+    assert_eq!(status["image"]["id"], image["id"]);
     let svc = &status["services"]["hello"];
     assert_eq!(svc["state"], "running");
     let public = svc["ports"]["main"].as_str().unwrap().to_owned();
@@ -444,7 +601,8 @@ fn deploy_an_image_to_a_shell_and_read_its_status() {
         "{text}"
     );
     let status = c.molt_json(&["status", "--instance", &target]);
-    assert_eq!(status["image"][0], "demo-1");
+    assert_eq!(status["image"]["name"], "demo-1");
+    assert_eq!(status["image"]["id"], image["id"]);
     assert_eq!(status["services"]["hello"]["commit"], svc["commit"]);
 
     // Logs: one file per generation's processes, every line stamped; the
@@ -592,10 +750,10 @@ fn production_deploys_in_shadow_by_default_and_status_shows_the_lifecycle() {
     let (_, steps) = c.molt_json_steps(&["deploy", "one", "--instance", &target]);
     assert!(steps.contains("cutover: hello … done"), "{steps}");
     let status = c.molt_json(&["status", "--instance", &target]);
-    assert_eq!(status["strategy"], "Shadow");
+    assert_eq!(status["strategy"], "shadow");
     assert_eq!(
         status["lifecycle"],
-        serde_json::json!([{ "number": 1, "phase": "Serving" }])
+        serde_json::json!([{ "number": 1, "phase": "serving" }])
     );
     // In place when asked; the lifecycle follows.
     let (_, steps) = c.molt_json_steps(&[
@@ -611,8 +769,8 @@ fn production_deploys_in_shadow_by_default_and_status_shows_the_lifecycle() {
     assert_eq!(
         status["lifecycle"],
         serde_json::json!([
-            { "number": 1, "phase": "Stopped" },
-            { "number": 2, "phase": "Serving" }
+            { "number": 1, "phase": "stopped" },
+            { "number": 2, "phase": "serving" }
         ])
     );
     let out = c.molt(&["deploy", "one", "--instance", &target, "--strategy", "blue"]);
@@ -625,13 +783,13 @@ fn production_deploys_in_shadow_by_default_and_status_shows_the_lifecycle() {
     assert!(steps.contains("record generation 3"), "{steps}");
     let steps = done["steps"].as_array().unwrap();
     assert!(
-        steps.iter().any(|t| t["step"]["Release"]["reuse"] == true),
+        steps.iter().any(|t| t["step"]["release"]["reuse"] == true),
         "image one's release is on disk: {done}"
     );
     assert!(
         steps
             .iter()
-            .any(|t| t["step"]["Start"]["service"] == "hello"),
+            .any(|t| t["step"]["start"]["service"] == "hello"),
         "{done}"
     );
     let out = c.molt(&[

@@ -136,7 +136,7 @@ fn crash_at(point: &str, nth: u32, recorded_v2: bool) {
     } else {
         ("v1", &v1, "one", 1)
     };
-    assert_eq!(s["image"][0], image, "{s}");
+    assert_eq!(s["image"]["name"], image, "{s}");
     assert_eq!(s["generation"], generation, "{s}");
     assert_eq!(s["services"]["app"]["commit"], commit.as_str(), "{s}");
     assert_eq!(greeting(&c, &target), greet);
@@ -159,7 +159,7 @@ fn crash_at(point: &str, nth: u32, recorded_v2: bool) {
     // The interrupted upgrade goes through when asked again.
     c.molt_json(&["deploy", "v2", "--instance", &target]);
     assert_eq!(greeting(&c, &target), "two");
-    assert_eq!(status(&c, &target)["image"][0], "v2");
+    assert_eq!(status(&c, &target)["image"]["name"], "v2");
     assert!(c.dir.path().join(format!("marks/built-{v2}")).exists());
     assert!(signal(&mut shell, "-TERM").success());
     assert_eq!(service_pids(&name), Vec::<u32>::new());
@@ -269,7 +269,7 @@ fn a_second_upgrade_waits_in_the_queue_and_status_shows_it() {
         (s["queued"].clone(), s["upgrading"].clone()),
         (0.into(), false.into())
     );
-    assert_eq!(s["image"][0], "v2");
+    assert_eq!(s["image"]["name"], "v2");
     assert_eq!(greeting(&c, &target), "two");
     assert!(signal(&mut shell, "-TERM").success());
 }

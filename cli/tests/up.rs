@@ -22,13 +22,15 @@ struct Up {
 }
 
 impl Up {
-    fn start(cwd: &Path) -> Self {
+    /// `molt up --ephemeral-ports ARGS` in `cwd`.
+    fn start(cwd: &Path, args: &[&str]) -> Self {
         let mut child = Command::new(MOLT)
             .current_dir(cwd)
             .env("XDG_CACHE_HOME", cwd.join("cache"))
             .env_remove("MOLT_CONFIG")
             .env_remove("MOLT_REPO")
             .args(["up", "--ephemeral-ports"])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -52,21 +54,39 @@ impl Up {
     /// Reads lines until one starts with `prefix` (cargo builds the Rust example
     /// twice on the first run, so the deadline is generous).
     fn wait_for(&mut self, prefix: &str) {
+        self.wait_until(prefix, |line| line.starts_with(prefix));
+    }
+
+    /// Reads lines until `done` holds for one (`what` names it if none comes).
+    fn wait_until(&mut self, what: &str, done: impl Fn(&str) -> bool) {
         loop {
             match self.lines.recv_timeout(Duration::from_secs(300)) {
                 Ok(line) => {
-                    let done = line.starts_with(prefix);
+                    let found = done(&line);
                     self.seen.push(line);
-                    if done {
+                    if found {
                         return;
                     }
                 }
                 Err(e) => panic!(
-                    "no `{prefix}` line ({e}); output so far:\n{}",
+                    "no {what} line ({e}); output so far:\n{}",
                     self.seen.join("\n")
                 ),
             }
         }
+    }
+
+    /// With `--json`: every line seen, each a JSON object with an `event`.
+    fn events(&self) -> Vec<serde_json::Value> {
+        self.seen
+            .iter()
+            .map(|line| {
+                let v: serde_json::Value =
+                    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                assert!(v["event"].is_string(), "no event: {line}");
+                v
+            })
+            .collect()
     }
 
     /// The URL lines: (instance, service) → URL.
@@ -131,12 +151,57 @@ fn hits(answer: &str) -> u64 {
         .unwrap_or_else(|| panic!("no hits count: {answer}"))
 }
 
+/// The URLs of a `ready` event: (instance, service) → URL.
+fn ready_urls(ready: &serde_json::Value) -> BTreeMap<(String, String), String> {
+    let mut urls = BTreeMap::new();
+    for instance in ready["instances"].as_array().unwrap() {
+        let name = instance["name"].as_str().unwrap();
+        for (service, ports) in instance["services"].as_object().unwrap() {
+            for url in ports.as_object().unwrap().values() {
+                let url = url.as_str().unwrap().to_owned();
+                urls.insert((name.to_owned(), service.clone()), url);
+            }
+        }
+    }
+    urls
+}
+
 #[test]
 fn molt_up_serves_the_examples_stops_on_ctrl_c_and_comes_back() {
     let dir = tempfile::tempdir().unwrap();
-    let mut up = Up::start(dir.path());
-    up.wait_for("molt up: ready");
-    let urls = up.urls();
+    // The first run with --json: one event a line, every one of them JSON.
+    let mut up = Up::start(dir.path(), &["--json"]);
+    up.wait_until("ready event", |line| line.contains("\"event\":\"ready\""));
+    let events = up.events();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "cluster",
+            "shell",
+            "shell",
+            "shell",
+            "pushed",
+            "pushed",
+            "pushed",
+            "image",
+            "deploying",
+            "deployed",
+            "deploying",
+            "deployed",
+            "ready"
+        ]
+    );
+    assert_eq!(events[0]["created"], true);
+    assert_eq!(events[7]["name"], "up-1");
+    assert_eq!(events[9]["instance"], "staging");
+    let ready = &events[12];
+    assert_eq!(ready["instances"][2]["name"], "prod");
+    assert_eq!(ready["instances"][2]["image"]["name"], "up-1");
+    let urls = ready_urls(ready);
     let keys: Vec<(&str, &str)> = urls.keys().map(|(i, s)| (i.as_str(), s.as_str())).collect();
     assert_eq!(
         keys,
@@ -175,7 +240,7 @@ fn molt_up_serves_the_examples_stops_on_ctrl_c_and_comes_back() {
     let images = molt_json(dir.path(), &["image", "list"]);
     assert_eq!(images.as_array().unwrap().len(), 1, "{images}");
     let status = molt_json(dir.path(), &["status", "--instance", "staging"]);
-    assert_eq!(status["image"][0], "up-1");
+    assert_eq!(status["image"]["name"], "up-1");
     let pid = status["services"]["orders"]["pid"].as_u64().unwrap();
     assert!(Path::new(&format!("/proc/{pid}")).exists());
     let dev = molt_json(dir.path(), &["status", "--instance", "dev"]);
@@ -202,7 +267,7 @@ fn molt_up_serves_the_examples_stops_on_ctrl_c_and_comes_back() {
     let (ok, lines) = up.interrupt();
     assert!(ok, "{}", lines.join("\n"));
     assert!(
-        lines.iter().any(|l| l.starts_with("stopped")),
+        lines.iter().any(|l| l.contains("\"event\":\"stopped\"")),
         "{}",
         lines.join("\n")
     );
@@ -216,7 +281,8 @@ fn molt_up_serves_the_examples_stops_on_ctrl_c_and_comes_back() {
 
     // A second run reuses the state: no new push, image or deploy; the recorded
     // generations come back.
-    let mut again = Up::start(dir.path());
+    // Text this time, for people.
+    let mut again = Up::start(dir.path(), &[]);
     again.wait_for("molt up: ready");
     assert!(
         again.seen[0].starts_with("reusing the cluster"),

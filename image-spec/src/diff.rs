@@ -28,7 +28,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::id::{BlobId, TreeId};
-use crate::path::RelPath;
+use crate::path::{RelPath, ShownPath};
 use crate::tree::{Mode, Tree, TreeEntry, TreeError};
 
 /// One change to one path.
@@ -73,16 +73,19 @@ pub enum DiffError {
         found: TreeId,
     },
     /// Changes are not in strictly increasing path order.
-    #[error("diff changes are out of order at `{0}`")]
+    #[error("diff changes are out of order at {}", ShownPath::new(.0.as_str()))]
     OutOfOrder(RelPath),
     /// An added path already exists.
-    #[error("diff adds `{0}`, which already exists")]
+    #[error("diff adds {}, which already exists", ShownPath::new(.0.as_str()))]
     AlreadyExists(RelPath),
     /// A modified, re-moded or removed path does not exist.
-    #[error("diff changes `{0}`, which does not exist")]
+    #[error("diff changes {}, which does not exist", ShownPath::new(.0.as_str()))]
     Missing(RelPath),
     /// A mode change that is not between regular and executable.
-    #[error("diff changes the mode of `{0}` to or from a symlink without new content")]
+    #[error(
+        "diff changes the mode of {} to or from a symlink without new content",
+        ShownPath::new(.0.as_str())
+    )]
     BadModeChange(RelPath),
     /// The result is not a valid tree.
     #[error("applying the diff gives an invalid tree: {0}")]

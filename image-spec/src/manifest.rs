@@ -418,6 +418,44 @@ impl ServiceManifest {
     }
 }
 
+/// Two services that would run together (the services of one image) want the
+/// same public port: an instance could bind it for only one of them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "services `{first}` and `{second}` both want public port {port}; the services of \
+     one image need distinct ports (change `ports` in one of their service.toml)"
+)]
+pub struct PortClash {
+    /// The port.
+    pub port: u16,
+    /// The first service (in name order) that wants it.
+    pub first: ServiceName,
+    /// Another service that wants it.
+    pub second: ServiceName,
+}
+
+/// Checks that no two of these services want the same public port (one
+/// service's own ports are distinct already: [`ServiceManifest::parse`] checks).
+pub fn distinct_ports<'a>(
+    services: impl IntoIterator<Item = (&'a ServiceName, &'a ServiceManifest)>,
+) -> Result<(), PortClash> {
+    let mut owners: BTreeMap<u16, &ServiceName> = BTreeMap::new();
+    let mut services: Vec<_> = services.into_iter().collect();
+    services.sort_by(|a, b| a.0.cmp(b.0));
+    for (service, manifest) in services {
+        for spec in manifest.ports() {
+            if let Some(first) = owners.insert(spec.port, service) {
+                return Err(PortClash {
+                    port: spec.port,
+                    first: first.clone(),
+                    second: service.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A duration as written in a manifest (`10s`, `1m30s`).
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(try_from = "String")]
@@ -836,6 +874,40 @@ mod tests {
             Err(ManifestError::Toml(e)) => e,
             other => panic!("expected a TOML error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn services_of_one_image_need_distinct_ports() {
+        let manifest = |name: &str, ports: &[u16]| {
+            let mut text = format!("name = \"{name}\"\n[run]\ncommand = [\"./x\"]\n");
+            for (i, port) in ports.iter().enumerate() {
+                text.push_str(&format!("[[ports]]\nname = \"p{i}\"\nport = {port}\n"));
+            }
+            (
+                ServiceName::new(name).unwrap(),
+                ServiceManifest::parse(&text).unwrap(),
+            )
+        };
+        let (a, b, c) = (
+            manifest("alpha", &[8080, 9000]),
+            manifest("beta", &[8081]),
+            manifest("gamma", &[7000, 9000]),
+        );
+        assert_eq!(distinct_ports([(&a.0, &a.1), (&b.0, &b.1)]), Ok(()));
+        let clash = distinct_ports([(&c.0, &c.1), (&b.0, &b.1), (&a.0, &a.1)]).unwrap_err();
+        assert_eq!(
+            clash,
+            PortClash {
+                port: 9000,
+                first: a.0.clone(),
+                second: c.0.clone()
+            }
+        );
+        let text = clash.to_string();
+        assert!(
+            text.contains("`alpha` and `gamma` both want public port 9000"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -25,6 +25,57 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+/// How many characters of a long path's start, and of its end, an error message
+/// shows (see [`ShownPath`]).
+pub const SHOWN_CHARS: usize = 60;
+
+/// A path as an error message shows it, backquoted: whole when it is short;
+/// otherwise its first and last [`SHOWN_CHARS`] characters with `…` between
+/// them, followed by its length — `` `d/d/d…d/d/f` (8203 bytes) ``. Control
+/// characters are escaped (`\n`, `\u{1b}`), so a file name cannot forge a log
+/// line. Every error of this crate that prints a path prints it through this,
+/// so a path of kilobytes never floods a terminal.
+#[derive(Debug, Clone)]
+pub struct ShownPath<'a>(std::borrow::Cow<'a, str>);
+
+impl<'a> ShownPath<'a> {
+    /// A path given as text.
+    pub fn new(path: &'a str) -> Self {
+        Self(std::borrow::Cow::Borrowed(path))
+    }
+
+    /// A path on disk (not UTF-8 parts are shown as `�`).
+    pub fn of(path: &'a Path) -> Self {
+        Self(path.to_string_lossy())
+    }
+}
+
+impl fmt::Display for ShownPath<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn escaped(f: &mut fmt::Formatter<'_>, chars: impl Iterator<Item = char>) -> fmt::Result {
+            for c in chars {
+                if c.is_control() {
+                    write!(f, "{}", c.escape_default())?;
+                } else {
+                    fmt::Write::write_char(f, c)?;
+                }
+            }
+            Ok(())
+        }
+        let path = &*self.0;
+        let count = path.chars().count();
+        f.write_str("`")?;
+        if count <= 2 * SHOWN_CHARS + 1 {
+            escaped(f, path.chars())?;
+            return f.write_str("`");
+        }
+        escaped(f, path.chars().take(SHOWN_CHARS))?;
+        f.write_str("…")?;
+        escaped(f, path.chars().skip(count - SHOWN_CHARS))?;
+        write!(f, "` ({} bytes)", path.len())
+    }
+}
+
 /// Why a string is not a valid [`RelPath`] or [`LinkTarget`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
@@ -32,31 +83,40 @@ pub enum PathError {
     #[error("path is empty")]
     Empty,
     /// The path starts with `/`.
-    #[error("path `{0}` is absolute; it must be relative to the service root")]
+    #[error(
+        "path {} is absolute; it must be relative to the service root",
+        ShownPath::new(.0)
+    )]
     Absolute(String),
     /// Two slashes in a row, or a leading or trailing slash.
-    #[error("path `{0}` has an empty component")]
+    #[error("path {} has an empty component", ShownPath::new(.0))]
     EmptyComponent(String),
     /// A `.` component.
-    #[error("path `{0}` has a `.` component")]
+    #[error("path {} has a `.` component", ShownPath::new(.0))]
     Dot(String),
     /// A `..` component: it would escape the root.
-    #[error("path `{0}` has a `..` component and could escape the service root")]
+    #[error(
+        "path {} has a `..` component and could escape the service root",
+        ShownPath::new(.0)
+    )]
     DotDot(String),
     /// A NUL byte.
-    #[error("path {0:?} contains a NUL byte")]
+    #[error("path {} contains a NUL byte", ShownPath::new(.0))]
     Nul(String),
     /// A control character (U+0001–U+001F or U+007F): a newline or an escape in a
     /// file name can forge log lines and terminal output.
-    #[error("path {0:?} contains a control character")]
+    #[error("path {} contains a control character", ShownPath::new(.0))]
     Control(String),
     /// A backslash, which some platforms read as a separator.
-    #[error("path `{0}` contains a backslash")]
+    #[error("path {} contains a backslash", ShownPath::new(.0))]
     Backslash(String),
     /// The path is longer than allowed.
-    #[error("path `{path}…` is {len} bytes long; the limit is {max}")]
+    #[error(
+        "path {} is over the limit of {max} bytes",
+        ShownPath::new(.path)
+    )]
     TooLong {
-        /// The first 64 characters of the path.
+        /// The path.
         path: String,
         /// Its length in bytes.
         len: usize,
@@ -64,7 +124,10 @@ pub enum PathError {
         max: usize,
     },
     /// The path has too many components.
-    #[error("path `{path}` is {depth} components deep; the limit is {max}")]
+    #[error(
+        "path {} is {depth} components deep; the limit is {max}",
+        ShownPath::new(.path)
+    )]
     TooDeep {
         /// The path.
         path: String,
@@ -74,7 +137,10 @@ pub enum PathError {
         max: usize,
     },
     /// One component is longer than a file name may be.
-    #[error("path `{path}` has a component of {len} bytes; the limit is {max}")]
+    #[error(
+        "path {} has a component of {len} bytes; the limit is {max}",
+        ShownPath::new(.path)
+    )]
     ComponentTooLong {
         /// The path.
         path: String,
@@ -83,12 +149,17 @@ pub enum PathError {
         /// The limit in bytes.
         max: usize,
     },
-    /// The path is not valid UTF-8.
-    #[error("path {0:?} is not valid UTF-8")]
+    /// The path is not valid UTF-8 (held with `�` for what is not).
+    #[error("path {} is not valid UTF-8", ShownPath::new(.0))]
     NotUtf8(String),
     /// A symlink's target passes through another symlink (`a -> l/..` where `l` is a
     /// link): what that resolves to depends on the other link, so it is refused.
-    #[error("symlink `{link}` points at `{target}`, which passes through the symlink `{through}`")]
+    #[error(
+        "symlink {} points at {}, which passes through the symlink {}",
+        ShownPath::new(.link),
+        ShownPath::new(.target),
+        ShownPath::new(.through)
+    )]
     LinkThroughLink {
         /// The symlink's own path.
         link: String,
@@ -98,7 +169,11 @@ pub enum PathError {
         through: String,
     },
     /// A symlink's target, read from the link's directory, leaves the root.
-    #[error("symlink `{link}` points at `{target}`, which is outside the service root")]
+    #[error(
+        "symlink {} points at {}, which is outside the service root",
+        ShownPath::new(.link),
+        ShownPath::new(.target)
+    )]
     LinkEscapes {
         /// The symlink's own path.
         link: String,
@@ -119,10 +194,6 @@ impl PathError {
     }
 }
 
-fn head(s: &str) -> String {
-    s.chars().take(64).collect()
-}
-
 /// Checks what RelPath and LinkTarget share: non-empty, relative, no NUL, no
 /// backslash, bounded size; returns the components.
 fn check_common(s: &str) -> Result<Vec<&str>, PathError> {
@@ -130,14 +201,14 @@ fn check_common(s: &str) -> Result<Vec<&str>, PathError> {
         return Err(PathError::Empty);
     }
     if s.contains('\0') {
-        return Err(PathError::Nul(head(s)));
+        return Err(PathError::Nul(s.to_owned()));
     }
     if s.chars().any(|c| c.is_ascii_control()) {
-        return Err(PathError::Control(head(s)));
+        return Err(PathError::Control(s.to_owned()));
     }
     if s.len() > RelPath::MAX_LEN {
         return Err(PathError::TooLong {
-            path: head(s),
+            path: s.to_owned(),
             len: s.len(),
             max: RelPath::MAX_LEN,
         });
@@ -460,6 +531,41 @@ mod tests {
             RelPath::new(&long).unwrap_err(),
             PathError::TooLong { .. }
         ));
+    }
+
+    #[test]
+    fn long_paths_are_shown_by_their_ends_and_length() {
+        // Short: whole, backquoted.
+        assert_eq!(ShownPath::new("a/b").to_string(), "`a/b`");
+        let edge = "é".repeat(2 * SHOWN_CHARS + 1);
+        assert_eq!(ShownPath::new(&edge).to_string(), format!("`{edge}`"));
+        // Long: the first and last SHOWN_CHARS characters, and the length.
+        let deep = format!("{}/file.txt", vec!["dir"; 2000].join("/"));
+        let shown = ShownPath::new(&deep).to_string();
+        let head: String = deep.chars().take(SHOWN_CHARS).collect();
+        let tail: String = deep.chars().skip(deep.len() - SHOWN_CHARS).collect();
+        assert_eq!(shown, format!("`{head}…{tail}` ({} bytes)", deep.len()));
+        assert!(shown.ends_with("/dir/file.txt` (8008 bytes)"), "{shown}");
+        // Multi-byte characters are never cut in half.
+        let wide = "ä".repeat(500);
+        let shown = ShownPath::new(&wide).to_string();
+        assert_eq!(shown.matches('ä').count(), 2 * SHOWN_CHARS, "{shown}");
+        assert!(shown.ends_with("(1000 bytes)"), "{shown}");
+        // Control characters cannot reach a terminal or a log as they are.
+        assert_eq!(
+            ShownPath::new("evil\nINFO \u{1b}[31m").to_string(),
+            "`evil\\nINFO \\u{1b}[31m`"
+        );
+        // Errors print paths through it.
+        let long = vec!["x".repeat(200); 6].join("/");
+        let e = RelPath::new(&long).unwrap_err().to_string();
+        assert!(e.len() < 2 * SHOWN_CHARS + 80, "{e}");
+        assert!(
+            e.contains("(1205 bytes) is over the limit of 1024 bytes"),
+            "{e}"
+        );
+        let e = RelPath::new(&format!("{long}\n")).unwrap_err().to_string();
+        assert!(!e.contains('\n') && e.len() < 2 * SHOWN_CHARS + 80, "{e}");
     }
 
     #[test]

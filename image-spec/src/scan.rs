@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 
 use crate::id::BlobId;
-use crate::path::{LinkTarget, PathError, RelPath};
+use crate::path::{LinkTarget, PathError, RelPath, ShownPath};
 use crate::tree::{Tree, TreeEntry, TreeError};
 
 /// The name of the ignore files [`scan_dir`] honours.
@@ -37,10 +37,10 @@ const LARGE_FILE: u64 = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
     /// The root is not a directory.
-    #[error("`{0}` is not a directory")]
+    #[error("{} is not a directory", ShownPath::of(.0))]
     NotADirectory(PathBuf),
     /// Reading a file or directory failed.
-    #[error("cannot read `{path}`: {source}")]
+    #[error("cannot read {}: {source}", ShownPath::of(.path))]
     Io {
         /// The file or directory.
         path: PathBuf,
@@ -48,7 +48,7 @@ pub enum ScanError {
         source: io::Error,
     },
     /// The walk failed (an unreadable directory, a bad `.moltignore` pattern).
-    #[error("cannot scan `{root}`: {message}")]
+    #[error("cannot scan {}: {message}", ShownPath::of(.root))]
     Walk {
         /// The root being scanned.
         root: PathBuf,
@@ -56,7 +56,7 @@ pub enum ScanError {
         message: String,
     },
     /// A file name cannot be a path in a tree (not UTF-8, too long, a backslash…).
-    #[error("`{path}` cannot be shipped: {error}")]
+    #[error("{} cannot be shipped: {error}", ShownPath::of(.path))]
     BadPath {
         /// The file on disk.
         path: PathBuf,
@@ -64,7 +64,10 @@ pub enum ScanError {
         error: PathError,
     },
     /// A socket, FIFO or device.
-    #[error("`{path}` is a {kind}; only files, directories and symlinks can be shipped")]
+    #[error(
+        "{} is a {kind}; only files, directories and symlinks can be shipped",
+        ShownPath::of(.path)
+    )]
     Unsupported {
         /// The file on disk.
         path: PathBuf,
@@ -72,7 +75,7 @@ pub enum ScanError {
         kind: &'static str,
     },
     /// A symlink points outside the root or through another symlink.
-    #[error("`{path}`: {error}")]
+    #[error("{}: {error}", ShownPath::of(.path))]
     BadLink {
         /// The symlink on disk.
         path: PathBuf,
@@ -80,7 +83,7 @@ pub enum ScanError {
         error: PathError,
     },
     /// The files do not form a valid tree.
-    #[error("`{root}` does not form a valid tree: {error}")]
+    #[error("{} does not form a valid tree: {error}", ShownPath::of(.root))]
     InvalidTree {
         /// The root being scanned.
         root: PathBuf,

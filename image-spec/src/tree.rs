@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::encoding::{DecodeError, Reader, Writer, ensure_canonical};
 use crate::id::{BlobId, TreeId};
-use crate::path::{LinkTarget, PathError, RelPath};
+use crate::path::{LinkTarget, PathError, RelPath, ShownPath};
 
 const MAGIC: &[u8] = b"molt-tree";
 const KIND: &str = "tree";
@@ -81,10 +81,14 @@ impl Mode {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TreeError {
     /// Two entries share a path.
-    #[error("duplicate path `{0}` in tree")]
+    #[error("duplicate path {} in tree", ShownPath::new(.0.as_str()))]
     Duplicate(RelPath),
     /// A path is used both as a file and as a directory.
-    #[error("`{file}` is a file, so `{inside}` cannot be inside it")]
+    #[error(
+        "{} is a file, so {} cannot be inside it",
+        ShownPath::new(.file.as_str()),
+        ShownPath::new(.inside.as_str())
+    )]
     FileDirClash {
         /// The entry used as a directory.
         file: RelPath,
@@ -104,7 +108,10 @@ pub enum TreeError {
     },
     /// A symlink entry's blob or size does not match its target, or a file entry has
     /// a target (only reachable through deserialization of hostile input).
-    #[error("entry `{0}`: mode, size, blob and link target disagree")]
+    #[error(
+        "entry {}: mode, size, blob and link target disagree",
+        ShownPath::new(.0.as_str())
+    )]
     InconsistentEntry(RelPath),
 }
 

@@ -170,6 +170,42 @@ fn cases() -> Vec<Case> {
             },
         },
         Case {
+            name: "a very deep path is named by its ends, not repeated whole",
+            setup: |root| {
+                // 3301 bytes: as deep as a path on disk can be made in one call
+                // here (PATH_MAX is 4096), three times the limit.
+                let deep = format!("{}/f", vec!["d".repeat(10); 300].join("/"));
+                write(root, &deep, b"deep");
+            },
+            check: |root, r| {
+                let e = r.unwrap_err();
+                assert!(
+                    matches!(
+                        &e,
+                        ScanError::BadPath {
+                            error: PathError::TooLong { len: 3301, .. },
+                            ..
+                        }
+                    ),
+                    "{e}"
+                );
+                let text = e.to_string();
+                // Both paths shortened: their first and last characters and
+                // their lengths, never all 3 KB twice.
+                assert!(text.len() < 400, "{} bytes: {text}", text.len());
+                assert!(text.starts_with(&format!("`{}", root.display())), "{text}");
+                assert!(
+                    text.contains("dddd/f` (3301 bytes) is over the limit of 1024 bytes"),
+                    "{text}"
+                );
+                let on_disk = root.as_os_str().len() + 1 + 3301;
+                assert!(
+                    text.contains(&format!("dddd/f` ({on_disk} bytes) cannot be shipped")),
+                    "{text}"
+                );
+            },
+        },
+        Case {
             name: "path over the depth limit",
             setup: |root| write(root, &vec!["d"; 65].join("/"), b"deep"),
             check: |_, r| {

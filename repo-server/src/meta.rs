@@ -55,6 +55,8 @@ pub trait MetaStore: Send + Sync + 'static {
     fn put_commit(&self, commit: &Commit) -> Result<(CommitId, bool), MetaError>;
     /// A stored commit.
     fn commit(&self, id: &CommitId) -> Result<Option<Commit>, MetaError>;
+    /// Does the repository hold any commit of `service`?
+    fn has_service(&self, service: &ServiceName) -> Result<bool, MetaError>;
     /// The commits of `service` whose id starts with `prefix`.
     fn commits_with_prefix(
         &self,
@@ -189,6 +191,16 @@ impl MetaStore for SledMeta {
             .get(id.as_bytes())?
             .map(|v| Commit::decode(&v).map_err(corrupt("commit")))
             .transpose()
+    }
+
+    fn has_service(&self, service: &ServiceName) -> Result<bool, MetaError> {
+        let base = service_key(service, None);
+        Ok(self
+            .by_service
+            .scan_prefix(&base)
+            .next()
+            .transpose()?
+            .is_some())
     }
 
     fn commits_with_prefix(
@@ -335,6 +347,15 @@ mod tests {
             meta.commits_with_prefix(&other, &prefix)
                 .unwrap()
                 .is_empty()
+        );
+        // A service exists once it has a commit; a name that is a prefix of
+        // another service's is a service of its own.
+        assert!(meta.has_service(&svc).unwrap());
+        assert!(!meta.has_service(&other).unwrap());
+        assert!(
+            !meta
+                .has_service(&ServiceName::new("order").unwrap())
+                .unwrap()
         );
     }
 

@@ -5,8 +5,11 @@
 //! the commit's tree id, every parent exists, every file blob is stored, and the
 //! tree holds a `service.toml` that parses and names the commit's service. Paths
 //! and symlinks were already checked when the tree was decoded (a `Tree` cannot hold
-//! an escaping path). A blob is stored only if its bytes hash to its id.
+//! an escaping path). A blob is stored only if its bytes hash to its id. An image
+//! is stored only if each of its commits exists and belongs to its service, and
+//! no two of its services' `service.toml` want the same public port.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use image_spec::{
@@ -250,7 +253,7 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
                 Ok(RepoResponse::Tree { tree })
             }
             RepoRequest::Diff { service, from, to } => self.diff(&service, from, to),
-            RepoRequest::CreateImage { image } => self.create_image(image),
+            RepoRequest::CreateImage { image } => self.create_image(image).await,
             RepoRequest::GetImage { name } => {
                 let image = self
                     .meta
@@ -456,6 +459,14 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
 
     /// The tree must hold a `service.toml` that parses and names the service.
     async fn check_manifest(&self, commit: &Commit, tree: &Tree) -> Result<(), RemoteError> {
+        self.manifest(tree)
+            .await?
+            .check_service(commit.service())
+            .map_err(|e| invalid(e.to_string()))
+    }
+
+    /// The `service.toml` at the root of `tree`, read from its blob and parsed.
+    async fn manifest(&self, tree: &Tree) -> Result<ServiceManifest, RemoteError> {
         let path = RelPath::new(MANIFEST_FILE).expect("service.toml is a valid path");
         let entry = tree.get(&path).ok_or_else(|| {
             invalid(format!(
@@ -485,10 +496,7 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
             .read_to_string(&mut text)
             .await
             .map_err(|e| invalid(format!("{MANIFEST_FILE} is not UTF-8 text: {e}")))?;
-        let manifest = ServiceManifest::parse(&text).map_err(|e| invalid(e.to_string()))?;
-        manifest
-            .check_service(commit.service())
-            .map_err(|e| invalid(e.to_string()))
+        ServiceManifest::parse(&text).map_err(|e| invalid(e.to_string()))
     }
 
     #[tracing::instrument(skip(self))]
@@ -518,8 +526,14 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
         }
     }
 
-    /// A branch name first, then a full id, then an abbreviated id.
+    /// A branch name first, then a full id, then an abbreviated id. A service
+    /// the repository has never seen is named as such, whatever the revision.
     fn resolve(&self, service: &ServiceName, rev: &str) -> Result<CommitId, RemoteError> {
+        if !self.meta.has_service(service)? {
+            return Err(not_found(format!(
+                "the repository has no service `{service}`; push it first (molt push DIR)"
+            )));
+        }
         if let Ok(branch) = BranchName::new(rev)
             && let Some(head) = self.meta.head(service, &branch)?
         {
@@ -572,10 +586,22 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
         })
     }
 
-    fn create_image(&self, image: Image) -> RepoReply {
+    /// Stores an image whose every commit exists, belongs to its service, and
+    /// whose services want distinct public ports (read from each commit's
+    /// `service.toml`): an image two of whose services share a port would only
+    /// fail later, at deploy, with the port in use.
+    async fn create_image(&self, image: Image) -> RepoReply {
+        let mut manifests = BTreeMap::new();
         for (service, commit) in image.services() {
-            self.service_commit(service, commit)?;
+            let commit = self.service_commit(service, commit)?;
+            let tree = self
+                .meta
+                .tree(&commit.tree())?
+                .ok_or_else(|| not_found(format!("no tree {}", commit.tree())))?;
+            manifests.insert(service, self.manifest(&tree).await?);
         }
+        image_spec::distinct_ports(manifests.iter().map(|(s, m)| (*s, m)))
+            .map_err(|e| invalid(format!("image `{}`: {e}", image.name())))?;
         let (id, created) = self.meta.create_image(&image)?;
         if !created {
             return Err(RemoteError::new(

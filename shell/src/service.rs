@@ -233,7 +233,7 @@ impl ShellService {
         let (image, generation) = instance.recorded().unwrap_or((None, 0));
         if let Ok(mut s) = self.status.lock() {
             s.services = instance.describe();
-            s.image = image;
+            s.image = image.map(Into::into);
             s.generation = generation;
         }
     }

@@ -2,6 +2,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeMap;
+
 use image_spec::{
     BlobId, BranchName, Change, Commit, Image, ImageName, Mode, ServiceName, Timestamp, Tree,
 };
@@ -107,6 +109,16 @@ async fn push_repush_change_one_file_and_diff() {
     }
     let err = repo.resolve(&svc("orders"), "nope").await.unwrap_err();
     assert_eq!(err.remote_kind(), Some(&ErrorKind::NotFound));
+    // A service the repository never saw is named as such, whatever the revision.
+    for rev in ["main", &second.commit.to_hex()] {
+        let err = repo.resolve(&svc("nosvc"), rev).await.unwrap_err();
+        assert_eq!(err.remote_kind(), Some(&ErrorKind::NotFound));
+        assert!(
+            err.to_string()
+                .contains("the repository has no service `nosvc`"),
+            "{err}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -237,6 +249,56 @@ async fn images_need_existing_commits_and_are_immutable() {
         .map(|(_, i)| i.name().to_string())
         .collect();
     assert_eq!(names, ["shop-1"]);
+}
+
+/// Two services on one public port would fail only at deploy, with the port in
+/// use: the repository refuses such an image, naming both and the port; the
+/// same services on distinct ports make an image.
+#[tokio::test]
+async fn an_image_whose_services_share_a_public_port_is_refused() {
+    let cluster = TestCluster::start().await;
+    let repo = cluster.repo_client("user/ada/admin").await;
+    let mut commits = BTreeMap::new();
+    // alpha and beta both take write_service's port 8080; gamma takes 8081.
+    for name in ["alpha", "beta", "gamma"] {
+        let dir = cluster.path(name);
+        write_service(&dir, name, &[]);
+        if name == "gamma" {
+            let toml = std::fs::read_to_string(dir.join("service.toml")).unwrap();
+            write_file(
+                &dir,
+                "service.toml",
+                toml.replace("port = 8080", "port = 8081").as_bytes(),
+            );
+        }
+        let pushed = repo.push(&dir, &push_main("m"), |_| {}).await.unwrap();
+        commits.insert(svc(name), pushed.commit);
+    }
+    let image = |name: &str, services: &[&str]| {
+        Image::new(
+            ImageName::new(name).unwrap(),
+            String::new(),
+            services
+                .iter()
+                .map(|s| (svc(s), commits[&svc(s)]))
+                .collect(),
+        )
+        .unwrap()
+    };
+    let err = repo
+        .create_image(image("clash", &["alpha", "beta", "gamma"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.remote_kind(), Some(&ErrorKind::Invalid), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("services `alpha` and `beta` both want public port 8080"),
+        "{text}"
+    );
+    assert!(repo.images().await.unwrap().is_empty());
+    repo.create_image(image("apart", &["alpha", "gamma"]))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

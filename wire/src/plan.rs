@@ -23,7 +23,11 @@ use image_spec::{CommitId, ServiceName};
 use crate::shell::Strategy;
 
 /// One step of an upgrade plan.
+///
+/// In JSON a step is an object keyed by its kind as the CLI spells it
+/// ([`StepKind::as_str`]): `{"stop-old": {"service": "orders"}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Step {
     /// Fetch the blobs of the new commit that the instance's cache lacks.
     Fetch {
@@ -116,6 +120,7 @@ pub enum Step {
 
 /// The kind of a step, without its details (fault injection, timings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum StepKind {
     /// [`Step::Fetch`].
     Fetch,
@@ -204,6 +209,7 @@ impl std::str::FromStr for StepKind {
 
 /// What undoes a step, should a later one (before the record) fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Undo {
     /// Nothing to undo: the step changed nothing the instance serves from
     /// (fetched blobs stay in the content-addressed cache; a sealed release
@@ -382,8 +388,10 @@ impl fmt::Display for ByteCount {
     }
 }
 
-/// What an upgrade does to one service.
+/// What an upgrade does to one service; in JSON in kebab-case (`replace`,
+/// `hold-and-replace`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Action {
     /// Same commit, left running.
     Unchanged,
@@ -474,6 +482,7 @@ impl UpgradePlan {
 
 /// How a step went, as it happens.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum StepOutcome {
     /// It started.
     Started,
@@ -591,6 +600,128 @@ mod tests {
             .undo(),
             Undo::Nothing
         );
+    }
+
+    /// One step of every kind.
+    fn every_step() -> Vec<Step> {
+        let service = ServiceName::new("orders").unwrap();
+        let commit = CommitId::from_bytes([7; 32]);
+        vec![
+            Step::Fetch {
+                service: service.clone(),
+                commit,
+                blobs: 3,
+                bytes: 4096,
+            },
+            Step::Release {
+                service: service.clone(),
+                commit,
+                reuse: false,
+            },
+            Step::Build {
+                service: service.clone(),
+                commit,
+            },
+            Step::Start {
+                service: service.clone(),
+                commit,
+                copy_data: true,
+            },
+            Step::Hold {
+                service: service.clone(),
+            },
+            Step::PreSwap {
+                service: service.clone(),
+            },
+            Step::SwapPlugin {
+                service: service.clone(),
+                commit,
+            },
+            Step::Cutover {
+                services: vec![service.clone()],
+            },
+            Step::Record { generation: 4 },
+            Step::Drain {
+                service: service.clone(),
+            },
+            Step::StopOld {
+                service: service.clone(),
+            },
+            Step::Remove {
+                service: service.clone(),
+            },
+            Step::PostSwap { service },
+        ]
+    }
+
+    /// Steps stay externally tagged, keyed by the kind's CLI name, and come back
+    /// unchanged through JSON and through the wire's bincode frames.
+    #[test]
+    fn steps_round_trip_through_json_and_bincode_keyed_by_their_cli_name() {
+        use crate::codec::{DEFAULT_FRAME_LIMIT, decode_payload, encode_frame};
+        let steps = every_step();
+        let kinds: Vec<StepKind> = steps.iter().map(Step::kind).collect();
+        assert_eq!(kinds, StepKind::ALL, "one step of every kind, in order");
+        for step in steps {
+            let json = serde_json::to_value(&step).unwrap();
+            let object = json.as_object().unwrap();
+            let keys: Vec<&String> = object.keys().collect();
+            assert_eq!(keys, [step.kind().as_str()], "{json}");
+            assert_eq!(serde_json::from_value::<Step>(json).unwrap(), step);
+            assert_eq!(
+                serde_json::to_value(step.kind()).unwrap(),
+                step.kind().as_str()
+            );
+
+            let frame = encode_frame(&step, DEFAULT_FRAME_LIMIT).unwrap();
+            assert_eq!(decode_payload::<Step>(&frame[4..]).unwrap(), step);
+        }
+        // bincode names a variant by its index, not its name: the rename left
+        // the wire format as it was (`StopOld` is variant 10).
+        let stop = Step::StopOld {
+            service: ServiceName::new("a").unwrap(),
+        };
+        let frame = encode_frame(&stop, DEFAULT_FRAME_LIMIT).unwrap();
+        assert_eq!(&frame[4..], [10, 1, b'a']);
+    }
+
+    #[test]
+    fn plans_and_events_read_in_the_clis_spelling() {
+        let plan = UpgradePlan {
+            strategy: Strategy::ShadowFull,
+            generation: Some(2),
+            services: vec![ServicePlan {
+                service: ServiceName::new("a").unwrap(),
+                from: None,
+                to: Some(CommitId::from_bytes([1; 32])),
+                action: Action::HoldAndReplace,
+            }],
+            steps: vec![Step::PreSwap {
+                service: ServiceName::new("a").unwrap(),
+            }],
+        };
+        let json = serde_json::to_value(&plan).unwrap();
+        assert_eq!(json["strategy"], "shadow-full");
+        assert_eq!(json["services"][0]["action"], "hold-and-replace");
+        assert_eq!(json["steps"][0]["pre-swap"]["service"], "a");
+        assert_eq!(serde_json::from_value::<UpgradePlan>(json).unwrap(), plan);
+        for action in [
+            Action::Unchanged,
+            Action::Add,
+            Action::Replace,
+            Action::Swap,
+        ] {
+            assert_eq!(serde_json::to_value(action).unwrap(), action.to_string());
+        }
+        let done = StepOutcome::Done {
+            millis: 5,
+            bytes: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&done).unwrap(),
+            serde_json::json!({ "done": { "millis": 5, "bytes": null } })
+        );
+        assert_eq!(serde_json::to_value(Undo::RouteBack).unwrap(), "route-back");
     }
 
     #[test]

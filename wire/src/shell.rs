@@ -73,6 +73,7 @@ pub enum ShellRequest {
 
 /// Which of a service's logs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum LogSource {
     /// The log of its running process (of the generation it runs in).
     #[default]
@@ -84,7 +85,11 @@ pub enum LogSource {
 }
 
 /// How an upgrade brings a new generation in.
+///
+/// In JSON it is spelled as on the command line (`in-place`, `shadow`,
+/// `shadow-full`), like its `Display`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Strategy {
     /// Service by service: each changed service's new process starts beside its
     /// old one and takes its traffic once healthy.
@@ -123,8 +128,9 @@ impl std::str::FromStr for Strategy {
     }
 }
 
-/// Where a generation is in its life.
+/// Where a generation is in its life; in JSON as its `Display` (`serving`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Phase {
     /// Its new processes are starting.
     Starting,
@@ -162,6 +168,22 @@ pub struct GenerationPhase {
     pub phase: Phase,
 }
 
+/// An image as an instance names it: by name and by id (`{"name": …, "id": …}`
+/// in JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRef {
+    /// The image's name.
+    pub name: ImageName,
+    /// Its id.
+    pub id: ImageId,
+}
+
+impl From<(ImageName, ImageId)> for ImageRef {
+    fn from((name, id): (ImageName, ImageId)) -> Self {
+        Self { name, id }
+    }
+}
+
 /// One service on an instance, as `status` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceStatus {
@@ -189,7 +211,7 @@ pub struct InstanceStatus {
     /// Its stage.
     pub stage: String,
     /// The image it runs, if any.
-    pub image: Option<(ImageName, ImageId)>,
+    pub image: Option<ImageRef>,
     /// Its services.
     pub services: BTreeMap<ServiceName, ServiceStatus>,
     /// Upgrades waiting for the one running (0 when idle).
@@ -318,6 +340,58 @@ pub fn allowed(who: &Identity) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Strategies and phases read in JSON as the CLI spells them, and an
+    /// instance's image is an object.
+    #[test]
+    fn status_reads_in_the_clis_spelling() {
+        for strategy in [Strategy::InPlace, Strategy::Shadow, Strategy::ShadowFull] {
+            let json = serde_json::to_value(strategy).unwrap();
+            assert_eq!(json, strategy.to_string());
+            assert_eq!(serde_json::from_value::<Strategy>(json).unwrap(), strategy);
+        }
+        let phases = [
+            Phase::Starting,
+            Phase::Healthy,
+            Phase::Serving,
+            Phase::Draining,
+            Phase::Stopped,
+            Phase::Failed,
+        ];
+        for phase in phases {
+            assert_eq!(serde_json::to_value(phase).unwrap(), phase.to_string());
+        }
+        let name = ImageName::new("shop-1").unwrap();
+        let id = ImageId::from_bytes([3; 32]);
+        let status = InstanceStatus {
+            instance: "dev-1".into(),
+            stage: "staging".into(),
+            image: Some((name, id).into()),
+            services: BTreeMap::new(),
+            queued: 0,
+            upgrading: false,
+            generation: 1,
+            strategy: Strategy::Shadow,
+            lifecycle: vec![GenerationPhase {
+                number: 1,
+                phase: Phase::Serving,
+            }],
+            last_failure: None,
+        };
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(
+            json["image"],
+            serde_json::json!({ "name": "shop-1", "id": id.to_string() })
+        );
+        assert_eq!(json["strategy"], "shadow");
+        assert_eq!(json["lifecycle"][0]["phase"], "serving");
+        assert_eq!(
+            serde_json::from_value::<InstanceStatus>(json).unwrap(),
+            status
+        );
+        let source = serde_json::to_value(LogSource::Generation(3)).unwrap();
+        assert_eq!(source, serde_json::json!({ "generation": 3 }));
+    }
 
     #[test]
     fn who_may_command_a_shell() {
