@@ -429,12 +429,13 @@ mod tests {
             interval: Duration::from_millis(50),
             timeout: Duration::from_secs(5),
             retries: 3,
-            start_grace: Duration::from_millis(300),
+            // Long enough for two probes even on a loaded machine.
+            start_grace: Duration::from_secs(1),
         };
         let err = wait_healthy(&check, &BTreeMap::new(), dir.path())
             .await
             .unwrap_err();
-        assert_eq!(err.grace, Duration::from_millis(300));
+        assert_eq!(err.grace, Duration::from_secs(1));
         assert!(err.attempts >= 2, "{err}");
         assert!(matches!(err.last, ProbeError::Command(_)), "{err}");
     }
@@ -454,7 +455,8 @@ mod tests {
             .unwrap_err();
         // Pauses of 10, 20, 40, … ms, then 400: seven probes fit in one second
         // where probing every interval would have made three.
-        assert!((5..=8).contains(&err.attempts), "{err}");
+        // (A loaded machine spawns `false` slowly: more than three is the point.)
+        assert!((4..=8).contains(&err.attempts), "{err}");
     }
 
     #[tokio::test]
