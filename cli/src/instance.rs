@@ -308,11 +308,9 @@ fn print_log(out: &mut impl std::io::Write, text: &str, json: bool) -> Result<()
         return Ok(());
     }
     for line in text.lines() {
-        let stamped = line.len() > 24 && line.as_bytes()[23] == b'Z' && line.as_bytes()[10] == b'T';
-        let (time, rest) = if stamped {
-            (Some(&line[..24]), &line[25..])
-        } else {
-            (None, line)
+        let (time, rest) = match shell::process::split_stamp(line) {
+            Some((stamp, rest)) => (Some(stamp), rest),
+            None => (None, line),
         };
         let obj = serde_json::json!({ "time": time, "line": rest });
         writeln!(out, "{obj}")?;

@@ -701,8 +701,8 @@ mod tests {
             .filter(|e| matches!(e.outcome, StepOutcome::Undone { .. }))
             .count();
         assert_eq!(undone, cutover);
-        // The phases: starting, (healthy never: the last start failed… no —
-        // the failure was at the cutover, after every start), failed.
+        // The phases: starting; healthy (every start had passed before the
+        // failing cutover); failed.
         let history = phases.borrow_and_update().history(2);
         assert_eq!(history, [Phase::Starting, Phase::Healthy, Phase::Failed]);
     }

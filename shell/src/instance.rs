@@ -3,28 +3,19 @@
 //! An [`Instance`] owns, for each installed service, what runs it (a supervised
 //! process, or a plugin host), its data directory (`$MOLT_DATA`, outside the
 //! releases) and the fronts of its public ports, all routed by one [`Router`].
-//! [`Instance::upgrade_reporting`] brings it to a set of commits the way
-//! DESIGN.md's upgrade does, by [`Strategy`]: `shadow` and `shadow-full` are in
-//! `instance/shadow.rs`; `in-place`, service by service, goes:
-//!
-//! 1–4. every changed service is installed first (diff, fetch, release, build);
-//!    a failure here has started nothing;
-//! 5. each changed service is started on fresh internal ports and health-checked,
-//!    then its fronts are switched to it (a service with `overlap = false` is
-//!    stopped first while its fronts hold new connections); old processes keep
-//!    running until every service is switched, so any failure switches every
-//!    front back and stops the new processes — the old generation never stopped
-//!    serving; then the old processes drain and stop, and services the target no
-//!    longer has are stopped;
-//! 6. only then is the new installed state recorded.
-//!
-//! A running plugin whose new release is a plugin too is not restarted but
-//! swapped inside its host, its state kept (and swapped back if the upgrade
-//! fails).
+//! [`Instance::upgrade_with`] brings it to a set of commits the way DESIGN.md's
+//! upgrade does: it surveys what runs and what must (`instance/upgrade.rs`),
+//! has [`crate::plan::plan`] decide the exact steps for the [`Strategy`], and
+//! has [`crate::executor::execute`] carry them out on
+//! `instance/upgrade.rs`'s runtime, which undoes every done step on a failure
+//! before the record. This module holds what the steps act on: starting a
+//! service (process or plugin) and waiting for its health, its environment,
+//! log and data directory, its public ports, draining, pruning, status.
 //!
 //! [`Instance::open`] starts what the recorded state says, from the sealed
 //! releases (verified against their trees), so a restarted shell comes back to
-//! exactly the recorded generation.
+//! exactly the recorded generation; a process that fails at boot stays
+//! supervised and is reported, and an open that fails stops what it started.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

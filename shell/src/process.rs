@@ -201,6 +201,14 @@ pub fn stamp_now() -> String {
 /// The length of a stamp made by [`stamp_now`].
 pub const STAMP_LEN: usize = 24;
 
+/// Splits a line written by [`LineStamper`] into its stamp and the rest; `None`
+/// for a line without a stamp (a note written otherwise, an old log).
+pub fn split_stamp(line: &str) -> Option<(&str, &str)> {
+    let stamp = line.get(..STAMP_LEN)?;
+    let rest = line.get(STAMP_LEN..)?.strip_prefix(' ')?;
+    (stamp.ends_with('Z') && stamp.as_bytes().get(10) == Some(&b'T')).then_some((stamp, rest))
+}
+
 /// Cuts output into lines and stamps each one with the time it was read.
 #[derive(Debug, Default)]
 pub struct LineStamper {
@@ -407,6 +415,9 @@ mod tests {
         assert_eq!(out.len(), LineStamper::MAX_LINE + 10 + 4);
         let stamp = stamp_now();
         assert_eq!(stamp.len(), STAMP_LEN, "{stamp}");
+        let line = format!("{stamp} héllo");
+        assert_eq!(split_stamp(&line), Some((stamp.as_str(), "héllo")));
+        assert_eq!(split_stamp("Traceback (most recent call last):"), None);
         assert!(
             stamp.ends_with('Z') && stamp.as_bytes()[10] == b'T',
             "{stamp}"

@@ -536,10 +536,7 @@ pub fn lines_since(text: &str, since: i64) -> String {
     let mut keep = false;
     let mut out = String::new();
     for line in text.split_inclusive('\n') {
-        let stamp = line.get(..crate::process::STAMP_LEN);
-        if let Some(stamp) =
-            stamp.filter(|s| s.ends_with('Z') && s.as_bytes().get(10) == Some(&b'T'))
-        {
+        if let Some((stamp, _)) = crate::process::split_stamp(line) {
             keep = stamp[..19] >= *threshold;
         }
         if keep {
