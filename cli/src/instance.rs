@@ -215,6 +215,7 @@ pub(crate) async fn deploy(
         ShellRequest::Upgrade {
             image: image.clone(),
             strategy,
+            deployment: None,
         }
     };
     match command(config, instance, req).await? {

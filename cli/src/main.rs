@@ -494,7 +494,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             instance::change(
                 cli.config.as_deref(),
                 &instance,
-                wire::shell::ShellRequest::Rollback { strategy, to },
+                wire::shell::ShellRequest::Rollback {
+                    strategy,
+                    to,
+                    deployment: None,
+                },
                 json,
             )
             .await

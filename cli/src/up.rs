@@ -315,6 +315,7 @@ async fn seed(dir: &Path, config_path: &Path, out: Out) -> Result<()> {
         let upgrade = ShellRequest::Upgrade {
             image: ImageName::new(IMAGE)?,
             strategy: None,
+            deployment: None,
         };
         let ShellResponse::Upgraded(summary) =
             instance::command(Some(config_path), target, upgrade).await?

@@ -46,7 +46,7 @@ pub use encoding::DecodeError;
 pub use id::{BlobId, CommitId, IdParseError, IdPrefix, ImageId, PrefixResolveError, TreeId};
 pub use image::{Image, ImageError};
 pub use manifest::{MANIFEST_FILE, ManifestError, PortClash, ServiceManifest, distinct_ports};
-pub use name::{BranchName, ImageName, InstanceName, NameError, ServiceName, UserName};
+pub use name::{BranchName, ImageName, InstanceName, NameError, ServiceName, TargetName, UserName};
 pub use path::{LinkTarget, PathError, RelPath, SHOWN_CHARS, ShownPath};
 pub use scan::{IGNORE_FILE, ScanError, ScannedTree, scan_dir};
 pub use toml_input::TomlError;

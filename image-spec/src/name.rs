@@ -173,6 +173,12 @@ name_type!(
     64
 );
 name_type!(
+    /// A deployment target's name (the portal's "Service"), e.g. `shop-production`.
+    TargetName,
+    "target",
+    64
+);
+name_type!(
     /// A person's name as it appears in their certificate, e.g. `ada`.
     UserName,
     "user",

@@ -11,10 +11,8 @@
 //! its own `shell/<instance>` certificate, which may only read.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
@@ -38,44 +36,7 @@ use crate::instance::{
 };
 use wire::plan::StepEvent;
 
-/// An instance's stage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    /// A developer's instance: takes pulls.
-    Development,
-    /// A QA instance: takes pulls.
-    Quality,
-    /// Takes images only.
-    Staging,
-    /// Takes images only.
-    Production,
-}
-
-impl fmt::Display for Stage {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Stage::Development => "development",
-            Stage::Quality => "quality",
-            Stage::Staging => "staging",
-            Stage::Production => "production",
-        })
-    }
-}
-
-impl FromStr for Stage {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "development" => Ok(Stage::Development),
-            "quality" => Ok(Stage::Quality),
-            "staging" => Ok(Stage::Staging),
-            "production" => Ok(Stage::Production),
-            other => Err(format!(
-                "unknown stage `{other}` (development, quality, staging or production)"
-            )),
-        }
-    }
-}
+pub use wire::shell::Stage;
 
 /// How to run a shell.
 #[derive(Debug, Clone)]
@@ -92,17 +53,6 @@ pub struct ShellConfig {
     pub listen: SocketAddr,
     /// The strategy upgrades use unless a request names one.
     pub strategy: Strategy,
-}
-
-impl Stage {
-    /// The strategy an instance of this stage uses by default: production swaps
-    /// whole generations (`shadow`), the others go service by service.
-    pub fn default_strategy(self) -> Strategy {
-        match self {
-            Stage::Production => Strategy::Shadow,
-            Stage::Development | Stage::Quality | Stage::Staging => Strategy::InPlace,
-        }
-    }
 }
 
 /// Why a shell could not start.
@@ -291,7 +241,11 @@ impl ShellService {
                     .map_err(|e| remote(ErrorKind::Invalid, e.to_string()))?;
                 Ok(ShellResponse::Plan(plan))
             }
-            ShellRequest::Upgrade { image, strategy } => {
+            ShellRequest::Upgrade {
+                image,
+                strategy,
+                deployment: _,
+            } => {
                 let repo = self.repo().await?;
                 let (id, target) = self.image_target(&repo, &image).await?;
                 self.spawn_upgrade(
@@ -303,7 +257,11 @@ impl ShellService {
                 )
                 .await
             }
-            ShellRequest::Rollback { strategy, to } => {
+            ShellRequest::Rollback {
+                strategy,
+                to,
+                deployment: _,
+            } => {
                 let repo = self.repo().await?;
                 let strategy = strategy.unwrap_or(self.strategy);
                 self.spawn_upgrade(

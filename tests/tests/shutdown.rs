@@ -76,6 +76,7 @@ async fn a_shutdown_during_an_upgrade_cancels_it_cleanly() {
     let deploy = |image: &str| ShellRequest::Upgrade {
         image: ImageName::new(image).unwrap(),
         strategy: None,
+        deployment: None,
     };
     let done = wire::shell::call(&conn, &deploy("one"), |_| {})
         .await

@@ -280,6 +280,14 @@ impl BiStream {
 pub trait Handler: Send + Sync + 'static {
     /// Serves one stream. `peer` is the identity from the peer's verified certificate.
     fn handle(&self, peer: Arc<Identity>, stream: BiStream) -> impl Future<Output = ()> + Send;
+
+    /// Called once a peer is admitted, before any of its streams is served: a
+    /// server that sends requests back over the peer's own connection (the portal
+    /// to the shells that dialled it) keeps the connection here.
+    fn connected(&self, _peer: &Arc<Identity>, _conn: &quinn::Connection) {}
+
+    /// Called once the peer's connection has ended (or the server stops).
+    fn disconnected(&self, _peer: &Arc<Identity>, _conn: &quinn::Connection) {}
 }
 
 /// A QUIC server that requires cluster certificates (see the module docs).
@@ -364,6 +372,7 @@ async fn serve_connection<H: Handler>(
             return;
         }
     };
+    handler.connected(&peer, &conn);
     let mut streams = JoinSet::new();
     loop {
         while streams.try_join_next().is_some() {}
@@ -392,6 +401,7 @@ async fn serve_connection<H: Handler>(
         streams.shutdown().await;
     }
     conn.close(code::SHUTDOWN, b"server shutting down");
+    handler.disconnected(&peer, &conn);
 }
 
 /// Completes the handshake, reads the peer's identity and answers its hello.

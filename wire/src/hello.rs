@@ -17,7 +17,7 @@ use crate::endpoint::code;
 use crate::identity::Identity;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest hello frame accepted.
 const HELLO_LIMIT: usize = 4096;

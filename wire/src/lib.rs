@@ -34,6 +34,7 @@ pub mod hello;
 pub mod identity;
 pub mod pki;
 pub mod plan;
+pub mod portal;
 pub mod repo;
 pub mod shell;
 

@@ -17,6 +17,7 @@ use image_spec::{CommitId, ImageId, ImageName, ServiceName};
 
 use crate::identity::{Grant, Identity};
 pub use crate::plan::{StepEvent, StepTime, UpgradePlan};
+use crate::portal::DeploymentId;
 use crate::repo::RemoteError;
 
 /// A command to a shell.
@@ -28,6 +29,10 @@ pub enum ShellRequest {
         image: ImageName,
         /// How; `None`: the instance's default.
         strategy: Option<Strategy>,
+        /// The portal's deployment this upgrade belongs to: asked again with the
+        /// same id, the shell answers with what that upgrade did instead of
+        /// upgrading again (see [`crate::portal`]).
+        deployment: Option<DeploymentId>,
     },
     /// What an upgrade to the image would do, without doing it: the exact plan
     /// the upgrade would carry out.
@@ -46,6 +51,8 @@ pub enum ShellRequest {
         strategy: Option<Strategy>,
         /// Which generation; `None`: the one before the current.
         to: Option<u64>,
+        /// The portal's deployment this rollback belongs to (as for `Upgrade`).
+        deployment: Option<DeploymentId>,
     },
     /// A service's log: the last `tail` lines, or (with `from`) everything after
     /// that byte offset, for following.
@@ -69,6 +76,66 @@ pub enum ShellRequest {
         /// The revision.
         rev: String,
     },
+}
+
+/// An instance's stage: what it may take, and how it upgrades by default.
+///
+/// In JSON and on the command line: `development`, `quality`, `staging`,
+/// `production`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stage {
+    /// A developer's instance: takes pulls.
+    Development,
+    /// A QA instance: takes pulls.
+    Quality,
+    /// Takes images only.
+    Staging,
+    /// Takes images only.
+    Production,
+}
+
+impl Stage {
+    /// The strategy an instance of this stage uses by default: production swaps
+    /// whole generations (`shadow`), the others go service by service.
+    pub fn default_strategy(self) -> Strategy {
+        match self {
+            Stage::Production => Strategy::Shadow,
+            Stage::Development | Stage::Quality | Stage::Staging => Strategy::InPlace,
+        }
+    }
+
+    /// Staging and production take images only, and once attached to a portal,
+    /// only from it.
+    pub fn is_guarded(self) -> bool {
+        matches!(self, Stage::Staging | Stage::Production)
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stage::Development => "development",
+            Stage::Quality => "quality",
+            Stage::Staging => "staging",
+            Stage::Production => "production",
+        })
+    }
+}
+
+impl std::str::FromStr for Stage {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "development" => Ok(Stage::Development),
+            "quality" => Ok(Stage::Quality),
+            "staging" => Ok(Stage::Staging),
+            "production" => Ok(Stage::Production),
+            other => Err(format!(
+                "unknown stage `{other}` (development, quality, staging or production)"
+            )),
+        }
+    }
 }
 
 /// Which of a service's logs.
@@ -307,9 +374,27 @@ pub enum Update<'a> {
 pub async fn call(
     conn: &crate::endpoint::Connection,
     req: &ShellRequest,
+    on_update: impl FnMut(Update<'_>),
+) -> Result<ShellReply, crate::WireError> {
+    call_on(conn.quinn(), &conn.peer().to_string(), req, on_update).await
+}
+
+/// [`call`] on any connection to a shell: the portal sends its commands on the
+/// connection the shell dialled. `peer` names the shell in errors.
+pub async fn call_on(
+    conn: &quinn::Connection,
+    peer: &str,
+    req: &ShellRequest,
     mut on_update: impl FnMut(Update<'_>),
 ) -> Result<ShellReply, crate::WireError> {
-    let mut s = conn.open().await?;
+    let (send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|source| crate::WireError::Connection {
+            peer: peer.to_owned(),
+            source,
+        })?;
+    let mut s = crate::BiStream { send, recv };
     crate::codec::write_frame(&mut s.send, req).await?;
     // The stream may already be reset by the shell; the read below reports why.
     let _ = s.send.finish();
