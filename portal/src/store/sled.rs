@@ -1,0 +1,726 @@
+//! The embedded store: the portal's records in a sled database under its data
+//! directory.
+//!
+//! Trees: `targets`, `instances`, `deployments` (by id, big-endian), `queue`
+//! (position → id), `running` (target → id: at most one per target), `events`
+//! (id and sequence number → event), `users`, `tokens` (id → token),
+//! `token_hashes` (hash → id), `audit` (sequence number → entry) and `meta`
+//! (counters). Records are encoded with the wire's record codec.
+//!
+//! One process owns the database (sled locks its directory), and every write
+//! goes through one mutex, so each [`Store`] operation is atomic here; the
+//! writes that span trees are one sled transaction, so a crash leaves all or
+//! none of them. Changes of state are flushed before the call returns; events
+//! are flushed by sled's own timer (a crash may lose the last half second of
+//! progress lines, never a state).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use image_spec::{InstanceName, TargetName, UserName};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sled::Transactional;
+use wire::codec::{decode_record, encode_record};
+use wire::plan::UpgradePlan;
+use wire::portal::DeploymentId;
+
+use super::{DeploymentFilter, Store, StoreError, StoreFuture};
+use crate::auth::{AuditEntry, Token, User};
+use crate::deployment::{
+    Deployment, DeploymentState, Event, EventKind, InstanceRun, Millis, NewDeployment, Transition,
+};
+use crate::target::{InstanceRecord, Target};
+
+/// The page cache sled may use: the records are small.
+const CACHE_BYTES: u64 = 16 << 20;
+
+/// Where queue positions of ordinary deployments start; positions below it are
+/// the ones moved to the front, newest move first.
+const QUEUE_BASE: u64 = 1 << 62;
+
+/// The portal's records in sled.
+pub struct SledStore {
+    db: sled::Db,
+    targets: sled::Tree,
+    instances: sled::Tree,
+    deployments: sled::Tree,
+    queue: sled::Tree,
+    running: sled::Tree,
+    events: sled::Tree,
+    users: sled::Tree,
+    tokens: sled::Tree,
+    token_hashes: sled::Tree,
+    audit: sled::Tree,
+    meta: sled::Tree,
+    write: Mutex<()>,
+}
+
+impl std::fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledStore").finish_non_exhaustive()
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn encode<T: Serialize>(record: &T) -> Result<Vec<u8>, StoreError> {
+    encode_record(record).map_err(backend)
+}
+
+fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    decode_record(bytes).map_err(|e| StoreError::Corrupt {
+        what,
+        message: e.to_string(),
+    })
+}
+
+fn be(n: u64) -> [u8; 8] {
+    n.to_be_bytes()
+}
+
+/// A deployment id stored as 8 big-endian bytes.
+fn id_of(bytes: &[u8], what: &'static str) -> Result<DeploymentId, StoreError> {
+    let bytes: [u8; 8] = bytes.try_into().map_err(|_| StoreError::Corrupt {
+        what,
+        message: "not 8 bytes".into(),
+    })?;
+    Ok(DeploymentId(u64::from_be_bytes(bytes)))
+}
+
+fn event_key(id: DeploymentId, seq: u64) -> [u8; 16] {
+    let mut key = [0; 16];
+    key[..8].copy_from_slice(&be(id.0));
+    key[8..].copy_from_slice(&be(seq));
+    key
+}
+
+fn ready<'a, T: Send + 'a>(result: Result<T, StoreError>) -> StoreFuture<'a, T> {
+    Box::pin(std::future::ready(result))
+}
+
+impl SledStore {
+    /// Opens (creating if needed) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = embedded_db::open(dir, CACHE_BYTES).map_err(backend)?;
+        let tree = |name: &str| db.open_tree(name).map_err(backend);
+        Ok(Self {
+            targets: tree("targets")?,
+            instances: tree("instances")?,
+            deployments: tree("deployments")?,
+            queue: tree("queue")?,
+            running: tree("running")?,
+            events: tree("events")?,
+            users: tree("users")?,
+            tokens: tree("tokens")?,
+            token_hashes: tree("token_hashes")?,
+            audit: tree("audit")?,
+            meta: tree("meta")?,
+            db,
+            write: Mutex::new(()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        // The guard protects no data of its own: a panic while holding it left
+        // sled consistent (each write is one transaction).
+        self.write.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(backend)?;
+        Ok(())
+    }
+
+    /// The next value of a counter (from 1).
+    fn next(&self, counter: &str) -> Result<u64, StoreError> {
+        let n = match self.meta.get(counter).map_err(backend)? {
+            Some(v) => id_of(&v, "counter")?.0 + 1,
+            None => 1,
+        };
+        self.meta.insert(counter, &be(n)).map_err(backend)?;
+        Ok(n)
+    }
+
+    fn get<T: DeserializeOwned>(
+        tree: &sled::Tree,
+        what: &'static str,
+        key: impl AsRef<[u8]>,
+    ) -> Result<Option<T>, StoreError> {
+        tree.get(key)
+            .map_err(backend)?
+            .map(|v| decode(what, &v))
+            .transpose()
+    }
+
+    fn all<T: DeserializeOwned>(
+        tree: &sled::Tree,
+        what: &'static str,
+    ) -> Result<Vec<T>, StoreError> {
+        tree.iter()
+            .values()
+            .map(|v| decode(what, &v.map_err(backend)?))
+            .collect()
+    }
+
+    fn load(&self, id: DeploymentId) -> Result<Deployment, StoreError> {
+        Self::get(&self.deployments, "deployment", be(id.0))?.ok_or(StoreError::NoDeployment(id))
+    }
+
+    fn save(&self, d: &Deployment) -> Result<(), StoreError> {
+        self.deployments
+            .insert(be(d.id.0), encode(d)?)
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn sync_put_target(&self, target: Target, replace: bool) -> Result<(), StoreError> {
+        let _guard = self.lock();
+        let exists = self
+            .targets
+            .contains_key(target.name.as_str())
+            .map_err(backend)?;
+        match (exists, replace) {
+            (true, false) => return Err(StoreError::TargetExists(target.name)),
+            (false, true) => return Err(StoreError::NoTarget(target.name)),
+            _ => {}
+        }
+        for other in Self::all::<Target>(&self.targets, "target")? {
+            if other.name == target.name {
+                continue;
+            }
+            if let Some(shared) = target
+                .instances
+                .iter()
+                .find(|i| other.instances.contains(i))
+            {
+                return Err(StoreError::InstanceTaken {
+                    instance: shared.clone(),
+                    target: other.name,
+                });
+            }
+        }
+        self.targets
+            .insert(target.name.as_str(), encode(&target)?)
+            .map_err(backend)?;
+        self.flush()
+    }
+
+    fn sync_enqueue(&self, new: NewDeployment, at: Millis) -> Result<Deployment, StoreError> {
+        let _guard = self.lock();
+        let id = DeploymentId(self.next("deployment")?);
+        let d = Deployment::new(id, new, at);
+        let record = encode(&d)?;
+        (&self.deployments, &self.queue)
+            .transaction(|(deployments, queue)| {
+                deployments.insert(&be(id.0), record.as_slice())?;
+                queue.insert(&be(QUEUE_BASE + id.0), &be(id.0))?;
+                Ok(())
+            })
+            .map_err(embedded_db::storage_error)
+            .map_err(backend)?;
+        self.flush()?;
+        Ok(d)
+    }
+
+    fn sync_claim_next(
+        &self,
+        max_running: usize,
+        at: Millis,
+    ) -> Result<Option<Deployment>, StoreError> {
+        let _guard = self.lock();
+        if self.running.len() >= max_running {
+            return Ok(None);
+        }
+        for entry in self.queue.iter() {
+            let (position, id) = entry.map_err(backend)?;
+            let id = id_of(&id, "queue entry")?;
+            let mut d = self.load(id)?;
+            if self
+                .running
+                .contains_key(d.target.as_str())
+                .map_err(backend)?
+            {
+                continue;
+            }
+            d.apply(Transition::Start, at)
+                .map_err(|source| StoreError::Transition { id, source })?;
+            let record = encode(&d)?;
+            (&self.deployments, &self.queue, &self.running)
+                .transaction(|(deployments, queue, running)| {
+                    deployments.insert(&be(id.0), record.as_slice())?;
+                    queue.remove(&position)?;
+                    running.insert(d.target.as_str(), &be(id.0))?;
+                    Ok(())
+                })
+                .map_err(embedded_db::storage_error)
+                .map_err(backend)?;
+            self.flush()?;
+            return Ok(Some(d));
+        }
+        Ok(None)
+    }
+
+    fn queue_position(&self, id: DeploymentId) -> Result<Option<sled::IVec>, StoreError> {
+        for entry in self.queue.iter() {
+            let (position, queued) = entry.map_err(backend)?;
+            if queued.as_ref() == be(id.0) {
+                return Ok(Some(position));
+            }
+        }
+        Ok(None)
+    }
+
+    fn sync_to_front(&self, id: DeploymentId) -> Result<(), StoreError> {
+        let _guard = self.lock();
+        let d = self.load(id)?;
+        let Some(position) = self.queue_position(id)? else {
+            return Err(StoreError::Transition {
+                id,
+                source: crate::deployment::TransitionError {
+                    from: d.state,
+                    transition: Transition::Start,
+                },
+            });
+        };
+        let front = QUEUE_BASE - self.next("front")?;
+        self.queue
+            .transaction(|queue| {
+                queue.remove(&position)?;
+                queue.insert(&be(front), &be(id.0))?;
+                Ok(())
+            })
+            .map_err(embedded_db::storage_error)
+            .map_err(backend)?;
+        self.flush()
+    }
+
+    fn sync_transition(
+        &self,
+        id: DeploymentId,
+        transition: Transition,
+        failure: Option<String>,
+        at: Millis,
+    ) -> Result<Deployment, StoreError> {
+        let _guard = self.lock();
+        let mut d = self.load(id)?;
+        let was = d.state;
+        d.apply(transition, at)
+            .map_err(|source| StoreError::Transition { id, source })?;
+        if failure.is_some() {
+            d.failure = failure;
+        }
+        let record = encode(&d)?;
+        let position = if was == DeploymentState::Queued {
+            self.queue_position(id)?
+        } else {
+            None
+        };
+        let frees_target = was == DeploymentState::Running && d.state.is_final();
+        (&self.deployments, &self.queue, &self.running)
+            .transaction(|(deployments, queue, running)| {
+                deployments.insert(&be(id.0), record.as_slice())?;
+                if let Some(position) = &position {
+                    queue.remove(position)?;
+                }
+                if frees_target {
+                    running.remove(d.target.as_str())?;
+                }
+                Ok(())
+            })
+            .map_err(embedded_db::storage_error)
+            .map_err(backend)?;
+        self.flush()?;
+        Ok(d)
+    }
+
+    fn update(
+        &self,
+        id: DeploymentId,
+        change: impl FnOnce(&mut Deployment) -> Result<(), StoreError>,
+    ) -> Result<Deployment, StoreError> {
+        let _guard = self.lock();
+        let mut d = self.load(id)?;
+        change(&mut d)?;
+        self.save(&d)?;
+        Ok(d)
+    }
+
+    fn sync_deployments(&self, filter: &DeploymentFilter) -> Result<Vec<Deployment>, StoreError> {
+        let limit = if filter.limit == 0 {
+            usize::MAX
+        } else {
+            filter.limit
+        };
+        let mut out = Vec::new();
+        let upper = filter.before.map_or(u64::MAX, |b| b.0);
+        for entry in self.deployments.range(..be(upper)).rev() {
+            let (_, v) = entry.map_err(backend)?;
+            let d: Deployment = decode("deployment", &v)?;
+            if filter.matches(&d) {
+                out.push(d);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn sync_running(&self) -> Result<Vec<Deployment>, StoreError> {
+        self.running
+            .iter()
+            .values()
+            .map(|id| {
+                let id = id.map_err(backend)?;
+                self.load(id_of(&id, "running entry")?)
+            })
+            .collect()
+    }
+
+    fn sync_queue(&self) -> Result<Vec<Deployment>, StoreError> {
+        self.queue
+            .iter()
+            .values()
+            .map(|id| {
+                let id = id.map_err(backend)?;
+                self.load(id_of(&id, "queue entry")?)
+            })
+            .collect()
+    }
+
+    fn sync_prune(&self, target: &TargetName, keep: usize) -> Result<usize, StoreError> {
+        let _guard = self.lock();
+        let mut finished = 0;
+        let mut dropped = 0;
+        for entry in self.deployments.iter().rev() {
+            let (key, v) = entry.map_err(backend)?;
+            let d: Deployment = decode("deployment", &v)?;
+            if d.target != *target || !d.state.is_final() {
+                continue;
+            }
+            finished += 1;
+            if finished > keep {
+                self.deployments.remove(&key).map_err(backend)?;
+                for event in self.events.scan_prefix(&key).keys() {
+                    self.events
+                        .remove(event.map_err(backend)?)
+                        .map_err(backend)?;
+                }
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
+    }
+
+    fn sync_append(
+        &self,
+        id: DeploymentId,
+        events: Vec<(Millis, Option<InstanceName>, EventKind)>,
+    ) -> Result<Vec<Event>, StoreError> {
+        let _guard = self.lock();
+        let last = self
+            .events
+            .scan_prefix(be(id.0))
+            .keys()
+            .next_back()
+            .transpose()
+            .map_err(backend)?
+            .map_or(0, |k| {
+                u64::from_be_bytes(k[8..16].try_into().expect("event keys are 16 bytes"))
+            });
+        let mut batch = sled::Batch::default();
+        let mut out = Vec::with_capacity(events.len());
+        for (i, (at, instance, kind)) in events.into_iter().enumerate() {
+            let event = Event {
+                seq: last + 1 + i as u64,
+                at,
+                instance,
+                kind,
+            };
+            batch.insert(&event_key(id, event.seq), encode(&event)?);
+            out.push(event);
+        }
+        self.events.apply_batch(batch).map_err(backend)?;
+        Ok(out)
+    }
+
+    fn sync_events(
+        &self,
+        id: DeploymentId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        self.events
+            .range(event_key(id, after.saturating_add(1))..=event_key(id, u64::MAX))
+            .values()
+            .take(limit)
+            .map(|v| decode("event", &v.map_err(backend)?))
+            .collect()
+    }
+
+    fn sync_put_user(&self, user: User, replace: bool) -> Result<(), StoreError> {
+        let _guard = self.lock();
+        let exists = self
+            .users
+            .contains_key(user.name.as_str())
+            .map_err(backend)?;
+        match (exists, replace) {
+            (true, false) => return Err(StoreError::UserExists(user.name)),
+            (false, true) => return Err(StoreError::NoUser(user.name)),
+            _ => {}
+        }
+        self.users
+            .insert(user.name.as_str(), encode(&user)?)
+            .map_err(backend)?;
+        self.flush()
+    }
+
+    fn sync_remove_user(&self, name: &UserName, at: Millis) -> Result<(), StoreError> {
+        let _guard = self.lock();
+        if self.users.remove(name.as_str()).map_err(backend)?.is_none() {
+            return Err(StoreError::NoUser(name.clone()));
+        }
+        for mut token in Self::all::<Token>(&self.tokens, "token")? {
+            if token.user == *name && token.revoked.is_none() {
+                token.revoked = Some(at);
+                self.tokens
+                    .insert(token.id.as_str(), encode(&token)?)
+                    .map_err(backend)?;
+            }
+        }
+        self.flush()
+    }
+
+    fn sync_put_token(&self, token: Token) -> Result<(), StoreError> {
+        let _guard = self.lock();
+        let record = encode(&token)?;
+        (&self.tokens, &self.token_hashes)
+            .transaction(|(tokens, hashes)| {
+                tokens.insert(token.id.as_str(), record.as_slice())?;
+                hashes.insert(&token.hash, token.id.as_str())?;
+                Ok(())
+            })
+            .map_err(embedded_db::storage_error)
+            .map_err(backend)?;
+        self.flush()
+    }
+
+    fn sync_token_by_hash(&self, hash: [u8; 32]) -> Result<Option<Token>, StoreError> {
+        match self.token_hashes.get(hash).map_err(backend)? {
+            Some(id) => Self::get(&self.tokens, "token", id),
+            None => Ok(None),
+        }
+    }
+
+    fn sync_revoke_token(&self, id: &str, at: Millis) -> Result<Token, StoreError> {
+        let _guard = self.lock();
+        let mut token: Token =
+            Self::get(&self.tokens, "token", id)?.ok_or_else(|| StoreError::NoToken(id.into()))?;
+        if token.revoked.is_none() {
+            token.revoked = Some(at);
+        }
+        self.tokens.insert(id, encode(&token)?).map_err(backend)?;
+        self.flush()?;
+        Ok(token)
+    }
+
+    fn sync_audit(&self, mut entry: AuditEntry) -> Result<AuditEntry, StoreError> {
+        let _guard = self.lock();
+        entry.seq = self.next("audit")?;
+        self.audit
+            .insert(be(entry.seq), encode(&entry)?)
+            .map_err(backend)?;
+        self.flush()?;
+        Ok(entry)
+    }
+}
+
+impl Store for SledStore {
+    fn put_target(&self, target: Target, replace: bool) -> StoreFuture<'_, ()> {
+        ready(self.sync_put_target(target, replace))
+    }
+
+    fn target(&self, name: &TargetName) -> StoreFuture<'_, Option<Target>> {
+        ready(Self::get(&self.targets, "target", name.as_str()))
+    }
+
+    fn targets(&self) -> StoreFuture<'_, Vec<Target>> {
+        ready(Self::all(&self.targets, "target"))
+    }
+
+    fn put_instance(&self, record: InstanceRecord) -> StoreFuture<'_, ()> {
+        ready(encode(&record).and_then(|bytes| {
+            self.instances
+                .insert(record.name.as_str(), bytes)
+                .map(drop)
+                .map_err(backend)
+        }))
+    }
+
+    fn instances(&self) -> StoreFuture<'_, Vec<InstanceRecord>> {
+        ready(Self::all(&self.instances, "instance"))
+    }
+
+    fn enqueue(&self, new: NewDeployment, at: Millis) -> StoreFuture<'_, Deployment> {
+        ready(self.sync_enqueue(new, at))
+    }
+
+    fn claim_next(&self, max_running: usize, at: Millis) -> StoreFuture<'_, Option<Deployment>> {
+        ready(self.sync_claim_next(max_running, at))
+    }
+
+    fn to_front(&self, id: DeploymentId) -> StoreFuture<'_, ()> {
+        ready(self.sync_to_front(id))
+    }
+
+    fn transition(
+        &self,
+        id: DeploymentId,
+        transition: Transition,
+        failure: Option<String>,
+        at: Millis,
+    ) -> StoreFuture<'_, Deployment> {
+        ready(self.sync_transition(id, transition, failure, at))
+    }
+
+    fn request_cancel(&self, id: DeploymentId) -> StoreFuture<'_, Deployment> {
+        ready(self.update(id, |d| {
+            if d.state != DeploymentState::Running {
+                return Err(StoreError::Transition {
+                    id,
+                    source: crate::deployment::TransitionError {
+                        from: d.state,
+                        transition: Transition::Cancel,
+                    },
+                });
+            }
+            d.cancel_requested = true;
+            Ok(())
+        }))
+    }
+
+    fn put_run(
+        &self,
+        id: DeploymentId,
+        instance: InstanceName,
+        run: InstanceRun,
+    ) -> StoreFuture<'_, ()> {
+        ready(
+            self.update(id, |d| {
+                d.instances.insert(instance, run);
+                Ok(())
+            })
+            .and_then(|_| self.flush()),
+        )
+    }
+
+    fn put_plans(
+        &self,
+        id: DeploymentId,
+        plans: BTreeMap<InstanceName, UpgradePlan>,
+    ) -> StoreFuture<'_, ()> {
+        ready(
+            self.update(id, |d| {
+                d.plans = plans;
+                Ok(())
+            })
+            .map(drop),
+        )
+    }
+
+    fn set_stuck(&self, id: DeploymentId, stuck: bool, at: Millis) -> StoreFuture<'_, ()> {
+        ready(
+            self.update(id, |d| {
+                d.stuck = stuck && d.state == DeploymentState::Running;
+                if !stuck {
+                    d.last_progress = Some(at);
+                }
+                Ok(())
+            })
+            .map(drop),
+        )
+    }
+
+    fn deployment(&self, id: DeploymentId) -> StoreFuture<'_, Option<Deployment>> {
+        ready(Self::get(&self.deployments, "deployment", be(id.0)))
+    }
+
+    fn deployments(&self, filter: DeploymentFilter) -> StoreFuture<'_, Vec<Deployment>> {
+        ready(self.sync_deployments(&filter))
+    }
+
+    fn running(&self) -> StoreFuture<'_, Vec<Deployment>> {
+        ready(self.sync_running())
+    }
+
+    fn queue(&self) -> StoreFuture<'_, Vec<Deployment>> {
+        ready(self.sync_queue())
+    }
+
+    fn prune(&self, target: &TargetName, keep: usize) -> StoreFuture<'_, usize> {
+        ready(self.sync_prune(target, keep))
+    }
+
+    fn append_events(
+        &self,
+        id: DeploymentId,
+        events: Vec<(Millis, Option<InstanceName>, EventKind)>,
+    ) -> StoreFuture<'_, Vec<Event>> {
+        ready(self.sync_append(id, events))
+    }
+
+    fn events(&self, id: DeploymentId, after: u64, limit: usize) -> StoreFuture<'_, Vec<Event>> {
+        ready(self.sync_events(id, after, limit))
+    }
+
+    fn put_user(&self, user: User, replace: bool) -> StoreFuture<'_, ()> {
+        ready(self.sync_put_user(user, replace))
+    }
+
+    fn user(&self, name: &UserName) -> StoreFuture<'_, Option<User>> {
+        ready(Self::get(&self.users, "user", name.as_str()))
+    }
+
+    fn users(&self) -> StoreFuture<'_, Vec<User>> {
+        ready(Self::all(&self.users, "user"))
+    }
+
+    fn remove_user(&self, name: &UserName, at: Millis) -> StoreFuture<'_, ()> {
+        ready(self.sync_remove_user(name, at))
+    }
+
+    fn put_token(&self, token: Token) -> StoreFuture<'_, ()> {
+        ready(self.sync_put_token(token))
+    }
+
+    fn token_by_hash(&self, hash: [u8; 32]) -> StoreFuture<'_, Option<Token>> {
+        ready(self.sync_token_by_hash(hash))
+    }
+
+    fn tokens(&self) -> StoreFuture<'_, Vec<Token>> {
+        ready(Self::all(&self.tokens, "token"))
+    }
+
+    fn revoke_token(&self, id: &str, at: Millis) -> StoreFuture<'_, Token> {
+        ready(self.sync_revoke_token(id, at))
+    }
+
+    fn audit(&self, entry: AuditEntry) -> StoreFuture<'_, AuditEntry> {
+        ready(self.sync_audit(entry))
+    }
+
+    fn audit_log(&self, after: u64, limit: usize) -> StoreFuture<'_, Vec<AuditEntry>> {
+        ready(
+            self.audit
+                .range(be(after.saturating_add(1))..)
+                .values()
+                .take(limit)
+                .map(|v| decode("audit entry", &v.map_err(backend)?))
+                .collect(),
+        )
+    }
+}
