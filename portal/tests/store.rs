@@ -2,6 +2,9 @@
 //! temp dir. Written against `dyn Store` only, so a PostgreSQL store can run the
 //! same checks.
 
+// Integration tests are their own crates: a panic is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 
 use image_spec::{ImageId, ImageName, InstanceName, TargetName, UserName};
