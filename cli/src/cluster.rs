@@ -74,6 +74,15 @@ pub(crate) fn create(dir: &Path, name: &str, repo_listen: SocketAddr) -> Result<
             cert: "certs/repo-server.crt".into(),
             key: "certs/repo-server.key".into(),
         }),
+        portal: Some(format!("http://{}", crate::config::DEFAULT_PORTAL_HTTP)),
+        portal_token: Some("portal/admin.token".into()),
+        portal_server: Some(crate::config::PortalServerConfig {
+            data: "portal".into(),
+            listen: crate::config::DEFAULT_PORTAL_LISTEN,
+            http: crate::config::DEFAULT_PORTAL_HTTP,
+            cert: "certs/portal.crt".into(),
+            key: "certs/portal.key".into(),
+        }),
         instances: Default::default(),
     };
     config.save(&config_path, "molt init")?;

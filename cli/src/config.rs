@@ -12,6 +12,10 @@
 //! ca = "certs/ca.crt"            # the cluster CA certificate
 //! ca_key = "certs/ca.key"        # the CA's key: only `molt cert issue` needs it
 //!
+//! portal = "http://127.0.0.1:7880"   # the portal's HTTP API (override: --portal-url)
+//! portal_token = "portal/admin.token" # a file holding this user's API token
+//!                                     # (override: $MOLT_TOKEN)
+//!
 //! [instances]                    # optional: shells by name, for --instance NAME
 //! dev-1 = "127.0.0.1:7901"
 //!
@@ -20,6 +24,13 @@
 //! listen = "127.0.0.1:7878"      # UDP address to serve QUIC on
 //! cert = "certs/repo-server.crt"
 //! key = "certs/repo-server.key"
+//!
+//! [portal_server]                # used by `molt portal`
+//! data = "portal"                # its records; it writes admin.token here at first start
+//! listen = "127.0.0.1:7879"      # UDP address shells attach to (QUIC)
+//! http = "127.0.0.1:7880"        # the HTTP API (plain HTTP: loopback only)
+//! cert = "certs/portal.crt"
+//! key = "certs/portal.key"
 //! ```
 
 use std::net::SocketAddr;
@@ -35,6 +46,14 @@ pub(crate) const CONFIG_FILE: &str = "molt.toml";
 /// The state directory `molt up` uses unless told otherwise; its `molt.toml` is
 /// the configuration of last resort.
 pub(crate) const UP_DIR: &str = "molt-local";
+
+/// Where `molt init` has the portal take shells (QUIC).
+pub(crate) const DEFAULT_PORTAL_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7879);
+
+/// Where `molt init` has the portal serve its HTTP API.
+pub(crate) const DEFAULT_PORTAL_HTTP: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7880);
 
 /// The client configuration (see the module docs).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,6 +73,15 @@ pub(crate) struct Config {
     /// Settings of `molt repo-server`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) repo_server: Option<RepoServerConfig>,
+    /// The portal's HTTP API (`http://IP:PORT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) portal: Option<String>,
+    /// A file holding this user's API token for the portal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) portal_token: Option<PathBuf>,
+    /// Settings of `molt portal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) portal_server: Option<PortalServerConfig>,
     /// Known instances: name → shell command address.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub(crate) instances: std::collections::BTreeMap<String, SocketAddr>,
@@ -68,6 +96,22 @@ pub(crate) struct RepoServerConfig {
     /// UDP address to serve on.
     pub(crate) listen: SocketAddr,
     /// The server's certificate.
+    pub(crate) cert: PathBuf,
+    /// Its private key.
+    pub(crate) key: PathBuf,
+}
+
+/// The `[portal_server]` table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PortalServerConfig {
+    /// Where its records live.
+    pub(crate) data: PathBuf,
+    /// UDP address shells attach to.
+    pub(crate) listen: SocketAddr,
+    /// TCP address of the HTTP API (loopback).
+    pub(crate) http: SocketAddr,
+    /// The portal's certificate.
     pub(crate) cert: PathBuf,
     /// Its private key.
     pub(crate) key: PathBuf,
@@ -159,6 +203,19 @@ impl Loaded {
             Some(r) => Ok(r),
             None => bail!(
                 "`{}` has no [repo_server] table; add one or pass --data and --listen",
+                self.path.display()
+            ),
+        }
+    }
+}
+
+impl Loaded {
+    /// The `[portal_server]` table, or a clear error.
+    pub(crate) fn portal_server(&self) -> Result<&PortalServerConfig> {
+        match &self.config.portal_server {
+            Some(p) => Ok(p),
+            None => bail!(
+                "`{}` has no [portal_server] table; add one (see README.md)",
                 self.path.display()
             ),
         }

@@ -165,7 +165,7 @@ pub(crate) fn print_summary(verb: &str, s: &UpgradeSummary) {
 }
 
 /// Prints a plan: every service from → to, then every step with its undo.
-fn print_plan(title: &str, plan: &UpgradePlan) {
+pub(crate) fn print_plan(title: &str, plan: &UpgradePlan) {
     let commit = |c: Option<image_spec::CommitId>| c.map_or("-".to_owned(), |c| c.short(12));
     match plan.generation {
         Some(g) => println!("{title} (strategy {}, generation {g})", plan.strategy),

@@ -7,6 +7,7 @@ mod cluster;
 mod config;
 mod examples;
 mod instance;
+mod portal;
 mod repo;
 mod signals;
 mod up;
@@ -27,6 +28,10 @@ struct Cli {
     /// The repository server's address, overriding `repo` in the configuration.
     #[arg(long, global = true, env = "MOLT_REPO", value_name = "ADDR")]
     repo: Option<SocketAddr>,
+    /// The portal's HTTP API (`http://IP:PORT`), overriding `portal` in the
+    /// configuration.
+    #[arg(long, global = true, env = "MOLT_PORTAL_URL", value_name = "URL")]
+    portal_url: Option<String>,
     /// Print one JSON document instead of text (`molt up`, `molt logs`: one a
     /// line); a failure is a JSON document too: `{"error": …, "causes": […]}`.
     #[arg(long, global = true)]
@@ -72,6 +77,18 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+    /// Run the portal (the control plane) until SIGINT or SIGTERM.
+    Portal {
+        /// Where its records live [default: from molt.toml].
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// UDP address shells attach to [default: from molt.toml].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// TCP address of the HTTP API, loopback only [default: from molt.toml].
+        #[arg(long)]
+        http: Option<SocketAddr>,
+    },
     /// Run an instance's shell until SIGINT or SIGTERM.
     Shell {
         /// The instance's name (its certificate is `shell/NAME`).
@@ -107,14 +124,23 @@ enum Command {
         #[arg(long)]
         strategy: Option<wire::shell::Strategy>,
     },
-    /// Deploy an image to an instance, or show the plan.
+    /// Deploy an image to a target through the portal (or straight to one
+    /// instance), or show the plan.
     Deploy {
         /// The image: its name, or its id or an abbreviation of it (≥ 8 hex).
         image: String,
-        /// The instance: NAME@ADDR, or a NAME under [instances] in molt.toml.
+        /// The portal's target: queued, carried out across its instances and
+        /// followed until it ends.
+        #[arg(
+            long,
+            required_unless_present = "instance",
+            conflicts_with = "instance"
+        )]
+        target: Option<String>,
+        /// One instance, directly: NAME@ADDR, or a NAME under [instances] in molt.toml.
         #[arg(long)]
-        instance: String,
-        /// Only show what would be restarted, kept and stopped.
+        instance: Option<String>,
+        /// Only show what would be fetched, built, restarted, kept and stopped.
         #[arg(long)]
         plan: bool,
         /// in-place (service by service), shadow (the whole generation beside
@@ -125,6 +151,15 @@ enum Command {
         /// the unchanged ones, on copies of every service's data (= shadow-full).
         #[arg(long, value_name = "changed|full")]
         shadow: Option<String>,
+        /// With --target: all, one-by-one or canary [default: the target's].
+        #[arg(long, requires = "target")]
+        rollout: Option<String>,
+        /// With --target: only this one of its instances.
+        #[arg(long, requires = "target", value_name = "INSTANCE")]
+        only: Option<String>,
+        /// With --target: print the deployment's id and return at once.
+        #[arg(long, requires = "target")]
+        no_wait: bool,
     },
     /// Show an instance's services, image, generation and queue.
     Status {
@@ -155,18 +190,30 @@ enum Command {
         #[arg(long, value_name = "AGE", value_parser = instance::parse_age)]
         since: Option<u64>,
     },
-    /// Go back to an earlier generation (no fetch, no build): the previous
-    /// one, or the one --to names (see `molt status`).
+    /// Go back: a target to the image of an earlier succeeded deployment
+    /// (through the portal), or one instance to an earlier generation (no
+    /// fetch, no build).
     Rollback {
-        /// The instance: NAME@ADDR, or a NAME under [instances] in molt.toml.
+        /// The portal's target.
+        #[arg(
+            long,
+            required_unless_present = "instance",
+            conflicts_with = "instance"
+        )]
+        target: Option<String>,
+        /// One instance, directly: NAME@ADDR, or a NAME under [instances] in molt.toml.
         #[arg(long)]
-        instance: String,
-        /// The generation to go back to [default: the one before the current].
-        #[arg(long, value_name = "GENERATION")]
-        to: Option<u64>,
+        instance: Option<String>,
+        /// With --target: the deployment to go back to [default: the one before
+        /// the current]; with --instance: the generation [default: the previous].
+        #[arg(long, value_name = "ID|GENERATION")]
+        to: Option<String>,
         /// in-place or shadow [default: the instance's].
         #[arg(long)]
         strategy: Option<wire::shell::Strategy>,
+        /// With --target: print the deployment's id and return at once.
+        #[arg(long, requires = "target")]
+        no_wait: bool,
     },
     /// Bring one service of a development or quality instance to a revision.
     Pull {
@@ -211,6 +258,52 @@ enum Command {
     Image {
         #[command(subcommand)]
         command: ImageCommand,
+    },
+    /// The portal's targets (its "Services").
+    Target {
+        #[command(subcommand)]
+        command: portal::TargetCommand,
+    },
+    /// The instances attached to the portal: online or not, image, last seen.
+    Instances,
+    /// The portal's deployments, newest first.
+    Deployments {
+        /// Only this target's.
+        #[arg(long)]
+        target: Option<String>,
+        /// Only queued, running, succeeded, failed, rolled-back or cancelled.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only those this user asked for.
+        #[arg(long)]
+        who: Option<String>,
+        /// Only of this image.
+        #[arg(long)]
+        image: Option<String>,
+        /// Only manual ones or only rollbacks.
+        #[arg(long, value_name = "manual|rollback")]
+        trigger: Option<String>,
+        /// Only with ids below this (the next page).
+        #[arg(long, value_name = "ID")]
+        before: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// One deployment: show (and follow), cancel, or move to the front.
+    Deployment {
+        #[command(subcommand)]
+        command: portal::DeploymentCommand,
+    },
+    /// The portal's API tokens.
+    Token {
+        #[command(subcommand)]
+        command: portal::TokenCommand,
+    },
+    /// The portal's users.
+    User {
+        #[command(subcommand)]
+        command: portal::UserCommand,
     },
 }
 
@@ -442,23 +535,51 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
+        Command::Portal { data, listen, http } => {
+            portal::daemon(cli.config.as_deref(), cli.repo, data, listen, http).await
+        }
         Command::Deploy {
             image,
+            target,
             instance,
             plan,
             strategy,
             shadow,
+            rollout,
+            only,
+            no_wait,
         } => {
             let strategy = instance::with_shadow(strategy, shadow.as_deref())?;
-            instance::deploy(
-                cli.config.as_deref(),
-                &image,
-                &instance,
-                plan,
-                strategy,
-                json,
-            )
-            .await
+            match (target, instance) {
+                (Some(target), _) => {
+                    let client = portal::PortalClient::open(
+                        cli.config.as_deref(),
+                        cli.portal_url.as_deref(),
+                    )?;
+                    let args = portal::DeployArgs {
+                        image,
+                        target,
+                        plan,
+                        strategy,
+                        rollout,
+                        only,
+                        no_wait,
+                    };
+                    portal::deploy(&client, args, json).await
+                }
+                (None, Some(instance)) => {
+                    instance::deploy(
+                        cli.config.as_deref(),
+                        &image,
+                        &instance,
+                        plan,
+                        strategy,
+                        json,
+                    )
+                    .await
+                }
+                (None, None) => anyhow::bail!("name a --target or an --instance"),
+            }
         }
         Command::Status { instance } => {
             instance::status(cli.config.as_deref(), &instance, json).await
@@ -487,21 +608,84 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             instance::logs(cli.config.as_deref(), &instance, &service, options).await
         }
         Command::Rollback {
+            target,
             instance,
             to,
             strategy,
+            no_wait,
+        } => match (target, instance) {
+            (Some(target), _) => {
+                let client =
+                    portal::PortalClient::open(cli.config.as_deref(), cli.portal_url.as_deref())?;
+                portal::rollback(&client, &target, to.as_deref(), no_wait, json).await
+            }
+            (None, Some(instance)) => {
+                let to = to
+                    .map(|t| {
+                        t.parse::<u64>()
+                            .map_err(|_| anyhow::anyhow!("--to `{t}`: a generation number"))
+                    })
+                    .transpose()?;
+                instance::change(
+                    cli.config.as_deref(),
+                    &instance,
+                    wire::shell::ShellRequest::Rollback {
+                        strategy,
+                        to,
+                        deployment: None,
+                    },
+                    json,
+                )
+                .await
+            }
+            (None, None) => anyhow::bail!("name a --target or an --instance"),
+        },
+        Command::Target { command } => {
+            let client =
+                portal::PortalClient::open(cli.config.as_deref(), cli.portal_url.as_deref())?;
+            portal::target(&client, command, json).await
+        }
+        Command::Instances => {
+            let client =
+                portal::PortalClient::open(cli.config.as_deref(), cli.portal_url.as_deref())?;
+            portal::instances(&client, json).await
+        }
+        Command::Deployments {
+            target,
+            status,
+            who,
+            image,
+            trigger,
+            before,
+            limit,
         } => {
-            instance::change(
-                cli.config.as_deref(),
-                &instance,
-                wire::shell::ShellRequest::Rollback {
-                    strategy,
-                    to,
-                    deployment: None,
-                },
-                json,
-            )
-            .await
+            let client =
+                portal::PortalClient::open(cli.config.as_deref(), cli.portal_url.as_deref())?;
+            let query = [
+                ("target", target),
+                ("status", status),
+                ("who", who),
+                ("image", image),
+                ("trigger", trigger),
+                ("before", before),
+                ("limit", Some(limit.to_string())),
+            ];
+            portal::deployments(&client, &query, json).await
+        }
+        Command::Deployment { command } => {
+            let client =
+                portal::PortalClient::open(cli.config.as_deref(), cli.portal_url.as_deref())?;
+            portal::deployment(&client, command, json).await
+        }
+        Command::Token { command } => {
+            let client =
+                portal::PortalClient::open(cli.config.as_deref(), cli.portal_url.as_deref())?;
+            portal::token(&client, command, json).await
+        }
+        Command::User { command } => {
+            let client =
+                portal::PortalClient::open(cli.config.as_deref(), cli.portal_url.as_deref())?;
+            portal::user(&client, command, json).await
         }
         Command::Pull { service, instance } => {
             let (service, rev) = instance::service_rev(&service)?;
