@@ -276,3 +276,5 @@ impl Load {
         )
     }
 }
+
+pub mod portal;
