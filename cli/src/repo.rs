@@ -5,11 +5,12 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::{Context as _, Result, bail};
-use image_spec::{BranchName, Change, CommitId, Image, ImageId, ImageName, Mode, ServiceName};
+use image_spec::{BranchName, Change, CommitId, Image, ImageName, Mode, ServiceName};
 use indicatif::{ProgressBar, ProgressStyle};
 use repo_client::{PushOptions, PushProgress, PushReport, RepoClient};
 use serde_json::json;
 use wire::Client;
+use wire::repo::{ImageAuthorship, ImageRecord};
 
 use crate::config::Loaded;
 
@@ -207,11 +208,11 @@ impl Context {
         description: String,
         json: bool,
     ) -> Result<()> {
-        let (id, image) = self.create_image(name, set, from, description).await?;
+        let record = self.create_image(name, set, from, description).await?;
         if json {
-            print_image_json(&id, &image);
+            println!("{}", image_json(&record));
         } else {
-            print_image_created(&id, &image);
+            print_image_created(&record);
         }
         Ok(())
     }
@@ -224,14 +225,14 @@ impl Context {
         set: &[String],
         from: Option<&str>,
         description: String,
-    ) -> Result<(ImageId, Image)> {
+    ) -> Result<ImageRecord> {
         let name = ImageName::new(name)?;
         let mut services: BTreeMap<ServiceName, CommitId> = match from {
             Some(base) => self
                 .repo
                 .image(&ImageName::new(base)?)
                 .await?
-                .1
+                .image
                 .services()
                 .clone(),
             None => BTreeMap::new(),
@@ -252,8 +253,7 @@ impl Context {
             bail!("an image needs at least one service: use --set SERVICE=REV or --from IMAGE");
         }
         let image = Image::new(name, description, services)?;
-        let id = self.repo.create_image(image.clone()).await?;
-        Ok((id, image))
+        Ok(self.repo.create_image(image).await?)
     }
 
     /// The names of every image.
@@ -263,7 +263,7 @@ impl Context {
             .images()
             .await?
             .into_iter()
-            .map(|(_, image)| image.name().to_string())
+            .map(|record| record.image.name().to_string())
             .collect())
     }
 
@@ -281,15 +281,17 @@ impl Context {
     }
 
     pub(crate) async fn image_show(&self, name: &str, json: bool) -> Result<()> {
-        let (id, image) = self.repo.image(&ImageName::new(name)?).await?;
+        let record = self.repo.image(&ImageName::new(name)?).await?;
+        let (id, image) = (&record.id, &record.image);
         if json {
-            print_image_json(&id, &image);
+            println!("{}", image_json(&record));
         } else {
             println!("image       {}", image.name());
             println!("id          {id}");
             if !image.description().is_empty() {
                 println!("description {}", image.description());
             }
+            println!("author      {}", author_line(record.created.as_ref()));
             for (s, c) in image.services() {
                 println!("  {:<20} {c}", s.as_str());
             }
@@ -300,16 +302,18 @@ impl Context {
     pub(crate) async fn image_list(&self, json: bool) -> Result<()> {
         let images = self.repo.images().await?;
         if json {
-            let list: Vec<_> = images.iter().map(|(id, i)| image_json(id, i)).collect();
+            let list: Vec<_> = images.iter().map(image_json).collect();
             println!("{}", serde_json::Value::Array(list));
         } else {
-            for (id, i) in &images {
+            for r in &images {
+                let author = r.created.as_ref().map_or("-", |c| c.author.as_str());
                 println!(
-                    "{:<30} {}  {}  {}",
-                    i.name().as_str(),
-                    id.short(12),
-                    count(i.services().len() as u64, "service"),
-                    i.description()
+                    "{:<30} {}  {:<12} {}  {}",
+                    r.image.name().as_str(),
+                    r.id.short(12),
+                    author,
+                    count(r.image.services().len() as u64, "service"),
+                    r.image.description()
                 );
             }
         }
@@ -350,8 +354,14 @@ pub(crate) fn print_push(report: &PushReport) {
 }
 
 /// What `molt image create` prints for people.
-pub(crate) fn print_image_created(id: &ImageId, image: &Image) {
-    println!("created image {} ({})", image.name(), id.short(12));
+pub(crate) fn print_image_created(record: &ImageRecord) {
+    let (id, image) = (&record.id, &record.image);
+    println!(
+        "created image {} ({}), author {}",
+        image.name(),
+        id.short(12),
+        author_line(record.created.as_ref())
+    );
     for (s, c) in image.services() {
         println!("  {:<20} {}", s.as_str(), c.short(12));
     }
@@ -366,15 +376,37 @@ fn count(n: u64, noun: &str) -> String {
     }
 }
 
-pub(crate) fn image_json(id: &ImageId, image: &Image) -> serde_json::Value {
-    json!({
-        "name": image.name(),
-        "id": id,
-        "description": image.description(),
-        "services": image.services(),
-    })
+/// `ada at 2026-11-23T19:42:48Z`, `ada via portal at …`, or `unknown` for an
+/// image stored before the repository recorded authors.
+fn author_line(created: Option<&ImageAuthorship>) -> String {
+    let Some(c) = created else {
+        return "unknown (created before authors were recorded)".to_owned();
+    };
+    match &c.by {
+        wire::Identity::User { name, .. } if *name == c.author => {
+            format!("{} at {}", c.author, c.at)
+        }
+        by => format!("{} via {by} at {}", c.author, c.at),
+    }
 }
 
-fn print_image_json(id: &ImageId, image: &Image) {
-    println!("{}", image_json(id, image));
+/// An image in `--json`: name, id, description, services, and `created`
+/// (`{"author", "by", "at"}` with `at` in RFC 3339, or `null` for an image
+/// stored before authors were recorded).
+pub(crate) fn image_json(record: &ImageRecord) -> serde_json::Value {
+    let image = &record.image;
+    let created = record.created.as_ref().map(|c| {
+        json!({
+            "author": c.author,
+            "by": c.by,
+            "at": c.at.to_string(),
+        })
+    });
+    json!({
+        "name": image.name(),
+        "id": record.id,
+        "description": image.description(),
+        "services": image.services(),
+        "created": created,
+    })
 }

@@ -285,7 +285,7 @@ async fn seed(dir: &Path, config_path: &Path, out: Out) -> Result<()> {
                 .iter()
                 .map(|s| format!("{s}=main"))
                 .collect();
-            let (id, image) = ctx
+            let record = ctx
                 .create_image(
                     IMAGE,
                     &set,
@@ -294,9 +294,9 @@ async fn seed(dir: &Path, config_path: &Path, out: Out) -> Result<()> {
                 )
                 .await?;
             if out.json {
-                emit("image", repo::image_json(&id, &image));
+                emit("image", repo::image_json(&record));
             } else {
-                repo::print_image_created(&id, &image);
+                repo::print_image_created(&record);
             }
         }
         anyhow::Ok(())

@@ -112,6 +112,10 @@ fn push_log_diff_and_images_from_the_binary() {
     assert_eq!(img2["services"]["orders"], second["commit"]);
     let shown = c.molt_json(&["image", "show", "shop-1"]);
     assert_eq!(shown["id"], img["id"]);
+    // The repository recorded who created it: the CLI's user, from its certificate.
+    assert_eq!(shown["created"]["author"], "admin");
+    assert_eq!(shown["created"]["by"], "user/admin/admin");
+    assert_eq!(img["created"], shown["created"]);
     let list = c.molt_json(&["image", "list"]);
     let names: Vec<&str> = list
         .as_array()

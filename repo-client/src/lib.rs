@@ -16,6 +16,10 @@
 //! directory (the shell's blob cache), each verified against its id on arrival
 //! and renamed into place only then.
 //!
+//! [`RepoClient::watch_refs`] follows the repository's ref log: every branch move
+//! and image created, numbered, as a [`RefWatch`] to read event by event (resume
+//! with the last number seen; see "The ref watch" in `wire::repo`).
+//!
 //! ```no_run
 //! # async fn demo(client: &wire::Client, addr: std::net::SocketAddr) -> Result<(), repo_client::ClientError> {
 //! let repo = repo_client::RepoClient::connect(client, addr).await?;
@@ -32,8 +36,9 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use image_spec::UserName;
 use image_spec::{
-    BlobId, BranchName, Commit, CommitError, CommitId, Image, ImageId, ImageName, MANIFEST_FILE,
+    BlobId, BranchName, Commit, CommitError, CommitId, Image, ImageName, MANIFEST_FILE,
     ManifestError, ScanError, ServiceManifest, ServiceName, Timestamp, Tree, TreeDiff, TreeId,
     scan_dir,
 };
@@ -41,8 +46,11 @@ use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::task::{JoinError, JoinSet};
 use tracing::info;
 use wire::codec::{self, DEFAULT_FRAME_LIMIT, FrameError};
-use wire::repo::{ErrorKind, LogEntry, RemoteError, RepoReply, RepoRequest, RepoResponse};
-use wire::{Client, Connection, Identity, WireError};
+use wire::repo::{
+    ErrorKind, ImageRecord, LogEntry, Missed, RefEvent, RemoteError, RepoReply, RepoRequest,
+    RepoResponse,
+};
+use wire::{BiStream, Client, Connection, Identity, WireError};
 
 /// Most blob ids a push puts in one request.
 const BLOBS_PER_REQUEST: usize = 20_000;
@@ -91,6 +99,14 @@ pub enum ClientError {
     /// The commit could not be built (e.g. an author with a newline).
     #[error(transparent)]
     Commit(#[from] CommitError),
+    /// A watch received an event other than the next in sequence.
+    #[error("the ref watch expected event {expected}, the server sent {got}")]
+    OutOfSequence {
+        /// The number that should have come.
+        expected: u64,
+        /// The number that came.
+        got: u64,
+    },
     /// A fetched blob's bytes do not match its id.
     #[error("blob {claimed}: received bytes hash to {actual}")]
     BlobMismatch {
@@ -491,24 +507,78 @@ impl RepoClient {
         Ok(total)
     }
 
-    /// Creates an image.
-    pub async fn create_image(&self, image: Image) -> Result<ImageId, ClientError> {
-        let resp = self.call(&RepoRequest::CreateImage { image }).await?;
-        expect!(resp, RepoResponse::ImageCreated { id } => id, "create_image")
+    /// Creates an image, authored by the user this client's certificate names.
+    /// Returns it as the repository stored it: id, image and authorship.
+    pub async fn create_image(&self, image: Image) -> Result<ImageRecord, ClientError> {
+        self.create_image_as(image, None).await
     }
 
-    /// One image by name.
-    pub async fn image(&self, name: &ImageName) -> Result<(ImageId, Image), ClientError> {
+    /// Creates an image on behalf of `user`: what the portal does for a person it
+    /// has authenticated (the repository refuses the portal without one, and a
+    /// user naming anyone but themselves). Returns it as the repository stored it,
+    /// with `user` as its author.
+    pub async fn create_image_for(
+        &self,
+        image: Image,
+        user: UserName,
+    ) -> Result<ImageRecord, ClientError> {
+        self.create_image_as(image, Some(user)).await
+    }
+
+    async fn create_image_as(
+        &self,
+        image: Image,
+        on_behalf_of: Option<UserName>,
+    ) -> Result<ImageRecord, ClientError> {
+        let resp = self
+            .call(&RepoRequest::CreateImage {
+                image: image.clone(),
+                on_behalf_of,
+            })
+            .await?;
+        let (id, created) = expect!(resp, RepoResponse::ImageCreated { id, created } => (id, created), "create_image")?;
+        Ok(ImageRecord {
+            id,
+            image,
+            created: Some(created),
+        })
+    }
+
+    /// One image by name, with its id and authorship.
+    pub async fn image(&self, name: &ImageName) -> Result<ImageRecord, ClientError> {
         let resp = self
             .call(&RepoRequest::GetImage { name: name.clone() })
             .await?;
-        expect!(resp, RepoResponse::Image { id, image } => (id, image), "get_image")
+        expect!(resp, RepoResponse::Image { record } => record, "get_image")
     }
 
-    /// Every image, oldest first.
-    pub async fn images(&self) -> Result<Vec<(ImageId, Image)>, ClientError> {
+    /// Every image, oldest first, with its id and authorship.
+    pub async fn images(&self) -> Result<Vec<ImageRecord>, ClientError> {
         let resp = self.call(&RepoRequest::ListImages).await?;
         expect!(resp, RepoResponse::Images { images } => images, "list_images")
+    }
+
+    /// Follows the ref log: the events after `after` that the repository retains
+    /// (`None`: none, only those from now on; `Some(0)`: all retained), then each
+    /// new one as it happens. Check [`RefWatch::missed`] when resuming.
+    pub async fn watch_refs(&self, after: Option<u64>) -> Result<RefWatch, ClientError> {
+        let mut stream = self.conn.open().await?;
+        codec::write_frame(&mut stream.send, &RepoRequest::WatchRefs { after }).await?;
+        // Nothing more to say; the server keeps its side open.
+        let _ = stream.send.finish();
+        let reply: RepoReply = codec::expect_frame(&mut stream.recv, DEFAULT_FRAME_LIMIT).await?;
+        let (last, missed) = expect!(reply?, RepoResponse::Watching { last, missed } => (last, missed), "watch_refs")?;
+        let seen = match (after, missed) {
+            (_, Some(m)) => m.last,
+            (Some(a), None) => a,
+            (None, None) => last,
+        };
+        Ok(RefWatch {
+            stream,
+            last_at_start: last,
+            missed,
+            seen,
+        })
     }
 
     /// Pushes the service in `dir` (see the module docs).
@@ -638,6 +708,57 @@ impl RepoClient {
             .await?;
         info!(%service, commit = %id, blobs_sent, bytes_sent, "pushed");
         Ok(report(id, true, blobs_sent, bytes_sent))
+    }
+}
+
+/// An open watch of the repository's ref log ([`RepoClient::watch_refs`]).
+///
+/// Dropping it closes the watch.
+#[derive(Debug)]
+pub struct RefWatch {
+    stream: BiStream,
+    last_at_start: u64,
+    missed: Option<Missed>,
+    /// The newest event number accounted for: sent, missed, or before `after`.
+    seen: u64,
+}
+
+impl RefWatch {
+    /// The newest event's number when the watch started (0: none yet).
+    pub fn last_at_start(&self) -> u64 {
+        self.last_at_start
+    }
+
+    /// Events after the watch's `after` that the repository no longer retains:
+    /// the watcher missed them and should re-read what it depends on.
+    pub fn missed(&self) -> Option<Missed> {
+        self.missed
+    }
+
+    /// The number of the last event received (or accounted for: missed, or the
+    /// `after` the watch started from), to resume a later watch from.
+    pub fn seen(&self) -> u64 {
+        self.seen
+    }
+
+    /// The next event, waiting for it; `None` once the server ended the watch
+    /// (it shuts down: watch again after [`RefWatch::seen`]). An event out of
+    /// sequence is an error, never silently passed on.
+    pub async fn next(&mut self) -> Result<Option<RefEvent>, ClientError> {
+        let Some(reply) =
+            codec::read_frame::<_, RepoReply>(&mut self.stream.recv, DEFAULT_FRAME_LIMIT).await?
+        else {
+            return Ok(None);
+        };
+        let event = expect!(reply?, RepoResponse::RefEvent { event } => event, "watch_refs")?;
+        if event.seq != self.seen + 1 {
+            return Err(ClientError::OutOfSequence {
+                expected: self.seen + 1,
+                got: event.seq,
+            });
+        }
+        self.seen = event.seq;
+        Ok(Some(event))
     }
 }
 

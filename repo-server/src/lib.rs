@@ -1,7 +1,8 @@
 //! molt's repository server: every commit of every service, content-addressed.
 //!
-//! Blobs live as files in `DATA/blobs` ([`blobs`]); trees, commits, branches and
-//! images live in a sled database in `DATA/meta` ([`meta`]). Both sit behind narrow
+//! Blobs live as files in `DATA/blobs` ([`blobs`]); trees, commits, branches,
+//! images with their authors, and the ref log live in a sled database in
+//! `DATA/meta` ([`meta`]). Both sit behind narrow
 //! traits so an object store or a SQL database can replace them without touching
 //! the protocol code ([`service`]). The other side, the typed calls and the push
 //! that the `molt` CLI and the shell use, is the `repo-client` crate, which holds
@@ -25,8 +26,8 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use wire::{Credentials, Server, WireError};
 
-use crate::blobs::{BlobError, FsBlobStore};
-use crate::meta::{MetaError, SledMeta};
+use crate::blobs::{BlobError, BlobStore, FsBlobStore};
+use crate::meta::{MetaError, MetaStore, SledMeta};
 use crate::service::RepoService;
 
 /// How to run a repository server.
@@ -101,9 +102,24 @@ impl Bound {
     /// Serves until `shutdown` is cancelled; returns once every connection is closed.
     pub async fn serve(self, shutdown: CancellationToken) {
         tracing::info!(addr = ?self.server.local_addr().ok(), "repository server listening");
-        self.server.serve(self.service, shutdown).await;
+        serve(self.server, self.service, shutdown).await;
         tracing::info!("repository server stopped");
     }
+}
+
+/// Serves `service` on `server` until `shutdown` is cancelled, ending every watch
+/// at once then (a watch would otherwise hold the shutdown up for the drain grace
+/// period); returns once every connection is closed.
+pub async fn serve<B: BlobStore, M: MetaStore>(
+    server: Server,
+    service: Arc<RepoService<B, M>>,
+    shutdown: CancellationToken,
+) {
+    let watches = async {
+        shutdown.cancelled().await;
+        service.close_watches();
+    };
+    tokio::join!(server.serve(service.clone(), shutdown.clone()), watches);
 }
 
 /// Binds and serves until `shutdown` is cancelled.

@@ -7,22 +7,34 @@
 //! and symlinks were already checked when the tree was decoded (a `Tree` cannot hold
 //! an escaping path). A blob is stored only if its bytes hash to its id. An image
 //! is stored only if each of its commits exists and belongs to its service, and
-//! no two of its services' `service.toml` want the same public port.
+//! no two of its services' `service.toml` want the same public port; its author is
+//! decided by [`wire::repo::image_author`] from the verified identity.
+//!
+//! Every branch move and image creation is also an event of the ref log (written
+//! by the [`MetaStore`] in the same transaction) and, once durable, is published
+//! on a broadcast channel to the watches ([`RepoRequest::WatchRefs`]). A watch
+//! subscribes first and reads the log second, then skips by number what it has
+//! already sent, so nothing falls between the two; a watch the channel left
+//! behind catches up from the log instead of slowing anyone down. Watches end when
+//! the watcher closes its stream or when [`RepoService::close_watches`] is called
+//! (the server's shutdown), without waiting for the drain grace period.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use image_spec::{
     BlobId, BranchName, Commit, CommitId, IdPrefix, Image, MANIFEST_FILE, Mode, RelPath,
-    ServiceManifest, ServiceName, Tree, TreeDiff,
+    ServiceManifest, ServiceName, Timestamp, Tree, TreeDiff, UserName,
 };
 use tokio::io::AsyncReadExt as _;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 use wire::codec::{self, DEFAULT_FRAME_LIMIT, FrameError};
 use wire::endpoint::code;
 use wire::repo::{
-    ErrorKind, LogEntry, MAX_BLOBS_PER_REQUEST, Operation, RemoteError, RepoReply, RepoRequest,
-    RepoResponse,
+    ErrorKind, ImageAuthorship, LogEntry, MAX_BLOBS_PER_REQUEST, Missed, Operation, RefEvent,
+    RemoteError, RepoReply, RepoRequest, RepoResponse,
 };
 use wire::{BiStream, Handler, Identity};
 
@@ -45,12 +57,27 @@ const REQUEST_BUDGET_KIB: usize = 256 << 10;
 /// How long a peer has, from opening a stream, to deliver its whole request frame.
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// How many live events a watch may fall behind before it catches up from the log.
+const LIVE_BACKLOG: usize = 256;
+
+/// How many events a watch reads from the log at a time.
+const CATCH_UP_BATCH: usize = 256;
+
+/// Most watches open at once, server-wide.
+const MAX_WATCHES: usize = 1024;
+
 /// The repository service over a blob store and a metadata store.
 #[derive(Debug)]
 pub struct RepoService<B, M> {
     blobs: B,
     meta: M,
     budget: tokio::sync::Semaphore,
+    /// Each ref log event, once durable, for the live watches.
+    events: broadcast::Sender<RefEvent>,
+    /// Open watches, at most [`MAX_WATCHES`].
+    watches: tokio::sync::Semaphore,
+    /// Cancelled when the server shuts down: every watch ends.
+    closing: CancellationToken,
 }
 
 impl From<MetaError> for RemoteError {
@@ -96,6 +123,7 @@ fn request_name(req: &RepoRequest) -> &'static str {
         RepoRequest::GetImage { .. } => "get_image",
         RepoRequest::ListImages => "list_images",
         RepoRequest::CreateCommitFromDiff { .. } => "create_commit_from_diff",
+        RepoRequest::WatchRefs { .. } => "watch_refs",
     }
 }
 
@@ -116,6 +144,8 @@ impl<B: BlobStore, M: MetaStore> Handler for RepoService<B, M> {
             }
         };
         let span = info_span!("request", %peer, op = request_name(&req));
+        // A watch lasts as long as its watcher wants: it holds no request budget.
+        let permit = (!matches!(req, RepoRequest::WatchRefs { .. })).then_some(permit);
         self.serve(&peer, req, stream).instrument(span).await;
         drop(permit);
     }
@@ -151,7 +181,22 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
             blobs,
             meta,
             budget: tokio::sync::Semaphore::new(REQUEST_BUDGET_KIB),
+            events: broadcast::channel(LIVE_BACKLOG).0,
+            watches: tokio::sync::Semaphore::new(MAX_WATCHES),
+            closing: CancellationToken::new(),
         }
+    }
+
+    /// Ends every watch, now and from now on (the server is shutting down).
+    pub fn close_watches(&self) {
+        self.closing.cancel();
+    }
+
+    /// Hands a logged event to the live watches.
+    fn publish(&self, event: RefEvent) {
+        debug!(seq = event.seq, "ref event");
+        // No watch listening is not an error: the event is in the log.
+        let _ = self.events.send(event);
     }
 
     /// The blob store.
@@ -191,6 +236,7 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
                 reply(&mut stream, &result).await;
             }
             RepoRequest::FetchBlobs { blobs } => self.fetch_blobs(&mut stream, blobs).await,
+            RepoRequest::WatchRefs { after } => self.watch_refs(&mut stream, after).await,
             other => {
                 let result = self.answer(peer, other).await;
                 if let Err(e) = &result {
@@ -233,7 +279,7 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
                 branch,
                 expected,
                 new,
-            } => self.move_branch(&service, &branch, expected, new),
+            } => self.move_branch(peer, &service, &branch, expected, new),
             RepoRequest::Resolve { service, rev } => self
                 .resolve(&service, &rev)
                 .map(|id| RepoResponse::Resolved { id }),
@@ -253,27 +299,24 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
                 Ok(RepoResponse::Tree { tree })
             }
             RepoRequest::Diff { service, from, to } => self.diff(&service, from, to),
-            RepoRequest::CreateImage { image } => self.create_image(image).await,
+            RepoRequest::CreateImage {
+                image,
+                on_behalf_of,
+            } => self.create_image(peer, image, on_behalf_of).await,
             RepoRequest::GetImage { name } => {
-                let image = self
+                let record = self
                     .meta
                     .image(&name)?
                     .ok_or_else(|| not_found(format!("no image named `{name}`")))?;
-                Ok(RepoResponse::Image {
-                    id: image.id(),
-                    image,
-                })
+                Ok(RepoResponse::Image { record })
             }
             RepoRequest::ListImages => Ok(RepoResponse::Images {
-                images: self
-                    .meta
-                    .images()?
-                    .into_iter()
-                    .map(|i| (i.id(), i))
-                    .collect(),
+                images: self.meta.images()?,
             }),
-            RepoRequest::PutBlobs { .. } | RepoRequest::FetchBlobs { .. } => {
-                Err(invalid("bulk requests are served on their own path"))
+            RepoRequest::PutBlobs { .. }
+            | RepoRequest::FetchBlobs { .. }
+            | RepoRequest::WatchRefs { .. } => {
+                Err(invalid("streaming requests are served on their own path"))
             }
         }
     }
@@ -499,18 +542,23 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
         ServiceManifest::parse(&text).map_err(|e| invalid(e.to_string()))
     }
 
-    #[tracing::instrument(skip(self))]
+    #[tracing::instrument(skip(self, peer))]
     fn move_branch(
         &self,
+        peer: &Identity,
         service: &ServiceName,
         branch: &BranchName,
         expected: Option<CommitId>,
         new: CommitId,
     ) -> RepoReply {
         self.service_commit(service, &new)?;
-        match self.meta.swap_head(service, branch, expected, new)? {
-            HeadUpdate::Moved => {
-                info!(%service, %branch, commit = %new, "branch moved");
+        match self
+            .meta
+            .swap_head(service, branch, expected, new, peer, Timestamp::now())?
+        {
+            HeadUpdate::Moved { event } => {
+                info!(%service, %branch, commit = %new, seq = event.seq, "branch moved");
+                self.publish(event);
                 Ok(RepoResponse::BranchMoved)
             }
             HeadUpdate::Conflict { current } => {
@@ -589,8 +637,16 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
     /// Stores an image whose every commit exists, belongs to its service, and
     /// whose services want distinct public ports (read from each commit's
     /// `service.toml`): an image two of whose services share a port would only
-    /// fail later, at deploy, with the port in use.
-    async fn create_image(&self, image: Image) -> RepoReply {
+    /// fail later, at deploy, with the port in use. Its author is decided first,
+    /// from the verified identity, so a refused caller learns nothing of commits.
+    #[tracing::instrument(skip_all, fields(image = %image.name()))]
+    async fn create_image(
+        &self,
+        peer: &Identity,
+        image: Image,
+        on_behalf_of: Option<UserName>,
+    ) -> RepoReply {
+        let author = wire::repo::image_author(peer, on_behalf_of.as_ref())?;
         let mut manifests = BTreeMap::new();
         for (service, commit) in image.services() {
             let commit = self.service_commit(service, commit)?;
@@ -602,8 +658,13 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
         }
         image_spec::distinct_ports(manifests.iter().map(|(s, m)| (*s, m)))
             .map_err(|e| invalid(format!("image `{}`: {e}", image.name())))?;
-        let (id, created) = self.meta.create_image(&image)?;
-        if !created {
+        let created = ImageAuthorship {
+            author,
+            by: peer.clone(),
+            at: Timestamp::now(),
+        };
+        let (id, event) = self.meta.create_image(&image, &created)?;
+        let Some(event) = event else {
             return Err(RemoteError::new(
                 ErrorKind::AlreadyExists,
                 format!(
@@ -611,9 +672,169 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
                     image.name()
                 ),
             ));
+        };
+        info!(image = %image.name(), %id, author = %created.author, seq = event.seq, "image created");
+        self.publish(event);
+        Ok(RepoResponse::ImageCreated { id, created })
+    }
+
+    /// Serves a watch (see the module docs and "The ref watch" in `wire::repo`):
+    /// the start frame, the retained events after `after`, then live events until
+    /// the watcher goes or the server closes.
+    #[tracing::instrument(skip(self, stream))]
+    async fn watch_refs(&self, stream: &mut BiStream, after: Option<u64>) {
+        let Ok(_slot) = self.watches.try_acquire() else {
+            let err = RemoteError::new(
+                ErrorKind::Internal,
+                format!("the repository serves {MAX_WATCHES} watches already; try again later"),
+            );
+            return reply(stream, &Err(err)).await;
+        };
+        // Subscribe before reading the log: every event is then in the log read, or
+        // arrives live, or both (sent once: by number).
+        let mut live = self.events.subscribe();
+        let (start, mut next) = match self.watch_start(after) {
+            Ok(s) => s,
+            Err(e) => return reply(stream, &Err(e)).await,
+        };
+        info!(?after, next, "watch started");
+        if !self.send_watch(stream, &Ok(start)).await {
+            return;
         }
-        info!(image = %image.name(), %id, "image created");
-        Ok(RepoResponse::ImageCreated { id })
+        let gone = stream.send.stopped();
+        tokio::pin!(gone);
+        let mut behind = true;
+        let ended = loop {
+            if behind {
+                match self.catch_up(stream, &mut next).await {
+                    Ok(true) => behind = false,
+                    Ok(false) => return,
+                    Err(e) => break Some(e),
+                }
+            }
+            let got = tokio::select! {
+                () = self.closing.cancelled() => break None,
+                _ = &mut gone => {
+                    debug!(next, "the watcher went away");
+                    return;
+                }
+                got = live.recv() => got,
+            };
+            match got {
+                Ok(event) if event.seq < next => {}
+                Ok(event) if event.seq == next => {
+                    next += 1;
+                    let frame = Ok(RepoResponse::RefEvent { event });
+                    if !self.send_watch(stream, &frame).await {
+                        return;
+                    }
+                }
+                // A gap (an event published before an earlier one) or a lag: the
+                // log has them all.
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => behind = true,
+                Err(broadcast::error::RecvError::Closed) => break None,
+            }
+        };
+        if let Some(e) = ended {
+            info!(next, error = %e, "watch ended with an error");
+            reply(stream, &Err(e)).await;
+        } else {
+            info!(next, "watch closed by the server");
+            end_watch(stream).await;
+        }
+    }
+
+    /// The first frame of a watch and the first event number to send.
+    fn watch_start(&self, after: Option<u64>) -> Result<(RepoResponse, u64), RemoteError> {
+        let last = self.meta.ref_log_last()?;
+        let after = match after {
+            None => last,
+            Some(a) if a > last => {
+                return Err(invalid(format!(
+                    "watch after event {a}, but the newest event is {last}: this repository never logged it"
+                )));
+            }
+            Some(a) => a,
+        };
+        let mut next = after + 1;
+        let oldest = self.meta.ref_log_oldest()?.unwrap_or(last + 1);
+        let missed = (oldest > next).then(|| Missed {
+            first: next,
+            last: oldest - 1,
+        });
+        next = next.max(oldest);
+        Ok((RepoResponse::Watching { last, missed }, next))
+    }
+
+    /// Sends every logged event from `next` on. `Ok(false)`: the watch is over (the
+    /// watcher went away or the server closes); `Err`: it ends with that error.
+    async fn catch_up(&self, stream: &mut BiStream, next: &mut u64) -> Result<bool, RemoteError> {
+        loop {
+            let batch = self.meta.ref_events(*next, CATCH_UP_BATCH)?;
+            if let Some(first) = batch.first()
+                && first.seq != *next
+            {
+                let resume_after = *next - 1;
+                return Err(RemoteError::new(
+                    ErrorKind::Lagged { resume_after },
+                    format!(
+                        "the watch fell behind: events from {} on are no longer retained; watch again after {resume_after}",
+                        *next
+                    ),
+                ));
+            }
+            let full = batch.len() == CATCH_UP_BATCH;
+            for event in batch {
+                *next = event.seq + 1;
+                if !self
+                    .send_watch(stream, &Ok(RepoResponse::RefEvent { event }))
+                    .await
+                {
+                    return Ok(false);
+                }
+            }
+            if !full {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Writes one frame of a watch; `false` if the watch is over (the watcher went
+    /// away, or the server closes: a watcher that does not read cannot hold it up).
+    async fn send_watch(&self, stream: &mut BiStream, frame: &RepoReply) -> bool {
+        let bytes = match codec::encode_frame(frame, DEFAULT_FRAME_LIMIT) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "a watch frame does not encode");
+                let _ = stream.send.reset(code::PROTOCOL);
+                return false;
+            }
+        };
+        tokio::select! {
+            () = self.closing.cancelled() => {
+                end_watch(stream).await;
+                false
+            }
+            written = stream.send.write_all(&bytes) => match written {
+                Ok(()) => true,
+                Err(e) => {
+                    debug!(error = %e, "the watcher went away");
+                    false
+                }
+            },
+        }
+    }
+}
+
+/// How long a watch the server ends waits for the watcher to acknowledge the end,
+/// so the close of the connection that follows does not overtake it.
+const END_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Ends a watch cleanly: the watcher reads the end of the stream (not a lost
+/// connection) and may resume from the last event it got.
+async fn end_watch(stream: &mut BiStream) {
+    if stream.send.finish().is_ok() {
+        let _ = tokio::time::timeout(END_GRACE, stream.send.stopped()).await;
     }
 }
 

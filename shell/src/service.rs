@@ -120,24 +120,23 @@ impl ShellService {
             other => remote(ErrorKind::Internal, other.to_string()),
         };
         let (id, image) = match repo.image(image).await.map_err(as_remote) {
-            Ok(found) => found,
+            Ok(found) => (found.id, found.image),
             // Not a name: perhaps an image id, or an abbreviation of one.
             Err(e) if e.kind == ErrorKind::NotFound => {
                 let Ok(prefix) = image.as_str().parse::<image_spec::IdPrefix>() else {
                     return Err(e);
                 };
                 let images = repo.images().await.map_err(as_remote)?;
-                let id = prefix
-                    .resolve(images.iter().map(|(id, _)| *id))
-                    .map_err(|r| {
-                        remote(
-                            ErrorKind::NotFound,
-                            format!("no image is named `{image}`, and {r}"),
-                        )
-                    })?;
+                let id = prefix.resolve(images.iter().map(|r| r.id)).map_err(|r| {
+                    remote(
+                        ErrorKind::NotFound,
+                        format!("no image is named `{image}`, and {r}"),
+                    )
+                })?;
                 images
                     .into_iter()
-                    .find(|(i, _)| *i == id)
+                    .find(|r| r.id == id)
+                    .map(|r| (r.id, r.image))
                     .expect("the id was resolved among these images")
             }
             Err(e) => return Err(e),

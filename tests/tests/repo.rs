@@ -201,8 +201,11 @@ async fn roles_are_enforced_per_operation() {
         Some(&ErrorKind::PermissionDenied)
     );
     let deployer = cluster.repo_client("user/dan/deployer").await;
-    let id = deployer.create_image(image.clone()).await.unwrap();
-    assert_eq!(shell.image(image.name()).await.unwrap(), (id, image));
+    let created = deployer.create_image(image.clone()).await.unwrap();
+    let read = shell.image(image.name()).await.unwrap();
+    assert_eq!((read.id, &read.image), (image.id(), &image));
+    assert_eq!(read, created);
+    assert_eq!(read.created.unwrap().author.as_str(), "dan");
 }
 
 #[tokio::test]
@@ -246,7 +249,7 @@ async fn images_need_existing_commits_and_are_immutable() {
         .await
         .unwrap()
         .iter()
-        .map(|(_, i)| i.name().to_string())
+        .map(|r| r.image.name().to_string())
         .collect();
     assert_eq!(names, ["shop-1"]);
 }
@@ -377,7 +380,7 @@ async fn a_restart_keeps_everything() {
         [(svc("orders"), pushed.commit)].into(),
     )
     .unwrap();
-    let image_id = repo.create_image(image).await.unwrap();
+    let created = repo.create_image(image).await.unwrap();
     drop(repo);
 
     cluster.restart_repo().await;
@@ -386,12 +389,10 @@ async fn a_restart_keeps_everything() {
         repo.resolve(&svc("orders"), "main").await.unwrap(),
         pushed.commit
     );
+    // The image and its recorded author.
     assert_eq!(
-        repo.image(&ImageName::new("keep").unwrap())
-            .await
-            .unwrap()
-            .0,
-        image_id
+        repo.image(&ImageName::new("keep").unwrap()).await.unwrap(),
+        created
     );
     let again = repo.push(&dir, &push_main("m"), |_| {}).await.unwrap();
     assert!(!again.created);

@@ -16,7 +16,9 @@
 //!
 //! **Transport.** QUIC (quinn 0.11) over UDP, TLS 1.3 only (rustls 0.23 with ring),
 //! ALPN `molt/1`, client certificates required ([`endpoint`]). Each request opens
-//! its own bidirectional stream.
+//! its own bidirectional stream and is answered on it, once — except the
+//! repository's ref watch ([`repo::RepoRequest::WatchRefs`]), answered with a frame
+//! per event until either side ends the stream.
 //!
 //! **Framing and limits.** A frame is a 4-byte big-endian length and a bincode 2
 //! payload; a frame over its limit (16 MiB by default) or one that does not decode

@@ -10,21 +10,64 @@
 //! - [`RepoRequest::FetchBlobs`] is answered with [`RepoResponse::BlobsFollow`]
 //!   giving each size; the server then writes each blob's bytes in that order.
 //!
+//! One request is answered with many frames: [`RepoRequest::WatchRefs`] (see
+//! "The ref watch" below).
+//!
 //! Every operation is authorized by the caller's verified identity
-//! ([`Operation::allowed`]): users with the developer or admin grant may push and
-//! create images, deployers may create images, and shells and the portal read.
+//! ([`Operation::allowed`]): users with the developer or admin grant may push;
+//! users of any grant and the portal may create images; everyone reads. Shells
+//! and the repository server itself never write.
+//!
+//! # Image authorship
+//!
+//! The repository records who created each image and when ([`ImageAuthorship`]),
+//! beside the image and from the verified identity — the image itself (and so its
+//! id) carries no author, and no client can claim one. A user who creates an image
+//! is its author. The portal creates images only *on behalf of* a person it has
+//! authenticated: [`RepoRequest::CreateImage`] from the portal must name that user
+//! in `on_behalf_of`, who becomes the author (the request's identity, `portal`, is
+//! kept as `by`). A user may leave `on_behalf_of` empty or name themselves; naming
+//! anyone else is refused, as is the portal's request without a user
+//! ([`image_author`] is the whole rule). Images created before authors were
+//! recorded are listed with `created: None`.
+//!
+//! # The ref watch
+//!
+//! The repository keeps a durable, bounded log of every ref change — each branch
+//! move and each image created — numbered 1, 2, 3… with no gaps and never reused
+//! ([`RefEvent::seq`]); it retains the newest [`REF_LOG_RETAINED`] events.
+//! [`RepoRequest::WatchRefs`] `{ after }` is answered on its stream with:
+//!
+//! 1. one [`RepoResponse::Watching`] frame: the newest sequence number at the start,
+//!    and the range of events after `after` that are no longer retained, if any
+//!    (the watcher missed those and should re-read what it depends on);
+//! 2. every retained event with `seq > after`, oldest first (`after: None`: none —
+//!    only what happens from now on; `Some(0)`: everything retained);
+//! 3. each new event as it happens, one [`RepoResponse::RefEvent`] frame each, in
+//!    sequence order, until the client closes the stream — or the server shuts down,
+//!    when the server finishes the stream (a clean end, to resume from).
+//!
+//! A watcher that resumes with `after` = the last `seq` it saw gets exactly the
+//! events after it: none lost that is retained, none repeated. A watcher too slow to
+//! take the live events is never waited for (pushes do not block on it): it catches
+//! up from the log, and only one that fell behind further than the log retains gets
+//! an [`ErrorKind::Lagged`] frame and the end of its stream. An `after` beyond the
+//! newest event (a log this repository never wrote) is [`ErrorKind::Invalid`].
 
 use serde::{Deserialize, Serialize};
 
 use image_spec::{
-    BlobId, BranchName, Commit, CommitId, Image, ImageId, ImageName, ServiceName, Tree, TreeDiff,
-    TreeId,
+    BlobId, BranchName, Commit, CommitId, Image, ImageId, ImageName, ServiceName, Timestamp, Tree,
+    TreeDiff, TreeId, UserName,
 };
 
 use crate::identity::{Grant, Identity};
 
 /// Most blob ids one request may name.
 pub const MAX_BLOBS_PER_REQUEST: usize = 100_000;
+
+/// How many of the newest ref events the repository keeps for watchers.
+pub const REF_LOG_RETAINED: u64 = 10_000;
 
 /// A request to the repository server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,10 +140,14 @@ pub enum RepoRequest {
         /// The blobs.
         blobs: Vec<BlobId>,
     },
-    /// Create an image (names are unique; images are immutable).
+    /// Create an image (names are unique; images are immutable). The repository
+    /// records its author (see "Image authorship" in the module docs).
     CreateImage {
         /// The image.
         image: Image,
+        /// The person the portal acts for: required from the portal, who may create
+        /// images only on a person's behalf; a user may name only themselves.
+        on_behalf_of: Option<UserName>,
     },
     /// One image by name.
     GetImage {
@@ -120,6 +167,88 @@ pub enum RepoRequest {
         /// The changes from the base's tree to the commit's tree.
         diff: TreeDiff,
     },
+    /// Follow the ref log: answered with many frames until either side closes the
+    /// stream (see "The ref watch" in the module docs).
+    WatchRefs {
+        /// The last sequence number the watcher has seen: every retained event after
+        /// it is sent first. `None`: only events from now on.
+        after: Option<u64>,
+    },
+}
+
+/// Who created an image and when, recorded by the repository from the verified
+/// identity of the request (never claimed by a client).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageAuthorship {
+    /// The person the image is by: the user who created it, or the user the portal
+    /// created it for.
+    pub author: UserName,
+    /// Who made the request: the author's own certificate, or `portal`.
+    pub by: Identity,
+    /// When the repository stored the image.
+    pub at: Timestamp,
+}
+
+/// An image as the repository lists it: its id, the image, and its authorship.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// The image's id.
+    pub id: ImageId,
+    /// The image.
+    pub image: Image,
+    /// Who created it and when; `None` for images stored before the repository
+    /// recorded authors.
+    pub created: Option<ImageAuthorship>,
+}
+
+/// One entry of the repository's ref log (see "The ref watch" in the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefEvent {
+    /// Its place in the log: 1, 2, 3… with no gaps, never reused.
+    pub seq: u64,
+    /// When the repository made the change.
+    pub at: Timestamp,
+    /// What changed.
+    pub change: RefChange,
+}
+
+/// What a [`RefEvent`] records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RefChange {
+    /// A branch moved (or was created: `old` is `None`).
+    BranchMoved {
+        /// The service.
+        service: ServiceName,
+        /// The branch.
+        branch: BranchName,
+        /// The head before.
+        old: Option<CommitId>,
+        /// The head now.
+        new: CommitId,
+        /// Who moved it.
+        by: Identity,
+    },
+    /// An image was created.
+    ImageCreated {
+        /// Its name.
+        name: ImageName,
+        /// Its id.
+        id: ImageId,
+        /// Its author (see [`ImageAuthorship`]).
+        author: UserName,
+        /// Who made the request.
+        by: Identity,
+    },
+}
+
+/// Events of the ref log a watcher asked for that are no longer retained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Missed {
+    /// The first event missed.
+    pub first: u64,
+    /// The last event missed.
+    pub last: u64,
 }
 
 /// A commit and its id, as listed by [`RepoRequest::Log`].
@@ -189,18 +318,31 @@ pub enum RepoResponse {
     ImageCreated {
         /// Its id.
         id: ImageId,
+        /// Its authorship, as recorded.
+        created: ImageAuthorship,
     },
     /// One image.
     Image {
-        /// Its id.
-        id: ImageId,
-        /// The image.
-        image: Image,
+        /// The image, its id and authorship.
+        record: ImageRecord,
     },
     /// Every image.
     Images {
         /// Oldest first.
-        images: Vec<(ImageId, Image)>,
+        images: Vec<ImageRecord>,
+    },
+    /// The first frame of a watch: where the log stands.
+    Watching {
+        /// The newest event's sequence number when the watch started (0: none yet);
+        /// with `after: None`, the events that follow are those after it.
+        last: u64,
+        /// Events after the watcher's `after` that are no longer retained.
+        missed: Option<Missed>,
+    },
+    /// One event of a watch.
+    RefEvent {
+        /// The event.
+        event: RefEvent,
     },
 }
 
@@ -222,6 +364,12 @@ pub enum ErrorKind {
     Invalid,
     /// The server failed; the request may be retried.
     Internal,
+    /// A watcher fell behind further than the ref log retains; watch again with
+    /// `after: Some(resume_after)` to learn which events it missed.
+    Lagged {
+        /// The last event the watcher was sent.
+        resume_after: u64,
+    },
 }
 
 /// A failure reported by the server.
@@ -277,7 +425,8 @@ impl Operation {
             | RepoRequest::Diff { .. }
             | RepoRequest::FetchBlobs { .. }
             | RepoRequest::GetImage { .. }
-            | RepoRequest::ListImages => Operation::Read,
+            | RepoRequest::ListImages
+            | RepoRequest::WatchRefs { .. } => Operation::Read,
         }
     }
 
@@ -288,8 +437,35 @@ impl Operation {
             (Operation::Push, Identity::User { grant, .. }) => {
                 matches!(grant, Grant::Developer | Grant::Admin)
             }
-            (Operation::CreateImage, Identity::User { .. }) => true,
+            // The portal only on a person's behalf: see `image_author`.
+            (Operation::CreateImage, Identity::User { .. } | Identity::Portal) => true,
             _ => false,
+        }
+    }
+}
+
+/// The author of an image `who` asks to create, `on_behalf_of` whom (see "Image
+/// authorship" in the module docs): a user is the author of their images and may
+/// name only themselves; the portal must name the person it acts for; nobody else
+/// creates images.
+pub fn image_author(
+    who: &Identity,
+    on_behalf_of: Option<&UserName>,
+) -> Result<UserName, RemoteError> {
+    let denied = |msg: String| RemoteError::new(ErrorKind::PermissionDenied, msg);
+    match (who, on_behalf_of) {
+        (Identity::User { name, .. }, None) => Ok(name.clone()),
+        (Identity::User { name, .. }, Some(other)) if other == name => Ok(name.clone()),
+        (Identity::User { .. }, Some(other)) => Err(denied(format!(
+            "`{who}` may not create images on behalf of `{other}`; only the portal acts for others"
+        ))),
+        (Identity::Portal, Some(user)) => Ok(user.clone()),
+        (Identity::Portal, None) => Err(denied(
+            "the portal creates images only on behalf of a user: name them in `on_behalf_of`"
+                .to_owned(),
+        )),
+        (Identity::RepoServer | Identity::Shell { .. }, _) => {
+            Err(denied(format!("`{who}` may not create images")))
         }
     }
 }
@@ -375,13 +551,136 @@ mod tests {
             ("user/a/admin", [true, true, true]),
             ("user/a/deployer", [true, false, true]),
             ("shell/dev-1", [true, false, false]),
-            ("portal", [true, false, false]),
+            ("portal", [true, false, true]),
             ("repo-server", [true, false, false]),
         ];
         for (who, expect) in cases {
             let got = [Operation::Read, Operation::Push, Operation::CreateImage]
                 .map(|op| op.allowed(&id(who)));
             assert_eq!(got, expect, "{who}");
+        }
+    }
+
+    #[test]
+    fn image_authors_come_from_the_verified_identity() {
+        let id = |s: &str| s.parse::<Identity>().unwrap();
+        let user = |s: &str| UserName::new(s).unwrap();
+        let kind = |r: Result<UserName, RemoteError>| r.map_err(|e| e.kind);
+        // A user is the author, named or not; naming someone else is refused.
+        for grant in ["developer", "deployer", "admin"] {
+            let ada = id(&format!("user/ada/{grant}"));
+            assert_eq!(kind(image_author(&ada, None)), Ok(user("ada")));
+            assert_eq!(
+                kind(image_author(&ada, Some(&user("ada")))),
+                Ok(user("ada"))
+            );
+            assert_eq!(
+                kind(image_author(&ada, Some(&user("bob")))),
+                Err(ErrorKind::PermissionDenied)
+            );
+        }
+        // The portal only on behalf of someone.
+        assert_eq!(
+            kind(image_author(&id("portal"), Some(&user("ada")))),
+            Ok(user("ada"))
+        );
+        assert_eq!(
+            kind(image_author(&id("portal"), None)),
+            Err(ErrorKind::PermissionDenied)
+        );
+        // Shells and the repository never.
+        for who in ["shell/dev-1", "repo-server"] {
+            for behalf in [None, Some(user("ada"))] {
+                assert_eq!(
+                    kind(image_author(&id(who), behalf.as_ref())),
+                    Err(ErrorKind::PermissionDenied),
+                    "{who}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn watch_messages_round_trip_through_the_codec() {
+        let image = Image::new(
+            ImageName::new("shop-1").unwrap(),
+            String::new(),
+            [(
+                ServiceName::new("orders").unwrap(),
+                CommitId::from_bytes([7; 32]),
+            )]
+            .into(),
+        )
+        .unwrap();
+        let created = ImageAuthorship {
+            author: UserName::new("ada").unwrap(),
+            by: Identity::Portal,
+            at: Timestamp::from_unix_seconds(9),
+        };
+        let requests = [
+            RepoRequest::WatchRefs { after: None },
+            RepoRequest::WatchRefs { after: Some(0) },
+            RepoRequest::CreateImage {
+                image: image.clone(),
+                on_behalf_of: Some(UserName::new("ada").unwrap()),
+            },
+        ];
+        for req in requests {
+            let frame = encode_frame(&req, DEFAULT_FRAME_LIMIT).unwrap();
+            assert_eq!(decode_payload::<RepoRequest>(&frame[4..]).unwrap(), req);
+        }
+        let replies: Vec<RepoReply> = vec![
+            Ok(RepoResponse::Watching {
+                last: 4,
+                missed: Some(Missed { first: 1, last: 2 }),
+            }),
+            Ok(RepoResponse::RefEvent {
+                event: RefEvent {
+                    seq: 3,
+                    at: Timestamp::from_unix_seconds(5),
+                    change: RefChange::BranchMoved {
+                        service: ServiceName::new("orders").unwrap(),
+                        branch: BranchName::new("main").unwrap(),
+                        old: None,
+                        new: CommitId::from_bytes([1; 32]),
+                        by: "user/ada/developer".parse().unwrap(),
+                    },
+                },
+            }),
+            Ok(RepoResponse::RefEvent {
+                event: RefEvent {
+                    seq: 4,
+                    at: Timestamp::from_unix_seconds(6),
+                    change: RefChange::ImageCreated {
+                        name: image.name().clone(),
+                        id: image.id(),
+                        author: UserName::new("ada").unwrap(),
+                        by: Identity::Portal,
+                    },
+                },
+            }),
+            Ok(RepoResponse::Images {
+                images: vec![
+                    ImageRecord {
+                        id: image.id(),
+                        image: image.clone(),
+                        created: Some(created),
+                    },
+                    ImageRecord {
+                        id: image.id(),
+                        image,
+                        created: None,
+                    },
+                ],
+            }),
+            Err(RemoteError::new(
+                ErrorKind::Lagged { resume_after: 3 },
+                "behind",
+            )),
+        ];
+        for reply in replies {
+            let frame = encode_frame(&reply, DEFAULT_FRAME_LIMIT).unwrap();
+            assert_eq!(decode_payload::<RepoReply>(&frame[4..]).unwrap(), reply);
         }
     }
 }
