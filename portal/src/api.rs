@@ -617,9 +617,10 @@ async fn list_images(State(api): Shared, headers: HeaderMap) -> ApiResult<impl I
     let out: Vec<_> = images
         .into_iter()
         .rev()
-        .map(|(id, image)| {
-            json!({ "name": image.name(), "id": id.to_string(), "description": image.description(),
-                "services": image.services() })
+        .map(|r| {
+            json!({ "name": r.image.name(), "id": r.id.to_string(),
+                "description": r.image.description(), "services": r.image.services(),
+                "created": r.created })
         })
         .collect();
     Ok(axum::Json(out))
@@ -629,9 +630,9 @@ async fn list_images(State(api): Shared, headers: HeaderMap) -> ApiResult<impl I
 async fn resolve_image(api: &Api, name: &ImageName) -> ApiResult<ImageRef> {
     let repo = api.repo().await?;
     match repo.image(name).await {
-        Ok((id, _)) => Ok(ImageRef {
+        Ok(record) => Ok(ImageRef {
             name: name.clone(),
-            id,
+            id: record.id,
         }),
         Err(repo_client::ClientError::Remote(e)) if e.kind == wire::repo::ErrorKind::NotFound => {
             Err(ApiError {

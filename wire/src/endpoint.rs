@@ -218,6 +218,54 @@ fn client_config(creds: &Credentials) -> Result<quinn::ClientConfig, WireError> 
     Ok(cfg)
 }
 
+/// TLS (over TCP) settings for an HTTPS server of the cluster: its own
+/// certificate, TLS 1.3, ALPN `http/1.1`, and client certificates from the
+/// cluster CA *accepted but not required* — a caller without one (a browser, a
+/// bearer token) is authenticated some other way, one with one is verified
+/// against the CA. Read a verified client's identity with [`identity_of`].
+pub fn https_server_config(creds: &Credentials) -> Result<rustls::ServerConfig, WireError> {
+    let parts = tls_parts(creds)?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(parts.roots, provider())
+            .allow_unauthenticated()
+            .build()
+            .map_err(tls_err)?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(parts.chain, parts.key)
+        .map_err(tls_err)?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
+/// TLS (over TCP) settings for an HTTPS client of the cluster: trusts the
+/// cluster CA only and presents `creds`' certificate. Dial the server under its
+/// identity's [`Identity::server_name`].
+pub fn https_client_config(creds: &Credentials) -> Result<rustls::ClientConfig, WireError> {
+    let parts = tls_parts(creds)?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .with_root_certificates(parts.roots)
+        .with_client_auth_cert(parts.chain, parts.key)
+        .map_err(tls_err)?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
+/// The identity and serial number of a verified peer certificate chain (its
+/// leaf), as a TLS library hands it over.
+pub fn identity_of(chain: &[CertificateDer<'_>]) -> Result<(Identity, Vec<u8>), IdentityError> {
+    let leaf = chain
+        .first()
+        .ok_or_else(|| IdentityError::BadCertificate("empty certificate chain".into()))?;
+    let identity = Identity::from_certificate(leaf)?;
+    let serial = crate::pki::serial_of(leaf)?;
+    Ok((identity, serial))
+}
+
 /// The identity named by the certificate a peer presented in the handshake.
 fn peer_identity(conn: &quinn::Connection) -> Result<Identity, IdentityError> {
     let certs = conn

@@ -163,6 +163,14 @@ impl ClusterCa {
     }
 }
 
+/// The serial number of a DER certificate, as its big-endian bytes: what a
+/// revocation names.
+pub fn serial_of(der: &[u8]) -> Result<Vec<u8>, crate::IdentityError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| crate::IdentityError::BadCertificate(e.to_string()))?;
+    Ok(cert.tbs_certificate.raw_serial().to_vec())
+}
+
 /// File name of the CA certificate.
 pub const CA_CERT_FILE: &str = "ca.crt";
 /// File name of the CA private key.
