@@ -81,7 +81,9 @@ pub(crate) async fn shell(
         stage,
         repo: repo.unwrap_or(loaded.config.repo),
         credentials,
-        listen: args.listen,
+        listen: Some(args.listen),
+        portal: None,
+        labels: std::collections::BTreeMap::new(),
         strategy: args.strategy.unwrap_or(stage.default_strategy()),
     };
     let (shutdown, waiter) = crate::signals::shutdown_on_signals()?;
