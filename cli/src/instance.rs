@@ -19,7 +19,12 @@ pub(crate) struct ShellArgs {
     pub(crate) instance: String,
     pub(crate) stage: String,
     pub(crate) root: PathBuf,
-    pub(crate) listen: SocketAddr,
+    /// Where to serve commands; `None` only with a portal.
+    pub(crate) listen: Option<SocketAddr>,
+    /// The portal to attach to.
+    pub(crate) portal: Option<SocketAddr>,
+    /// Labels to register with at the portal.
+    pub(crate) labels: std::collections::BTreeMap<String, String>,
     pub(crate) cert: Option<PathBuf>,
     pub(crate) key: Option<PathBuf>,
     pub(crate) port_offset: u16,
@@ -27,6 +32,19 @@ pub(crate) struct ShellArgs {
     /// The address public ports listen on.
     pub(crate) public_addr: std::net::IpAddr,
     pub(crate) strategy: Option<Strategy>,
+}
+
+/// Where `molt shell` listens when given neither `--listen` nor `--portal`.
+pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:7901";
+
+/// Parses a `--label key=value`.
+pub(crate) fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!(
+            "`{s}` is not a label: write key=value (e.g. region=eu)"
+        )),
+    }
 }
 
 /// Applies `--shadow changed|full` to `--strategy` (which it implies).
@@ -81,14 +99,25 @@ pub(crate) async fn shell(
         stage,
         repo: repo.unwrap_or(loaded.config.repo),
         credentials,
-        listen: args.listen,
+        // Without a portal the shell listens where it always did by default.
+        listen: match (args.listen, args.portal) {
+            (None, None) => Some(DEFAULT_LISTEN.parse()?),
+            (listen, _) => listen,
+        },
+        portal: args.portal,
+        labels: args.labels,
         strategy: args.strategy.unwrap_or(stage.default_strategy()),
     };
     let (shutdown, waiter) = crate::signals::shutdown_on_signals()?;
     let bound = shell::service::bind(config)
         .await
         .with_context(|| format!("cannot start the shell of `{name}`"))?;
-    eprintln!("shell {name} listening on {}", bound.local_addr()?);
+    if let Ok(addr) = bound.local_addr() {
+        eprintln!("shell {name} listening on {addr}");
+    }
+    if let Some(portal) = bound.portal() {
+        eprintln!("shell {name} attaching to the portal at {portal}");
+    }
     bound.serve(shutdown).await;
     waiter.abort();
     eprintln!("shell {name} stopped");

@@ -100,9 +100,19 @@ enum Command {
         /// The instance's root directory (state, cache, releases, logs).
         #[arg(long)]
         root: PathBuf,
-        /// UDP address to serve commands on.
-        #[arg(long, default_value = "127.0.0.1:7901")]
-        listen: SocketAddr,
+        /// UDP address to serve commands on [default: 127.0.0.1:7901; none
+        /// when --portal is given: the shell then takes commands only over the
+        /// connection it dials to the portal].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// The portal to attach to: the shell dials it, registers, and serves
+        /// its commands over that connection (a staging or production shell
+        /// then takes deployments only from the portal).
+        #[arg(long)]
+        portal: Option<SocketAddr>,
+        /// A label to register with at the portal, key=value (repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = instance::parse_label)]
+        labels: Vec<(String, String)>,
         /// The shell's certificate [default: certs/shell-NAME.crt beside the CA].
         #[arg(long)]
         cert: Option<PathBuf>,
@@ -510,6 +520,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             stage,
             root,
             listen,
+            portal,
+            labels,
             cert,
             key,
             port_offset,
@@ -525,6 +537,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     stage,
                     root,
                     listen,
+                    portal,
+                    labels: labels.into_iter().collect(),
                     cert,
                     key,
                     port_offset,

@@ -224,7 +224,9 @@ async fn run(
             stage: m.stage,
             repo: repo_addr,
             credentials: cluster::shell_credentials(&loaded, m.name)?,
-            listen,
+            listen: Some(listen),
+            portal: None,
+            labels: BTreeMap::new(),
             strategy: m.stage.default_strategy(),
         };
         let bound = shell::service::bind(config)

@@ -487,6 +487,11 @@ impl Instance {
         crate::durable::write_file(&path, &tree.encode()).map_err(io_err(&path))
     }
 
+    /// The instance's state database (a handle sharing it).
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
     /// The generations' lifecycle, as a handle that stays readable while an
     /// upgrade holds the instance.
     pub fn lifecycle(&self) -> Arc<Lifecycle> {

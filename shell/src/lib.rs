@@ -29,13 +29,19 @@
 //!   what the recorded state says;
 //! - [`service`]: the shell's command service over QUIC (upgrade, plan, status,
 //!   logs, rollback, pull), one upgrade at a time with the others queued;
+//! - [`attach`]: the connection a shell dials to its portal: registering, serving
+//!   the portal's commands on the streams it opens, reconnecting with backoff;
+//! - [`deployment`]: the outcomes of the portal's deployments, so that an
+//!   upgrade or rollback asked again with the same id is done once;
 //! - [`crash`]: crash points that let tests `kill -9` the shell at a chosen step.
 //!
 //! - [`plugin`]: plugin services, served inside the shell and swapped with
 //!   their state.
 
+pub mod attach;
 pub mod build;
 pub mod crash;
+pub mod deployment;
 pub mod durable;
 pub mod env;
 pub mod executor;

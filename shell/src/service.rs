@@ -9,6 +9,13 @@
 //! built). Pulls are for development and quality instances; staging and
 //! production refuse them. The shell reaches the repository with
 //! its own `shell/<instance>` certificate, which may only read.
+//!
+//! Commands come over the shell's own listener, over the connection it dials
+//! to a portal ([`crate::attach`]), or both. A staging or production shell
+//! attached to a portal takes upgrades, rollbacks and pulls from the portal
+//! only, so its queue, approvals and audit cannot be bypassed. An upgrade or
+//! rollback that carries a deployment id is done once per id
+//! ([`crate::deployment`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -31,9 +38,12 @@ use wire::{
     BiStream, Client, Credentials, DEFAULT_FRAME_LIMIT, Handler, Identity, Server, WireError,
 };
 
+use crate::attach::Attach;
+use crate::deployment::{self, Claim, Deployments};
 use crate::instance::{
     Instance, InstanceConfig, Lifecycle, Strategy, UpgradeError, UpgradeOptions,
 };
+use crate::state::{DeploymentOp, OutcomeKey};
 use wire::plan::StepEvent;
 
 pub use wire::shell::Stage;
@@ -49,8 +59,15 @@ pub struct ShellConfig {
     pub repo: SocketAddr,
     /// The shell's certificate (`shell/<instance>`), key and CA.
     pub credentials: Credentials,
-    /// Where to serve commands (UDP).
-    pub listen: SocketAddr,
+    /// Where to serve commands (UDP); `None`: only over the portal's
+    /// connection (then `portal` is required).
+    pub listen: Option<SocketAddr>,
+    /// The portal to dial and take commands from over that connection; a
+    /// staging or production shell with a portal takes deployments only from
+    /// it.
+    pub portal: Option<SocketAddr>,
+    /// Labels the shell registers with at the portal (`region=eu`).
+    pub labels: BTreeMap<String, String>,
     /// The strategy upgrades use unless a request names one.
     pub strategy: Strategy,
 }
@@ -72,13 +89,36 @@ pub enum ShellError {
         /// The instance.
         instance: String,
     },
+    /// Neither a listener nor a portal: nobody could send the shell a command.
+    #[error(
+        "the shell of `{instance}` has nowhere to take commands from: give it an address to listen on, a portal, or both"
+    )]
+    NowhereToServe {
+        /// The instance.
+        instance: String,
+    },
+    /// The shell has no listener of its own (it takes commands over its
+    /// portal's connection only).
+    #[error(
+        "the shell of `{instance}` has no listener of its own; it takes commands from its portal"
+    )]
+    NoListener {
+        /// The instance.
+        instance: String,
+    },
 }
 
-struct ShellService {
+/// The command service: the instance, and everything a command needs.
+pub(crate) struct ShellService {
     instance: Mutex<Instance>,
     root: std::path::PathBuf,
     name: String,
     stage: Stage,
+    /// Whether the shell is attached to a portal (then a guarded stage takes
+    /// deployments only from it).
+    attached: bool,
+    /// The outcomes of the portal's deployments, by id.
+    deployments: Deployments,
     repo_addr: SocketAddr,
     client: Client,
     queued: AtomicU32,
@@ -189,7 +229,7 @@ impl ShellService {
 
     /// The instance's status: fresh when no upgrade holds the instance, else as
     /// it was when the last one finished (status never waits).
-    fn status(&self) -> InstanceStatus {
+    pub(crate) fn status(&self) -> InstanceStatus {
         if let Ok(instance) = self.instance.try_lock() {
             self.refresh(&instance);
         }
@@ -243,33 +283,49 @@ impl ShellService {
             ShellRequest::Upgrade {
                 image,
                 strategy,
-                deployment: _,
+                deployment,
             } => {
-                let repo = self.repo().await?;
-                let (id, target) = self.image_target(&repo, &image).await?;
-                self.spawn_upgrade(
-                    repo,
-                    Change::To(target, Some((image.clone(), id))),
-                    format!("upgrade to {image}"),
-                    strategy.unwrap_or(self.strategy),
-                    progress,
-                )
+                let key = deployment.map(|deployment| OutcomeKey {
+                    deployment,
+                    op: DeploymentOp::Upgrade,
+                });
+                self.once(key, progress, async |key| {
+                    let repo = self.repo().await?;
+                    let (id, target) = self.image_target(&repo, &image).await?;
+                    self.spawn_upgrade(
+                        repo,
+                        Change::To(target, Some((image.clone(), id))),
+                        format!("upgrade to {image}"),
+                        strategy.unwrap_or(self.strategy),
+                        progress,
+                        key,
+                    )
+                    .await
+                })
                 .await
             }
             ShellRequest::Rollback {
                 strategy,
                 to,
-                deployment: _,
+                deployment,
             } => {
-                let repo = self.repo().await?;
-                let strategy = strategy.unwrap_or(self.strategy);
-                self.spawn_upgrade(
-                    repo,
-                    Change::Back(to),
-                    "rollback".to_owned(),
-                    strategy,
-                    progress,
-                )
+                let key = deployment.map(|deployment| OutcomeKey {
+                    deployment,
+                    op: DeploymentOp::Rollback,
+                });
+                self.once(key, progress, async |key| {
+                    let repo = self.repo().await?;
+                    let strategy = strategy.unwrap_or(self.strategy);
+                    self.spawn_upgrade(
+                        repo,
+                        Change::Back(to),
+                        "rollback".to_owned(),
+                        strategy,
+                        progress,
+                        key,
+                    )
+                    .await
+                })
                 .await
             }
             ShellRequest::Pull { service, rev } => {
@@ -293,10 +349,67 @@ impl ShellService {
                     format!("pull {service}@{rev}"),
                     self.strategy,
                     progress,
+                    None,
                 )
                 .await
             }
         }
+    }
+
+    /// Runs `run` once per deployment: with no key, simply runs it; with one,
+    /// answers from the recorded outcome, waits for the same deployment's
+    /// operation running now, or runs it and records how it ended
+    /// ([`crate::deployment`]).
+    async fn once(
+        self: &Arc<Self>,
+        key: Option<OutcomeKey>,
+        progress: &Reporter,
+        run: impl AsyncFnOnce(Option<OutcomeKey>) -> ShellReply,
+    ) -> ShellReply {
+        let Some(key) = key else {
+            return run(None).await;
+        };
+        let note = |step: String| {
+            let _ = progress.send(Update::Progress(Progress {
+                service: None,
+                step,
+            }));
+        };
+        let claim = self.deployments.claim(key).map_err(|e| {
+            remote(
+                ErrorKind::Internal,
+                format!("cannot read the outcome of the {key}: {e}"),
+            )
+        })?;
+        let outcome = match claim {
+            Claim::Done(outcome) => {
+                info!(%key, "answered from its recorded outcome");
+                note(format!("the {key} already ran here; its outcome follows"));
+                outcome
+            }
+            Claim::Running(rx) => {
+                info!(%key, "already running: waiting for its outcome");
+                note(format!("the {key} is running here; waiting for it"));
+                deployment::wait(rx).await
+            }
+            Claim::Run(claimed) => {
+                let outcome = match run(Some(key)).await {
+                    Ok(ShellResponse::Upgraded(summary)) => Ok(summary),
+                    Ok(other) => Err(remote(
+                        ErrorKind::Internal,
+                        format!("an upgrade answered {other:?}"),
+                    )),
+                    Err(e) => Err(e),
+                };
+                // Recorded inside the run already once it held the instance;
+                // here too for what failed before (the repository, the image).
+                self.deployments
+                    .record(key, &outcome, self.cancel.is_cancelled());
+                claimed.finish(outcome.clone());
+                outcome
+            }
+        };
+        outcome.map(ShellResponse::Upgraded)
     }
 
     /// Runs an upgrade as a task the service owns, not as part of the command's
@@ -310,13 +423,14 @@ impl ShellService {
         reason: String,
         strategy: Strategy,
         progress: &Reporter,
+        deployment: Option<OutcomeKey>,
     ) -> ShellReply {
         let service = self.clone();
         let progress = progress.clone();
         let task = self.tasks.spawn(
             async move {
                 service
-                    .run_upgrade(&repo, change, &reason, strategy, &progress)
+                    .run_upgrade(&repo, change, &reason, strategy, &progress, deployment)
                     .await
             }
             .in_current_span(),
@@ -330,6 +444,8 @@ impl ShellService {
     }
 
     /// Runs one upgrade at a time: waits (visibly queued) for the instance.
+    /// With a deployment, marks it running once it holds the instance and
+    /// records its outcome before letting go of it.
     async fn run_upgrade(
         &self,
         repo: &RepoClient,
@@ -337,6 +453,7 @@ impl ShellService {
         reason: &str,
         strategy: Strategy,
         progress: &Reporter,
+        deployment: Option<OutcomeKey>,
     ) -> ShellReply {
         let report = |service: Option<&ServiceName>, step: &str| {
             // The requester may be gone; the upgrade goes on without it.
@@ -357,6 +474,18 @@ impl ShellService {
             }
         };
         self.queued.fetch_sub(1, Ordering::SeqCst);
+        if let Some(key) = deployment {
+            let after = instance
+                .recorded()
+                .map_err(|e| remote(ErrorKind::Internal, e.to_string()))?
+                .1;
+            self.deployments.mark_running(key, after).map_err(|e| {
+                remote(
+                    ErrorKind::Internal,
+                    format!("cannot record that the {key} started: {e}"),
+                )
+            })?;
+        }
         self.upgrading.store(true, Ordering::SeqCst);
         let mut reason = reason.to_owned();
         let result = async {
@@ -396,21 +525,52 @@ impl ShellService {
         .await;
         self.upgrading.store(false, Ordering::SeqCst);
         self.refresh(&instance);
-        let report = result.map_err(|e| remote(ErrorKind::Invalid, e.to_string()))?;
-        Ok(ShellResponse::Upgraded(UpgradeSummary {
-            restarted: report.restarted,
-            unchanged: report.unchanged,
-            removed: report.removed,
-            generation: report.generation,
-            steps: report.timeline,
-            warnings: report.warnings,
-            reason,
-            image: instance
-                .recorded()
-                .ok()
-                .and_then(|(i, _)| i)
-                .map(|(n, _)| n),
-        }))
+        let outcome = result
+            .map_err(|e| remote(ErrorKind::Invalid, e.to_string()))
+            .map(|report| UpgradeSummary {
+                restarted: report.restarted,
+                unchanged: report.unchanged,
+                removed: report.removed,
+                generation: report.generation,
+                steps: report.timeline,
+                warnings: report.warnings,
+                reason,
+                image: instance
+                    .recorded()
+                    .ok()
+                    .and_then(|(i, _)| i)
+                    .map(|(n, _)| n),
+            });
+        if let Some(key) = deployment {
+            // Written while the instance is still held: no other operation
+            // can record a generation between this one's and its outcome.
+            self.deployments
+                .record(key, &outcome, self.cancel.is_cancelled());
+        }
+        outcome.map(ShellResponse::Upgraded)
+    }
+
+    /// Why `peer` may not send `req` to this shell beyond the grant check: a
+    /// staging or production shell attached to a portal takes deployments
+    /// only from it.
+    fn guard(&self, peer: &Identity, req: &ShellRequest) -> Result<(), RemoteError> {
+        let deploys = matches!(
+            req,
+            ShellRequest::Upgrade { .. }
+                | ShellRequest::Rollback { .. }
+                | ShellRequest::Pull { .. }
+        );
+        if deploys && self.attached && self.stage.is_guarded() && *peer != Identity::Portal {
+            return Err(remote(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "`{}` is a {} instance attached to a portal: deploy through the portal \
+                     (upgrades, rollbacks and pulls sent straight to it are refused)",
+                    self.name, self.stage
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -525,7 +685,9 @@ impl Handler for Commands {
 }
 
 impl ShellService {
-    async fn handle(self: &Arc<Self>, peer: Arc<Identity>, mut stream: BiStream) {
+    /// Serves one command stream from `peer`: the same for the shell's own
+    /// listener and for the streams its portal opens.
+    pub(crate) async fn handle(self: &Arc<Self>, peer: Arc<Identity>, mut stream: BiStream) {
         let req: ShellRequest = match stream.read_request(DEFAULT_FRAME_LIMIT).await {
             Ok(r) => r,
             Err(e) => {
@@ -542,6 +704,7 @@ impl ShellService {
                     format!("`{peer}` may not command shells"),
                 ));
             }
+            self.guard(&peer, &req)?;
             self.answer(req, &progress).await
         }
         .instrument(span);
@@ -575,9 +738,10 @@ impl ShellService {
     }
 }
 
-/// A shell bound to its address, with its instance running.
+/// A shell bound to its address (if it has one), with its instance running.
 pub struct Bound {
-    server: Server,
+    server: Option<Server>,
+    attach: Option<Attach>,
     service: Arc<ShellService>,
 }
 
@@ -587,7 +751,8 @@ impl std::fmt::Debug for Bound {
     }
 }
 
-/// Opens the instance (starting its recorded generation) and binds the endpoint.
+/// Opens the instance (starting its recorded generation) and binds the endpoint
+/// (the listener, the client that dials the portal, or both).
 pub async fn bind(config: ShellConfig) -> Result<Bound, ShellError> {
     let name = config.instance.name.to_string();
     if config.credentials.identity
@@ -600,7 +765,25 @@ pub async fn bind(config: ShellConfig) -> Result<Bound, ShellError> {
             instance: name,
         });
     }
-    let server = Server::bind(config.listen, &config.credentials)?;
+    if config.listen.is_none() && config.portal.is_none() {
+        return Err(ShellError::NowhereToServe { instance: name });
+    }
+    let server = config
+        .listen
+        .map(|addr| Server::bind(addr, &config.credentials))
+        .transpose()?;
+    let attach = config
+        .portal
+        .map(|portal| {
+            Attach::new(
+                portal,
+                &config.credentials,
+                config.instance.name.clone(),
+                config.stage,
+                config.labels.clone(),
+            )
+        })
+        .transpose()?;
     let client = Client::new(&config.credentials, config.repo)?;
     let root = config.instance.root.clone();
     let instance = Instance::open(config.instance).await?;
@@ -617,11 +800,14 @@ pub async fn bind(config: ShellConfig) -> Result<Bound, ShellError> {
         last_failure: None,
     };
     let lifecycle = instance.lifecycle();
+    let deployments = Deployments::new(instance.state().clone());
     let service = Arc::new(ShellService {
         instance: Mutex::new(instance),
         root,
         name,
         stage: config.stage,
+        attached: attach.is_some(),
+        deployments,
         repo_addr: config.repo,
         client,
         queued: AtomicU32::new(0),
@@ -634,26 +820,58 @@ pub async fn bind(config: ShellConfig) -> Result<Bound, ShellError> {
         cancel: CancellationToken::new(),
     });
     service.refresh(&*service.instance.lock().await);
-    Ok(Bound { server, service })
+    Ok(Bound {
+        server,
+        attach,
+        service,
+    })
 }
 
 impl Bound {
-    /// The command address actually bound.
+    /// The command address actually bound; [`ShellError::NoListener`] for a
+    /// shell that takes commands only from its portal.
     pub fn local_addr(&self) -> Result<SocketAddr, ShellError> {
-        Ok(self.server.local_addr()?)
+        match &self.server {
+            Some(server) => Ok(server.local_addr()?),
+            None => Err(ShellError::NoListener {
+                instance: self.service.name.clone(),
+            }),
+        }
     }
 
-    /// Serves until `shutdown`, then stops every service process.
+    /// The portal the shell attaches to, if any.
+    pub fn portal(&self) -> Option<SocketAddr> {
+        self.attach.as_ref().map(Attach::portal)
+    }
+
+    /// Serves until `shutdown` — on its listener, and over the connection it
+    /// keeps to its portal ([`crate::attach`]) — then stops every service
+    /// process.
     ///
     /// At shutdown: an upgrade in progress is cancelled — it starts no further
     /// step before its record and undoes what it did (one past its record
     /// completes) — and waited for; then every service stops.
     pub async fn serve(self, shutdown: CancellationToken) {
-        info!(instance = %self.service.name, stage = %self.service.stage, "shell serving");
+        info!(
+            instance = %self.service.name,
+            stage = %self.service.stage,
+            portal = ?self.attach.as_ref().map(Attach::portal),
+            "shell serving"
+        );
         let service = self.service;
         let cancel = service.cancel.clone();
         let commands = Arc::new(Commands(service.clone()));
-        tokio::join!(self.server.serve(commands, shutdown.clone()), async {
+        let listening = async {
+            if let Some(server) = self.server {
+                server.serve(commands, shutdown.clone()).await;
+            }
+        };
+        let attached = async {
+            if let Some(attach) = self.attach {
+                attach.run(service.clone(), shutdown.clone()).await;
+            }
+        };
+        tokio::join!(listening, attached, async {
             shutdown.cancelled().await;
             cancel.cancel();
         });

@@ -18,6 +18,12 @@
 //! pointing into itself, not into the old place. A path outside ROOT is never
 //! recorded ([`StateError::OutsideRoot`]).
 //!
+//! Beside them, the outcome of each operation the portal sent with a deployment
+//! id ([`DeploymentOutcome`], in `outcomes`): marked running when it takes the
+//! instance, replaced by its result when it ends, the newest
+//! [`KEEP_OUTCOMES`] kept. A repeated request with that id is answered from
+//! here (`crate::deployment`).
+//!
 //! Records are serde values encoded by `wire`'s codec ([`codec::encode_record`]),
 //! so the shell's stored state and its messages change encoding in one place,
 //! and a corrupt record is a [`StateError::Corrupt`], bounded like a frame.
@@ -28,6 +34,9 @@ use std::path::{Component, Path, PathBuf};
 use image_spec::{CommitId, ImageId, ImageName, ServiceName, Timestamp, TreeId};
 use serde::{Deserialize, Serialize};
 use wire::codec::{self, FrameError};
+use wire::portal::DeploymentId;
+use wire::repo::RemoteError;
+use wire::shell::UpgradeSummary;
 
 /// Why the state could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +124,7 @@ pub struct Generation {
 /// | `generations` | the number, u64 big-endian | [`Generation`] |
 /// | `data_dirs` | the generation's number, u64 big-endian | [`DataDirs`] |
 /// | `counters` | `last`, `allocated` | u64 |
+/// | `outcomes` | the deployment id, u64 big-endian, then 0 (upgrade) or 1 (rollback) | [`DeploymentOutcome`] |
 #[derive(Debug, Clone)]
 pub struct State {
     /// The instance root: the directory holding the database's; recorded
@@ -125,7 +135,74 @@ pub struct State {
     generations: sled::Tree,
     data_dirs: sled::Tree,
     counters: sled::Tree,
+    outcomes: sled::Tree,
 }
+
+/// Which operation of a deployment an outcome is of: a deployment that fails
+/// may send the rollback of an instance with the same id as its upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum DeploymentOp {
+    /// An upgrade to an image.
+    Upgrade,
+    /// A rollback to an earlier generation.
+    Rollback,
+}
+
+impl std::fmt::Display for DeploymentOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeploymentOp::Upgrade => "upgrade",
+            DeploymentOp::Rollback => "rollback",
+        })
+    }
+}
+
+/// What an outcome is keyed by: a deployment and its operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OutcomeKey {
+    /// The portal's deployment.
+    pub deployment: DeploymentId,
+    /// Which of its operations.
+    pub op: DeploymentOp,
+}
+
+impl OutcomeKey {
+    /// The key's bytes in `outcomes`: the id big-endian (so keys sort by id),
+    /// then the operation.
+    fn bytes(self) -> [u8; 9] {
+        let mut key = [0; 9];
+        key[..8].copy_from_slice(&self.deployment.0.to_be_bytes());
+        key[8] = match self.op {
+            DeploymentOp::Upgrade => 0,
+            DeploymentOp::Rollback => 1,
+        };
+        key
+    }
+}
+
+impl std::fmt::Display for OutcomeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} of deployment {}", self.op, self.deployment)
+    }
+}
+
+/// The recorded outcome of a deployment's operation on this instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeploymentOutcome {
+    /// It took the instance when the last recorded generation was `after`
+    /// and has not ended (or the shell died before it could say how it
+    /// ended): a generation recorded after `after` is its own, since one
+    /// operation holds the instance at a time.
+    Running {
+        /// The last generation recorded when it started.
+        after: u64,
+    },
+    /// It ended: what it did, or why it failed.
+    Done(Result<UpgradeSummary, RemoteError>),
+}
+
+/// How many deployment outcomes are kept (older ones are pruned).
+pub const KEEP_OUTCOMES: usize = 200;
 
 /// The installed state's key (in `current`).
 const INSTALLED: &[u8] = b"installed";
@@ -188,6 +265,7 @@ impl State {
             generations: db.open_tree("generations")?,
             data_dirs: db.open_tree("data_dirs")?,
             counters: db.open_tree("counters")?,
+            outcomes: db.open_tree("outcomes")?,
             db,
         })
     }
@@ -331,6 +409,37 @@ impl State {
             }),
             None => Ok(DataDirs::new()),
         }
+    }
+
+    /// The recorded outcome of `key`, if any.
+    pub fn outcome(&self, key: OutcomeKey) -> Result<Option<DeploymentOutcome>, StateError> {
+        self.outcomes
+            .get(key.bytes())?
+            .map(|v| decode("deployment outcome", &v))
+            .transpose()
+    }
+
+    /// Records the outcome of `key`, durably, and prunes the oldest beyond
+    /// [`KEEP_OUTCOMES`].
+    pub fn record_outcome(
+        &self,
+        key: OutcomeKey,
+        outcome: &DeploymentOutcome,
+    ) -> Result<(), StateError> {
+        self.outcomes
+            .insert(key.bytes(), encode("deployment outcome", outcome)?)?;
+        let excess = self.outcomes.len().saturating_sub(KEEP_OUTCOMES);
+        let old: Vec<sled::IVec> = self
+            .outcomes
+            .iter()
+            .keys()
+            .take(excess)
+            .collect::<Result<_, _>>()?;
+        for key in old {
+            self.outcomes.remove(key)?;
+        }
+        self.db.flush()?;
+        Ok(())
     }
 
     /// The recorded generations, oldest first.
@@ -585,5 +694,62 @@ mod tests {
                 "{stored}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn deployment_outcomes_are_kept_by_id_and_operation_and_pruned() {
+        let root = tempfile::tempdir().unwrap();
+        let state = open(root.path());
+        let key = |id: u64, op| OutcomeKey {
+            deployment: DeploymentId(id),
+            op,
+        };
+        let summary = UpgradeSummary {
+            generation: Some(3),
+            reason: "upgrade to shop-2".into(),
+            ..UpgradeSummary::default()
+        };
+        assert_eq!(state.outcome(key(1, DeploymentOp::Upgrade)).unwrap(), None);
+        let running = DeploymentOutcome::Running { after: 2 };
+        state
+            .record_outcome(key(1, DeploymentOp::Upgrade), &running)
+            .unwrap();
+        let done = DeploymentOutcome::Done(Ok(summary));
+        state
+            .record_outcome(key(1, DeploymentOp::Upgrade), &done)
+            .unwrap();
+        let failed = DeploymentOutcome::Done(Err(RemoteError::new(
+            wire::repo::ErrorKind::Invalid,
+            "no such generation",
+        )));
+        state
+            .record_outcome(key(1, DeploymentOp::Rollback), &failed)
+            .unwrap();
+        drop(state);
+
+        // Both survive a reopen, each under its own operation.
+        let state = open(root.path());
+        assert_eq!(
+            state.outcome(key(1, DeploymentOp::Upgrade)).unwrap(),
+            Some(done.clone())
+        );
+        assert_eq!(
+            state.outcome(key(1, DeploymentOp::Rollback)).unwrap(),
+            Some(failed)
+        );
+
+        // The newest are kept: ids from 2 up push out 1's two records first.
+        for id in 2..(KEEP_OUTCOMES as u64 + 2) {
+            state
+                .record_outcome(key(id, DeploymentOp::Upgrade), &done)
+                .unwrap();
+        }
+        assert_eq!(state.outcomes.len(), KEEP_OUTCOMES);
+        assert_eq!(state.outcome(key(1, DeploymentOp::Upgrade)).unwrap(), None);
+        assert_eq!(state.outcome(key(1, DeploymentOp::Rollback)).unwrap(), None);
+        assert_eq!(
+            state.outcome(key(2, DeploymentOp::Upgrade)).unwrap(),
+            Some(done)
+        );
     }
 }

@@ -54,7 +54,9 @@ async fn a_shutdown_during_an_upgrade_cancels_it_cleanly() {
         stage: Stage::Quality,
         repo: cluster.repo_addr,
         credentials: cluster.credentials("shell/qa-1"),
-        listen: "127.0.0.1:0".parse().unwrap(),
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        portal: None,
+        labels: BTreeMap::new(),
         strategy: Strategy::InPlace,
     })
     .await
