@@ -15,6 +15,7 @@ use std::time::Duration;
 use image_spec::InstanceName;
 use tokio::sync::watch;
 use tracing::{info, warn};
+use wire::plan::{StepKind, StepOutcome};
 use wire::portal::{Register, RegisterReply};
 use wire::repo::{ErrorKind, RemoteError};
 use wire::shell::{ShellReply, ShellRequest, Update};
@@ -33,6 +34,10 @@ pub enum CallError {
     /// The connection failed during the command.
     #[error(transparent)]
     Wire(#[from] WireError),
+    /// The connection was cut during the command (an injected fault): any
+    /// answer that was already on its way is dropped with it.
+    #[error("the connection to `{0}` was cut")]
+    Cut(InstanceName),
 }
 
 struct Attached {
@@ -46,6 +51,9 @@ pub struct Shells {
     attached: Mutex<HashMap<InstanceName, Attached>>,
     /// Bumped whenever a shell registers or goes away.
     changes: watch::Sender<u64>,
+    /// A one-shot fault for tests: cut this instance's connection the moment
+    /// its shell reports this step done (see [`Shells::cut_after`]).
+    fault: Mutex<Option<(InstanceName, StepKind)>>,
 }
 
 impl std::fmt::Debug for Shells {
@@ -61,6 +69,7 @@ impl Shells {
             store,
             attached: Mutex::new(HashMap::new()),
             changes: watch::channel(0).0,
+            fault: Mutex::new(None),
         }
     }
 
@@ -82,6 +91,19 @@ impl Shells {
         self.connection(instance).is_some()
     }
 
+    /// Closes `instance`'s connection (its shell dials again): for an operator
+    /// who wants a shell to re-register, and for tests of lost connections.
+    pub fn disconnect(&self, instance: &InstanceName) -> bool {
+        match self.attached().get(instance) {
+            Some(a) => {
+                a.conn
+                    .close(wire::endpoint::code::OK, b"disconnected by the portal");
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Waits until `instance` is attached, at most `timeout`; whether it is.
     pub async fn wait_online(&self, instance: &InstanceName, timeout: Duration) -> bool {
         let mut changes = self.changes.subscribe();
@@ -99,19 +121,48 @@ impl Shells {
         self.is_online(instance)
     }
 
+    /// Fault injection for tests: the next time `instance`'s shell reports a
+    /// step of `kind` done, its connection is closed at once — before the
+    /// shell's answer can arrive (a connection lost after the shell recorded
+    /// its generation but before it reported).
+    pub fn cut_after(&self, instance: InstanceName, kind: StepKind) {
+        *self.fault.lock().unwrap_or_else(|p| p.into_inner()) = Some((instance, kind));
+    }
+
     /// Sends one shell command to `instance` over the connection its shell
     /// made, passing each progress and step report to `on_update`.
     pub async fn call(
         &self,
         instance: &InstanceName,
         req: &ShellRequest,
-        on_update: impl FnMut(Update<'_>),
+        mut on_update: impl FnMut(Update<'_>),
     ) -> Result<ShellReply, CallError> {
         let conn = self
             .connection(instance)
             .ok_or_else(|| CallError::Offline(instance.clone()))?;
         let peer = format!("shell/{instance}");
-        Ok(wire::shell::call_on(&conn, &peer, req, on_update).await?)
+        let mut cut = false;
+        let updates = |update: Update<'_>| {
+            on_update(update);
+            if let Update::Step(e) = update
+                && matches!(e.outcome, StepOutcome::Done { .. })
+            {
+                let mut fault = self.fault.lock().unwrap_or_else(|p| p.into_inner());
+                if fault
+                    .as_ref()
+                    .is_some_and(|(i, k)| i == instance && *k == e.step.kind())
+                {
+                    *fault = None;
+                    cut = true;
+                    conn.close(wire::endpoint::code::OK, b"cut by an injected fault");
+                }
+            }
+        };
+        let answer = wire::shell::call_on(&conn, &peer, req, updates).await;
+        if cut {
+            return Err(CallError::Cut(instance.clone()));
+        }
+        Ok(answer?)
     }
 
     async fn register(&self, peer: &Identity, conn_id: usize, reg: Register) -> RegisterReply {

@@ -281,3 +281,82 @@ impl Api {
         }
     }
 }
+
+/// A real shell attached to a portal (no listener of its own).
+pub struct TestShell {
+    /// The instance.
+    pub name: String,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestShell {
+    /// Opens instance `name` (root under the cluster's directory) and attaches
+    /// it to the portal at `portal`.
+    pub async fn start(
+        cluster: &TestCluster,
+        portal: SocketAddr,
+        name: &str,
+        stage: wire::shell::Stage,
+    ) -> Self {
+        let config = shell::service::ShellConfig {
+            instance: shell::instance::InstanceConfig {
+                name: name.parse().expect("instance name"),
+                root: cluster.path(&format!("instances/{name}")),
+                public_ports: shell::instance::PublicPorts::Ephemeral,
+                public_ip: shell::instance::LOOPBACK,
+            },
+            stage,
+            repo: cluster.repo_addr,
+            credentials: cluster.credentials(&format!("shell/{name}")),
+            listen: None,
+            portal: Some(portal),
+            labels: [("suite".to_owned(), "e2e".to_owned())].into(),
+            strategy: stage.default_strategy(),
+        };
+        let bound = shell::service::bind(config).await.expect("open the shell");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(bound.serve(shutdown.clone()));
+        Self {
+            name: name.to_owned(),
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// Stops the shell and its services, and waits for it.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.expect("shell task");
+        }
+    }
+}
+
+impl Drop for TestShell {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Waits until the portal lists every one of `instances` online.
+pub async fn wait_online(api: &Api, instances: &[&str]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let list = api.get("/api/v1/instances").await;
+        let online = |name: &str| {
+            list.as_array()
+                .into_iter()
+                .flatten()
+                .any(|i| i["name"] == name && i["online"] == true)
+        };
+        if instances.iter().all(|i| online(i)) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "instances {instances:?} did not come online: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
