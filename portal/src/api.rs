@@ -26,7 +26,7 @@ use image_spec::{ImageName, InstanceName, TargetName, UserName};
 use repo_client::RepoClient;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 use wire::Grant;
 use wire::portal::DeploymentId;
@@ -81,7 +81,9 @@ pub fn router(portal: Arc<Portal>, addr: Option<SocketAddr>) -> Router {
         .route("/api/v1/targets/{name}/plan", get(plan))
         .route("/api/v1/targets/{name}/rollback", post(rollback))
         .route("/api/v1/instances", get(list_instances))
-        .route("/api/v1/images", get(list_images))
+        .route("/api/v1/images", get(list_images).post(create_image))
+        .route("/api/v1/images/{name}", get(show_image))
+        .route("/api/v1/refs", get(list_refs))
         .route(
             "/api/v1/deployments",
             get(list_deployments).post(create_deployment),
@@ -1358,4 +1360,112 @@ async fn audit_log(
     let after: u64 = param(&q, "after")?.unwrap_or(0);
     let limit: usize = param(&q, "limit")?.unwrap_or(100).min(1000);
     Ok(axum::Json(api.portal.store.audit_log(after, limit).await?))
+}
+
+// ---------------------------------------------------------------------------
+// Images on a person's behalf, and the repository's ref moves
+
+fn repo_error(e: repo_client::ClientError) -> ApiError {
+    match e {
+        repo_client::ClientError::Remote(r) => {
+            let status = match r.kind {
+                wire::repo::ErrorKind::NotFound => StatusCode::NOT_FOUND,
+                wire::repo::ErrorKind::Conflict { .. } | wire::repo::ErrorKind::AlreadyExists => {
+                    StatusCode::CONFLICT
+                }
+                wire::repo::ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
+                wire::repo::ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            ApiError::new(status, "repository", r.message)
+        }
+        other => ApiError::new(StatusCode::BAD_GATEWAY, "repository", other.to_string()),
+    }
+}
+
+fn image_view(r: &wire::repo::ImageRecord) -> Value {
+    json!({ "name": r.image.name(), "id": r.id.to_string(),
+        "description": r.image.description(), "services": r.image.services(),
+        "created": r.created })
+}
+
+async fn show_image(
+    State(api): Shared,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    api.principal(&headers).await?;
+    let name = ImageName::new(&name).map_err(|e| ApiError::bad("name", e.to_string()))?;
+    let record = api.repo().await?.image(&name).await.map_err(repo_error)?;
+    Ok(axum::Json(image_view(&record)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImageInput {
+    name: ImageName,
+    /// Start from this image's services.
+    from: Option<ImageName>,
+    /// Service → revision (branch, commit id or abbreviation) to set.
+    #[serde(default)]
+    set: BTreeMap<image_spec::ServiceName, String>,
+    #[serde(default)]
+    description: String,
+}
+
+/// Creates an image in the repository on the caller's behalf: they are its
+/// author (the repository records that the portal made the request).
+async fn create_image(
+    State(api): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    let who = api.principal(&headers).await?;
+    let input: ImageInput = parse(&body)?;
+    let repo = api.repo().await?;
+    let mut services = match &input.from {
+        Some(from) => repo
+            .image(from)
+            .await
+            .map_err(|e| ApiError {
+                field: Some("from".into()),
+                ..repo_error(e)
+            })?
+            .image
+            .services()
+            .clone(),
+        None => BTreeMap::new(),
+    };
+    for (service, rev) in &input.set {
+        let commit = repo.resolve(service, rev).await.map_err(|e| ApiError {
+            field: Some(format!("set.{service}")),
+            ..repo_error(e)
+        })?;
+        services.insert(service.clone(), commit);
+    }
+    let image = image_spec::Image::new(input.name, input.description, services)
+        .map_err(|e| ApiError::bad("set", e.to_string()))?;
+    let record = repo
+        .create_image_for(image, who.user.clone())
+        .await
+        .map_err(repo_error)?;
+    api.audit(
+        &who,
+        "image.create",
+        format!("image {}", record.image.name()),
+        format!("id {}, from {:?}", record.id, input.from),
+    )
+    .await;
+    Ok((StatusCode::CREATED, axum::Json(image_view(&record))))
+}
+
+/// The repository's recent ref moves after `?after=N`, oldest first.
+async fn list_refs(
+    State(api): Shared,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<impl IntoResponse> {
+    api.principal(&headers).await?;
+    let after: u64 = param(&q, "after")?.unwrap_or(0);
+    Ok(axum::Json(api.portal.refs.after(after)))
 }

@@ -25,6 +25,7 @@ pub mod api;
 pub mod auth;
 pub mod deployment;
 pub mod journal;
+pub mod refs;
 pub mod runner;
 pub mod shells;
 pub mod store;
@@ -113,6 +114,8 @@ pub struct Portal {
     pub journal: Arc<Journal>,
     /// The runner.
     pub runner: Arc<Runner>,
+    /// The repository's ref moves, followed.
+    pub refs: Arc<crate::refs::Refs>,
     /// A client with the portal's credentials, for the repository.
     pub client: Client,
     /// The repository's address.
@@ -168,6 +171,11 @@ pub async fn bind(config: Config) -> Result<Bound, PortalError> {
         journal.clone(),
         config.runner.clone(),
     ));
+    let refs = Arc::new(crate::refs::Refs::new(
+        store.clone(),
+        client.clone(),
+        config.repo,
+    ));
     Ok(Bound {
         server,
         http,
@@ -176,6 +184,7 @@ pub async fn bind(config: Config) -> Result<Bound, PortalError> {
             shells,
             journal,
             runner,
+            refs,
             client,
             repo: config.repo,
         }),
@@ -277,6 +286,7 @@ impl Bound {
         tokio::join!(
             self.server.serve(gate, shutdown.clone()),
             self.portal.runner.clone().run(shutdown.clone()),
+            self.portal.refs.clone().follow(shutdown.clone()),
             http,
         );
         info!("portal stopped");

@@ -215,6 +215,12 @@ pub trait Store: Send + Sync + 'static {
     /// Revokes a token by its id.
     fn revoke_token(&self, id: &str, at: Millis) -> StoreFuture<'_, Token>;
 
+    /// A named position in a stream the portal follows (the repository's ref
+    /// log), if one was stored.
+    fn cursor(&self, name: &str) -> StoreFuture<'_, Option<u64>>;
+    /// Stores a named position.
+    fn put_cursor(&self, name: &str, position: u64) -> StoreFuture<'_, ()>;
+
     /// Appends to the audit log, numbering the entry.
     fn audit(&self, entry: AuditEntry) -> StoreFuture<'_, AuditEntry>;
     /// The audit log's entries after `after`, at most `limit`.

@@ -488,3 +488,143 @@ async fn an_admin_moves_a_queued_deployment_to_the_front() {
         "queued"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_are_made_on_a_persons_behalf_and_ref_moves_are_followed() {
+    let cluster = cluster_with_images().await;
+    let portal = TestPortal::start(&cluster).await;
+    let admin = portal.admin();
+    admin
+        .post(
+            "/api/v1/users",
+            json!({ "name": "dan", "grant": "developer" }),
+        )
+        .await;
+    let made = admin
+        .post(
+            "/api/v1/tokens",
+            json!({ "name": "laptop", "user": "dan", "grant": "developer" }),
+        )
+        .await;
+    let dan = portal.api(made["secret"].as_str().unwrap());
+
+    // "New image from this one": dan is its author; the portal made the request.
+    let four = dan
+        .post(
+            "/api/v1/images",
+            json!({ "name": "four", "from": "one", "set": { "svc": "main" }, "description": "bump" }),
+        )
+        .await;
+    assert_eq!(four["created"]["author"], "dan", "{four}");
+    assert_eq!(four["created"]["by"], "portal");
+    let one = admin.get("/api/v1/images/one").await;
+    assert_eq!(four["services"], one["services"]);
+    assert_eq!(
+        admin.get("/api/v1/images/four").await["description"],
+        "bump"
+    );
+
+    // Bad input is named and creates nothing.
+    for (body, status, field) in [
+        (json!({ "name": "five", "from": "nope" }), 404, "from"),
+        (
+            json!({ "name": "five", "set": { "svc": "no-such-branch" } }),
+            404,
+            "set.svc",
+        ),
+        (
+            json!({ "name": "five", "set": { "Bad": "main" } }),
+            400,
+            "set",
+        ),
+        (json!({ "name": "four", "from": "one" }), 409, ""),
+    ] {
+        let (got, answer) = dan.call("POST", "/api/v1/images", Some(&body)).await;
+        assert_eq!(got, status, "{body} → {answer}");
+        if !field.is_empty() {
+            assert!(
+                answer["error"]["field"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .starts_with(field),
+                "{body} → {answer}"
+            );
+        }
+    }
+    let (status, _) = admin.call("GET", "/api/v1/images/five", None).await;
+    assert_eq!(status, 404);
+
+    // The portal follows the repository's ref log: the push, the three images
+    // made directly, and the one made through the portal, in order.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let refs = loop {
+        let refs = admin.get("/api/v1/refs").await;
+        if refs.as_array().unwrap().len() >= 5 {
+            break refs;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{refs}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let refs = refs.as_array().unwrap();
+    let seqs: Vec<u64> = refs.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=refs.len() as u64).collect::<Vec<_>>());
+    assert!(
+        refs[0]["change"]["branch_moved"].is_object()
+            || refs[0]["change"].to_string().contains("svc")
+    );
+    let last = refs.last().unwrap().to_string();
+    assert!(last.contains("four") && last.contains("dan"), "{last}");
+    let after = admin.get(&format!("/api/v1/refs?after={}", seqs[3])).await;
+    assert_eq!(after.as_array().unwrap().len(), refs.len() - 4);
+    // The portal's audit log names the image too.
+    let audit = admin.get("/api/v1/audit").await.to_string();
+    assert!(
+        audit.contains("image.create") && audit.contains("image four"),
+        "{audit}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_without_progress_is_marked_stuck_and_can_be_cancelled() {
+    let cluster = cluster_with_images().await;
+    let any = "127.0.0.1:0".parse().unwrap();
+    let runner = portal::runner::RunnerConfig {
+        max_running: 4,
+        stuck_after: std::time::Duration::from_millis(300),
+    };
+    let portal = TestPortal::start_at(&cluster, cluster.path("portal"), any, any, runner).await;
+    let admin = portal.admin();
+    admin
+        .post(
+            "/api/v1/targets",
+            json!({ "name": "t", "stage": "quality", "instances": ["never"] }),
+        )
+        .await;
+    let d = admin
+        .post(
+            "/api/v1/deployments",
+            json!({ "target": "t", "image": "one" }),
+        )
+        .await;
+    let id = d["id"].as_u64().unwrap();
+    let stuck = admin.wait_deployment(id, 30, |d| d["stuck"] == true).await;
+    assert_eq!(
+        stuck["state"], "running",
+        "stuck is a flag on a running deployment"
+    );
+    let events = admin.get(&format!("/api/v1/deployments/{id}/events")).await;
+    assert!(
+        events.to_string().contains("stuck: no progress"),
+        "{events}"
+    );
+    admin
+        .post(&format!("/api/v1/deployments/{id}/cancel"), json!({}))
+        .await;
+    let ended = admin
+        .wait_deployment(id, 30, |d| d["state"] != "running")
+        .await;
+    assert_eq!(
+        (ended["state"].as_str(), ended["stuck"].as_bool()),
+        (Some("cancelled"), Some(false))
+    );
+}

@@ -709,6 +709,26 @@ impl Store for SledStore {
         ready(self.sync_revoke_token(id, at))
     }
 
+    fn cursor(&self, name: &str) -> StoreFuture<'_, Option<u64>> {
+        let key = format!("cursor/{name}");
+        ready(
+            self.meta
+                .get(key.as_bytes())
+                .map_err(backend)
+                .and_then(|v| v.map(|v| id_of(&v, "cursor").map(|id| id.0)).transpose()),
+        )
+    }
+
+    fn put_cursor(&self, name: &str, position: u64) -> StoreFuture<'_, ()> {
+        let key = format!("cursor/{name}");
+        ready(
+            self.meta
+                .insert(key.as_bytes(), &be(position))
+                .map(drop)
+                .map_err(backend),
+        )
+    }
+
     fn audit(&self, entry: AuditEntry) -> StoreFuture<'_, AuditEntry> {
         ready(self.sync_audit(entry))
     }
