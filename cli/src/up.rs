@@ -1,31 +1,34 @@
 //! `molt up`: a whole local cluster in one process, for trying molt.
 //!
 //! In a state directory (default `./molt-local`) it creates a cluster (CA,
-//! certificates, molt.toml) unless one is there, then runs a repository server
-//! and three shells — `dev` (development), `staging` and `prod` (production) —
-//! in this process. The first time, it writes the sample services to
-//! `DIR/examples`, pushes them, pins image `up-1` and deploys it to staging and
-//! production; a marker file records that this seeding finished, so a later
+//! certificates, molt.toml) unless one is there, then runs a repository server,
+//! the portal, and three shells — `dev` (development), `staging` and `prod`
+//! (production) — that attach to the portal, in this process. The portal gets
+//! one target per shell, named like it. The first time, it writes the sample
+//! services to `DIR/examples`, pushes them, pins image `up-1` and deploys it
+//! through the portal to the staging and prod targets; a marker file records
+//! that this seeding finished, so a later
 //! `molt up` only brings the cluster back (each shell restarts its recorded
 //! generation) and leaves what the user did since alone. Ctrl-C (or SIGTERM)
 //! stops every shell, its services and the repository server.
 //!
 //! Fixed loopback ports by default, so the URLs stay the same between runs: the
-//! repository on 7878, shells on 7901–7903, and each service's public port plus
+//! repository on 7878, the portal on 7879 (shells, QUIC) and 7880 (its HTTP
+//! API), shells on 7901–7903, and each service's public port plus
 //! 1000 (dev), 2000 (staging) or 3000 (prod). `--ephemeral-ports` picks free
 //! ports instead (tests; several clusters on one host) and rewrites molt.toml.
 //!
 //! With `--json` it prints one JSON object per line instead of text, each with an
-//! `event`: `cluster`, `shell`, `pushed`, `image`, `deploying`, `deployed`,
-//! `ready` (with every instance's services and their URLs), `stopping` and
-//! `stopped`.
+//! `event`: `cluster`, `portal`, `shell`, `target`, `pushed`, `image`,
+//! `deploying`, `deployed`, `ready` (with the portal's URL and every instance's
+//! services and their URLs), `stopping` and `stopped`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, bail};
-use image_spec::{ImageName, InstanceName};
+use image_spec::InstanceName;
 use serde_json::json;
 use shell::instance::{InstanceConfig, PublicPorts};
 use shell::service::{ShellConfig, Stage};
@@ -107,8 +110,11 @@ const MEMBERS: [Member; 3] = [
 const REPO_PORT: u16 = 7878;
 /// The image the first run pins and deploys.
 const IMAGE: &str = "up-1";
-/// The instances the first run deploys to.
+/// The targets the first run deploys to.
 const DEPLOY_TO: [&str; 2] = ["staging", "prod"];
+/// The portal's ports when ports are fixed: shells attach on the first (UDP),
+/// the HTTP API listens on the second.
+const PORTAL_PORTS: (u16, u16) = (7879, 7880);
 /// Written once the first run has pushed, pinned and deployed.
 const SEEDED: &str = "up.seeded";
 
@@ -202,6 +208,16 @@ async fn run(
     let repo_addr = server.local_addr()?;
     daemons.spawn(server.serve(shutdown.clone()));
 
+    let portal = start_portal(&mut loaded, ephemeral, repo_addr, shutdown, daemons).await?;
+    out.event(
+        format_args!(
+            "portal: API on {}, shells attach on {}",
+            portal.url, portal.quic
+        ),
+        "portal",
+        json!({ "url": portal.url, "quic": portal.quic }),
+    );
+
     let mut instances = BTreeMap::new();
     for m in &MEMBERS {
         out.event(
@@ -225,8 +241,8 @@ async fn run(
             repo: repo_addr,
             credentials: cluster::shell_credentials(&loaded, m.name)?,
             listen: Some(listen),
-            portal: None,
-            labels: BTreeMap::new(),
+            portal: Some(portal.quic),
+            labels: BTreeMap::from([("cluster".to_owned(), "molt-up".to_owned())]),
             strategy: m.stage.default_strategy(),
         };
         let bound = shell::service::bind(config)
@@ -238,15 +254,103 @@ async fn run(
     loaded.config.repo = repo_addr;
     loaded.config.instances = instances;
     loaded.config.save(config_path, "molt up")?;
+    let client = crate::portal::PortalClient::open(Some(config_path), None)?;
+    ensure_targets(&client, out).await?;
 
     if !dir.join(SEEDED).exists() {
         tokio::select! {
-            seeded = seed(dir, config_path, out) => seeded?,
+            seeded = seed(dir, config_path, &client, out) => seeded?,
             () = shutdown.cancelled() => bail!("interrupted before the cluster was seeded; run molt up again to finish"),
         }
     }
-    print_ready(dir, config_path, repo_addr, out).await?;
+    print_ready(dir, config_path, repo_addr, &portal.url, out).await?;
     shutdown.cancelled().await;
+    Ok(())
+}
+
+/// The portal as `molt up` runs it.
+struct PortalUp {
+    /// Where shells attach.
+    quic: SocketAddr,
+    /// Its HTTP API.
+    url: String,
+}
+
+/// Binds the portal (on the fixed ports, or free ones), records its address
+/// and its first admin's token file in molt.toml, and serves it until `shutdown`.
+async fn start_portal(
+    loaded: &mut Loaded,
+    ephemeral: bool,
+    repo: SocketAddr,
+    shutdown: &CancellationToken,
+    daemons: &mut JoinSet<()>,
+) -> Result<PortalUp> {
+    let section = match loaded.config.portal_server.clone() {
+        Some(s) => s,
+        // A cluster made before the portal existed: the defaults.
+        None => crate::config::PortalServerConfig {
+            data: "portal".into(),
+            listen: crate::config::DEFAULT_PORTAL_LISTEN,
+            http: crate::config::DEFAULT_PORTAL_HTTP,
+            cert: "certs/portal.crt".into(),
+            key: "certs/portal.key".into(),
+        },
+    };
+    let credentials = Credentials::load(
+        &loaded.resolve(&section.cert),
+        &loaded.resolve(&section.key),
+        &loaded.resolve(&loaded.config.ca),
+    )
+    .context("cannot load the portal's certificate")?;
+    let listen = loopback(ephemeral, PORTAL_PORTS.0);
+    let http = loopback(ephemeral, PORTAL_PORTS.1);
+    let bound = portal::bind(portal::Config {
+        data: loaded.resolve(&section.data),
+        listen,
+        http,
+        credentials,
+        repo,
+        runner: portal::runner::RunnerConfig::default(),
+    })
+    .await
+    .with_context(|| in_use_hint("the portal", listen))?;
+    let quic = bound.local_addr()?;
+    let url = format!("http://{}", bound.http_addr()?);
+    daemons.spawn(bound.serve(shutdown.clone()));
+    loaded.config.portal = Some(url.clone());
+    loaded.config.portal_token = Some(section.data.join(portal::ADMIN_TOKEN_FILE));
+    loaded.config.portal_server = Some(crate::config::PortalServerConfig {
+        listen: quic,
+        http: url
+            .trim_start_matches("http://")
+            .parse()
+            .context("the portal's address")?,
+        ..section
+    });
+    Ok(PortalUp { quic, url })
+}
+
+/// One target per shell, named like it, unless the portal has it already.
+async fn ensure_targets(client: &crate::portal::PortalClient, out: Out) -> Result<()> {
+    let existing = client.call("GET", "/api/v1/targets", None).await?;
+    for m in &MEMBERS {
+        let known = existing
+            .as_array()
+            .is_some_and(|list| list.iter().any(|t| t["name"] == m.name));
+        if known {
+            continue;
+        }
+        let body = json!({ "name": m.name, "stage": m.stage, "instances": [m.name] });
+        client.call("POST", "/api/v1/targets", Some(&body)).await?;
+        out.event(
+            format_args!(
+                "portal target {} ({}) over instance {}",
+                m.name, m.stage, m.name
+            ),
+            "target",
+            json!({ "target": m.name, "stage": m.stage, "instances": [m.name] }),
+        );
+    }
     Ok(())
 }
 
@@ -267,7 +371,12 @@ fn in_use_hint(what: &str, addr: SocketAddr) -> String {
 }
 
 /// The first run's work: push the examples, pin an image, deploy it.
-async fn seed(dir: &Path, config_path: &Path, out: Out) -> Result<()> {
+async fn seed(
+    dir: &Path,
+    config_path: &Path,
+    client: &crate::portal::PortalClient,
+    out: Out,
+) -> Result<()> {
     examples::write_out(&dir.join("examples"))?;
     let ctx = repo::Context::open(Some(config_path), None).await?;
     let pushed = async {
@@ -309,29 +418,40 @@ async fn seed(dir: &Path, config_path: &Path, out: Out) -> Result<()> {
     for target in DEPLOY_TO {
         out.event(
             format_args!(
-                "deploying {IMAGE} to {target} (orders and counter are built there by cargo)"
+                "deploying {IMAGE} to target {target} through the portal (orders and counter are built there by cargo)"
             ),
             "deploying",
-            json!({ "image": IMAGE, "instance": target }),
+            json!({ "image": IMAGE, "target": target }),
         );
-        let upgrade = ShellRequest::Upgrade {
-            image: ImageName::new(IMAGE)?,
-            strategy: None,
-            deployment: None,
-        };
-        let ShellResponse::Upgraded(summary) =
-            instance::command(Some(config_path), target, upgrade).await?
-        else {
-            bail!("the shell of `{target}` answered a deploy with something else");
-        };
-        if out.json {
-            emit(
-                "deployed",
-                json!({ "image": IMAGE, "instance": target, "summary": summary }),
+        let body = json!({ "target": target, "image": IMAGE });
+        let d = client
+            .call("POST", "/api/v1/deployments", Some(&body))
+            .await?;
+        let id = d["id"]
+            .as_u64()
+            .context("the portal's answer has no deployment id")?;
+        client
+            .follow(id, |e| {
+                if !out.json {
+                    println!("{}", crate::portal::event_line(e));
+                }
+            })
+            .await?;
+        let d = client
+            .call("GET", &format!("/api/v1/deployments/{id}"), None)
+            .await?;
+        if d["state"] != "succeeded" {
+            bail!(
+                "deployment {id} of {IMAGE} to {target} {}: {}",
+                d["state"].as_str().unwrap_or("?"),
+                d["failure"].as_str().unwrap_or("no reason recorded")
             );
-        } else {
-            instance::print_summary(&format!("deployed {IMAGE} to {target}:"), &summary);
         }
+        out.event(
+            format_args!("deployed {IMAGE} to {target} (deployment {id})"),
+            "deployed",
+            json!({ "image": IMAGE, "target": target, "deployment": d }),
+        );
     }
     std::fs::write(dir.join(SEEDED), "pushed, pinned up-1 and deployed it\n")
         .with_context(|| format!("cannot write `{}`", dir.join(SEEDED).display()))
@@ -355,6 +475,7 @@ async fn print_ready(
     dir: &Path,
     config_path: &Path,
     repo_addr: SocketAddr,
+    portal: &str,
     out: Out,
 ) -> Result<()> {
     let loaded = Loaded::read(Some(config_path))?;
@@ -403,6 +524,7 @@ async fn print_ready(
                 "dir": dir,
                 "config": config_path,
                 "repository": repo_addr,
+                "portal": portal,
                 "instances": ready,
                 "next_image": next,
             }),
@@ -411,6 +533,15 @@ async fn print_ready(
     }
     println!();
     println!("repository  {repo_addr}");
+    println!("portal      {portal}  (API; its admin token: {})", {
+        let loaded = Loaded::read(Some(config_path))?;
+        loaded
+            .config
+            .portal_token
+            .as_ref()
+            .map(|p| loaded.resolve(p).display().to_string())
+            .unwrap_or_default()
+    });
     for i in &ready {
         let image = i.image.as_ref().map_or_else(
             || "no image".to_owned(),
@@ -437,11 +568,12 @@ async fn print_ready(
          \x20 $EDITOR {examples}/orders/src/main.rs     # e.g. VERSION = \"2\"\n\
          \x20 molt push {examples}/orders -m \"my change\"\n\
          \x20 molt image create {next} --from {IMAGE} --set orders=main\n\
-         \x20 molt deploy {next} --instance staging --plan\n\
-         \x20 molt deploy {next} --instance staging      # only orders is rebuilt and restarted\n\
+         \x20 molt deploy {next} --target staging --plan\n\
+         \x20 molt deploy {next} --target staging        # only orders is rebuilt and restarted\n\
+         \x20 molt deployments                            # the portal's history\n\
          \x20 molt status --instance staging\n\
          \x20 molt logs orders --instance staging\n\
-         \x20 molt rollback --instance staging\n\
+         \x20 molt rollback --target staging             # back to the deployment before\n\
          \x20 molt pull hello --instance dev           # dev instances take single services\n\
          \x20 # counter is a plugin, served inside the shell: edit VERSION in\n\
          \x20 # {examples}/counter/src/lib.rs, push, pin and deploy it the same way;\n\

@@ -181,9 +181,13 @@ fn molt_up_serves_the_examples_stops_on_ctrl_c_and_comes_back() {
         kinds,
         [
             "cluster",
+            "portal",
             "shell",
             "shell",
             "shell",
+            "target",
+            "target",
+            "target",
             "pushed",
             "pushed",
             "pushed",
@@ -196,9 +200,12 @@ fn molt_up_serves_the_examples_stops_on_ctrl_c_and_comes_back() {
         ]
     );
     assert_eq!(events[0]["created"], true);
-    assert_eq!(events[7]["name"], "up-1");
-    assert_eq!(events[9]["instance"], "staging");
-    let ready = &events[12];
+    assert_eq!(events[11]["name"], "up-1");
+    assert_eq!(events[13]["target"], "staging");
+    assert_eq!(events[13]["deployment"]["state"], "succeeded");
+    assert_eq!(events[15]["deployment"]["target"], "prod");
+    let ready = &events[16];
+    assert_eq!(ready["portal"], events[1]["url"]);
     assert_eq!(ready["instances"][2]["name"], "prod");
     assert_eq!(ready["instances"][2]["image"]["name"], "up-1");
     let urls = ready_urls(ready);
@@ -245,7 +252,44 @@ fn molt_up_serves_the_examples_stops_on_ctrl_c_and_comes_back() {
     assert!(Path::new(&format!("/proc/{pid}")).exists());
     let dev = molt_json(dir.path(), &["status", "--instance", "dev"]);
     assert_eq!(dev["services"], serde_json::json!({}));
-    // Production takes images only; the development instance takes a pull.
+    // The portal knows the targets, their instances online, and its history.
+    let targets = molt_json(dir.path(), &["target", "list"]);
+    let names: Vec<&str> = targets
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["dev", "prod", "staging"]);
+    let prod = &targets[1];
+    assert_eq!(
+        (
+            prod["image"]["name"].as_str(),
+            prod["instances"][0]["online"].as_bool()
+        ),
+        (Some("up-1"), Some(true))
+    );
+    let history = molt_json(dir.path(), &["deployments"]);
+    assert_eq!(history.as_array().unwrap().len(), 2, "{history}");
+    assert!(
+        history
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["state"] == "succeeded")
+    );
+    // Production attached to the portal takes deployments only from it.
+    let direct = Command::new(MOLT)
+        .env("XDG_CACHE_HOME", dir.path().join("cache"))
+        .arg("--config")
+        .arg(dir.path().join("molt-local/molt.toml"))
+        .args(["deploy", "up-1", "--instance", "prod"])
+        .output()
+        .unwrap();
+    assert!(!direct.status.success());
+    let err = String::from_utf8_lossy(&direct.stderr);
+    assert!(err.contains("portal"), "{err}");
+    // Production takes nothing directly; the development instance takes a pull.
     let refused = Command::new(MOLT)
         .env("XDG_CACHE_HOME", dir.path().join("cache"))
         .arg("--config")
@@ -255,7 +299,9 @@ fn molt_up_serves_the_examples_stops_on_ctrl_c_and_comes_back() {
         .unwrap();
     assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(err.contains("not pulls"), "{err}");
+    // Refused twice over: production takes images only, and only from the
+    // portal it is attached to; the portal guard answers first.
+    assert!(err.contains("deploy through the portal"), "{err}");
     let pulled = molt_json(dir.path(), &["pull", "hello", "--instance", "dev"]);
     assert_eq!(pulled["restarted"], serde_json::json!(["hello"]));
 
