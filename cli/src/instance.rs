@@ -232,6 +232,7 @@ pub(crate) async fn deploy(
     instance: &str,
     plan_only: bool,
     strategy: Option<Strategy>,
+    skip_hooks: bool,
     json: bool,
 ) -> Result<()> {
     let image = ImageName::new(image)?;
@@ -239,12 +240,15 @@ pub(crate) async fn deploy(
         ShellRequest::Plan {
             image: image.clone(),
             strategy,
+            skip_hooks,
         }
     } else {
         ShellRequest::Upgrade {
             image: image.clone(),
             strategy,
             deployment: None,
+            skip_hooks,
+            keep_releases: None,
         }
     };
     match command(config, instance, req).await? {

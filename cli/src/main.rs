@@ -161,6 +161,9 @@ enum Command {
         /// the unchanged ones, on copies of every service's data (= shadow-full).
         #[arg(long, value_name = "changed|full")]
         shadow: Option<String>,
+        /// Leave out the services' pre_swap and post_swap hooks.
+        #[arg(long)]
+        skip_hooks: bool,
         /// With --target: all, one-by-one or canary [default: the target's].
         #[arg(long, requires = "target")]
         rollout: Option<String>,
@@ -559,6 +562,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             plan,
             strategy,
             shadow,
+            skip_hooks,
             rollout,
             only,
             no_wait,
@@ -578,6 +582,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         rollout,
                         only,
                         no_wait,
+                        skip_hooks,
                     };
                     portal::deploy(&client, args, json).await
                 }
@@ -588,6 +593,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         &instance,
                         plan,
                         strategy,
+                        skip_hooks,
                         json,
                     )
                     .await

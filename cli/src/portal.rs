@@ -617,6 +617,7 @@ pub(crate) struct DeployArgs {
     pub(crate) rollout: Option<String>,
     pub(crate) only: Option<String>,
     pub(crate) no_wait: bool,
+    pub(crate) skip_hooks: bool,
 }
 
 /// `molt deploy IMAGE --target T`: the plan, or a deployment followed to its end.
@@ -625,6 +626,9 @@ pub(crate) async fn deploy(client: &PortalClient, args: DeployArgs, json: bool) 
         let mut path = format!("/api/v1/targets/{}/plan?image={}", args.target, args.image);
         if let Some(s) = args.strategy {
             path.push_str(&format!("&strategy={s}"));
+        }
+        if args.skip_hooks {
+            path.push_str("&skip_hooks=true");
         }
         let plan = client.call("GET", &path, None).await?;
         if json {
@@ -643,6 +647,9 @@ pub(crate) async fn deploy(client: &PortalClient, args: DeployArgs, json: bool) 
     }
     if let Some(i) = &args.only {
         body["instance"] = json!(i);
+    }
+    if args.skip_hooks {
+        body["skip_hooks"] = json!(true);
     }
     let d = client
         .call("POST", "/api/v1/deployments", Some(&body))

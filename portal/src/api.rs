@@ -665,6 +665,7 @@ async fn plan(
     let image: ImageName =
         param(&q, "image")?.ok_or_else(|| ApiError::bad("image", "`image` is required"))?;
     let strategy: Option<Strategy> = param(&q, "strategy")?.or(target.settings.strategy);
+    let skip_hooks: bool = param(&q, "skip_hooks")?.unwrap_or(false);
     let image = resolve_image(&api, &image).await?;
     let mut instances = BTreeMap::new();
     let mut fetch_bytes = 0u64;
@@ -673,6 +674,7 @@ async fn plan(
         let req = ShellRequest::Plan {
             image: image.name.clone(),
             strategy,
+            skip_hooks,
         };
         let answer = tokio::time::timeout(
             Duration::from_secs(30),
@@ -714,6 +716,8 @@ struct DeployInput {
     strategy: Option<Strategy>,
     rollout: Option<Rollout>,
     instance: Option<InstanceName>,
+    #[serde(default)]
+    skip_hooks: bool,
 }
 
 async fn enqueue(
@@ -795,6 +799,7 @@ async fn create_deployment(
         strategy: input.strategy,
         rollout: input.rollout,
         instance: input.instance,
+        skip_hooks: input.skip_hooks,
     };
     let d = enqueue(&api, &who, &target, image, Trigger::Manual, options).await?;
     Ok((StatusCode::CREATED, axum::Json(d)))
@@ -864,6 +869,7 @@ async fn rollback(
         strategy: input.strategy,
         rollout: input.rollout,
         instance: None,
+        skip_hooks: false,
     };
     let d = enqueue(
         &api,

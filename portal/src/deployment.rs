@@ -170,6 +170,8 @@ pub struct DeployOptions {
     pub rollout: Option<Rollout>,
     /// Only this instance of the target.
     pub instance: Option<InstanceName>,
+    /// Leave out the services' `pre_swap` and `post_swap` hooks.
+    pub skip_hooks: bool,
 }
 
 /// Where one instance is in a deployment.

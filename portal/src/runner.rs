@@ -228,6 +228,7 @@ impl Runner {
                 let req = ShellRequest::Plan {
                     image: d.image.name.clone(),
                     strategy,
+                    skip_hooks: d.options.skip_hooks,
                 };
                 match self.ask(d.id, instance, &req, true, &progress).await {
                     Ok(ShellResponse::Plan(plan)) => {
@@ -266,8 +267,9 @@ impl Runner {
                 let d = d.clone();
                 let instance = instance.clone();
                 let progress = progress.clone();
+                let keep = target.settings.keep_rollback;
                 running.spawn(
-                    async move { me.upgrade(&d, &instance, strategy, &progress).await }
+                    async move { me.upgrade(&d, &instance, strategy, keep, &progress).await }
                         .in_current_span(),
                 );
             }
@@ -392,12 +394,15 @@ impl Runner {
             .await;
     }
 
-    /// Brings one instance to the deployment's image (or learns that it already did).
+    /// Brings one instance to the deployment's image (or learns that it already
+    /// did), asking its shell to keep the releases a rollback of the target
+    /// may need.
     async fn upgrade(
         &self,
         d: &Deployment,
         instance: &InstanceName,
         strategy: Option<Strategy>,
+        keep_rollback: u32,
         progress: &AtomicI64,
     ) -> Result<(), Halt> {
         let mut run = self.run_of(d.id, instance).await?;
@@ -429,6 +434,10 @@ impl Runner {
             image: d.image.name.clone(),
             strategy,
             deployment: Some(d.id),
+            skip_hooks: d.options.skip_hooks,
+            // The releases of the current deployment, the one before, and of
+            // every one a rollback may go back to: a rollback reuses them.
+            keep_releases: Some(keep_rollback.saturating_add(2)),
         };
         let answer = self.ask(d.id, instance, &req, false, progress).await;
         run.finished = Some(now_ms());

@@ -286,6 +286,11 @@ pub struct UpgradeOptions {
     /// Cancels the upgrade: no step before the record starts once it fires,
     /// and what was done is undone.
     pub cancel: tokio_util::sync::CancellationToken,
+    /// Leave out the services' `pre_swap` and `post_swap` hooks.
+    pub skip_hooks: bool,
+    /// Keep at least this many releases of each service afterwards (at least
+    /// [`KEEP_RELEASES`]), so a rollback that far back reuses them.
+    pub keep_releases: Option<usize>,
 }
 
 /// Where one service's upgrade spent its time, step by step.
@@ -926,7 +931,22 @@ impl Instance {
         target: &BTreeMap<ServiceName, CommitId>,
         strategy: Strategy,
     ) -> Result<UpgradePlan, UpgradeError> {
-        let (survey, _) = self.survey(repo, target, strategy).await?;
+        self.plan_with(repo, target, strategy, false).await
+    }
+
+    /// [`Instance::plan`], leaving out the hooks when `skip_hooks` (as an
+    /// upgrade with [`UpgradeOptions::skip_hooks`] does).
+    pub async fn plan_with(
+        &self,
+        repo: &RepoClient,
+        target: &BTreeMap<ServiceName, CommitId>,
+        strategy: Strategy,
+        skip_hooks: bool,
+    ) -> Result<UpgradePlan, UpgradeError> {
+        let (mut survey, _) = self.survey(repo, target, strategy).await?;
+        if skip_hooks {
+            survey.skip_hooks();
+        }
         Ok(crate::plan::plan(&survey)?)
     }
 
@@ -966,7 +986,10 @@ impl Instance {
         progress: Progress<'_>,
         observe: &(dyn Fn(&StepEvent) + Send + Sync),
     ) -> Result<UpgradeReport, UpgradeError> {
-        let (survey, prepared) = self.survey(repo, target, options.strategy).await?;
+        let (mut survey, prepared) = self.survey(repo, target, options.strategy).await?;
+        if options.skip_hooks {
+            survey.skip_hooks();
+        }
         let plan = crate::plan::plan(&survey)?;
         let mut report = UpgradeReport {
             unchanged: plan.with_action(Action::Unchanged).cloned().collect(),
@@ -1047,7 +1070,7 @@ impl Instance {
         }
         report.timeline = executed.steps;
         report.warnings = executed.warnings;
-        self.prune();
+        self.prune(options.keep_releases.unwrap_or(0).max(KEEP_RELEASES));
         self.prune_data();
         Ok(report)
     }
@@ -1166,9 +1189,9 @@ impl Instance {
         Ok((image, generation))
     }
 
-    /// Keeps the newest [`KEEP_RELEASES`] releases of each service, and always the
+    /// Keeps the newest `keep` releases of each service, and always the
     /// running and the previous generation's (for an instant rollback).
-    fn prune(&self) {
+    fn prune(&self, keep: usize) {
         let mut protect: Vec<PathBuf> = self
             .services
             .values()
@@ -1178,7 +1201,7 @@ impl Instance {
             protect.extend(previous.services.values().map(|s| s.release.clone()));
         }
         for name in self.services.keys() {
-            match self.releases.prune(name, KEEP_RELEASES, &protect) {
+            match self.releases.prune(name, keep, &protect) {
                 Ok(removed) => {
                     for r in removed {
                         info!(service = %name, release = %r.display(), "pruned an old release");

@@ -124,6 +124,17 @@ pub struct Survey {
     pub target: BTreeMap<ServiceName, Incoming>,
 }
 
+impl Survey {
+    /// Leaves the incoming services' `pre_swap` and `post_swap` hooks out of
+    /// the plan (an upgrade asked to skip them).
+    pub fn skip_hooks(&mut self) {
+        for incoming in self.target.values_mut() {
+            incoming.facts.pre_swap = false;
+            incoming.facts.post_swap = false;
+        }
+    }
+}
+
 /// Why no plan can be made; nothing was changed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
@@ -682,6 +693,25 @@ mod tests {
             shape(&plan(&s).unwrap())[5..7],
             ["pre-swap:p", "swap-plugin:p"]
         );
+        // Asked to skip the hooks: the same plan without them.
+        let mut with_post = s.clone();
+        with_post
+            .target
+            .values_mut()
+            .for_each(|i| i.facts.post_swap = true);
+        let hooked = shape(&plan(&with_post).unwrap());
+        assert!(
+            hooked.iter().any(|s| s.starts_with("post-swap")),
+            "{hooked:?}"
+        );
+        with_post.skip_hooks();
+        let skipped = shape(&plan(&with_post).unwrap());
+        let expected: Vec<_> = hooked
+            .iter()
+            .filter(|s| !s.starts_with("pre-swap") && !s.starts_with("post-swap"))
+            .cloned()
+            .collect();
+        assert_eq!(skipped, expected);
     }
 
     #[test]

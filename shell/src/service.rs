@@ -269,13 +269,17 @@ impl ShellService {
                 })?;
                 Ok(ShellResponse::Logs { text, next })
             }
-            ShellRequest::Plan { image, strategy } => {
+            ShellRequest::Plan {
+                image,
+                strategy,
+                skip_hooks,
+            } => {
                 let repo = self.repo().await?;
                 let (_, target) = self.image_target(&repo, &image).await?;
                 let strategy = strategy.unwrap_or(self.strategy);
                 let instance = self.instance.lock().await;
                 let plan = instance
-                    .plan(&repo, &target, strategy)
+                    .plan_with(&repo, &target, strategy, skip_hooks)
                     .await
                     .map_err(|e| remote(ErrorKind::Invalid, e.to_string()))?;
                 Ok(ShellResponse::Plan(plan))
@@ -284,6 +288,8 @@ impl ShellService {
                 image,
                 strategy,
                 deployment,
+                skip_hooks,
+                keep_releases,
             } => {
                 let key = deployment.map(|deployment| OutcomeKey {
                     deployment,
@@ -296,7 +302,12 @@ impl ShellService {
                         repo,
                         Change::To(target, Some((image.clone(), id))),
                         format!("upgrade to {image}"),
-                        strategy.unwrap_or(self.strategy),
+                        UpgradeOptions {
+                            strategy: strategy.unwrap_or(self.strategy),
+                            skip_hooks,
+                            keep_releases: keep_releases.map(|k| k as usize),
+                            ..UpgradeOptions::default()
+                        },
                         progress,
                         key,
                     )
@@ -320,7 +331,10 @@ impl ShellService {
                         repo,
                         Change::Back(to),
                         "rollback".to_owned(),
-                        strategy,
+                        UpgradeOptions {
+                            strategy,
+                            ..UpgradeOptions::default()
+                        },
                         progress,
                         key,
                     )
@@ -347,7 +361,10 @@ impl ShellService {
                     repo,
                     Change::Pull(service.clone(), commit),
                     format!("pull {service}@{rev}"),
-                    self.strategy,
+                    UpgradeOptions {
+                        strategy: self.strategy,
+                        ..UpgradeOptions::default()
+                    },
                     progress,
                     None,
                 )
@@ -421,7 +438,7 @@ impl ShellService {
         repo: RepoClient,
         change: Change,
         reason: String,
-        strategy: Strategy,
+        options: UpgradeOptions,
         progress: &Reporter,
         deployment: Option<OutcomeKey>,
     ) -> ShellReply {
@@ -430,7 +447,7 @@ impl ShellService {
         let task = self.tasks.spawn(
             async move {
                 service
-                    .run_upgrade(&repo, change, &reason, strategy, &progress, deployment)
+                    .run_upgrade(&repo, change, &reason, options, &progress, deployment)
                     .await
             }
             .in_current_span(),
@@ -451,7 +468,7 @@ impl ShellService {
         repo: &RepoClient,
         change: Change,
         reason: &str,
-        strategy: Strategy,
+        options: UpgradeOptions,
         progress: &Reporter,
         deployment: Option<OutcomeKey>,
     ) -> ShellReply {
@@ -514,9 +531,8 @@ impl ShellService {
                 }
             };
             let options = UpgradeOptions {
-                strategy,
-                fault: None,
                 cancel: self.cancel.clone(),
+                ..options
             };
             instance
                 .upgrade_with(repo, &target, image, &reason, options, &report, &observe)

@@ -158,6 +158,8 @@ fn upgrade(image: &str, deployment: u64) -> ShellRequest {
         image: ImageName::new(image).unwrap(),
         strategy: None,
         deployment: Some(DeploymentId(deployment)),
+        skip_hooks: false,
+        keep_releases: None,
     }
 }
 
@@ -444,6 +446,8 @@ async fn an_attached_production_shell_takes_deployments_only_from_the_portal() {
             image: ImageName::new("one").unwrap(),
             strategy: None,
             deployment: None,
+            skip_hooks: false,
+            keep_releases: None,
         };
         assert_eq!(
             call(plain).await.unwrap_err().kind,
@@ -457,6 +461,7 @@ async fn an_attached_production_shell_takes_deployments_only_from_the_portal() {
         let plan = call(ShellRequest::Plan {
             image: ImageName::new("one").unwrap(),
             strategy: None,
+            skip_hooks: false,
         })
         .await;
         assert!(matches!(plan, Ok(ShellResponse::Plan(_))), "{plan:?}");

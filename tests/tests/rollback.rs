@@ -295,3 +295,74 @@ async fn a_failure_after_any_step_before_the_record_leaves_everything_as_it_was(
         instance.shutdown().await;
     }
 }
+
+/// The portal asks a shell to keep as many releases as its target's rollback
+/// window needs, and may skip the hooks: the releases stay (a rollback that
+/// far back builds nothing), and the hooks do not run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releases_kept_as_asked_and_hooks_skipped_on_request() {
+    let cluster = TestCluster::start().await;
+    let dev = cluster.repo_client("user/ada/developer").await;
+    let repo = cluster.repo_client("shell/qa-1").await;
+    let marks = cluster.path("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    let hooks = format!(
+        "\n[hooks]\npost_swap = {{ command = [\"sh\", \"-c\", \"echo $MOLT_COMMIT >> {}/post\"] }}\n",
+        marks.display()
+    );
+    let mut instance = Instance::open(InstanceConfig {
+        name: InstanceName::new("qa-1").unwrap(),
+        root: cluster.path("instance"),
+        public_ports: PublicPorts::Ephemeral,
+        public_ip: shell::instance::LOOPBACK,
+    })
+    .await
+    .unwrap();
+    let releases = cluster.path("instance/releases/web");
+    let count = || std::fs::read_dir(&releases).unwrap().count();
+    for n in 1..=7 {
+        let commit = push(&cluster, &dev, "web", &format!("web v{n}"), true, &hooks).await;
+        let options = UpgradeOptions {
+            strategy: Strategy::InPlace,
+            skip_hooks: true,
+            keep_releases: Some(8),
+            ..UpgradeOptions::default()
+        };
+        let report = instance
+            .upgrade_with(
+                &repo,
+                &BTreeMap::from([(svc("web"), commit)]),
+                None,
+                "test",
+                options,
+                &|_, _| {},
+                &|_| {},
+            )
+            .await
+            .unwrap();
+        assert!(
+            report
+                .timeline
+                .iter()
+                .all(|t| t.step.kind() != StepKind::PostSwap),
+            "the hooks were skipped"
+        );
+    }
+    assert_eq!(count(), 7, "seven releases kept, as asked");
+    assert!(!marks.join("post").exists(), "no post_swap hook ran");
+    // Without the request: the shell's own default, and the hooks run.
+    let commit = push(&cluster, &dev, "web", "web v8", true, &hooks).await;
+    upgrade(
+        &mut instance,
+        &repo,
+        &BTreeMap::from([(svc("web"), commit)]),
+        Strategy::InPlace,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(count(), shell::instance::KEEP_RELEASES);
+    let ran = std::fs::read_to_string(marks.join("post")).unwrap();
+    assert_eq!(ran.trim(), commit.to_string());
+    instance.stop_all().await;
+}

@@ -79,6 +79,8 @@ async fn a_shutdown_during_an_upgrade_cancels_it_cleanly() {
         image: ImageName::new(image).unwrap(),
         strategy: None,
         deployment: None,
+        skip_hooks: false,
+        keep_releases: None,
     };
     let done = wire::shell::call(&conn, &deploy("one"), |_| {})
         .await

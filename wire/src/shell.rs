@@ -33,6 +33,12 @@ pub enum ShellRequest {
         /// same id, the shell answers with what that upgrade did instead of
         /// upgrading again (see [`crate::portal`]).
         deployment: Option<DeploymentId>,
+        /// Leave out the services' `pre_swap` and `post_swap` hooks.
+        skip_hooks: bool,
+        /// Keep at least this many releases of each service afterwards, so a
+        /// rollback that far back fetches and builds nothing; `None`: the
+        /// shell's default.
+        keep_releases: Option<u32>,
     },
     /// What an upgrade to the image would do, without doing it: the exact plan
     /// the upgrade would carry out.
@@ -41,6 +47,8 @@ pub enum ShellRequest {
         image: ImageName,
         /// How; `None`: the instance's default.
         strategy: Option<Strategy>,
+        /// Leave out the hooks, as for `Upgrade`.
+        skip_hooks: bool,
     },
     /// The instance's state.
     Status,
