@@ -88,6 +88,13 @@ enum Command {
         /// TCP address of the HTTP API, loopback only [default: from molt.toml].
         #[arg(long)]
         http: Option<SocketAddr>,
+        /// Most deployments running at once, across targets.
+        #[arg(long, default_value_t = 4)]
+        max_running: usize,
+        /// A running deployment that hears nothing for this long is marked
+        /// stuck: `90s`, `10m`, `2h`.
+        #[arg(long, value_name = "AGE", default_value = "10m", value_parser = instance::parse_age)]
+        stuck_after: u64,
     },
     /// Run an instance's shell until SIGINT or SIGTERM.
     Shell {
@@ -552,8 +559,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Portal { data, listen, http } => {
-            portal::daemon(cli.config.as_deref(), cli.repo, data, listen, http).await
+        Command::Portal {
+            data,
+            listen,
+            http,
+            max_running,
+            stuck_after,
+        } => {
+            let runner = ::portal::runner::RunnerConfig {
+                max_running,
+                stuck_after: std::time::Duration::from_secs(stuck_after),
+            };
+            portal::daemon(cli.config.as_deref(), cli.repo, data, listen, http, runner).await
         }
         Command::Deploy {
             image,

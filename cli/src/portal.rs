@@ -26,7 +26,11 @@ pub(crate) async fn daemon(
     data: Option<PathBuf>,
     listen: Option<SocketAddr>,
     http: Option<SocketAddr>,
+    runner: portal::runner::RunnerConfig,
 ) -> Result<()> {
+    if runner.max_running == 0 {
+        bail!("--max-running must be at least 1");
+    }
     let loaded = Loaded::read(config)?;
     let section = loaded.portal_server()?;
     let credentials = Credentials::load(
@@ -41,7 +45,7 @@ pub(crate) async fn daemon(
         http: http.unwrap_or(section.http),
         credentials,
         repo: repo.unwrap_or(loaded.config.repo),
-        runner: portal::runner::RunnerConfig::default(),
+        runner,
     };
     let bound = portal::bind(config.clone())
         .await
@@ -814,6 +818,14 @@ pub(crate) async fn deployment(
     Ok(())
 }
 
+/// `90` or `90d`: a number of days.
+fn parse_days(s: &str) -> std::result::Result<u32, String> {
+    s.strip_suffix('d')
+        .unwrap_or(s)
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of days (e.g. `30d`)"))
+}
+
 fn parse_id(s: &str) -> Result<u64> {
     s.trim_start_matches('d')
         .parse()
@@ -900,8 +912,8 @@ pub(crate) enum TokenCommand {
         /// Only these targets (comma-separated) [default: every target].
         #[arg(long, value_delimiter = ',')]
         targets: Option<Vec<String>>,
-        /// Days until it stops working.
-        #[arg(long, default_value_t = 90)]
+        /// How long until it stops working, in days: `90` or `90d`.
+        #[arg(long = "expires", value_name = "DAYS", default_value = "90d", value_parser = parse_days)]
         expires_days: u32,
     },
     /// List tokens (never their secrets).
@@ -1074,6 +1086,9 @@ mod tests {
         assert!(parse_url("https://portal.example:443").is_err());
         assert!(parse_url("127.0.0.1:7880").is_err());
         assert_eq!(parse_id("d12").unwrap(), 12);
+        assert_eq!(parse_days("30d"), Ok(30));
+        assert_eq!(parse_days("7"), Ok(7));
+        assert!(parse_days("7h").is_err());
         assert!(parse_id("x").is_err());
         assert!(is_final(&json!({"kind": {"state": "rolled-back"}})));
         assert!(!is_final(&json!({"kind": {"state": "running"}})));
