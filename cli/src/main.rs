@@ -85,9 +85,14 @@ enum Command {
         /// UDP address shells attach to [default: from molt.toml].
         #[arg(long)]
         listen: Option<SocketAddr>,
-        /// TCP address of the HTTP API, loopback only [default: from molt.toml].
+        /// TCP address of the API over plain HTTP, loopback only, for a
+        /// local browser [default: from molt.toml].
         #[arg(long)]
         http: Option<SocketAddr>,
+        /// TCP address of the API over HTTPS, where the CLI presents its
+        /// certificate [default: from molt.toml].
+        #[arg(long)]
+        https: Option<SocketAddr>,
     },
     /// Run an instance's shell until SIGINT or SIGTERM.
     Shell {
@@ -334,6 +339,13 @@ enum CertCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Revoke a certificate: its serial number is appended to the revocation
+    /// list beside the CA (`certs/revoked.txt`), which the repository server
+    /// and the portal refuse from their next connection on.
+    Revoke {
+        /// The certificate file (PEM), or its serial number in hex.
+        certificate: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -512,6 +524,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out,
             json,
         ),
+        Command::Cert {
+            command: CertCommand::Revoke { certificate },
+        } => cluster::revoke(cli.config.as_deref(), &certificate, json),
         Command::RepoServer { data, listen } => {
             cluster::repo_server(cli.config.as_deref(), data, listen).await
         }
@@ -549,9 +564,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Portal { data, listen, http } => {
-            portal::daemon(cli.config.as_deref(), cli.repo, data, listen, http).await
-        }
+        Command::Portal {
+            data,
+            listen,
+            http,
+            https,
+        } => portal::daemon(cli.config.as_deref(), cli.repo, data, listen, http, https).await,
         Command::Deploy {
             image,
             target,

@@ -197,6 +197,7 @@ async fn run(
         data: loaded.resolve(&section.data),
         listen,
         credentials,
+        revoked: section.revoked.as_ref().map(|p| loaded.resolve(p)),
     })
     .with_context(|| in_use_hint("the repository server", listen))?;
     let repo_addr = server.local_addr()?;
