@@ -51,6 +51,8 @@ async fn a_user_certificate_over_https_acts_as_that_user() {
     let cluster = TestCluster::start().await;
     let portal = TestPortal::start(&cluster).await;
     add_user(&portal, "ada", "deployer", "ada's password").await;
+    // A client that connects and never starts its handshake holds up no one.
+    let _silent = tokio::net::TcpStream::connect(portal.https).await.unwrap();
 
     // ada's certificate says admin; the portal's user ada is a deployer: the
     // lower grant wins.
@@ -133,6 +135,32 @@ async fn a_user_certificate_over_https_acts_as_that_user() {
     assert!(refused.is_err(), "another CA's certificate: {refused:?}");
     // The portal goes on serving everyone else.
     ada.get("/api/v1/whoami").await;
+
+    // A portal needs an API listener; a plain-HTTP one only on loopback.
+    let config = |http: Option<&str>, https: Option<&str>| portal::Config {
+        data: cluster.path("portal-2"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http: http.map(|a| a.parse().unwrap()),
+        https: https.map(|a| a.parse().unwrap()),
+        names: Vec::new(),
+        credentials: cluster.credentials("portal"),
+        repo: cluster.repo_addr,
+        revoked: None,
+        runner: portal::runner::RunnerConfig::default(),
+    };
+    assert!(matches!(
+        portal::bind(config(None, None)).await,
+        Err(portal::PortalError::NoListener)
+    ));
+    assert!(matches!(
+        portal::bind(config(Some("0.0.0.0:0"), Some("127.0.0.1:0"))).await,
+        Err(portal::PortalError::NotLoopback(_))
+    ));
+
+    // Shutdown completes with a TLS handshake still pending.
+    let mut portal = portal;
+    portal.stop().await;
+    drop(_silent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
