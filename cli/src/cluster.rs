@@ -73,21 +73,79 @@ pub(crate) fn create(dir: &Path, name: &str, repo_listen: SocketAddr) -> Result<
             listen: repo_listen,
             cert: "certs/repo-server.crt".into(),
             key: "certs/repo-server.key".into(),
+            revoked: Some(revoked_list()),
         }),
-        portal: Some(format!("http://{}", crate::config::DEFAULT_PORTAL_HTTP)),
+        portal: Some(format!("https://{}", crate::config::DEFAULT_PORTAL_HTTPS)),
         portal_token: Some("portal/admin.token".into()),
         portal_server: Some(crate::config::PortalServerConfig {
             data: "portal".into(),
             listen: crate::config::DEFAULT_PORTAL_LISTEN,
-            http: crate::config::DEFAULT_PORTAL_HTTP,
+            https: Some(crate::config::DEFAULT_PORTAL_HTTPS),
+            http: Some(crate::config::DEFAULT_PORTAL_HTTP),
+            names: Vec::new(),
             cert: "certs/portal.crt".into(),
             key: "certs/portal.key".into(),
+            revoked: Some(revoked_list()),
         }),
         instances: Default::default(),
     };
     config.save(&config_path, "molt init")?;
     written.push(config_path);
     Ok(written)
+}
+
+/// Where `molt init` puts the revocation list (relative to molt.toml).
+fn revoked_list() -> PathBuf {
+    Path::new("certs").join(wire::revocation::REVOKED_FILE)
+}
+
+/// `molt cert revoke FILE.crt|SERIAL`: appends the certificate's serial number
+/// to the revocation list beside the CA (`certs/revoked.txt`).
+pub(crate) fn revoke(config: Option<&Path>, what: &str, json: bool) -> Result<()> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let loaded = Loaded::read(config)?;
+    let path = Path::new(what);
+    let (serial, identity) = if path.is_file() {
+        let der = CertificateDer::from_pem_file(path)
+            .with_context(|| format!("`{what}` is not a PEM certificate"))?;
+        let serial = wire::pki::serial_of(&der)
+            .with_context(|| format!("cannot read the serial number of `{what}`"))?;
+        let identity = Identity::from_certificate(&der).ok();
+        (serial, identity)
+    } else {
+        let serial = wire::revocation::parse_serial(what).with_context(|| {
+            format!("`{what}` is neither a certificate file nor a serial number")
+        })?;
+        (serial, None)
+    };
+    let list = certs_dir(&loaded).join(wire::revocation::REVOKED_FILE);
+    let added = wire::revocation::append(&list, &serial)
+        .with_context(|| format!("cannot write `{}`", list.display()))?;
+    let hex = wire::revocation::serial_hex(&serial);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "serial": hex,
+                "identity": identity.as_ref().map(ToString::to_string),
+                "list": list.display().to_string(),
+                "added": added,
+            })
+        );
+    } else {
+        let who = identity.map(|i| format!(" ({i})")).unwrap_or_default();
+        if added {
+            println!("revoked serial {hex}{who} in {}", list.display());
+        } else {
+            println!("serial {hex}{who} was revoked already");
+        }
+        println!(
+            "  the repository server and the portal refuse it from their next connection              (when configured with `revoked = \"{}\"`)",
+            list.display()
+        );
+    }
+    Ok(())
 }
 
 /// The cluster CA of a configuration that holds its key.
@@ -213,6 +271,7 @@ pub(crate) async fn repo_server(
         data: data.unwrap_or_else(|| loaded.resolve(&section.data)),
         listen: listen.unwrap_or(section.listen),
         credentials,
+        revoked: section.revoked.as_ref().map(|p| loaded.resolve(p)),
     };
     let bound = repo_server::bind(&config)
         .with_context(|| format!("cannot start the repository server on {}", config.listen))?;

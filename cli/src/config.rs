@@ -12,9 +12,12 @@
 //! ca = "certs/ca.crt"            # the cluster CA certificate
 //! ca_key = "certs/ca.key"        # the CA's key: only `molt cert issue` needs it
 //!
-//! portal = "http://127.0.0.1:7880"   # the portal's HTTP API (override: --portal-url)
-//! portal_token = "portal/admin.token" # a file holding this user's API token
-//!                                     # (override: $MOLT_TOKEN)
+//! portal = "https://127.0.0.1:7881"  # the portal's API (override: --portal-url);
+//!                                     # over https:// the CLI presents this user's
+//!                                     # certificate, over http:// a token
+//! portal_token = "portal/admin.token" # for http:// only: a file holding this user's
+//!                                     # API token ($MOLT_TOKEN overrides it, and is
+//!                                     # sent over https:// too when set)
 //!
 //! [instances]                    # optional: shells by name, for --instance NAME
 //! dev-1 = "127.0.0.1:7901"
@@ -24,14 +27,25 @@
 //! listen = "127.0.0.1:7878"      # UDP address to serve QUIC on
 //! cert = "certs/repo-server.crt"
 //! key = "certs/repo-server.key"
+//! revoked = "certs/revoked.txt"  # certificates to refuse (`molt cert revoke`)
 //!
 //! [portal_server]                # used by `molt portal`
 //! data = "portal"                # its records; it writes admin.token here at first start
 //! listen = "127.0.0.1:7879"      # UDP address shells attach to (QUIC)
-//! http = "127.0.0.1:7880"        # the HTTP API (plain HTTP: loopback only)
+//! https = "127.0.0.1:7881"       # the API over HTTPS (the CLI, with its certificate)
+//! http = "127.0.0.1:7880"        # the API over plain HTTP, for a local browser:
+//!                                # loopback only; tokens and sessions, no certificates
+//! names = ["portal.example.com"] # optional: more host names the API answers to
 //! cert = "certs/portal.crt"
 //! key = "certs/portal.key"
+//! revoked = "certs/revoked.txt"  # certificates to refuse (`molt cert revoke`)
 //! ```
+//!
+//! `certs/revoked.txt` is the revocation list: one revoked certificate's
+//! serial number per line, in hex (`#` comments and blank lines ignored).
+//! `molt cert revoke` appends to it; the repository server and the portal
+//! re-read it when it changes, and refuse those certificates from their next
+//! connection on.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -51,9 +65,13 @@ pub(crate) const UP_DIR: &str = "molt-local";
 pub(crate) const DEFAULT_PORTAL_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7879);
 
-/// Where `molt init` has the portal serve its HTTP API.
+/// Where `molt init` has the portal serve its API over plain HTTP (a local browser).
 pub(crate) const DEFAULT_PORTAL_HTTP: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7880);
+
+/// Where `molt init` has the portal serve its API over HTTPS (the CLI).
+pub(crate) const DEFAULT_PORTAL_HTTPS: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7881);
 
 /// The client configuration (see the module docs).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,7 +91,7 @@ pub(crate) struct Config {
     /// Settings of `molt repo-server`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) repo_server: Option<RepoServerConfig>,
-    /// The portal's HTTP API (`http://IP:PORT`).
+    /// The portal's API (`https://IP:PORT`, or `http://IP:PORT` on loopback).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) portal: Option<String>,
     /// A file holding this user's API token for the portal.
@@ -99,6 +117,9 @@ pub(crate) struct RepoServerConfig {
     pub(crate) cert: PathBuf,
     /// Its private key.
     pub(crate) key: PathBuf,
+    /// The revocation list: certificates it names are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) revoked: Option<PathBuf>,
 }
 
 /// The `[portal_server]` table.
@@ -109,12 +130,22 @@ pub(crate) struct PortalServerConfig {
     pub(crate) data: PathBuf,
     /// UDP address shells attach to.
     pub(crate) listen: SocketAddr,
-    /// TCP address of the HTTP API (loopback).
-    pub(crate) http: SocketAddr,
+    /// TCP address of the API over HTTPS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) https: Option<SocketAddr>,
+    /// TCP address of the API over plain HTTP (loopback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) http: Option<SocketAddr>,
+    /// More host names the API answers to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) names: Vec<String>,
     /// The portal's certificate.
     pub(crate) cert: PathBuf,
     /// Its private key.
     pub(crate) key: PathBuf,
+    /// The revocation list: certificates it names are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) revoked: Option<PathBuf>,
 }
 
 /// A loaded configuration and the directory its relative paths start from.

@@ -85,7 +85,8 @@ enum Command {
         /// UDP address shells attach to [default: from molt.toml].
         #[arg(long)]
         listen: Option<SocketAddr>,
-        /// TCP address of the HTTP API, loopback only [default: from molt.toml].
+        /// TCP address of the API over plain HTTP, loopback only, for a
+        /// local browser [default: from molt.toml].
         #[arg(long)]
         http: Option<SocketAddr>,
         /// Most deployments running at once, across targets.
@@ -95,6 +96,10 @@ enum Command {
         /// stuck: `90s`, `10m`, `2h`.
         #[arg(long, value_name = "AGE", default_value = "10m", value_parser = instance::parse_age)]
         stuck_after: u64,
+        /// TCP address of the API over HTTPS, where the CLI presents its
+        /// certificate [default: from molt.toml].
+        #[arg(long)]
+        https: Option<SocketAddr>,
     },
     /// Run an instance's shell until SIGINT or SIGTERM.
     Shell {
@@ -344,6 +349,13 @@ enum CertCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Revoke a certificate: its serial number is appended to the revocation
+    /// list beside the CA (`certs/revoked.txt`), which the repository server
+    /// and the portal refuse from their next connection on.
+    Revoke {
+        /// The certificate file (PEM), or its serial number in hex.
+        certificate: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -522,6 +534,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out,
             json,
         ),
+        Command::Cert {
+            command: CertCommand::Revoke { certificate },
+        } => cluster::revoke(cli.config.as_deref(), &certificate, json),
         Command::RepoServer { data, listen } => {
             cluster::repo_server(cli.config.as_deref(), data, listen).await
         }
@@ -565,12 +580,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             http,
             max_running,
             stuck_after,
+            https,
         } => {
             let runner = ::portal::runner::RunnerConfig {
                 max_running,
                 stuck_after: std::time::Duration::from_secs(stuck_after),
             };
-            portal::daemon(cli.config.as_deref(), cli.repo, data, listen, http, runner).await
+            portal::daemon(
+                cli.config.as_deref(),
+                cli.repo,
+                data,
+                listen,
+                http,
+                https,
+                runner,
+            )
+            .await
         }
         Command::Deploy {
             image,

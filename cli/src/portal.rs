@@ -3,9 +3,13 @@
 //! users.
 //!
 //! The API's address comes from `--portal-url` / `$MOLT_PORTAL_URL`, else
-//! `portal` in molt.toml; the bearer token from `$MOLT_TOKEN`, else the file
-//! `portal_token` in molt.toml names (the first admin's, which the portal
-//! writes into its data directory at its first start).
+//! `portal` in molt.toml. Over `https://IP:PORT` the CLI dials the portal as
+//! `portal.molt` (its certificate must be the cluster's portal's) and presents
+//! this user's certificate, which is the credential — unless `$MOLT_TOKEN` is
+//! set, then that token is sent too and wins. Over `http://IP:PORT` (loopback)
+//! it sends a bearer token: `$MOLT_TOKEN`, else the file `portal_token` in
+//! molt.toml names (the first admin's, which the portal writes into its data
+//! directory at its first start).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,6 +30,7 @@ pub(crate) async fn daemon(
     data: Option<PathBuf>,
     listen: Option<SocketAddr>,
     http: Option<SocketAddr>,
+    https: Option<SocketAddr>,
     runner: portal::runner::RunnerConfig,
 ) -> Result<()> {
     if runner.max_running == 0 {
@@ -42,19 +47,28 @@ pub(crate) async fn daemon(
     let config = portal::Config {
         data: data.unwrap_or_else(|| loaded.resolve(&section.data)),
         listen: listen.unwrap_or(section.listen),
-        http: http.unwrap_or(section.http),
+        http: http.or(section.http),
+        https: https.or(section.https),
+        names: section.names.clone(),
         credentials,
         repo: repo.unwrap_or(loaded.config.repo),
+        revoked: section.revoked.as_ref().map(|p| loaded.resolve(p)),
         runner,
     };
     let bound = portal::bind(config.clone())
         .await
         .with_context(|| format!("cannot start the portal on {}", config.listen))?;
     let (shutdown, waiter) = crate::signals::shutdown_on_signals()?;
+    let api: Vec<String> = bound
+        .https_addr()
+        .map(|a| format!("https://{a}"))
+        .into_iter()
+        .chain(bound.http_addr().map(|a| format!("http://{a}")))
+        .collect();
     eprintln!(
-        "portal: shells attach on {} (QUIC); API on http://{} (data in {})",
+        "portal: shells attach on {} (QUIC); API on {} (data in {})",
         bound.local_addr()?,
-        bound.http_addr()?,
+        api.join(" and "),
         config.data.display()
     );
     bound.serve(shutdown).await;
@@ -66,7 +80,10 @@ pub(crate) async fn daemon(
 /// A client of the portal's HTTP API.
 pub(crate) struct PortalClient {
     addr: SocketAddr,
-    token: String,
+    /// TLS with this user's certificate, for an `https://` URL.
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// The bearer token, if one is sent.
+    token: Option<String>,
 }
 
 /// The error the API answered with, as the CLI shows it.
@@ -92,10 +109,24 @@ impl PortalClient {
                 )
             })?,
         };
-        let addr = parse_url(&url)?;
-        let token = match std::env::var("MOLT_TOKEN") {
-            Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
-            _ => {
+        let (addr, https) = parse_url(&url)?;
+        let env_token = std::env::var("MOLT_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty());
+        if https {
+            let creds = loaded.credentials()?;
+            let tls = wire::endpoint::https_client_config(&creds)
+                .context("cannot make TLS settings from this user's certificate")?;
+            return Ok(Self {
+                addr,
+                tls: Some(std::sync::Arc::new(tls)),
+                token: env_token,
+            });
+        }
+        let token = match env_token {
+            Some(t) => t,
+            None => {
                 let file = loaded.config.portal_token.as_ref().with_context(|| {
                     format!(
                         "no API token: set $MOLT_TOKEN, or `portal_token` (a file) in `{}`",
@@ -109,7 +140,11 @@ impl PortalClient {
                     .to_owned()
             }
         };
-        Ok(Self { addr, token })
+        Ok(Self {
+            addr,
+            tls: None,
+            token: Some(token),
+        })
     }
 
     async fn send(
@@ -119,23 +154,54 @@ impl PortalClient {
         body: Option<&Value>,
         accept: &str,
     ) -> Result<hyper::Response<hyper::body::Incoming>> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let stream = tokio::net::TcpStream::connect(self.addr)
             .await
-            .with_context(|| format!("cannot reach the portal at http://{}", self.addr))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .context("HTTP handshake with the portal")?;
-        tokio::spawn(async move {
-            // The connection ends when the response is read; errors show there.
-            let _ = conn.await;
-        });
+            .with_context(|| format!("cannot reach the portal at {scheme}://{}", self.addr))?;
+        let (mut sender, host) = match &self.tls {
+            None => {
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                        .await
+                        .context("HTTP handshake with the portal")?;
+                tokio::spawn(async move {
+                    // The connection ends when the response is read; errors show there.
+                    let _ = conn.await;
+                });
+                (sender, self.addr.to_string())
+            }
+            Some(tls) => {
+                let name = rustls::pki_types::ServerName::try_from(PORTAL_NAME)
+                    .context("the portal's server name")?;
+                let stream = tokio_rustls::TlsConnector::from(tls.clone())
+                    .connect(name, stream)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "TLS handshake with the portal at https://{} (is it this cluster's?)",
+                            self.addr
+                        )
+                    })?;
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                        .await
+                        .context("HTTP handshake with the portal")?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                // The name the portal always answers to, whatever address it was dialled at.
+                (sender, format!("{PORTAL_NAME}:{}", self.addr.port()))
+            }
+        };
         let bytes = body.map(|b| b.to_string()).unwrap_or_default();
-        let req = hyper::Request::builder()
+        let mut req = hyper::Request::builder()
             .method(method)
             .uri(path)
-            .header("host", self.addr.to_string())
-            .header("authorization", format!("Bearer {}", self.token))
+            .header("host", host);
+        if let Some(token) = &self.token {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        let req = req
             .header("accept", accept)
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(bytes)))
@@ -260,16 +326,25 @@ fn is_final(event: &Value) -> bool {
     )
 }
 
-/// `http://HOST:PORT[/]` → its socket address.
-fn parse_url(url: &str) -> Result<SocketAddr> {
-    let rest = url.strip_prefix("http://").with_context(|| {
-        format!("the portal URL `{url}` must start with http:// (the API listens on loopback)")
-    })?;
+/// The name the CLI dials the portal under (its certificate's DNS name).
+const PORTAL_NAME: &str = "portal.molt";
+
+/// `https://IP:PORT[/]` or `http://IP:PORT[/]` → its socket address, and
+/// whether it is HTTPS.
+fn parse_url(url: &str) -> Result<(SocketAddr, bool)> {
+    let (rest, https) = if let Some(rest) = url.strip_prefix("https://") {
+        (rest, true)
+    } else if let Some(rest) = url.strip_prefix("http://") {
+        (rest, false)
+    } else {
+        bail!("the portal URL `{url}` must start with https:// or http://");
+    };
     let hostport = rest.trim_end_matches('/');
     let hostport = hostport.replace("localhost:", "127.0.0.1:");
-    hostport
-        .parse()
-        .with_context(|| format!("the portal URL `{url}` must be http://IP:PORT"))
+    let addr = hostport.parse().with_context(|| {
+        format!("the portal URL `{url}` must be https://IP:PORT or http://IP:PORT")
+    })?;
+    Ok((addr, https))
 }
 
 /// A time in ms since the epoch, for people: `2026-12-02 01:30:12Z`.
@@ -1006,15 +1081,28 @@ pub(crate) enum UserCommand {
         /// developer, deployer or admin.
         #[arg(long)]
         grant: String,
+        /// Read their password (for browser logins) from standard input;
+        /// without it, one is generated and printed once.
+        #[arg(long)]
+        password_stdin: bool,
     },
-    /// Change a user's grant.
+    /// Set a user's password for browser logins (admins); their sessions end.
+    Password {
+        /// Their name.
+        name: String,
+        /// Read the password from standard input; without it, one is
+        /// generated and printed once.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Change a user's grant (their sessions end).
     Grant {
         /// Their name.
         name: String,
         /// developer, deployer or admin.
         grant: String,
     },
-    /// Remove a user; their tokens are revoked.
+    /// Remove a user; their tokens are revoked and their sessions end.
     Remove {
         /// Their name.
         name: String,
@@ -1023,17 +1111,63 @@ pub(crate) enum UserCommand {
     List,
 }
 
+/// A password from standard input: its first line, without the line end.
+fn read_password() -> Result<String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("cannot read the password from standard input")?;
+    let password = line.trim_end_matches(['\r', '\n']).to_owned();
+    if password.is_empty() {
+        bail!("no password on standard input");
+    }
+    Ok(password)
+}
+
+/// Prints a generated password, once (people only: `--json` carries it).
+fn show_password(value: &Value, json: bool) {
+    if let (Some(p), false) = (value["generated_password"].as_str(), json) {
+        println!("password (shown once, keep it): {p}");
+    }
+}
+
 /// `molt user …`.
 pub(crate) async fn user(client: &PortalClient, command: UserCommand, json: bool) -> Result<()> {
     let value = match command {
-        UserCommand::Add { name, grant } => {
-            client
+        UserCommand::Add {
+            name,
+            grant,
+            password_stdin,
+        } => {
+            let password = password_stdin.then(read_password).transpose()?;
+            let value = client
                 .call(
                     "POST",
                     "/api/v1/users",
-                    Some(&json!({ "name": name, "grant": grant })),
+                    Some(&json!({ "name": name, "grant": grant, "password": password })),
                 )
-                .await?
+                .await?;
+            show_password(&value, json);
+            value
+        }
+        UserCommand::Password {
+            name,
+            password_stdin,
+        } => {
+            let password = password_stdin.then(read_password).transpose()?;
+            let value = client
+                .call(
+                    "PUT",
+                    &format!("/api/v1/users/{name}/password"),
+                    Some(&json!({ "password": password })),
+                )
+                .await?;
+            show_password(&value, json);
+            if !json {
+                println!("password of {name} set; their sessions ended");
+                return Ok(());
+            }
+            value
         }
         UserCommand::Grant { name, grant } => {
             client
@@ -1081,8 +1215,13 @@ mod tests {
 
     #[test]
     fn urls_and_ids() {
-        assert_eq!(parse_url("http://127.0.0.1:7880").unwrap().port(), 7880);
-        assert_eq!(parse_url("http://localhost:7880/").unwrap().port(), 7880);
+        assert_eq!(parse_url("http://127.0.0.1:7880").unwrap().0.port(), 7880);
+        assert_eq!(parse_url("http://localhost:7880/").unwrap().0.port(), 7880);
+        assert_eq!(
+            parse_url("https://127.0.0.1:7881").unwrap(),
+            ("127.0.0.1:7881".parse().unwrap(), true)
+        );
+        assert!(!parse_url("http://127.0.0.1:7880").unwrap().1);
         assert!(parse_url("https://portal.example:443").is_err());
         assert!(parse_url("127.0.0.1:7880").is_err());
         assert_eq!(parse_id("d12").unwrap(), 12);

@@ -113,8 +113,9 @@ const IMAGE: &str = "up-1";
 /// The targets the first run deploys to.
 const DEPLOY_TO: [&str; 2] = ["staging", "prod"];
 /// The portal's ports when ports are fixed: shells attach on the first (UDP),
-/// the HTTP API listens on the second.
-const PORTAL_PORTS: (u16, u16) = (7879, 7880);
+/// the API listens over plain HTTP (for a browser) on the second and over
+/// HTTPS (for the CLI, with its certificate) on the third.
+const PORTAL_PORTS: (u16, u16, u16) = (7879, 7880, 7881);
 /// Written once the first run has pushed, pinned and deployed.
 const SEEDED: &str = "up.seeded";
 
@@ -203,6 +204,7 @@ async fn run(
         data: loaded.resolve(&section.data),
         listen,
         credentials,
+        revoked: section.revoked.as_ref().map(|p| loaded.resolve(p)),
     })
     .with_context(|| in_use_hint("the repository server", listen))?;
     let repo_addr = server.local_addr()?;
@@ -255,6 +257,7 @@ async fn run(
     loaded.config.instances = instances;
     loaded.config.save(config_path, "molt up")?;
     let client = crate::portal::PortalClient::open(Some(config_path), None)?;
+    admin_login(dir, &client, out).await?;
     ensure_targets(&client, out).await?;
 
     if !dir.join(SEEDED).exists() {
@@ -272,11 +275,13 @@ async fn run(
 struct PortalUp {
     /// Where shells attach.
     quic: SocketAddr,
-    /// Its HTTP API.
+    /// Its HTTP API for a browser on this machine (plain HTTP, loopback).
     url: String,
+    /// Its HTTPS API, where the CLI presents its certificate.
+    https: String,
 }
 
-/// Binds the portal (on the fixed ports, or free ones), records its address
+/// Binds the portal (on the fixed ports, or free ones), records its addresses
 /// and its first admin's token file in molt.toml, and serves it until `shutdown`.
 async fn start_portal(
     loaded: &mut Loaded,
@@ -291,9 +296,12 @@ async fn start_portal(
         None => crate::config::PortalServerConfig {
             data: "portal".into(),
             listen: crate::config::DEFAULT_PORTAL_LISTEN,
-            http: crate::config::DEFAULT_PORTAL_HTTP,
+            https: None,
+            http: None,
+            names: Vec::new(),
             cert: "certs/portal.crt".into(),
             key: "certs/portal.key".into(),
+            revoked: None,
         },
     };
     let credentials = Credentials::load(
@@ -304,30 +312,81 @@ async fn start_portal(
     .context("cannot load the portal's certificate")?;
     let listen = loopback(ephemeral, PORTAL_PORTS.0);
     let http = loopback(ephemeral, PORTAL_PORTS.1);
+    let https = loopback(ephemeral, PORTAL_PORTS.2);
     let bound = portal::bind(portal::Config {
         data: loaded.resolve(&section.data),
         listen,
-        http,
+        http: Some(http),
+        https: Some(https),
+        names: section.names.clone(),
         credentials,
         repo,
+        revoked: section.revoked.as_ref().map(|p| loaded.resolve(p)),
         runner: portal::runner::RunnerConfig::default(),
     })
     .await
     .with_context(|| in_use_hint("the portal", listen))?;
     let quic = bound.local_addr()?;
-    let url = format!("http://{}", bound.http_addr()?);
+    let http = bound
+        .http_addr()
+        .context("the portal has no HTTP listener")?;
+    let https = bound
+        .https_addr()
+        .context("the portal has no HTTPS listener")?;
     daemons.spawn(bound.serve(shutdown.clone()));
-    loaded.config.portal = Some(url.clone());
+    let up = PortalUp {
+        quic,
+        url: format!("http://{http}"),
+        https: format!("https://{https}"),
+    };
+    loaded.config.portal = Some(up.https.clone());
     loaded.config.portal_token = Some(section.data.join(portal::ADMIN_TOKEN_FILE));
     loaded.config.portal_server = Some(crate::config::PortalServerConfig {
         listen: quic,
-        http: url
-            .trim_start_matches("http://")
-            .parse()
-            .context("the portal's address")?,
+        http: Some(http),
+        https: Some(https),
         ..section
     });
-    Ok(PortalUp { quic, url })
+    Ok(up)
+}
+
+/// The file the admin's generated login password is kept in (0600).
+const ADMIN_PASSWORD: &str = "admin.password";
+
+/// Once per cluster: a generated password for the portal's `admin`, for a
+/// browser's login; written 0600 to the state directory and printed this once.
+async fn admin_login(dir: &Path, client: &crate::portal::PortalClient, out: Out) -> Result<()> {
+    let file = dir.join(ADMIN_PASSWORD);
+    if file.exists() {
+        return Ok(());
+    }
+    let user = client
+        .call("PUT", "/api/v1/users/admin/password", None)
+        .await
+        .context("cannot set the portal admin's password")?;
+    let password = user["generated_password"]
+        .as_str()
+        .context("the portal generated no password")?;
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&file)
+            .with_context(|| format!("cannot write `{}`", file.display()))?;
+        writeln!(f, "{password}")?;
+    }
+    out.event(
+        format_args!(
+            "portal login: admin / {password}  (shown once; kept in {})",
+            file.display()
+        ),
+        "login",
+        json!({ "user": "admin", "password": password, "file": file }),
+    );
+    Ok(())
 }
 
 /// One target per shell, named like it, unless the portal has it already.

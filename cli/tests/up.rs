@@ -138,6 +138,23 @@ fn molt_json(dir: &Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// POST `body` as JSON to `path` at `addr` (`IP:PORT`): the whole answer.
+fn post_json(addr: &str, path: &str, body: &serde_json::Value) -> String {
+    use std::io::{Read, Write};
+    let body = body.to_string();
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        conn,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    answer
+}
+
 /// The `hits` count in an answer of the counter plugin.
 fn hits(answer: &str) -> u64 {
     let rest = answer
@@ -185,6 +202,7 @@ fn molt_up_serves_the_examples_stops_on_ctrl_c_and_comes_back() {
             "shell",
             "shell",
             "shell",
+            "login",
             "target",
             "target",
             "target",
@@ -200,12 +218,33 @@ fn molt_up_serves_the_examples_stops_on_ctrl_c_and_comes_back() {
         ]
     );
     assert_eq!(events[0]["created"], true);
-    assert_eq!(events[11]["name"], "up-1");
-    assert_eq!(events[13]["target"], "staging");
-    assert_eq!(events[13]["deployment"]["state"], "succeeded");
-    assert_eq!(events[15]["deployment"]["target"], "prod");
-    let ready = &events[16];
+    assert_eq!(events[12]["name"], "up-1");
+    assert_eq!(events[14]["target"], "staging");
+    assert_eq!(events[14]["deployment"]["state"], "succeeded");
+    assert_eq!(events[16]["deployment"]["target"], "prod");
+    let ready = &events[17];
     assert_eq!(ready["portal"], events[1]["url"]);
+    // The admin's login, made once: written 0600, and it logs in.
+    let login = &events[5];
+    let file = Path::new(login["file"].as_str().unwrap());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let password = std::fs::read_to_string(file).unwrap();
+    assert_eq!(password.trim(), login["password"]);
+    let portal = events[1]["url"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("http://");
+    let answer = post_json(
+        portal,
+        "/api/v1/login",
+        &serde_json::json!({ "user": "admin", "password": password.trim() }),
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("molt_session="), "{answer}");
     assert_eq!(ready["instances"][2]["name"], "prod");
     assert_eq!(ready["instances"][2]["image"]["name"], "up-1");
     let urls = ready_urls(ready);

@@ -1,10 +1,29 @@
 //! The HTTP JSON API under `/api/v1`: the one API for people and automation.
 //!
-//! Every call is authenticated (a bearer token that acts as its user, see
-//! [`crate::auth`]) and authorized by grant and scope; every state-changing
-//! call is written to the audit log. Requests whose `Host` is not one of the
-//! portal's own names are refused (no DNS rebinding from a web page to a
-//! loopback portal), as are requests carrying a foreign `Origin`.
+//! Every call is authenticated and authorized by grant and scope; every
+//! state-changing call is written to the audit log. A request acts as a user
+//! ([`crate::auth`]) by one of three credentials, tried in this order:
+//!
+//! 1. a bearer token, `Authorization: Bearer molt_…` (automation, the CLI
+//!    with `$MOLT_TOKEN`);
+//! 2. a browser session: the `molt_session` cookie that `POST /api/v1/login`
+//!    sets (HttpOnly, SameSite=Strict, Path=/, Secure on HTTPS); every
+//!    POST/PUT/PATCH/DELETE it authenticates must carry the session's CSRF
+//!    token — the `X-CSRF-Token` header, or a `csrf` field of a form body —
+//!    else 403 `csrf`. The token comes with the login's answer and from
+//!    `GET /api/v1/whoami`. `POST /api/v1/logout` ends the session. Failed
+//!    logins are slowed per user name (see [`crate::auth::login_delay`]): the
+//!    answer says how many failed and how long the next attempt waits;
+//! 3. a client certificate of the cluster CA, on the HTTPS listener only
+//!    (the CLI's): `user/ada/<grant>` acts as the portal user `ada`, who must
+//!    exist (else 401), with the lower of the two grants; any other identity
+//!    is 403. A revoked certificate is 401 (the revocation list is checked
+//!    once per connection).
+//!
+//! Requests whose `Host` is not one of the portal's own names (its listeners'
+//! addresses, `localhost:PORT`, `portal.molt:PORT`, the configured names) are
+//! refused (no DNS rebinding from a web page to a loopback portal), as are
+//! requests carrying a foreign `Origin` — whatever their credential.
 //!
 //! Errors are JSON, `{"error": {"code", "message", "field"}}`, with `field`
 //! naming the bad input when there is one; a refused request changes nothing.
@@ -17,8 +36,9 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -33,11 +53,14 @@ use wire::portal::DeploymentId;
 use wire::shell::{ImageRef, ShellRequest, ShellResponse, Stage, Strategy};
 
 use crate::Portal;
-use crate::auth::{AuditEntry, Denied, Principal, Token, User};
+use crate::auth::{
+    AuditEntry, Denied, Principal, SESSION_COOKIE, SESSION_MAX_MS, Session, Token, User, Via,
+};
 use crate::deployment::{
     DeployOptions, Deployment, DeploymentState, Event, EventKind, NewDeployment, Transition,
     Trigger, now_ms,
 };
+use crate::listener::{Connection, PeerCert};
 use crate::store::{DeploymentFilter, StoreError};
 use crate::target::{Rollout, Settings, Target};
 
@@ -57,24 +80,45 @@ struct Api {
     portal: Arc<Portal>,
     /// The `Host` values the portal answers to.
     hosts: Vec<String>,
+    /// Failed logins per user name.
+    logins: Logins,
 }
 
-/// The API's routes over `portal`, answering to the names of `addr`.
-pub fn router(portal: Arc<Portal>, addr: Option<SocketAddr>) -> Router {
-    let hosts = match addr {
-        Some(addr) => {
-            let port = addr.port();
-            vec![
-                addr.to_string(),
-                format!("localhost:{port}"),
-                format!("127.0.0.1:{port}"),
-                format!("[::1]:{port}"),
-            ]
+/// The `Host` values a portal with these listeners and extra names answers
+/// to: each listener's address, and `localhost`, `127.0.0.1`, `[::1]` and
+/// `portal.molt` with its port; each name as given and with each port.
+pub fn host_names(listeners: &[SocketAddr], names: &[String]) -> Vec<String> {
+    let mut hosts = Vec::new();
+    for addr in listeners {
+        let port = addr.port();
+        hosts.push(addr.to_string());
+        for name in ["localhost", "127.0.0.1", "[::1]", "portal.molt"] {
+            hosts.push(format!("{name}:{port}"));
         }
-        None => Vec::new(),
-    };
-    let api = Arc::new(Api { portal, hosts });
+        for name in names {
+            hosts.push(format!("{name}:{port}"));
+        }
+    }
+    hosts.extend(names.iter().cloned());
+    hosts.sort();
+    hosts.dedup();
+    hosts
+}
+
+/// The API's routes over `portal`, answering to `hosts` (see [`host_names`]).
+pub fn router(portal: Arc<Portal>, hosts: Vec<String>) -> Router {
+    let api = Arc::new(Api {
+        portal,
+        hosts,
+        logins: Logins::default(),
+    });
     Router::new()
+        .route("/api/v1/login", post(login))
+        .route("/api/v1/logout", post(logout))
+        .route(
+            "/api/v1/users/{name}/password",
+            axum::routing::put(set_password),
+        )
         .route("/api/v1/whoami", get(whoami))
         .route("/api/v1/targets", get(list_targets).post(create_target))
         .route("/api/v1/targets/{name}", get(show_target).put(edit_target))
@@ -101,6 +145,7 @@ pub fn router(portal: Arc<Portal>, addr: Option<SocketAddr>) -> Router {
         .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/api/v1/audit", get(audit_log))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(form_csrf))
         .with_state(api)
 }
 
@@ -114,6 +159,8 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     field: Option<String>,
+    /// More about the error, under `error.details` (a failed login's count).
+    details: Option<serde_json::Value>,
 }
 
 impl ApiError {
@@ -123,7 +170,12 @@ impl ApiError {
             code,
             message: message.into(),
             field: None,
+            details: None,
         }
+    }
+
+    fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, code, message)
     }
 
     fn bad(field: &str, message: impl Into<String>) -> Self {
@@ -152,11 +204,15 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({ "error": {
+        let mut error = json!({
             "code": self.code,
             "message": self.message,
             "field": self.field,
-        }});
+        });
+        if let Some(details) = self.details {
+            error["details"] = details;
+        }
+        let body = json!({ "error": error });
         let mut response = (self.status, axum::Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
@@ -242,16 +298,139 @@ fn target_name(s: &str) -> ApiResult<TargetName> {
 // ---------------------------------------------------------------------------
 // Authentication
 
+/// What a handler knows of its caller: the request's headers and method, and
+/// what its connection says (TLS or not, the client's certificate). Every
+/// handler takes one and hands it to [`Api::principal`].
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The request's headers.
+    pub headers: HeaderMap,
+    /// The request's method (a state-changing one needs a session's CSRF token).
+    pub method: Method,
+    /// The connection's client certificate: `None` on plain HTTP, always.
+    pub cert: PeerCert,
+    /// Did the request come over TLS?
+    pub tls: bool,
+    /// The `csrf` field of a form body, read by [`form_csrf`].
+    pub form_csrf: Option<String>,
+}
+
+impl Caller {
+    /// Does the request change something (POST, PUT, PATCH, DELETE)?
+    fn changes_state(&self) -> bool {
+        !matches!(
+            self.method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+        )
+    }
+
+    /// The session id the `molt_session` cookie carries, if any.
+    fn session_cookie(&self) -> Option<&str> {
+        self.headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(name, _)| *name == SESSION_COOKIE)
+            .map(|(_, value)| value.trim())
+            .filter(|v| !v.is_empty())
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        // No connection extension: served some other way (a test's oneshot);
+        // then it is plain, without a certificate.
+        let conn = parts
+            .extensions
+            .get::<Connection>()
+            .cloned()
+            .unwrap_or_default();
+        Ok(Caller {
+            headers: parts.headers.clone(),
+            method: parts.method.clone(),
+            cert: if conn.tls { conn.cert } else { PeerCert::None },
+            tls: conn.tls,
+            form_csrf: parts.extensions.get::<FormCsrf>().map(|f| f.0.clone()),
+        })
+    }
+}
+
+/// The `csrf` field of a form body.
+#[derive(Debug, Clone)]
+struct FormCsrf(String);
+
+/// The most a form body may hold.
+const MAX_FORM: usize = 1 << 20;
+
+/// For a state-changing form (`application/x-www-form-urlencoded`) sent with a
+/// cookie, reads the body's `csrf` field into the request (the body is put
+/// back as it was), so [`Api::principal`] can check it.
+async fn form_csrf(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let is_form = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    let changes = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !(is_form && changes && req.headers().contains_key(header::COOKIE)) {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, MAX_FORM).await {
+        Ok(b) => b,
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-large",
+                format!("a form is at most {MAX_FORM} bytes"),
+            )
+            .into_response();
+        }
+    };
+    let token = bytes
+        .split(|b| *b == b'&')
+        .find_map(|pair| pair.strip_prefix(b"csrf="))
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::to_owned);
+    let mut req = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+    if let Some(token) = token {
+        req.extensions_mut().insert(FormCsrf(token));
+    }
+    next.run(req).await
+}
+
+/// A session is marked used at most this often (a write per request otherwise).
+const TOUCH_EVERY_MS: i64 = 10_000;
+
 impl Api {
-    /// Checks `Host` and `Origin`, then resolves the bearer token to the
-    /// principal it acts as.
-    async fn principal(&self, headers: &HeaderMap) -> ApiResult<Principal> {
-        self.check_origin(headers)?;
-        let Some(auth) = headers.get(header::AUTHORIZATION) else {
-            return Err(ApiError::unauthenticated(
-                "no credentials: send `Authorization: Bearer <token>`",
-            ));
-        };
+    /// Checks `Host` and `Origin`, then resolves the caller's credential (a
+    /// bearer token, else a session cookie, else a certificate; see the module
+    /// docs) to the principal it acts as.
+    async fn principal(&self, caller: &Caller) -> ApiResult<Principal> {
+        self.check_origin(&caller.headers)?;
+        if let PeerCert::Refused(why) = &caller.cert {
+            return Err(ApiError::unauthenticated(why.clone()));
+        }
+        if let Some(auth) = caller.headers.get(header::AUTHORIZATION) {
+            return self.token_principal(auth).await;
+        }
+        if let Some(id) = caller.session_cookie() {
+            return self.session_principal(caller, id).await;
+        }
+        if let PeerCert::Verified { identity, serial } = &caller.cert {
+            return self.certificate_principal(identity, serial).await;
+        }
+        Err(ApiError::unauthenticated(
+            "no credentials: send `Authorization: Bearer <token>`, log in \
+             (POST /api/v1/login), or present a user certificate over HTTPS",
+        ))
+    }
+
+    async fn token_principal(&self, auth: &header::HeaderValue) -> ApiResult<Principal> {
         let secret = auth
             .to_str()
             .ok()
@@ -281,6 +460,76 @@ impl Api {
             user: user.name,
             grant: token.grant.min(user.grant),
             targets: token.targets,
+            via: Via::Token(token.id),
+        })
+    }
+
+    async fn session_principal(&self, caller: &Caller, id: &str) -> ApiResult<Principal> {
+        let store = &self.portal.store;
+        let hash = crate::auth::hash_secret(id);
+        let ended = || ApiError::unauthenticated("this session has ended: log in again");
+        let session = store.session(hash).await?.ok_or_else(ended)?;
+        let now = now_ms();
+        // Removed, or their grant changed since the login: the session ends.
+        let user = store.user(&session.user).await?;
+        let current = user.as_ref().is_some_and(|u| u.grant == session.grant);
+        if session.expired(now) || !current {
+            store.delete_session(hash).await?;
+            return Err(ended());
+        }
+        if caller.changes_state() {
+            let sent = caller
+                .headers
+                .get("x-csrf-token")
+                .and_then(|v| v.to_str().ok())
+                .or(caller.form_csrf.as_deref());
+            if !sent.is_some_and(|t| crate::auth::same_secret(t.trim(), &session.csrf)) {
+                return Err(ApiError::forbidden(
+                    "csrf",
+                    "a change made with a session cookie must carry the session's CSRF token \
+                     (the `X-CSRF-Token` header, or a `csrf` form field; GET /api/v1/whoami \
+                     shows it)",
+                ));
+            }
+        }
+        if now - session.last_used >= TOUCH_EVERY_MS {
+            store.touch_session(hash, now).await?;
+        }
+        Ok(Principal {
+            user: session.user,
+            grant: session.grant,
+            targets: None,
+            via: Via::Session {
+                hash,
+                csrf: session.csrf,
+            },
+        })
+    }
+
+    async fn certificate_principal(
+        &self,
+        identity: &wire::Identity,
+        serial: &[u8],
+    ) -> ApiResult<Principal> {
+        let wire::Identity::User { name, grant } = identity else {
+            return Err(ApiError::forbidden(
+                "forbidden",
+                format!(
+                    "`{identity}` is not a person: only user certificates act at the portal's API"
+                ),
+            ));
+        };
+        let user = self.portal.store.user(name).await?.ok_or_else(|| {
+            ApiError::unauthenticated(format!(
+                "the certificate `{identity}` names `{name}`, who is not a user of this portal: \
+                 an admin adds them with `molt user add {name} --grant {grant}`"
+            ))
+        })?;
+        Ok(Principal {
+            user: user.name,
+            grant: (*grant).min(user.grant),
+            targets: None,
+            via: Via::Certificate(wire::revocation::serial_hex(serial)),
         })
     }
 
@@ -358,13 +607,192 @@ impl Api {
 
 type Shared = State<Arc<Api>>;
 
-async fn whoami(State(api): Shared, headers: HeaderMap) -> ApiResult<impl IntoResponse> {
-    let who = api.principal(&headers).await?;
+async fn whoami(State(api): Shared, caller: Caller) -> ApiResult<impl IntoResponse> {
+    let who = api.principal(&caller).await?;
+    let csrf = match &who.via {
+        Via::Session { csrf, .. } => Some(csrf.clone()),
+        _ => None,
+    };
     Ok(axum::Json(json!({
         "user": who.user,
         "grant": who.grant,
         "targets": who.targets,
+        "via": who.via.kind(),
+        "csrf": csrf,
     })))
+}
+
+// ---------------------------------------------------------------------------
+// Browser sessions
+
+/// Failed logins per user name, in memory: how many in a row, one attempt
+/// per name at a time (the lock is held through the delay and the check, so
+/// parallel guesses queue behind each other).
+#[derive(Debug, Default)]
+struct Logins {
+    names: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<u32>>>>,
+}
+
+/// The most names whose failures are remembered before the clean ones are
+/// forgotten.
+const MAX_LOGIN_NAMES: usize = 10_000;
+
+impl Logins {
+    fn slot(&self, name: &str) -> Arc<tokio::sync::Mutex<u32>> {
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        if names.len() >= MAX_LOGIN_NAMES {
+            names.retain(|_, slot| {
+                Arc::strong_count(slot) > 1 || slot.try_lock().map_or(true, |n| *n > 0)
+            });
+        }
+        names.entry(name.to_owned()).or_default().clone()
+    }
+
+    fn forget(&self, name: &str) {
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        names.remove(name);
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginInput {
+    user: String,
+    password: String,
+}
+
+impl std::fmt::Debug for LoginInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginInput")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The `Set-Cookie` value of a session (an empty, expired one ends it).
+fn session_cookie(id: &str, max_age_secs: i64, tls: bool) -> String {
+    let secure = if tls { "; Secure" } else { "" };
+    format!(
+        "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age_secs}{secure}"
+    )
+}
+
+/// `POST /api/v1/login {user, password}`: a new session in the `molt_session`
+/// cookie, and its CSRF token in the answer. A name that failed
+/// [`crate::auth::FREE_LOGIN_FAILURES`] times in a row waits before each
+/// further attempt is answered, doubling up to 30 s; a success resets it.
+async fn login(State(api): Shared, caller: Caller, body: Bytes) -> ApiResult<Response> {
+    api.check_origin(&caller.headers)?;
+    let input: LoginInput = parse(&body)?;
+    let name = input.user.trim().to_owned();
+    if name.is_empty() || name.len() > 200 {
+        return Err(ApiError::bad("user", "a user name is 1 to 200 characters"));
+    }
+    let slot = api.logins.slot(&name);
+    let mut failures = slot.lock().await;
+    let waited = crate::auth::login_delay(*failures);
+    if !waited.is_zero() {
+        tracing::info!(user = %name, failures = *failures, waited_ms = waited.as_millis() as u64, "slowing a login after failures");
+        tokio::time::sleep(waited).await;
+    }
+    let user = match UserName::new(&name) {
+        Ok(n) => api.portal.store.user(&n).await?,
+        Err(_) => None,
+    };
+    let hash = user.as_ref().and_then(|u| u.password.clone());
+    let password = input.password;
+    let matches = tokio::task::spawn_blocking(move || {
+        crate::auth::verify_password(&password, hash.as_deref())
+    })
+    .await
+    .unwrap_or(false);
+    let Some(user) = user.filter(|_| matches) else {
+        *failures = failures.saturating_add(1);
+        let next = crate::auth::login_delay(*failures);
+        tracing::warn!(user = %name, failures = *failures, "failed login");
+        let mut e = ApiError::unauthenticated("wrong user name or password");
+        e.code = "bad-login";
+        e.details = Some(json!({
+            "failed_attempts": *failures,
+            "waited_ms": waited.as_millis() as u64,
+            "next_delay_ms": next.as_millis() as u64,
+        }));
+        let mut response = e.into_response();
+        if !next.is_zero() {
+            let secs = next.as_millis().div_ceil(1000).to_string();
+            if let Ok(v) = header::HeaderValue::from_str(&secs) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        return Ok(response);
+    };
+    *failures = 0;
+    drop(failures);
+    api.logins.forget(&name);
+    let id = crate::auth::new_random().map_err(|e| ApiError::internal(e.to_string()))?;
+    let csrf = crate::auth::new_random().map_err(|e| ApiError::internal(e.to_string()))?;
+    let now = now_ms();
+    let session = Session {
+        hash: crate::auth::hash_secret(&id),
+        user: user.name.clone(),
+        grant: user.grant,
+        csrf: csrf.clone(),
+        created: now,
+        last_used: now,
+    };
+    api.portal.store.create_session(session).await?;
+    let who = Principal {
+        user: user.name.clone(),
+        grant: user.grant,
+        targets: None,
+        via: Via::Session {
+            hash: crate::auth::hash_secret(&id),
+            csrf: csrf.clone(),
+        },
+    };
+    api.audit(
+        &who,
+        "session.login",
+        format!("user {}", user.name),
+        String::new(),
+    )
+    .await;
+    let cookie = session_cookie(&id, SESSION_MAX_MS / 1000, caller.tls);
+    Ok((
+        [(header::SET_COOKIE, cookie)],
+        axum::Json(json!({
+            "user": user.name,
+            "grant": user.grant,
+            "csrf": csrf,
+            "expires": now + SESSION_MAX_MS,
+        })),
+    )
+        .into_response())
+}
+
+/// `POST /api/v1/logout`: ends the session the cookie names (with its CSRF
+/// token, like every change).
+async fn logout(State(api): Shared, caller: Caller) -> ApiResult<Response> {
+    let who = api.principal(&caller).await?;
+    let Via::Session { hash, .. } = &who.via else {
+        return Err(ApiError::bad(
+            "credential",
+            "only a browser session logs out; a token is revoked (DELETE /api/v1/tokens/ID)",
+        ));
+    };
+    api.portal.store.delete_session(*hash).await?;
+    api.audit(
+        &who,
+        "session.logout",
+        format!("user {}", who.user),
+        String::new(),
+    )
+    .await;
+    Ok((
+        StatusCode::NO_CONTENT,
+        [(header::SET_COOKIE, session_cookie("", 0, caller.tls))],
+    )
+        .into_response())
 }
 
 // ---------------------------------------------------------------------------
@@ -494,8 +922,8 @@ async fn target_view(api: &Api, t: &Target) -> ApiResult<serde_json::Value> {
     }))
 }
 
-async fn list_targets(State(api): Shared, headers: HeaderMap) -> ApiResult<impl IntoResponse> {
-    api.principal(&headers).await?;
+async fn list_targets(State(api): Shared, caller: Caller) -> ApiResult<impl IntoResponse> {
+    api.principal(&caller).await?;
     let mut out = Vec::new();
     for t in api.portal.store.targets().await? {
         out.push(target_view(&api, &t).await?);
@@ -505,20 +933,20 @@ async fn list_targets(State(api): Shared, headers: HeaderMap) -> ApiResult<impl 
 
 async fn show_target(
     State(api): Shared,
-    headers: HeaderMap,
+    caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    api.principal(&headers).await?;
+    api.principal(&caller).await?;
     let t = api.target(&target_name(&name)?).await?;
     Ok(axum::Json(target_view(&api, &t).await?))
 }
 
 async fn create_target(
     State(api): Shared,
-    headers: HeaderMap,
+    caller: Caller,
     body: Bytes,
 ) -> ApiResult<impl IntoResponse> {
-    let who = api.principal(&headers).await?;
+    let who = api.principal(&caller).await?;
     who.require_admin("create targets")?;
     let input: TargetInput = parse(&body)?;
     check_instances(&input.instances)?;
@@ -554,11 +982,11 @@ struct TargetEdit {
 
 async fn edit_target(
     State(api): Shared,
-    headers: HeaderMap,
+    caller: Caller,
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<impl IntoResponse> {
-    let who = api.principal(&headers).await?;
+    let who = api.principal(&caller).await?;
     who.require_admin("edit targets")?;
     let mut target = api.target(&target_name(&name)?).await?;
     let edit: TargetEdit = parse(&body)?;
@@ -584,8 +1012,8 @@ async fn edit_target(
     Ok(axum::Json(target_view(&api, &target).await?))
 }
 
-async fn list_instances(State(api): Shared, headers: HeaderMap) -> ApiResult<impl IntoResponse> {
-    api.principal(&headers).await?;
+async fn list_instances(State(api): Shared, caller: Caller) -> ApiResult<impl IntoResponse> {
+    api.principal(&caller).await?;
     let targets = api.portal.store.targets().await?;
     let out: Vec<_> = api
         .portal
@@ -609,8 +1037,8 @@ async fn list_instances(State(api): Shared, headers: HeaderMap) -> ApiResult<imp
     Ok(axum::Json(out))
 }
 
-async fn list_images(State(api): Shared, headers: HeaderMap) -> ApiResult<impl IntoResponse> {
-    api.principal(&headers).await?;
+async fn list_images(State(api): Shared, caller: Caller) -> ApiResult<impl IntoResponse> {
+    api.principal(&caller).await?;
     let repo = api.repo().await?;
     let images = repo
         .images()
@@ -655,11 +1083,11 @@ async fn resolve_image(api: &Api, name: &ImageName) -> ApiResult<ImageRef> {
 
 async fn plan(
     State(api): Shared,
-    headers: HeaderMap,
+    caller: Caller,
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<impl IntoResponse> {
-    let who = api.principal(&headers).await?;
+    let who = api.principal(&caller).await?;
     let target = api.target(&target_name(&name)?).await?;
     who.require_scope(&target.name)?;
     let image: ImageName =
@@ -779,10 +1207,10 @@ async fn enqueue(
 
 async fn create_deployment(
     State(api): Shared,
-    headers: HeaderMap,
+    caller: Caller,
     body: Bytes,
 ) -> ApiResult<impl IntoResponse> {
-    let who = api.principal(&headers).await?;
+    let who = api.principal(&caller).await?;
     let input: DeployInput = parse(&body)?;
     let target = api
         .portal
@@ -815,11 +1243,11 @@ struct RollbackInput {
 
 async fn rollback(
     State(api): Shared,
-    headers: HeaderMap,
+    caller: Caller,
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<impl IntoResponse> {
-    let who = api.principal(&headers).await?;
+    let who = api.principal(&caller).await?;
     let target = api.target(&target_name(&name)?).await?;
     who.require_deploy(&target.name, target.stage)?;
     let input: RollbackInput = if body.is_empty() {
@@ -885,10 +1313,10 @@ async fn rollback(
 
 async fn list_deployments(
     State(api): Shared,
-    headers: HeaderMap,
+    caller: Caller,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<impl IntoResponse> {
-    let who = api.principal(&headers).await?;
+    let who = api.principal(&caller).await?;
     let trigger = match q.get("trigger").map(String::as_str) {
         None | Some("") => None,
         Some("manual") => Some(false),
@@ -931,10 +1359,10 @@ async fn list_deployments(
 
 async fn show_deployment(
     State(api): Shared,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let who = api.principal(&headers).await?;
+    let who = api.principal(&caller).await?;
     let d = api.deployment(deployment_id(&id)?).await?;
     who.require_scope(&d.target)?;
     Ok(axum::Json(d))
@@ -942,10 +1370,10 @@ async fn show_deployment(
 
 async fn cancel_deployment(
     State(api): Shared,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let who = api.principal(&headers).await?;
+    let who = api.principal(&caller).await?;
     let d = api.deployment(deployment_id(&id)?).await?;
     let target = api.target(&d.target).await?;
     who.require_deploy(&target.name, target.stage)?;
@@ -1002,10 +1430,10 @@ async fn cancel_deployment(
 
 async fn to_front(
     State(api): Shared,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let who = api.principal(&headers).await?;
+    let who = api.principal(&caller).await?;
     who.require_admin("reorder the queue")?;
     let id = deployment_id(&id)?;
     api.portal.store.to_front(id).await?;
@@ -1025,14 +1453,15 @@ async fn to_front(
 /// `Last-Event-ID` and ends after the deployment's final state.
 async fn events(
     State(api): Shared,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
-    let who = api.principal(&headers).await?;
+    let who = api.principal(&caller).await?;
     let d = api.deployment(deployment_id(&id)?).await?;
     who.require_scope(&d.target)?;
-    let last_id = headers
+    let last_id = caller
+        .headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .map(|v| {
@@ -1041,7 +1470,8 @@ async fn events(
         })
         .transpose()?;
     let after = last_id.or(param(&q, "after")?).unwrap_or(0);
-    let wants_stream = headers
+    let wants_stream = caller
+        .headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
@@ -1126,30 +1556,71 @@ async fn follow(
 // ---------------------------------------------------------------------------
 // Users, tokens, audit
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UserInput {
     name: UserName,
     grant: Grant,
+    /// Their password; `None`: one is generated and answered once.
+    password: Option<String>,
 }
 
-async fn list_users(State(api): Shared, headers: HeaderMap) -> ApiResult<impl IntoResponse> {
-    api.principal(&headers).await?.require_admin("list users")?;
-    Ok(axum::Json(api.portal.store.users().await?))
+/// A user as the API shows them: never their password's hash.
+fn user_view(u: &User) -> serde_json::Value {
+    json!({
+        "name": u.name,
+        "grant": u.grant,
+        "created": u.created,
+        "password": u.password.is_some(),
+    })
+}
+
+/// The argon2id hash of the given password, or of a generated one (then
+/// returned too, to be shown once).
+async fn password_hash(given: Option<String>) -> ApiResult<(String, Option<String>)> {
+    let (password, generated) = match given {
+        Some(p) => (p, false),
+        None => (
+            crate::auth::new_random().map_err(|e| ApiError::internal(e.to_string()))?,
+            true,
+        ),
+    };
+    let hashed = {
+        let password = password.clone();
+        tokio::task::spawn_blocking(move || crate::auth::hash_password(&password))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+    };
+    let hash = hashed.map_err(|e| match e {
+        crate::auth::PasswordError::Length(_) => ApiError::bad("password", e.to_string()),
+        other => ApiError::internal(other.to_string()),
+    })?;
+    Ok((hash, generated.then_some(password)))
+}
+
+async fn list_users(State(api): Shared, caller: Caller) -> ApiResult<impl IntoResponse> {
+    api.principal(&caller).await?.require_admin("list users")?;
+    let users = api.portal.store.users().await?;
+    Ok(axum::Json(users.iter().map(user_view).collect::<Vec<_>>()))
 }
 
 async fn create_user(
     State(api): Shared,
-    headers: HeaderMap,
+    caller: Caller,
     body: Bytes,
 ) -> ApiResult<impl IntoResponse> {
-    let who = api.principal(&headers).await?;
+    let who = api.principal(&caller).await?;
     who.require_admin("add users")?;
     let input: UserInput = parse(&body)?;
+    if api.portal.store.user(&input.name).await?.is_some() {
+        return Err(StoreError::UserExists(input.name).into());
+    }
+    let (hash, generated) = password_hash(input.password).await?;
     let user = User {
         name: input.name,
         grant: input.grant,
         created: now_ms(),
+        password: Some(hash),
     };
     api.portal.store.put_user(user.clone(), false).await?;
     api.audit(
@@ -1159,7 +1630,57 @@ async fn create_user(
         format!("grant {}", user.grant),
     )
     .await;
-    Ok((StatusCode::CREATED, axum::Json(user)))
+    let mut view = user_view(&user);
+    if let Some(p) = generated {
+        view["generated_password"] = json!(p);
+    }
+    Ok((StatusCode::CREATED, axum::Json(view)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PasswordInput {
+    /// The new password; `None`: one is generated and answered once.
+    password: Option<String>,
+}
+
+/// `PUT /api/v1/users/{name}/password {password?}` (admin): sets a user's
+/// password, or a generated one; their sessions end.
+async fn set_password(
+    State(api): Shared,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    let who = api.principal(&caller).await?;
+    who.require_admin("set passwords")?;
+    let name = UserName::new(&name).map_err(|e| ApiError::bad("name", e.to_string()))?;
+    let input: PasswordInput = if body.is_empty() {
+        PasswordInput { password: None }
+    } else {
+        parse(&body)?
+    };
+    let mut user = api
+        .portal
+        .store
+        .user(&name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no user named `{name}`")))?;
+    let (hash, generated) = password_hash(input.password).await?;
+    user.password = Some(hash);
+    api.portal.store.put_user(user.clone(), true).await?;
+    api.audit(
+        &who,
+        "user.password",
+        format!("user {name}"),
+        "sessions ended".into(),
+    )
+    .await;
+    let mut view = user_view(&user);
+    if let Some(p) = generated {
+        view["generated_password"] = json!(p);
+    }
+    Ok(axum::Json(view))
 }
 
 #[derive(Debug, Deserialize)]
@@ -1170,11 +1691,11 @@ struct UserEdit {
 
 async fn edit_user(
     State(api): Shared,
-    headers: HeaderMap,
+    caller: Caller,
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<impl IntoResponse> {
-    let who = api.principal(&headers).await?;
+    let who = api.principal(&caller).await?;
     who.require_admin("change users")?;
     let name = UserName::new(&name).map_err(|e| ApiError::bad("name", e.to_string()))?;
     let edit: UserEdit = parse(&body)?;
@@ -1190,18 +1711,18 @@ async fn edit_user(
         &who,
         "user.edit",
         format!("user {name}"),
-        format!("grant {}", user.grant),
+        format!("grant {} (sessions ended)", user.grant),
     )
     .await;
-    Ok(axum::Json(user))
+    Ok(axum::Json(user_view(&user)))
 }
 
 async fn remove_user(
     State(api): Shared,
-    headers: HeaderMap,
+    caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let who = api.principal(&headers).await?;
+    let who = api.principal(&caller).await?;
     who.require_admin("remove users")?;
     let name = UserName::new(&name).map_err(|e| ApiError::bad("name", e.to_string()))?;
     if name == who.user {
@@ -1212,7 +1733,7 @@ async fn remove_user(
         &who,
         "user.remove",
         format!("user {name}"),
-        "tokens revoked".into(),
+        "tokens revoked, sessions ended".into(),
     )
     .await;
     Ok(StatusCode::NO_CONTENT)
@@ -1256,10 +1777,8 @@ impl<'a> From<&'a Token> for TokenView<'a> {
     }
 }
 
-async fn list_tokens(State(api): Shared, headers: HeaderMap) -> ApiResult<impl IntoResponse> {
-    api.principal(&headers)
-        .await?
-        .require_admin("list tokens")?;
+async fn list_tokens(State(api): Shared, caller: Caller) -> ApiResult<impl IntoResponse> {
+    api.principal(&caller).await?.require_admin("list tokens")?;
     let tokens = api.portal.store.tokens().await?;
     let views: Vec<TokenView<'_>> = tokens.iter().map(TokenView::from).collect();
     Ok(axum::Json(serde_json::to_value(views).unwrap_or_default()))
@@ -1267,10 +1786,10 @@ async fn list_tokens(State(api): Shared, headers: HeaderMap) -> ApiResult<impl I
 
 async fn create_token(
     State(api): Shared,
-    headers: HeaderMap,
+    caller: Caller,
     body: Bytes,
 ) -> ApiResult<impl IntoResponse> {
-    let who = api.principal(&headers).await?;
+    let who = api.principal(&caller).await?;
     who.require_admin("create tokens")?;
     let input: TokenInput = parse(&body)?;
     if input.name.trim().is_empty() || input.name.len() > 200 {
@@ -1337,10 +1856,10 @@ async fn create_token(
 
 async fn revoke_token(
     State(api): Shared,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let who = api.principal(&headers).await?;
+    let who = api.principal(&caller).await?;
     who.require_admin("revoke tokens")?;
     let token = api.portal.store.revoke_token(&id, now_ms()).await?;
     api.audit(
@@ -1357,10 +1876,10 @@ async fn revoke_token(
 
 async fn audit_log(
     State(api): Shared,
-    headers: HeaderMap,
+    caller: Caller,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<impl IntoResponse> {
-    api.principal(&headers)
+    api.principal(&caller)
         .await?
         .require_admin("read the audit log")?;
     let after: u64 = param(&q, "after")?.unwrap_or(0);
@@ -1397,10 +1916,10 @@ fn image_view(r: &wire::repo::ImageRecord) -> Value {
 
 async fn show_image(
     State(api): Shared,
-    headers: HeaderMap,
+    caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    api.principal(&headers).await?;
+    api.principal(&caller).await?;
     let name = ImageName::new(&name).map_err(|e| ApiError::bad("name", e.to_string()))?;
     let record = api.repo().await?.image(&name).await.map_err(repo_error)?;
     Ok(axum::Json(image_view(&record)))
@@ -1423,10 +1942,10 @@ struct ImageInput {
 /// author (the repository records that the portal made the request).
 async fn create_image(
     State(api): Shared,
-    headers: HeaderMap,
+    caller: Caller,
     body: Bytes,
 ) -> ApiResult<impl IntoResponse> {
-    let who = api.principal(&headers).await?;
+    let who = api.principal(&caller).await?;
     let input: ImageInput = parse(&body)?;
     let repo = api.repo().await?;
     let mut services = match &input.from {
@@ -1468,10 +1987,10 @@ async fn create_image(
 /// The repository's recent ref moves after `?after=N`, oldest first.
 async fn list_refs(
     State(api): Shared,
-    headers: HeaderMap,
+    caller: Caller,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<impl IntoResponse> {
-    api.principal(&headers).await?;
+    api.principal(&caller).await?;
     let after: u64 = param(&q, "after")?.unwrap_or(0);
     Ok(axum::Json(api.portal.refs.after(after)))
 }

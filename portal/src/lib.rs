@@ -11,8 +11,13 @@
 //!   every step journalled ([`journal`]).
 //! - Everything is kept behind one narrow trait ([`store::Store`]), in sled
 //!   today ([`store::sled::SledStore`]).
-//! - People and automation use the HTTP JSON API ([`api`]), authenticated by
-//!   bearer tokens that act as a user ([`auth`]); every change is audited.
+//! - People and automation use the HTTP JSON API ([`api`]) over HTTPS with
+//!   the portal's cluster certificate, and on an optional plain-HTTP listener
+//!   bound to loopback for a local browser ([`listener`]). A request is
+//!   authenticated by a user certificate of the cluster CA (HTTPS only), a
+//!   bearer token or a browser session, each acting as a user ([`auth`]);
+//!   every change is audited. Revoked certificates (the revocation list,
+//!   [`wire::revocation`]) are refused on HTTPS and on the shells' QUIC.
 //!
 //! ```no_run
 //! # async fn demo(config: portal::Config) -> Result<(), portal::PortalError> {
@@ -25,6 +30,7 @@ pub mod api;
 pub mod auth;
 pub mod deployment;
 pub mod journal;
+pub mod listener;
 pub mod refs;
 pub mod runner;
 pub mod shells;
@@ -55,9 +61,21 @@ pub struct Config {
     pub data: PathBuf,
     /// The UDP address shells attach to (QUIC).
     pub listen: SocketAddr,
-    /// The TCP address of the HTTP API: a loopback address only, since it is
-    /// plain HTTP.
-    pub http: SocketAddr,
+    /// The TCP address of the API over plain HTTP, for a local browser: a
+    /// loopback address only. It accepts tokens and sessions, never
+    /// certificates. `None`: no plain-HTTP listener.
+    pub http: Option<SocketAddr>,
+    /// The TCP address of the API over HTTPS, with the portal's certificate;
+    /// clients may present a user certificate of the cluster CA. `None`: no
+    /// HTTPS listener. At least one of `http` and `https` is required.
+    pub https: Option<SocketAddr>,
+    /// More names the API answers to (the `Host` and `Origin` check), beside
+    /// its listeners' addresses, `localhost`, `portal.molt`: e.g.
+    /// `portal.example.com` (any listener's port) or `portal.example.com:443`.
+    pub names: Vec<String>,
+    /// The revocation list (`certs/revoked.txt`, see [`wire::revocation`]):
+    /// certificates it names are refused on HTTPS and on QUIC. `None`: none are.
+    pub revoked: Option<PathBuf>,
     /// The portal's certificate (identity `portal`), key and CA.
     pub credentials: Credentials,
     /// The repository server.
@@ -83,6 +101,12 @@ pub enum PortalError {
         /// Why.
         source: std::io::Error,
     },
+    /// Neither an HTTP nor an HTTPS listener.
+    #[error("the portal needs an HTTPS or a (loopback) HTTP listener for its API")]
+    NoListener,
+    /// The TLS settings could not be made from the credentials.
+    #[error("the HTTPS listener's TLS settings: {0}")]
+    Tls(String),
     /// A plain-HTTP listener on an address other hosts can reach.
     #[error(
         "the HTTP API is plain HTTP: it may listen on a loopback address only (127.0.0.1 or ::1), not {0}"
@@ -131,11 +155,28 @@ impl std::fmt::Debug for Portal {
 }
 
 /// A portal bound to its addresses, not yet serving.
-#[derive(Debug)]
 pub struct Bound {
     server: Server,
-    http: tokio::net::TcpListener,
+    http: Option<tokio::net::TcpListener>,
+    https: Option<(tokio::net::TcpListener, listener::Tls)>,
+    names: Vec<String>,
     portal: Arc<Portal>,
+}
+
+impl std::fmt::Debug for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bound")
+            .field("server", &self.server)
+            .field("http", &self.http_addr())
+            .field("https", &self.https_addr())
+            .finish_non_exhaustive()
+    }
+}
+
+async fn bind_tcp(addr: SocketAddr) -> Result<tokio::net::TcpListener, PortalError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| PortalError::Http { addr, source })
 }
 
 /// Opens the store, makes the first admin if there is no user yet, and binds
@@ -146,8 +187,11 @@ pub async fn bind(config: Config) -> Result<Bound, PortalError> {
             config.credentials.identity.clone(),
         ));
     }
-    if !config.http.ip().is_loopback() {
-        return Err(PortalError::NotLoopback(config.http));
+    if config.http.is_none() && config.https.is_none() {
+        return Err(PortalError::NoListener);
+    }
+    if let Some(http) = config.http.filter(|a| !a.ip().is_loopback()) {
+        return Err(PortalError::NotLoopback(http));
     }
     std::fs::create_dir_all(&config.data).map_err(|source| PortalError::Bootstrap {
         path: config.data.clone(),
@@ -155,13 +199,30 @@ pub async fn bind(config: Config) -> Result<Bound, PortalError> {
     })?;
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data.join("db"))?);
     bootstrap(&*store, &config.data).await?;
-    let server = Server::bind(config.listen, &config.credentials)?;
-    let http = tokio::net::TcpListener::bind(config.http)
-        .await
-        .map_err(|source| PortalError::Http {
-            addr: config.http,
-            source,
-        })?;
+    let revoked: Option<Arc<dyn wire::Revoked>> = config
+        .revoked
+        .as_ref()
+        .map(|p| Arc::new(wire::RevocationList::new(p)) as Arc<dyn wire::Revoked>);
+    let mut server = Server::bind(config.listen, &config.credentials)?;
+    if let Some(r) = &revoked {
+        server = server.with_revocation(r.clone());
+    }
+    let http = match config.http {
+        Some(addr) => Some(bind_tcp(addr).await?),
+        None => None,
+    };
+    let https = match config.https {
+        Some(addr) => {
+            let tls = wire::endpoint::https_server_config(&config.credentials)
+                .map_err(|e| PortalError::Tls(e.to_string()))?;
+            let tls = listener::Tls {
+                acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+                revoked: revoked.clone(),
+            };
+            Some((bind_tcp(addr).await?, tls))
+        }
+        None => None,
+    };
     let client = Client::new(&config.credentials, config.repo)?;
     let shells = Arc::new(Shells::new(store.clone()));
     let journal = Arc::new(Journal::new(store.clone()));
@@ -179,6 +240,8 @@ pub async fn bind(config: Config) -> Result<Bound, PortalError> {
     Ok(Bound {
         server,
         http,
+        https,
+        names: config.names.clone(),
         portal: Arc::new(Portal {
             store,
             shells,
@@ -214,6 +277,7 @@ async fn bootstrap(store: &dyn Store, data: &std::path::Path) -> Result<(), Port
                 name: name.clone(),
                 grant: Grant::Admin,
                 created: now,
+                password: None,
             },
             false,
         )
@@ -256,12 +320,14 @@ impl Bound {
         Ok(self.server.local_addr()?)
     }
 
-    /// The HTTP API's address.
-    pub fn http_addr(&self) -> Result<SocketAddr, PortalError> {
-        self.http.local_addr().map_err(|source| PortalError::Http {
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            source,
-        })
+    /// The plain-HTTP API's address, if it has that listener.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The HTTPS API's address, if it has that listener.
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// The portal's parts (tests, benchmarks).
@@ -271,23 +337,34 @@ impl Bound {
 
     /// Serves shells, the API and the runner until `shutdown`.
     pub async fn serve(self, shutdown: CancellationToken) {
-        let http_addr = self.http.local_addr().ok();
-        info!(quic = ?self.server.local_addr().ok(), http = ?http_addr, "portal listening");
-        let gate = Arc::new(Gate(self.portal.shells.clone()));
-        let router = api::router(self.portal.clone(), http_addr);
-        let api_shutdown = shutdown.clone();
-        let http = async move {
-            let serving = axum::serve(self.http, router)
-                .with_graceful_shutdown(async move { api_shutdown.cancelled().await });
-            if let Err(e) = serving.await {
-                tracing::warn!(error = %e, "the HTTP API stopped");
+        let (http_addr, https_addr) = (self.http_addr(), self.https_addr());
+        let Bound {
+            server,
+            http,
+            https,
+            names,
+            portal,
+        } = self;
+        info!(quic = ?server.local_addr().ok(), http = ?http_addr, https = ?https_addr, "portal listening");
+        let gate = Arc::new(Gate(portal.shells.clone()));
+        let listeners: Vec<SocketAddr> = http_addr.into_iter().chain(https_addr).collect();
+        let router = api::router(portal.clone(), api::host_names(&listeners, &names));
+        let http = async {
+            if let Some(l) = http {
+                listener::serve(l, None, router.clone(), shutdown.clone()).await;
+            }
+        };
+        let https = async {
+            if let Some((l, tls)) = https {
+                listener::serve(l, Some(tls), router.clone(), shutdown.clone()).await;
             }
         };
         tokio::join!(
-            self.server.serve(gate, shutdown.clone()),
-            self.portal.runner.clone().run(shutdown.clone()),
-            self.portal.refs.clone().follow(shutdown.clone()),
+            server.serve(gate, shutdown.clone()),
+            portal.runner.clone().run(shutdown.clone()),
+            portal.refs.clone().follow(shutdown.clone()),
             http,
+            https,
         );
         info!("portal stopped");
     }

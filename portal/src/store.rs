@@ -23,7 +23,7 @@ use std::pin::Pin;
 use image_spec::{InstanceName, TargetName, UserName};
 use wire::portal::DeploymentId;
 
-use crate::auth::{AuditEntry, Token, User};
+use crate::auth::{AuditEntry, Session, Token, User};
 use crate::deployment::{
     Deployment, DeploymentState, Event, InstanceRun, Millis, NewDeployment, Transition,
     TransitionError, Trigger,
@@ -197,14 +197,26 @@ pub trait Store: Send + Sync + 'static {
     /// A deployment's events after `after`, at most `limit`.
     fn events(&self, id: DeploymentId, after: u64, limit: usize) -> StoreFuture<'_, Vec<Event>>;
 
-    /// Adds a user (`UserExists`) or, with `replace`, changes one.
+    /// Adds a user (`UserExists`) or, with `replace`, changes one; a change
+    /// of their grant or password ends their sessions in the same operation.
     fn put_user(&self, user: User, replace: bool) -> StoreFuture<'_, ()>;
     /// One user.
     fn user(&self, name: &UserName) -> StoreFuture<'_, Option<User>>;
     /// Every user.
     fn users(&self) -> StoreFuture<'_, Vec<User>>;
-    /// Removes a user and revokes their tokens.
+    /// Removes a user, revokes their tokens and ends their sessions.
     fn remove_user(&self, name: &UserName, at: Millis) -> StoreFuture<'_, ()>;
+
+    /// Opens a browser session (and drops the sessions that have expired).
+    fn create_session(&self, session: Session) -> StoreFuture<'_, ()>;
+    /// The session whose id hashes to `hash`, expired or not.
+    fn session(&self, hash: [u8; 32]) -> StoreFuture<'_, Option<Session>>;
+    /// Marks a session used at `at` (its idle expiry counts from there).
+    fn touch_session(&self, hash: [u8; 32], at: Millis) -> StoreFuture<'_, ()>;
+    /// Ends a session; `false` when there was none.
+    fn delete_session(&self, hash: [u8; 32]) -> StoreFuture<'_, bool>;
+    /// Ends every session of a user; how many there were.
+    fn delete_user_sessions(&self, user: &UserName) -> StoreFuture<'_, usize>;
 
     /// Stores a token.
     fn put_token(&self, token: Token) -> StoreFuture<'_, ()>;

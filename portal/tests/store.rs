@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use image_spec::{ImageId, ImageName, InstanceName, TargetName, UserName};
-use portal::auth::{AuditEntry, Token, User};
+use portal::auth::{AuditEntry, SESSION_IDLE_MS, Session, Token, User};
 use portal::deployment::{
     DeployOptions, DeploymentState, EventKind, NewDeployment, RunState, Transition, Trigger,
 };
@@ -325,6 +325,7 @@ async fn users_tokens_and_audit() {
                 name: ada.clone(),
                 grant: Grant::Deployer,
                 created: 1,
+                password: None,
             },
             false,
         )
@@ -336,7 +337,8 @@ async fn users_tokens_and_audit() {
                 User {
                     name: ada.clone(),
                     grant: Grant::Admin,
-                    created: 1
+                    created: 1,
+                    password: None,
                 },
                 false
             )
@@ -400,6 +402,100 @@ async fn users_tokens_and_audit() {
     }
     let log = store.audit_log(1, 10).await.unwrap();
     assert_eq!(log.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3]);
+}
+
+#[tokio::test]
+async fn sessions_end_with_their_user_their_grant_or_their_time() {
+    let (_dir, store) = open();
+    let user = |name: &str, grant| User {
+        name: UserName::new(name).unwrap(),
+        grant,
+        created: 1,
+        password: Some("$argon2id$…".into()),
+    };
+    let session = |n: u8, name: &str, at| Session {
+        hash: [n; 32],
+        user: UserName::new(name).unwrap(),
+        grant: Grant::Deployer,
+        csrf: format!("csrf-{n}"),
+        created: at,
+        last_used: at,
+    };
+    store
+        .put_user(user("ada", Grant::Deployer), false)
+        .await
+        .unwrap();
+    store
+        .put_user(user("bob", Grant::Deployer), false)
+        .await
+        .unwrap();
+    store.create_session(session(1, "ada", 10)).await.unwrap();
+    store.create_session(session(2, "ada", 10)).await.unwrap();
+    store.create_session(session(3, "bob", 10)).await.unwrap();
+    assert_eq!(
+        store.session([1; 32]).await.unwrap(),
+        Some(session(1, "ada", 10))
+    );
+    store.touch_session([1; 32], 50).await.unwrap();
+    assert_eq!(store.session([1; 32]).await.unwrap().unwrap().last_used, 50);
+
+    // Changing something else than the grant or password keeps them.
+    store
+        .put_user(
+            User {
+                created: 2,
+                ..user("ada", Grant::Deployer)
+            },
+            true,
+        )
+        .await
+        .unwrap();
+    assert!(store.session([1; 32]).await.unwrap().is_some());
+    // A new grant ends ada's sessions, not bob's.
+    store
+        .put_user(user("ada", Grant::Admin), true)
+        .await
+        .unwrap();
+    assert!(store.session([1; 32]).await.unwrap().is_none());
+    assert!(store.session([2; 32]).await.unwrap().is_none());
+    assert!(store.session([3; 32]).await.unwrap().is_some());
+    // A new password does too.
+    store.create_session(session(4, "bob", 10)).await.unwrap();
+    store
+        .put_user(
+            User {
+                password: Some("other".into()),
+                ..user("bob", Grant::Deployer)
+            },
+            true,
+        )
+        .await
+        .unwrap();
+    assert!(store.session([4; 32]).await.unwrap().is_none());
+    // Removing a user, and logging out.
+    store.create_session(session(5, "ada", 10)).await.unwrap();
+    store.create_session(session(6, "bob", 10)).await.unwrap();
+    store
+        .remove_user(&UserName::new("ada").unwrap(), 20)
+        .await
+        .unwrap();
+    assert!(store.session([5; 32]).await.unwrap().is_none());
+    assert!(store.delete_session([6; 32]).await.unwrap());
+    assert!(!store.delete_session([6; 32]).await.unwrap());
+    // A new session sweeps the expired ones away.
+    store.create_session(session(7, "bob", 10)).await.unwrap();
+    store
+        .create_session(session(8, "bob", 10 + SESSION_IDLE_MS))
+        .await
+        .unwrap();
+    assert!(store.session([7; 32]).await.unwrap().is_none());
+    assert_eq!(
+        store
+            .delete_user_sessions(&UserName::new("bob").unwrap())
+            .await
+            .unwrap(),
+        1
+    );
 }
 
 #[tokio::test]

@@ -39,6 +39,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The server's certificate (identity `repo-server`), key and CA.
     pub credentials: Credentials,
+    /// The revocation list (`certs/revoked.txt`, see [`wire::revocation`]):
+    /// peers whose certificate it names are refused at admission. `None`:
+    /// none are.
+    pub revoked: Option<PathBuf>,
 }
 
 /// Why the server could not start.
@@ -81,7 +85,10 @@ pub fn bind(config: &Config) -> Result<Bound, RepoServerError> {
     // data fail before it can touch the running server's blob store.
     let meta = SledMeta::open(&config.data.join("meta"))?;
     let blobs = FsBlobStore::open(&config.data.join("blobs"))?;
-    let server = Server::bind(config.listen, &config.credentials)?;
+    let mut server = Server::bind(config.listen, &config.credentials)?;
+    if let Some(path) = &config.revoked {
+        server = server.with_revocation(Arc::new(wire::RevocationList::new(path)));
+    }
     Ok(Bound {
         server,
         service: Arc::new(RepoService::new(blobs, meta)),

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use repo_client::{PushOptions, RepoClient};
 use repo_server::FsRepoService;
+use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -55,6 +56,7 @@ impl TestCluster {
             data: self.dir.path().join("repo"),
             listen,
             credentials: self.repo_creds.clone(),
+            revoked: Some(self.revocation_list()),
         };
         let bound = repo_server::bind(&config).expect("bind repository server");
         self.repo_addr = bound.local_addr().expect("local address");
@@ -99,6 +101,22 @@ impl TestCluster {
             .await
             .expect("connect to the repository server")
             .with_tree_cache(self.path("tree-cache"))
+    }
+
+    /// The cluster's revocation list (`revoked.txt` in its directory), which
+    /// the repository server and the test portal are given; it does not exist
+    /// until the first [`TestCluster::revoke`].
+    pub fn revocation_list(&self) -> PathBuf {
+        self.dir.path().join("revoked.txt")
+    }
+
+    /// Revokes a certificate, as `molt cert revoke` does: its serial number
+    /// appended to the revocation list.
+    pub fn revoke(&self, creds: &Credentials) {
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(creds.cert_pem.as_bytes())
+            .expect("a PEM certificate");
+        let serial = wire::pki::serial_of(&der).expect("its serial number");
+        wire::revocation::append(&self.revocation_list(), &serial).expect("append to the list");
     }
 
     /// A directory under the cluster's temp dir.

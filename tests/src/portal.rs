@@ -1,9 +1,12 @@
 //! A real portal for the end-to-end tests, and a small client of its HTTP API.
 //!
-//! [`TestPortal::start`] runs a portal on 127.0.0.1 (QUIC for shells, HTTP for
-//! the API) with its own sled store, against the cluster's repository; its
-//! first admin's token is read from the file the portal writes. [`Api`] sends
-//! JSON requests with a bearer token and reads a deployment's event stream.
+//! [`TestPortal::start`] runs a portal on 127.0.0.1 (QUIC for shells, HTTP and
+//! HTTPS for the API) with its own sled store, against the cluster's
+//! repository and with the cluster's revocation list; its first admin's token
+//! is read from the file the portal writes. [`Api`] sends JSON requests with a
+//! bearer token (or over TLS with a client certificate, or with whatever
+//! headers a test adds: a session cookie, a CSRF token) and reads a
+//! deployment's event stream.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,6 +26,8 @@ pub struct TestPortal {
     pub quic: SocketAddr,
     /// The HTTP API.
     pub http: SocketAddr,
+    /// The HTTPS API.
+    pub https: SocketAddr,
     /// Its data directory.
     pub data: PathBuf,
     /// The portal's parts.
@@ -45,14 +50,18 @@ impl TestPortal {
         let config = portal::Config {
             data: data.clone(),
             listen: quic,
-            http,
+            http: Some(http),
+            https: Some("127.0.0.1:0".parse().expect("address")),
+            names: Vec::new(),
             credentials: cluster.credentials("portal"),
             repo: cluster.repo_addr,
+            revoked: Some(cluster.revocation_list()),
             runner,
         };
         let bound = portal::bind(config).await.expect("bind the portal");
         let quic = bound.local_addr().expect("QUIC address");
         let http = bound.http_addr().expect("HTTP address");
+        let https = bound.https_addr().expect("HTTPS address");
         let portal = bound.portal();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(bound.serve(shutdown.clone()));
@@ -63,6 +72,7 @@ impl TestPortal {
         Self {
             quic,
             http,
+            https,
             data,
             portal,
             admin_token,
@@ -95,6 +105,30 @@ impl TestPortal {
             addr: self.http,
             token: Some(token.to_owned()),
             headers: Vec::new(),
+            tls: None,
+        }
+    }
+
+    /// The plain-HTTP API without credentials (add a cookie with
+    /// [`Api::with_header`]).
+    pub fn anonymous(&self) -> Api {
+        Api {
+            addr: self.http,
+            token: None,
+            headers: Vec::new(),
+            tls: None,
+        }
+    }
+
+    /// The HTTPS API, presenting the certificate of `creds` (and trusting
+    /// the CA their `ca_pem` names), without a token.
+    pub fn https_api(&self, creds: &wire::Credentials) -> Api {
+        let tls = wire::endpoint::https_client_config(creds).expect("TLS client settings");
+        Api {
+            addr: self.https,
+            token: None,
+            headers: Vec::new(),
+            tls: Some(Arc::new(tls)),
         }
     }
 
@@ -129,8 +163,21 @@ pub struct Api {
     pub addr: SocketAddr,
     /// The bearer token, if any.
     pub token: Option<String>,
-    /// Extra headers (`Origin`, a wrong `Host`).
+    /// Extra headers (`Origin`, a wrong `Host`, a cookie).
     pub headers: Vec<(String, String)>,
+    /// TLS settings: HTTPS to `portal.molt` when given.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// An answer in full: status, headers, JSON (`null` when empty).
+#[derive(Debug)]
+pub struct Answer {
+    /// The status.
+    pub status: u16,
+    /// The headers.
+    pub headers: hyper::HeaderMap,
+    /// The body as JSON (a string when it is not JSON).
+    pub body: Value,
 }
 
 impl Api {
@@ -147,16 +194,53 @@ impl Api {
         body: Option<&Value>,
         accept: &str,
     ) -> hyper::Response<hyper::body::Incoming> {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        self.try_send(method, path, "application/json", body, accept)
+            .await
+            .expect("send the request")
+    }
+
+    /// Sends one request on a new connection; an error when the connection
+    /// or the TLS handshake is refused.
+    async fn try_send(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: String,
+        accept: &str,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
         let stream = tokio::net::TcpStream::connect(self.addr)
             .await
-            .expect("connect to the API");
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .expect("HTTP handshake");
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+            .map_err(|e| format!("connect: {e}"))?;
+        let mut sender = match &self.tls {
+            None => {
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                        .await
+                        .map_err(|e| format!("HTTP handshake: {e}"))?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                sender
+            }
+            Some(tls) => {
+                let name =
+                    rustls::pki_types::ServerName::try_from("portal.molt").expect("a server name");
+                let stream = tokio_rustls::TlsConnector::from(tls.clone())
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| format!("TLS handshake: {e}"))?;
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                        .await
+                        .map_err(|e| format!("HTTP handshake: {e}"))?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                sender
+            }
+        };
         let mut req = hyper::Request::builder().method(method).uri(path);
         if !self
             .headers
@@ -173,31 +257,60 @@ impl Api {
         }
         let req = req
             .header("accept", accept)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(
-                body.map(|b| b.to_string()).unwrap_or_default(),
-            )))
-            .expect("request");
-        sender.send_request(req).await.expect("send the request")
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| format!("request: {e}"))?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("send the request: {e}"))
     }
 
-    /// One call: the status and the JSON answer (`null` when empty).
-    pub async fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
-        let response = self.send(method, path, body, "application/json").await;
+    /// One request with any body; the whole answer, or why there was none
+    /// (a refused connection or handshake).
+    pub async fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: String,
+    ) -> Result<Answer, String> {
+        let response = self
+            .try_send(method, path, content_type, body, "application/json")
+            .await?;
         let status = response.status().as_u16();
+        let headers = response.headers().clone();
         let bytes = response
             .into_body()
             .collect()
             .await
-            .expect("read the body")
+            .map_err(|e| format!("read the body: {e}"))?
             .to_bytes();
-        let value = if bytes.is_empty() {
+        let body = if bytes.is_empty() {
             Value::Null
         } else {
             serde_json::from_slice(&bytes)
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
         };
-        (status, value)
+        Ok(Answer {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// One JSON call, answered in full.
+    pub async fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Answer {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        self.try_request(method, path, "application/json", body)
+            .await
+            .expect("an answer")
+    }
+
+    /// One call: the status and the JSON answer (`null` when empty).
+    pub async fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let a = self.request(method, path, body).await;
+        (a.status, a.body)
     }
 
     /// `GET path`, which must succeed.

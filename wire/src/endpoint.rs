@@ -31,6 +31,7 @@ use crate::codec::{self, DEFAULT_FRAME_LIMIT, FrameError};
 use crate::hello::{self, HelloReply, PROTOCOL_VERSION};
 use crate::identity::{Identity, IdentityError};
 use crate::pki::Credentials;
+use crate::revocation::Revoked;
 
 /// The ALPN protocol id of molt's QUIC protocol.
 pub const ALPN: &[u8] = b"molt/1";
@@ -266,12 +267,17 @@ pub fn identity_of(chain: &[CertificateDer<'_>]) -> Result<(Identity, Vec<u8>), 
     Ok((identity, serial))
 }
 
+/// The certificate chain a peer presented in the handshake.
+fn peer_chain(conn: &quinn::Connection) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    conn.peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .map(|chain| *chain)
+        .ok_or_else(|| IdentityError::BadCertificate("no certificate presented".into()))
+}
+
 /// The identity named by the certificate a peer presented in the handshake.
 fn peer_identity(conn: &quinn::Connection) -> Result<Identity, IdentityError> {
-    let certs = conn
-        .peer_identity()
-        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .ok_or_else(|| IdentityError::BadCertificate("no certificate presented".into()))?;
+    let certs = peer_chain(conn)?;
     let leaf = certs
         .first()
         .ok_or_else(|| IdentityError::BadCertificate("empty certificate chain".into()))?;
@@ -339,10 +345,15 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 /// A QUIC server that requires cluster certificates (see the module docs).
+///
+/// With [`Server::with_revocation`] it also refuses, at admission, a peer whose
+/// certificate's serial number the check says is revoked: the connection is
+/// closed with [`code::IDENTITY`] before any of its streams is served.
 #[derive(Debug)]
 pub struct Server {
     endpoint: quinn::Endpoint,
     identity: Identity,
+    revoked: Option<Arc<dyn Revoked>>,
 }
 
 impl Server {
@@ -357,7 +368,15 @@ impl Server {
         Ok(Self {
             endpoint,
             identity: creds.identity.clone(),
+            revoked: None,
         })
+    }
+
+    /// Refuses peers whose certificate `revoked` names (checked once per
+    /// connection, at admission).
+    pub fn with_revocation(mut self, revoked: Arc<dyn Revoked>) -> Self {
+        self.revoked = Some(revoked);
+        self
     }
 
     /// The address actually bound (useful with port 0).
@@ -394,7 +413,9 @@ impl Server {
                 remote = %incoming.remote_address(),
                 peer = tracing::field::Empty,
             );
-            connections.spawn(serve_connection(incoming, handler, shutdown).instrument(span));
+            let revoked = self.revoked.clone();
+            connections
+                .spawn(serve_connection(incoming, handler, revoked, shutdown).instrument(span));
         }
         // Each connection drains its requests and closes itself; then the endpoint.
         while connections.join_next().await.is_some() {}
@@ -406,11 +427,12 @@ impl Server {
 async fn serve_connection<H: Handler>(
     incoming: quinn::Incoming,
     handler: Arc<H>,
+    revoked: Option<Arc<dyn Revoked>>,
     shutdown: CancellationToken,
 ) {
     let admitted = tokio::select! {
         () = shutdown.cancelled() => return,
-        admitted = tokio::time::timeout(HELLO_TIMEOUT, admit(incoming)) => admitted,
+        admitted = tokio::time::timeout(HELLO_TIMEOUT, admit(incoming, revoked.as_deref())) => admitted,
     };
     let (conn, peer) = match admitted {
         Ok(Some(admitted)) => admitted,
@@ -452,9 +474,13 @@ async fn serve_connection<H: Handler>(
     handler.disconnected(&peer, &conn);
 }
 
-/// Completes the handshake, reads the peer's identity and answers its hello.
-/// `None` when the peer is refused (the reason is logged).
-async fn admit(incoming: quinn::Incoming) -> Option<(quinn::Connection, Arc<Identity>)> {
+/// Completes the handshake, reads the peer's identity, checks its certificate
+/// against the revocation list if there is one, and answers its hello. `None`
+/// when the peer is refused (the reason is logged).
+async fn admit(
+    incoming: quinn::Incoming,
+    revoked: Option<&dyn Revoked>,
+) -> Option<(quinn::Connection, Arc<Identity>)> {
     let conn = match incoming.await {
         Ok(conn) => conn,
         Err(e) => {
@@ -471,6 +497,27 @@ async fn admit(incoming: quinn::Incoming) -> Option<(quinn::Connection, Arc<Iden
         }
     };
     tracing::Span::current().record("peer", tracing::field::display(&peer));
+    if let Some(revoked) = revoked {
+        let serial = peer_chain(&conn).ok().and_then(|chain| {
+            chain
+                .first()
+                .and_then(|leaf| crate::pki::serial_of(leaf).ok())
+        });
+        match serial {
+            Some(serial) if !revoked.is_revoked(&serial) => {}
+            Some(serial) => {
+                let serial = crate::revocation::serial_hex(&serial);
+                warn!(%peer, %serial, "refusing a revoked certificate");
+                conn.close(code::IDENTITY, b"certificate revoked");
+                return None;
+            }
+            None => {
+                warn!(%peer, "refusing a certificate whose serial number cannot be read");
+                conn.close(code::IDENTITY, b"certificate unreadable");
+                return None;
+            }
+        }
+    }
     if let Err(e) = hello::answer(&conn, &peer).await {
         debug!(%peer, error = %e, "hello failed");
         return None;

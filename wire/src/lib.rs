@@ -38,6 +38,7 @@ pub mod pki;
 pub mod plan;
 pub mod portal;
 pub mod repo;
+pub mod revocation;
 pub mod shell;
 
 pub use codec::{DEFAULT_FRAME_LIMIT, FrameError};
@@ -45,3 +46,4 @@ pub use endpoint::{ALPN, BiStream, Client, Connection, Handler, Server, WireErro
 pub use hello::PROTOCOL_VERSION;
 pub use identity::{Grant, Identity, IdentityError};
 pub use pki::{ClusterCa, CredentialFiles, Credentials, PkiError};
+pub use revocation::{RevocationList, Revoked};

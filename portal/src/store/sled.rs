@@ -4,7 +4,8 @@
 //! Trees: `targets`, `instances`, `deployments` (by id, big-endian), `queue`
 //! (position → id), `running` (target → id: at most one per target), `events`
 //! (id and sequence number → event), `users`, `tokens` (id → token),
-//! `token_hashes` (hash → id), `audit` (sequence number → entry) and `meta`
+//! `token_hashes` (hash → id), `sessions` (hash of the session id → session),
+//! `audit` (sequence number → entry) and `meta`
 //! (counters). Records are encoded with the wire's record codec.
 //!
 //! One process owns the database (sled locks its directory), and every write
@@ -27,7 +28,7 @@ use wire::plan::UpgradePlan;
 use wire::portal::DeploymentId;
 
 use super::{DeploymentFilter, Store, StoreError, StoreFuture};
-use crate::auth::{AuditEntry, Token, User};
+use crate::auth::{AuditEntry, Session, Token, User};
 use crate::deployment::{
     Deployment, DeploymentState, Event, EventKind, InstanceRun, Millis, NewDeployment, Transition,
 };
@@ -52,6 +53,7 @@ pub struct SledStore {
     users: sled::Tree,
     tokens: sled::Tree,
     token_hashes: sled::Tree,
+    sessions: sled::Tree,
     audit: sled::Tree,
     meta: sled::Tree,
     write: Mutex<()>,
@@ -117,6 +119,7 @@ impl SledStore {
             users: tree("users")?,
             tokens: tree("tokens")?,
             token_hashes: tree("token_hashes")?,
+            sessions: tree("sessions")?,
             audit: tree("audit")?,
             meta: tree("meta")?,
             db,
@@ -473,16 +476,94 @@ impl SledStore {
             (false, true) => return Err(StoreError::NoUser(user.name)),
             _ => {}
         }
-        self.users
-            .insert(user.name.as_str(), encode(&user)?)
+        let before: Option<User> = Self::get(&self.users, "user", user.name.as_str())?;
+        let ended = match before {
+            Some(b) if b.grant != user.grant || b.password != user.password => {
+                self.sessions_of(&user.name)?
+            }
+            _ => Vec::new(),
+        };
+        let record = encode(&user)?;
+        (&self.users, &self.sessions)
+            .transaction(|(users, sessions)| {
+                users.insert(user.name.as_str(), record.as_slice())?;
+                for key in &ended {
+                    sessions.remove(key.as_slice())?;
+                }
+                Ok(())
+            })
+            .map_err(embedded_db::storage_error)
             .map_err(backend)?;
         self.flush()
+    }
+
+    /// The keys of `user`'s sessions.
+    fn sessions_of(&self, user: &UserName) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut keys = Vec::new();
+        for kv in self.sessions.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            let s: Session = decode("session", &v)?;
+            if s.user == *user {
+                keys.push(k.to_vec());
+            }
+        }
+        Ok(keys)
+    }
+
+    fn sync_create_session(&self, session: Session) -> Result<(), StoreError> {
+        let _guard = self.lock();
+        let mut expired = Vec::new();
+        for kv in self.sessions.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            // An unreadable record is dropped too: it can never be used.
+            if decode::<Session>("session", &v).is_ok_and(|s| !s.expired(session.created)) {
+                continue;
+            }
+            expired.push(k);
+        }
+        for k in expired {
+            self.sessions.remove(k).map_err(backend)?;
+        }
+        self.sessions
+            .insert(session.hash, encode(&session)?)
+            .map_err(backend)?;
+        self.flush()
+    }
+
+    fn sync_touch_session(&self, hash: [u8; 32], at: Millis) -> Result<(), StoreError> {
+        let _guard = self.lock();
+        if let Some(mut s) = Self::get::<Session>(&self.sessions, "session", hash)? {
+            s.last_used = s.last_used.max(at);
+            self.sessions.insert(hash, encode(&s)?).map_err(backend)?;
+        }
+        // Not flushed: a crash loses at most half a second of idle time.
+        Ok(())
+    }
+
+    fn sync_delete_session(&self, hash: [u8; 32]) -> Result<bool, StoreError> {
+        let _guard = self.lock();
+        let existed = self.sessions.remove(hash).map_err(backend)?.is_some();
+        self.flush()?;
+        Ok(existed)
+    }
+
+    fn sync_delete_user_sessions(&self, user: &UserName) -> Result<usize, StoreError> {
+        let _guard = self.lock();
+        let keys = self.sessions_of(user)?;
+        for k in &keys {
+            self.sessions.remove(k.as_slice()).map_err(backend)?;
+        }
+        self.flush()?;
+        Ok(keys.len())
     }
 
     fn sync_remove_user(&self, name: &UserName, at: Millis) -> Result<(), StoreError> {
         let _guard = self.lock();
         if self.users.remove(name.as_str()).map_err(backend)?.is_none() {
             return Err(StoreError::NoUser(name.clone()));
+        }
+        for key in self.sessions_of(name)? {
+            self.sessions.remove(key).map_err(backend)?;
         }
         for mut token in Self::all::<Token>(&self.tokens, "token")? {
             if token.user == *name && token.revoked.is_none() {
@@ -691,6 +772,26 @@ impl Store for SledStore {
 
     fn remove_user(&self, name: &UserName, at: Millis) -> StoreFuture<'_, ()> {
         ready(self.sync_remove_user(name, at))
+    }
+
+    fn create_session(&self, session: Session) -> StoreFuture<'_, ()> {
+        ready(self.sync_create_session(session))
+    }
+
+    fn session(&self, hash: [u8; 32]) -> StoreFuture<'_, Option<Session>> {
+        ready(Self::get(&self.sessions, "session", hash))
+    }
+
+    fn touch_session(&self, hash: [u8; 32], at: Millis) -> StoreFuture<'_, ()> {
+        ready(self.sync_touch_session(hash, at))
+    }
+
+    fn delete_session(&self, hash: [u8; 32]) -> StoreFuture<'_, bool> {
+        ready(self.sync_delete_session(hash))
+    }
+
+    fn delete_user_sessions(&self, user: &UserName) -> StoreFuture<'_, usize> {
+        ready(self.sync_delete_user_sessions(user))
     }
 
     fn put_token(&self, token: Token) -> StoreFuture<'_, ()> {
