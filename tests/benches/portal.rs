@@ -398,10 +398,12 @@ async fn deploy_direct(client: &Client, shell: &BenchShell, image: &str) -> Res<
     }
 }
 
-/// Sends `image` straight to every shell, `at_once` at a time; how long until
-/// every upgrade answered. Any failure is an error naming them.
+/// Sends `image` straight to every shell, `at_once` at a time, each from a
+/// client of its own (its own UDP socket, as that many `molt deploy
+/// --instance` processes would); how long until every upgrade answered. Any
+/// failure is an error naming them.
 async fn deploy_all_direct(
-    deployer: &Client,
+    deployer: &wire::Credentials,
     shells: &Arc<Vec<BenchShell>>,
     image: &str,
     at_once: usize,
@@ -414,7 +416,8 @@ async fn deploy_all_direct(
         let permits = permits.clone();
         all.spawn(async move {
             let _permit = permits.acquire_owned().await?;
-            deploy_direct(&deployer, &shells[i], &image).await
+            let client = Client::new(&deployer, shells[i].listen)?;
+            deploy_direct(&client, &shells[i], &image).await
         });
     }
     let mut failures = Vec::new();
@@ -875,10 +878,11 @@ async fn fanout(cluster: &TestCluster, molt: &Path, n: usize, rounds: usize) -> 
     // The first install (cold: every blob fetched, every process started),
     // straight to the shells, `MOLT_BENCH_INSTALL_AT_ONCE` at a time.
     let at_once = env_or("MOLT_BENCH_INSTALL_AT_ONCE", 25).max(1);
-    let deployer = Client::new(&cluster.credentials("user/ada/deployer"), cluster.repo_addr)?;
+    let deployer_creds = cluster.credentials("user/ada/deployer");
+    let deployer = Client::new(&deployer_creds, cluster.repo_addr)?;
     let shells = Arc::new(shells);
     let drops = Drops::now(cluster.repo_addr, portal.quic);
-    let first_install = deploy_all_direct(&deployer, &shells, "fan-0", at_once).await?;
+    let first_install = deploy_all_direct(&deployer_creds, &shells, "fan-0", at_once).await?;
     println!(
         "first install, direct, {at_once} at a time: {} ms ({})",
         ms(first_install),
@@ -929,7 +933,7 @@ async fn fanout(cluster: &TestCluster, molt: &Path, n: usize, rounds: usize) -> 
         // Directly: every shell at once over its own listener.
         let image = format!("fan-{k}");
         let drops = Drops::now(cluster.repo_addr, portal.quic);
-        match deploy_all_direct(&deployer, &shells, &image, n).await {
+        match deploy_all_direct(&deployer_creds, &shells, &image, n).await {
             Ok(took) => {
                 println!(
                     "round {round}: direct, {image} to all {n} at once: {} ms ({})",
