@@ -584,6 +584,9 @@ pub(crate) struct SettingsArgs {
     /// How long a canary must stay healthy before the rest follow.
     #[arg(long, value_name = "SECONDS")]
     pub(crate) canary_secs: Option<u64>,
+    /// At most this many instances of a wave upgrade at once.
+    #[arg(long)]
+    pub(crate) parallel: Option<u32>,
     /// How many finished deployments the history keeps.
     #[arg(long)]
     pub(crate) keep_history: Option<u32>,
@@ -603,6 +606,9 @@ impl SettingsArgs {
         }
         if let Some(c) = self.canary_secs {
             v["canary_secs"] = json!(c);
+        }
+        if let Some(p) = self.parallel {
+            v["parallel"] = json!(p);
         }
         if let Some(k) = self.keep_history {
             v["keep_history"] = json!(k);

@@ -816,6 +816,7 @@ struct SettingsInput {
     strategy: Option<Strategy>,
     rollout: Option<Rollout>,
     canary_secs: Option<u64>,
+    parallel: Option<u32>,
     keep_history: Option<u32>,
     keep_rollback: Option<u32>,
 }
@@ -830,6 +831,15 @@ impl SettingsInput {
         }
         if let Some(c) = self.canary_secs {
             s.canary_secs = c;
+        }
+        if let Some(p) = self.parallel {
+            if p == 0 {
+                return Err(ApiError::bad(
+                    "settings.parallel",
+                    "parallel must be at least 1",
+                ));
+            }
+            s.parallel = p;
         }
         if let Some(k) = self.keep_history {
             if k == 0 {

@@ -62,6 +62,9 @@ impl Default for RunnerConfig {
 /// a wait for an offline shell looks for a cancel.
 const TICK: Duration = Duration::from_secs(1);
 
+/// How many instances are asked for their plan at once.
+const PLANS_AT_ONCE: usize = 32;
+
 /// The runner (see the module docs).
 pub struct Runner {
     store: Arc<dyn Store>,
@@ -221,18 +224,35 @@ impl Runner {
         // 1. The plans, shown before anything moves.
         if d.plans.len() < d.order.len() {
             let mut plans = d.plans.clone();
-            for instance in &d.order {
-                if plans.contains_key(instance) {
-                    continue;
-                }
+            // Asked of the instances at once, a bounded number at a time.
+            let asking = Arc::new(tokio::sync::Semaphore::new(PLANS_AT_ONCE));
+            let mut asked = JoinSet::new();
+            for instance in d.order.iter().filter(|i| !plans.contains_key(*i)) {
                 let req = ShellRequest::Plan {
                     image: d.image.name.clone(),
                     strategy,
                     skip_hooks: d.options.skip_hooks,
                 };
-                match self.ask(d.id, instance, &req, true, &progress).await {
+                let (me, instance, progress) = (self.clone(), instance.clone(), progress.clone());
+                let asking = asking.clone();
+                let id = d.id;
+                asked.spawn(
+                    async move {
+                        let _permit = asking.acquire_owned().await;
+                        let answer = me.ask(id, &instance, &req, true, &progress).await;
+                        (instance, answer)
+                    }
+                    .in_current_span(),
+                );
+            }
+            while let Some(done) = asked.join_next().await {
+                let (instance, answer) = match done {
+                    Ok(done) => done,
+                    Err(e) => return Ended::Failed(format!("planning failed: {e}")),
+                };
+                match answer {
                     Ok(ShellResponse::Plan(plan)) => {
-                        plans.insert(instance.clone(), plan);
+                        plans.insert(instance, plan);
                     }
                     Ok(other) => {
                         return Ended::Failed(format!(
@@ -261,6 +281,12 @@ impl Runner {
                 Ok(_) => {}
                 Err(e) => return Ended::Failed(e.to_string()),
             }
+            // At most `parallel` instances of a wave upgrade at once; after a
+            // failure, those not started yet are left alone (skipped).
+            let slots = Arc::new(tokio::sync::Semaphore::new(
+                target.settings.parallel.max(1) as usize
+            ));
+            let halted = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let mut running = JoinSet::new();
             for instance in wave {
                 let me = self.clone();
@@ -268,9 +294,20 @@ impl Runner {
                 let instance = instance.clone();
                 let progress = progress.clone();
                 let keep = target.settings.keep_rollback;
+                let (slots, halted) = (slots.clone(), halted.clone());
                 running.spawn(
-                    async move { me.upgrade(&d, &instance, strategy, keep, &progress).await }
-                        .in_current_span(),
+                    async move {
+                        let _slot = slots.acquire_owned().await;
+                        if halted.load(Ordering::SeqCst) {
+                            return Ok(());
+                        }
+                        let done = me.upgrade(&d, &instance, strategy, keep, &progress).await;
+                        if done.is_err() {
+                            halted.store(true, Ordering::SeqCst);
+                        }
+                        done
+                    }
+                    .in_current_span(),
                 );
             }
             let mut halt = None;

@@ -75,6 +75,10 @@ pub struct Settings {
     pub rollout: Rollout,
     /// How long the canary must stay healthy before the rest follow, in seconds.
     pub canary_secs: u64,
+    /// At most this many instances of a wave upgrade at once (each fetches
+    /// from the repository: a bound keeps a large `all` rollout from
+    /// overwhelming it).
+    pub parallel: u32,
     /// How many finished deployments the history keeps.
     pub keep_history: u32,
     /// How many succeeded deployments can be rolled back to.
@@ -87,6 +91,7 @@ impl Default for Settings {
             strategy: None,
             rollout: Rollout::OneByOne,
             canary_secs: 30,
+            parallel: 25,
             keep_history: 200,
             keep_rollback: 5,
         }

@@ -513,3 +513,57 @@ async fn records_survive_a_reopen() {
     let next = store.enqueue(new("a", "two"), 3).await.unwrap();
     assert!(next.id > id, "ids are never reused");
 }
+
+#[tokio::test]
+async fn instance_parts_and_plans_come_back_with_their_deployment() {
+    let (_dir, store) = open();
+    let mut two = new("a", "one");
+    two.instances.push(InstanceName::new("i2").unwrap());
+    let d = store.enqueue(two, 1).await.unwrap();
+    store.claim_next(4, 2).await.unwrap().unwrap();
+    let i1 = InstanceName::new("i1").unwrap();
+    let mut run = portal::deployment::InstanceRun::pending();
+    run.state = RunState::Succeeded;
+    run.generation = Some(3);
+    store.put_run(d.id, i1.clone(), run.clone()).await.unwrap();
+    let plan = wire::plan::UpgradePlan::default();
+    store
+        .put_plans(d.id, [(i1.clone(), plan.clone())].into())
+        .await
+        .unwrap();
+    // A part for a deployment that does not exist is refused.
+    assert!(
+        store
+            .put_run(DeploymentId(99), i1.clone(), run.clone())
+            .await
+            .is_err()
+    );
+
+    let shown = store.deployment(d.id).await.unwrap().unwrap();
+    assert_eq!(shown.instances[&i1], run);
+    assert_eq!(
+        shown.instances[&InstanceName::new("i2").unwrap()].state,
+        RunState::Pending
+    );
+    assert_eq!(shown.plans[&i1], plan);
+    // Lists carry the parts, not the plans.
+    let listed = store
+        .deployments(DeploymentFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(listed[0].instances[&i1], run);
+    assert!(listed[0].plans.is_empty());
+    // A cancel request and the end keep the parts; the end skips what never ran.
+    store.request_cancel(d.id).await.unwrap();
+    let ended = store
+        .transition(d.id, Transition::Cancel, None, 5)
+        .await
+        .unwrap();
+    assert_eq!(ended.instances[&i1], run);
+    let again = store.deployment(d.id).await.unwrap().unwrap();
+    assert_eq!(
+        again.instances[&InstanceName::new("i2").unwrap()].state,
+        RunState::Skipped
+    );
+    assert_eq!(again.plans[&i1], plan);
+}

@@ -119,7 +119,7 @@ impl Backoff {
 /// A random draw for the jitter: the standard library's per-process random
 /// hash keys, hashed over a counter. Not for secrets; only to spread shells'
 /// reconnections apart.
-fn random() -> u64 {
+pub(crate) fn random() -> u64 {
     use std::hash::BuildHasher;
     use std::sync::atomic::{AtomicU64, Ordering};
     static DRAWS: AtomicU64 = AtomicU64::new(0);

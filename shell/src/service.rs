@@ -139,15 +139,31 @@ fn remote(kind: ErrorKind, message: impl Into<String>) -> RemoteError {
 }
 
 impl ShellService {
+    /// A connection to the repository. A connection that fails is tried
+    /// again twice after a jittered pause: when many instances upgrade at
+    /// once, their handshakes arrive together and some are lost.
     async fn repo(&self) -> Result<RepoClient, RemoteError> {
-        RepoClient::connect(&self.client, self.repo_addr)
-            .await
-            .map_err(|e| {
-                remote(
-                    ErrorKind::Internal,
-                    format!("cannot reach the repository: {e}"),
-                )
-            })
+        let mut backoff = crate::attach::Backoff::new(
+            std::time::Duration::from_millis(300),
+            std::time::Duration::from_secs(2),
+        );
+        let mut attempt = 1;
+        loop {
+            match RepoClient::connect(&self.client, self.repo_addr).await {
+                Ok(repo) => return Ok(repo),
+                Err(e) if attempt < REPO_ATTEMPTS => {
+                    warn!(instance = %self.name, attempt, error = %e, "cannot reach the repository; trying again");
+                    tokio::time::sleep(backoff.next_delay(crate::attach::random())).await;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    return Err(remote(
+                        ErrorKind::Internal,
+                        format!("cannot reach the repository ({attempt} attempts): {e}"),
+                    ));
+                }
+            }
+        }
     }
 
     async fn image_target(
@@ -589,6 +605,9 @@ impl ShellService {
         Ok(())
     }
 }
+
+/// How many times a shell tries to reach the repository for one command.
+const REPO_ATTEMPTS: u32 = 3;
 
 /// What a running command reports before its answer.
 enum Update {

@@ -209,12 +209,28 @@ async fn rollouts_plans_failures_and_rollbacks_across_two_instances() {
 
     // 4. v3 goes out; then back to v1 — the deployment before the last
     //    succeeded one — with nothing fetched or built.
+    // All at once, but at most one at a time by the target's setting.
+    let (status, _) = admin
+        .call(
+            "PUT",
+            "/api/v1/targets/stg",
+            Some(&json!({ "settings": { "parallel": 1 } })),
+        )
+        .await;
+    assert_eq!(status, 200);
     let d4 = deploy(
         &admin,
         json!({ "target": "stg", "image": "v3", "rollout": "all" }),
     )
     .await;
     assert_eq!(d4["state"], "succeeded", "{d4}");
+    let runs = &d4["instances"];
+    let (a, b) = (&runs["stg-1"], &runs["stg-2"]);
+    assert!(
+        a["finished"].as_i64() <= b["started"].as_i64()
+            || b["finished"].as_i64() <= a["started"].as_i64(),
+        "one at a time: {runs}"
+    );
     let target = admin.get("/api/v1/targets/stg").await;
     assert_eq!(target["image"]["name"], "v3");
     let (status, refused) = admin

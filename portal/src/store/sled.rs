@@ -1,9 +1,12 @@
 //! The embedded store: the portal's records in a sled database under its data
 //! directory.
 //!
-//! Trees: `targets`, `instances`, `deployments` (by id, big-endian), `queue`
-//! (position → id), `running` (target → id: at most one per target), `events`
-//! (id and sequence number → event), `users`, `tokens` (id → token),
+//! Trees: `targets`, `instances`, `deployments` (by id, big-endian: the main
+//! record), `runs` and `plans` (id and instance name → that instance's part and
+//! the plan it showed, written on their own so a deployment over many
+//! instances is not rewritten whole at each step), `queue` (position → id),
+//! `running` (target → id: at most one per target), `events` (id and sequence
+//! number → event), `users`, `tokens` (id → token),
 //! `token_hashes` (hash → id), `sessions` (hash of the session id → session),
 //! `audit` (sequence number → entry) and `meta`
 //! (counters). Records are encoded with the wire's record codec.
@@ -54,6 +57,8 @@ pub struct SledStore {
     tokens: sled::Tree,
     token_hashes: sled::Tree,
     sessions: sled::Tree,
+    runs: sled::Tree,
+    plans: sled::Tree,
     audit: sled::Tree,
     meta: sled::Tree,
     write: Mutex<()>,
@@ -93,6 +98,35 @@ fn id_of(bytes: &[u8], what: &'static str) -> Result<DeploymentId, StoreError> {
     Ok(DeploymentId(u64::from_be_bytes(bytes)))
 }
 
+/// The key of an instance's entry of a deployment: its id, then the name.
+fn part_key(id: DeploymentId, instance: &InstanceName) -> Vec<u8> {
+    let mut key = be(id.0).to_vec();
+    key.extend_from_slice(instance.as_str().as_bytes());
+    key
+}
+
+/// The instance a [`part_key`] names.
+fn instance_of(key: &[u8]) -> Result<InstanceName, StoreError> {
+    let corrupt = |message: String| StoreError::Corrupt {
+        what: "instance key",
+        message,
+    };
+    let name = key
+        .get(8..)
+        .ok_or_else(|| corrupt("shorter than 8 bytes".into()))?;
+    let name = std::str::from_utf8(name).map_err(|e| corrupt(e.to_string()))?;
+    InstanceName::new(name).map_err(|e| corrupt(e.to_string()))
+}
+
+/// A deployment's main record: without its instances' parts and plans, which
+/// live in trees of their own.
+fn main_record(d: &Deployment) -> Result<Vec<u8>, StoreError> {
+    let mut main = d.clone();
+    main.instances.clear();
+    main.plans.clear();
+    encode(&main)
+}
+
 fn event_key(id: DeploymentId, seq: u64) -> [u8; 16] {
     let mut key = [0; 16];
     key[..8].copy_from_slice(&be(id.0));
@@ -120,6 +154,8 @@ impl SledStore {
             tokens: tree("tokens")?,
             token_hashes: tree("token_hashes")?,
             sessions: tree("sessions")?,
+            runs: tree("runs")?,
+            plans: tree("plans")?,
             audit: tree("audit")?,
             meta: tree("meta")?,
             db,
@@ -169,13 +205,51 @@ impl SledStore {
             .collect()
     }
 
+    /// A deployment's whole record: the main record, its instances' parts
+    /// and its plans.
     fn load(&self, id: DeploymentId) -> Result<Deployment, StoreError> {
+        let mut d = self.load_main(id)?;
+        self.attach_runs(&mut d)?;
+        for entry in self.plans.scan_prefix(be(id.0)) {
+            let (key, v) = entry.map_err(backend)?;
+            d.plans.insert(instance_of(&key)?, decode("plan", &v)?);
+        }
+        Ok(d)
+    }
+
+    /// A deployment as lists show it: without its plans.
+    fn load_listed(&self, id: DeploymentId) -> Result<Deployment, StoreError> {
+        let mut d = self.load_main(id)?;
+        self.attach_runs(&mut d)?;
+        Ok(d)
+    }
+
+    /// The main record alone (no instance parts, no plans).
+    fn load_main(&self, id: DeploymentId) -> Result<Deployment, StoreError> {
         Self::get(&self.deployments, "deployment", be(id.0))?.ok_or(StoreError::NoDeployment(id))
     }
 
+    /// Fills in the instances' parts (pending where none was stored).
+    fn attach_runs(&self, d: &mut Deployment) -> Result<(), StoreError> {
+        for entry in self.runs.scan_prefix(be(d.id.0)) {
+            let (key, v) = entry.map_err(backend)?;
+            d.instances
+                .insert(instance_of(&key)?, decode("instance run", &v)?);
+        }
+        for instance in &d.order {
+            d.instances
+                .entry(instance.clone())
+                .or_insert_with(InstanceRun::pending);
+        }
+        Ok(())
+    }
+
+    /// Writes the main record only: each instance's part and the plans are
+    /// written on their own ([`Store::put_run`], [`Store::put_plans`]), so a
+    /// deployment over many instances is not rewritten whole at every step.
     fn save(&self, d: &Deployment) -> Result<(), StoreError> {
         self.deployments
-            .insert(be(d.id.0), encode(d)?)
+            .insert(be(d.id.0), main_record(d)?)
             .map_err(backend)?;
         Ok(())
     }
@@ -216,7 +290,7 @@ impl SledStore {
         let _guard = self.lock();
         let id = DeploymentId(self.next("deployment")?);
         let d = Deployment::new(id, new, at);
-        let record = encode(&d)?;
+        let record = main_record(&d)?;
         (&self.deployments, &self.queue)
             .transaction(|(deployments, queue)| {
                 deployments.insert(&be(id.0), record.as_slice())?;
@@ -251,7 +325,7 @@ impl SledStore {
             }
             d.apply(Transition::Start, at)
                 .map_err(|source| StoreError::Transition { id, source })?;
-            let record = encode(&d)?;
+            let record = main_record(&d)?;
             (&self.deployments, &self.queue, &self.running)
                 .transaction(|(deployments, queue, running)| {
                     deployments.insert(&be(id.0), record.as_slice())?;
@@ -316,16 +390,25 @@ impl SledStore {
         if failure.is_some() {
             d.failure = failure;
         }
-        let record = encode(&d)?;
+        let record = main_record(&d)?;
+        // A final state turns the parts that never started into `skipped`.
+        let parts = d
+            .instances
+            .iter()
+            .map(|(i, run)| Ok((part_key(id, i), encode(run)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
         let position = if was == DeploymentState::Queued {
             self.queue_position(id)?
         } else {
             None
         };
         let frees_target = was == DeploymentState::Running && d.state.is_final();
-        (&self.deployments, &self.queue, &self.running)
-            .transaction(|(deployments, queue, running)| {
+        (&self.deployments, &self.queue, &self.running, &self.runs)
+            .transaction(|(deployments, queue, running, runs)| {
                 deployments.insert(&be(id.0), record.as_slice())?;
+                for (key, run) in &parts {
+                    runs.insert(key.as_slice(), run.as_slice())?;
+                }
                 if let Some(position) = &position {
                     queue.remove(position)?;
                 }
@@ -346,9 +429,10 @@ impl SledStore {
         change: impl FnOnce(&mut Deployment) -> Result<(), StoreError>,
     ) -> Result<Deployment, StoreError> {
         let _guard = self.lock();
-        let mut d = self.load(id)?;
+        let mut d = self.load_main(id)?;
         change(&mut d)?;
         self.save(&d)?;
+        self.attach_runs(&mut d)?;
         Ok(d)
     }
 
@@ -362,8 +446,10 @@ impl SledStore {
         let upper = filter.before.map_or(u64::MAX, |b| b.0);
         for entry in self.deployments.range(..be(upper)).rev() {
             let (_, v) = entry.map_err(backend)?;
-            let d: Deployment = decode("deployment", &v)?;
+            let mut d: Deployment = decode("deployment", &v)?;
             if filter.matches(&d) {
+                // Listed without their plans (one deployment shows them).
+                self.attach_runs(&mut d)?;
                 out.push(d);
                 if out.len() >= limit {
                     break;
@@ -379,7 +465,7 @@ impl SledStore {
             .values()
             .map(|id| {
                 let id = id.map_err(backend)?;
-                self.load(id_of(&id, "running entry")?)
+                self.load_listed(id_of(&id, "running entry")?)
             })
             .collect()
     }
@@ -390,7 +476,7 @@ impl SledStore {
             .values()
             .map(|id| {
                 let id = id.map_err(backend)?;
-                self.load(id_of(&id, "queue entry")?)
+                self.load_listed(id_of(&id, "queue entry")?)
             })
             .collect()
     }
@@ -408,10 +494,10 @@ impl SledStore {
             finished += 1;
             if finished > keep {
                 self.deployments.remove(&key).map_err(backend)?;
-                for event in self.events.scan_prefix(&key).keys() {
-                    self.events
-                        .remove(event.map_err(backend)?)
-                        .map_err(backend)?;
+                for tree in [&self.events, &self.runs, &self.plans] {
+                    for entry in tree.scan_prefix(&key).keys() {
+                        tree.remove(entry.map_err(backend)?).map_err(backend)?;
+                    }
                 }
                 dropped += 1;
             }
@@ -690,13 +776,17 @@ impl Store for SledStore {
         instance: InstanceName,
         run: InstanceRun,
     ) -> StoreFuture<'_, ()> {
-        ready(
-            self.update(id, |d| {
-                d.instances.insert(instance, run);
-                Ok(())
-            })
-            .and_then(|_| self.flush()),
-        )
+        // Not flushed at once (sled flushes within half a second): a part
+        // lost to a crash is asked of its shell again, which answers from its
+        // own record of the deployment.
+        ready((|| {
+            let _guard = self.lock();
+            self.load_main(id)?;
+            self.runs
+                .insert(part_key(id, &instance), encode(&run)?)
+                .map_err(backend)?;
+            Ok(())
+        })())
     }
 
     fn put_plans(
@@ -704,13 +794,15 @@ impl Store for SledStore {
         id: DeploymentId,
         plans: BTreeMap<InstanceName, UpgradePlan>,
     ) -> StoreFuture<'_, ()> {
-        ready(
-            self.update(id, |d| {
-                d.plans = plans;
-                Ok(())
-            })
-            .map(drop),
-        )
+        ready((|| {
+            let _guard = self.lock();
+            self.load_main(id)?;
+            let mut batch = sled::Batch::default();
+            for (instance, plan) in &plans {
+                batch.insert(part_key(id, instance), encode(plan)?);
+            }
+            self.plans.apply_batch(batch).map_err(backend)
+        })())
     }
 
     fn set_stuck(&self, id: DeploymentId, stuck: bool, at: Millis) -> StoreFuture<'_, ()> {
@@ -727,7 +819,11 @@ impl Store for SledStore {
     }
 
     fn deployment(&self, id: DeploymentId) -> StoreFuture<'_, Option<Deployment>> {
-        ready(Self::get(&self.deployments, "deployment", be(id.0)))
+        ready(match self.load(id) {
+            Ok(d) => Ok(Some(d)),
+            Err(StoreError::NoDeployment(_)) => Ok(None),
+            Err(e) => Err(e),
+        })
     }
 
     fn deployments(&self, filter: DeploymentFilter) -> StoreFuture<'_, Vec<Deployment>> {
