@@ -658,18 +658,32 @@ pub(crate) enum TargetCommand {
     List,
 }
 
-/// `molt instances`.
-pub(crate) async fn instances(client: &PortalClient, json: bool) -> Result<()> {
-    let list = client.call("GET", "/api/v1/instances", None).await?;
+/// The rows of a listing to print as a table: `None` when there is nothing
+/// more to print — with `--json` the listing itself was printed, and an empty
+/// one printed `empty`.
+fn rows(list: Value, json: bool, empty: &str) -> Option<Vec<Value>> {
     if json {
         println!("{list}");
-        return Ok(());
+        return None;
     }
     let list = list.as_array().cloned().unwrap_or_default();
     if list.is_empty() {
-        println!("no instance has attached yet: start a shell with `molt shell … --portal ADDR`");
-        return Ok(());
+        println!("{empty}");
+        return None;
     }
+    Some(list)
+}
+
+/// `molt instances`.
+pub(crate) async fn instances(client: &PortalClient, json: bool) -> Result<()> {
+    let list = client.call("GET", "/api/v1/instances", None).await?;
+    let Some(list) = rows(
+        list,
+        json,
+        "no instance has attached yet: start a shell with `molt shell … --portal ADDR`",
+    ) else {
+        return Ok(());
+    };
     println!(
         "{:<16} {:<16} {:<12} {:<8} {:<24} {:<4} LAST SEEN",
         "INSTANCE", "TARGET", "STAGE", "STATE", "IMAGE", "GEN"
@@ -809,15 +823,9 @@ pub(crate) async fn deployments(
     let list = client
         .call("GET", &format!("/api/v1/deployments?{}", q.join("&")), None)
         .await?;
-    if json {
-        println!("{list}");
+    let Some(list) = rows(list, json, "no deployments match") else {
         return Ok(());
-    }
-    let list = list.as_array().cloned().unwrap_or_default();
-    if list.is_empty() {
-        println!("no deployments match");
-        return Ok(());
-    }
+    };
     println!(
         "{:<6} {:<16} {:<24} {:<12} {:<12} {:<16} CREATED",
         "ID", "TARGET", "IMAGE", "STATUS", "WHO", "TRIGGER"
