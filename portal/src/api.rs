@@ -75,9 +75,9 @@ pub fn token_id(hash: &[u8; 32]) -> String {
     hash[..6].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The API's shared state.
-struct Api {
-    portal: Arc<Portal>,
+/// The API's shared state (the web pages' too: [`crate::web`] takes the same).
+pub(crate) struct Api {
+    pub(crate) portal: Arc<Portal>,
     /// The `Host` values the portal answers to.
     hosts: Vec<String>,
     /// Failed logins per user name.
@@ -105,7 +105,8 @@ pub fn host_names(listeners: &[SocketAddr], names: &[String]) -> Vec<String> {
     hosts
 }
 
-/// The API's routes over `portal`, answering to `hosts` (see [`host_names`]).
+/// The API's routes over `portal`, answering to `hosts` (see [`host_names`]),
+/// with the web pages ([`crate::web`]) beside them.
 pub fn router(portal: Arc<Portal>, hosts: Vec<String>) -> Router {
     let api = Arc::new(Api {
         portal,
@@ -144,6 +145,7 @@ pub fn router(portal: Arc<Portal>, hosts: Vec<String>) -> Router {
         .route("/api/v1/tokens", get(list_tokens).post(create_token))
         .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/api/v1/audit", get(audit_log))
+        .merge(crate::web::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn(form_csrf))
         .with_state(api)
@@ -155,12 +157,14 @@ pub fn router(portal: Arc<Portal>, hosts: Vec<String>) -> Router {
 /// An API error: a status, a code, a message and the bad field, as JSON.
 #[derive(Debug)]
 pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    field: Option<String>,
+    pub(crate) status: StatusCode,
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
+    pub(crate) field: Option<String>,
     /// More about the error, under `error.details` (a failed login's count).
     details: Option<serde_json::Value>,
+    /// Seconds for a `Retry-After` header (a slowed login).
+    pub(crate) retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -171,6 +175,7 @@ impl ApiError {
             message: message.into(),
             field: None,
             details: None,
+            retry_after: None,
         }
     }
 
@@ -178,14 +183,14 @@ impl ApiError {
         Self::new(StatusCode::FORBIDDEN, code, message)
     }
 
-    fn bad(field: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn bad(field: &str, message: impl Into<String>) -> Self {
         Self {
             field: Some(field.to_owned()),
             ..Self::new(StatusCode::BAD_REQUEST, "invalid", message)
         }
     }
 
-    fn not_found(message: impl Into<String>) -> Self {
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not-found", message)
     }
 
@@ -219,6 +224,11 @@ impl IntoResponse for ApiError {
                 header::WWW_AUTHENTICATE,
                 header::HeaderValue::from_static("Bearer"),
             );
+        }
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
         }
         response
     }
@@ -410,7 +420,7 @@ impl Api {
     /// Checks `Host` and `Origin`, then resolves the caller's credential (a
     /// bearer token, else a session cookie, else a certificate; see the module
     /// docs) to the principal it acts as.
-    async fn principal(&self, caller: &Caller) -> ApiResult<Principal> {
+    pub(crate) async fn principal(&self, caller: &Caller) -> ApiResult<Principal> {
         self.check_origin(&caller.headers)?;
         if let PeerCert::Refused(why) = &caller.cert {
             return Err(ApiError::unauthenticated(why.clone()));
@@ -533,7 +543,7 @@ impl Api {
         })
     }
 
-    fn check_origin(&self, headers: &HeaderMap) -> ApiResult<()> {
+    pub(crate) fn check_origin(&self, headers: &HeaderMap) -> ApiResult<()> {
         let host = headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
@@ -562,7 +572,13 @@ impl Api {
         Ok(())
     }
 
-    async fn audit(&self, who: &Principal, action: &str, subject: String, detail: String) {
+    pub(crate) async fn audit(
+        &self,
+        who: &Principal,
+        action: &str,
+        subject: String,
+        detail: String,
+    ) {
         let entry = AuditEntry {
             seq: 0,
             at: now_ms(),
@@ -576,7 +592,7 @@ impl Api {
         }
     }
 
-    async fn repo(&self) -> ApiResult<RepoClient> {
+    pub(crate) async fn repo(&self) -> ApiResult<RepoClient> {
         RepoClient::connect(&self.portal.client, self.portal.repo)
             .await
             .map_err(|e| {
@@ -588,7 +604,7 @@ impl Api {
             })
     }
 
-    async fn target(&self, name: &TargetName) -> ApiResult<Target> {
+    pub(crate) async fn target(&self, name: &TargetName) -> ApiResult<Target> {
         self.portal
             .store
             .target(name)
@@ -596,7 +612,7 @@ impl Api {
             .ok_or_else(|| ApiError::not_found(format!("no target named `{name}`")))
     }
 
-    async fn deployment(&self, id: DeploymentId) -> ApiResult<Deployment> {
+    pub(crate) async fn deployment(&self, id: DeploymentId) -> ApiResult<Deployment> {
         self.portal
             .store
             .deployment(id)
@@ -605,7 +621,7 @@ impl Api {
     }
 }
 
-type Shared = State<Arc<Api>>;
+pub(crate) type Shared = State<Arc<Api>>;
 
 async fn whoami(State(api): Shared, caller: Caller) -> ApiResult<impl IntoResponse> {
     let who = api.principal(&caller).await?;
@@ -677,94 +693,143 @@ fn session_cookie(id: &str, max_age_secs: i64, tls: bool) -> String {
     )
 }
 
+/// A session just opened by [`Api::log_in`].
+pub(crate) struct LoggedIn {
+    /// The user.
+    pub(crate) user: UserName,
+    /// Their grant.
+    pub(crate) grant: Grant,
+    /// The session's CSRF token.
+    pub(crate) csrf: String,
+    /// When it ends at the latest.
+    pub(crate) expires: i64,
+    /// The `Set-Cookie` value that carries it.
+    pub(crate) cookie: String,
+}
+
+impl Api {
+    /// Checks a user name and password and opens a session (the API's
+    /// `POST /api/v1/login` and the login page alike). A name that failed
+    /// [`crate::auth::FREE_LOGIN_FAILURES`] times in a row waits before each
+    /// further attempt is answered, doubling up to 30 s; a success resets it.
+    /// Refused: 401 `bad-login` with the count and delays in its details.
+    pub(crate) async fn log_in(
+        &self,
+        name: &str,
+        password: String,
+        tls: bool,
+    ) -> ApiResult<LoggedIn> {
+        let name = name.trim().to_owned();
+        if name.is_empty() || name.len() > 200 {
+            return Err(ApiError::bad("user", "a user name is 1 to 200 characters"));
+        }
+        let slot = self.logins.slot(&name);
+        let mut failures = slot.lock().await;
+        let waited = crate::auth::login_delay(*failures);
+        if !waited.is_zero() {
+            tracing::info!(user = %name, failures = *failures, waited_ms = waited.as_millis() as u64, "slowing a login after failures");
+            tokio::time::sleep(waited).await;
+        }
+        let user = match UserName::new(&name) {
+            Ok(n) => self.portal.store.user(&n).await?,
+            Err(_) => None,
+        };
+        let hash = user.as_ref().and_then(|u| u.password.clone());
+        let matches = tokio::task::spawn_blocking(move || {
+            crate::auth::verify_password(&password, hash.as_deref())
+        })
+        .await
+        .unwrap_or(false);
+        let Some(user) = user.filter(|_| matches) else {
+            *failures = failures.saturating_add(1);
+            let next = crate::auth::login_delay(*failures);
+            tracing::warn!(user = %name, failures = *failures, "failed login");
+            let mut e = ApiError::unauthenticated("wrong user name or password");
+            e.code = "bad-login";
+            e.details = Some(json!({
+                "failed_attempts": *failures,
+                "waited_ms": waited.as_millis() as u64,
+                "next_delay_ms": next.as_millis() as u64,
+            }));
+            if !next.is_zero() {
+                e.retry_after = Some(next.as_millis().div_ceil(1000) as u64);
+            }
+            return Err(e);
+        };
+        *failures = 0;
+        drop(failures);
+        self.logins.forget(&name);
+        let id = crate::auth::new_random().map_err(|e| ApiError::internal(e.to_string()))?;
+        let csrf = crate::auth::new_random().map_err(|e| ApiError::internal(e.to_string()))?;
+        let now = now_ms();
+        let session = Session {
+            hash: crate::auth::hash_secret(&id),
+            user: user.name.clone(),
+            grant: user.grant,
+            csrf: csrf.clone(),
+            created: now,
+            last_used: now,
+        };
+        self.portal.store.create_session(session).await?;
+        let who = Principal {
+            user: user.name.clone(),
+            grant: user.grant,
+            targets: None,
+            via: Via::Session {
+                hash: crate::auth::hash_secret(&id),
+                csrf: csrf.clone(),
+            },
+        };
+        self.audit(
+            &who,
+            "session.login",
+            format!("user {}", user.name),
+            String::new(),
+        )
+        .await;
+        Ok(LoggedIn {
+            user: user.name,
+            grant: user.grant,
+            csrf,
+            expires: now + SESSION_MAX_MS,
+            cookie: session_cookie(&id, SESSION_MAX_MS / 1000, tls),
+        })
+    }
+
+    /// Ends the session `who` came with; the `Set-Cookie` value that clears
+    /// its cookie.
+    pub(crate) async fn log_out(&self, who: &Principal, tls: bool) -> ApiResult<String> {
+        let Via::Session { hash, .. } = &who.via else {
+            return Err(ApiError::bad(
+                "credential",
+                "only a browser session logs out; a token is revoked (DELETE /api/v1/tokens/ID)",
+            ));
+        };
+        self.portal.store.delete_session(*hash).await?;
+        self.audit(
+            who,
+            "session.logout",
+            format!("user {}", who.user),
+            String::new(),
+        )
+        .await;
+        Ok(session_cookie("", 0, tls))
+    }
+}
+
 /// `POST /api/v1/login {user, password}`: a new session in the `molt_session`
-/// cookie, and its CSRF token in the answer. A name that failed
-/// [`crate::auth::FREE_LOGIN_FAILURES`] times in a row waits before each
-/// further attempt is answered, doubling up to 30 s; a success resets it.
+/// cookie, and its CSRF token in the answer (see [`Api::log_in`]).
 async fn login(State(api): Shared, caller: Caller, body: Bytes) -> ApiResult<Response> {
     api.check_origin(&caller.headers)?;
     let input: LoginInput = parse(&body)?;
-    let name = input.user.trim().to_owned();
-    if name.is_empty() || name.len() > 200 {
-        return Err(ApiError::bad("user", "a user name is 1 to 200 characters"));
-    }
-    let slot = api.logins.slot(&name);
-    let mut failures = slot.lock().await;
-    let waited = crate::auth::login_delay(*failures);
-    if !waited.is_zero() {
-        tracing::info!(user = %name, failures = *failures, waited_ms = waited.as_millis() as u64, "slowing a login after failures");
-        tokio::time::sleep(waited).await;
-    }
-    let user = match UserName::new(&name) {
-        Ok(n) => api.portal.store.user(&n).await?,
-        Err(_) => None,
-    };
-    let hash = user.as_ref().and_then(|u| u.password.clone());
-    let password = input.password;
-    let matches = tokio::task::spawn_blocking(move || {
-        crate::auth::verify_password(&password, hash.as_deref())
-    })
-    .await
-    .unwrap_or(false);
-    let Some(user) = user.filter(|_| matches) else {
-        *failures = failures.saturating_add(1);
-        let next = crate::auth::login_delay(*failures);
-        tracing::warn!(user = %name, failures = *failures, "failed login");
-        let mut e = ApiError::unauthenticated("wrong user name or password");
-        e.code = "bad-login";
-        e.details = Some(json!({
-            "failed_attempts": *failures,
-            "waited_ms": waited.as_millis() as u64,
-            "next_delay_ms": next.as_millis() as u64,
-        }));
-        let mut response = e.into_response();
-        if !next.is_zero() {
-            let secs = next.as_millis().div_ceil(1000).to_string();
-            if let Ok(v) = header::HeaderValue::from_str(&secs) {
-                response.headers_mut().insert(header::RETRY_AFTER, v);
-            }
-        }
-        return Ok(response);
-    };
-    *failures = 0;
-    drop(failures);
-    api.logins.forget(&name);
-    let id = crate::auth::new_random().map_err(|e| ApiError::internal(e.to_string()))?;
-    let csrf = crate::auth::new_random().map_err(|e| ApiError::internal(e.to_string()))?;
-    let now = now_ms();
-    let session = Session {
-        hash: crate::auth::hash_secret(&id),
-        user: user.name.clone(),
-        grant: user.grant,
-        csrf: csrf.clone(),
-        created: now,
-        last_used: now,
-    };
-    api.portal.store.create_session(session).await?;
-    let who = Principal {
-        user: user.name.clone(),
-        grant: user.grant,
-        targets: None,
-        via: Via::Session {
-            hash: crate::auth::hash_secret(&id),
-            csrf: csrf.clone(),
-        },
-    };
-    api.audit(
-        &who,
-        "session.login",
-        format!("user {}", user.name),
-        String::new(),
-    )
-    .await;
-    let cookie = session_cookie(&id, SESSION_MAX_MS / 1000, caller.tls);
+    let done = api.log_in(&input.user, input.password, caller.tls).await?;
     Ok((
-        [(header::SET_COOKIE, cookie)],
+        [(header::SET_COOKIE, done.cookie)],
         axum::Json(json!({
-            "user": user.name,
-            "grant": user.grant,
-            "csrf": csrf,
-            "expires": now + SESSION_MAX_MS,
+            "user": done.user,
+            "grant": done.grant,
+            "csrf": done.csrf,
+            "expires": done.expires,
         })),
     )
         .into_response())
@@ -774,25 +839,8 @@ async fn login(State(api): Shared, caller: Caller, body: Bytes) -> ApiResult<Res
 /// token, like every change).
 async fn logout(State(api): Shared, caller: Caller) -> ApiResult<Response> {
     let who = api.principal(&caller).await?;
-    let Via::Session { hash, .. } = &who.via else {
-        return Err(ApiError::bad(
-            "credential",
-            "only a browser session logs out; a token is revoked (DELETE /api/v1/tokens/ID)",
-        ));
-    };
-    api.portal.store.delete_session(*hash).await?;
-    api.audit(
-        &who,
-        "session.logout",
-        format!("user {}", who.user),
-        String::new(),
-    )
-    .await;
-    Ok((
-        StatusCode::NO_CONTENT,
-        [(header::SET_COOKIE, session_cookie("", 0, caller.tls))],
-    )
-        .into_response())
+    let cookie = api.log_out(&who, caller.tls).await?;
+    Ok((StatusCode::NO_CONTENT, [(header::SET_COOKIE, cookie)]).into_response())
 }
 
 // ---------------------------------------------------------------------------
@@ -870,75 +918,126 @@ fn check_instances(instances: &[InstanceName]) -> ApiResult<()> {
     Ok(())
 }
 
-/// A target as the API shows it: with its instances' state and its last deployment.
-async fn target_view(api: &Api, t: &Target) -> ApiResult<serde_json::Value> {
-    let known: BTreeMap<_, _> = api
-        .portal
-        .store
+/// One of a target's instances as the API and the pages show it.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct InstanceSummary {
+    pub(crate) name: InstanceName,
+    /// Is its shell attached now?
+    pub(crate) online: bool,
+    /// What it registered with, if it ever did.
+    pub(crate) stage: Option<Stage>,
+    pub(crate) image: Option<ImageRef>,
+    pub(crate) generation: Option<u64>,
+    pub(crate) last_seen: Option<i64>,
+}
+
+/// A target's last deployment, in brief.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct LastDeployment {
+    pub(crate) id: DeploymentId,
+    pub(crate) state: DeploymentState,
+    pub(crate) image: ImageRef,
+    pub(crate) created: i64,
+}
+
+/// A target as the API shows it (`GET /api/v1/targets`) and the Services
+/// page lists it: its instances' state, its current image (the newest
+/// succeeded deployment's), its last deployment and how many are queued.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct TargetSummary {
+    pub(crate) name: TargetName,
+    pub(crate) stage: Stage,
+    pub(crate) settings: Settings,
+    pub(crate) created: i64,
+    pub(crate) instances: Vec<InstanceSummary>,
+    pub(crate) image: Option<ImageRef>,
+    pub(crate) last_deployment: Option<LastDeployment>,
+    pub(crate) queued: usize,
+}
+
+impl TargetSummary {
+    /// How many of its instances are online.
+    pub(crate) fn online(&self) -> usize {
+        self.instances.iter().filter(|i| i.online).count()
+    }
+}
+
+/// The summaries of `targets`, reading the instances and the queue once.
+pub(crate) async fn target_summaries(
+    api: &Api,
+    targets: &[Target],
+) -> ApiResult<Vec<TargetSummary>> {
+    let store = &api.portal.store;
+    let known: BTreeMap<_, _> = store
         .instances()
         .await?
         .into_iter()
         .map(|i| (i.name.clone(), i))
         .collect();
-    let instances: Vec<_> = t
-        .instances
-        .iter()
-        .map(|name| {
-            let online = api.portal.shells.is_online(name);
-            match known.get(name) {
-                Some(i) => json!({ "name": name, "online": online, "stage": i.stage,
-                    "image": i.image, "generation": i.generation, "last_seen": i.last_seen }),
-                None => json!({ "name": name, "online": online, "stage": null,
-                    "image": null, "generation": null, "last_seen": null }),
-            }
-        })
-        .collect();
-    let last = api
-        .portal
-        .store
-        .deployments(DeploymentFilter {
-            target: Some(t.name.clone()),
-            limit: 1,
-            ..Default::default()
-        })
-        .await?;
-    let current = api
-        .portal
-        .store
-        .deployments(DeploymentFilter {
-            target: Some(t.name.clone()),
-            state: Some(DeploymentState::Succeeded),
-            limit: 1,
-            ..Default::default()
-        })
-        .await?;
-    let queued = api
-        .portal
-        .store
-        .queue()
-        .await?
-        .iter()
-        .filter(|d| d.target == t.name)
-        .count();
-    Ok(json!({
-        "name": t.name,
-        "stage": t.stage,
-        "settings": t.settings,
-        "created": t.created,
-        "instances": instances,
-        "image": current.first().map(|d| &d.image),
-        "last_deployment": last.first().map(|d| json!({ "id": d.id, "state": d.state, "image": d.image })),
-        "queued": queued,
-    }))
+    let queue = store.queue().await?;
+    let mut out = Vec::with_capacity(targets.len());
+    for t in targets {
+        let instances = t
+            .instances
+            .iter()
+            .map(|name| {
+                let online = api.portal.shells.is_online(name);
+                let known = known.get(name);
+                InstanceSummary {
+                    name: name.clone(),
+                    online,
+                    stage: known.map(|i| i.stage),
+                    image: known.and_then(|i| i.image.clone()),
+                    generation: known.map(|i| i.generation),
+                    last_seen: known.map(|i| i.last_seen),
+                }
+            })
+            .collect();
+        let last = store
+            .deployments(DeploymentFilter {
+                target: Some(t.name.clone()),
+                limit: 1,
+                ..Default::default()
+            })
+            .await?;
+        let current = store
+            .deployments(DeploymentFilter {
+                target: Some(t.name.clone()),
+                state: Some(DeploymentState::Succeeded),
+                limit: 1,
+                ..Default::default()
+            })
+            .await?;
+        out.push(TargetSummary {
+            name: t.name.clone(),
+            stage: t.stage,
+            settings: t.settings.clone(),
+            created: t.created,
+            instances,
+            image: current.into_iter().next().map(|d| d.image),
+            last_deployment: last.into_iter().next().map(|d| LastDeployment {
+                id: d.id,
+                state: d.state,
+                image: d.image,
+                created: d.created,
+            }),
+            queued: queue.iter().filter(|d| d.target == t.name).count(),
+        });
+    }
+    Ok(out)
+}
+
+/// A target as the API shows it.
+async fn target_view(api: &Api, t: &Target) -> ApiResult<TargetSummary> {
+    let mut one = target_summaries(api, std::slice::from_ref(t)).await?;
+    one.pop()
+        .ok_or_else(|| ApiError::internal("a target without its summary"))
 }
 
 async fn list_targets(State(api): Shared, caller: Caller) -> ApiResult<impl IntoResponse> {
     api.principal(&caller).await?;
-    let mut out = Vec::new();
-    for t in api.portal.store.targets().await? {
-        out.push(target_view(&api, &t).await?);
-    }
-    Ok(axum::Json(out))
+    let targets = api.portal.store.targets().await?;
+    Ok(axum::Json(target_summaries(&api, &targets).await?))
 }
 
 async fn show_target(
@@ -1067,7 +1166,7 @@ async fn list_images(State(api): Shared, caller: Caller) -> ApiResult<impl IntoR
 }
 
 /// The image named `name` in the repository.
-async fn resolve_image(api: &Api, name: &ImageName) -> ApiResult<ImageRef> {
+pub(crate) async fn resolve_image(api: &Api, name: &ImageName) -> ApiResult<ImageRef> {
     let repo = api.repo().await?;
     match repo.image(name).await {
         Ok(record) => Ok(ImageRef {
@@ -1091,6 +1190,79 @@ async fn resolve_image(api: &Api, name: &ImageName) -> ApiResult<ImageRef> {
 // ---------------------------------------------------------------------------
 // Plans and deployments
 
+/// A target's plan for an image: each instance's exact plan from its shell
+/// (or why there is none), the services any instance changes, the bytes all
+/// of them fetch.
+#[derive(Debug, Clone)]
+pub(crate) struct TargetPlan {
+    pub(crate) image: ImageRef,
+    pub(crate) strategy: Option<Strategy>,
+    pub(crate) instances: BTreeMap<InstanceName, Result<wire::plan::UpgradePlan, String>>,
+    pub(crate) changed_services: std::collections::BTreeSet<String>,
+    pub(crate) fetch_bytes: u64,
+}
+
+/// Asks every instance of `target` for its plan to `image` (32 at a time,
+/// 30 s each), changing nothing.
+pub(crate) async fn target_plan(
+    api: &Api,
+    target: &Target,
+    image: ImageRef,
+    strategy: Option<Strategy>,
+    skip_hooks: bool,
+) -> TargetPlan {
+    let strategy = strategy.or(target.settings.strategy);
+    let req = ShellRequest::Plan {
+        image: image.name.clone(),
+        strategy,
+        skip_hooks,
+    };
+    let asking = Arc::new(tokio::sync::Semaphore::new(32));
+    let mut asked = tokio::task::JoinSet::new();
+    for instance in target.instances.iter().cloned() {
+        let (shells, req, asking) = (api.portal.shells.clone(), req.clone(), asking.clone());
+        asked.spawn(async move {
+            let _slot = asking.acquire_owned().await;
+            let answer = tokio::time::timeout(
+                Duration::from_secs(30),
+                shells.call(&instance, &req, |_| {}),
+            )
+            .await;
+            let entry = match answer {
+                Ok(Ok(Ok(ShellResponse::Plan(p)))) => Ok(p),
+                Ok(Ok(Ok(other))) => Err(format!("unexpected answer {other:?}")),
+                Ok(Ok(Err(e))) => Err(e.message),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("the shell did not answer within 30 s".to_owned()),
+            };
+            (instance, entry)
+        });
+    }
+    let mut instances = BTreeMap::new();
+    while let Some(done) = asked.join_next().await {
+        if let Ok((instance, entry)) = done {
+            instances.insert(instance, entry);
+        }
+    }
+    let mut fetch_bytes = 0u64;
+    let mut changed_services = std::collections::BTreeSet::new();
+    for p in instances.values().flatten() {
+        fetch_bytes += p.fetch_bytes();
+        for s in &p.services {
+            if !matches!(s.action, wire::plan::Action::Unchanged) {
+                changed_services.insert(s.service.to_string());
+            }
+        }
+    }
+    TargetPlan {
+        image,
+        strategy,
+        instances,
+        changed_services,
+        fetch_bytes,
+    }
+}
+
 async fn plan(
     State(api): Shared,
     caller: Caller,
@@ -1102,60 +1274,42 @@ async fn plan(
     who.require_scope(&target.name)?;
     let image: ImageName =
         param(&q, "image")?.ok_or_else(|| ApiError::bad("image", "`image` is required"))?;
-    let strategy: Option<Strategy> = param(&q, "strategy")?.or(target.settings.strategy);
+    let strategy: Option<Strategy> = param(&q, "strategy")?;
     let skip_hooks: bool = param(&q, "skip_hooks")?.unwrap_or(false);
     let image = resolve_image(&api, &image).await?;
-    let mut instances = BTreeMap::new();
-    let mut fetch_bytes = 0u64;
-    let mut restart = std::collections::BTreeSet::new();
-    for instance in &target.instances {
-        let req = ShellRequest::Plan {
-            image: image.name.clone(),
-            strategy,
-            skip_hooks,
-        };
-        let answer = tokio::time::timeout(
-            Duration::from_secs(30),
-            api.portal.shells.call(instance, &req, |_| {}),
-        )
-        .await;
-        let entry = match answer {
-            Ok(Ok(Ok(ShellResponse::Plan(p)))) => {
-                fetch_bytes += p.fetch_bytes();
-                for s in &p.services {
-                    if !matches!(s.action, wire::plan::Action::Unchanged) {
-                        restart.insert(s.service.to_string());
-                    }
-                }
-                json!({ "plan": p })
-            }
-            Ok(Ok(Ok(other))) => json!({ "error": format!("unexpected answer {other:?}") }),
-            Ok(Ok(Err(e))) => json!({ "error": e.message }),
-            Ok(Err(e)) => json!({ "error": e.to_string() }),
-            Err(_) => json!({ "error": "the shell did not answer within 30 s" }),
-        };
-        instances.insert(instance.to_string(), entry);
-    }
+    let p = target_plan(&api, &target, image, strategy, skip_hooks).await;
+    let instances: BTreeMap<String, Value> = p
+        .instances
+        .iter()
+        .map(|(name, entry)| {
+            let v = match entry {
+                Ok(plan) => json!({ "plan": plan }),
+                Err(e) => json!({ "error": e }),
+            };
+            (name.to_string(), v)
+        })
+        .collect();
     Ok(axum::Json(json!({
         "target": target.name,
-        "image": image,
-        "strategy": strategy,
+        "image": p.image,
+        "strategy": p.strategy,
         "instances": instances,
-        "changed_services": restart,
-        "fetch_bytes": fetch_bytes,
+        "changed_services": p.changed_services,
+        "fetch_bytes": p.fetch_bytes,
     })))
 }
 
+/// What a deployment is asked with (`POST /api/v1/deployments`, the Deploy panel).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DeployInput {
-    target: TargetName,
-    image: ImageName,
-    strategy: Option<Strategy>,
-    rollout: Option<Rollout>,
-    instance: Option<InstanceName>,
+pub(crate) struct DeployInput {
+    pub(crate) target: TargetName,
+    pub(crate) image: ImageName,
+    pub(crate) strategy: Option<Strategy>,
+    pub(crate) rollout: Option<Rollout>,
+    pub(crate) instance: Option<InstanceName>,
     #[serde(default)]
-    skip_hooks: bool,
+    pub(crate) skip_hooks: bool,
 }
 
 async fn enqueue(
@@ -1215,13 +1369,13 @@ async fn enqueue(
     Ok(d)
 }
 
-async fn create_deployment(
-    State(api): Shared,
-    caller: Caller,
-    body: Bytes,
-) -> ApiResult<impl IntoResponse> {
-    let who = api.principal(&caller).await?;
-    let input: DeployInput = parse(&body)?;
+/// Queues a deployment `who` asks for: their grant checked for the target,
+/// the image resolved in the repository.
+pub(crate) async fn deploy(
+    api: &Api,
+    who: &Principal,
+    input: DeployInput,
+) -> ApiResult<Deployment> {
     let target = api
         .portal
         .store
@@ -1232,42 +1386,43 @@ async fn create_deployment(
             ..ApiError::not_found(format!("no target named `{}`", input.target))
         })?;
     who.require_deploy(&target.name, target.stage)?;
-    let image = resolve_image(&api, &input.image).await?;
+    let image = resolve_image(api, &input.image).await?;
     let options = DeployOptions {
         strategy: input.strategy,
         rollout: input.rollout,
         instance: input.instance,
         skip_hooks: input.skip_hooks,
     };
-    let d = enqueue(&api, &who, &target, image, Trigger::Manual, options).await?;
-    Ok((StatusCode::CREATED, axum::Json(d)))
+    enqueue(api, who, &target, image, Trigger::Manual, options).await
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RollbackInput {
-    to: Option<DeploymentId>,
-    strategy: Option<Strategy>,
-    rollout: Option<Rollout>,
-}
-
-async fn rollback(
+async fn create_deployment(
     State(api): Shared,
     caller: Caller,
-    Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<impl IntoResponse> {
     let who = api.principal(&caller).await?;
-    let target = api.target(&target_name(&name)?).await?;
-    who.require_deploy(&target.name, target.stage)?;
-    let input: RollbackInput = if body.is_empty() {
-        RollbackInput::default()
-    } else {
-        parse(&body)?
-    };
-    // The current image is the newest succeeded deployment's; rollback goes to
-    // one of the `keep_rollback` before it.
-    let succeeded = api
+    let input: DeployInput = parse(&body)?;
+    let d = deploy(&api, &who, input).await?;
+    Ok((StatusCode::CREATED, axum::Json(d)))
+}
+
+/// What a rollback is asked with.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RollbackInput {
+    pub(crate) to: Option<DeploymentId>,
+    pub(crate) strategy: Option<Strategy>,
+    pub(crate) rollout: Option<Rollout>,
+}
+
+/// A target's succeeded deployments: the current one (what it runs) and the
+/// ones a rollback may go to (its `keep_rollback` before it), newest first.
+pub(crate) async fn rollback_window(
+    api: &Api,
+    target: &Target,
+) -> ApiResult<Option<(Deployment, Vec<Deployment>)>> {
+    let mut succeeded = api
         .portal
         .store
         .deployments(DeploymentFilter {
@@ -1277,7 +1432,24 @@ async fn rollback(
             ..Default::default()
         })
         .await?;
-    let Some((current, earlier)) = succeeded.split_first() else {
+    if succeeded.is_empty() {
+        return Ok(None);
+    }
+    let current = succeeded.remove(0);
+    Ok(Some((current, succeeded)))
+}
+
+/// Queues a rollback of `target` to the image of `input.to` (default: the
+/// succeeded deployment before the current one), which must be in its
+/// rollback window.
+pub(crate) async fn rollback_target(
+    api: &Api,
+    who: &Principal,
+    target: &Target,
+    input: RollbackInput,
+) -> ApiResult<Deployment> {
+    who.require_deploy(&target.name, target.stage)?;
+    let Some((current, earlier)) = rollback_window(api, target).await? else {
         return Err(ApiError::conflict(format!(
             "target `{}` has no succeeded deployment to roll back from",
             target.name
@@ -1309,15 +1481,32 @@ async fn rollback(
         instance: None,
         skip_hooks: false,
     };
-    let d = enqueue(
-        &api,
-        &who,
-        &target,
+    enqueue(
+        api,
+        who,
+        target,
         to.image.clone(),
         Trigger::Rollback { of: to.id },
         options,
     )
-    .await?;
+    .await
+}
+
+async fn rollback(
+    State(api): Shared,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    let who = api.principal(&caller).await?;
+    let target = api.target(&target_name(&name)?).await?;
+    who.require_deploy(&target.name, target.stage)?;
+    let input: RollbackInput = if body.is_empty() {
+        RollbackInput::default()
+    } else {
+        parse(&body)?
+    };
+    let d = rollback_target(&api, &who, &target, input).await?;
     Ok((StatusCode::CREATED, axum::Json(d)))
 }
 
@@ -1378,13 +1567,10 @@ async fn show_deployment(
     Ok(axum::Json(d))
 }
 
-async fn cancel_deployment(
-    State(api): Shared,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> ApiResult<impl IntoResponse> {
-    let who = api.principal(&caller).await?;
-    let d = api.deployment(deployment_id(&id)?).await?;
+/// Cancels deployment `id` for `who`: a queued one at once, a running one
+/// before its next instance; 409 once finished.
+pub(crate) async fn cancel(api: &Api, who: &Principal, id: DeploymentId) -> ApiResult<Deployment> {
+    let d = api.deployment(id).await?;
     let target = api.target(&d.target).await?;
     who.require_deploy(&target.name, target.stage)?;
     let d = match d.state {
@@ -1428,13 +1614,23 @@ async fn cancel_deployment(
         }
     };
     api.audit(
-        &who,
+        who,
         "deployment.cancel",
         format!("deployment {}", d.id),
         String::new(),
     )
     .await;
     api.portal.runner.wake();
+    Ok(d)
+}
+
+async fn cancel_deployment(
+    State(api): Shared,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let who = api.principal(&caller).await?;
+    let d = cancel(&api, &who, deployment_id(&id)?).await?;
     Ok(axum::Json(d))
 }
 
@@ -1470,16 +1666,7 @@ async fn events(
     let who = api.principal(&caller).await?;
     let d = api.deployment(deployment_id(&id)?).await?;
     who.require_scope(&d.target)?;
-    let last_id = caller
-        .headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.parse::<u64>()
-                .map_err(|_| ApiError::bad("Last-Event-ID", "Last-Event-ID is not a number"))
-        })
-        .transpose()?;
-    let after = last_id.or(param(&q, "after")?).unwrap_or(0);
+    let after = resume_after(&caller, &q)?;
     let wants_stream = caller
         .headers
         .get(header::ACCEPT)
@@ -1489,13 +1676,48 @@ async fn events(
         let events = api.portal.store.events(d.id, after, 10_000).await?;
         return Ok(axum::Json(events).into_response());
     }
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, std::convert::Infallible>>(64);
-    let portal = api.portal.clone();
-    tokio::spawn(async move { follow(portal, d.id, after, tx).await });
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    use tokio_stream::StreamExt as _;
+    let stream = follow_events(api.portal.clone(), d.id, after).map(|e| {
+        let data = serde_json::to_string(&e).unwrap_or_default();
+        Ok::<_, std::convert::Infallible>(
+            SseEvent::default()
+                .id(e.seq.to_string())
+                .event("deployment")
+                .data(data),
+        )
+    });
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
         .into_response())
+}
+
+/// Where an event stream resumes: after `Last-Event-ID` (what a browser
+/// sends when it reconnects), else after `?after=N`, else from the start.
+pub(crate) fn resume_after(caller: &Caller, q: &HashMap<String, String>) -> ApiResult<u64> {
+    let last_id = caller
+        .headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.trim()
+                .parse::<u64>()
+                .map_err(|_| ApiError::bad("Last-Event-ID", "Last-Event-ID is not a number"))
+        })
+        .transpose()?;
+    Ok(last_id.or(param(q, "after")?).unwrap_or(0))
+}
+
+/// A deployment's events after `after`: the stored ones, then the live ones,
+/// each exactly once, ending after the deployment's final state (or when the
+/// stream is dropped: its task ends at its next send).
+pub(crate) fn follow_events(
+    portal: Arc<Portal>,
+    id: DeploymentId,
+    after: u64,
+) -> tokio_stream::wrappers::ReceiverStream<Event> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
+    tokio::spawn(async move { follow(portal, id, after, tx).await });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// Feeds one follower: the stored events after `after`, then the live ones,
@@ -1504,17 +1726,11 @@ async fn follow(
     portal: Arc<Portal>,
     id: DeploymentId,
     mut after: u64,
-    tx: tokio::sync::mpsc::Sender<Result<SseEvent, std::convert::Infallible>>,
+    tx: tokio::sync::mpsc::Sender<Event>,
 ) {
     // Subscribe before reading the store: nothing falls between the two.
     let mut live = portal.journal.subscribe();
-    let send = |e: &Event| {
-        let data = serde_json::to_string(e).unwrap_or_default();
-        SseEvent::default()
-            .id(e.seq.to_string())
-            .event("deployment")
-            .data(data)
-    };
+    let send = |e: &Event| e.clone();
     let is_end = |e: &Event| matches!(e.kind, EventKind::State(s) if s.is_final());
     loop {
         // Catch up from the store.
@@ -1527,7 +1743,7 @@ async fn follow(
                 break;
             }
             for e in &stored {
-                if tx.send(Ok(send(e))).await.is_err() {
+                if tx.send(send(e)).await.is_err() {
                     return;
                 }
                 after = e.seq;
@@ -1546,7 +1762,7 @@ async fn follow(
         loop {
             match live.recv().await {
                 Ok((did, e)) if did == id && e.seq > after => {
-                    if tx.send(Ok(send(&e))).await.is_err() {
+                    if tx.send(e.clone()).await.is_err() {
                         return;
                     }
                     after = e.seq;

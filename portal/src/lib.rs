@@ -16,7 +16,8 @@
 //!   bound to loopback for a local browser ([`listener`]). A request is
 //!   authenticated by a user certificate of the cluster CA (HTTPS only), a
 //!   bearer token or a browser session, each acting as a user ([`auth`]);
-//!   every change is audited. Revoked certificates (the revocation list,
+//!   every change is audited. People use the web pages ([`web`]) served on
+//!   the same listeners, on the same calls. Revoked certificates (the revocation list,
 //!   [`wire::revocation`]) are refused on HTTPS and on the shells' QUIC.
 //!
 //! ```no_run
@@ -36,6 +37,7 @@ pub mod runner;
 pub mod shells;
 pub mod store;
 pub mod target;
+pub mod web;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -295,4 +295,5 @@ impl Load {
     }
 }
 
+pub mod browser;
 pub mod portal;
