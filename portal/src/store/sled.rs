@@ -4,7 +4,9 @@
 //! Trees: `targets`, `instances`, `deployments` (by id, big-endian: the main
 //! record), `runs` and `plans` (id and instance name → that instance's part and
 //! the plan it showed, written on their own so a deployment over many
-//! instances is not rewritten whole at each step), `queue` (position → id),
+//! instances is not rewritten whole at each step), `by_target` (target name,
+//! NUL, id: each target's deployments without a scan of all), `queue`
+//! (position → id),
 //! `running` (target → id: at most one per target), `events` (id and sequence
 //! number → event), `users`, `tokens` (id → token),
 //! `token_hashes` (hash → id), `sessions` (hash of the session id → session),
@@ -59,6 +61,7 @@ pub struct SledStore {
     sessions: sled::Tree,
     runs: sled::Tree,
     plans: sled::Tree,
+    by_target: sled::Tree,
     audit: sled::Tree,
     meta: sled::Tree,
     write: Mutex<()>,
@@ -96,6 +99,15 @@ fn id_of(bytes: &[u8], what: &'static str) -> Result<DeploymentId, StoreError> {
         message: "not 8 bytes".into(),
     })?;
     Ok(DeploymentId(u64::from_be_bytes(bytes)))
+}
+
+/// The key of a deployment in its target's index: the target's name, a NUL
+/// (names never hold one), its id.
+fn target_key(target: &TargetName, id: DeploymentId) -> Vec<u8> {
+    let mut key = target.as_str().as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(&be(id.0));
+    key
 }
 
 /// The key of an instance's entry of a deployment: its id, then the name.
@@ -156,6 +168,7 @@ impl SledStore {
             sessions: tree("sessions")?,
             runs: tree("runs")?,
             plans: tree("plans")?,
+            by_target: tree("by_target")?,
             audit: tree("audit")?,
             meta: tree("meta")?,
             db,
@@ -291,10 +304,12 @@ impl SledStore {
         let id = DeploymentId(self.next("deployment")?);
         let d = Deployment::new(id, new, at);
         let record = main_record(&d)?;
-        (&self.deployments, &self.queue)
-            .transaction(|(deployments, queue)| {
+        let indexed = target_key(&d.target, id);
+        (&self.deployments, &self.queue, &self.by_target)
+            .transaction(|(deployments, queue, by_target)| {
                 deployments.insert(&be(id.0), record.as_slice())?;
                 queue.insert(&be(QUEUE_BASE + id.0), &be(id.0))?;
+                by_target.insert(indexed.as_slice(), &[])?;
                 Ok(())
             })
             .map_err(embedded_db::storage_error)
@@ -444,9 +459,36 @@ impl SledStore {
         };
         let mut out = Vec::new();
         let upper = filter.before.map_or(u64::MAX, |b| b.0);
-        for entry in self.deployments.range(..be(upper)).rev() {
-            let (_, v) = entry.map_err(backend)?;
-            let mut d: Deployment = decode("deployment", &v)?;
+        // One target's deployments come from its index, not a scan of all.
+        let records: Box<dyn Iterator<Item = Result<sled::IVec, StoreError>>> = match &filter.target
+        {
+            Some(target) => Box::new(
+                self.by_target
+                    .range(
+                        target_key(target, DeploymentId(0))
+                            ..target_key(target, DeploymentId(upper)),
+                    )
+                    .keys()
+                    .rev()
+                    .map(|k| {
+                        let k = k.map_err(backend)?;
+                        let id = id_of(&k[k.len() - 8..], "target index")?;
+                        self.deployments
+                            .get(be(id.0))
+                            .map_err(backend)?
+                            .ok_or(StoreError::NoDeployment(id))
+                    }),
+            ),
+            None => Box::new(
+                self.deployments
+                    .range(..be(upper))
+                    .values()
+                    .rev()
+                    .map(|v| v.map_err(backend)),
+            ),
+        };
+        for v in records {
+            let mut d: Deployment = decode("deployment", &v?)?;
             if filter.matches(&d) {
                 // Listed without their plans (one deployment shows them).
                 self.attach_runs(&mut d)?;
@@ -494,6 +536,9 @@ impl SledStore {
             finished += 1;
             if finished > keep {
                 self.deployments.remove(&key).map_err(backend)?;
+                self.by_target
+                    .remove(target_key(&d.target, d.id))
+                    .map_err(backend)?;
                 for tree in [&self.events, &self.runs, &self.plans] {
                     for entry in tree.scan_prefix(&key).keys() {
                         tree.remove(entry.map_err(backend)?).map_err(backend)?;
