@@ -857,22 +857,35 @@ struct TargetInput {
     settings: SettingsInput,
 }
 
-/// Settings as a request gives them: what is left out keeps its value.
+/// Settings as a request gives them: what is left out keeps its value
+/// (`"strategy": null` goes back to each instance's own default).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SettingsInput {
-    strategy: Option<Strategy>,
-    rollout: Option<Rollout>,
-    canary_secs: Option<u64>,
-    parallel: Option<u32>,
-    keep_history: Option<u32>,
-    keep_rollback: Option<u32>,
+pub(crate) struct SettingsInput {
+    /// `None`: keep; `Some(None)`: each instance's default.
+    #[serde(default, deserialize_with = "present")]
+    pub(crate) strategy: Option<Option<Strategy>>,
+    pub(crate) rollout: Option<Rollout>,
+    pub(crate) canary_secs: Option<u64>,
+    pub(crate) parallel: Option<u32>,
+    pub(crate) keep_history: Option<u32>,
+    pub(crate) keep_rollback: Option<u32>,
+}
+
+/// A field that is present, even as `null` (`Some(None)`); absent is `None`
+/// through `#[serde(default)]`.
+fn present<'de, T, D>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    T: Deserialize<'de>,
+    D: serde::Deserializer<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 impl SettingsInput {
     fn apply(self, mut s: Settings) -> ApiResult<Settings> {
-        if self.strategy.is_some() {
-            s.strategy = self.strategy;
+        if let Some(strategy) = self.strategy {
+            s.strategy = strategy;
         }
         if let Some(r) = self.rollout {
             s.rollout = r;
@@ -1080,25 +1093,27 @@ async fn create_target(
     ))
 }
 
-#[derive(Debug, Deserialize)]
+/// A change to a target, as `PUT /api/v1/targets/{name}` and the Settings
+/// tab give it: what is left out keeps its value.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TargetEdit {
-    stage: Option<Stage>,
-    instances: Option<Vec<InstanceName>>,
+pub(crate) struct TargetEdit {
+    pub(crate) stage: Option<Stage>,
+    pub(crate) instances: Option<Vec<InstanceName>>,
     #[serde(default)]
-    settings: SettingsInput,
+    pub(crate) settings: SettingsInput,
 }
 
-async fn edit_target(
-    State(api): Shared,
-    caller: Caller,
-    Path(name): Path<String>,
-    body: Bytes,
-) -> ApiResult<impl IntoResponse> {
-    let who = api.principal(&caller).await?;
+/// Changes the target `name` as `who` (an admin), audited as `target.edit`:
+/// the one way both the API and the Settings tab save a target.
+pub(crate) async fn edit_target_as(
+    api: &Api,
+    who: &Principal,
+    name: &TargetName,
+    edit: TargetEdit,
+) -> ApiResult<Target> {
     who.require_admin("edit targets")?;
-    let mut target = api.target(&target_name(&name)?).await?;
-    let edit: TargetEdit = parse(&body)?;
+    let mut target = api.target(name).await?;
     if let Some(stage) = edit.stage {
         target.stage = stage;
     }
@@ -1109,7 +1124,7 @@ async fn edit_target(
     target.settings = edit.settings.apply(target.settings)?;
     api.portal.store.put_target(target.clone(), true).await?;
     api.audit(
-        &who,
+        who,
         "target.edit",
         format!("target {}", target.name),
         format!(
@@ -1118,50 +1133,86 @@ async fn edit_target(
         ),
     )
     .await;
+    Ok(target)
+}
+
+async fn edit_target(
+    State(api): Shared,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    let who = api.principal(&caller).await?;
+    who.require_admin("edit targets")?;
+    let name = target_name(&name)?;
+    api.target(&name).await?;
+    let edit: TargetEdit = parse(&body)?;
+    let target = edit_target_as(&api, &who, &name, edit).await?;
     Ok(axum::Json(target_view(&api, &target).await?))
 }
 
-async fn list_instances(State(api): Shared, caller: Caller) -> ApiResult<impl IntoResponse> {
-    api.principal(&caller).await?;
+/// An instance as `GET /api/v1/instances` and the Instances page show it:
+/// what its shell registered, the target it belongs to, online now or not.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct InstanceView {
+    pub(crate) name: InstanceName,
+    pub(crate) target: Option<TargetName>,
+    pub(crate) stage: Stage,
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) shell_version: String,
+    pub(crate) image: Option<ImageRef>,
+    pub(crate) generation: u64,
+    pub(crate) online: bool,
+    pub(crate) last_seen: i64,
+}
+
+/// Every instance that ever registered, by name.
+pub(crate) async fn instance_views(api: &Api) -> ApiResult<Vec<InstanceView>> {
     let targets = api.portal.store.targets().await?;
-    let out: Vec<_> = api
+    Ok(api
         .portal
         .store
         .instances()
         .await?
         .into_iter()
-        .map(|mut i| {
-            i.online = api.portal.shells.is_online(&i.name);
-            let target = targets
+        .map(|i| InstanceView {
+            online: api.portal.shells.is_online(&i.name),
+            target: targets
                 .iter()
                 .find(|t| t.instances.contains(&i.name))
-                .map(|t| t.name.clone());
-            json!({
-                "name": i.name, "target": target, "stage": i.stage, "labels": i.labels,
-                "shell_version": i.shell_version, "image": i.image, "generation": i.generation,
-                "online": i.online, "last_seen": i.last_seen,
-            })
+                .map(|t| t.name.clone()),
+            name: i.name,
+            stage: i.stage,
+            labels: i.labels,
+            shell_version: i.shell_version,
+            image: i.image,
+            generation: i.generation,
+            last_seen: i.last_seen,
         })
-        .collect();
-    Ok(axum::Json(out))
+        .collect())
+}
+
+async fn list_instances(State(api): Shared, caller: Caller) -> ApiResult<impl IntoResponse> {
+    api.principal(&caller).await?;
+    Ok(axum::Json(instance_views(&api).await?))
+}
+
+/// The repository's images, newest first (`GET /api/v1/images`, the Images
+/// page).
+pub(crate) async fn images_newest_first(api: &Api) -> ApiResult<Vec<wire::repo::ImageRecord>> {
+    let repo = api.repo().await?;
+    let mut images = repo
+        .images()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "repository", e.to_string()))?;
+    images.reverse();
+    Ok(images)
 }
 
 async fn list_images(State(api): Shared, caller: Caller) -> ApiResult<impl IntoResponse> {
     api.principal(&caller).await?;
-    let repo = api.repo().await?;
-    let images = repo
-        .images()
-        .await
-        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "repository", e.to_string()))?;
-    let out: Vec<_> = images
-        .into_iter()
-        .rev()
-        .map(|r| {
-            json!({ "name": r.image.name(), "id": r.id.to_string(),
-                "description": r.image.description(), "services": r.image.services(),
-                "created": r.created })
-        })
-        .collect();
+    let images = images_newest_first(&api).await?;
+    let out: Vec<_> = images.iter().map(image_view).collect();
     Ok(axum::Json(out))
 }
 
@@ -2116,7 +2167,7 @@ async fn audit_log(
 // ---------------------------------------------------------------------------
 // Images on a person's behalf, and the repository's ref moves
 
-fn repo_error(e: repo_client::ClientError) -> ApiError {
+pub(crate) fn repo_error(e: repo_client::ClientError) -> ApiError {
     match e {
         repo_client::ClientError::Remote(r) => {
             let status = match r.kind {
@@ -2151,28 +2202,31 @@ async fn show_image(
     Ok(axum::Json(image_view(&record)))
 }
 
+/// A new image, as `POST /api/v1/images` and the "new image from this one"
+/// form give it.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ImageInput {
-    name: ImageName,
+pub(crate) struct ImageInput {
+    pub(crate) name: ImageName,
     /// Start from this image's services.
-    from: Option<ImageName>,
+    pub(crate) from: Option<ImageName>,
     /// Service → revision (branch, commit id or abbreviation) to set.
     #[serde(default)]
-    set: BTreeMap<image_spec::ServiceName, String>,
+    pub(crate) set: BTreeMap<image_spec::ServiceName, String>,
     #[serde(default)]
-    description: String,
+    pub(crate) description: String,
 }
 
-/// Creates an image in the repository on the caller's behalf: they are its
-/// author (the repository records that the portal made the request).
-async fn create_image(
-    State(api): Shared,
-    caller: Caller,
-    body: Bytes,
-) -> ApiResult<impl IntoResponse> {
-    let who = api.principal(&caller).await?;
-    let input: ImageInput = parse(&body)?;
+/// Creates an image in the repository on `who`'s behalf: they are its
+/// author (the repository records that the portal made the request);
+/// audited as `image.create`. The one way both the API and the pages make
+/// an image. A bad `from` names the field `from`, a revision that does not
+/// resolve `set.SERVICE`.
+pub(crate) async fn create_image_as(
+    api: &Api,
+    who: &Principal,
+    input: ImageInput,
+) -> ApiResult<wire::repo::ImageRecord> {
     let repo = api.repo().await?;
     let mut services = match &input.from {
         Some(from) => repo
@@ -2194,19 +2248,41 @@ async fn create_image(
         })?;
         services.insert(service.clone(), commit);
     }
-    let image = image_spec::Image::new(input.name, input.description, services)
-        .map_err(|e| ApiError::bad("set", e.to_string()))?;
+    let image = image_spec::Image::new(input.name, input.description, services).map_err(|e| {
+        let field = match e {
+            image_spec::ImageError::DescriptionTooLong { .. } => "description",
+            _ => "set",
+        };
+        ApiError::bad(field, e.to_string())
+    })?;
     let record = repo
         .create_image_for(image, who.user.clone())
         .await
-        .map_err(repo_error)?;
+        .map_err(|e| {
+            let taken = e.remote_kind() == Some(&wire::repo::ErrorKind::AlreadyExists);
+            ApiError {
+                field: taken.then(|| "name".to_owned()),
+                ..repo_error(e)
+            }
+        })?;
     api.audit(
-        &who,
+        who,
         "image.create",
         format!("image {}", record.image.name()),
         format!("id {}, from {:?}", record.id, input.from),
     )
     .await;
+    Ok(record)
+}
+
+async fn create_image(
+    State(api): Shared,
+    caller: Caller,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    let who = api.principal(&caller).await?;
+    let input: ImageInput = parse(&body)?;
+    let record = create_image_as(&api, &who, input).await?;
     Ok((StatusCode::CREATED, axum::Json(image_view(&record))))
 }
 
@@ -2219,4 +2295,29 @@ async fn list_refs(
     api.principal(&caller).await?;
     let after: u64 = param(&q, "after")?.unwrap_or(0);
     Ok(axum::Json(api.portal.refs.after(after)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_left_out_keep_their_value_and_a_null_strategy_clears_it() {
+        let shadow = Settings {
+            strategy: Some(Strategy::Shadow),
+            ..Settings::default()
+        };
+        let edit = |body: &str| -> SettingsInput { parse(&Bytes::from(body.to_owned())).unwrap() };
+        let kept = edit(r#"{"parallel": 3}"#).apply(shadow.clone()).unwrap();
+        assert_eq!(kept.strategy, Some(Strategy::Shadow));
+        assert_eq!(kept.parallel, 3);
+        let cleared = edit(r#"{"strategy": null}"#).apply(shadow.clone()).unwrap();
+        assert_eq!(cleared.strategy, None);
+        let set = edit(r#"{"strategy": "in-place"}"#).apply(shadow).unwrap();
+        assert_eq!(set.strategy, Some(Strategy::InPlace));
+        let e = edit(r#"{"parallel": 0}"#)
+            .apply(Settings::default())
+            .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("settings.parallel"));
+    }
 }

@@ -237,4 +237,7 @@ pub trait Store: Send + Sync + 'static {
     fn audit(&self, entry: AuditEntry) -> StoreFuture<'_, AuditEntry>;
     /// The audit log's entries after `after`, at most `limit`.
     fn audit_log(&self, after: u64, limit: usize) -> StoreFuture<'_, Vec<AuditEntry>>;
+    /// The audit log's entries before `before` (`None`: from the newest),
+    /// newest first, at most `limit`: its pages, as people read it.
+    fn audit_newest(&self, before: Option<u64>, limit: usize) -> StoreFuture<'_, Vec<AuditEntry>>;
 }

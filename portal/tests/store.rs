@@ -402,6 +402,11 @@ async fn users_tokens_and_audit() {
     }
     let log = store.audit_log(1, 10).await.unwrap();
     assert_eq!(log.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3]);
+    // Newest first, in pages.
+    let seqs = |log: Vec<AuditEntry>| log.iter().map(|e| e.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(store.audit_newest(None, 2).await.unwrap()), vec![3, 2]);
+    assert_eq!(seqs(store.audit_newest(Some(2), 2).await.unwrap()), vec![1]);
+    assert!(store.audit_newest(Some(1), 2).await.unwrap().is_empty());
 }
 
 #[tokio::test]

@@ -147,8 +147,10 @@ async fn run() -> Res<()> {
             )
             .await?;
     }
-    let mut big = Settings::default();
-    big.keep_history = u32::MAX;
+    let big = Settings {
+        keep_history: u32::MAX,
+        ..Settings::default()
+    };
     let target = TargetName::new("svc-00")?;
     let mut t0 = store.target(&target).await?.ok_or("svc-00")?;
     t0.settings = big;

@@ -985,4 +985,17 @@ impl Store for SledStore {
                 .collect(),
         )
     }
+
+    fn audit_newest(&self, before: Option<u64>, limit: usize) -> StoreFuture<'_, Vec<AuditEntry>> {
+        let end = be(before.unwrap_or(u64::MAX));
+        ready(
+            self.audit
+                .range(..end)
+                .values()
+                .rev()
+                .take(limit)
+                .map(|v| decode("audit entry", &v.map_err(backend)?))
+                .collect(),
+        )
+    }
 }

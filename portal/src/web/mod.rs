@@ -32,16 +32,25 @@
 //! | `GET /services/{name}/deployment?image=I` | its images, the plan for `I`, the Deploy panel |
 //! | `POST /services/{name}/deploy` | queues a deployment, then its page |
 //! | `GET /services/{name}/history` | its deployments, filtered and paged |
+//! | `GET`/`POST /services/{name}/settings` | its settings and instances, admins only ([`settings`]) |
+//! | `GET /images`, `GET /images/{name}` | the images, one image ([`images`]) |
+//! | `POST /images/{name}/new` | a new image from this one, on the person's behalf |
+//! | `GET /instances` | every instance, admins only ([`instances`]) |
+//! | `GET /audit?before=N` | the audit log, newest first, paged; admins only ([`audit`]) |
 //! | `GET /deployments/{id}` | a deployment's progress and log ([`deployments`]) |
 //! | `GET /deployments/{id}/live` | its live fragments (SSE) |
 //! | `POST /deployments/{id}/cancel`, `POST /deployments/{id}/rollback` | |
 //! | `GET /assets/{hash}/{file}` | [`assets`] |
 
 pub mod assets;
+pub mod audit;
 pub mod deployments;
 pub mod format;
+pub mod images;
+pub mod instances;
 pub mod services;
 pub mod session;
+pub mod settings;
 
 use std::sync::Arc;
 
@@ -64,6 +73,15 @@ pub(crate) fn routes() -> Router<Arc<Api>> {
         .route("/services/{name}/deployment", get(services::deployment_tab))
         .route("/services/{name}/deploy", post(services::deploy))
         .route("/services/{name}/history", get(services::history))
+        .route(
+            "/services/{name}/settings",
+            get(settings::show).post(settings::save),
+        )
+        .route("/images", get(images::list))
+        .route("/images/{name}", get(images::show))
+        .route("/images/{name}/new", post(images::create))
+        .route("/instances", get(instances::list))
+        .route("/audit", get(audit::list))
         .route("/deployments/{id}", get(deployments::show))
         .route("/deployments/{id}/live", get(deployments::live))
         .route("/deployments/{id}/cancel", post(deployments::cancel))
@@ -114,8 +132,12 @@ pub struct Layout {
     pub session: bool,
     /// The assets' URLs.
     pub assets: &'static assets::Urls,
-    /// Which part of the navigation is current (`services`).
+    /// Which part of the navigation is current (`services`, `images`,
+    /// `instances`, `audit`).
     pub section: &'static str,
+    /// An admin (the navigation shows Instances and Audit, a service its
+    /// Settings tab)?
+    pub admin: bool,
 }
 
 impl Layout {
@@ -132,6 +154,7 @@ impl Layout {
             session,
             assets: assets::urls(),
             section,
+            admin: who.grant == wire::Grant::Admin,
         }
     }
 }

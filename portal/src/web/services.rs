@@ -100,23 +100,30 @@ pub(crate) async fn list(State(api): Shared, caller: Caller) -> PageResult {
 
 /// The head of a service's page.
 pub struct Head {
-    name: String,
-    stage: String,
-    image: Option<String>,
-    online: usize,
-    total: usize,
-    queued: usize,
+    pub(super) name: String,
+    pub(super) stage: String,
+    pub(super) image: Option<String>,
+    pub(super) online: usize,
+    pub(super) total: usize,
+    pub(super) queued: usize,
     /// Which tab is shown.
-    tab: &'static str,
+    pub(super) tab: &'static str,
 }
 
-struct Loaded {
-    who: Principal,
-    target: Target,
-    summary: TargetSummary,
+/// A service's page's data every tab starts from.
+pub(super) struct Loaded {
+    pub(super) who: Principal,
+    pub(super) target: Target,
+    pub(super) summary: TargetSummary,
 }
 
-async fn load(api: &Api, caller: &Caller, name: &str, here: &str) -> Result<Loaded, PageError> {
+/// Who asks, the target `name` (in their scope) and its summary.
+pub(super) async fn load(
+    api: &Api,
+    caller: &Caller,
+    name: &str,
+    here: &str,
+) -> Result<Loaded, PageError> {
     let who = principal(api, caller, here).await?;
     let name = TargetName::new(name).map_err(|e| ApiError::bad("name", e.to_string()))?;
     let target = api.target(&name).await?;
@@ -132,7 +139,7 @@ async fn load(api: &Api, caller: &Caller, name: &str, here: &str) -> Result<Load
     })
 }
 
-fn head(l: &Loaded, tab: &'static str) -> Head {
+pub(super) fn head(l: &Loaded, tab: &'static str) -> Head {
     Head {
         name: l.target.name.to_string(),
         stage: l.target.stage.to_string(),
@@ -484,7 +491,10 @@ async fn deployment_page(
     })
 }
 
-fn parse_opt<T: std::str::FromStr>(v: Option<&String>, field: &str) -> Result<Option<T>, ApiError>
+pub(super) fn parse_opt<T: std::str::FromStr>(
+    v: Option<&String>,
+    field: &str,
+) -> Result<Option<T>, ApiError>
 where
     T::Err: std::fmt::Display,
 {
