@@ -297,3 +297,4 @@ impl Load {
 
 pub mod browser;
 pub mod portal;
+pub mod relay;

@@ -26,7 +26,7 @@ use super::format::{When, bytes, short};
 use super::{Layout, PageError, PageResult, form, page, principal};
 use crate::api::{Api, ApiError, Caller, DeployInput, Shared, TargetSummary};
 use crate::auth::Principal;
-use crate::deployment::{Deployment, DeploymentState, Trigger, now_ms};
+use crate::deployment::{Deployment, DeploymentState, now_ms};
 use crate::store::DeploymentFilter;
 use crate::target::{Rollout, Target};
 
@@ -635,10 +635,8 @@ impl DeploymentRow {
             stuck: d.stuck,
             image: d.image.name.to_string(),
             who: d.requested_by.to_string(),
-            trigger: match d.trigger {
-                Trigger::Manual => "manual".into(),
-                Trigger::Rollback { of } => format!("rollback to {of}"),
-            },
+            // As the deployment's page, the API and the CLI say it.
+            trigger: d.trigger.to_string(),
             created: When::new(d.created, now),
             took: d
                 .started
