@@ -414,6 +414,28 @@ async fn the_queue_is_fifo_per_target_and_cancellable() {
     assert_eq!(all.last().unwrap()["kind"]["state"], "cancelled");
     let resumed = admin.stream_events(ids[0], Some(2), usize::MAX).await;
     assert_eq!(resumed, all[2..].to_vec());
+    // The page's own stream, asked after the last event of a finished
+    // deployment (a page that loaded as it ended): the final view once more,
+    // then `end`, which closes it — no 204 for a client to keep retrying.
+    let last = all.last().unwrap()["seq"].as_u64().unwrap();
+    let live = admin
+        .request(
+            "GET",
+            &format!("/deployments/{}/live?after={last}", ids[0]),
+            None,
+        )
+        .await;
+    assert_eq!(live.status, 200);
+    let text = live.body.as_str().unwrap_or_default();
+    assert!(
+        text.contains("event: line") && text.contains(&format!("id: {last}")),
+        "{text}"
+    );
+    assert!(text.trim_end().ends_with("event: end\ndata: end"), "{text}");
+    assert!(
+        text.contains("cancelled"),
+        "the final state is shown: {text}"
+    );
 
     // The audit log holds every change, with who made it.
     let audit = admin.get("/api/v1/audit").await;

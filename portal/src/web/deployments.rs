@@ -13,8 +13,9 @@
 //! page starts its stream after the last event it rendered; a reconnect
 //! resumes after `Last-Event-ID` (the browser's) or after the last line the
 //! page shows (molt.js), and a line already shown is never added twice. A
-//! stream asked after the final event answers 204, which stops the browser
-//! from reconnecting.
+//! stream asked after the final event sends the final view once more and
+//! `end`, which closes it: a page that loaded as the deployment ended shows
+//! how it ended, and nothing keeps reconnecting.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -362,7 +363,8 @@ pub(crate) async fn show(State(api): Shared, caller: Caller, Path(id): Path<Stri
 
 /// `GET /deployments/{id}/live?after=N` (or `Last-Event-ID`): the page's
 /// live fragments as Server-Sent Events, ending after the final state with
-/// an `end` event; 204 when the deployment is over and nothing is left.
+/// an `end` event. Asked after the deployment's last event, it sends the final
+/// view once more and `end`.
 pub(crate) async fn live(
     State(api): Shared,
     caller: Caller,
@@ -375,14 +377,43 @@ pub(crate) async fn live(
     let after = crate::api::resume_after(&caller, &q)?;
     // What the page showed up to `after`, to carry the progress on from.
     let shown = api.portal.store.events(d.id, 0, 100_000).await?;
+    let csrf = Layout::new(&who, "services").csrf;
     if d.state.is_final() && shown.last().is_none_or(|e| e.seq <= after) {
-        return Ok(StatusCode::NO_CONTENT.into_response());
+        // Nothing left to send, but the page may show an older state (the
+        // deployment ended while the page loaded): send the final view once
+        // more with the last line (a page drops a line it has) and `end`, so
+        // the page shows how it ended and no client keeps reconnecting.
+        let Some(last) = shown.last() else {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        };
+        let mut progress = Progress::planned(&d);
+        for e in &shown {
+            progress.apply(e);
+        }
+        let allowed = allowed(&api, &who, &d).await.unwrap_or_default();
+        let now = now_ms();
+        let view = view(&d, &progress, allowed, &csrf, now);
+        let line = line(last, now);
+        let html = LiveFragment {
+            view: &view,
+            line: &line,
+            oob: true,
+        }
+        .render()?;
+        let events = [
+            SseEvent::default()
+                .id(last.seq.to_string())
+                .event("line")
+                .data(html),
+            SseEvent::default().event("end").data("end"),
+        ]
+        .map(Ok::<_, Infallible>);
+        return Ok(Sse::new(tokio_stream::iter(events)).into_response());
     }
     let mut progress = Progress::planned(&d);
     for e in shown.iter().filter(|e| e.seq <= after) {
         progress.apply(e);
     }
-    let csrf = Layout::new(&who, "services").csrf;
     let id = d.id;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(16);
     // Ends when the deployment has or when the page leaves (a send fails).
