@@ -437,6 +437,35 @@ async fn the_queue_is_fifo_per_target_and_cancellable() {
         "the final state is shown: {text}"
     );
 
+    // The History page's time range: days in UTC, the last one included.
+    let history = |query: &str| {
+        let admin = admin.clone();
+        let path = format!("/services/t/history?{query}");
+        async move { admin.request("GET", &path, None).await }
+    };
+    let today = {
+        let secs = portal::deployment::now_ms() / 1000;
+        image_spec::Timestamp::from_unix_seconds(secs).to_string()[..10].to_owned()
+    };
+    let page = history(&format!("from={today}&to={today}")).await;
+    assert_eq!(page.status, 200);
+    assert!(
+        page.body.as_str().unwrap().contains("id=\"history\""),
+        "today's deployments are listed"
+    );
+    for query in ["from=2999-01-01", "to=2000-01-01"] {
+        let page = history(query).await;
+        assert_eq!(page.status, 200, "{query}");
+        assert!(
+            page.body
+                .as_str()
+                .unwrap()
+                .contains("No deployment matches"),
+            "{query}"
+        );
+    }
+    assert_eq!(history("from=yesterday").await.status, 400);
+
     // The audit log holds every change, with who made it.
     let audit = admin.get("/api/v1/audit").await;
     let actions: Vec<&str> = audit

@@ -135,3 +135,47 @@ mod tests {
         assert_eq!(short(&"0123456789abcdef"), "0123456789ab");
     }
 }
+
+/// The first millisecond of a day written `YYYY-MM-DD` (UTC), as a date input
+/// sends it; `None` for anything else.
+pub fn day_start(date: &str) -> Option<Millis> {
+    let mut parts = date.splitn(3, '-');
+    let (y, m, d) = (parts.next()?, parts.next()?, parts.next()?);
+    if y.len() != 4 || m.len() != 2 || d.len() != 2 {
+        return None;
+    }
+    let (y, m, d): (i64, i64, i64) = (y.parse().ok()?, m.parse().ok()?, d.parse().ok()?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400_000)
+}
+
+#[cfg(test)]
+mod day_tests {
+    use super::*;
+
+    #[test]
+    fn dates_become_the_start_of_their_day() {
+        assert_eq!(day_start("1970-01-01"), Some(0));
+        assert_eq!(day_start("2026-12-02"), Some(1_796_169_600_000));
+        assert_eq!(day_start("2024-02-29"), Some(1_709_164_800_000));
+        for bad in [
+            "",
+            "2026-13-01",
+            "2026-1-01",
+            "yesterday",
+            "2026-12-02T00:00",
+        ] {
+            assert_eq!(day_start(bad), None, "{bad}");
+        }
+    }
+}

@@ -653,6 +653,10 @@ pub struct Filters {
     who: String,
     image: String,
     trigger: String,
+    /// From this day on (`YYYY-MM-DD`, UTC).
+    from: String,
+    /// Up to this day, included.
+    to: String,
 }
 
 #[derive(Template)]
@@ -687,7 +691,19 @@ pub(crate) async fn history(
         who: get("who"),
         image: get("image"),
         trigger: get("trigger"),
+        from: get("from"),
+        to: get("to"),
     };
+    let day = |field: &str, text: &str| -> Result<Option<i64>, ApiError> {
+        if text.is_empty() {
+            return Ok(None);
+        }
+        super::format::day_start(text)
+            .map(Some)
+            .ok_or_else(|| ApiError::bad(field, format!("`{text}` is not a date (YYYY-MM-DD)")))
+    };
+    let since = day("from", &filters.from)?;
+    let until = day("to", &filters.to)?.map(|start| start + 86_400_000);
     let rollback = match filters.trigger.as_str() {
         "" => None,
         "manual" => Some(false),
@@ -706,9 +722,10 @@ pub(crate) async fn history(
         who: parse_opt(q.get("who"), "who")?,
         image: Some(filters.image.clone()).filter(|s| !s.is_empty()),
         rollback,
+        since,
+        until,
         before: parse_opt(q.get("before"), "before")?,
         limit: HISTORY_PAGE + 1,
-        ..Default::default()
     };
     let mut list = api.portal.store.deployments(filter).await?;
     let more = list.len() > HISTORY_PAGE;
@@ -716,11 +733,13 @@ pub(crate) async fn history(
     let now = now_ms();
     let older = match (more, list.last()) {
         (true, Some(last)) => Some(format!(
-            "status={}&who={}&image={}&trigger={}&before={}",
+            "status={}&who={}&image={}&trigger={}&from={}&to={}&before={}",
             super::urlencode(&filters.status),
             super::urlencode(&filters.who),
             super::urlencode(&filters.image),
             super::urlencode(&filters.trigger),
+            super::urlencode(&filters.from),
+            super::urlencode(&filters.to),
             last.id.0
         )),
         _ => None,
@@ -728,7 +747,9 @@ pub(crate) async fn history(
     let filtered = !(filters.status.is_empty()
         && filters.who.is_empty()
         && filters.image.is_empty()
-        && filters.trigger.is_empty());
+        && filters.trigger.is_empty()
+        && filters.from.is_empty()
+        && filters.to.is_empty());
     let h = HistoryPage {
         layout: Layout::new(&l.who, "services"),
         head: head(&l, "history"),
