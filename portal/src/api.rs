@@ -893,28 +893,27 @@ impl SettingsInput {
         if let Some(c) = self.canary_secs {
             s.canary_secs = c;
         }
-        if let Some(p) = self.parallel {
-            if p == 0 {
-                return Err(ApiError::bad(
-                    "settings.parallel",
-                    "parallel must be at least 1",
-                ));
-            }
+        if let Some(p) = at_least_one("parallel", self.parallel)? {
             s.parallel = p;
         }
-        if let Some(k) = self.keep_history {
-            if k == 0 {
-                return Err(ApiError::bad(
-                    "settings.keep_history",
-                    "keep_history must be at least 1",
-                ));
-            }
+        if let Some(k) = at_least_one("keep_history", self.keep_history)? {
             s.keep_history = k;
         }
         if let Some(k) = self.keep_rollback {
             s.keep_rollback = k;
         }
         Ok(s)
+    }
+}
+
+/// A setting that must be at least 1, if given.
+fn at_least_one(name: &str, value: Option<u32>) -> ApiResult<Option<u32>> {
+    match value {
+        Some(0) => Err(ApiError::bad(
+            &format!("settings.{name}"),
+            format!("{name} must be at least 1"),
+        )),
+        other => Ok(other),
     }
 }
 

@@ -3,9 +3,9 @@
 //!
 //! [`Browser::start`] starts (or shares, while another browser of the same
 //! test binary is open) a chromedriver on a free loopback port, and opens a
-//! chromium session with a fresh profile. Nothing is skipped: a missing
-//! `chromium` or `chromedriver` is a failure that says how to install them
-//! (`scripts/test` does, with apt-get). On drop, the browser's chromium (found
+//! chromium session with a fresh profile. A missing `chromium` or
+//! `chromedriver` fails the test with how to install them (`scripts/test`
+//! does, with apt-get). On drop, the browser's chromium (found
 //! by its own profile directory) and, with the last browser, chromedriver are
 //! ended, so a failed test leaves no process behind.
 //!
