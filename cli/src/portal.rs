@@ -833,7 +833,7 @@ pub(crate) async fn deployments(
     for d in list {
         println!(
             "{:<6} {:<16} {:<24} {:<12} {:<12} {:<16} {}",
-            d["id"],
+            d["id"].as_u64().unwrap_or_default(),
             d["target"].as_str().unwrap_or("?"),
             d["image"]["name"].as_str().unwrap_or("?"),
             format!(
