@@ -47,8 +47,8 @@ use tokio::task::{JoinError, JoinSet};
 use tracing::info;
 use wire::codec::{self, DEFAULT_FRAME_LIMIT, FrameError};
 use wire::repo::{
-    ErrorKind, ImageRecord, LogEntry, Missed, RefEvent, RemoteError, RepoReply, RepoRequest,
-    RepoResponse,
+    BranchHead, ErrorKind, ImageRecord, LogEntry, Missed, RefEvent, RemoteError, RepoReply,
+    RepoRequest, RepoResponse,
 };
 use wire::{BiStream, Client, Connection, Identity, WireError};
 
@@ -114,6 +114,16 @@ pub enum ClientError {
         claimed: BlobId,
         /// What the bytes hash to.
         actual: BlobId,
+    },
+    /// A blob is larger than the caller would read into memory.
+    #[error("blob {blob} is {size} bytes, more than the {max} read into memory")]
+    TooLarge {
+        /// The blob.
+        blob: BlobId,
+        /// Its size.
+        size: u64,
+        /// The most the caller would read.
+        max: u64,
     },
 }
 
@@ -424,6 +434,20 @@ impl RepoClient {
         }
     }
 
+    /// Every branch and its head, ordered by service then branch (`service`:
+    /// only that service's).
+    pub async fn branches(
+        &self,
+        service: Option<&ServiceName>,
+    ) -> Result<Vec<BranchHead>, ClientError> {
+        let resp = self
+            .call(&RepoRequest::ListBranches {
+                service: service.cloned(),
+            })
+            .await?;
+        expect!(resp, RepoResponse::Branches { branches } => branches, "list_branches")
+    }
+
     /// One commit.
     pub async fn commit(&self, id: CommitId) -> Result<Commit, ClientError> {
         let resp = self.call(&RepoRequest::GetCommit { id }).await?;
@@ -505,6 +529,52 @@ impl RepoClient {
             .await
             .map_err(io)?;
         Ok(total)
+    }
+
+    /// Downloads blobs into memory, verifying each, in the order asked: for
+    /// showing small files, not for installing them. A blob the repository
+    /// announces larger than `max_each` bytes is refused before any byte of it
+    /// is read ([`ClientError::TooLarge`]).
+    pub async fn read_blobs(
+        &self,
+        blobs: &[BlobId],
+        max_each: u64,
+    ) -> Result<Vec<Vec<u8>>, ClientError> {
+        let mut s = self.conn.open().await?;
+        codec::write_frame(
+            &mut s.send,
+            &RepoRequest::FetchBlobs {
+                blobs: blobs.to_vec(),
+            },
+        )
+        .await?;
+        let _ = s.send.finish();
+        let reply: RepoReply = codec::expect_frame(&mut s.recv, DEFAULT_FRAME_LIMIT).await?;
+        let sizes = expect!(reply?, RepoResponse::BlobsFollow { sizes } => sizes, "fetch_blobs")?;
+        if sizes.len() != blobs.len() {
+            return Err(ClientError::Unexpected("fetch_blobs"));
+        }
+        if let Some((id, size)) = blobs.iter().zip(&sizes).find(|(_, s)| **s > max_each) {
+            return Err(ClientError::TooLarge {
+                blob: *id,
+                size: *size,
+                max: max_each,
+            });
+        }
+        let mut out = Vec::with_capacity(blobs.len());
+        for (id, size) in blobs.iter().zip(sizes) {
+            let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+            codec::copy_exact(&mut s.recv, &mut bytes, size, |_| {}).await?;
+            let actual = BlobId::of(&bytes);
+            if actual != *id {
+                return Err(ClientError::BlobMismatch {
+                    claimed: *id,
+                    actual,
+                });
+            }
+            out.push(bytes);
+        }
+        Ok(out)
     }
 
     /// Creates an image, authored by the user this client's certificate names.

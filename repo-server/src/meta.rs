@@ -27,7 +27,7 @@ use image_spec::{
 };
 use wire::Identity;
 use wire::codec::{FrameError, decode_record, encode_record};
-use wire::repo::{ImageAuthorship, ImageRecord, REF_LOG_RETAINED, RefChange, RefEvent};
+use wire::repo::{BranchHead, ImageAuthorship, ImageRecord, REF_LOG_RETAINED, RefChange, RefEvent};
 
 /// Why metadata could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +51,12 @@ pub enum MetaError {
         what: &'static str,
         /// Why.
         source: FrameError,
+    },
+    /// A stored key does not parse: the database is corrupt.
+    #[error("a stored {what} key is malformed")]
+    Key {
+        /// What kind of record.
+        what: &'static str,
     },
 }
 
@@ -93,6 +99,9 @@ pub trait MetaStore: Send + Sync + 'static {
         service: &ServiceName,
         branch: &BranchName,
     ) -> Result<Option<CommitId>, MetaError>;
+    /// Every branch with its head, ordered by service then branch (`service`:
+    /// only that service's).
+    fn heads(&self, service: Option<&ServiceName>) -> Result<Vec<BranchHead>, MetaError>;
     /// Moves a branch from `expected` to `new`, atomically, logging the move as
     /// made by `by` at `at`.
     fn swap_head(
@@ -336,6 +345,28 @@ impl MetaStore for SledMeta {
             .get(head_key(service, branch))?
             .and_then(|v| id_bytes(&v))
             .map(CommitId::from_bytes))
+    }
+
+    fn heads(&self, service: Option<&ServiceName>) -> Result<Vec<BranchHead>, MetaError> {
+        let prefix = service.map(|s| format!("{s}/")).unwrap_or_default();
+        let mut out = Vec::new();
+        for kv in self.heads.scan_prefix(prefix.as_bytes()) {
+            let (k, v) = kv?;
+            let bad = || MetaError::Key {
+                what: "branch head",
+            };
+            let key = std::str::from_utf8(&k).map_err(|_| bad())?;
+            let (service, branch) = key.split_once('/').ok_or_else(bad)?;
+            out.push(BranchHead {
+                service: ServiceName::new(service).map_err(|_| bad())?,
+                branch: BranchName::new(branch).map_err(|_| bad())?,
+                head: CommitId::from_bytes(id_bytes(&v).ok_or_else(bad)?),
+            });
+        }
+        // Keys sort as `service/branch` bytes, where `-` and `.` come before
+        // `/` (`a-b/main` before `a/main`): sort by the fields themselves.
+        out.sort_by(|a, b| (&a.service, &a.branch).cmp(&(&b.service, &b.branch)));
+        Ok(out)
     }
 
     fn swap_head(
@@ -587,6 +618,46 @@ mod tests {
             })
             .collect();
         assert_eq!(heads, [(1, None, a), (2, Some(a), b)]);
+    }
+
+    #[test]
+    fn heads_are_listed_by_service_then_branch() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = SledMeta::open(dir.path()).unwrap();
+        let ada: Identity = "user/ada/developer".parse().unwrap();
+        let at = Timestamp::from_unix_seconds(1);
+        let mut made = Vec::new();
+        // `a-b` sorts before `a` as a `service/branch` key; the list must not.
+        for (service, branch) in [("a-b", "main"), ("a", "dev-ada"), ("a", "main")] {
+            let svc = ServiceName::new(service).unwrap();
+            let br = BranchName::new(branch).unwrap();
+            let c = meta.put_commit(&commit(service, branch, vec![])).unwrap().0;
+            meta.swap_head(&svc, &br, None, c, &ada, at).unwrap();
+            made.push((service, branch, c));
+        }
+        let listed: Vec<_> = meta
+            .heads(None)
+            .unwrap()
+            .into_iter()
+            .map(|h| (h.service.to_string(), h.branch.to_string(), h.head))
+            .collect();
+        let want = |i: usize| {
+            let (s, b, c) = made[i];
+            (s.to_owned(), b.to_owned(), c)
+        };
+        assert_eq!(listed, [want(1), want(2), want(0)]);
+        let only: Vec<_> = meta
+            .heads(Some(&ServiceName::new("a").unwrap()))
+            .unwrap()
+            .into_iter()
+            .map(|h| h.branch.to_string())
+            .collect();
+        assert_eq!(only, ["dev-ada", "main"]);
+        assert!(
+            meta.heads(Some(&ServiceName::new("zzz").unwrap()))
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

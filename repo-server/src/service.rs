@@ -124,6 +124,7 @@ fn request_name(req: &RepoRequest) -> &'static str {
         RepoRequest::ListImages => "list_images",
         RepoRequest::CreateCommitFromDiff { .. } => "create_commit_from_diff",
         RepoRequest::WatchRefs { .. } => "watch_refs",
+        RepoRequest::ListBranches { .. } => "list_branches",
     }
 }
 
@@ -312,6 +313,9 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
             }
             RepoRequest::ListImages => Ok(RepoResponse::Images {
                 images: self.meta.images()?,
+            }),
+            RepoRequest::ListBranches { service } => Ok(RepoResponse::Branches {
+                branches: self.meta.heads(service.as_ref())?,
             }),
             RepoRequest::PutBlobs { .. }
             | RepoRequest::FetchBlobs { .. }

@@ -729,3 +729,52 @@ async fn a_change_is_pushed_as_a_diff_with_or_without_a_tree_cache() {
     assert_eq!(err.remote_kind(), Some(&ErrorKind::Invalid), "{err}");
     assert!(err.to_string().contains("does not apply"), "{err}");
 }
+
+/// The repository lists every branch with its head, for the portal's
+/// Repository pages, and reads small blobs into memory verified, refusing one
+/// larger than the caller allows before reading it.
+#[tokio::test]
+async fn branches_are_listed_and_small_blobs_read_into_memory() {
+    let cluster = TestCluster::start().await;
+    let repo = cluster.repo_client("user/ada/developer").await;
+    let orders = cluster.path("orders");
+    write_service(&orders, "orders", &[("notes.txt", b"one\ntwo\n")]);
+    let first = repo.push(&orders, &push_main("m"), |_| {}).await.unwrap();
+    write_file(&orders, "notes.txt", b"one\nthree\n");
+    let mut dev = push_main("on a branch");
+    dev.branch = BranchName::new("dev-ada").unwrap();
+    let second = repo.push(&orders, &dev, |_| {}).await.unwrap();
+    let pay = cluster.path("pay");
+    write_service(&pay, "payments", &[]);
+    let payments = repo.push(&pay, &push_main("m"), |_| {}).await.unwrap();
+
+    let listed: Vec<(String, String, image_spec::CommitId)> = repo
+        .branches(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| (h.service.to_string(), h.branch.to_string(), h.head))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("orders".into(), "dev-ada".into(), second.commit),
+            ("orders".into(), "main".into(), first.commit),
+            ("payments".into(), "main".into(), payments.commit),
+        ]
+    );
+    let only = repo.branches(Some(&svc("payments"))).await.unwrap();
+    assert_eq!(only.len(), 1);
+    assert!(repo.branches(Some(&svc("nothing"))).await.unwrap().is_empty());
+
+    let a = BlobId::of(b"one\ntwo\n");
+    let b = BlobId::of(b"one\nthree\n");
+    let read = repo.read_blobs(&[b, a], 100).await.unwrap();
+    assert_eq!(read, [b"one\nthree\n".to_vec(), b"one\ntwo\n".to_vec()]);
+    match repo.read_blobs(&[a, b], 9).await.unwrap_err() {
+        ClientError::TooLarge { blob, size, max } => assert_eq!((blob, size, max), (b, 10, 9)),
+        other => panic!("expected TooLarge, got {other}"),
+    }
+    // The connection still serves after a refused read.
+    assert_eq!(repo.read_blobs(&[a], 8).await.unwrap().len(), 1);
+}

@@ -174,6 +174,11 @@ pub enum RepoRequest {
         /// it is sent first. `None`: only events from now on.
         after: Option<u64>,
     },
+    /// Every branch and its head, ordered by service then branch name.
+    ListBranches {
+        /// Only this service's branches (`None`: every service's).
+        service: Option<ServiceName>,
+    },
 }
 
 /// Who created an image and when, recorded by the repository from the verified
@@ -260,6 +265,17 @@ pub struct LogEntry {
     pub commit: Commit,
 }
 
+/// A branch and where it points, as listed by [`RepoRequest::ListBranches`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BranchHead {
+    /// The service the branch belongs to.
+    pub service: ServiceName,
+    /// The branch.
+    pub branch: BranchName,
+    /// Its head commit.
+    pub head: CommitId,
+}
+
 /// A successful answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RepoResponse {
@@ -344,6 +360,11 @@ pub enum RepoResponse {
         /// The event.
         event: RefEvent,
     },
+    /// Branches and their heads.
+    Branches {
+        /// Ordered by service, then branch name.
+        branches: Vec<BranchHead>,
+    },
 }
 
 /// What kind of failure a [`RemoteError`] is.
@@ -426,6 +447,7 @@ impl Operation {
             | RepoRequest::FetchBlobs { .. }
             | RepoRequest::GetImage { .. }
             | RepoRequest::ListImages
+            | RepoRequest::ListBranches { .. }
             | RepoRequest::WatchRefs { .. } => Operation::Read,
         }
     }
@@ -517,6 +539,10 @@ mod tests {
                 new: commit.id(),
             },
             RepoRequest::ListImages,
+            RepoRequest::ListBranches { service: None },
+            RepoRequest::ListBranches {
+                service: Some(ServiceName::new("orders").unwrap()),
+            },
         ];
         for req in requests {
             let frame = encode_frame(&req, DEFAULT_FRAME_LIMIT).unwrap();
@@ -525,6 +551,13 @@ mod tests {
         let replies: Vec<RepoReply> = vec![
             Ok(RepoResponse::Diff {
                 diff: TreeDiff::between(&Tree::empty(), &tree),
+            }),
+            Ok(RepoResponse::Branches {
+                branches: vec![BranchHead {
+                    service: ServiceName::new("orders").unwrap(),
+                    branch: BranchName::new("dev-ada").unwrap(),
+                    head: commit.id(),
+                }],
             }),
             Ok(RepoResponse::Log {
                 entries: vec![LogEntry {
