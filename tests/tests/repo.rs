@@ -765,7 +765,12 @@ async fn branches_are_listed_and_small_blobs_read_into_memory() {
     );
     let only = repo.branches(Some(&svc("payments"))).await.unwrap();
     assert_eq!(only.len(), 1);
-    assert!(repo.branches(Some(&svc("nothing"))).await.unwrap().is_empty());
+    assert!(
+        repo.branches(Some(&svc("nothing")))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     let a = BlobId::of(b"one\ntwo\n");
     let b = BlobId::of(b"one\nthree\n");

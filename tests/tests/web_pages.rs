@@ -371,3 +371,124 @@ async fn a_deployer_sees_no_admin_page_and_is_refused_them() {
     );
     browser.close().await;
 }
+
+/// The Repository pages, reached as a person would: the microservices and
+/// their branches, a branch's log, a commit with its text diff, and from a
+/// plan's "changes" link; a bad revision is a clear 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_repository_pages_show_branches_commits_and_diffs() {
+    let (_cluster, portal, _shell, v2) = setup().await;
+    let browser = Browser::start(portal.http).await;
+    browser.goto("/repository").await;
+    log_in(&browser, "bob").await;
+    let row = browser
+        .text("tr[data-microservice=hello][data-branch=main]")
+        .await;
+    assert!(row.contains("hello v2"), "{row}");
+    assert!(row.contains(&v2.to_hex()[..12]), "{row}");
+    browser.screenshot("repository").await;
+
+    // The branch's log, newest first.
+    browser
+        .find("tr[data-branch=main] td a")
+        .await
+        .click()
+        .await
+        .unwrap();
+    let log = browser
+        .wait_text("#commits", 20, |t| t.contains("hello v1"))
+        .await;
+    assert!(
+        log.find("hello v2").unwrap() < log.find("hello v1").unwrap(),
+        "{log}"
+    );
+    let rows = browser.find_all("#commits tbody tr").await;
+    assert_eq!(rows.len(), 2);
+    let first = rows[1].attr("data-commit").await.unwrap().unwrap();
+    assert_ne!(first, v2.to_hex());
+
+    // v2's commit: service.toml changed, the greeting line replaced.
+    browser
+        .find(&format!("tr[data-commit='{}'] th a", v2.to_hex()))
+        .await
+        .click()
+        .await
+        .unwrap();
+    browser.find("#commit-message").await;
+    assert!(browser.text("#commit-message").await.contains("hello v2"));
+    let file = browser.find("section.file[data-path='service.toml']").await;
+    assert_eq!(file.attr("data-kind").await.unwrap().unwrap(), "modified");
+    let removed = browser
+        .text("section.file[data-path='service.toml'] tr.del")
+        .await;
+    let added = browser
+        .text("section.file[data-path='service.toml'] tr.add")
+        .await;
+    assert!(removed.contains("-GREETING = \"hello v1\""), "{removed}");
+    assert!(added.contains("+GREETING = \"hello v2\""), "{added}");
+    assert_eq!(
+        browser.text("#change-counts").await,
+        "0 added, 1 modified, 0 removed."
+    );
+    browser.screenshot("commit").await;
+
+    // The plan of image v1 (nothing runs yet: hello is added) links to the
+    // commit it adds, which was the first: every file added.
+    browser.goto("/services/shop/deployment?image=v1").await;
+    let link = browser
+        .find("table.plan tr[data-microservice=hello] a.changes")
+        .await;
+    let href = link.attr("href").await.unwrap().unwrap();
+    assert_eq!(href, format!("/repository/hello/commits/{first}"));
+    link.click().await.unwrap();
+    browser.find("#commit-message").await;
+    let mut files = Vec::new();
+    for f in browser.find_all("section.file").await {
+        files.push((
+            f.attr("data-path").await.unwrap().unwrap(),
+            f.attr("data-kind").await.unwrap().unwrap(),
+        ));
+    }
+    let added = |p: &str| (p.to_owned(), "added".to_owned());
+    assert_eq!(
+        files,
+        [
+            added(".moltignore"),
+            added("server.py"),
+            added("service.toml")
+        ]
+    );
+    assert!(
+        browser
+            .text("main")
+            .await
+            .contains("none: the first commit")
+    );
+
+    // Between any two revisions; the same tree twice is no change at all.
+    browser
+        .goto(&format!("/repository/hello/diff?from={first}&to=main"))
+        .await;
+    assert_eq!(
+        browser.text("#change-counts").await,
+        "0 added, 1 modified, 0 removed."
+    );
+    browser
+        .goto("/repository/hello/diff?from=main&to=main")
+        .await;
+    browser.find("#no-changes").await;
+
+    // Bad revisions and names: a clear error, not a blank page.
+    browser
+        .goto("/repository/hello/diff?from=no-such-branch&to=main")
+        .await;
+    let missing = browser.wait_text("main", 20, |t| t.contains("404")).await;
+    assert!(missing.contains("no-such-branch"), "{missing}");
+    browser.goto("/repository/nothing").await;
+    let missing = browser.wait_text("main", 20, |t| t.contains("404")).await;
+    assert!(missing.contains("nothing"), "{missing}");
+    browser.goto("/repository/hello/diff?to=main").await;
+    let bad = browser.wait_text("main", 20, |t| t.contains("400")).await;
+    assert!(bad.contains("from"), "{bad}");
+    browser.close().await;
+}

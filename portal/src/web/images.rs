@@ -7,8 +7,7 @@
 //! - One image: the repository's record (`RepoClient::image`), each
 //!   microservice's commit (`RepoClient::commit`) and its `main` head
 //!   (`RepoClient::head`); the branches offered for each microservice are
-//!   the ones the portal saw move in the repository's ref log
-//!   ([`crate::refs::Refs::after`]), and `main`.
+//!   its branches in the repository (`RepoClient::branches`), and `main`.
 //! - A new image: [`crate::api::create_image_as`], the code behind
 //!   `POST /api/v1/images` — made in the repository on the person's behalf
 //!   (they are its author, the portal its `by`), audited as `image.create`.
@@ -24,7 +23,7 @@ use axum::extract::{Path, State};
 use axum::response::{Html, IntoResponse, Redirect};
 use image_spec::{BranchName, ImageName, ServiceName, TargetName};
 use wire::Identity;
-use wire::repo::{ImageRecord, RefChange};
+use wire::repo::ImageRecord;
 
 use super::format::{When, short};
 use super::{Layout, PageError, PageResult, form, page, principal};
@@ -110,6 +109,8 @@ pub struct CommitView {
 pub struct ServiceLine {
     name: String,
     commit: String,
+    /// The commit's full id (for links).
+    commit_id: String,
     /// The commit, when the repository could give it.
     details: Option<CommitView>,
     /// Its `main` head: `None` without a `main` branch.
@@ -168,20 +169,6 @@ fn commit_view(id: image_spec::CommitId, c: &image_spec::Commit, now: i64) -> Co
     }
 }
 
-/// The branches of each service the portal saw move.
-fn known_branches(api: &Api) -> BTreeMap<ServiceName, BTreeSet<String>> {
-    let mut out: BTreeMap<ServiceName, BTreeSet<String>> = BTreeMap::new();
-    for e in api.portal.refs.after(0) {
-        if let RefChange::BranchMoved {
-            service, branch, ..
-        } = e.change
-        {
-            out.entry(service).or_default().insert(branch.to_string());
-        }
-    }
-    out
-}
-
 /// The image page for `who`, with the form as sent (`None`: fresh).
 async fn image_page(
     api: &Api,
@@ -193,7 +180,15 @@ async fn image_page(
     let record = repo.image(name).await.map_err(crate::api::repo_error)?;
     let now = now_ms();
     let main = BranchName::new("main").ok();
-    let mut branches = known_branches(api);
+    // The branches offered for each microservice: every branch it has
+    // (none listed if the repository cannot say; `main` is always offered).
+    let mut branches: BTreeMap<ServiceName, BTreeSet<String>> = BTreeMap::new();
+    for h in repo.branches(None).await.unwrap_or_default() {
+        branches
+            .entry(h.service)
+            .or_default()
+            .insert(h.branch.to_string());
+    }
     let mut services = Vec::new();
     for (service, commit) in record.image.services() {
         let details = repo
@@ -217,6 +212,7 @@ async fn image_page(
         services.push(ServiceLine {
             name: service.to_string(),
             commit: short(commit),
+            commit_id: commit.to_hex(),
             details,
             at_main: head.as_ref().is_some_and(|h| h.id == *commit),
             main: head.map(|h| commit_view(h.id, &h.commit, now)),

@@ -35,6 +35,10 @@
 //! | `GET`/`POST /services/{name}/settings` | its settings and instances, admins only ([`settings`]) |
 //! | `GET /images`, `GET /images/{name}` | the images, one image ([`images`]) |
 //! | `POST /images/{name}/new` | a new image from this one, on the person's behalf |
+//! | `GET /repository` | every microservice and its branches ([`repository`]) |
+//! | `GET /repository/{service}?branch=B` | a branch's commit log |
+//! | `GET /repository/{service}/commits/{rev}` | a commit and its changes, text diffs of small text files |
+//! | `GET /repository/{service}/diff?from=A&to=B` | the changes between two commits (the plan links here) |
 //! | `GET /instances` | every instance, admins only ([`instances`]) |
 //! | `GET /audit?before=N` | the audit log, newest first, paged; admins only ([`audit`]) |
 //! | `GET /deployments/{id}` | a deployment's progress and log ([`deployments`]) |
@@ -48,6 +52,7 @@ pub mod deployments;
 pub mod format;
 pub mod images;
 pub mod instances;
+pub mod repository;
 pub mod services;
 pub mod session;
 pub mod settings;
@@ -80,6 +85,13 @@ pub(crate) fn routes() -> Router<Arc<Api>> {
         .route("/images", get(images::list))
         .route("/images/{name}", get(images::show))
         .route("/images/{name}/new", post(images::create))
+        .route("/repository", get(repository::services))
+        .route("/repository/{service}", get(repository::log))
+        .route(
+            "/repository/{service}/commits/{rev}",
+            get(repository::commit),
+        )
+        .route("/repository/{service}/diff", get(repository::diff))
         .route("/instances", get(instances::list))
         .route("/audit", get(audit::list))
         .route("/deployments/{id}", get(deployments::show))
@@ -133,7 +145,7 @@ pub struct Layout {
     /// The assets' URLs.
     pub assets: &'static assets::Urls,
     /// Which part of the navigation is current (`services`, `images`,
-    /// `instances`, `audit`).
+    /// `repository`, `instances`, `audit`).
     pub section: &'static str,
     /// An admin (the navigation shows Instances and Audit, a service its
     /// Settings tab)?

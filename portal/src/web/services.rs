@@ -310,6 +310,8 @@ pub struct ChangeView {
     to: String,
     rebuilt: bool,
     restarted: bool,
+    /// The repository page of what changed (old → new, or the one commit).
+    link: Option<String>,
 }
 
 /// One instance's plan.
@@ -409,6 +411,15 @@ fn plan_view(p: &crate::api::TargetPlan) -> PlanView {
                             to: s.to.as_ref().map(short).unwrap_or_else(|| "—".into()),
                             rebuilt: built.contains(&s.service),
                             restarted: changed && !matches!(s.action, Action::Remove),
+                            link: changed
+                                .then(|| {
+                                    super::repository::changes_link(
+                                        &s.service,
+                                        s.from.as_ref(),
+                                        s.to.as_ref(),
+                                    )
+                                })
+                                .flatten(),
                         }
                     })
                     .collect();
