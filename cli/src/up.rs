@@ -213,11 +213,11 @@ async fn run(
     let portal = start_portal(&mut loaded, ephemeral, repo_addr, shutdown, daemons).await?;
     out.event(
         format_args!(
-            "portal: API on {}, shells attach on {}",
-            portal.url, portal.quic
+            "portal: web and API on {} and {}, shells attach on {}",
+            portal.url, portal.https, portal.quic
         ),
         "portal",
-        json!({ "url": portal.url, "quic": portal.quic }),
+        json!({ "url": portal.url, "https": portal.https, "quic": portal.quic }),
     );
 
     let mut instances = BTreeMap::new();

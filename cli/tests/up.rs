@@ -224,6 +224,14 @@ fn molt_up_serves_the_examples_stops_on_ctrl_c_and_comes_back() {
     assert_eq!(events[16]["deployment"]["target"], "prod");
     let ready = &events[17];
     assert_eq!(ready["portal"], events[1]["url"]);
+    assert!(
+        events[1]["https"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://127.0.0.1:"),
+        "{}",
+        events[1]
+    );
     // The admin's login, made once: written 0600, and it logs in.
     let login = &events[5];
     let file = Path::new(login["file"].as_str().unwrap());

@@ -1083,7 +1083,11 @@ async fn create_target(
         &who,
         "target.create",
         format!("target {}", target.name),
-        format!("stage {}, instances {:?}", target.stage, target.instances),
+        format!(
+            "stage {}, instances {}",
+            target.stage,
+            crate::target::names(&target.instances)
+        ),
     )
     .await;
     Ok((
@@ -1127,8 +1131,10 @@ pub(crate) async fn edit_target_as(
         "target.edit",
         format!("target {}", target.name),
         format!(
-            "stage {}, instances {:?}, settings {:?}",
-            target.stage, target.instances, target.settings
+            "stage {}, instances {}; {}",
+            target.stage,
+            crate::target::names(&target.instances),
+            target.settings
         ),
     )
     .await;
@@ -1406,7 +1412,7 @@ async fn enqueue(
         "deployment.create",
         format!("deployment {}", d.id),
         format!(
-            "target {}, image {}, {}, options {:?}",
+            "target {}, image {}, {}; {}",
             d.target, d.image.name, d.trigger, d.options
         ),
     )
@@ -2119,8 +2125,13 @@ async fn create_token(
         "token.create",
         format!("token {}", token.id),
         format!(
-            "for {}, grant {}, targets {:?}",
-            token.user, token.grant, token.targets
+            "for {}, grant {}, targets {}",
+            token.user,
+            token.grant,
+            token
+                .targets
+                .as_deref()
+                .map_or_else(|| "all".to_owned(), crate::target::names)
         ),
     )
     .await;
@@ -2268,7 +2279,10 @@ pub(crate) async fn create_image_as(
         who,
         "image.create",
         format!("image {}", record.image.name()),
-        format!("id {}, from {:?}", record.id, input.from),
+        match &input.from {
+            Some(from) => format!("id {}, from image {from}", record.id),
+            None => format!("id {}", record.id),
+        },
     )
     .await;
     Ok(record)

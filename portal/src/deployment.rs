@@ -161,6 +161,31 @@ impl fmt::Display for Trigger {
     }
 }
 
+impl fmt::Display for DeployOptions {
+    /// In plain words, only what is set: `strategy shadow, only shop-1,
+    /// hooks skipped`, or `the target's settings`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(s) = self.strategy {
+            parts.push(format!("strategy {s}"));
+        }
+        if let Some(r) = self.rollout {
+            parts.push(format!("rollout {r}"));
+        }
+        if let Some(i) = &self.instance {
+            parts.push(format!("only {i}"));
+        }
+        if self.skip_hooks {
+            parts.push("hooks skipped".to_owned());
+        }
+        if parts.is_empty() {
+            f.write_str("the target's settings")
+        } else {
+            f.write_str(&parts.join(", "))
+        }
+    }
+}
+
 /// How a deployment is carried out; unset fields take the target's settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeployOptions {
@@ -382,6 +407,24 @@ mod tests {
     use Transition as T;
 
     const TRANSITIONS: [Transition; 5] = [T::Start, T::Succeed, T::Fail, T::RollBack, T::Cancel];
+
+    #[test]
+    fn options_read_as_words_naming_only_what_is_set() {
+        assert_eq!(
+            DeployOptions::default().to_string(),
+            "the target's settings"
+        );
+        let set = DeployOptions {
+            strategy: Some(Strategy::Shadow),
+            rollout: Some(Rollout::Canary),
+            instance: Some(InstanceName::new("shop-1").unwrap()),
+            skip_hooks: true,
+        };
+        assert_eq!(
+            set.to_string(),
+            "strategy shadow, rollout canary, only shop-1, hooks skipped"
+        );
+    }
 
     #[test]
     fn queued_starts_or_is_cancelled() {

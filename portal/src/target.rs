@@ -85,6 +85,34 @@ pub struct Settings {
     pub keep_rollback: u32,
 }
 
+impl fmt::Display for Settings {
+    /// In plain words, for the audit log and messages:
+    /// `rollout one-by-one, strategy shadow, parallel 25, canary 30 s, history 200, rollback 5`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "rollout {}, strategy ", self.rollout)?;
+        match self.strategy {
+            Some(s) => write!(f, "{s}")?,
+            None => f.write_str("each instance's default")?,
+        }
+        write!(
+            f,
+            ", parallel {}, canary {} s, history {}, rollback {}",
+            self.parallel, self.canary_secs, self.keep_history, self.keep_rollback
+        )
+    }
+}
+
+/// A list of names in plain words: `a, b` or `none`.
+pub fn names<T: fmt::Display>(list: &[T]) -> String {
+    if list.is_empty() {
+        return "none".to_owned();
+    }
+    list.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self {
@@ -138,6 +166,17 @@ pub struct InstanceRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_and_lists_read_as_words() {
+        assert_eq!(
+            Settings::default().to_string(),
+            "rollout one-by-one, strategy each instance's default, parallel 25, \
+             canary 30 s, history 200, rollback 5"
+        );
+        assert_eq!(names::<String>(&[]), "none");
+        assert_eq!(names(&["a-1", "b-2"]), "a-1, b-2");
+    }
 
     #[test]
     fn rollouts_make_waves() {

@@ -492,6 +492,22 @@ async fn the_queue_is_fifo_per_target_and_cancellable() {
             .iter()
             .all(|e| e["who"] == "admin")
     );
+    // Details are plain words a person reads, not program structures.
+    for e in audit.as_array().unwrap() {
+        let detail = e["detail"].as_str().unwrap();
+        assert!(
+            !detail.contains('{') && !detail.contains("Some(") && !detail.contains('['),
+            "{detail}"
+        );
+    }
+    assert!(
+        audit[1]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("target t, image "),
+        "{}",
+        audit[1]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
