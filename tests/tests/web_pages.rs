@@ -311,7 +311,7 @@ async fn an_admin_changes_settings_makes_an_image_and_sees_instances_and_the_aud
         .collect();
     assert_eq!(edits.len(), 2, "two saves: {lines:#?}");
     assert!(
-        edits[1].contains("alice") && edits[1].contains("Canary"),
+        edits[1].contains("alice") && edits[1].contains("rollout canary, strategy shadow"),
         "{lines:#?}"
     );
     assert!(
