@@ -74,6 +74,7 @@ const NOT_INHERITED: &[&str] = &["CARGO_TARGET_DIR", "CARGO_BUILD_TARGET_DIR"];
 fn build_command(build: &TimedCommand, dir: &Path, env: &[(String, String)]) -> Command {
     let mut child = Command::new(build.command.program());
     crate::process::owned_by_shell(&mut child);
+    crate::process::without_file_override(&mut child);
     for name in NOT_INHERITED {
         child.env_remove(name);
     }

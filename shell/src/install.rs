@@ -3,11 +3,14 @@
 //! [`install`] compares the installed commit with the target (equal: nothing to
 //! do), asks the repository for the diff (or the full tree for a first install),
 //! fetches only the blobs missing from the instance's [`BlobCache`] (each verified
-//! on arrival), makes the new release from the previous one ([`crate::release`]),
-//! runs the build there, and seals the release. Nothing is started and nothing is
+//! on arrival), makes the new release — the tree's files linked from the cache
+//! or copied, the previous release's build outputs copied ([`crate::release`])
+//! —, runs the build there, checks the build changed none of the tree's
+//! files, and seals the release. Nothing is started and nothing is
 //! recorded: that is the upgrade's job, once everything is serving. A failure at
 //! any step leaves no new release behind and the previous one untouched.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -306,12 +309,12 @@ pub async fn manifest(
     })
 }
 
-/// Fetches the blobs the release needs that the cache lacks; returns how many
+/// Fetches the blobs the release needs that the cache lacks; returns them
 /// and their bytes.
 pub async fn fetch(
     ctx: &InstallContext<'_>,
     prepared: &Prepared,
-) -> Result<(u64, u64), InstallError> {
+) -> Result<(Vec<BlobId>, u64), InstallError> {
     let (missing, _) = prepared.missing(ctx.cache);
     let bytes = if missing.is_empty() {
         0
@@ -319,7 +322,7 @@ pub async fn fetch(
         ctx.repo.fetch_blobs_to(&missing, &ctx.cache.dir).await?
     };
     crate::crash::point("after-fetch");
-    Ok((missing.len() as u64, bytes))
+    Ok((missing, bytes))
 }
 
 /// A release being made: staged and not sealed yet, or sealed.
@@ -331,12 +334,19 @@ pub enum Made {
     Staged(Staging, Installed),
 }
 
-/// Makes the release of `prepared`: verifies a sealed one, or stages a copy of
-/// the previous release with the diff applied (refusing up front when the disk
-/// cannot hold it). A release with no build command is sealed at once. A
-/// failure leaves nothing behind.
-pub fn make_release(ctx: &InstallContext<'_>, prepared: &Prepared) -> Result<Made, InstallError> {
-    let (base, from, diff) = match &prepared.source {
+/// Makes the release of `prepared`: verifies a sealed one, or assembles a
+/// new one from the blob cache and the previous release
+/// ([`Releases::assemble`]; `fresh`: the blobs fetched for it), refusing up
+/// front when the disk cannot hold what it copies. A release with no build
+/// command is sealed at once. A failure leaves nothing behind. Blocking: it
+/// hashes and copies, so async callers run it on a blocking thread.
+pub fn make_release(
+    releases: &Releases,
+    cache: &BlobCache,
+    prepared: &Prepared,
+    fresh: &BTreeSet<BlobId>,
+) -> Result<Made, InstallError> {
+    let (base, from) = match &prepared.source {
         Source::Sealed(dir) => {
             crate::release::verify(dir, &prepared.tree)?;
             return Ok(Made::Sealed(Installed {
@@ -345,33 +355,47 @@ pub fn make_release(ctx: &InstallContext<'_>, prepared: &Prepared) -> Result<Mad
                 dir: dir.clone(),
             }));
         }
-        Source::Diff { base, from, diff } => (base, from, diff),
+        Source::Diff { base, from, .. } => (base, from),
     };
     let service = &prepared.service;
     let target = prepared.commit;
-    // Pre-flight: the new release needs a copy of the previous one plus the files
-    // the diff adds; refuse with the numbers rather than fail half way.
-    let needed = from.as_deref().map_or(Ok(0), crate::release::dir_size)?
-        + diff
-            .changes()
+    // Pre-flight: the new release copies the previous one's build outputs
+    // (what it holds beyond its tree) and the files it cannot link; refuse
+    // with the numbers rather than fail half way.
+    let outputs = match from.as_deref() {
+        Some(dir) => crate::release::dir_size(dir)?.saturating_sub(base.total_size()),
+        None => 0,
+    };
+    let needed = outputs
+        + prepared
+            .tree
+            .entries()
             .iter()
-            .filter_map(|c| match c {
-                image_spec::Change::Added(e) | image_spec::Change::Modified(e) => Some(e.size()),
-                _ => None,
-            })
+            .filter(|e| e.mode().is_file() && base.get(e.path()) != Some(*e))
+            .map(|e| e.size())
             .sum::<u64>();
-    let available = ctx.releases.free_space()?;
+    let available = releases.free_space()?;
     if needed > available {
         return Err(ReleaseError::NoSpace {
-            path: ctx.releases.dir(service, &target),
+            path: releases.dir(service, &target),
             needed,
             available,
         }
         .into());
     }
-    let stage = ctx.releases.stage(service, &target, from.as_deref())?;
+    let blob_path = |id: &BlobId| cache.path(id);
+    let sources = crate::release::Sources {
+        cache: &blob_path,
+        fresh,
+    };
+    let stage = releases.assemble(
+        service,
+        &target,
+        &prepared.tree,
+        from.as_deref().map(|dir| (dir, base)),
+        &sources,
+    )?;
     let staged = (|| {
-        stage.apply(base, diff, |id| ctx.cache.path(id))?;
         let manifest = release_manifest(stage.dir())?;
         if matches!(
             manifest.kind(),
@@ -395,13 +419,35 @@ pub fn make_release(ctx: &InstallContext<'_>, prepared: &Prepared) -> Result<Mad
     let installed = Installed {
         commit: target,
         tree: prepared.tree.clone(),
-        dir: ctx.releases.dir(service, &target),
+        dir: releases.dir(service, &target),
     };
     if manifest.build().is_some() {
         return Ok(Made::Staged(stage, installed));
     }
     stage.seal()?;
     Ok(Made::Sealed(installed))
+}
+
+/// [`make_release`] on a blocking thread.
+pub async fn make_release_blocking(
+    ctx: &InstallContext<'_>,
+    prepared: &Prepared,
+    fresh: &BTreeSet<BlobId>,
+) -> Result<Made, InstallError> {
+    let (releases, cache, prepared, fresh) = (
+        ctx.releases.clone(),
+        ctx.cache.clone(),
+        prepared.clone(),
+        fresh.clone(),
+    );
+    tokio::task::spawn_blocking(move || make_release(&releases, &cache, &prepared, &fresh))
+        .await
+        .map_err(|e| {
+            InstallError::Release(ReleaseError::Io {
+                path: PathBuf::from("<release task>"),
+                source: std::io::Error::other(e),
+            })
+        })?
 }
 
 /// The `service.toml` of a release directory.
@@ -435,6 +481,18 @@ pub async fn build_and_seal(
                 .join(service.as_str())
                 .join(format!("{}.build.log", installed.commit.short(12)));
             build::run(b, stage.dir(), &env, &log).await?;
+            // Prove the built release against its tree: a build may add
+            // files, not change the commit's.
+            if let Err(e) = stage.check_tree(&installed.tree) {
+                if let ReleaseError::WroteShared { path } = &e
+                    && let Some(entry) = installed.tree.get(path)
+                {
+                    // The shared bytes are not the blob's any more.
+                    let _ = std::fs::remove_file(ctx.cache.path(&entry.blob()));
+                    tracing::error!(path = %path, blob = %entry.blob(), "the build wrote into a shared file; the blob was dropped from the cache");
+                }
+                return Err(e.into());
+            }
         }
         Ok::<_, InstallError>(())
     }
@@ -474,10 +532,11 @@ pub async fn install(
     }
     let prepared = prepare(ctx, service, target, current, |_| None).await?;
     let reused = matches!(prepared.source, Source::Sealed(_));
-    let (fetched_blobs, fetched_bytes) = fetch(ctx, &prepared).await?;
+    let (fetched, fetched_bytes) = fetch(ctx, &prepared).await?;
+    let fetched_blobs = fetched.len() as u64;
     let fetch_time = started.elapsed();
     let copy_started = Instant::now();
-    let made = make_release(ctx, &prepared)?;
+    let made = make_release_blocking(ctx, &prepared, &fetched.into_iter().collect()).await?;
     let copy = copy_started.elapsed();
     let build_started = Instant::now();
     let (release, built, copied) = match made {

@@ -48,6 +48,83 @@ pub(crate) fn owned_by_shell(cmd: &mut tokio::process::Command) {
     }
 }
 
+/// The capabilities a build runs without, when the shell runs as root: to
+/// write files regardless of their mode (`CAP_DAC_OVERRIDE`), to change the
+/// mode of files it does not own (`CAP_FOWNER`), and to give files away
+/// (`CAP_CHOWN`). The files a release shares with the blob cache are
+/// read-only and owned by nobody, so without these a build cannot write them
+/// or make them writable: it may add files, not change the commit's.
+const BUILD_DROPS: [u32; 3] = [
+    0, /* CHOWN */
+    1, /* DAC_OVERRIDE */
+    3, /* FOWNER */
+];
+
+/// Makes `cmd` run without [`BUILD_DROPS`]: dropped from the bounding set (so
+/// no program it runs gets them back, root or not) and from its own sets. A
+/// shell that is not root has none of them to drop; a root shell without the
+/// right to change its bounding set leaves them (see the comment inside).
+pub(crate) fn without_file_override(cmd: &mut tokio::process::Command) {
+    // SAFETY: the closure runs in the child between fork and exec and makes
+    // only async-signal-safe system calls (geteuid, prctl, capget, capset) on
+    // stack memory; it allocates nothing.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::geteuid() != 0 {
+                return Ok(());
+            }
+            for cap in BUILD_DROPS {
+                if libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) != 0 {
+                    let e = std::io::Error::last_os_error();
+                    // Root without CAP_SETPCAP (some containers): the build
+                    // keeps them, and the check after it still catches a
+                    // write into a shared file.
+                    if e.raw_os_error() != Some(libc::EPERM) {
+                        return Err(e);
+                    }
+                }
+            }
+            #[repr(C)]
+            struct Header {
+                version: u32,
+                pid: libc::c_int,
+            }
+            #[repr(C)]
+            #[derive(Clone, Copy)]
+            struct Data {
+                effective: u32,
+                permitted: u32,
+                inheritable: u32,
+            }
+            const VERSION_3: u32 = 0x2008_0522;
+            let mut header = Header {
+                version: VERSION_3,
+                pid: 0,
+            };
+            let mut data = [Data {
+                effective: 0,
+                permitted: 0,
+                inheritable: 0,
+            }; 2];
+            if libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for cap in BUILD_DROPS {
+                let bit = !(1u32 << (cap % 32));
+                let d = &mut data[(cap / 32) as usize];
+                d.effective &= bit;
+                d.permitted &= bit;
+                d.inheritable &= bit;
+            }
+            if libc::syscall(libc::SYS_capset, &header, data.as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Sends `signal` to the process group `pid` leads (see [`owned_by_shell`]).
 pub(crate) fn signal_group(pid: u32, signal: i32) {
     if let Ok(pid) = i32::try_from(pid)

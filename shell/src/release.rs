@@ -1,28 +1,48 @@
 //! Releases: one service checked out at one commit, in its own directory.
 //!
 //! A release lives in `ROOT/<service>/<commit>` and is never modified once sealed.
-//! A new release is made in a staging directory (`ROOT/<service>/.staging-<commit>`):
-//! a copy of the previous release of the service — build outputs included, with
-//! modification times and modes kept, so the next build is incremental — then the
-//! diff to the new commit is applied in [`TreeDiff::disk_order`], and then the
-//! directory is renamed into place ([`Staging::seal`]). A crash leaves at most a
-//! staging directory, which [`Releases::open`] removes.
+//! A new release is assembled in a staging directory
+//! (`ROOT/<service>/.staging-<commit>`, [`Releases::assemble`]) and renamed into
+//! place ([`Staging::seal`]); a crash leaves at most a staging directory, which
+//! [`Releases::open`] removes.
 //!
-//! Writing under a release never follows a symlink on the way: the previous
-//! release may hold symlinks made by its build (`out -> /somewhere`), and a new
-//! file under `out/` must not land outside the release. Such a symlink in the way
-//! of a tree path is replaced by a real directory.
+//! Assembling costs what changed, not the size of the service (the OSTree way):
+//! a regular file of the tree is a hard link to the instance's blob cache when
+//! the cache holds its blob and the file is unchanged from the previous release
+//! or its blob was just fetched — either way the inode's modification time
+//! tells an incremental build the truth ([`FileSource::choose`]). Executables
+//! (the mode belongs to the inode) and a file back to bytes cached long ago
+//! are private copies; so are the previous release's build outputs (whatever
+//! it holds beyond its tree), with their modification times, so the next build
+//! is incremental and writes only its own copies. Every byte copied is hashed
+//! on the way against the tree, so a tampered file of the previous release
+//! never reaches a new one (the cache's bytes are used instead).
 //!
-//! [`verify`] checks a release directory against its tree: every entry present with
-//! the right bytes, mode or link target. Files the tree does not name (build
-//! outputs) are ignored.
+//! Shared files are made read-only, and owned by nobody when the shell runs as
+//! root, before they are linked; the build runs without the capabilities to
+//! override that (`crate::process::without_file_override`). So a build may add
+//! files but cannot write into the commit's: an in-place write fails with
+//! "permission denied". After the build, [`Staging::check_tree`] proves the
+//! release against its tree cheaply — each linked file still the same inode,
+//! unwritten (size and modification time), each private copy hashed — and
+//! names what a build replaced, removed or wrote into.
+//!
+//! Writing under a release never follows a symlink: the tree's files go into a
+//! fresh directory, and the previous release's outputs are copied only where the
+//! new tree put nothing (a build's `out -> /somewhere` in the way of a tree
+//! path stays behind; the path is a real directory).
+//!
+//! [`verify`] checks a release directory against its tree by reading it: every
+//! entry present with the right bytes, mode or link target. Files the tree does
+//! not name (build outputs) are ignored.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io;
-use std::os::unix::fs::{PermissionsExt, symlink};
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
-use image_spec::{BlobId, Change, CommitId, DiffError, Mode, RelPath, ServiceName, Tree, TreeDiff};
+use image_spec::{BlobId, CommitId, DiffError, Mode, RelPath, ServiceName, Tree, TreeEntry};
 
 /// Why a release cannot be made or is not what its tree says.
 #[derive(Debug, thiserror::Error)]
@@ -38,9 +58,33 @@ pub enum ReleaseError {
     /// The diff does not apply to the previous release's tree.
     #[error(transparent)]
     Diff(#[from] DiffError),
-    /// A blob the diff needs is not in the local cache.
+    /// A blob the release needs is not in the local cache.
     #[error("blob {0} is not in the local cache")]
     MissingBlob(BlobId),
+    /// A blob in the local cache is not what its id says; it was dropped
+    /// from the cache, to be fetched again.
+    #[error("blob {0} in the local cache is corrupt; it was dropped and will be fetched again")]
+    CorruptBlob(BlobId),
+    /// The build changed a file of the commit's tree (replaced, removed or
+    /// rewrote a private copy of it).
+    #[error(
+        "the build changed `{path}`, a file of the commit ({how}): a build may add files, not change the commit's"
+    )]
+    BuildChanged {
+        /// The file.
+        path: RelPath,
+        /// What it did.
+        how: String,
+    },
+    /// The build wrote into a file shared with the blob cache (and so with
+    /// other releases); the cache drops it.
+    #[error(
+        "the build wrote into `{path}`, a file of the commit shared with the blob cache and other releases: a build may add files, not change the commit's"
+    )]
+    WroteShared {
+        /// The file.
+        path: RelPath,
+    },
     /// Not enough free disk for the new release.
     #[error(
         "not enough disk for the new release in `{path}`: it needs about {needed} bytes, {available} are free"
@@ -81,9 +125,11 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ReleaseError + '_ {
 
 const STAGING_PREFIX: &str = ".staging-";
 
-/// What a copy did, for progress and benchmarks.
+/// What making a release (or a copy) did, for progress and benchmarks.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CopyStats {
+    /// Files linked from the blob cache (no byte copied).
+    pub linked: u64,
     /// Regular files copied.
     pub files: u64,
     /// Their bytes.
@@ -195,32 +241,140 @@ impl Releases {
         Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
     }
 
-    /// Starts a new release of `service` at `commit`: a fresh staging directory,
-    /// holding a copy of `base` (the previous release) if given.
-    pub fn stage(
+    /// Assembles a new release of `service` at `commit` in a fresh staging
+    /// directory (see the module docs): every entry of `tree` from the blob
+    /// cache or the previous release as [`Sources`] decides, then the previous
+    /// release's build outputs, copied. Nothing under `base` is modified.
+    pub fn assemble(
         &self,
         service: &ServiceName,
         commit: &CommitId,
-        base: Option<&Path>,
+        tree: &Tree,
+        base: Option<(&Path, &Tree)>,
+        sources: &Sources<'_>,
     ) -> Result<Staging, ReleaseError> {
         let parent = self.root.join(service.as_str());
         fs::create_dir_all(&parent).map_err(io_err(&parent))?;
         let dir = parent.join(format!("{STAGING_PREFIX}{}", commit.to_hex()));
-        if dir.exists() {
-            fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
-        }
-        let copied = match base {
-            Some(base) => copy_tree(base, &dir)?,
-            None => {
-                fs::create_dir(&dir).map_err(io_err(&dir))?;
-                CopyStats::default()
-            }
-        };
-        Ok(Staging {
+        remove_any(&dir)?;
+        fs::create_dir(&dir).map_err(io_err(&dir))?;
+        let mut stage = Staging {
             dir,
             sealed: self.dir(service, commit),
-            copied,
-        })
+            copied: CopyStats::default(),
+            shared: Vec::new(),
+        };
+        match stage.fill(tree, base, sources) {
+            Ok(()) => Ok(stage),
+            Err(e) => {
+                let _ = fs::remove_dir_all(&stage.dir);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Where the files of a new release come from: the instance's verified blob
+/// cache, and which of its blobs were fetched for this release.
+pub struct Sources<'a> {
+    /// Where the cache keeps a blob's bytes (whether it holds them or not).
+    pub cache: &'a dyn Fn(&BlobId) -> PathBuf,
+    /// The blobs fetched for this release: newer than anything the previous
+    /// release's build wrote, so a file linked to one is seen as changed by
+    /// an incremental build.
+    pub fresh: &'a BTreeSet<BlobId>,
+}
+
+/// How one file of a new release is made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileSource {
+    /// A hard link to the blob cache's read-only file: no byte copied.
+    Link(PathBuf),
+    /// A private copy of the cache's file, modified now.
+    Fresh(PathBuf),
+    /// A private copy of the previous release's file, its modification time
+    /// kept, its bytes checked against the tree on the way.
+    Kept(PathBuf),
+}
+
+impl FileSource {
+    /// How `entry` (a file) of the new tree is made, `old` being the entry at
+    /// its path in the previous release's tree (at `base`), if any: a regular
+    /// file is linked from the cache when it is unchanged or its blob was just
+    /// fetched (either way its modification time tells an incremental build
+    /// the truth); an unchanged executable or uncached file is kept from the
+    /// previous release; anything else is copied fresh from the cache.
+    pub fn choose(
+        entry: &TreeEntry,
+        old: Option<&TreeEntry>,
+        base: Option<&Path>,
+        sources: &Sources<'_>,
+    ) -> Self {
+        let cached = (sources.cache)(&entry.blob());
+        let unchanged = old == Some(entry);
+        let in_cache = cached.is_file();
+        if entry.mode() == Mode::Regular
+            && in_cache
+            && (unchanged || sources.fresh.contains(&entry.blob()))
+        {
+            return FileSource::Link(cached);
+        }
+        match base {
+            Some(base) if unchanged && (!in_cache || entry.mode() == Mode::Executable) => {
+                FileSource::Kept(entry.path().under(base))
+            }
+            _ => FileSource::Fresh(cached),
+        }
+    }
+}
+
+/// What a hard link shares: the inode, and what any write to it would change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+}
+
+impl Fingerprint {
+    fn of(m: &fs::Metadata) -> Self {
+        Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+        }
+    }
+}
+
+/// The owner the shared files of a shell running as root are given: nobody,
+/// so a build (which runs without the capabilities to override file modes or
+/// change owners, see `crate::process`) can neither write them nor make them
+/// writable.
+const SHARED_OWNER: u32 = 65_534;
+
+/// Makes a blob-cache file read-only (and, for a shell running as root, owned
+/// by [`SHARED_OWNER`]) before it is shared; returns its metadata.
+fn lock_shared(path: &Path) -> Result<fs::Metadata, ReleaseError> {
+    let meta = fs::symlink_metadata(path).map_err(io_err(path))?;
+    if meta.permissions().mode() & 0o7777 != 0o444 {
+        fs::set_permissions(path, fs::Permissions::from_mode(0o444)).map_err(io_err(path))?;
+    }
+    let root = effective_uid() == 0;
+    if root && (meta.uid() != SHARED_OWNER || meta.gid() != SHARED_OWNER) {
+        std::os::unix::fs::lchown(path, Some(SHARED_OWNER), Some(SHARED_OWNER))
+            .map_err(io_err(path))?;
+    }
+    fs::symlink_metadata(path).map_err(io_err(path))
+}
+
+/// The shell's effective user id.
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::geteuid()
     }
 }
 
@@ -230,6 +384,8 @@ pub struct Staging {
     dir: PathBuf,
     sealed: PathBuf,
     copied: CopyStats,
+    /// The files linked from the cache, and what they were when linked.
+    shared: Vec<(RelPath, Fingerprint)>,
 }
 
 impl Staging {
@@ -238,78 +394,187 @@ impl Staging {
         &self.dir
     }
 
-    /// What copying the previous release did.
+    /// What making the release linked and copied.
     pub fn copied(&self) -> CopyStats {
         self.copied
     }
 
-    /// Applies `diff` (from the base release's tree) to the staging directory,
-    /// taking file bytes from `blob_path(id)`. Returns the new tree.
-    pub fn apply(
-        &self,
-        base_tree: &Tree,
-        diff: &TreeDiff,
-        blob_path: impl Fn(&BlobId) -> PathBuf,
-    ) -> Result<Tree, ReleaseError> {
-        // Check the whole diff (paths, result id) before touching the disk.
-        let new_tree = diff.apply(base_tree)?;
-        for change in diff.disk_order() {
-            let path = change.path();
-            match change {
-                Change::Removed(_) => {
-                    let target = path.under(&self.dir);
-                    remove_any(&target)?;
-                    prune_empty_parents(&self.dir, path);
-                }
-                Change::Added(entry) | Change::Modified(entry) => {
-                    let target = self.prepare(path)?;
-                    match entry.link_target() {
-                        Some(link) => {
-                            remove_any(&target)?;
-                            symlink(link.as_str(), &target).map_err(io_err(&target))?;
-                        }
-                        None => {
-                            let src = blob_path(&entry.blob());
-                            if !src.is_file() {
-                                return Err(ReleaseError::MissingBlob(entry.blob()));
-                            }
-                            let tmp =
-                                target.with_file_name(format!(".molt-new-{}", path.file_name()));
-                            fs::copy(&src, &tmp).map_err(io_err(&tmp))?;
-                            set_mode(&tmp, entry.mode())?;
-                            remove_any(&target)?;
-                            fs::rename(&tmp, &target).map_err(io_err(&target))?;
-                        }
-                    }
-                }
-                Change::ModeChanged { mode, .. } => {
-                    let target = self.prepare(path)?;
-                    set_mode(&target, *mode)?;
+    /// The tree's entries, then the previous release's build outputs.
+    fn fill(
+        &mut self,
+        tree: &Tree,
+        base: Option<(&Path, &Tree)>,
+        sources: &Sources<'_>,
+    ) -> Result<(), ReleaseError> {
+        for entry in tree.entries() {
+            let path = entry.path();
+            for dir in path.ancestors() {
+                let here = self.dir.join(dir);
+                if !here.is_dir() {
+                    fs::create_dir(&here).map_err(io_err(&here))?;
                 }
             }
+            let target = path.under(&self.dir);
+            if let Some(link) = entry.link_target() {
+                symlink(link.as_str(), &target).map_err(io_err(&target))?;
+                self.copied.links += 1;
+                continue;
+            }
+            let old = base.and_then(|(_, t)| t.get(path));
+            let source = FileSource::choose(entry, old, base.map(|(d, _)| d), sources);
+            self.place(entry, source, sources)?;
+            if self.copied.linked + self.copied.files == 1 {
+                crate::crash::point("mid-copy");
+            }
         }
-        Ok(new_tree)
+        if let Some((dir, tree)) = base {
+            let tracked: BTreeSet<&str> =
+                tree.entries().iter().map(|e| e.path().as_str()).collect();
+            let mut outputs = Outputs {
+                tracked: &tracked,
+                stats: &mut self.copied,
+            };
+            outputs.copy(dir, &self.dir, "")?;
+        }
+        Ok(())
     }
 
-    /// Makes sure every directory on the way to `path` is a real directory inside
-    /// the staging directory (replacing symlinks or files in the way), and returns
-    /// the path on disk.
-    fn prepare(&self, path: &RelPath) -> Result<PathBuf, ReleaseError> {
-        for dir in path.ancestors() {
-            let here = self.dir.join(dir);
-            match fs::symlink_metadata(&here) {
-                Ok(m) if m.is_dir() => {}
-                Ok(_) => {
-                    remove_any(&here)?;
-                    fs::create_dir(&here).map_err(io_err(&here))?;
+    /// Makes the file `entry` from `source`; a cache file that is not what
+    /// the tree says is removed from the cache and the entry made otherwise.
+    fn place(
+        &mut self,
+        entry: &TreeEntry,
+        source: FileSource,
+        sources: &Sources<'_>,
+    ) -> Result<(), ReleaseError> {
+        let target = entry.path().under(&self.dir);
+        match source {
+            FileSource::Link(cached) => {
+                let meta = lock_shared(&cached)?;
+                if meta.len() != entry.size() {
+                    return self.corrupt_in_cache(entry, &cached, sources);
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    fs::create_dir(&here).map_err(io_err(&here))?;
+                match fs::hard_link(&cached, &target) {
+                    Ok(()) => {
+                        self.copied.linked += 1;
+                        self.shared
+                            .push((entry.path().clone(), Fingerprint::of(&meta)));
+                        Ok(())
+                    }
+                    // Another filesystem, too many links, a link refused:
+                    // a private copy, dated like the cache's file.
+                    Err(_) => {
+                        self.copy_checked(entry, &cached, meta.modified().ok())?;
+                        Ok(())
+                    }
                 }
-                Err(e) => return Err(io_err(&here)(e)),
+            }
+            FileSource::Fresh(cached) => {
+                if !cached.is_file() {
+                    return Err(ReleaseError::MissingBlob(entry.blob()));
+                }
+                self.copy_checked(entry, &cached, None)
+            }
+            FileSource::Kept(old) => {
+                let mtime = fs::symlink_metadata(&old).and_then(|m| m.modified()).ok();
+                match self.copy_checked(entry, &old, mtime) {
+                    Ok(()) => Ok(()),
+                    // The previous release's copy is not what its tree says
+                    // (or is gone): the cache's bytes, if it has them.
+                    Err(ReleaseError::Mismatch { .. } | ReleaseError::Io { .. }) => {
+                        let cached = (sources.cache)(&entry.blob());
+                        if !cached.is_file() {
+                            return Err(ReleaseError::MissingBlob(entry.blob()));
+                        }
+                        self.copy_checked(entry, &cached, None)
+                    }
+                    Err(e) => Err(e),
+                }
             }
         }
-        Ok(path.under(&self.dir))
+    }
+
+    /// The cache's file for `entry` has the wrong size: it is dropped from the
+    /// cache (to be fetched again) and the install fails, naming it.
+    fn corrupt_in_cache(
+        &mut self,
+        entry: &TreeEntry,
+        cached: &Path,
+        _sources: &Sources<'_>,
+    ) -> Result<(), ReleaseError> {
+        tracing::warn!(blob = %entry.blob(), file = %cached.display(), "a blob in the cache is corrupt; dropped");
+        let _ = fs::remove_file(cached);
+        Err(ReleaseError::CorruptBlob(entry.blob()))
+    }
+
+    /// Copies `src` to `entry`'s place, hashing on the way: bytes that are not
+    /// the entry's blob are refused ([`ReleaseError::Mismatch`]) and leave
+    /// nothing. The copy gets the entry's mode and, if given, `mtime`.
+    fn copy_checked(
+        &mut self,
+        entry: &TreeEntry,
+        src: &Path,
+        mtime: Option<std::time::SystemTime>,
+    ) -> Result<(), ReleaseError> {
+        let target = entry.path().under(&self.dir);
+        let mut from = fs::File::open(src).map_err(io_err(src))?;
+        let mut to = fs::File::create(&target).map_err(io_err(&target))?;
+        let mut hashing = HashingWriter {
+            inner: &mut to,
+            hasher: blake3::Hasher::new(),
+        };
+        let bytes = io::copy(&mut from, &mut hashing).map_err(io_err(&target))?;
+        if BlobId::from(hashing.hasher.finalize()) != entry.blob() {
+            drop(to);
+            let _ = fs::remove_file(&target);
+            return Err(ReleaseError::Mismatch {
+                dir: src.parent().unwrap_or(src).to_owned(),
+                path: entry.path().clone(),
+                reason: "has other bytes".into(),
+            });
+        }
+        if let Some(t) = mtime {
+            to.set_modified(t).map_err(io_err(&target))?;
+        }
+        drop(to);
+        set_mode(&target, entry.mode())?;
+        self.copied.files += 1;
+        self.copied.bytes += bytes;
+        Ok(())
+    }
+
+    /// Checks, after the build, that the tree's files are still what they
+    /// were made as: a linked file is the same inode, neither written nor
+    /// resized; a private copy still has the tree's bytes; a symlink its
+    /// target. This is what proves a built release against its tree without
+    /// reading the bytes it shares with the verified cache.
+    pub fn check_tree(&self, tree: &Tree) -> Result<(), ReleaseError> {
+        let shared: std::collections::HashMap<&RelPath, &Fingerprint> =
+            self.shared.iter().map(|(p, f)| (p, f)).collect();
+        for entry in tree.entries() {
+            let path = entry.path();
+            let on_disk = path.under(&self.dir);
+            let changed = |how: &str| ReleaseError::BuildChanged {
+                path: path.clone(),
+                how: how.to_owned(),
+            };
+            let meta = fs::symlink_metadata(&on_disk).map_err(|_| changed("removed it"))?;
+            if let Some(was) = shared.get(path) {
+                let now = Fingerprint::of(&meta);
+                if now.dev != was.dev || now.ino != was.ino {
+                    return Err(changed("replaced it"));
+                }
+                if now != **was {
+                    return Err(ReleaseError::WroteShared { path: path.clone() });
+                }
+                continue;
+            }
+            verify_entry(&self.dir, entry, &meta).map_err(|e| match e {
+                ReleaseError::Mismatch { reason, .. } => changed(&reason),
+                other => other,
+            })?;
+        }
+        Ok(())
     }
 
     /// Seals the release: renames the staging directory into place. From here on
@@ -334,6 +599,92 @@ impl Staging {
     }
 }
 
+/// Copies a previous release's build outputs — whatever it holds that its
+/// tree does not name — into a new release, keeping modification times and
+/// modes; never over anything the new tree put there, never following a
+/// symlink.
+struct Outputs<'a> {
+    tracked: &'a BTreeSet<&'a str>,
+    stats: &'a mut CopyStats,
+}
+
+impl Outputs<'_> {
+    /// Copies the outputs under `from` (at `rel` in the release) to `to`.
+    fn copy(&mut self, from: &Path, to: &Path, rel: &str) -> Result<(), ReleaseError> {
+        for entry in fs::read_dir(from).map_err(io_err(from))? {
+            let entry = entry.map_err(io_err(from))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                continue;
+            };
+            let here = if rel.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{rel}/{name}")
+            };
+            if self.tracked.contains(here.as_str()) {
+                continue;
+            }
+            let (src, dst) = (entry.path(), to.join(name));
+            let meta = fs::symlink_metadata(&src).map_err(io_err(&src))?;
+            let there = fs::symlink_metadata(&dst).ok();
+            if meta.is_dir() {
+                match there {
+                    Some(t) if t.is_dir() => self.copy(&src, &dst, &here)?,
+                    Some(_) => {}
+                    None => {
+                        fs::create_dir(&dst).map_err(io_err(&dst))?;
+                        fs::set_permissions(&dst, meta.permissions()).map_err(io_err(&dst))?;
+                        self.copy(&src, &dst, &here)?;
+                        // A directory that held only tracked files the new
+                        // tree dropped does not come back empty.
+                        if fs::read_dir(&dst).map_err(io_err(&dst))?.next().is_none() {
+                            let _ = fs::remove_dir(&dst);
+                        }
+                    }
+                }
+            } else if there.is_some() {
+                // The new tree has this path: the tree wins.
+            } else if meta.file_type().is_symlink() {
+                let target = fs::read_link(&src).map_err(io_err(&src))?;
+                symlink(&target, &dst).map_err(io_err(&dst))?;
+                self.stats.links += 1;
+            } else if meta.is_file() {
+                self.stats.bytes += fs::copy(&src, &dst).map_err(io_err(&dst))?;
+                let times = fs::FileTimes::new()
+                    .set_modified(meta.modified().map_err(io_err(&src))?)
+                    .set_accessed(meta.accessed().map_err(io_err(&src))?);
+                fs::File::options()
+                    .write(true)
+                    .open(&dst)
+                    .and_then(|f| f.set_times(times))
+                    .map_err(io_err(&dst))?;
+                self.stats.files += 1;
+            }
+            // Sockets and FIFOs a build may leave behind are not copied.
+        }
+        Ok(())
+    }
+}
+
+/// Hashes what it writes.
+struct HashingWriter<'a, W> {
+    inner: &'a mut W,
+    hasher: blake3::Hasher,
+}
+
+impl<W: io::Write> io::Write for HashingWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 fn set_mode(path: &Path, mode: Mode) -> Result<(), ReleaseError> {
     let bits = if mode == Mode::Executable {
         0o755
@@ -350,18 +701,6 @@ fn remove_any(path: &Path) -> Result<(), ReleaseError> {
         Ok(_) => fs::remove_file(path).map_err(io_err(path)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io_err(path)(e)),
-    }
-}
-
-/// Removes the now-empty directories above a removed path (best effort: a
-/// directory that still holds build outputs stays).
-fn prune_empty_parents(root: &Path, path: &RelPath) {
-    let mut dirs: Vec<&str> = path.ancestors().collect();
-    dirs.reverse();
-    for dir in dirs {
-        if fs::remove_dir(root.join(dir)).is_err() {
-            break;
-        }
     }
 }
 
@@ -429,34 +768,47 @@ pub fn dir_size(dir: &Path) -> Result<u64, ReleaseError> {
 /// Checks that `dir` holds every entry of `tree` as the tree says (see the module
 /// docs).
 pub fn verify(dir: &Path, tree: &Tree) -> Result<(), ReleaseError> {
-    let mismatch = |path: &RelPath, reason: String| ReleaseError::Mismatch {
+    for entry in tree.entries() {
+        let on_disk = entry.path().under(dir);
+        let meta = fs::symlink_metadata(&on_disk).map_err(|e| ReleaseError::Mismatch {
+            dir: dir.to_owned(),
+            path: entry.path().clone(),
+            reason: e.to_string(),
+        })?;
+        verify_entry(dir, entry, &meta)?;
+    }
+    Ok(())
+}
+
+/// Checks one entry of a tree under `dir`, `meta` being what is at its path.
+fn verify_entry(dir: &Path, entry: &TreeEntry, meta: &fs::Metadata) -> Result<(), ReleaseError> {
+    let path = entry.path();
+    let on_disk = path.under(dir);
+    let mismatch = |reason: String| ReleaseError::Mismatch {
         dir: dir.to_owned(),
         path: path.clone(),
         reason,
     };
-    for entry in tree.entries() {
-        let path = entry.path();
-        let on_disk = path.under(dir);
-        let meta = fs::symlink_metadata(&on_disk).map_err(|e| mismatch(path, e.to_string()))?;
-        match entry.link_target() {
-            Some(target) => {
-                let found = fs::read_link(&on_disk).map_err(|e| mismatch(path, e.to_string()))?;
-                if found != Path::new(target.as_str()) {
-                    return Err(mismatch(path, format!("links to {}", found.display())));
-                }
+    match entry.link_target() {
+        Some(target) => {
+            let found = fs::read_link(&on_disk).map_err(|e| mismatch(e.to_string()))?;
+            if found != Path::new(target.as_str()) {
+                return Err(mismatch(format!("links to {}", found.display())));
             }
-            None => {
-                if !meta.is_file() {
-                    return Err(mismatch(path, "is not a regular file".into()));
-                }
-                let executable = meta.permissions().mode() & 0o111 != 0;
-                if executable != (entry.mode() == Mode::Executable) {
-                    return Err(mismatch(path, "has the wrong executable bit".into()));
-                }
-                let bytes = fs::read(&on_disk).map_err(io_err(&on_disk))?;
-                if BlobId::of(&bytes) != entry.blob() {
-                    return Err(mismatch(path, "has other bytes".into()));
-                }
+        }
+        None => {
+            if !meta.is_file() {
+                return Err(mismatch("is not a regular file".into()));
+            }
+            let executable = meta.permissions().mode() & 0o111 != 0;
+            if executable != (entry.mode() == Mode::Executable) {
+                return Err(mismatch("has the wrong executable bit".into()));
+            }
+            let mut hasher = blake3::Hasher::new();
+            let mut file = fs::File::open(&on_disk).map_err(io_err(&on_disk))?;
+            io::copy(&mut file, &mut hasher).map_err(io_err(&on_disk))?;
+            if BlobId::from(hasher.finalize()) != entry.blob() {
+                return Err(mismatch("has other bytes".into()));
             }
         }
     }
@@ -476,13 +828,11 @@ mod tests {
     }
 
     /// A blob cache in a directory: `dir/<id>`.
-    fn cache_from(dir: &Path, files: &[&[u8]]) -> impl Fn(&BlobId) -> PathBuf + use<> {
+    fn cache_from(dir: &Path, files: &[&[u8]]) {
         fs::create_dir_all(dir).unwrap();
         for bytes in files {
             fs::write(dir.join(BlobId::of(bytes).to_hex()), bytes).unwrap();
         }
-        let dir = dir.to_owned();
-        move |id| dir.join(id.to_hex())
     }
 
     fn p(s: &str) -> RelPath {
@@ -527,51 +877,90 @@ mod tests {
         assert_eq!(fs::read(src.join("a/b.txt")).unwrap(), b"hello");
     }
 
+    /// Assembles `tree` of commit `[n; 32]` from the cache at `cache` (its
+    /// `fresh` blobs just fetched), on `base` if given.
+    fn assemble(
+        releases: &Releases,
+        n: u8,
+        tree: &Tree,
+        base: Option<(&Path, &Tree)>,
+        cache: &Path,
+        fresh: &[&[u8]],
+    ) -> Result<Staging, ReleaseError> {
+        let dir = cache.to_owned();
+        let path = move |id: &BlobId| dir.join(id.to_hex());
+        let fresh: BTreeSet<BlobId> = fresh.iter().map(|b| BlobId::of(b)).collect();
+        releases.assemble(
+            &svc(),
+            &CommitId::from_bytes([n; 32]),
+            tree,
+            base,
+            &Sources {
+                cache: &path,
+                fresh: &fresh,
+            },
+        )
+    }
+
+    fn ino(path: &Path) -> u64 {
+        fs::symlink_metadata(path).unwrap().ino()
+    }
+
+    fn age(path: &Path, secs: u64) {
+        let t = SystemTime::now() - Duration::from_secs(secs);
+        fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
+
     #[test]
-    fn a_first_release_and_an_upgrade_keep_the_old_release_untouched() {
+    fn a_release_links_what_the_cache_holds_and_keeps_the_old_release_untouched() {
         let tmp = tempfile::tempdir().unwrap();
         let (releases, removed) = Releases::open(&tmp.path().join("releases")).unwrap();
         assert!(removed.is_empty());
+        let cache_dir = tmp.path().join("cache");
+        let blobs: [&[u8]; 6] = [
+            b"name = \"orders\"",
+            b"v1",
+            b"becomes a file",
+            b"v2",
+            b"new",
+            b"now a file",
+        ];
+        cache_from(&cache_dir, &blobs);
+        let cached = |b: &[u8]| cache_dir.join(BlobId::of(b).to_hex());
 
-        // v1 from nothing.
+        // v1 from nothing: every blob just fetched, every regular file linked.
         let v1_src = tmp.path().join("v1");
         write(&v1_src, "service.toml", b"name = \"orders\"");
         write(&v1_src, "src/main.rs", b"v1");
         write(&v1_src, "dir/file", b"becomes a file");
         let v1 = scan_dir(&v1_src).unwrap().tree;
-        let cache = cache_from(
-            &tmp.path().join("cache"),
-            &[
-                b"name = \"orders\"",
-                b"v1",
-                b"becomes a file",
-                b"v2",
-                b"new",
-                b"now a file",
-            ],
-        );
-        let c1 = CommitId::from_bytes([1; 32]);
-        let stage = releases.stage(&svc(), &c1, None).unwrap();
-        let got = stage
-            .apply(
-                &Tree::empty(),
-                &TreeDiff::between(&Tree::empty(), &v1),
-                &cache,
-            )
-            .unwrap();
-        assert_eq!(got, v1);
+        let stage = assemble(&releases, 1, &v1, None, &cache_dir, &blobs[..3]).unwrap();
+        assert_eq!((stage.copied().linked, stage.copied().files), (3, 0));
         // A build output beside the sources, and a symlink the build made that
         // points outside the release.
         write(stage.dir(), "target/app", b"binary v1");
         let outside = tmp.path().join("outside");
         fs::create_dir(&outside).unwrap();
         symlink(&outside, stage.dir().join("out")).unwrap();
+        stage.check_tree(&v1).unwrap();
         let r1 = stage.seal().unwrap();
-        assert_eq!(r1, releases.dir(&svc(), &c1));
+        assert_eq!(r1, releases.dir(&svc(), &CommitId::from_bytes([1; 32])));
         verify(&r1, &v1).unwrap();
+        // The release shares the cache's inode, read-only and owned by nobody.
+        assert_eq!(ino(&r1.join("src/main.rs")), ino(&cached(b"v1")));
+        let m = fs::metadata(cached(b"v1")).unwrap();
+        assert_eq!(m.permissions().mode() & 0o7777, 0o444);
+        if effective_uid() == 0 {
+            assert_eq!((m.uid(), m.gid()), (SHARED_OWNER, SHARED_OWNER));
+        }
 
-        // v2: a change, an addition, a removal, a mode change, a directory turned
-        // into a file, and a new file under the build's symlink.
+        // v2: a change, an addition, an unchanged file, a directory turned into
+        // an executable file, and a new file under the build's symlink.
         let v2 = Tree::new(vec![
             v1.get(&p("service.toml")).unwrap().clone(),
             TreeEntry::file(p("src/main.rs"), false, 2, BlobId::of(b"v2")),
@@ -580,22 +969,32 @@ mod tests {
             TreeEntry::symlink(p("current"), LinkTarget::new("src/main.rs").unwrap()),
         ])
         .unwrap();
-        let c2 = CommitId::from_bytes([2; 32]);
-        let stage = releases.stage(&svc(), &c2, Some(&r1)).unwrap();
-        assert_eq!(stage.copied().files, 4);
-        let got = stage
-            .apply(&v1, &TreeDiff::between(&v1, &v2), &cache)
-            .unwrap();
-        assert_eq!(got, v2);
+        let fresh: [&[u8]; 3] = [b"v2", b"new", b"now a file"];
+        let stage = assemble(&releases, 2, &v2, Some((&r1, &v1)), &cache_dir, &fresh).unwrap();
+        // Linked: service.toml (unchanged), src/main.rs and out/new (fresh);
+        // copied: the executable, and the build output.
+        assert_eq!((stage.copied().linked, stage.copied().files), (3, 2));
+        stage.check_tree(&v2).unwrap();
         let r2 = stage.seal().unwrap();
         verify(&r2, &v2).unwrap();
-        // The build output came along; the build's symlink became a real directory.
+        assert_eq!(ino(&r2.join("service.toml")), ino(&r1.join("service.toml")));
+        assert_eq!(ino(&r2.join("src/main.rs")), ino(&cached(b"v2")));
+        assert_ne!(ino(&r2.join("dir")), ino(&cached(b"now a file")));
+        assert_eq!(
+            fs::metadata(r2.join("dir")).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        // The build output came along as a private copy; the build's symlink
+        // became a real directory and nothing was written through it.
         assert_eq!(fs::read(r2.join("target/app")).unwrap(), b"binary v1");
+        assert_ne!(ino(&r2.join("target/app")), ino(&r1.join("target/app")));
         assert!(fs::symlink_metadata(r2.join("out")).unwrap().is_dir());
         assert!(
             !outside.join("new").exists(),
             "a write followed the build's symlink"
         );
+        // Nothing of v1's tree that v2 dropped came back.
+        assert!(!r2.join("dir/file").exists());
         // v1 is exactly as it was.
         verify(&r1, &v1).unwrap();
         assert_eq!(fs::read(r1.join("src/main.rs")).unwrap(), b"v1");
@@ -608,6 +1007,152 @@ mod tests {
     }
 
     #[test]
+    fn a_file_back_to_cached_bytes_is_a_fresh_copy_so_incremental_builds_see_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (releases, _) = Releases::open(&tmp.path().join("r")).unwrap();
+        let cache_dir = tmp.path().join("cache");
+        cache_from(&cache_dir, &[b"A", b"B"]);
+        let tree = |b: &[u8]| {
+            Tree::new(vec![TreeEntry::file(
+                p("src/lib.rs"),
+                false,
+                1,
+                BlobId::of(b),
+            )])
+            .unwrap()
+        };
+        let (a, b) = (tree(b"A"), tree(b"B"));
+        let r1 = assemble(&releases, 1, &a, None, &cache_dir, &[b"A"])
+            .unwrap()
+            .seal()
+            .unwrap();
+        let r2 = assemble(&releases, 2, &b, Some((&r1, &a)), &cache_dir, &[b"B"])
+            .unwrap()
+            .seal()
+            .unwrap();
+        // An output built from B, newer than any source so far.
+        write(&r2, "target/out", b"built from B");
+        // Back to A, whose cached file is old: not linked (its old time would
+        // hide the change from the build) but copied, dated now.
+        age(&cache_dir.join(BlobId::of(b"A").to_hex()), 3600);
+        let stage = assemble(&releases, 3, &a, Some((&r2, &b)), &cache_dir, &[]).unwrap();
+        assert_eq!(stage.copied().linked, 0);
+        let src = fs::metadata(stage.dir().join("src/lib.rs")).unwrap();
+        let out = fs::metadata(stage.dir().join("target/out")).unwrap();
+        assert!(src.modified().unwrap() > out.modified().unwrap());
+        stage.check_tree(&a).unwrap();
+    }
+
+    #[test]
+    fn linked_and_copied_releases_verify_alike_and_bad_bytes_never_reach_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (releases, _) = Releases::open(&tmp.path().join("r")).unwrap();
+        let src = tmp.path().join("src");
+        write(&src, "a.txt", b"alpha");
+        write(&src, "b/c.txt", b"gamma");
+        write(&src, "run.sh", b"#!/bin/sh");
+        fs::set_permissions(src.join("run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+        symlink("a.txt", src.join("link")).unwrap();
+        let tree = scan_dir(&src).unwrap().tree;
+        let cache_dir = tmp.path().join("cache");
+        let blobs: [&[u8]; 3] = [b"alpha", b"gamma", b"#!/bin/sh"];
+        cache_from(&cache_dir, &blobs);
+        // Linked: every regular file (fresh). Copied: kept from a release made
+        // by copy_tree, the cache not holding them.
+        let linked = assemble(&releases, 1, &tree, None, &cache_dir, &blobs).unwrap();
+        assert_eq!(linked.copied().linked, 2);
+        let linked = linked.seal().unwrap();
+        let empty = tmp.path().join("empty");
+        fs::create_dir(&empty).unwrap();
+        let copied = assemble(&releases, 2, &tree, Some((&src, &tree)), &empty, &[]).unwrap();
+        assert_eq!((copied.copied().linked, copied.copied().files), (0, 3));
+        let copied = copied.seal().unwrap();
+        verify(&linked, &tree).unwrap();
+        verify(&copied, &tree).unwrap();
+        for f in ["a.txt", "b/c.txt", "run.sh"] {
+            assert_eq!(
+                fs::read(linked.join(f)).unwrap(),
+                fs::read(copied.join(f)).unwrap()
+            );
+        }
+
+        // A tampered file of the previous release is not kept: the cache's
+        // bytes are used (or, lacking them, nothing is made).
+        fs::write(src.join("b/c.txt"), b"GAMMA").unwrap();
+        let stage = assemble(&releases, 3, &tree, Some((&src, &tree)), &cache_dir, &[]).unwrap();
+        assert_eq!(fs::read(stage.dir().join("b/c.txt")).unwrap(), b"gamma");
+        stage.abandon().unwrap();
+        let err = assemble(&releases, 4, &tree, Some((&src, &tree)), &empty, &[]).unwrap_err();
+        assert!(matches!(err, ReleaseError::MissingBlob(_)), "{err}");
+        assert!(
+            !releases
+                .root
+                .join("orders")
+                .join(format!(
+                    ".staging-{}",
+                    CommitId::from_bytes([4; 32]).to_hex()
+                ))
+                .exists()
+        );
+
+        // A cache file of the wrong size is dropped from the cache, named.
+        let bad = cache_dir.join(BlobId::of(b"alpha").to_hex());
+        fs::write(&bad, b"alphabet").unwrap();
+        let err = assemble(&releases, 5, &tree, None, &cache_dir, &blobs).unwrap_err();
+        assert!(matches!(err, ReleaseError::CorruptBlob(_)), "{err}");
+        assert!(!bad.exists());
+    }
+
+    #[test]
+    fn the_check_after_a_build_catches_what_it_changed_of_the_tree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (releases, _) = Releases::open(&tmp.path().join("r")).unwrap();
+        let src = tmp.path().join("src");
+        write(&src, "shared.txt", b"shared");
+        write(&src, "private.sh", b"#!/bin/sh");
+        fs::set_permissions(src.join("private.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+        let tree = scan_dir(&src).unwrap().tree;
+        let cache_dir = tmp.path().join("cache");
+        let blobs: [&[u8]; 2] = [b"shared", b"#!/bin/sh"];
+        cache_from(&cache_dir, &blobs);
+        let fresh = || assemble(&releases, 1, &tree, None, &cache_dir, &blobs).unwrap();
+
+        // Outputs added: fine.
+        let stage = fresh();
+        write(stage.dir(), "target/x", b"out");
+        stage.check_tree(&tree).unwrap();
+        stage.abandon().unwrap();
+        // A tracked file replaced (a new inode), removed, or a private copy rewritten.
+        let stage = fresh();
+        fs::remove_file(stage.dir().join("shared.txt")).unwrap();
+        write(stage.dir(), "shared.txt", b"shared");
+        let err = stage.check_tree(&tree).unwrap_err();
+        assert!(err.to_string().contains("replaced it"), "{err}");
+        fs::remove_file(stage.dir().join("shared.txt")).unwrap();
+        let err = stage.check_tree(&tree).unwrap_err();
+        assert!(err.to_string().contains("removed it"), "{err}");
+        stage.abandon().unwrap();
+        let stage = fresh();
+        fs::write(stage.dir().join("private.sh"), b"#!/bin/bash").unwrap();
+        let err = stage.check_tree(&tree).unwrap_err();
+        assert!(matches!(err, ReleaseError::BuildChanged { .. }), "{err}");
+        assert!(err.to_string().contains("other bytes"), "{err}");
+        stage.abandon().unwrap();
+        // Written through the shared inode (this test may, as root): named as such.
+        let stage = fresh();
+        if effective_uid() == 0 {
+            let mut f = fs::OpenOptions::new()
+                .append(true)
+                .open(stage.dir().join("shared.txt"))
+                .unwrap();
+            io::Write::write_all(&mut f, b"!").unwrap();
+            let err = stage.check_tree(&tree).unwrap_err();
+            assert!(matches!(err, ReleaseError::WroteShared { .. }), "{err}");
+        }
+        stage.abandon().unwrap();
+    }
+
+    #[test]
     fn verify_catches_tampering_and_open_removes_half_made_releases() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("releases");
@@ -615,26 +1160,22 @@ mod tests {
         let src = tmp.path().join("v1");
         write(&src, "a", b"1");
         let tree = scan_dir(&src).unwrap().tree;
-        let cache = cache_from(&tmp.path().join("cache"), &[b"1"]);
-        let c = CommitId::from_bytes([3; 32]);
-        let stage = releases.stage(&svc(), &c, None).unwrap();
-        stage
-            .apply(
-                &Tree::empty(),
-                &TreeDiff::between(&Tree::empty(), &tree),
-                &cache,
-            )
+        let cache_dir = tmp.path().join("cache");
+        cache_from(&cache_dir, &[b"1"]);
+        let empty = tmp.path().join("empty");
+        fs::create_dir(&empty).unwrap();
+        // A private copy (nothing cached), so tampering touches only it.
+        let dir = assemble(&releases, 3, &tree, Some((&src, &tree)), &empty, &[])
+            .unwrap()
+            .seal()
             .unwrap();
-        let dir = stage.seal().unwrap();
         fs::write(dir.join("a"), b"2").unwrap();
         let err = verify(&dir, &tree).unwrap_err();
         assert!(matches!(err, ReleaseError::Mismatch { .. }), "{err}");
         assert!(err.to_string().contains("other bytes"), "{err}");
 
-        // A crash mid-stage leaves a staging directory; reopening removes it.
-        let half = releases
-            .stage(&svc(), &CommitId::from_bytes([4; 32]), Some(&dir))
-            .unwrap();
+        // A crash mid-assembly leaves a staging directory; reopening removes it.
+        let half = assemble(&releases, 4, &tree, None, &cache_dir, &[b"1"]).unwrap();
         let half_dir = half.dir().to_owned();
         std::mem::forget(half);
         let (_, removed) = Releases::open(&root).unwrap();
@@ -647,13 +1188,16 @@ mod tests {
     fn pruning_keeps_the_newest_and_the_protected() {
         let tmp = tempfile::tempdir().unwrap();
         let (releases, _) = Releases::open(&tmp.path().join("r")).unwrap();
+        let cache_dir = tmp.path().join("cache");
         let mut dirs = Vec::new();
         for i in 0..7u8 {
-            let stage = releases
-                .stage(&svc(), &CommitId::from_bytes([i; 32]), None)
+            cache_from(&cache_dir, &[&[i]]);
+            let tree =
+                Tree::new(vec![TreeEntry::file(p("f"), false, 1, BlobId::of(&[i]))]).unwrap();
+            let dir = assemble(&releases, i, &tree, None, &cache_dir, &[&[i]])
+                .unwrap()
+                .seal()
                 .unwrap();
-            write(stage.dir(), "f", &[i]);
-            let dir = stage.seal().unwrap();
             // Distinct, increasing ages.
             let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + u64::from(i));
             fs::File::open(&dir).unwrap().set_modified(t).unwrap();
@@ -670,22 +1214,17 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_blob_is_a_clear_error() {
+    fn a_missing_blob_is_a_clear_error_and_leaves_nothing() {
         let tmp = tempfile::tempdir().unwrap();
         let (releases, _) = Releases::open(&tmp.path().join("r")).unwrap();
         let tree = Tree::new(vec![TreeEntry::file(p("a"), false, 1, BlobId::of(b"x"))]).unwrap();
-        let stage = releases
-            .stage(&svc(), &CommitId::from_bytes([5; 32]), None)
-            .unwrap();
-        let cache = cache_from(&tmp.path().join("empty"), &[]);
-        let err = stage
-            .apply(
-                &Tree::empty(),
-                &TreeDiff::between(&Tree::empty(), &tree),
-                &cache,
-            )
-            .unwrap_err();
+        let empty = tmp.path().join("empty");
+        fs::create_dir(&empty).unwrap();
+        let err = assemble(&releases, 5, &tree, None, &empty, &[]).unwrap_err();
         assert!(matches!(err, ReleaseError::MissingBlob(_)), "{err}");
-        stage.abandon().unwrap();
+        let left: Vec<_> = fs::read_dir(releases.root.join("orders"))
+            .unwrap()
+            .collect();
+        assert!(left.is_empty());
     }
 }

@@ -1,6 +1,7 @@
 //! Installing services on an instance (upgrade steps 1–4) against a real repository:
-//! only missing blobs are fetched, the release is built from a copy of the previous
-//! one, old releases stay untouched, and a broken build leaves nothing behind.
+//! only missing blobs are fetched, the release links the cache's files and copies
+//! the previous build's outputs, old releases stay untouched, a broken build
+//! leaves nothing behind, and a build cannot change the commit's files.
 
 #![allow(clippy::unwrap_used)]
 
@@ -65,6 +66,14 @@ async fn install_builds_incrementally_and_refuses_broken_builds() {
         .await
         .unwrap();
     assert_eq!(second.fetched_blobs, 1);
+    // Every source file is linked from the cache, none copied: what is
+    // copied is the build's outputs.
+    assert_eq!(
+        second.copied.linked,
+        second.release.tree.len() as u64,
+        "{:?}",
+        second.copied
+    );
     assert!(
         second.copied.files > 5,
         "build outputs were not copied: {:?}",
@@ -101,4 +110,99 @@ async fn install_builds_incrementally_and_refuses_broken_builds() {
         .unwrap();
     assert_eq!(back.release.dir, first.release.dir);
     assert_eq!((back.fetched_blobs, back.built), (0, false));
+}
+
+/// Builds that try to change the commit's files, which the release shares
+/// with the blob cache and the previous release: an in-place write and a
+/// `chmod` are refused by the kernel (the build fails, naming the file), a
+/// file replaced is named by the check after the build; in every case the
+/// previous release and the cache keep their bytes. A build that only adds
+/// files succeeds.
+#[tokio::test]
+async fn a_build_cannot_change_the_commits_files() {
+    let cluster = TestCluster::start().await;
+    let repo = cluster.repo_client("user/ada/developer").await;
+    let src = cluster.path("svc");
+    let service = ServiceName::new("svc").unwrap();
+    let manifest = |build: &str| {
+        format!(
+            "name = \"svc\"\n[run]\ncommand = [\"./run\"]\n[[ports]]\nport = 8080\n[build]\ncommand = [\"sh\", \"-c\", {build:?}]\n"
+        )
+    };
+    write_file(
+        &src,
+        "service.toml",
+        manifest("mkdir -p out && cp app.py out/").as_bytes(),
+    );
+    write_file(&src, "app.py", b"print('v1')\n");
+    let v1 = repo.push(&src, &push_main("v1"), |_| {}).await.unwrap();
+
+    let root = cluster.path("instance");
+    let cache = BlobCache::open(&root.join("cache")).unwrap();
+    let (releases, _) = Releases::open(&root.join("releases")).unwrap();
+    let shell_repo = cluster.repo_client("shell/dev-1").await;
+    let instance = InstanceName::new("dev-1").unwrap();
+    let logs = root.join("logs");
+    let ctx = InstallContext {
+        repo: &shell_repo,
+        cache: &cache,
+        releases: &releases,
+        instance: &instance,
+        logs: &logs,
+    };
+    let first = install(&ctx, &service, v1.commit, None).await.unwrap();
+    assert_eq!(first.copied.linked, 2);
+    let app_blob = first
+        .release
+        .tree
+        .get(&"app.py".parse().unwrap())
+        .unwrap()
+        .blob();
+    let cached_app = cache.path(&app_blob);
+
+    for (how, build, expect) in [
+        ("append", "echo evil >> app.py", "Permission denied"),
+        ("truncate", ": > app.py", "Permission denied"),
+        (
+            "chmod",
+            "chmod u+w app.py && echo evil >> app.py",
+            "Operation not permitted",
+        ),
+        ("replace", "rm app.py && echo evil > app.py", "replaced it"),
+    ] {
+        write_file(&src, "service.toml", manifest(build).as_bytes());
+        let next = repo.push(&src, &push_main(how), |_| {}).await.unwrap();
+        let err = install(&ctx, &service, next.commit, Some(&first.release))
+            .await
+            .unwrap_err();
+        let text = match &err {
+            InstallError::Build(BuildError::Failed { tail, .. }) => tail.clone(),
+            other => other.to_string(),
+        };
+        assert!(text.contains(expect), "{how}: {text}");
+        if how == "replace" {
+            assert!(text.contains("app.py"), "{text}");
+        }
+        // Nothing of it stays; v1 and the cache keep their bytes.
+        assert!(!releases.dir(&service, &next.commit).exists(), "{how}");
+        verify(&first.release.dir, &first.release.tree).unwrap();
+        assert_eq!(
+            std::fs::read(&cached_app).unwrap(),
+            b"print('v1')\n",
+            "{how}"
+        );
+    }
+
+    // Adding files (outputs, caches) is what builds do: fine.
+    write_file(
+        &src,
+        "service.toml",
+        manifest("mkdir -p out && date > out/stamp").as_bytes(),
+    );
+    let ok = repo.push(&src, &push_main("adds"), |_| {}).await.unwrap();
+    let built = install(&ctx, &service, ok.commit, Some(&first.release))
+        .await
+        .unwrap();
+    assert!(built.release.dir.join("out/stamp").is_file());
+    verify(&built.release.dir, &built.release.tree).unwrap();
 }

@@ -134,6 +134,8 @@ pub(super) struct Upgrade<'a> {
     pub(super) image: Option<(ImageName, ImageId)>,
     pub(super) reason: &'a str,
     pub(super) progress: Progress<'a>,
+    /// Blobs fetched for each service's new release.
+    fetched: BTreeMap<ServiceName, std::collections::BTreeSet<image_spec::BlobId>>,
     /// Releases staged, waiting for their build.
     staged: BTreeMap<ServiceName, (Staging, Installed)>,
     /// Releases sealed, ready to start.
@@ -175,6 +177,7 @@ impl<'a> Upgrade<'a> {
             image,
             reason,
             progress,
+            fetched: BTreeMap::new(),
             staged: BTreeMap::new(),
             releases: BTreeMap::new(),
             fresh: BTreeMap::new(),
@@ -328,16 +331,21 @@ impl Runtime for Upgrade<'_> {
                 let logs = self.instance.config.root.join("logs");
                 let ctx = self.instance.install_context(self.repo, &logs);
                 let p = self.prepared(service)?;
-                let (_, bytes) = install::fetch(&ctx, p)
+                let (fetched, bytes) = install::fetch(&ctx, p)
                     .await
                     .map_err(Self::installing(service))?;
+                self.fetched
+                    .insert(service.clone(), fetched.into_iter().collect());
                 return Ok(Done { bytes: Some(bytes) });
             }
             Step::Release { service, .. } => {
+                let fresh = self.fetched.remove(service).unwrap_or_default();
                 let logs = self.instance.config.root.join("logs");
                 let ctx = self.instance.install_context(self.repo, &logs);
                 let p = self.prepared(service)?;
-                let made = install::make_release(&ctx, p).map_err(Self::installing(service))?;
+                let made = install::make_release_blocking(&ctx, p, &fresh)
+                    .await
+                    .map_err(Self::installing(service))?;
                 self.instance.store_tree(&p.tree)?;
                 match made {
                     Made::Sealed(i) => {
