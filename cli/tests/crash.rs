@@ -273,3 +273,60 @@ fn a_second_upgrade_waits_in_the_queue_and_status_shows_it() {
     assert_eq!(greeting(&c, &target), "two");
     assert!(signal(&mut shell, "-TERM").success());
 }
+
+/// Pruning runs in the background after an upgrade: a shell killed while it
+/// deletes an old release comes back serving its recorded generation, the
+/// half-deleted release (out of the way since it was retired) is deleted after
+/// the restart, and upgrades go on.
+#[test]
+fn kill_9_mid_prune_leaves_a_consistent_instance() {
+    let c = Cluster::init();
+    let name = "crash-mid-prune";
+    let (mut shell, addr) =
+        start_shell_with(&c, name, "staging", &[("MOLT_CRASH_AT", "mid-prune")]);
+    let target = format!("{name}@{addr}");
+    // Five releases are kept besides the running and the previous one: the
+    // seventh upgrade prunes the first release, and the shell dies doing it.
+    let mut deployed = 0;
+    let died = loop {
+        deployed += 1;
+        assert!(deployed <= 9, "the shell never pruned");
+        let image = format!("v{deployed}");
+        release(&c, &image, &format!("hello {deployed}"), 0);
+        let _ = Command::new(MOLT)
+            .args(["deploy", &image, "--instance", &target, "--json"])
+            .env("MOLT_CONFIG", c.config())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if let Some(status) = shell.try_wait().unwrap() {
+            break status;
+        }
+    };
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(died.signal(), Some(9));
+
+    let (mut shell, addr) = start_shell(&c, name, "staging");
+    let target = format!("{name}@{addr}");
+    let s = status(&c, &target);
+    // The prune ran after the record: the last upgrade is the one recorded.
+    assert_eq!(s["image"]["name"], format!("v{deployed}"), "{s}");
+    assert_eq!(greeting(&c, &target), format!("hello {deployed}"));
+    let releases = c.dir.path().join(name).join("releases/app");
+    let leftovers = || -> Vec<String> {
+        std::fs::read_dir(&releases)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !leftovers().is_empty() {
+        assert!(Instant::now() < deadline, "left behind: {:?}", leftovers());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Upgrades and rollbacks go on.
+    c.molt_json(&["rollback", "--instance", &target]);
+    assert_eq!(greeting(&c, &target), format!("hello {}", deployed - 1));
+    assert!(signal(&mut shell, "-TERM").success());
+}

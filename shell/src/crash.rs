@@ -7,11 +7,13 @@
 //! atomic load. The points, in upgrade order:
 //!
 //! - `after-fetch`: the missing blobs are in the cache, no release exists yet;
-//! - `mid-copy`: the new release's copy of the previous one is half made;
+//! - `mid-copy`: a new release (not the first of its service) is half made;
 //! - `mid-build`: the build command is running;
 //! - `after-switch`: a new process serves a front, its old one still runs;
 //! - `before-record`: every new process serves, the state is not recorded yet;
-//! - `after-record`: the new state is recorded, old releases not yet pruned.
+//! - `after-record`: the new state is recorded, old releases not yet pruned;
+//! - `mid-prune`: an old release or data directory is half deleted (in the
+//!   background, after the upgrade).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -324,6 +324,8 @@ pub struct Instance {
     lifecycle: Arc<Lifecycle>,
     /// The data directories recorded with the current generation.
     data_dirs: crate::state::DataDirs,
+    /// Deletes old releases and data directories in the background.
+    reaper: crate::reaper::Reaper,
 }
 
 impl std::fmt::Debug for Instance {
@@ -411,11 +413,15 @@ impl Instance {
             router: Router::new(),
             lifecycle: Arc::default(),
             data_dirs: Default::default(),
+            reaper: crate::reaper::Reaper::start(),
         };
         // What was started before a failure is stopped again: nothing is left
         // running by an open that failed.
         match instance.start_recorded().await {
             Ok(()) => {
+                for retired in instance.releases.retired() {
+                    instance.reaper.remove(retired);
+                }
                 instance.prune_data();
                 Ok(instance)
             }
@@ -1190,7 +1196,8 @@ impl Instance {
     }
 
     /// Keeps the newest `keep` releases of each service, and always the
-    /// running and the previous generation's (for an instant rollback).
+    /// running and the previous generation's (for an instant rollback). The
+    /// others are moved out of the way now and deleted in the background.
     fn prune(&self, keep: usize) {
         let mut protect: Vec<PathBuf> = self
             .services
@@ -1202,15 +1209,23 @@ impl Instance {
         }
         for name in self.services.keys() {
             match self.releases.prune(name, keep, &protect) {
-                Ok(removed) => {
-                    for r in removed {
-                        info!(service = %name, release = %r.display(), "pruned an old release");
+                Ok(retired) => {
+                    for r in retired {
+                        info!(service = %name, release = %r.display(), "pruning an old release");
+                        self.reaper.remove(r);
                     }
                 }
                 Err(e) => warn!(service = %name, error = %e, "could not prune old releases"),
             }
             self.prune_logs(name);
         }
+    }
+
+    /// Waits until the old releases and data directories pruned so far are
+    /// deleted (they are out of the way already; this is for tests and tools
+    /// that measure the disk).
+    pub async fn pruned(&self) {
+        self.reaper.idle().await;
     }
 
     /// Keeps the process logs of a service's newest [`KEEP_LOGS`] generations
@@ -1277,12 +1292,22 @@ impl Instance {
                 if slot.file_name() == "live" || keep.contains(&path) {
                     continue;
                 }
-                match std::fs::remove_dir_all(&path) {
-                    Ok(()) => {
-                        info!(dir = %path.display(), "removed a data directory no generation needs")
+                if slot
+                    .file_name()
+                    .to_str()
+                    .is_some_and(crate::reaper::is_retired)
+                {
+                    // Left retired by a stop or a crash.
+                    self.reaper.remove(path);
+                    continue;
+                }
+                match crate::reaper::retire(&path) {
+                    Ok(retired) => {
+                        info!(dir = %path.display(), "pruning a data directory no generation needs");
+                        self.reaper.remove(retired);
                     }
                     Err(e) => {
-                        warn!(dir = %path.display(), error = %e, "could not remove a data directory")
+                        warn!(dir = %path.display(), error = %e, "could not prune a data directory")
                     }
                 }
             }
@@ -1319,6 +1344,7 @@ impl Instance {
     /// [`Instance::shutdown`] through a reference (the shell's command service
     /// holds its instance behind a lock): afterwards nothing runs.
     pub async fn stop_all(&mut self) {
+        self.reaper.stop();
         for (_, front) in std::mem::take(&mut self.fronts) {
             front.shutdown().await;
         }

@@ -52,6 +52,7 @@ pub mod lifecycle;
 pub mod plan;
 pub mod plugin;
 pub mod process;
+pub mod reaper;
 pub mod release;
 pub mod service;
 pub mod state;

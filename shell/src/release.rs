@@ -175,14 +175,34 @@ impl Releases {
         ))
     }
 
+    /// The releases retired but not yet deleted (by a stop or a crash), of
+    /// every service.
+    pub fn retired(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for service in fs::read_dir(&self.root).into_iter().flatten().flatten() {
+            for entry in fs::read_dir(service.path()).into_iter().flatten().flatten() {
+                if entry
+                    .file_name()
+                    .to_str()
+                    .is_some_and(crate::reaper::is_retired)
+                {
+                    out.push(entry.path());
+                }
+            }
+        }
+        out
+    }
+
     /// Where the sealed release of `service` at `commit` lives.
     pub fn dir(&self, service: &ServiceName, commit: &CommitId) -> PathBuf {
         self.root.join(service.as_str()).join(commit.to_hex())
     }
 
-    /// Removes the oldest sealed releases of `service` beyond the newest `keep`,
-    /// never one in `protect` (the running and the previous generation's). Returns
-    /// the removed directories.
+    /// Retires the oldest sealed releases of `service` beyond the newest
+    /// `keep`, never one in `protect` (the running and the previous
+    /// generation's): each is renamed out of the way at once
+    /// ([`crate::reaper::retire`]). Returns what to delete: the retired
+    /// directories, and any a crash or a stop left retired before.
     pub fn prune(
         &self,
         service: &ServiceName,
@@ -191,6 +211,7 @@ impl Releases {
     ) -> Result<Vec<PathBuf>, ReleaseError> {
         let dir = self.root.join(service.as_str());
         let mut sealed: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
+        let mut retired = Vec::new();
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -198,11 +219,12 @@ impl Releases {
         };
         for entry in entries {
             let path = entry.map_err(io_err(&dir))?.path();
-            let staging = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_none_or(|n| n.starts_with('.'));
-            if staging || !path.is_dir() {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or(".");
+            if crate::reaper::is_retired(name) {
+                retired.push(path);
+                continue;
+            }
+            if name.starts_with('.') || !path.is_dir() {
                 continue;
             }
             let modified = fs::metadata(&path)
@@ -212,15 +234,14 @@ impl Releases {
         }
         sealed.sort();
         let excess = sealed.len().saturating_sub(keep);
-        let mut removed = Vec::new();
         for (_, path) in sealed.into_iter().take(excess) {
             if protect.contains(&path) {
                 continue;
             }
-            fs::remove_dir_all(&path).map_err(io_err(&path))?;
-            removed.push(path);
+            retired.push(crate::reaper::retire(&path).map_err(io_err(&path))?);
         }
-        Ok(removed)
+        retired.sort();
+        Ok(retired)
     }
 
     /// Bytes free on the filesystem holding the releases.
@@ -423,7 +444,7 @@ impl Staging {
             let old = base.and_then(|(_, t)| t.get(path));
             let source = FileSource::choose(entry, old, base.map(|(d, _)| d), sources);
             self.place(entry, source, sources)?;
-            if self.copied.linked + self.copied.files == 1 {
+            if base.is_some() && self.copied.linked + self.copied.files == 1 {
                 crate::crash::point("mid-copy");
             }
         }
@@ -1203,12 +1224,31 @@ mod tests {
             fs::File::open(&dir).unwrap().set_modified(t).unwrap();
             dirs.push(dir);
         }
-        // Keep 3; the oldest one is protected (it is still running, say).
-        let removed = releases.prune(&svc(), 3, &[dirs[0].clone()]).unwrap();
-        assert_eq!(removed, dirs[1..4].to_vec());
+        // Keep 3; the oldest one is protected (it is still running, say). The
+        // others are retired at once: gone from their place, left to delete.
+        let retired = releases.prune(&svc(), 3, &[dirs[0].clone()]).unwrap();
+        let expected: Vec<PathBuf> = dirs[1..4]
+            .iter()
+            .map(|d| {
+                d.with_file_name(format!(
+                    ".prune-{}",
+                    d.file_name().unwrap().to_str().unwrap()
+                ))
+            })
+            .collect();
+        assert_eq!(retired, expected);
+        for d in &dirs[1..4] {
+            assert!(!d.exists());
+        }
         for d in [&dirs[0], &dirs[4], &dirs[5], &dirs[6]] {
             assert!(d.exists());
         }
+        // Not deleted yet (a crash here, say): the next prune hands them over
+        // again, and retires nothing more.
+        assert_eq!(
+            releases.prune(&svc(), 3, &[dirs[0].clone()]).unwrap(),
+            expected
+        );
         assert!(releases.free_space().unwrap() > 0);
         assert_eq!(dir_size(&dirs[6]).unwrap(), 1);
     }

@@ -380,3 +380,88 @@ async fn an_instance_root_moved_elsewhere_serves_and_upgrades_from_there() {
     }
     assert_eq!(trees, 2);
 }
+
+/// Old releases and data directories are pruned in the background: the
+/// upgrade that makes one too many moves the oldest out of the way before it
+/// returns and the reaper deletes it after, while the next upgrades go on;
+/// the kept releases stay whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_releases_are_pruned_in_the_background_while_upgrades_go_on() {
+    let cluster = TestCluster::start().await;
+    let dir = cluster.path("hello");
+    copy_example("hello", &dir);
+    let manifest = std::fs::read_to_string(dir.join("service.toml")).unwrap();
+    let dev = cluster.repo_client("user/ada/developer").await;
+    let shell_repo = cluster.repo_client("shell/dev-1").await;
+    let config = InstanceConfig {
+        name: InstanceName::new("dev-1").unwrap(),
+        root: cluster.path("instance"),
+        public_ports: PublicPorts::Ephemeral,
+        public_ip: shell::instance::LOOPBACK,
+    };
+    let mut instance = Instance::open(config).await.unwrap();
+    let releases = cluster.path("instance/releases/hello");
+    let sealed = || -> Vec<String> {
+        std::fs::read_dir(&releases)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect()
+    };
+    let mut commits = Vec::new();
+    let total = shell::instance::KEEP_RELEASES + 4;
+    for i in 0..total {
+        write_file(
+            &dir,
+            "service.toml",
+            manifest
+                .replace("hello from molt", &format!("hello {i}"))
+                .as_bytes(),
+        );
+        let pushed = dev.push(&dir, &push_main("v"), |_| {}).await.unwrap();
+        instance
+            .upgrade(
+                &shell_repo,
+                &BTreeMap::from([(svc("hello"), pushed.commit)]),
+                None,
+                "v",
+            )
+            .await
+            .unwrap();
+        commits.push(pushed.commit);
+        // Never more sealed releases than kept, as soon as the upgrade returns.
+        assert!(
+            sealed().len() <= shell::instance::KEEP_RELEASES.max(2),
+            "{:?}",
+            sealed()
+        );
+    }
+    instance.pruned().await;
+    let mut left = std::fs::read_dir(&releases)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect::<Vec<_>>();
+    left.sort();
+    let mut newest: Vec<String> = commits[total - shell::instance::KEEP_RELEASES..]
+        .iter()
+        .map(|c| c.to_hex())
+        .collect();
+    newest.sort();
+    assert_eq!(left, newest, "only the newest, nothing retired left");
+    let addr = instance.public_addr(&svc("hello"), "main").unwrap();
+    let (_, body) = get_once(addr, "/").await;
+    assert!(body.contains(&format!("hello {}", total - 1)), "{body}");
+    // The kept releases are whole: the previous one serves again.
+    instance
+        .upgrade(
+            &shell_repo,
+            &BTreeMap::from([(svc("hello"), commits[total - 2])]),
+            None,
+            "back",
+        )
+        .await
+        .unwrap();
+    let (_, body) = get_once(addr, "/").await;
+    assert!(body.contains(&format!("hello {}", total - 2)), "{body}");
+    instance.shutdown().await;
+}
