@@ -439,3 +439,53 @@ async fn a_peer_that_vanishes_mid_command_ends_the_command() {
     shutdown.cancel();
     let _ = serving.await;
 }
+
+/// Tells the test when a peer's connection ends.
+struct Watched(tokio::sync::mpsc::UnboundedSender<String>);
+
+impl Handler for Watched {
+    async fn handle(&self, peer: Arc<Identity>, stream: BiStream) {
+        EchoHandler.handle(peer, stream).await;
+    }
+
+    fn disconnected(&self, peer: &Arc<Identity>, _conn: &quinn::Connection) {
+        let _ = self.0.send(peer.to_string());
+    }
+}
+
+/// A client's shutdown does not wait out QUIC's draining period, yet the
+/// server learns the client is done from its close frame, not from the idle
+/// timeout.
+#[tokio::test]
+async fn a_client_shutdown_reaches_the_server_without_draining() {
+    let ca = ClusterCa::generate("test").unwrap();
+    let server = Server::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &ca.issue(&Identity::RepoServer).unwrap(),
+    )
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    let (tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(server.serve(Arc::new(Watched(tx)), shutdown.clone()));
+    for round in 0..5 {
+        let client = client_with(
+            &ca.issue(&"user/ada/developer".parse().unwrap()).unwrap(),
+            addr,
+        );
+        let reply = echo(&client, addr, &format!("round {round}"))
+            .await
+            .unwrap();
+        assert_eq!(reply.text, format!("round {round}"));
+        client.shutdown().await;
+        drop(client);
+        // Well before the idle timeout would have ended it: the close arrived.
+        let who = tokio::time::timeout(wire::endpoint::IDLE_TIMEOUT / 2, ended.recv())
+            .await
+            .expect("the server saw the close, not an idle timeout")
+            .unwrap();
+        assert_eq!(who, "user/ada/developer");
+    }
+    shutdown.cancel();
+    task.await.unwrap();
+}
