@@ -1,17 +1,20 @@
-//! Benchmark: making a new release (copy of the previous one, mtimes and modes
-//! kept) next to `cp -a` of the same directory, in the same run.
+//! Benchmark: making the new release of a large service with one file changed
+//! (`Releases::assemble` + seal: unchanged files hard-linked from the blob
+//! cache, the changed one linked from its just-fetched blob) next to `cp -al`
+//! and `cp -a` of the previous release, in the same run.
 //!
-//! The release is synthetic but shaped like a built service: 2,000 source files
-//! and 8,000 build outputs, ~120 MB in all (`MOLT_BENCH_FILES`, `MOLT_BENCH_MB`).
-//! Page cache warm; median of `MOLT_BENCH_RUNS` (default 5) runs.
+//! The service: 20,000 files, ~1 GB (`MOLT_BENCH_FILES`, `MOLT_BENCH_MB`), no
+//! build outputs. Page cache warm; median of `MOLT_BENCH_RUNS` (default 5).
 //! Run: `scripts/bench-release` or `cargo bench -p shell --bench release`.
 
+use std::collections::BTreeSet;
 use std::error::Error;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use shell::release::copy_tree;
+use image_spec::{BlobId, CommitId, ServiceName, Tree, TreeEntry, scan_dir};
+use shell::release::{Releases, Sources};
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
@@ -33,12 +36,7 @@ fn generate(root: &Path, files: usize, total: u64) -> Res<()> {
             x ^= x << 17;
             *b = x as u8;
         }
-        let rel = if i % 5 == 0 {
-            format!("src/m{}/f{i}.rs", i % 40)
-        } else {
-            format!("target/release/deps/d{}/o{i}.rlib", i % 80)
-        };
-        let path = root.join(rel);
+        let path = root.join(format!("src/m{}/f{i}.rs", i % 100));
         std::fs::create_dir_all(path.parent().ok_or("no parent")?)?;
         std::fs::write(path, &buf)?;
     }
@@ -50,53 +48,105 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
+fn cp(args: &[&str], src: &Path, dst: &Path) -> Res<Duration> {
+    let t = Instant::now();
+    let ok = Command::new("cp").args(args).arg(src).arg(dst).status()?;
+    if !ok.success() {
+        return Err("cp failed".into());
+    }
+    Ok(t.elapsed())
+}
+
 fn main() -> Res<()> {
-    let files = env_or("MOLT_BENCH_FILES", 10_000);
-    let mb = env_or("MOLT_BENCH_MB", 120) as u64;
+    let files = env_or("MOLT_BENCH_FILES", 20_000);
+    let mb = env_or("MOLT_BENCH_MB", 1_000) as u64;
     let runs = env_or("MOLT_BENCH_RUNS", 5).max(1);
     let tmp = tempfile::tempdir()?;
-    let src = tmp.path().join("release");
-    eprintln!("generating a release of {files} files, ~{mb} MB ...");
+    let src = tmp.path().join("src");
+    eprintln!("generating a service of {files} files, ~{mb} MB ...");
     generate(&src, files, mb * 1_000_000)?;
-    // Warm the cache.
-    let stats = copy_tree(&src, &tmp.path().join("warm"))?;
-
-    let mut ours = Vec::new();
-    let mut cp = Vec::new();
-    for i in 0..runs {
-        let dst = tmp.path().join(format!("ours{i}"));
-        let t = Instant::now();
-        copy_tree(&src, &dst)?;
-        ours.push(t.elapsed());
-        let dst = tmp.path().join(format!("cp{i}"));
-        let t = Instant::now();
-        let status = Command::new("cp").arg("-a").arg(&src).arg(&dst).status()?;
-        cp.push(t.elapsed());
-        if !status.success() {
-            return Err("cp -a failed".into());
+    let v1 = scan_dir(&src)?.tree;
+    // The blob cache holds every blob (as after the first install's fetch).
+    let cache = tmp.path().join("cache");
+    std::fs::create_dir_all(&cache)?;
+    for e in v1.entries() {
+        let dst = cache.join(e.blob().to_hex());
+        if !dst.exists() {
+            std::fs::hard_link(e.path().under(&src), dst)?;
         }
-        std::fs::remove_dir_all(tmp.path().join(format!("ours{i}")))?;
-        std::fs::remove_dir_all(tmp.path().join(format!("cp{i}")))?;
     }
-    let (ours, cp) = (median(ours), median(cp));
+    let (releases, _) = Releases::open(&tmp.path().join("releases"))?;
+    let service = ServiceName::new("bench")?;
+    let blob_path = |id: &BlobId| cache.join(id.to_hex());
+    let all: BTreeSet<BlobId> = v1.entries().iter().map(|e| e.blob()).collect();
+    let r1 = releases
+        .assemble(
+            &service,
+            &CommitId::from_bytes([1; 32]),
+            &v1,
+            None,
+            &Sources {
+                cache: &blob_path,
+                fresh: &all,
+            },
+        )?
+        .seal()?;
+
+    // v2: one file changed, its new blob just fetched.
+    let changed = &v1.entries()[files / 2];
+    let bytes = b"one changed file".repeat(64);
+    let blob = BlobId::of(&bytes);
+    std::fs::write(cache.join(blob.to_hex()), &bytes)?;
+    let mut entries: Vec<TreeEntry> = v1.entries().to_vec();
+    entries[files / 2] = TreeEntry::file(changed.path().clone(), false, bytes.len() as u64, blob);
+    let v2 = Tree::new(entries)?;
+    let fresh = BTreeSet::from([blob]);
+    let v2_commit = CommitId::from_bytes([2; 32]);
+
+    let (mut ours, mut linked, mut copied) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
+        eprintln!("run {}/{runs} ...", i + 1);
+        let _ = std::fs::remove_dir_all(releases.dir(&service, &v2_commit));
+        let t = Instant::now();
+        let stage = releases.assemble(
+            &service,
+            &v2_commit,
+            &v2,
+            Some((&r1, &v1)),
+            &Sources {
+                cache: &blob_path,
+                fresh: &fresh,
+            },
+        )?;
+        let stats = stage.copied();
+        stage.seal()?;
+        ours.push(t.elapsed());
+        assert_eq!(stats.linked as usize, files);
+
+        let dst = tmp.path().join("cp-al");
+        let _ = std::fs::remove_dir_all(&dst);
+        linked.push(cp(&["-al"], &r1, &dst)?);
+        let dst = tmp.path().join("cp-a");
+        let _ = std::fs::remove_dir_all(&dst);
+        copied.push(cp(&["-a"], &r1, &dst)?);
+    }
+    let (ours, linked, copied) = (median(ours), median(linked), median(copied));
     println!();
     println!(
-        "release copy benchmark: {} files, {:.1} MB, page cache warm, median of {runs} runs",
-        stats.files,
-        stats.bytes as f64 / 1e6
+        "new release, {files} files, ~{mb} MB, one file changed; medians of {runs} runs, page cache warm"
     );
-    println!(
-        "{:<34} {:>10} {:>10} {:>12}",
-        "tool", "ms", "MB/s", "time / cp -a"
-    );
-    for (name, t) in [("shell::release::copy_tree", ours), ("cp -a", cp)] {
-        let s = t.as_secs_f64();
+    println!("{:<52} {:>10} {:>10}", "", "ms", "/ cp -al");
+    for (what, t) in [
+        ("molt: Releases::assemble + seal", ours),
+        ("cp -al (hard links, no check)", linked),
+        ("cp -a (a full copy: the old way)", copied),
+    ] {
         println!(
-            "{name:<34} {:>10.1} {:>10.0} {:>12.2}",
-            s * 1e3,
-            stats.bytes as f64 / 1e6 / s,
-            s / cp.as_secs_f64()
+            "{what:<52} {:>10.1} {:>10.2}",
+            t.as_secs_f64() * 1e3,
+            t.as_secs_f64() / linked.as_secs_f64()
         );
     }
+    println!("(goal: molt within 2x of cp -al)");
     Ok(())
 }

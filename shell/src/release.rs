@@ -725,49 +725,6 @@ fn remove_any(path: &Path) -> Result<(), ReleaseError> {
     }
 }
 
-/// Copies the directory `src` to `dst` (which must not exist): directories, files
-/// with their modes and modification times, and symlinks as symlinks.
-pub fn copy_tree(src: &Path, dst: &Path) -> Result<CopyStats, ReleaseError> {
-    let mut stats = CopyStats::default();
-    fs::create_dir(dst).map_err(io_err(dst))?;
-    let mut stack = vec![(src.to_owned(), dst.to_owned())];
-    while let Some((from, to)) = stack.pop() {
-        for entry in fs::read_dir(&from).map_err(io_err(&from))? {
-            let entry = entry.map_err(io_err(&from))?;
-            let (s, d) = (entry.path(), to.join(entry.file_name()));
-            let meta = fs::symlink_metadata(&s).map_err(io_err(&s))?;
-            let ft = meta.file_type();
-            if ft.is_dir() {
-                fs::create_dir(&d).map_err(io_err(&d))?;
-                fs::set_permissions(&d, meta.permissions()).map_err(io_err(&d))?;
-                stack.push((s, d));
-            } else if ft.is_symlink() {
-                let target = fs::read_link(&s).map_err(io_err(&s))?;
-                symlink(&target, &d).map_err(io_err(&d))?;
-                stats.links += 1;
-            } else if ft.is_file() {
-                // std::fs::copy keeps the mode and uses copy_file_range, which
-                // clones extents on filesystems that can.
-                stats.bytes += fs::copy(&s, &d).map_err(io_err(&d))?;
-                let times = fs::FileTimes::new()
-                    .set_modified(meta.modified().map_err(io_err(&s))?)
-                    .set_accessed(meta.accessed().map_err(io_err(&s))?);
-                fs::File::options()
-                    .write(true)
-                    .open(&d)
-                    .and_then(|f| f.set_times(times))
-                    .map_err(io_err(&d))?;
-                stats.files += 1;
-                if stats.files == 1 {
-                    crate::crash::point("mid-copy");
-                }
-            }
-            // Sockets and FIFOs a build may leave behind are not copied.
-        }
-    }
-    Ok(stats)
-}
-
 /// The bytes of the regular files under `dir` (what a copy of it needs).
 pub fn dir_size(dir: &Path) -> Result<u64, ReleaseError> {
     let mut total = 0;
@@ -862,40 +819,6 @@ mod tests {
 
     fn svc() -> ServiceName {
         ServiceName::new("orders").unwrap()
-    }
-
-    #[test]
-    fn copies_keep_mtimes_modes_and_links_and_are_independent() {
-        let tmp = tempfile::tempdir().unwrap();
-        let src = tmp.path().join("src");
-        write(&src, "a/b.txt", b"hello");
-        write(&src, "run", b"#!/bin/sh");
-        fs::set_permissions(src.join("run"), fs::Permissions::from_mode(0o755)).unwrap();
-        symlink("a/b.txt", src.join("link")).unwrap();
-        let old = SystemTime::now() - Duration::from_secs(86_400);
-        fs::File::options()
-            .write(true)
-            .open(src.join("a/b.txt"))
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
-
-        let dst = tmp.path().join("dst");
-        let stats = copy_tree(&src, &dst).unwrap();
-        assert_eq!((stats.files, stats.links, stats.bytes), (2, 1, 14));
-        let m = fs::metadata(dst.join("a/b.txt")).unwrap();
-        assert_eq!(m.modified().unwrap(), old);
-        assert_eq!(
-            fs::metadata(dst.join("run")).unwrap().permissions().mode() & 0o777,
-            0o755
-        );
-        assert_eq!(
-            fs::read_link(dst.join("link")).unwrap(),
-            Path::new("a/b.txt")
-        );
-        // Writing the copy leaves the source alone.
-        fs::write(dst.join("a/b.txt"), b"changed").unwrap();
-        assert_eq!(fs::read(src.join("a/b.txt")).unwrap(), b"hello");
     }
 
     /// Assembles `tree` of commit `[n; 32]` from the cache at `cache` (its
@@ -1009,6 +932,20 @@ mod tests {
         // became a real directory and nothing was written through it.
         assert_eq!(fs::read(r2.join("target/app")).unwrap(), b"binary v1");
         assert_ne!(ino(&r2.join("target/app")), ino(&r1.join("target/app")));
+        assert_eq!(
+            fs::metadata(r2.join("target/app"))
+                .unwrap()
+                .modified()
+                .unwrap(),
+            fs::metadata(r1.join("target/app"))
+                .unwrap()
+                .modified()
+                .unwrap(),
+            "an output keeps its time, so the next build is incremental"
+        );
+        // Writing the copy leaves the old release alone.
+        fs::write(r2.join("target/app"), b"binary v2").unwrap();
+        assert_eq!(fs::read(r1.join("target/app")).unwrap(), b"binary v1");
         assert!(fs::symlink_metadata(r2.join("out")).unwrap().is_dir());
         assert!(
             !outside.join("new").exists(),
@@ -1079,7 +1016,7 @@ mod tests {
         let blobs: [&[u8]; 3] = [b"alpha", b"gamma", b"#!/bin/sh"];
         cache_from(&cache_dir, &blobs);
         // Linked: every regular file (fresh). Copied: kept from a release made
-        // by copy_tree, the cache not holding them.
+        // from a plain directory, the cache not holding them.
         let linked = assemble(&releases, 1, &tree, None, &cache_dir, &blobs).unwrap();
         assert_eq!(linked.copied().linked, 2);
         let linked = linked.seal().unwrap();
