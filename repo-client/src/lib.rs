@@ -52,8 +52,10 @@ use wire::repo::{
 };
 use wire::{BiStream, Client, Connection, Identity, WireError};
 
-/// Most blob ids a push puts in one request.
-const BLOBS_PER_REQUEST: usize = 20_000;
+/// Most blob ids one request names (a push's, a fetch's, a missing-blobs
+/// question): longer lists go in several requests, well under the server's
+/// [`wire::repo::MAX_BLOBS_PER_REQUEST`] and its frame limit.
+pub const BLOBS_PER_REQUEST: usize = 20_000;
 
 /// Files up to this size are read in one call when uploading.
 const SMALL_FILE: u64 = 1 << 20;
@@ -194,6 +196,8 @@ pub enum PushProgress {
 pub struct RepoClient {
     conn: Connection,
     tree_cache: Option<PathBuf>,
+    /// Most blob ids one request names ([`BLOBS_PER_REQUEST`] unless set).
+    batch: usize,
 }
 
 macro_rules! expect {
@@ -216,6 +220,7 @@ impl RepoClient {
         Ok(Self {
             conn: client.connect(addr, &Identity::RepoServer).await?,
             tree_cache: None,
+            batch: BLOBS_PER_REQUEST,
         })
     }
 
@@ -223,6 +228,14 @@ impl RepoClient {
     /// send a diff without first downloading the branch head's tree.
     pub fn with_tree_cache(mut self, dir: PathBuf) -> Self {
         self.tree_cache = Some(dir);
+        self
+    }
+
+    /// Names at most `n` blob ids a request (at least 1; the default is
+    /// [`BLOBS_PER_REQUEST`]): for a server that takes fewer, and for tests
+    /// of the batching.
+    pub fn with_blobs_per_request(mut self, n: usize) -> Self {
+        self.batch = n.max(1);
         self
     }
 
@@ -278,8 +291,17 @@ impl RepoClient {
 
     /// The blobs among `blobs` the server lacks.
     pub async fn missing_blobs(&self, blobs: Vec<BlobId>) -> Result<Vec<BlobId>, ClientError> {
-        let resp = self.call(&RepoRequest::MissingBlobs { blobs }).await?;
-        expect!(resp, RepoResponse::Missing { blobs } => blobs, "missing_blobs")
+        let mut missing = Vec::new();
+        for batch in blobs.chunks(self.batch) {
+            let resp = self
+                .call(&RepoRequest::MissingBlobs {
+                    blobs: batch.to_vec(),
+                })
+                .await?;
+            missing
+                .extend(expect!(resp, RepoResponse::Missing { blobs } => blobs, "missing_blobs")?);
+        }
+        Ok(missing)
     }
 
     /// Uploads blobs from local files, streaming each in chunks. `progress` gets the
@@ -492,6 +514,27 @@ impl RepoClient {
     /// before it are still put in place, the one in flight is removed, and
     /// nothing unverified is ever renamed.
     pub async fn fetch_blobs_to(&self, blobs: &[BlobId], dir: &Path) -> Result<u64, ClientError> {
+        let mut total = 0;
+        // A service of any size: a bounded number of ids a request.
+        for batch in blobs.chunks(self.batch) {
+            total += self.fetch_batch_to(batch, dir).await?;
+        }
+        let io = |source| ClientError::Io {
+            path: dir.to_owned(),
+            source,
+        };
+        tokio::fs::File::open(dir)
+            .await
+            .map_err(io)?
+            .sync_all()
+            .await
+            .map_err(io)?;
+        Ok(total)
+    }
+
+    /// One request of [`RepoClient::fetch_blobs_to`]: the blobs are in place
+    /// and durable, the directory not yet synced.
+    async fn fetch_batch_to(&self, blobs: &[BlobId], dir: &Path) -> Result<u64, ClientError> {
         let mut s = self.conn.open().await?;
         codec::write_frame(
             &mut s.send,
@@ -518,16 +561,6 @@ impl RepoClient {
         }
         let total = received?;
         placed?;
-        let io = |source| ClientError::Io {
-            path: dir.to_owned(),
-            source,
-        };
-        tokio::fs::File::open(dir)
-            .await
-            .map_err(io)?
-            .sync_all()
-            .await
-            .map_err(io)?;
         Ok(total)
     }
 
@@ -717,7 +750,7 @@ impl RepoClient {
         };
         // Ask and upload in slices that stay well inside one request's limits.
         let mut missing = Vec::new();
-        for slice in wanted.chunks(BLOBS_PER_REQUEST) {
+        for slice in wanted.chunks(self.batch) {
             missing.extend(self.missing_blobs(slice.to_vec()).await?);
         }
         let sizes: std::collections::BTreeMap<BlobId, u64> = tree
@@ -742,7 +775,7 @@ impl RepoClient {
             bytes: upload_bytes,
         });
         let mut sent_before = 0u64;
-        for slice in uploads.chunks(BLOBS_PER_REQUEST) {
+        for slice in uploads.chunks(self.batch) {
             self.put_blobs(slice, |bytes| {
                 progress(PushProgress::Sent {
                     bytes: sent_before + bytes,
@@ -751,7 +784,7 @@ impl RepoClient {
             .await?;
             sent_before += slice.iter().map(|(_, s, _)| s).sum::<u64>();
         }
-        let (blobs_sent, bytes_sent) = (uploads.len() as u64, upload_bytes);
+        let (mut blobs_sent, mut bytes_sent) = (uploads.len() as u64, upload_bytes);
 
         // The server requires the author to be the pusher, as its certificate names it.
         let author = match self.conn.me() {
@@ -766,12 +799,46 @@ impl RepoClient {
             opts.message.clone(),
             Timestamp::now(),
         )?;
-        let (id, _) = match base {
-            Some((base_id, base_tree)) => {
-                let diff = TreeDiff::between(&base_tree, &tree);
-                self.create_commit_from_diff(commit, base_id, diff).await?
+        let create = |commit: Commit| {
+            let base = base.clone();
+            let tree = tree.clone();
+            async move {
+                match base {
+                    Some((base_id, base_tree)) => {
+                        let diff = TreeDiff::between(&base_tree, &tree);
+                        self.create_commit_from_diff(commit, base_id, diff).await
+                    }
+                    None => self.create_commit(commit, tree).await,
+                }
             }
-            None => self.create_commit(commit, tree.clone()).await?,
+        };
+        let (id, _) = match create(commit.clone()).await {
+            // Blobs the repository should hold but does not (lost, or found
+            // corrupt and quarantined): this push has them, so it repairs the
+            // repository by uploading them, then creates the commit.
+            Err(ClientError::Remote(RemoteError {
+                kind: ErrorKind::BlobsMissing { blobs },
+                ..
+            })) => {
+                let repair: Vec<(BlobId, u64, PathBuf)> = blobs
+                    .iter()
+                    .filter_map(|id| {
+                        Some((
+                            *id,
+                            sizes.get(id).copied()?,
+                            scanned.sources.get(id)?.clone(),
+                        ))
+                    })
+                    .collect();
+                info!(%service, blobs = repair.len(), "the repository lacks blobs of this tree; uploading them");
+                for slice in repair.chunks(self.batch) {
+                    self.put_blobs(slice, |_| {}).await?;
+                }
+                blobs_sent += repair.len() as u64;
+                bytes_sent += repair.iter().map(|(_, s, _)| s).sum::<u64>();
+                create(commit).await?
+            }
+            other => other?,
         };
         self.cache_tree(&tree).await;
         self.move_branch(&service, &opts.branch, head.map(|h| h.id), id)

@@ -21,6 +21,8 @@ use wire::{BiStream, Client, ClusterCa, DEFAULT_FRAME_LIMIT, Handler, Identity, 
 struct StandIn {
     served: BTreeMap<BlobId, Vec<u8>>,
     announced: BTreeMap<BlobId, u64>,
+    /// How many ids each request named.
+    requests: Arc<std::sync::Mutex<Vec<usize>>>,
 }
 
 impl Handler for StandIn {
@@ -29,6 +31,7 @@ impl Handler for StandIn {
         else {
             return;
         };
+        self.requests.lock().unwrap().push(blobs.len());
         let sizes = blobs
             .iter()
             .map(|id| {
@@ -97,6 +100,7 @@ async fn fetch(
     let repo = Repo::start(StandIn {
         served: served.iter().cloned().collect(),
         announced: announced.iter().copied().collect(),
+        requests: Arc::default(),
     });
     let dir = tempfile::tempdir().unwrap();
     let got = repo.client().await.fetch_blobs_to(ids, dir.path()).await;
@@ -185,4 +189,30 @@ async fn a_transfer_cut_short_keeps_the_blobs_before_it_and_nothing_of_the_rest(
     );
     // The first is in place and whole; no partial file of the second remains.
     assert_holds_exactly(dir.path(), &served[..1]);
+}
+
+#[tokio::test]
+async fn a_fetch_of_more_blobs_than_a_request_takes_is_split_in_batches() {
+    const BATCH: usize = 100;
+    let n = 2 * BATCH + 1;
+    let served = blobs((0..n).map(|i| (i as u32).to_le_bytes().to_vec()));
+    let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let repo = Repo::start(StandIn {
+        served: served.iter().cloned().collect(),
+        announced: BTreeMap::new(),
+        requests: requests.clone(),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let got = repo
+        .client()
+        .await
+        .with_blobs_per_request(BATCH)
+        .fetch_blobs_to(&ids(&served), dir.path())
+        .await;
+    repo.stop().await;
+    assert_eq!(got.unwrap(), 4 * n as u64);
+    assert_eq!(*requests.lock().unwrap(), [BATCH, BATCH, 1]);
+    assert_holds_exactly(dir.path(), &served);
+    // The default stays well inside what the server takes in one request.
+    const { assert!(repo_client::BLOBS_PER_REQUEST < wire::repo::MAX_BLOBS_PER_REQUEST) };
 }

@@ -87,6 +87,11 @@ pub trait BlobStore: Send + Sync + 'static {
         &self,
         id: &BlobId,
     ) -> impl Future<Output = Result<Option<(Self::Source, u64)>, BlobError>> + Send;
+
+    /// Takes a blob found corrupt (its bytes do not hash to its id) out of
+    /// the store, kept aside for inspection: from then on it is missing, so
+    /// the next push that holds it uploads it again.
+    fn quarantine(&self, id: &BlobId) -> impl Future<Output = Result<(), BlobError>> + Send;
 }
 
 /// Blobs as files in a directory (see the module docs).
@@ -157,6 +162,11 @@ impl FsBlobStore {
         })
     }
 
+    /// Where corrupt blobs are kept aside (`quarantine/<id>`).
+    fn quarantine_dir(&self) -> PathBuf {
+        self.root.join("quarantine")
+    }
+
     fn path_of(&self, id: &BlobId) -> PathBuf {
         let hex = id.to_hex();
         self.root.join(&hex[..2]).join(hex)
@@ -167,7 +177,7 @@ impl FsBlobStore {
         let (mut count, mut bytes) = (0, 0);
         for shard in std::fs::read_dir(&self.root).map_err(io_err(&self.root))? {
             let shard = shard.map_err(io_err(&self.root))?;
-            if shard.path() == self.tmp {
+            if shard.path() == self.tmp || shard.path() == self.quarantine_dir() {
                 continue;
             }
             for f in std::fs::read_dir(shard.path()).map_err(io_err(&shard.path()))? {
@@ -309,6 +319,19 @@ impl BlobStore for FsBlobStore {
             }
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    async fn quarantine(&self, id: &BlobId) -> Result<(), BlobError> {
+        let dir = self.quarantine_dir();
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(io_err(&dir))?;
+        let (from, to) = (self.path_of(id), dir.join(id.to_hex()));
+        match tokio::fs::rename(&from, &to).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(&from)(e)),
         }
     }
 }

@@ -29,7 +29,7 @@ use image_spec::{
 use tokio::io::AsyncReadExt as _;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 use wire::codec::{self, DEFAULT_FRAME_LIMIT, FrameError};
 use wire::endpoint::code;
 use wire::repo::{
@@ -414,6 +414,10 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
             return;
         }
         for (id, size) in blobs.iter().zip(sizes) {
+            // What is served is verified on the way: a blob whose bytes are
+            // not its id's is quarantined, so it is missing from now on and
+            // the next push that holds it uploads it again.
+            let mut hasher = blake3::Hasher::new();
             let sent = async {
                 let (mut src, _) = self
                     .blobs
@@ -421,7 +425,10 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
                     .await
                     .map_err(|e| FrameError::Io(std::io::Error::other(e.to_string())))?
                     .ok_or_else(|| FrameError::Io(std::io::Error::other("blob vanished")))?;
-                codec::copy_exact(&mut src, &mut stream.send, size, |_| {}).await
+                codec::copy_exact(&mut src, &mut stream.send, size, |chunk| {
+                    hasher.update(chunk);
+                })
+                .await
             }
             .await;
             if let Err(e) = sent {
@@ -429,8 +436,35 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
                 let _ = stream.send.reset(code::PROTOCOL);
                 return;
             }
+            if BlobId::from(hasher.finalize()) != *id {
+                error!(blob = %id, "a stored blob is corrupt; quarantined");
+                if let Err(e) = self.blobs.quarantine(id).await {
+                    error!(blob = %id, error = %e, "could not quarantine a corrupt blob");
+                }
+                let _ = stream.send.reset(code::PROTOCOL);
+                return;
+            }
         }
         let _ = stream.send.finish();
+    }
+
+    /// Do the stored bytes of `id` hash to it? (A missing blob is not sound.)
+    async fn blob_is_sound(&self, id: &BlobId) -> Result<bool, RemoteError> {
+        let Some((mut src, _)) = self.blobs.open(id).await? else {
+            return Ok(false);
+        };
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = tokio::io::AsyncReadExt::read(&mut src, &mut buf)
+                .await
+                .map_err(|e| RemoteError::new(ErrorKind::Internal, e.to_string()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        Ok(BlobId::from(hasher.finalize()) == *id)
     }
 
     fn commit(&self, id: &CommitId) -> Result<Commit, RemoteError> {
@@ -482,20 +516,38 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
             .blobs
             .sizes_many(files.iter().map(|(id, _, _)| *id).collect())
             .await?;
+        let mut missing = std::collections::BTreeSet::new();
         for ((blob, declared, path), actual) in files.iter().zip(stored) {
             match actual {
                 None => {
-                    return Err(invalid(format!(
-                        "blob {blob} of `{path}` is not stored; upload it before the commit"
-                    )));
+                    missing.insert(*blob);
                 }
+                // Another size than declared: the tree lies, or the stored
+                // blob is corrupt. Its bytes say which.
                 Some(actual) if actual != *declared => {
-                    return Err(invalid(format!(
-                        "`{path}` is declared as {declared} bytes but its blob {blob} has {actual}"
-                    )));
+                    if self.blob_is_sound(blob).await? {
+                        return Err(invalid(format!(
+                            "`{path}` is declared as {declared} bytes but its blob {blob} has {actual}"
+                        )));
+                    }
+                    warn!(%blob, path = %path, declared = *declared, actual, "a stored blob is corrupt; quarantined");
+                    self.blobs.quarantine(blob).await?;
+                    missing.insert(*blob);
                 }
                 Some(_) => {}
             }
+        }
+        if !missing.is_empty() {
+            return Err(RemoteError::new(
+                ErrorKind::BlobsMissing {
+                    blobs: missing.iter().copied().collect(),
+                },
+                format!(
+                    "{} blob(s) of the commit are not stored (for one, {}); upload them before the commit",
+                    missing.len(),
+                    missing.first().expect("not empty")
+                ),
+            ));
         }
         self.check_manifest(&commit, &tree).await?;
         self.meta.put_tree(&tree)?;

@@ -391,6 +391,12 @@ pub enum ErrorKind {
         /// The last event the watcher was sent.
         resume_after: u64,
     },
+    /// A commit names blobs the repository does not hold (never uploaded,
+    /// or found corrupt and quarantined): upload these, then try again.
+    BlobsMissing {
+        /// The blobs to upload.
+        blobs: Vec<BlobId>,
+    },
 }
 
 /// A failure reported by the server.
