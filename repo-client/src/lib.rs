@@ -532,9 +532,8 @@ impl RepoClient {
         Ok(total)
     }
 
-    /// One request of [`RepoClient::fetch_blobs_to`]: the blobs are in place
-    /// and durable, the directory not yet synced.
-    async fn fetch_batch_to(&self, blobs: &[BlobId], dir: &Path) -> Result<u64, ClientError> {
+    /// Asks for `blobs`: the stream their bytes follow on, and each one's size.
+    async fn request_blobs(&self, blobs: &[BlobId]) -> Result<(BiStream, Vec<u64>), ClientError> {
         let mut s = self.conn.open().await?;
         codec::write_frame(
             &mut s.send,
@@ -549,6 +548,13 @@ impl RepoClient {
         if sizes.len() != blobs.len() {
             return Err(ClientError::Unexpected("fetch_blobs"));
         }
+        Ok((s, sizes))
+    }
+
+    /// One request of [`RepoClient::fetch_blobs_to`]: the blobs are in place
+    /// and durable, the directory not yet synced.
+    async fn fetch_batch_to(&self, blobs: &[BlobId], dir: &Path) -> Result<u64, ClientError> {
+        let (mut s, sizes) = self.request_blobs(blobs).await?;
         let mut placing = JoinSet::new();
         let received = receive_blobs(&mut s.recv, blobs.iter().zip(sizes), dir, &mut placing).await;
         // Whatever stopped the transfer, every blob verified before it is made
@@ -573,20 +579,7 @@ impl RepoClient {
         blobs: &[BlobId],
         max_each: u64,
     ) -> Result<Vec<Vec<u8>>, ClientError> {
-        let mut s = self.conn.open().await?;
-        codec::write_frame(
-            &mut s.send,
-            &RepoRequest::FetchBlobs {
-                blobs: blobs.to_vec(),
-            },
-        )
-        .await?;
-        let _ = s.send.finish();
-        let reply: RepoReply = codec::expect_frame(&mut s.recv, DEFAULT_FRAME_LIMIT).await?;
-        let sizes = expect!(reply?, RepoResponse::BlobsFollow { sizes } => sizes, "fetch_blobs")?;
-        if sizes.len() != blobs.len() {
-            return Err(ClientError::Unexpected("fetch_blobs"));
-        }
+        let (mut s, sizes) = self.request_blobs(blobs).await?;
         if let Some((id, size)) = blobs.iter().zip(&sizes).find(|(_, s)| **s > max_each) {
             return Err(ClientError::TooLarge {
                 blob: *id,

@@ -24,6 +24,7 @@ use std::error::Error;
 use std::time::{Duration, Instant};
 
 use image_spec::{ImageId, ImageName, InstanceName, ServiceName, TargetName, UserName};
+use molt_e2e::bench::env_or;
 use molt_e2e::portal::{Api, TestPortal, TestShell, wait_online};
 use molt_e2e::{TestCluster, copy_example, push_main, write_file};
 use portal::deployment::{DeployOptions, NewDeployment, Transition, Trigger};
@@ -32,13 +33,6 @@ use serde_json::json;
 use wire::shell::{ImageRef, Stage};
 
 type Res<T> = Result<T, Box<dyn Error>>;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -75,9 +69,9 @@ fn main() -> Res<()> {
 }
 
 async fn run() -> Res<()> {
-    let requests = env("MOLT_BENCH_REQUESTS", 50).max(2);
-    let deploys = env("MOLT_BENCH_DEPLOYS", 5).max(1);
-    let history = env("MOLT_BENCH_HISTORY", 10_000);
+    let requests = env_or("MOLT_BENCH_REQUESTS", 50).max(2);
+    let deploys = env_or("MOLT_BENCH_DEPLOYS", 5).max(1);
+    let history = env_or("MOLT_BENCH_HISTORY", 10_000);
     let cluster = TestCluster::start().await;
 
     // Two images of `hello`, for the deployments that really run.

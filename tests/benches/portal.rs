@@ -49,6 +49,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use image_spec::{Image, ImageName, ServiceName};
+use molt_e2e::bench::env_or;
 use molt_e2e::portal::Api;
 use molt_e2e::{TestCluster, copy_example, push_main, version_of, write_file};
 use serde_json::{Value, json};
@@ -60,13 +61,6 @@ use wire::shell::{ShellRequest, ShellResponse, Stage};
 use wire::{Client, Identity};
 
 type Res<T> = Result<T, Box<dyn Error + Send + Sync>>;
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)

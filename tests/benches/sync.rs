@@ -20,52 +20,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use image_spec::{BlobId, ServiceName};
+use molt_e2e::bench::{env_or, generate_service};
 use molt_e2e::{TestCluster, push_main, write_file};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use wire::{BiStream, Handler, Identity};
 
 type Res<T> = Result<T, Box<dyn Error>>;
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Deterministic pseudo-random bytes.
-fn fill(seed: u64, buf: &mut [u8]) {
-    let mut x = seed | 1;
-    for chunk in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let v = x.to_le_bytes();
-        chunk.copy_from_slice(&v[..chunk.len()]);
-    }
-}
-
-/// Many small source files and a few large ones, ~`total` bytes in all.
-fn generate(root: &Path, files: usize, total: u64) -> Res<()> {
-    molt_e2e::write_service(root, "bench", &[]);
-    let large = 5.min(files);
-    let small = files.saturating_sub(large + 1);
-    let large_size = total / 2 / large.max(1) as u64;
-    let small_size = (total / 2) / small.max(1) as u64;
-    let mut buf = Vec::new();
-    for i in 0..large {
-        buf.resize(usize::try_from(large_size)?, 0);
-        fill(2 * (i as u64 + 1), &mut buf);
-        write_file(root, &format!("bin/large{i}.bin"), &buf);
-    }
-    for i in 0..small {
-        buf.resize(usize::try_from(small_size)?, 0);
-        fill(2 * (1000 + i as u64), &mut buf);
-        write_file(root, &format!("src/m{}/f{i}.rs", i % 100), &buf);
-    }
-    Ok(())
-}
 
 fn rsync(src: &Path, dst: &Path, extra: &[&str]) -> Res<(u64, Duration)> {
     let t = Instant::now();
@@ -203,7 +164,7 @@ async fn main() -> Res<()> {
     let cluster = TestCluster::start().await;
     let src = cluster.path("src");
     eprintln!("generating {files} files, ~{mb} MB ...");
-    generate(&src, files, mb * 1_000_000)?;
+    generate_service(&src, files, mb * 1_000_000);
     let rsync_dst = cluster.path("rsync-dst");
     rsync(&src, &rsync_dst, &[])?;
 

@@ -27,51 +27,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use image_spec::{InstanceName, ServiceName};
+use molt_e2e::bench::{env_or, generate_service};
 use molt_e2e::{TestCluster, push_main, write_file};
 use shell::install::{BlobCache, InstallContext, install};
 use shell::release::Releases;
 
 type Res<T> = Result<T, Box<dyn Error>>;
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Deterministic pseudo-random bytes.
-fn fill(seed: u64, buf: &mut [u8]) {
-    let mut x = seed | 1;
-    for chunk in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let v = x.to_le_bytes();
-        chunk.copy_from_slice(&v[..chunk.len()]);
-    }
-}
-
-/// Many small source files and a few large ones, ~`total` bytes in all.
-fn generate(root: &Path, files: usize, total: u64) -> Res<()> {
-    molt_e2e::write_service(root, "bench", &[]);
-    let large = 5.min(files);
-    let small = files.saturating_sub(large + 1);
-    let large_size = total / 2 / large.max(1) as u64;
-    let small_size = (total / 2) / small.max(1) as u64;
-    let mut buf = Vec::new();
-    for i in 0..large {
-        buf.resize(usize::try_from(large_size)?, 0);
-        fill(2 * (i as u64 + 1), &mut buf);
-        write_file(root, &format!("bin/large{i}.bin"), &buf);
-    }
-    for i in 0..small {
-        buf.resize(usize::try_from(small_size)?, 0);
-        fill(2 * (1000 + i as u64), &mut buf);
-        write_file(root, &format!("src/m{}/f{i}.rs", i % 100), &buf);
-    }
-    Ok(())
-}
 
 fn run(cmd: &mut Command) -> Res<String> {
     let out = cmd
@@ -173,7 +134,7 @@ async fn main() -> Res<()> {
     std::fs::create_dir_all(&work)?;
     let v1_dir = cluster.path("v1");
     eprintln!("generating {files} files, ~{mb} MB ...");
-    generate(&v1_dir, files, mb * 1_000_000)?;
+    generate_service(&v1_dir, files, mb * 1_000_000);
     let changed = "src/m42/f4242.rs";
     let v1_bytes = std::fs::read(v1_dir.join(changed))?;
     let mut v2_bytes = v1_bytes.clone();

@@ -295,6 +295,7 @@ impl Load {
     }
 }
 
+pub mod bench;
 pub mod browser;
 pub mod portal;
 pub mod relay;

@@ -11,6 +11,37 @@ use shell::build::BuildError;
 use shell::install::{BlobCache, InstallContext, InstallError, install};
 use shell::release::{Releases, verify};
 
+/// An instance's stores under `root`, and its connection to the repository.
+struct Node {
+    repo: repo_client::RepoClient,
+    cache: BlobCache,
+    releases: Releases,
+    instance: InstanceName,
+    logs: std::path::PathBuf,
+}
+
+impl Node {
+    async fn open(cluster: &TestCluster, root: &std::path::Path) -> Self {
+        Self {
+            repo: cluster.repo_client("shell/dev-1").await,
+            cache: BlobCache::open(&root.join("cache")).unwrap(),
+            releases: Releases::open(&root.join("releases")).unwrap().0,
+            instance: InstanceName::new("dev-1").unwrap(),
+            logs: root.join("logs"),
+        }
+    }
+
+    fn ctx(&self) -> InstallContext<'_> {
+        InstallContext {
+            repo: &self.repo,
+            cache: &self.cache,
+            releases: &self.releases,
+            instance: &self.instance,
+            logs: &self.logs,
+        }
+    }
+}
+
 #[tokio::test]
 async fn install_builds_incrementally_and_refuses_broken_builds() {
     let cluster = TestCluster::start().await;
@@ -20,18 +51,9 @@ async fn install_builds_incrementally_and_refuses_broken_builds() {
     let v1 = repo.push(&src, &push_main("v1"), |_| {}).await.unwrap();
 
     let instance_root = cluster.path("instance");
-    let cache = BlobCache::open(&instance_root.join("cache")).unwrap();
-    let (releases, _) = Releases::open(&instance_root.join("releases")).unwrap();
-    let shell_repo = cluster.repo_client("shell/dev-1").await;
-    let instance = InstanceName::new("dev-1").unwrap();
-    let logs = instance_root.join("logs");
-    let ctx = InstallContext {
-        repo: &shell_repo,
-        cache: &cache,
-        releases: &releases,
-        instance: &instance,
-        logs: &logs,
-    };
+    let node = Node::open(&cluster, &instance_root).await;
+    let releases = &node.releases;
+    let ctx = node.ctx();
     let service = ServiceName::new("orders").unwrap();
 
     // First install: the full tree, built from scratch.
@@ -137,19 +159,9 @@ async fn a_build_cannot_change_the_commits_files() {
     write_file(&src, "app.py", b"print('v1')\n");
     let v1 = repo.push(&src, &push_main("v1"), |_| {}).await.unwrap();
 
-    let root = cluster.path("instance");
-    let cache = BlobCache::open(&root.join("cache")).unwrap();
-    let (releases, _) = Releases::open(&root.join("releases")).unwrap();
-    let shell_repo = cluster.repo_client("shell/dev-1").await;
-    let instance = InstanceName::new("dev-1").unwrap();
-    let logs = root.join("logs");
-    let ctx = InstallContext {
-        repo: &shell_repo,
-        cache: &cache,
-        releases: &releases,
-        instance: &instance,
-        logs: &logs,
-    };
+    let node = Node::open(&cluster, &cluster.path("instance")).await;
+    let (cache, releases) = (&node.cache, &node.releases);
+    let ctx = node.ctx();
     let first = install(&ctx, &service, v1.commit, None).await.unwrap();
     assert_eq!(first.copied.linked, 2);
     let app_blob = first
