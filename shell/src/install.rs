@@ -60,6 +60,40 @@ impl BlobCache {
         self.dir.join(id.to_hex())
     }
 
+    /// Removes the blobs no release links any more (a cache file's only
+    /// link is its own), which the releases pruned before let go; stops
+    /// between two files when `cancel` is. Returns how many went and their
+    /// bytes. A blob used only by private copies (an executable) goes too:
+    /// it is fetched again if a later release needs it. The caller makes sure
+    /// no install is using the cache meanwhile (`Instance` holds a lock).
+    pub fn sweep(
+        &self,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> std::io::Result<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let (mut files, mut bytes) = (0, 0);
+        for entry in std::fs::read_dir(&self.dir)? {
+            if cancel.is_cancelled() {
+                break;
+            }
+            let entry = entry?;
+            let is_blob = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<BlobId>().is_ok());
+            if !is_blob {
+                continue;
+            }
+            let meta = entry.metadata()?;
+            if meta.is_file() && meta.nlink() == 1 {
+                std::fs::remove_file(entry.path())?;
+                files += 1;
+                bytes += meta.len();
+            }
+        }
+        Ok((files, bytes))
+    }
+
     /// The blobs among `ids` not in the cache.
     pub fn missing(&self, ids: impl IntoIterator<Item = BlobId>) -> Vec<BlobId> {
         ids.into_iter()
@@ -336,8 +370,8 @@ pub enum Made {
 
 /// Makes the release of `prepared`: verifies a sealed one, or assembles a
 /// new one from the blob cache and the previous release
-/// ([`Releases::assemble`]; `fresh`: the blobs fetched for it), refusing up
-/// front when the disk cannot hold what it copies. A release with no build
+/// ([`Releases::assemble`]; `fresh`: the blobs fetched for it, which refuses
+/// up front when the disk cannot hold what it copies). A release with no build
 /// command is sealed at once. A failure leaves nothing behind. Blocking: it
 /// hashes and copies, so async callers run it on a blocking thread.
 pub fn make_release(
@@ -359,30 +393,6 @@ pub fn make_release(
     };
     let service = &prepared.service;
     let target = prepared.commit;
-    // Pre-flight: the new release copies the previous one's build outputs
-    // (what it holds beyond its tree) and the files it cannot link; refuse
-    // with the numbers rather than fail half way.
-    let outputs = match from.as_deref() {
-        Some(dir) => crate::release::dir_size(dir)?.saturating_sub(base.total_size()),
-        None => 0,
-    };
-    let needed = outputs
-        + prepared
-            .tree
-            .entries()
-            .iter()
-            .filter(|e| e.mode().is_file() && base.get(e.path()) != Some(*e))
-            .map(|e| e.size())
-            .sum::<u64>();
-    let available = releases.free_space()?;
-    if needed > available {
-        return Err(ReleaseError::NoSpace {
-            path: releases.dir(service, &target),
-            needed,
-            available,
-        }
-        .into());
-    }
     let blob_path = |id: &BlobId| cache.path(id);
     let sources = crate::release::Sources {
         cache: &blob_path,

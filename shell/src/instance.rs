@@ -326,6 +326,9 @@ pub struct Instance {
     data_dirs: crate::state::DataDirs,
     /// Deletes old releases and data directories in the background.
     reaper: crate::reaper::Reaper,
+    /// Held (read) by an upgrade while it fetches into and links from the
+    /// blob cache, (write) by the reaper's sweep of it.
+    cache_lock: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl std::fmt::Debug for Instance {
@@ -414,6 +417,7 @@ impl Instance {
             lifecycle: Arc::default(),
             data_dirs: Default::default(),
             reaper: crate::reaper::Reaper::start(),
+            cache_lock: Arc::default(),
         };
         // What was started before a failure is stopped again: nothing is left
         // running by an open that failed.
@@ -992,6 +996,9 @@ impl Instance {
         progress: Progress<'_>,
         observe: &(dyn Fn(&StepEvent) + Send + Sync),
     ) -> Result<UpgradeReport, UpgradeError> {
+        // No sweep of the blob cache while this upgrade fetches into it and
+        // links from it.
+        let _cache = self.cache_lock.clone().read_owned().await;
         let (mut survey, prepared) = self.survey(repo, target, options.strategy).await?;
         if options.skip_hooks {
             survey.skip_hooks();
@@ -1219,6 +1226,9 @@ impl Instance {
             }
             self.prune_logs(name);
         }
+        // Then the blobs those releases alone linked.
+        self.reaper
+            .sweep(self.cache.clone(), self.cache_lock.clone());
     }
 
     /// Waits until the old releases and data directories pruned so far are

@@ -10,13 +10,21 @@
 //! down); whatever is left — after a cancel or a `kill -9` — is a `.prune-`
 //! directory, which the next open or prune finds ([`is_retired`]) and hands to
 //! the reaper again. Nothing else ever looks inside one.
+//!
+//! After the releases it was given, the reaper sweeps the blob cache of the
+//! blobs no release links any more ([`BlobCache::sweep`]), under the instance's
+//! cache lock, which an upgrade holds while it fetches and links.
 
 use std::io;
 use std::path::{Path, PathBuf};
 
-use tokio::sync::{mpsc, watch};
+use std::sync::Arc;
+
+use tokio::sync::{RwLock, mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
+
+use crate::install::BlobCache;
 
 /// The name prefix of a retired directory.
 pub const RETIRED_PREFIX: &str = ".prune-";
@@ -76,10 +84,19 @@ pub fn remove_tree(path: &Path, cancel: &CancellationToken) -> io::Result<bool> 
     Ok(true)
 }
 
+/// What the reaper is asked to do.
+#[derive(Debug)]
+enum Job {
+    /// Delete a retired directory.
+    Remove(PathBuf),
+    /// Sweep the blob cache, holding the lock for writing.
+    Sweep(BlobCache, Arc<RwLock<()>>),
+}
+
 /// Deletes retired directories in the background (see the module docs).
 #[derive(Debug)]
 pub struct Reaper {
-    queue: mpsc::UnboundedSender<PathBuf>,
+    queue: mpsc::UnboundedSender<Job>,
     /// How many directories are queued or being removed.
     pending: watch::Sender<usize>,
     cancel: CancellationToken,
@@ -88,22 +105,29 @@ pub struct Reaper {
 impl Reaper {
     /// Starts the reaper's task on the current runtime.
     pub fn start() -> Self {
-        let (queue, mut rx) = mpsc::unbounded_channel::<PathBuf>();
+        let (queue, mut rx) = mpsc::unbounded_channel::<Job>();
         let (pending, _) = watch::channel(0usize);
         let cancel = CancellationToken::new();
         let (count, stop) = (pending.clone(), cancel.clone());
         tokio::spawn(async move {
-            while let Some(path) = rx.recv().await {
+            while let Some(job) = rx.recv().await {
                 if !stop.is_cancelled() {
-                    let (p, c) = (path.clone(), stop.clone());
-                    match tokio::task::spawn_blocking(move || remove_tree(&p, &c)).await {
-                        Ok(Ok(true)) => debug!(dir = %path.display(), "removed"),
-                        Ok(Ok(false)) => {}
-                        Ok(Err(e)) => {
-                            warn!(dir = %path.display(), error = %e, "could not remove a retired directory")
-                        }
-                        Err(e) => {
-                            warn!(dir = %path.display(), error = %e, "the removal task failed")
+                    match job {
+                        Job::Remove(path) => remove_in_background(path, &stop).await,
+                        Job::Sweep(cache, lock) => {
+                            let _held = lock.write_owned().await;
+                            let c = stop.clone();
+                            match tokio::task::spawn_blocking(move || cache.sweep(&c)).await {
+                                Ok(Ok((0, _))) => {}
+                                Ok(Ok((files, bytes))) => {
+                                    info!(
+                                        files,
+                                        bytes, "removed blobs no release uses from the cache"
+                                    )
+                                }
+                                Ok(Err(e)) => warn!(error = %e, "could not sweep the blob cache"),
+                                Err(e) => warn!(error = %e, "the cache sweep failed"),
+                            }
                         }
                     }
                 }
@@ -119,8 +143,18 @@ impl Reaper {
 
     /// Queues a retired directory for removal.
     pub fn remove(&self, path: PathBuf) {
+        self.push(Job::Remove(path));
+    }
+
+    /// Queues a sweep of `cache` ([`BlobCache::sweep`]), run holding `lock`
+    /// for writing, after everything queued before it.
+    pub fn sweep(&self, cache: BlobCache, lock: Arc<RwLock<()>>) {
+        self.push(Job::Sweep(cache, lock));
+    }
+
+    fn push(&self, job: Job) {
         self.pending.send_modify(|n| *n += 1);
-        if self.queue.send(path).is_err() {
+        if self.queue.send(job).is_err() {
             self.pending.send_modify(|n| *n = n.saturating_sub(1));
         }
     }
@@ -135,6 +169,19 @@ impl Reaper {
     /// the queued ones as they are (all found again on the next open).
     pub fn stop(&self) {
         self.cancel.cancel();
+    }
+}
+
+/// Deletes `path` on a blocking thread, logging the outcome.
+async fn remove_in_background(path: PathBuf, stop: &CancellationToken) {
+    let (p, c) = (path.clone(), stop.clone());
+    match tokio::task::spawn_blocking(move || remove_tree(&p, &c)).await {
+        Ok(Ok(true)) => debug!(dir = %path.display(), "removed"),
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => {
+            warn!(dir = %path.display(), error = %e, "could not remove a retired directory")
+        }
+        Err(e) => warn!(dir = %path.display(), error = %e, "the removal task failed"),
     }
 }
 

@@ -125,6 +125,11 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ReleaseError + '_ {
 
 const STAGING_PREFIX: &str = ".staging-";
 
+/// Most threads placing a release's files.
+const PLACING_THREADS: usize = 4;
+/// Fewer files than this a thread are placed by fewer threads.
+const PER_THREAD_AT_LEAST: usize = 256;
+
 /// What making a release (or a copy) did, for progress and benchmarks.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CopyStats {
@@ -274,6 +279,19 @@ impl Releases {
         base: Option<(&Path, &Tree)>,
         sources: &Sources<'_>,
     ) -> Result<Staging, ReleaseError> {
+        self.assemble_within(service, commit, tree, base, sources, &|| self.free_space())
+    }
+
+    /// [`Releases::assemble`], `free` telling the bytes free on the disk.
+    fn assemble_within(
+        &self,
+        service: &ServiceName,
+        commit: &CommitId,
+        tree: &Tree,
+        base: Option<(&Path, &Tree)>,
+        sources: &Sources<'_>,
+        free: &dyn Fn() -> Result<u64, ReleaseError>,
+    ) -> Result<Staging, ReleaseError> {
         let parent = self.root.join(service.as_str());
         fs::create_dir_all(&parent).map_err(io_err(&parent))?;
         let dir = parent.join(format!("{STAGING_PREFIX}{}", commit.to_hex()));
@@ -285,7 +303,7 @@ impl Releases {
             copied: CopyStats::default(),
             shared: Vec::new(),
         };
-        match stage.fill(tree, base, sources) {
+        match stage.fill(tree, base, sources, free) {
             Ok(()) => Ok(stage),
             Err(e) => {
                 let _ = fs::remove_dir_all(&stage.dir);
@@ -299,7 +317,7 @@ impl Releases {
 /// cache, and which of its blobs were fetched for this release.
 pub struct Sources<'a> {
     /// Where the cache keeps a blob's bytes (whether it holds them or not).
-    pub cache: &'a dyn Fn(&BlobId) -> PathBuf,
+    pub cache: &'a (dyn Fn(&BlobId) -> PathBuf + Sync),
     /// The blobs fetched for this release: newer than anything the previous
     /// release's build wrote, so a file linked to one is seen as changed by
     /// an incremental build.
@@ -320,7 +338,9 @@ pub enum FileSource {
 
 impl FileSource {
     /// How `entry` (a file) of the new tree is made, `old` being the entry at
-    /// its path in the previous release's tree (at `base`), if any: a regular
+    /// its path in the previous release's tree (at `base`), if any, `cached`
+    /// where the cache keeps its blob (`in_cache`: and holds it), `fresh` the
+    /// blobs just fetched: a regular
     /// file is linked from the cache when it is unchanged or its blob was just
     /// fetched (either way its modification time tells an incremental build
     /// the truth); an unchanged executable or uncached file is kept from the
@@ -329,14 +349,12 @@ impl FileSource {
         entry: &TreeEntry,
         old: Option<&TreeEntry>,
         base: Option<&Path>,
-        sources: &Sources<'_>,
+        cached: PathBuf,
+        in_cache: bool,
+        fresh: &BTreeSet<BlobId>,
     ) -> Self {
-        let cached = (sources.cache)(&entry.blob());
         let unchanged = old == Some(entry);
-        let in_cache = cached.is_file();
-        if entry.mode() == Mode::Regular
-            && in_cache
-            && (unchanged || sources.fresh.contains(&entry.blob()))
+        if entry.mode() == Mode::Regular && in_cache && (unchanged || fresh.contains(&entry.blob()))
         {
             return FileSource::Link(cached);
         }
@@ -377,13 +395,17 @@ const SHARED_OWNER: u32 = 65_534;
 
 /// Makes a blob-cache file read-only (and, for a shell running as root, owned
 /// by [`SHARED_OWNER`]) before it is shared; returns its metadata.
-fn lock_shared(path: &Path) -> Result<fs::Metadata, ReleaseError> {
-    let meta = fs::symlink_metadata(path).map_err(io_err(path))?;
-    if meta.permissions().mode() & 0o7777 != 0o444 {
+fn lock_shared(path: &Path, meta: fs::Metadata) -> Result<fs::Metadata, ReleaseError> {
+    let root = effective_uid() == 0;
+    let mode_ok = meta.permissions().mode() & 0o7777 == 0o444;
+    let owner_ok = !root || (meta.uid() == SHARED_OWNER && meta.gid() == SHARED_OWNER);
+    if mode_ok && owner_ok {
+        return Ok(meta);
+    }
+    if !mode_ok {
         fs::set_permissions(path, fs::Permissions::from_mode(0o444)).map_err(io_err(path))?;
     }
-    let root = effective_uid() == 0;
-    if root && (meta.uid() != SHARED_OWNER || meta.gid() != SHARED_OWNER) {
+    if !owner_ok {
         std::os::unix::fs::lchown(path, Some(SHARED_OWNER), Some(SHARED_OWNER))
             .map_err(io_err(path))?;
     }
@@ -426,141 +448,116 @@ impl Staging {
         tree: &Tree,
         base: Option<(&Path, &Tree)>,
         sources: &Sources<'_>,
+        free: &dyn Fn() -> Result<u64, ReleaseError>,
     ) -> Result<(), ReleaseError> {
+        // Each file's source, from one look at the cache; what is copied
+        // must fit before anything is.
+        let mut plan = Vec::with_capacity(tree.len());
+        let mut copies = 0u64;
         for entry in tree.entries() {
-            let path = entry.path();
-            for dir in path.ancestors() {
-                let here = self.dir.join(dir);
-                if !here.is_dir() {
+            if entry.link_target().is_some() {
+                plan.push(None);
+                continue;
+            }
+            let cached = (sources.cache)(&entry.blob());
+            let meta = fs::symlink_metadata(&cached).ok().filter(|m| m.is_file());
+            let old = base.and_then(|(_, t)| t.get(entry.path()));
+            let source = FileSource::choose(
+                entry,
+                old,
+                base.map(|(d, _)| d),
+                cached,
+                meta.is_some(),
+                sources.fresh,
+            );
+            if !matches!(source, FileSource::Link(_)) {
+                copies += entry.size();
+            }
+            plan.push(Some((source, meta)));
+        }
+        self.check_space(copies, free)?;
+        // Directories first, then the files in contiguous runs (whole
+        // directories, mostly) on a few threads: linking is metadata work
+        // the filesystem does faster in parallel.
+        let mut made: BTreeSet<&str> = BTreeSet::new();
+        for entry in tree.entries() {
+            for dir in entry.path().ancestors() {
+                if made.insert(dir) {
+                    let here = self.dir.join(dir);
                     fs::create_dir(&here).map_err(io_err(&here))?;
                 }
             }
-            let target = path.under(&self.dir);
-            if let Some(link) = entry.link_target() {
-                symlink(link.as_str(), &target).map_err(io_err(&target))?;
-                self.copied.links += 1;
-                continue;
-            }
-            let old = base.and_then(|(_, t)| t.get(path));
-            let source = FileSource::choose(entry, old, base.map(|(d, _)| d), sources);
-            self.place(entry, source, sources)?;
-            if base.is_some() && self.copied.linked + self.copied.files == 1 {
-                crate::crash::point("mid-copy");
-            }
+        }
+        let items: Vec<_> = tree.entries().iter().zip(plan).collect();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, PLACING_THREADS)
+            .min(items.len().div_ceil(PER_THREAD_AT_LEAST).max(1));
+        let chunk = items.len().div_ceil(threads).max(1);
+        let dir = self.dir.clone();
+        let placed: Vec<Result<Placer<'_>, ReleaseError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = items
+                .chunks(chunk)
+                .enumerate()
+                .map(|(i, run)| {
+                    let dir = &dir;
+                    scope.spawn(move || {
+                        let mut placer = Placer {
+                            dir,
+                            sources,
+                            copied: CopyStats::default(),
+                            shared: Vec::new(),
+                        };
+                        placer.place_all(run, i == 0 && base.is_some())?;
+                        Ok(placer)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        for p in placed {
+            let p = p?;
+            self.copied.linked += p.copied.linked;
+            self.copied.files += p.copied.files;
+            self.copied.bytes += p.copied.bytes;
+            self.copied.links += p.copied.links;
+            self.shared.extend(p.shared);
         }
         if let Some((dir, tree)) = base {
             let tracked: BTreeSet<&str> =
                 tree.entries().iter().map(|e| e.path().as_str()).collect();
             let mut outputs = Outputs {
                 tracked: &tracked,
-                stats: &mut self.copied,
+                ops: Vec::new(),
+                bytes: 0,
             };
-            outputs.copy(dir, &self.dir, "")?;
+            outputs.plan(dir, &self.dir, "", true)?;
+            self.check_space(outputs.bytes, free)?;
+            outputs.copy(&mut self.copied)?;
         }
         Ok(())
     }
 
-    /// Makes the file `entry` from `source`; a cache file that is not what
-    /// the tree says is removed from the cache and the entry made otherwise.
-    fn place(
-        &mut self,
-        entry: &TreeEntry,
-        source: FileSource,
-        sources: &Sources<'_>,
+    /// Refuses, with the numbers, to copy `needed` bytes the disk cannot take.
+    fn check_space(
+        &self,
+        needed: u64,
+        free: &dyn Fn() -> Result<u64, ReleaseError>,
     ) -> Result<(), ReleaseError> {
-        let target = entry.path().under(&self.dir);
-        match source {
-            FileSource::Link(cached) => {
-                let meta = lock_shared(&cached)?;
-                if meta.len() != entry.size() {
-                    return self.corrupt_in_cache(entry, &cached, sources);
-                }
-                match fs::hard_link(&cached, &target) {
-                    Ok(()) => {
-                        self.copied.linked += 1;
-                        self.shared
-                            .push((entry.path().clone(), Fingerprint::of(&meta)));
-                        Ok(())
-                    }
-                    // Another filesystem, too many links, a link refused:
-                    // a private copy, dated like the cache's file.
-                    Err(_) => {
-                        self.copy_checked(entry, &cached, meta.modified().ok())?;
-                        Ok(())
-                    }
-                }
-            }
-            FileSource::Fresh(cached) => {
-                if !cached.is_file() {
-                    return Err(ReleaseError::MissingBlob(entry.blob()));
-                }
-                self.copy_checked(entry, &cached, None)
-            }
-            FileSource::Kept(old) => {
-                let mtime = fs::symlink_metadata(&old).and_then(|m| m.modified()).ok();
-                match self.copy_checked(entry, &old, mtime) {
-                    Ok(()) => Ok(()),
-                    // The previous release's copy is not what its tree says
-                    // (or is gone): the cache's bytes, if it has them.
-                    Err(ReleaseError::Mismatch { .. } | ReleaseError::Io { .. }) => {
-                        let cached = (sources.cache)(&entry.blob());
-                        if !cached.is_file() {
-                            return Err(ReleaseError::MissingBlob(entry.blob()));
-                        }
-                        self.copy_checked(entry, &cached, None)
-                    }
-                    Err(e) => Err(e),
-                }
-            }
+        if needed == 0 {
+            return Ok(());
         }
-    }
-
-    /// The cache's file for `entry` has the wrong size: it is dropped from the
-    /// cache (to be fetched again) and the install fails, naming it.
-    fn corrupt_in_cache(
-        &mut self,
-        entry: &TreeEntry,
-        cached: &Path,
-        _sources: &Sources<'_>,
-    ) -> Result<(), ReleaseError> {
-        tracing::warn!(blob = %entry.blob(), file = %cached.display(), "a blob in the cache is corrupt; dropped");
-        let _ = fs::remove_file(cached);
-        Err(ReleaseError::CorruptBlob(entry.blob()))
-    }
-
-    /// Copies `src` to `entry`'s place, hashing on the way: bytes that are not
-    /// the entry's blob are refused ([`ReleaseError::Mismatch`]) and leave
-    /// nothing. The copy gets the entry's mode and, if given, `mtime`.
-    fn copy_checked(
-        &mut self,
-        entry: &TreeEntry,
-        src: &Path,
-        mtime: Option<std::time::SystemTime>,
-    ) -> Result<(), ReleaseError> {
-        let target = entry.path().under(&self.dir);
-        let mut from = fs::File::open(src).map_err(io_err(src))?;
-        let mut to = fs::File::create(&target).map_err(io_err(&target))?;
-        let mut hashing = HashingWriter {
-            inner: &mut to,
-            hasher: blake3::Hasher::new(),
-        };
-        let bytes = io::copy(&mut from, &mut hashing).map_err(io_err(&target))?;
-        if BlobId::from(hashing.hasher.finalize()) != entry.blob() {
-            drop(to);
-            let _ = fs::remove_file(&target);
-            return Err(ReleaseError::Mismatch {
-                dir: src.parent().unwrap_or(src).to_owned(),
-                path: entry.path().clone(),
-                reason: "has other bytes".into(),
+        let available = free()?;
+        if needed > available {
+            return Err(ReleaseError::NoSpace {
+                path: self.sealed.clone(),
+                needed,
+                available,
             });
         }
-        if let Some(t) = mtime {
-            to.set_modified(t).map_err(io_err(&target))?;
-        }
-        drop(to);
-        set_mode(&target, entry.mode())?;
-        self.copied.files += 1;
-        self.copied.bytes += bytes;
         Ok(())
     }
 
@@ -620,18 +617,182 @@ impl Staging {
     }
 }
 
-/// Copies a previous release's build outputs — whatever it holds that its
-/// tree does not name — into a new release, keeping modification times and
-/// modes; never over anything the new tree put there, never following a
-/// symlink.
+/// How a file of a new release will be made: its source, and the cache
+/// file's metadata (when the cache holds its blob).
+type Planned = (FileSource, Option<fs::Metadata>);
+
+/// Makes files of a new release; one per thread, merged into the [`Staging`].
+struct Placer<'a> {
+    dir: &'a Path,
+    sources: &'a Sources<'a>,
+    copied: CopyStats,
+    shared: Vec<(RelPath, Fingerprint)>,
+}
+
+impl Placer<'_> {
+    /// Makes `entries` (each with its source; a symlink has none).
+    fn place_all(
+        &mut self,
+        entries: &[(&TreeEntry, Option<Planned>)],
+        crash_point: bool,
+    ) -> Result<(), ReleaseError> {
+        for (entry, source) in entries {
+            let Some((source, meta)) = source else {
+                let target = entry.path().under(self.dir);
+                let link = entry.link_target().expect("only symlinks have no source");
+                symlink(link.as_str(), &target).map_err(io_err(&target))?;
+                self.copied.links += 1;
+                continue;
+            };
+            self.place(entry, source.clone(), meta.clone())?;
+            if crash_point && self.copied.linked + self.copied.files == 1 {
+                crate::crash::point("mid-copy");
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the file `entry` from `source`; a cache file that is not what
+    /// the tree says is removed from the cache and the entry made otherwise.
+    fn place(
+        &mut self,
+        entry: &TreeEntry,
+        source: FileSource,
+        cached_meta: Option<fs::Metadata>,
+    ) -> Result<(), ReleaseError> {
+        let target = entry.path().under(self.dir);
+        match source {
+            FileSource::Link(cached) => {
+                let meta = match cached_meta {
+                    Some(m) => lock_shared(&cached, m)?,
+                    None => return Err(ReleaseError::MissingBlob(entry.blob())),
+                };
+                if meta.len() != entry.size() {
+                    return self.corrupt_in_cache(entry, &cached);
+                }
+                match fs::hard_link(&cached, &target) {
+                    Ok(()) => {
+                        self.copied.linked += 1;
+                        self.shared
+                            .push((entry.path().clone(), Fingerprint::of(&meta)));
+                        Ok(())
+                    }
+                    // Another filesystem, too many links, a link refused:
+                    // a private copy, dated like the cache's file.
+                    Err(_) => {
+                        self.copy_checked(entry, &cached, meta.modified().ok())?;
+                        Ok(())
+                    }
+                }
+            }
+            FileSource::Fresh(cached) => {
+                if !cached.is_file() {
+                    return Err(ReleaseError::MissingBlob(entry.blob()));
+                }
+                self.copy_checked(entry, &cached, None)
+            }
+            FileSource::Kept(old) => {
+                let mtime = fs::symlink_metadata(&old).and_then(|m| m.modified()).ok();
+                match self.copy_checked(entry, &old, mtime) {
+                    Ok(()) => Ok(()),
+                    // The previous release's copy is not what its tree says
+                    // (or is gone): the cache's bytes, if it has them.
+                    Err(ReleaseError::Mismatch { .. } | ReleaseError::Io { .. }) => {
+                        let cached = (self.sources.cache)(&entry.blob());
+                        if !cached.is_file() {
+                            return Err(ReleaseError::MissingBlob(entry.blob()));
+                        }
+                        self.copy_checked(entry, &cached, None)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    /// The cache's file for `entry` has the wrong size: it is dropped from the
+    /// cache (to be fetched again) and the install fails, naming it.
+    fn corrupt_in_cache(&mut self, entry: &TreeEntry, cached: &Path) -> Result<(), ReleaseError> {
+        tracing::warn!(blob = %entry.blob(), file = %cached.display(), "a blob in the cache is corrupt; dropped");
+        let _ = fs::remove_file(cached);
+        Err(ReleaseError::CorruptBlob(entry.blob()))
+    }
+
+    /// Copies `src` to `entry`'s place, hashing on the way: bytes that are not
+    /// the entry's blob are refused ([`ReleaseError::Mismatch`]) and leave
+    /// nothing. The copy gets the entry's mode and, if given, `mtime`.
+    fn copy_checked(
+        &mut self,
+        entry: &TreeEntry,
+        src: &Path,
+        mtime: Option<std::time::SystemTime>,
+    ) -> Result<(), ReleaseError> {
+        let target = entry.path().under(self.dir);
+        let mut from = fs::File::open(src).map_err(io_err(src))?;
+        let mut to = fs::File::create(&target).map_err(io_err(&target))?;
+        let mut hashing = HashingWriter {
+            inner: &mut to,
+            hasher: blake3::Hasher::new(),
+        };
+        let bytes = io::copy(&mut from, &mut hashing).map_err(io_err(&target))?;
+        if BlobId::from(hashing.hasher.finalize()) != entry.blob() {
+            drop(to);
+            let _ = fs::remove_file(&target);
+            return Err(ReleaseError::Mismatch {
+                dir: src.parent().unwrap_or(src).to_owned(),
+                path: entry.path().clone(),
+                reason: "has other bytes".into(),
+            });
+        }
+        if let Some(t) = mtime {
+            to.set_modified(t).map_err(io_err(&target))?;
+        }
+        drop(to);
+        set_mode(&target, entry.mode())?;
+        self.copied.files += 1;
+        self.copied.bytes += bytes;
+        Ok(())
+    }
+}
+
+/// A previous release's build outputs — whatever it holds that its tree does
+/// not name — planned for a new release: where the new tree put nothing, never
+/// through a symlink. Planned first, so the space they need is known before
+/// a byte is copied; then copied with their modification times and modes.
 struct Outputs<'a> {
     tracked: &'a BTreeSet<&'a str>,
-    stats: &'a mut CopyStats,
+    ops: Vec<OutputOp>,
+    /// The bytes the copies need.
+    bytes: u64,
+}
+
+/// One step of copying the outputs.
+enum OutputOp {
+    Dir {
+        dst: PathBuf,
+        perms: fs::Permissions,
+    },
+    File {
+        src: PathBuf,
+        dst: PathBuf,
+        meta: fs::Metadata,
+    },
+    Link {
+        target: PathBuf,
+        dst: PathBuf,
+    },
 }
 
 impl Outputs<'_> {
-    /// Copies the outputs under `from` (at `rel` in the release) to `to`.
-    fn copy(&mut self, from: &Path, to: &Path, rel: &str) -> Result<(), ReleaseError> {
+    /// Plans the outputs under `from` (at `rel` in the release) going to `to`
+    /// (`exists`: `to` is there already, made by the tree).
+    fn plan(
+        &mut self,
+        from: &Path,
+        to: &Path,
+        rel: &str,
+        exists: bool,
+    ) -> Result<(), ReleaseError> {
         for entry in fs::read_dir(from).map_err(io_err(from))? {
             let entry = entry.map_err(io_err(from))?;
             let name = entry.file_name();
@@ -647,42 +808,74 @@ impl Outputs<'_> {
                 continue;
             }
             let (src, dst) = (entry.path(), to.join(name));
-            let meta = fs::symlink_metadata(&src).map_err(io_err(&src))?;
-            let there = fs::symlink_metadata(&dst).ok();
-            if meta.is_dir() {
+            let kind = entry.file_type().map_err(io_err(&src))?;
+            // What the new tree put there (only where `to` exists can it have).
+            let there = if exists {
+                fs::symlink_metadata(&dst).ok()
+            } else {
+                None
+            };
+            if kind.is_dir() {
                 match there {
-                    Some(t) if t.is_dir() => self.copy(&src, &dst, &here)?,
+                    Some(t) if t.is_dir() => self.plan(&src, &dst, &here, true)?,
                     Some(_) => {}
                     None => {
-                        fs::create_dir(&dst).map_err(io_err(&dst))?;
-                        fs::set_permissions(&dst, meta.permissions()).map_err(io_err(&dst))?;
-                        self.copy(&src, &dst, &here)?;
+                        let at = self.ops.len();
+                        let perms = fs::symlink_metadata(&src)
+                            .map_err(io_err(&src))?
+                            .permissions();
+                        self.ops.push(OutputOp::Dir {
+                            dst: dst.clone(),
+                            perms,
+                        });
+                        self.plan(&src, &dst, &here, false)?;
                         // A directory that held only tracked files the new
                         // tree dropped does not come back empty.
-                        if fs::read_dir(&dst).map_err(io_err(&dst))?.next().is_none() {
-                            let _ = fs::remove_dir(&dst);
+                        if self.ops.len() == at + 1 {
+                            self.ops.pop();
                         }
                     }
                 }
             } else if there.is_some() {
                 // The new tree has this path: the tree wins.
-            } else if meta.file_type().is_symlink() {
+            } else if kind.is_symlink() {
                 let target = fs::read_link(&src).map_err(io_err(&src))?;
-                symlink(&target, &dst).map_err(io_err(&dst))?;
-                self.stats.links += 1;
-            } else if meta.is_file() {
-                self.stats.bytes += fs::copy(&src, &dst).map_err(io_err(&dst))?;
-                let times = fs::FileTimes::new()
-                    .set_modified(meta.modified().map_err(io_err(&src))?)
-                    .set_accessed(meta.accessed().map_err(io_err(&src))?);
-                fs::File::options()
-                    .write(true)
-                    .open(&dst)
-                    .and_then(|f| f.set_times(times))
-                    .map_err(io_err(&dst))?;
-                self.stats.files += 1;
+                self.ops.push(OutputOp::Link { target, dst });
+            } else if kind.is_file() {
+                let meta = fs::symlink_metadata(&src).map_err(io_err(&src))?;
+                self.bytes += meta.len();
+                self.ops.push(OutputOp::File { src, dst, meta });
             }
             // Sockets and FIFOs a build may leave behind are not copied.
+        }
+        Ok(())
+    }
+
+    /// Carries the plan out.
+    fn copy(self, stats: &mut CopyStats) -> Result<(), ReleaseError> {
+        for op in self.ops {
+            match op {
+                OutputOp::Dir { dst, perms } => {
+                    fs::create_dir(&dst).map_err(io_err(&dst))?;
+                    fs::set_permissions(&dst, perms).map_err(io_err(&dst))?;
+                }
+                OutputOp::Link { target, dst } => {
+                    symlink(&target, &dst).map_err(io_err(&dst))?;
+                    stats.links += 1;
+                }
+                OutputOp::File { src, dst, meta } => {
+                    stats.bytes += fs::copy(&src, &dst).map_err(io_err(&dst))?;
+                    let times = fs::FileTimes::new()
+                        .set_modified(meta.modified().map_err(io_err(&src))?)
+                        .set_accessed(meta.accessed().map_err(io_err(&src))?);
+                    fs::File::options()
+                        .write(true)
+                        .open(&dst)
+                        .and_then(|f| f.set_times(times))
+                        .map_err(io_err(&dst))?;
+                    stats.files += 1;
+                }
+            }
         }
         Ok(())
     }
@@ -723,24 +916,6 @@ fn remove_any(path: &Path) -> Result<(), ReleaseError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io_err(path)(e)),
     }
-}
-
-/// The bytes of the regular files under `dir` (what a copy of it needs).
-pub fn dir_size(dir: &Path) -> Result<u64, ReleaseError> {
-    let mut total = 0;
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for entry in fs::read_dir(&d).map_err(io_err(&d))? {
-            let entry = entry.map_err(io_err(&d))?;
-            let meta = fs::symlink_metadata(entry.path()).map_err(io_err(&entry.path()))?;
-            if meta.is_dir() {
-                stack.push(entry.path());
-            } else if meta.is_file() {
-                total += meta.len();
-            }
-        }
-    }
-    Ok(total)
 }
 
 /// Checks that `dir` holds every entry of `tree` as the tree says (see the module
@@ -1187,7 +1362,81 @@ mod tests {
             expected
         );
         assert!(releases.free_space().unwrap() > 0);
-        assert_eq!(dir_size(&dirs[6]).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_release_the_disk_cannot_hold_is_refused_up_front_with_the_numbers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (releases, _) = Releases::open(&tmp.path().join("r")).unwrap();
+        let src = tmp.path().join("src");
+        write(&src, "run.sh", b"#!/bin/sh\necho hi\n");
+        fs::set_permissions(src.join("run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+        write(&src, "lib.txt", b"linked, costs nothing");
+        write(&src, "target/out.bin", &[7; 100]);
+        let tree = Tree::new(
+            scan_dir(&src)
+                .unwrap()
+                .tree
+                .entries()
+                .iter()
+                .filter(|e| !e.path().as_str().starts_with("target"))
+                .cloned()
+                .collect(),
+        )
+        .unwrap();
+        let cache_dir = tmp.path().join("cache");
+        let blobs: [&[u8]; 2] = [b"#!/bin/sh\necho hi\n", b"linked, costs nothing"];
+        cache_from(&cache_dir, &blobs);
+        let dir = cache_dir.clone();
+        let path = move |id: &BlobId| dir.join(id.to_hex());
+        let fresh: BTreeSet<BlobId> = blobs.iter().map(|b| BlobId::of(b)).collect();
+        let sources = Sources {
+            cache: &path,
+            fresh: &fresh,
+        };
+        let c = CommitId::from_bytes([9; 32]);
+        // The executable is copied (18 bytes); the rest is linked.
+        let err = releases
+            .assemble_within(&svc(), &c, &tree, None, &sources, &|| Ok(17))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ReleaseError::NoSpace {
+                    needed: 18,
+                    available: 17,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // On a base with 100 bytes of outputs: those must fit too.
+        let err = releases
+            .assemble_within(&svc(), &c, &tree, Some((&src, &tree)), &sources, &|| Ok(99))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ReleaseError::NoSpace {
+                    needed: 100,
+                    available: 99,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            !tmp.path()
+                .join("r/orders")
+                .join(format!(".staging-{}", c.to_hex()))
+                .exists()
+        );
+        let ok = releases
+            .assemble_within(&svc(), &c, &tree, Some((&src, &tree)), &sources, &|| {
+                Ok(118)
+            })
+            .unwrap();
+        assert_eq!(fs::read(ok.dir().join("target/out.bin")).unwrap(), [7; 100]);
     }
 
     #[test]

@@ -448,6 +448,21 @@ async fn old_releases_are_pruned_in_the_background_while_upgrades_go_on() {
         .collect();
     newest.sort();
     assert_eq!(left, newest, "only the newest, nothing retired left");
+    // The blob cache was swept of what only the pruned releases used: every
+    // blob left is linked by a kept release, fewer than all ever fetched
+    // (each version's service.toml, and server.py and .moltignore once).
+    let cache: Vec<std::fs::Metadata> = std::fs::read_dir(cluster.path("instance/cache"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().len() == 64)
+        .map(|e| e.metadata().unwrap())
+        .collect();
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        cache.iter().all(|m| m.nlink() > 1),
+        "a blob no release links was kept"
+    );
+    assert_eq!(cache.len(), shell::instance::KEEP_RELEASES + 2);
     let addr = instance.public_addr(&svc("hello"), "main").unwrap();
     let (_, body) = get_once(addr, "/").await;
     assert!(body.contains(&format!("hello {}", total - 1)), "{body}");
