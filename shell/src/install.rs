@@ -55,9 +55,26 @@ impl BlobCache {
         self.dir.join(".scratch")
     }
 
+    /// The cache's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Where the blob's bytes are (or would be).
     pub fn path(&self, id: &BlobId) -> PathBuf {
         self.dir.join(id.to_hex())
+    }
+
+    /// Takes a blob found corrupt out of the cache (kept aside in
+    /// `.quarantine/`), so the next fetch brings it anew. A blob not in the
+    /// cache is nothing to do.
+    pub fn quarantine(&self, id: &BlobId) -> std::io::Result<()> {
+        let aside = self.dir.join(".quarantine");
+        std::fs::create_dir_all(&aside)?;
+        match std::fs::rename(self.path(id), aside.join(id.to_hex())) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// Removes the blobs no release links any more (a cache file's only

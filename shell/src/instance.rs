@@ -26,7 +26,7 @@ use std::time::Duration;
 use front::{Front, FrontConfig, Router, bind_http, bind_tcp};
 use image_spec::manifest::{PortSpec, Protocol, ServiceKind};
 use image_spec::{
-    CommitId, ImageId, ImageName, InstanceName, MANIFEST_FILE, ServiceManifest, ServiceName,
+    BlobId, CommitId, ImageId, ImageName, InstanceName, MANIFEST_FILE, ServiceManifest, ServiceName,
 };
 use repo_client::RepoClient;
 use tracing::{info, warn};
@@ -94,6 +94,17 @@ pub enum UpgradeError {
     /// A release could not be made or verified.
     #[error(transparent)]
     Release(#[from] ReleaseError),
+    /// A recorded release is not what its tree says and could not be healed
+    /// from the repository; it was not started.
+    #[error("the release of `{service}` is corrupt ({files}) and could not be healed: {why}")]
+    Corrupt {
+        /// The service.
+        service: ServiceName,
+        /// The files that differ, named.
+        files: String,
+        /// Why healing failed.
+        why: String,
+    },
     /// Installing a service failed (fetch, release, build); nothing was started.
     #[error("service `{service}`: {source}")]
     Install {
@@ -298,7 +309,8 @@ pub struct UpgradeOptions {
 pub struct StepTimings {
     /// Diff and fetch of the missing blobs.
     pub fetch: Duration,
-    /// The new release: copy of the previous one, diff applied.
+    /// The new release: files linked from the blob cache, the previous
+    /// build's outputs copied.
     pub copy: Duration,
     /// The build command.
     pub build: Duration,
@@ -397,8 +409,23 @@ fn read_manifest(release: &Path) -> Result<ServiceManifest, UpgradeError> {
 }
 
 impl Instance {
-    /// Opens the instance at `config.root` and starts what its recorded state says.
+    /// Opens the instance at `config.root` and starts what its recorded state
+    /// says; a recorded release found corrupt stops the open (see
+    /// [`Instance::open_healing`]).
     pub async fn open(config: InstanceConfig) -> Result<Self, UpgradeError> {
+        Self::open_healing(config, None).await
+    }
+
+    /// [`Instance::open`], healing a recorded release found corrupt from the
+    /// repository at `repo` (reached with the client, only if needed): the
+    /// blobs of the files that differ are taken out of the blob cache (which
+    /// may share their bad bytes), fetched anew and verified, put back in
+    /// place of the bad files, and the release verified again before its
+    /// service starts. The bad bytes never serve.
+    pub async fn open_healing(
+        config: InstanceConfig,
+        repo: Option<(&wire::Client, SocketAddr)>,
+    ) -> Result<Self, UpgradeError> {
         let root = &config.root;
         let state = State::open(&root.join("state"))?;
         let (releases, removed) = Releases::open(&root.join("releases"))?;
@@ -421,7 +448,7 @@ impl Instance {
         };
         // What was started before a failure is stopped again: nothing is left
         // running by an open that failed.
-        match instance.start_recorded().await {
+        match instance.start_recorded(repo).await {
             Ok(()) => {
                 for retired in instance.releases.retired() {
                     instance.reaper.remove(retired);
@@ -439,13 +466,16 @@ impl Instance {
     /// Starts the recorded generation. A process that does not get healthy (or
     /// exits) at boot does not stop the others: it stays under its supervisor,
     /// retried by its restart policy, and `status` shows it failed.
-    async fn start_recorded(&mut self) -> Result<(), UpgradeError> {
+    async fn start_recorded(
+        &mut self,
+        repo: Option<(&wire::Client, SocketAddr)>,
+    ) -> Result<(), UpgradeError> {
         let recorded = self.state.installed()?;
         let (_, generation) = self.recorded()?;
         self.data_dirs = self.state.data_dirs(generation)?;
         for (name, s) in &recorded.services {
             let tree = self.tree_of(&s.release, s.tree)?;
-            verify(&s.release, &tree)?;
+            self.heal(name, &s.release, &tree, repo).await?;
             let installed = Installed {
                 commit: s.commit,
                 tree,
@@ -459,6 +489,74 @@ impl Instance {
         if generation > 0 {
             self.lifecycle.opened(generation);
         }
+        Ok(())
+    }
+
+    /// Verifies a recorded release (on a blocking thread: it reads every
+    /// byte) and heals what differs from the repository (see
+    /// [`Instance::open_healing`]).
+    async fn heal(
+        &self,
+        name: &ServiceName,
+        dir: &Path,
+        tree: &image_spec::Tree,
+        repo: Option<(&wire::Client, SocketAddr)>,
+    ) -> Result<(), UpgradeError> {
+        let (d, t) = (dir.to_owned(), tree.clone());
+        let bad = tokio::task::spawn_blocking(move || crate::release::verify_all(&d, &t))
+            .await
+            .map_err(|e| io_err(dir)(std::io::Error::other(e)))?;
+        if bad.is_empty() {
+            return Ok(());
+        }
+        let files = bad
+            .iter()
+            .map(|(e, _)| e.path().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        warn!(service = %name, %files, "a recorded release is corrupt; healing it");
+        let corrupt = |why: String| UpgradeError::Corrupt {
+            service: name.clone(),
+            files: files.clone(),
+            why,
+        };
+        let Some((client, addr)) = repo else {
+            return Err(corrupt(format!(
+                "{} (no repository to heal it from)",
+                bad[0].1
+            )));
+        };
+        let repo = RepoClient::connect(client, addr)
+            .await
+            .map_err(|e| corrupt(format!("cannot reach the repository: {e}")))?;
+        let mut blobs: Vec<BlobId> = bad
+            .iter()
+            .filter(|(e, _)| e.link_target().is_none())
+            .map(|(e, _)| e.blob())
+            .collect();
+        blobs.sort();
+        blobs.dedup();
+        // The cache may share the bad bytes (a release links its files):
+        // those go aside, and the repository's verified bytes come instead.
+        for id in &blobs {
+            self.cache
+                .quarantine(id)
+                .map_err(|e| corrupt(format!("cannot set the cache's copy aside: {e}")))?;
+        }
+        repo.fetch_blobs_to(&blobs, self.cache.dir())
+            .await
+            .map_err(|e| corrupt(format!("cannot fetch the files anew: {e}")))?;
+        repo.connection().close();
+        for (entry, _) in &bad {
+            crate::release::restore(dir, entry, &self.cache.path(&entry.blob()))
+                .map_err(|e| corrupt(e.to_string()))?;
+        }
+        let (d, t) = (dir.to_owned(), tree.clone());
+        tokio::task::spawn_blocking(move || verify(&d, &t))
+            .await
+            .map_err(|e| io_err(dir)(std::io::Error::other(e)))?
+            .map_err(|e| corrupt(e.to_string()))?;
+        info!(service = %name, %files, "healed the release from the repository");
         Ok(())
     }
 

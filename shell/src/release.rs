@@ -921,16 +921,75 @@ fn remove_any(path: &Path) -> Result<(), ReleaseError> {
 /// Checks that `dir` holds every entry of `tree` as the tree says (see the module
 /// docs).
 pub fn verify(dir: &Path, tree: &Tree) -> Result<(), ReleaseError> {
+    match verify_all(dir, tree).into_iter().next() {
+        Some((_, e)) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Every entry of `tree` that `dir` does not hold as the tree says, each with
+/// how it differs (see [`verify`]).
+pub fn verify_all(dir: &Path, tree: &Tree) -> Vec<(TreeEntry, ReleaseError)> {
+    let mut bad = Vec::new();
     for entry in tree.entries() {
         let on_disk = entry.path().under(dir);
-        let meta = fs::symlink_metadata(&on_disk).map_err(|e| ReleaseError::Mismatch {
-            dir: dir.to_owned(),
-            path: entry.path().clone(),
-            reason: e.to_string(),
-        })?;
-        verify_entry(dir, entry, &meta)?;
+        let checked = fs::symlink_metadata(&on_disk)
+            .map_err(|e| ReleaseError::Mismatch {
+                dir: dir.to_owned(),
+                path: entry.path().clone(),
+                reason: e.to_string(),
+            })
+            .and_then(|meta| verify_entry(dir, entry, &meta));
+        if let Err(e) = checked {
+            bad.push((entry.clone(), e));
+        }
     }
-    Ok(())
+    bad
+}
+
+/// Puts `entry` back into the sealed release at `dir` as its tree says, from
+/// the blob cache's verified file at `cached` (unused for a symlink): a new
+/// file beside the bad one, renamed over it, so the path is never missing. A
+/// regular file is linked from the cache (read-only, shared), an executable
+/// copied.
+pub fn restore(dir: &Path, entry: &TreeEntry, cached: &Path) -> Result<(), ReleaseError> {
+    let path = entry.path().under(dir);
+    // A file (or symlink) where a directory should be goes; missing ones are
+    // made.
+    for part in entry.path().ancestors() {
+        let here = dir.join(part);
+        match fs::symlink_metadata(&here) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                remove_any(&here)?;
+                fs::create_dir(&here).map_err(io_err(&here))?;
+            }
+            Err(_) => fs::create_dir(&here).map_err(io_err(&here))?,
+        }
+    }
+    let tmp = path.with_file_name(format!(".molt-restore-{}", entry.path().file_name()));
+    remove_any(&tmp)?;
+    match entry.link_target() {
+        Some(target) => symlink(target.as_str(), &tmp).map_err(io_err(&tmp))?,
+        None if entry.mode() == Mode::Regular => {
+            let meta = fs::symlink_metadata(cached).map_err(io_err(cached))?;
+            lock_shared(cached, meta)?;
+            if fs::hard_link(cached, &tmp).is_err() {
+                fs::copy(cached, &tmp).map_err(io_err(&tmp))?;
+                set_mode(&tmp, entry.mode())?;
+            }
+        }
+        None => {
+            fs::copy(cached, &tmp).map_err(io_err(&tmp))?;
+            set_mode(&tmp, entry.mode())?;
+        }
+    }
+    if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+        remove_any(&path)?;
+    }
+    fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    let m = fs::symlink_metadata(&path).map_err(io_err(&path))?;
+    verify_entry(dir, entry, &m)
 }
 
 /// Checks one entry of a tree under `dir`, `meta` being what is at its path.

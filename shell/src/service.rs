@@ -821,7 +821,7 @@ pub async fn bind(config: ShellConfig) -> Result<Bound, ShellError> {
         .transpose()?;
     let client = Client::new(&config.credentials, config.repo)?;
     let root = config.instance.root.clone();
-    let instance = Instance::open(config.instance).await?;
+    let instance = Instance::open_healing(config.instance, Some((&client, config.repo))).await?;
     let status = InstanceStatus {
         instance: name.clone(),
         stage: config.stage.to_string(),

@@ -187,7 +187,7 @@ async fn bench() -> Res<()> {
         return Err("cp -a failed".into());
     }
     println!(
-        "\nnew release of orders ({} KB with build outputs): molt {} ms (copy + diff), cp -a {} ms: {:.2}x cp -a",
+        "\nnew release of orders ({} KB with build outputs): molt {} ms (new release), cp -a {} ms: {:.2}x cp -a",
         du_bytes(&base)? / 1_000,
         ms(last.copy),
         ms(cp),

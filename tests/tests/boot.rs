@@ -142,3 +142,99 @@ async fn a_service_that_fails_at_boot_does_not_keep_the_others_down() {
         "pids {running_there:?} outlived the open"
     );
 }
+
+/// A recorded release found corrupt at boot — a byte flipped in the blob
+/// cache (which the release shares), a file appended to, an executable
+/// deleted — stops a plain open, naming the files; an open that may reach
+/// the repository heals it (the cache's bad copies set aside, the blobs
+/// fetched anew and verified, the files put back) and the service serves its
+/// true bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_release_is_healed_from_the_repository_at_boot() {
+    let cluster = TestCluster::start().await;
+    let dev = cluster.repo_client("user/ada/developer").await;
+    let repo = cluster.repo_client("shell/qa-1").await;
+    let dir = cluster.path("src/hello");
+    copy_example("hello", &dir);
+    write_file(&dir, "tool.sh", b"#!/bin/sh\necho tool\n");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join("tool.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let pushed = dev.push(&dir, &push_main("v1"), |_| {}).await.unwrap();
+    let config = InstanceConfig {
+        name: InstanceName::new("qa-1").unwrap(),
+        root: cluster.path("instance"),
+        public_ports: PublicPorts::Ephemeral,
+        public_ip: shell::instance::LOOPBACK,
+    };
+    let mut instance = Instance::open(config.clone()).await.unwrap();
+    instance
+        .upgrade(
+            &repo,
+            &BTreeMap::from([(svc("hello"), pushed.commit)]),
+            None,
+            "v1",
+        )
+        .await
+        .unwrap();
+    let release = instance.release_dir(&svc("hello")).unwrap().to_owned();
+    instance.shutdown().await;
+
+    // server.py: a byte flipped in place in the cache's file (root may).
+    let server = std::fs::read(dir.join("server.py")).unwrap();
+    let cached = cluster
+        .path("instance/cache")
+        .join(image_spec::BlobId::of(&server).to_hex());
+    let mut bytes = std::fs::read(&cached).unwrap();
+    bytes[10] ^= 0x20;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cached)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &bytes))
+        .unwrap();
+    assert_eq!(
+        std::fs::read(release.join("server.py")).unwrap(),
+        bytes,
+        "shared"
+    );
+    // service.toml: appended to; tool.sh: deleted.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(release.join("service.toml"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"\n# tampered\n"))
+        .unwrap();
+    std::fs::remove_file(release.join("tool.sh")).unwrap();
+
+    let err = Instance::open(config.clone()).await.unwrap_err();
+    let text = err.to_string();
+    for name in ["server.py", "service.toml", "tool.sh", "no repository"] {
+        assert!(text.contains(name), "{text}");
+    }
+
+    let client = wire::Client::new(&cluster.credentials("shell/qa-1"), cluster.repo_addr).unwrap();
+    let instance = Instance::open_healing(config, Some((&client, cluster.repo_addr)))
+        .await
+        .unwrap();
+    shell::release::verify(&release, &image_spec::scan_dir(&dir).unwrap().tree).unwrap();
+    assert_eq!(
+        std::fs::read(&cached).unwrap(),
+        server,
+        "the cache holds the true bytes"
+    );
+    let mode = std::fs::metadata(release.join("tool.sh"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o755);
+    let addr = instance.public_addr(&svc("hello"), "main").unwrap();
+    let (code, body) = get_once(addr, "/").await;
+    assert_eq!(code, 200);
+    assert_eq!(version_of(&body), "hello from molt");
+    // The bad copy is kept aside, not served.
+    assert!(
+        cluster
+            .path("instance/cache/.quarantine")
+            .join(cached.file_name().unwrap())
+            .exists()
+    );
+    instance.shutdown().await;
+}

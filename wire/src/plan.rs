@@ -326,7 +326,11 @@ impl fmt::Display for Step {
                         commit.short(12)
                     )
                 } else {
-                    write!(f, "release {service} {}: copy + diff", commit.short(12))
+                    write!(
+                        f,
+                        "release {service} {}: link from the cache, copy the build's outputs",
+                        commit.short(12)
+                    )
                 }
             }
             Step::Build { service, commit } => write!(f, "build {service} {}", commit.short(12)),
