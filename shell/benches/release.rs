@@ -79,6 +79,11 @@ fn main() -> Res<()> {
             std::fs::hard_link(e.path().under(&src), dst)?;
         }
     }
+    // Stamped as a fetch would (so linking checks stamps, not bytes).
+    let blobs = shell::cache::BlobCache::open(&cache)?;
+    let ids: Vec<BlobId> = v1.entries().iter().map(|e| e.blob()).collect();
+    blobs.stamp_fetched(&ids);
+    let verified = |id: &BlobId, m: &std::fs::Metadata| blobs.verified(id, m);
     let (releases, _) = Releases::open(&tmp.path().join("releases"))?;
     let service = ServiceName::new("bench")?;
     let blob_path = |id: &BlobId| cache.join(id.to_hex());
@@ -91,6 +96,7 @@ fn main() -> Res<()> {
             None,
             &Sources {
                 cache: &blob_path,
+                verified: &verified,
                 fresh: &all,
             },
         )?
@@ -101,6 +107,7 @@ fn main() -> Res<()> {
     let bytes = b"one changed file".repeat(64);
     let blob = BlobId::of(&bytes);
     std::fs::write(cache.join(blob.to_hex()), &bytes)?;
+    blobs.stamp_fetched(&[blob]);
     let mut entries: Vec<TreeEntry> = v1.entries().to_vec();
     entries[files / 2] = TreeEntry::file(changed.path().clone(), false, bytes.len() as u64, blob);
     let v2 = Tree::new(entries)?;
@@ -119,6 +126,7 @@ fn main() -> Res<()> {
             Some((&r1, &v1)),
             &Sources {
                 cache: &blob_path,
+                verified: &verified,
                 fresh: &fresh,
             },
         )?;

@@ -23,101 +23,7 @@ use repo_client::{ClientError, RepoClient};
 use crate::build::{self, BuildError};
 use crate::release::{CopyStats, ReleaseError, Releases, Staging};
 
-/// Blobs fetched by this instance, each once: `DIR/<id>`, written only by a
-/// verified fetch.
-#[derive(Debug, Clone)]
-pub struct BlobCache {
-    dir: PathBuf,
-}
-
-impl BlobCache {
-    /// Opens (creating if needed) the cache in `dir`, removing partial downloads.
-    pub fn open(dir: &Path) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        match std::fs::remove_dir_all(dir.join(".scratch")) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        for entry in std::fs::read_dir(dir)? {
-            let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "part") {
-                std::fs::remove_file(&path)?;
-            }
-        }
-        Ok(Self {
-            dir: dir.to_owned(),
-        })
-    }
-
-    /// A scratch directory for blobs read but not kept (planning reads a new
-    /// commit's `service.toml` there); emptied when the cache opens.
-    pub fn scratch(&self) -> PathBuf {
-        self.dir.join(".scratch")
-    }
-
-    /// The cache's directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// Where the blob's bytes are (or would be).
-    pub fn path(&self, id: &BlobId) -> PathBuf {
-        self.dir.join(id.to_hex())
-    }
-
-    /// Takes a blob found corrupt out of the cache (kept aside in
-    /// `.quarantine/`), so the next fetch brings it anew. A blob not in the
-    /// cache is nothing to do.
-    pub fn quarantine(&self, id: &BlobId) -> std::io::Result<()> {
-        let aside = self.dir.join(".quarantine");
-        std::fs::create_dir_all(&aside)?;
-        match std::fs::rename(self.path(id), aside.join(id.to_hex())) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
-    }
-
-    /// Removes the blobs no release links any more (a cache file's only
-    /// link is its own), which the releases pruned before let go; stops
-    /// between two files when `cancel` is. Returns how many went and their
-    /// bytes. A blob used only by private copies (an executable) goes too:
-    /// it is fetched again if a later release needs it. The caller makes sure
-    /// no install is using the cache meanwhile (`Instance` holds a lock).
-    pub fn sweep(
-        &self,
-        cancel: &tokio_util::sync::CancellationToken,
-    ) -> std::io::Result<(u64, u64)> {
-        use std::os::unix::fs::MetadataExt;
-        let (mut files, mut bytes) = (0, 0);
-        for entry in std::fs::read_dir(&self.dir)? {
-            if cancel.is_cancelled() {
-                break;
-            }
-            let entry = entry?;
-            let is_blob = entry
-                .file_name()
-                .to_str()
-                .is_some_and(|n| n.parse::<BlobId>().is_ok());
-            if !is_blob {
-                continue;
-            }
-            let meta = entry.metadata()?;
-            if meta.is_file() && meta.nlink() == 1 {
-                std::fs::remove_file(entry.path())?;
-                files += 1;
-                bytes += meta.len();
-            }
-        }
-        Ok((files, bytes))
-    }
-
-    /// The blobs among `ids` not in the cache.
-    pub fn missing(&self, ids: impl IntoIterator<Item = BlobId>) -> Vec<BlobId> {
-        ids.into_iter()
-            .filter(|id| !self.path(id).is_file())
-            .collect()
-    }
-}
+pub use crate::cache::BlobCache;
 
 /// A sealed release of a service.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -246,7 +152,23 @@ impl Prepared {
         let Source::Diff { diff, .. } = &self.source else {
             return (Vec::new(), 0);
         };
-        let missing = cache.missing(diff.needed_blobs());
+        let mut missing = cache.missing(diff.needed_blobs());
+        // The unchanged files are linked from the cache: one whose cached
+        // bytes went bad since is fetched anew (and set aside by `verified`).
+        if let Source::Diff { base, .. } = &self.source {
+            for e in self.tree.entries() {
+                if e.mode() == image_spec::Mode::Regular && base.get(e.path()) == Some(e) {
+                    let path = cache.path(&e.blob());
+                    if let Ok(m) = std::fs::symlink_metadata(&path)
+                        && m.is_file()
+                        && !cache.verified(&e.blob(), &m)
+                        && !missing.contains(&e.blob())
+                    {
+                        missing.push(e.blob());
+                    }
+                }
+            }
+        }
         let wanted: std::collections::BTreeSet<&BlobId> = missing.iter().collect();
         let mut counted = std::collections::BTreeSet::new();
         let bytes = diff
@@ -370,8 +292,9 @@ pub async fn fetch(
     let bytes = if missing.is_empty() {
         0
     } else {
-        ctx.repo.fetch_blobs_to(&missing, &ctx.cache.dir).await?
+        ctx.repo.fetch_blobs_to(&missing, ctx.cache.dir()).await?
     };
+    ctx.cache.stamp_fetched(&missing);
     crate::crash::point("after-fetch");
     Ok((missing, bytes))
 }
@@ -411,8 +334,10 @@ pub fn make_release(
     let service = &prepared.service;
     let target = prepared.commit;
     let blob_path = |id: &BlobId| cache.path(id);
+    let verified = |id: &BlobId, meta: &std::fs::Metadata| cache.verified(id, meta);
     let sources = crate::release::Sources {
         cache: &blob_path,
+        verified: &verified,
         fresh,
     };
     let stage = releases.assemble(

@@ -40,6 +40,7 @@
 
 pub mod attach;
 pub mod build;
+pub mod cache;
 pub mod crash;
 pub mod deployment;
 pub mod durable;

@@ -318,6 +318,9 @@ impl Releases {
 pub struct Sources<'a> {
     /// Where the cache keeps a blob's bytes (whether it holds them or not).
     pub cache: &'a (dyn Fn(&BlobId) -> PathBuf + Sync),
+    /// Are the cache's bytes of a blob (its file's metadata given) still the
+    /// blob's? (`BlobCache::verified`: a stamp, or a hash.)
+    pub verified: &'a (dyn Fn(&BlobId, &fs::Metadata) -> bool + Sync),
     /// The blobs fetched for this release: newer than anything the previous
     /// release's build wrote, so a file linked to one is seen as changed by
     /// an incremental build.
@@ -667,7 +670,7 @@ impl Placer<'_> {
                     Some(m) => lock_shared(&cached, m)?,
                     None => return Err(ReleaseError::MissingBlob(entry.blob())),
                 };
-                if meta.len() != entry.size() {
+                if meta.len() != entry.size() || !(self.sources.verified)(&entry.blob(), &meta) {
                     return self.corrupt_in_cache(entry, &cached);
                 }
                 match fs::hard_link(&cached, &target) {
@@ -1075,6 +1078,7 @@ mod tests {
             base,
             &Sources {
                 cache: &path,
+                verified: &|_, _| true,
                 fresh: &fresh,
             },
         )
@@ -1451,6 +1455,7 @@ mod tests {
         let fresh: BTreeSet<BlobId> = blobs.iter().map(|b| BlobId::of(b)).collect();
         let sources = Sources {
             cache: &path,
+            verified: &|_, _| true,
             fresh: &fresh,
         };
         let c = CommitId::from_bytes([9; 32]);

@@ -16,15 +16,12 @@
 use std::error::Error;
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use image_spec::{BlobId, ServiceName};
-use molt_e2e::bench::{env_or, generate_service};
+use molt_e2e::bench::{env_or, generate_service, quic_throughput};
 use molt_e2e::{TestCluster, push_main, write_file};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
-use wire::{BiStream, Handler, Identity};
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
@@ -50,61 +47,6 @@ fn rsync(src: &Path, dst: &Path, extra: &[&str]) -> Res<(u64, Duration)> {
         .trim()
         .parse()?;
     Ok((sent, elapsed))
-}
-
-/// Reads and discards one stream, then answers with the byte count.
-struct Sink;
-
-impl Handler for Sink {
-    async fn handle(&self, _peer: Arc<Identity>, mut s: BiStream) {
-        let mut buf = vec![0u8; 1 << 20];
-        let mut n = 0u64;
-        while let Ok(Some(k)) = s.recv.read(&mut buf).await {
-            n += k as u64;
-        }
-        let _ = s.send.write_all(&n.to_le_bytes()).await;
-        let _ = s.send.finish();
-    }
-}
-
-async fn quic_throughput(cluster: &TestCluster, bytes: u64, streams: u64) -> Res<Duration> {
-    let server = wire::Server::bind("127.0.0.1:0".parse()?, &cluster.credentials("portal"))?;
-    let addr = server.local_addr()?;
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(server.serve(Arc::new(Sink), stop.clone()));
-    let client = wire::Client::new(&cluster.credentials("user/b/admin"), addr)?;
-    let conn = client.connect(addr, &Identity::Portal).await?;
-    let chunk = vec![7u8; 1 << 20];
-    let per_stream = bytes / streams;
-    let t = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..streams {
-        let conn = conn.clone();
-        let chunk = chunk.clone();
-        tasks.spawn(async move {
-            let mut s = conn.open().await?;
-            let mut left = per_stream;
-            while left > 0 {
-                let n = left.min(chunk.len() as u64) as usize;
-                s.send.write_all(&chunk[..n]).await?;
-                left -= n as u64;
-            }
-            s.send.finish()?;
-            let mut got = [0u8; 8];
-            s.recv.read_exact(&mut got).await?;
-            Ok::<_, Box<dyn Error + Send + Sync>>(u64::from_le_bytes(got))
-        });
-    }
-    let mut total = 0;
-    while let Some(r) = tasks.join_next().await {
-        total += r?.map_err(|e| e.to_string())?;
-    }
-    let elapsed = t.elapsed();
-    assert_eq!(total, per_stream * streams);
-    conn.close();
-    stop.cancel();
-    task.await?;
-    Ok(elapsed)
 }
 
 async fn tcp_throughput(bytes: u64) -> Res<Duration> {

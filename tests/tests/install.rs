@@ -218,3 +218,63 @@ async fn a_build_cannot_change_the_commits_files() {
     assert!(built.release.dir.join("out/stamp").is_file());
     verify(&built.release.dir, &built.release.tree).unwrap();
 }
+
+/// Bad bytes in the blob cache never reach a new release: a byte flipped in
+/// a cached file and bytes appended to a file of the running release (the
+/// same inode, shared) are found at the next install — by the file's changed
+/// time, then its hash — set aside and fetched anew, though the change being
+/// installed touches neither file.
+#[tokio::test]
+async fn bad_bytes_in_the_cache_are_fetched_anew_not_linked() {
+    let cluster = TestCluster::start().await;
+    let repo = cluster.repo_client("user/ada/developer").await;
+    let src = cluster.path("svc");
+    molt_e2e::write_service(
+        &src,
+        "svc",
+        &[
+            ("a.txt", b"alpha alpha\n"),
+            ("b.txt", b"bravo\n"),
+            ("c.txt", b"charlie v1\n"),
+        ],
+    );
+    let v1 = repo.push(&src, &push_main("v1"), |_| {}).await.unwrap();
+    let node = Node::open(&cluster, &cluster.path("instance")).await;
+    let ctx = node.ctx();
+    let service = ServiceName::new("svc").unwrap();
+    let first = install(&ctx, &service, v1.commit, None).await.unwrap();
+
+    let a = node.cache.path(&image_spec::BlobId::of(b"alpha alpha\n"));
+    let mut bytes = std::fs::read(&a).unwrap();
+    bytes[0] ^= 1;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&a)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &bytes))
+        .unwrap();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(first.release.dir.join("b.txt"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"tampered\n"))
+        .unwrap();
+
+    write_file(&src, "c.txt", b"charlie v2\n");
+    let v2 = repo.push(&src, &push_main("v2"), |_| {}).await.unwrap();
+    let second = install(&ctx, &service, v2.commit, Some(&first.release))
+        .await
+        .unwrap();
+    assert_eq!(second.fetched_blobs, 3, "c, and a and b anew");
+    verify(&second.release.dir, &second.release.tree).unwrap();
+    assert_eq!(
+        std::fs::read(second.release.dir.join("a.txt")).unwrap(),
+        b"alpha alpha\n"
+    );
+    assert_eq!(
+        std::fs::read(second.release.dir.join("b.txt")).unwrap(),
+        b"bravo\n"
+    );
+    let aside = std::fs::read_dir(cluster.path("instance/cache/.quarantine"))
+        .unwrap()
+        .count();
+    assert_eq!(aside, 2);
+}
