@@ -149,10 +149,9 @@ async fn fetched_blobs_are_verified_and_land_whole_under_their_ids() {
 
 #[tokio::test]
 async fn many_blobs_all_land_while_earlier_ones_are_synced() {
-    // More blobs than are synced at once, so the transfer waits on its syncs.
-    let served = blobs(
-        (0..(3 * repo_client::SYNCS_IN_FLIGHT + 7)).map(|i| format!("blob {i}").into_bytes()),
-    );
+    // Three groups and some: several are made durable while the next arrive.
+    let served =
+        blobs((0..(3 * repo_client::GROUP_FILES + 7)).map(|i| format!("blob {i}").into_bytes()));
     let (dir, got) = fetch(&served, &[], &ids(&served)).await;
     let total: usize = served.iter().map(|(_, b)| b.len()).sum();
     assert_eq!(got.unwrap(), total as u64);
