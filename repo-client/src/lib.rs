@@ -772,16 +772,19 @@ impl RepoClient {
             .filter(|e| e.mode().is_file())
             .map(|e| (e.blob(), e.size()))
             .collect();
-        let uploads: Vec<(BlobId, u64, PathBuf)> = missing
-            .iter()
-            .filter_map(|id| {
-                Some((
-                    *id,
-                    sizes.get(id).copied()?,
-                    scanned.sources.get(id)?.clone(),
-                ))
-            })
-            .collect();
+        // Each blob to upload, with its size and the file that holds it.
+        let to_upload = |ids: &[BlobId]| -> Vec<(BlobId, u64, PathBuf)> {
+            ids.iter()
+                .filter_map(|id| {
+                    Some((
+                        *id,
+                        sizes.get(id).copied()?,
+                        scanned.sources.get(id)?.clone(),
+                    ))
+                })
+                .collect()
+        };
+        let uploads = to_upload(&missing);
         let upload_bytes: u64 = uploads.iter().map(|(_, s, _)| s).sum();
         progress(PushProgress::Uploading {
             blobs: uploads.len() as u64,
@@ -833,16 +836,7 @@ impl RepoClient {
                 kind: ErrorKind::BlobsMissing { blobs },
                 ..
             })) => {
-                let repair: Vec<(BlobId, u64, PathBuf)> = blobs
-                    .iter()
-                    .filter_map(|id| {
-                        Some((
-                            *id,
-                            sizes.get(id).copied()?,
-                            scanned.sources.get(id)?.clone(),
-                        ))
-                    })
-                    .collect();
+                let repair = to_upload(&blobs);
                 info!(%service, blobs = repair.len(), "the repository lacks blobs of this tree; uploading them");
                 for slice in repair.chunks(self.batch) {
                     self.put_blobs(slice, |_| {}).await?;

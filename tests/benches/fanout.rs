@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use image_spec::{InstanceName, ServiceName};
-use molt_e2e::bench::{env_or, generate_service, quic_ceiling};
+use molt_e2e::bench::{RsyncDaemon, env_or, generate_service, quic_ceiling};
 use molt_e2e::{TestCluster, push_main};
 use repo_client::RepoClient;
 use shell::install::{BlobCache, InstallContext, install};
@@ -144,38 +144,10 @@ async fn fan_out(
 
 /// N `rsync -a` from a daemon serving `src` into empty directories at once.
 fn rsync_fan_out(src: &Path, work: &Path, n: usize) -> Res<Duration> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let conf = work.join("rsyncd.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "use chroot = no\nuid = root\ngid = root\nmax connections = 0\npid file = {}\n[m]\npath = {}\nread only = yes\n",
-            work.join("rsyncd.pid").display(),
-            src.display()
-        ),
-    )?;
-    let mut daemon = std::process::Command::new("rsync")
-        .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
-        .arg(format!("--port={port}"))
-        .arg(format!("--config={}", conf.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot run rsync ({e}); install it: apt-get install -y rsync"))?;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let daemon = RsyncDaemon::start(src, work)?;
     let t = Instant::now();
     let children: Vec<_> = (0..n)
-        .map(|i| {
-            std::process::Command::new("rsync")
-                .arg("-a")
-                .arg(format!("rsync://127.0.0.1:{port}/m/"))
-                .arg(work.join(format!("rsync-{i}")))
-                .spawn()
-        })
+        .map(|i| daemon.pull(&work.join(format!("rsync-{i}"))))
         .collect::<Result<_, _>>()?;
     for mut c in children {
         if !c.wait()?.success() {
@@ -183,8 +155,7 @@ fn rsync_fan_out(src: &Path, work: &Path, n: usize) -> Res<Duration> {
         }
     }
     let took = t.elapsed();
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    drop(daemon);
     for i in 0..n {
         let _ = std::fs::remove_dir_all(work.join(format!("rsync-{i}")));
     }

@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use image_spec::{BlobId, ServiceName};
-use molt_e2e::bench::{env_or, generate_service, quic_throughput};
+use molt_e2e::bench::{env_or, generate_service, middle_file, quic_throughput};
 use molt_e2e::{TestCluster, push_main, write_file};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -116,7 +116,7 @@ async fn main() -> Res<()> {
     let initial = t.elapsed();
 
     // Change one small file in place (same size, new bytes).
-    let changed = "src/m42/f4242.rs";
+    let changed = &middle_file(files);
     let mut bytes = std::fs::read(src.join(changed))?;
     for b in bytes.iter_mut().take(64) {
         *b = b.wrapping_add(1);

@@ -23,11 +23,11 @@
 
 use std::error::Error;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use image_spec::{InstanceName, ServiceName};
-use molt_e2e::bench::{env_or, generate_service};
+use molt_e2e::bench::{RsyncDaemon, env_or, generate_service, middle_file};
 use molt_e2e::{TestCluster, push_main, write_file};
 use shell::install::{BlobCache, InstallContext, install};
 use shell::release::Releases;
@@ -44,70 +44,9 @@ fn run(cmd: &mut Command) -> Res<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
-fn timed(cmd: &mut Command) -> Res<Duration> {
-    let t = Instant::now();
-    run(cmd)?;
-    Ok(t.elapsed())
-}
-
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
-}
-
-/// An `rsync --daemon` serving `dir` as module `m` on 127.0.0.1.
-struct RsyncDaemon {
-    child: Child,
-    port: u16,
-}
-
-impl RsyncDaemon {
-    fn start(dir: &Path, work: &Path) -> Res<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let conf = work.join("rsyncd.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "use chroot = no\nuid = root\ngid = root\npid file = {}\n[m]\npath = {}\nread only = yes\n",
-                work.join("rsyncd.pid").display(),
-                dir.display()
-            ),
-        )?;
-        let child = Command::new("rsync")
-            .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
-            .arg(format!("--port={port}"))
-            .arg(format!("--config={}", conf.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot run rsync ({e}); install it: apt-get install -y rsync"))?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                return Err("rsync --daemon did not listen".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(Self { child, port })
-    }
-
-    fn pull(&self, dst: &Path) -> Res<Duration> {
-        timed(
-            Command::new("rsync")
-                .arg("-a")
-                .arg(format!("rsync://127.0.0.1:{}/m/", self.port))
-                .arg(dst),
-        )
-    }
-}
-
-impl Drop for RsyncDaemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn ostree(repo: &Path) -> Command {
@@ -135,7 +74,7 @@ async fn main() -> Res<()> {
     let v1_dir = cluster.path("v1");
     eprintln!("generating {files} files, ~{mb} MB ...");
     generate_service(&v1_dir, files, mb * 1_000_000);
-    let changed = "src/m42/f4242.rs";
+    let changed = &middle_file(files);
     let v1_bytes = std::fs::read(v1_dir.join(changed))?;
     let mut v2_bytes = v1_bytes.clone();
     for b in v2_bytes.iter_mut().take(64) {
@@ -213,7 +152,11 @@ async fn main() -> Res<()> {
         // rsync.
         std::fs::write(rsync_dst.join(changed), &v1_bytes)?;
         sync_disk();
-        rsync_t.push(daemon.pull(&rsync_dst)?);
+        let t = Instant::now();
+        if !daemon.pull(&rsync_dst)?.wait()?.success() {
+            return Err("rsync failed".into());
+        }
+        rsync_t.push(t.elapsed());
         assert_eq!(std::fs::read(rsync_dst.join(changed))?, v2_bytes);
 
         // OSTree.

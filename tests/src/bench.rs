@@ -13,6 +13,14 @@ pub fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// One small file of [`generate_service`]'s service of `files` files: the
+/// one in the middle.
+pub fn middle_file(files: usize) -> String {
+    let small = files.saturating_sub(6).max(1);
+    let i = small / 2;
+    format!("src/m{}/f{i}.rs", i % 100)
+}
+
 /// Deterministic pseudo-random bytes (xorshift from `seed`).
 pub fn fill(seed: u64, buf: &mut [u8]) {
     let mut x = seed | 1;
@@ -122,4 +130,63 @@ pub async fn quic_ceiling(
     bytes: u64,
 ) -> Result<std::time::Duration, Box<dyn std::error::Error>> {
     quic_throughput(cluster, bytes, 1).await
+}
+
+/// An `rsync --daemon` serving a directory as module `m` on 127.0.0.1; stopped
+/// when dropped.
+pub struct RsyncDaemon {
+    child: std::process::Child,
+    /// Its TCP port.
+    pub port: u16,
+}
+
+impl RsyncDaemon {
+    /// Serves `dir`, its configuration and pid file in `work`.
+    pub fn start(dir: &Path, work: &Path) -> Result<Self, Box<dyn std::error::Error>> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let conf = work.join("rsyncd.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "use chroot = no\nuid = root\ngid = root\nmax connections = 0\n\
+                 pid file = {}\n[m]\npath = {}\nread only = yes\n",
+                work.join("rsyncd.pid").display(),
+                dir.display()
+            ),
+        )?;
+        let child = std::process::Command::new("rsync")
+            .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
+            .arg(format!("--port={port}"))
+            .arg(format!("--config={}", conf.display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot run rsync ({e}); install it: apt-get install -y rsync"))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if std::time::Instant::now() > deadline {
+                return Err("rsync --daemon did not listen".into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(Self { child, port })
+    }
+
+    /// `rsync -a` of the module into `dst`, not yet waited for.
+    pub fn pull(&self, dst: &Path) -> std::io::Result<std::process::Child> {
+        std::process::Command::new("rsync")
+            .arg("-a")
+            .arg(format!("rsync://127.0.0.1:{}/m/", self.port))
+            .arg(dst)
+            .spawn()
+    }
+}
+
+impl Drop for RsyncDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
