@@ -67,6 +67,9 @@ pub const GROUP_FILES: usize = 512;
 /// ... or of this many bytes.
 const GROUP_BYTES: u64 = 32 << 20;
 
+/// A group of at most this many files is made durable file by file.
+const FSYNC_EACH: usize = 16;
+
 /// Most groups being made durable and renamed into place at once, while the
 /// next blobs arrive.
 pub const GROUPS_IN_FLIGHT: usize = 2;
@@ -514,9 +517,10 @@ impl RepoClient {
     /// blobs and at most some `.<id>.part` files (the shell's blob cache removes
     /// them when it opens). Each blob arrives in `dir/.<id>.part`, hashed on the
     /// way. Verified blobs are put in place in groups (up to [`GROUP_FILES`]
-    /// files or 32 MiB): one `syncfs` makes a group's bytes durable, then its
-    /// files are renamed into place — one sync for hundreds of files instead
-    /// of an `fsync` each — and the directory is synced before this returns,
+    /// files or 32 MiB): one `syncfs` makes a group's bytes durable (a group
+    /// of a few files: an `fsync` each), then its files are renamed into
+    /// place — one sync for hundreds of files instead of an `fsync` each —
+    /// and the directory is synced before this returns,
     /// so the renames are durable too. Up to [`GROUPS_IN_FLIGHT`] groups are
     /// synced on blocking threads while the next blobs arrive. On a failure,
     /// the blobs verified before it are still put in place, the one in flight
@@ -924,9 +928,23 @@ impl Group {
     }
 
     /// Makes the group's bytes durable (one `syncfs` of the filesystem
-    /// holding `dir`), then renames each file into place.
+    /// holding `dir`, or for a few files their own fsyncs), then renames
+    /// each file into place.
     fn place(self, dir: &Path) -> Result<(), ClientError> {
-        sync_filesystem(dir)?;
+        if self.parts.len() <= FSYNC_EACH {
+            // A few files: their own fsyncs cost less than flushing the
+            // whole filesystem, whatever else it has dirty.
+            for (tmp, _) in &self.parts {
+                std::fs::File::open(tmp)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|source| ClientError::Io {
+                        path: tmp.clone(),
+                        source,
+                    })?;
+            }
+        } else {
+            sync_filesystem(dir)?;
+        }
         for (tmp, dest) in self.parts {
             std::fs::rename(&tmp, &dest).map_err(|source| ClientError::Io { path: tmp, source })?;
         }

@@ -152,23 +152,7 @@ impl Prepared {
         let Source::Diff { diff, .. } = &self.source else {
             return (Vec::new(), 0);
         };
-        let mut missing = cache.missing(diff.needed_blobs());
-        // The unchanged files are linked from the cache: one whose cached
-        // bytes went bad since is fetched anew (and set aside by `verified`).
-        if let Source::Diff { base, .. } = &self.source {
-            for e in self.tree.entries() {
-                if e.mode() == image_spec::Mode::Regular && base.get(e.path()) == Some(e) {
-                    let path = cache.path(&e.blob());
-                    if let Ok(m) = std::fs::symlink_metadata(&path)
-                        && m.is_file()
-                        && !cache.verified(&e.blob(), &m)
-                        && !missing.contains(&e.blob())
-                    {
-                        missing.push(e.blob());
-                    }
-                }
-            }
-        }
+        let missing = cache.missing(diff.needed_blobs());
         let wanted: std::collections::BTreeSet<&BlobId> = missing.iter().collect();
         let mut counted = std::collections::BTreeSet::new();
         let bytes = diff
@@ -380,6 +364,32 @@ pub fn make_release(
     Ok(Made::Sealed(installed))
 }
 
+/// [`make_release_blocking`], and once more if it finds blobs in the cache
+/// corrupt (set aside by then): those are fetched anew from the repository
+/// and linked fresh. Returns what was made and how many blobs (and bytes) the
+/// second try fetched.
+pub async fn make_release_healing(
+    ctx: &InstallContext<'_>,
+    prepared: &Prepared,
+    fresh: &BTreeSet<BlobId>,
+) -> Result<(Made, u64, u64), InstallError> {
+    match make_release_blocking(ctx, prepared, fresh).await {
+        Err(InstallError::Release(ReleaseError::CorruptBlobs(blobs))) => {
+            tracing::warn!(
+                blobs = blobs.len(),
+                "blobs in the cache were corrupt; fetching them anew"
+            );
+            let bytes = ctx.repo.fetch_blobs_to(&blobs, ctx.cache.dir()).await?;
+            ctx.cache.stamp_fetched(&blobs);
+            let mut fresh = fresh.clone();
+            fresh.extend(blobs.iter().copied());
+            let made = make_release_blocking(ctx, prepared, &fresh).await?;
+            Ok((made, blobs.len() as u64, bytes))
+        }
+        other => other.map(|made| (made, 0, 0)),
+    }
+}
+
 /// [`make_release`] on a blocking thread.
 pub async fn make_release_blocking(
     ctx: &InstallContext<'_>,
@@ -485,10 +495,14 @@ pub async fn install(
     let prepared = prepare(ctx, service, target, current, |_| None).await?;
     let reused = matches!(prepared.source, Source::Sealed(_));
     let (fetched, fetched_bytes) = fetch(ctx, &prepared).await?;
-    let fetched_blobs = fetched.len() as u64;
+    let mut fetched_blobs = fetched.len() as u64;
+    let mut fetched_bytes = fetched_bytes;
     let fetch_time = started.elapsed();
     let copy_started = Instant::now();
-    let made = make_release_blocking(ctx, &prepared, &fetched.into_iter().collect()).await?;
+    let (made, refetched, rebytes) =
+        make_release_healing(ctx, &prepared, &fetched.into_iter().collect()).await?;
+    fetched_blobs += refetched;
+    fetched_bytes += rebytes;
     let copy = copy_started.elapsed();
     let build_started = Instant::now();
     let (release, built, copied) = match made {

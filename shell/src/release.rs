@@ -61,10 +61,14 @@ pub enum ReleaseError {
     /// A blob the release needs is not in the local cache.
     #[error("blob {0} is not in the local cache")]
     MissingBlob(BlobId),
-    /// A blob in the local cache is not what its id says; it was dropped
-    /// from the cache, to be fetched again.
-    #[error("blob {0} in the local cache is corrupt; it was dropped and will be fetched again")]
-    CorruptBlob(BlobId),
+    /// Blobs in the local cache are not what their ids say; they were set
+    /// aside, to be fetched again (`install` does, then assembles again).
+    #[error(
+        "{} blob(s) in the local cache are corrupt (first: {}); set aside, to be fetched again",
+        .0.len(),
+        .0.first().map(ToString::to_string).unwrap_or_default()
+    )]
+    CorruptBlobs(Vec<BlobId>),
     /// The build changed a file of the commit's tree (replaced, removed or
     /// rewrote a private copy of it).
     #[error(
@@ -510,6 +514,7 @@ impl Staging {
                             sources,
                             copied: CopyStats::default(),
                             shared: Vec::new(),
+                            corrupt: Vec::new(),
                         };
                         placer.place_all(run, i == 0 && base.is_some())?;
                         Ok(placer)
@@ -521,6 +526,7 @@ impl Staging {
                 .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
                 .collect()
         });
+        let mut corrupt = Vec::new();
         for p in placed {
             let p = p?;
             self.copied.linked += p.copied.linked;
@@ -528,6 +534,12 @@ impl Staging {
             self.copied.bytes += p.copied.bytes;
             self.copied.links += p.copied.links;
             self.shared.extend(p.shared);
+            corrupt.extend(p.corrupt);
+        }
+        if !corrupt.is_empty() {
+            corrupt.sort();
+            corrupt.dedup();
+            return Err(ReleaseError::CorruptBlobs(corrupt));
         }
         if let Some((dir, tree)) = base {
             let tracked: BTreeSet<&str> =
@@ -630,6 +642,8 @@ struct Placer<'a> {
     sources: &'a Sources<'a>,
     copied: CopyStats,
     shared: Vec<(RelPath, Fingerprint)>,
+    /// Blobs found corrupt in the cache (not placed).
+    corrupt: Vec<BlobId>,
 }
 
 impl Placer<'_> {
@@ -670,7 +684,8 @@ impl Placer<'_> {
                     Some(m) => lock_shared(&cached, m)?,
                     None => return Err(ReleaseError::MissingBlob(entry.blob())),
                 };
-                if meta.len() != entry.size() || !(self.sources.verified)(&entry.blob(), &meta) {
+                // (Verified first: a bad file is then set aside, not lost.)
+                if !(self.sources.verified)(&entry.blob(), &meta) || meta.len() != entry.size() {
                     return self.corrupt_in_cache(entry, &cached);
                 }
                 match fs::hard_link(&cached, &target) {
@@ -713,12 +728,14 @@ impl Placer<'_> {
         }
     }
 
-    /// The cache's file for `entry` has the wrong size: it is dropped from the
-    /// cache (to be fetched again) and the install fails, naming it.
+    /// The cache's file for `entry` is not its blob: it is dropped from the
+    /// cache (if `verified` has not set it aside already) and noted; the
+    /// assembly goes on and fails at the end, naming every such blob.
     fn corrupt_in_cache(&mut self, entry: &TreeEntry, cached: &Path) -> Result<(), ReleaseError> {
         tracing::warn!(blob = %entry.blob(), file = %cached.display(), "a blob in the cache is corrupt; dropped");
         let _ = fs::remove_file(cached);
-        Err(ReleaseError::CorruptBlob(entry.blob()))
+        self.corrupt.push(entry.blob());
+        Ok(())
     }
 
     /// Copies `src` to `entry`'s place, hashing on the way: bytes that are not
@@ -1295,7 +1312,10 @@ mod tests {
         let bad = cache_dir.join(BlobId::of(b"alpha").to_hex());
         fs::write(&bad, b"alphabet").unwrap();
         let err = assemble(&releases, 5, &tree, None, &cache_dir, &blobs).unwrap_err();
-        assert!(matches!(err, ReleaseError::CorruptBlob(_)), "{err}");
+        assert!(
+            matches!(&err, ReleaseError::CorruptBlobs(b) if b == &[BlobId::of(b"alpha")]),
+            "{err}"
+        );
         assert!(!bad.exists());
     }
 

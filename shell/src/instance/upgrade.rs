@@ -343,7 +343,7 @@ impl Runtime for Upgrade<'_> {
                 let logs = self.instance.config.root.join("logs");
                 let ctx = self.instance.install_context(self.repo, &logs);
                 let p = self.prepared(service)?;
-                let made = install::make_release_blocking(&ctx, p, &fresh)
+                let (made, _, _) = install::make_release_healing(&ctx, p, &fresh)
                     .await
                     .map_err(Self::installing(service))?;
                 self.instance.store_tree(&p.tree)?;
