@@ -604,6 +604,18 @@ impl Api {
             })
     }
 
+    /// The targets `who` may act on (a scoped token's, or all).
+    pub(crate) async fn targets_in_scope(&self, who: &Principal) -> ApiResult<Vec<Target>> {
+        Ok(self
+            .portal
+            .store
+            .targets()
+            .await?
+            .into_iter()
+            .filter(|t| who.require_scope(&t.name).is_ok())
+            .collect())
+    }
+
     pub(crate) async fn target(&self, name: &TargetName) -> ApiResult<Target> {
         self.portal
             .store

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use tokio::sync::{RwLock, mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::install::BlobCache;
 
@@ -117,14 +117,9 @@ impl Reaper {
                         Job::Sweep(cache, lock) => {
                             let _held = lock.write_owned().await;
                             let c = stop.clone();
+                            // (The sweep logs what it removed.)
                             match tokio::task::spawn_blocking(move || cache.sweep(&c)).await {
-                                Ok(Ok((0, _))) => {}
-                                Ok(Ok((files, bytes))) => {
-                                    info!(
-                                        files,
-                                        bytes, "removed blobs no release uses from the cache"
-                                    )
-                                }
+                                Ok(Ok(_)) => {}
                                 Ok(Err(e)) => warn!(error = %e, "could not sweep the blob cache"),
                                 Err(e) => warn!(error = %e, "the cache sweep failed"),
                             }

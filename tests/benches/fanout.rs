@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use image_spec::{InstanceName, ServiceName};
-use molt_e2e::bench::{RsyncDaemon, env_or, generate_service, quic_ceiling};
+use molt_e2e::bench::{RsyncDaemon, env_or, generate_service, quic_ceiling, wait_for_line};
 use molt_e2e::{TestCluster, push_main};
 use repo_client::RepoClient;
 use shell::install::{BlobCache, InstallContext, install};
@@ -66,21 +66,13 @@ impl ChildRepo {
             .kill_on_drop(true)
             .spawn()?;
         let pid = child.id().ok_or("the repository server exited at once")?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let addr = loop {
-            let text = std::fs::read_to_string(&log)?;
-            if let Some(addr) = text
-                .lines()
-                .find_map(|l| l.strip_prefix("repository server listening on "))
-                .and_then(|r| r.split_whitespace().next())
-            {
-                break addr.parse()?;
-            }
-            if Instant::now() > deadline {
-                return Err(format!("the repository server did not start: {text}").into());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let addr = wait_for_line(&log, "repository server listening on ")
+            .await
+            .map_err(|e| e.to_string())?
+            .split_whitespace()
+            .next()
+            .ok_or("no address")?
+            .parse()?;
         Ok(Self { child, pid, addr })
     }
 

@@ -49,7 +49,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use image_spec::{Image, ImageName, ServiceName};
-use molt_e2e::bench::env_or;
+use molt_e2e::bench::{env_or, wait_for_line};
 use molt_e2e::portal::Api;
 use molt_e2e::{TestCluster, copy_example, push_main, version_of, write_file};
 use serde_json::{Value, json};
@@ -159,31 +159,18 @@ impl ChildPortal {
             .spawn()?;
         let pid = child.id().ok_or("the portal exited at once")?;
         // "portal: shells attach on ADDR (QUIC); API on http://ADDR (data in …)"
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let (quic, http) = loop {
-            let text = std::fs::read_to_string(&log)?;
-            if let Some(line) = text
-                .lines()
-                .find(|l| l.starts_with("portal: shells attach on"))
-            {
-                let quic = line
-                    .split_whitespace()
-                    .nth(4)
-                    .ok_or("no QUIC address")?
-                    .parse::<SocketAddr>()?;
-                let http = line
-                    .split("http://")
-                    .nth(1)
-                    .and_then(|r| r.split_whitespace().next())
-                    .ok_or("no HTTP address")?
-                    .parse::<SocketAddr>()?;
-                break (quic, http);
-            }
-            if Instant::now() > deadline {
-                return Err(format!("the portal did not start: {text}").into());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let line = wait_for_line(&log, "portal: shells attach on").await?;
+        let quic = line
+            .split_whitespace()
+            .next()
+            .ok_or("no QUIC address")?
+            .parse::<SocketAddr>()?;
+        let http = line
+            .split("http://")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .ok_or("no HTTP address")?
+            .parse::<SocketAddr>()?;
         let token = std::fs::read_to_string(dir.join("data").join(portal::ADMIN_TOKEN_FILE))?
             .trim()
             .to_owned();

@@ -13,6 +13,25 @@ pub fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// Waits (30 s at most) for a line starting with `prefix` in the log file
+/// `log` of a child process, and returns the rest of that line.
+pub async fn wait_for_line(
+    log: &Path,
+    prefix: &str,
+) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log)?;
+        if let Some(rest) = text.lines().find_map(|l| l.strip_prefix(prefix)) {
+            return Ok(rest.to_owned());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("no line `{prefix}…` in {}: {text}", log.display()).into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// One small file of [`generate_service`]'s service of `files` files: the
 /// one in the middle.
 pub fn middle_file(files: usize) -> String {

@@ -54,12 +54,17 @@ struct TestServer {
 
 impl TestServer {
     async fn start() -> Self {
+        Self::start_with(EchoHandler).await
+    }
+
+    /// A server of `handler`.
+    async fn start_with<H: Handler>(handler: H) -> Self {
         let ca = ClusterCa::generate("test").unwrap();
         let creds = ca.issue(&Identity::RepoServer).unwrap();
         let server = Server::bind("127.0.0.1:0".parse().unwrap(), &creds).unwrap();
         let addr = server.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(server.serve(Arc::new(EchoHandler), shutdown.clone()));
+        let task = tokio::spawn(server.serve(Arc::new(handler), shutdown.clone()));
         Self {
             ca,
             addr,
@@ -458,22 +463,11 @@ impl Handler for Watched {
 /// timeout.
 #[tokio::test]
 async fn a_client_shutdown_reaches_the_server_without_draining() {
-    let ca = ClusterCa::generate("test").unwrap();
-    let server = Server::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        &ca.issue(&Identity::RepoServer).unwrap(),
-    )
-    .unwrap();
-    let addr = server.local_addr().unwrap();
     let (tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(server.serve(Arc::new(Watched(tx)), shutdown.clone()));
+    let server = TestServer::start_with(Watched(tx)).await;
     for round in 0..5 {
-        let client = client_with(
-            &ca.issue(&"user/ada/developer".parse().unwrap()).unwrap(),
-            addr,
-        );
-        let reply = echo(&client, addr, &format!("round {round}"))
+        let client = server.client("user/ada/developer");
+        let reply = echo(&client, server.addr, &format!("round {round}"))
             .await
             .unwrap();
         assert_eq!(reply.text, format!("round {round}"));
@@ -486,6 +480,5 @@ async fn a_client_shutdown_reaches_the_server_without_draining() {
             .unwrap();
         assert_eq!(who, "user/ada/developer");
     }
-    shutdown.cancel();
-    task.await.unwrap();
+    server.stop().await;
 }

@@ -222,12 +222,9 @@ async fn image_page(
         });
     }
     let targets = api
-        .portal
-        .store
-        .targets()
+        .targets_in_scope(who)
         .await?
         .into_iter()
-        .filter(|t| who.require_scope(&t.name).is_ok())
         .map(|t| t.name.to_string())
         .collect();
     let form = match sent {

@@ -79,14 +79,7 @@ fn row(s: &TargetSummary, now: i64) -> ServiceRow {
 /// `GET /` and `GET /services`.
 pub(crate) async fn list(State(api): Shared, caller: Caller) -> PageResult {
     let who = principal(&api, &caller, "/services").await?;
-    let targets: Vec<Target> = api
-        .portal
-        .store
-        .targets()
-        .await?
-        .into_iter()
-        .filter(|t| who.require_scope(&t.name).is_ok())
-        .collect();
+    let targets: Vec<Target> = api.targets_in_scope(&who).await?;
     let summaries = crate::api::target_summaries(&api, &targets).await?;
     let now = now_ms();
     page(&ServicesPage {
