@@ -196,13 +196,16 @@ impl Browser {
     pub async fn wait_text(&self, css: &str, secs: u64, done: impl Fn(&str) -> bool) -> String {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
         loop {
+            // An element htmx is swapping out reads as missing or stale for
+            // a moment: that is "not there yet", never an empty answer.
             let text = match self.client.find(Locator::Css(css)).await {
-                Ok(e) => e.text().await.unwrap_or_default(),
-                Err(_) => String::new(),
+                Ok(e) => e.text().await.ok(),
+                Err(_) => None,
             };
-            if done(&text) {
-                return text;
+            if let Some(text) = text.as_deref().filter(|t| done(t)) {
+                return text.to_owned();
             }
+            let text = text.unwrap_or_default();
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "`{css}` did not get there in {secs} s: {text:?}\n{}",

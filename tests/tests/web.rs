@@ -449,7 +449,9 @@ async fn a_failing_build_shows_failed_its_step_and_error_lines_first_and_the_old
         browser.url().await
     );
     let state = browser
-        .wait_text("#state", 180, |s| !matches!(s, "queued" | "running"))
+        .wait_text("#state", 180, |s| {
+            matches!(s, "succeeded" | "failed" | "cancelled")
+        })
         .await;
     assert_eq!(state, "failed", "{}", browser.source().await);
 
