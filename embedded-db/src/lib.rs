@@ -15,6 +15,10 @@
 //!   lock that stays held — another live process on the same directory — is
 //!   still an error, after [`LOCK_WAIT`].
 //!
+//! Beside the database, [`journal`]: the append-only, hash-chained record of
+//! changes a component checks its database against at start and rebuilds it
+//! from.
+//!
 //! It also flattens sled's transaction error for the transactions the components
 //! run, which never abort on purpose ([`storage_error`]).
 //!
@@ -26,6 +30,8 @@
 //! # Ok(())
 //! # }
 //! ```
+
+pub mod journal;
 
 use std::convert::Infallible;
 use std::path::Path;
@@ -69,6 +75,16 @@ pub fn storage_error(e: TransactionError<Infallible>) -> sled::Error {
         TransactionError::Storage(e) => e,
         TransactionError::Abort(never) => match never {},
     }
+}
+
+/// Syncs the directory holding `path`, so a file created or renamed there
+/// survives a crash.
+pub fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(parent)?.sync_all()
 }
 
 #[cfg(test)]
