@@ -254,6 +254,87 @@ fn identity_for(role: &str, name: Option<&str>, grant: Option<&str>) -> Result<(
 }
 
 /// `molt repo-server`: serves until SIGINT or SIGTERM, then shuts down gracefully.
+/// `molt fsck`: checks (and with `repair` repairs) a repository's data
+/// directory or an instance's root, prints what it found, and fails when
+/// something is wrong (after a repair: when something is lost).
+pub(crate) fn fsck(
+    config: Option<&Path>,
+    data: Option<PathBuf>,
+    root: Option<PathBuf>,
+    repair: bool,
+) -> Result<()> {
+    let (checked, problems, repaired, lost, lost_hint) = match root {
+        Some(root) => {
+            let r = shell::fsck::fsck(&root, repair)
+                .with_context(|| format!("cannot check the instance in {}", root.display()))?;
+            (
+                format!(
+                    "the instance in {}: {} journal records, {} release files, {} cache blobs",
+                    root.display(),
+                    r.journal_records,
+                    r.files,
+                    r.blobs
+                ),
+                r.problems,
+                r.repaired,
+                r.lost,
+                "lost",
+            )
+        }
+        None => {
+            let data = match data {
+                Some(d) => d,
+                None => {
+                    let loaded = Loaded::read(config)?;
+                    loaded.resolve(&loaded.repo_server()?.data)
+                }
+            };
+            let r = repo_server::fsck::fsck(&data, repair)
+                .with_context(|| format!("cannot check the repository in {}", data.display()))?;
+            (
+                format!(
+                    "the repository in {}: {} journal records, {} objects, {} blobs",
+                    data.display(),
+                    r.journal_records,
+                    r.objects,
+                    r.blobs
+                ),
+                r.problems,
+                r.repaired,
+                r.lost,
+                "lost (push it again to restore it)",
+            )
+        }
+    };
+    println!("checked {checked}");
+    for (heading, lines) in [
+        ("wrong", &problems),
+        ("repaired", &repaired),
+        (lost_hint, &lost),
+    ] {
+        if !lines.is_empty() {
+            println!("{heading}:");
+            for line in lines {
+                println!("  {line}");
+            }
+        }
+    }
+    if problems.is_empty() {
+        println!("nothing is wrong");
+    } else if !repair {
+        println!("run `molt fsck --repair` to repair it");
+    }
+    let failed = if repair {
+        !lost.is_empty()
+    } else {
+        !problems.is_empty()
+    };
+    if failed {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 pub(crate) async fn repo_server(
     config: Option<&Path>,
     data: Option<PathBuf>,

@@ -101,6 +101,23 @@ enum Command {
         #[arg(long)]
         https: Option<SocketAddr>,
     },
+    /// Check a stopped repository's or instance's stores, and repair them.
+    ///
+    /// Without --repair nothing changes; the exit status is 1 when something
+    /// is wrong (or, with --repair, when something is lost for good).
+    Fsck {
+        /// The repository's data directory [default: from molt.toml, unless
+        /// --root is given].
+        #[arg(long, conflicts_with = "root")]
+        data: Option<PathBuf>,
+        /// An instance's root directory, its shell stopped.
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// Repair what can be repaired: rebuild indexes, cut damaged journals
+        /// back to what verifies, quarantine corrupt files.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Run an instance's shell until SIGINT or SIGTERM.
     Shell {
         /// The instance's name (its certificate is `shell/NAME`).
@@ -537,6 +554,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cert {
             command: CertCommand::Revoke { certificate },
         } => cluster::revoke(cli.config.as_deref(), &certificate, json),
+        Command::Fsck { data, root, repair } => {
+            cluster::fsck(cli.config.as_deref(), data, root, repair)
+        }
         Command::RepoServer { data, listen } => {
             cluster::repo_server(cli.config.as_deref(), data, listen).await
         }

@@ -809,3 +809,79 @@ fn production_deploys_in_shadow_by_default_and_status_shows_the_lifecycle() {
     assert!(!out.status.success());
     assert!(common::signal(&mut shell, "-TERM").success());
 }
+
+/// `molt fsck` on a stopped repository whose index was deleted and one of
+/// whose blobs was damaged: the check names both and changes nothing; the
+/// repair rebuilds the index and quarantines the blob; the next push sends the
+/// blob again, and the check then finds nothing wrong.
+#[test]
+fn fsck_names_a_damaged_repository_and_the_repair_and_a_push_restore_it() {
+    let mut c = Cluster::init();
+    let svc = c.dir.path().join("hello");
+    service(&svc, "hello");
+    write(&svc, "data.txt", b"the bytes a flip will damage");
+    c.molt_json(&["push", svc.to_str().unwrap()]);
+    assert!(c.signal("-TERM").success());
+
+    let repo = c.dir.path().join("repo");
+    let damaged = blake3::hash(b"the bytes a flip will damage").to_hex();
+    let blob = repo
+        .join("blobs")
+        .join(&damaged[..2])
+        .join(damaged.as_str());
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&blob, &bytes).unwrap();
+    std::fs::remove_dir_all(repo.join("meta")).unwrap();
+
+    let config = c.config();
+    let fsck = |args: &[&str]| {
+        let out = Command::new(MOLT)
+            .arg("--config")
+            .arg(&config)
+            .arg("fsck")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = fsck(&[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains(&format!("blob {damaged} is corrupt")), "{out}");
+    assert!(out.contains("index:"), "{out}");
+    assert!(out.contains("molt fsck --repair"), "{out}");
+    assert_eq!(
+        std::fs::read(&blob).unwrap(),
+        bytes,
+        "a check changes nothing"
+    );
+
+    // The repair keeps the branch (the journal has it) but not the blob's bytes.
+    let (code, out) = fsck(&["--repair"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("rebuilt the index"), "{out}");
+    assert!(
+        out.contains(&format!("quarantined blob {damaged}")),
+        "{out}"
+    );
+    assert!(!blob.exists());
+
+    c.start_server();
+    let log = c.molt_json(&["log", "hello"]);
+    assert_eq!(log.as_array().unwrap().len(), 1, "{log}");
+    // The next push that holds the file: the server asks for the blob it lost.
+    write(&svc, "more.txt", b"a change beside it");
+    let again = c.molt_json(&["push", svc.to_str().unwrap()]);
+    assert_eq!(again["created"], true, "{again}");
+    assert_eq!(
+        blake3::hash(&std::fs::read(&blob).unwrap()).to_hex(),
+        damaged
+    );
+    assert!(c.signal("-TERM").success());
+    let (code, out) = fsck(&[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("nothing is wrong"), "{out}");
+}

@@ -156,28 +156,46 @@ pub fn read(path: &Path) -> Result<Contents, JournalError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Contents::default()),
         Err(e) => return Err(io_err(e)),
     };
-    parse(path, &bytes)
+    match parse(path, &bytes) {
+        (contents, None) => Ok(contents),
+        (_, Some(damage)) => Err(damage),
+    }
 }
 
-fn parse(path: &Path, bytes: &[u8]) -> Result<Contents, JournalError> {
+/// Reads the journal at `path` as far as it verifies (a repair): the records
+/// before the first that does not, and the damage found there, if any.
+pub fn salvage(path: &Path) -> Result<(Contents, Option<JournalError>), JournalError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(parse(path, &bytes)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok((Contents::default(), None)),
+        Err(source) => Err(JournalError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn parse(path: &Path, bytes: &[u8]) -> (Contents, Option<JournalError>) {
     let mut contents = Contents::default();
     if bytes.is_empty() {
-        return Ok(contents);
+        return (contents, None);
     }
     if bytes.len() < MAGIC.len() {
         // Only a header write can leave fewer bytes than the header.
         if MAGIC.starts_with(bytes) {
             contents.torn_tail = bytes.len() as u64;
-            return Ok(contents);
+            return (contents, None);
         }
-        return Err(JournalError::NotAJournal {
+        let damage = JournalError::NotAJournal {
             path: path.to_owned(),
-        });
+        };
+        return (contents, Some(damage));
     }
     if &bytes[..MAGIC.len()] != MAGIC {
-        return Err(JournalError::NotAJournal {
+        let damage = JournalError::NotAJournal {
             path: path.to_owned(),
-        });
+        };
+        return (contents, Some(damage));
     }
     let mut at = MAGIC.len();
     let mut pos = Position::default();
@@ -196,11 +214,14 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Contents, JournalError> {
         let (len, check) = header.split_at(4);
         let len = u32::from_le_bytes(len.try_into().expect("four bytes"));
         if !len != u32::from_le_bytes(check.try_into().expect("four bytes")) {
-            return Err(corrupt("its length does not match its complement"));
+            return (
+                contents,
+                Some(corrupt("its length does not match its complement")),
+            );
         }
         let len = len as usize;
         if len > MAX_RECORD {
-            return Err(corrupt("its length is over the limit"));
+            return (contents, Some(corrupt("its length is over the limit")));
         }
         let Some(record) = rest.get(8..8 + len + 32) else {
             contents.torn_tail = rest.len() as u64;
@@ -209,13 +230,13 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Contents, JournalError> {
         let (payload, chain) = record.split_at(len);
         let next = pos.next(payload);
         if next.chain != chain {
-            return Err(corrupt("its checksum does not match"));
+            return (contents, Some(corrupt("its checksum does not match")));
         }
         contents.records.push((next, payload.to_vec()));
         pos = next;
         at += 8 + len + 32;
     }
-    Ok(contents)
+    (contents, None)
 }
 
 /// Appends one record, `payload` ending at `after`, to `out`.
@@ -402,6 +423,11 @@ mod tests {
             // Opening for writing refuses too, and changes nothing.
             assert!(Journal::open(&path).is_err());
             assert_eq!(std::fs::read(&path).unwrap(), bad);
+            // A salvage keeps the records before the damage.
+            let (kept, damage) = salvage(&path).unwrap();
+            assert!(damage.is_some(), "byte {i}");
+            let before = i.saturating_sub(MAGIC.len()) / 45;
+            assert_eq!(kept.records.len(), if i < MAGIC.len() { 0 } else { before });
         }
     }
 

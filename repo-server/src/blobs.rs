@@ -172,6 +172,32 @@ impl FsBlobStore {
         self.root.join(&hex[..2]).join(hex)
     }
 
+    /// Checks the stored blob `id` against its name, reading it whole (fsck):
+    /// `None` if it is missing, `Some(false)` if its bytes hash to another id.
+    pub fn check(&self, id: &BlobId) -> Result<Option<bool>, BlobError> {
+        let path = self.path_of(id);
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_reader(file).map_err(io_err(&path))?;
+        Ok(Some(hasher.finalize().as_bytes() == id.as_bytes()))
+    }
+
+    /// [`BlobStore::quarantine`], from a blocking context (fsck).
+    pub fn quarantine_blocking(&self, id: &BlobId) -> Result<(), BlobError> {
+        let dir = self.quarantine_dir();
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let (from, to) = (self.path_of(id), dir.join(id.to_hex()));
+        match std::fs::rename(&from, &to) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(&from)(e)),
+        }
+    }
+
     /// Number of blobs stored and their total size (walks the directory).
     pub fn usage(&self) -> Result<(u64, u64), BlobError> {
         let (mut count, mut bytes) = (0, 0);

@@ -16,7 +16,9 @@
 //! ```
 
 pub mod blobs;
+pub mod fsck;
 pub mod meta;
+pub mod objects;
 pub mod service;
 
 use std::net::SocketAddr;
@@ -83,7 +85,7 @@ pub fn bind(config: &Config) -> Result<Bound, RepoServerError> {
     }
     // sled locks its directory: opening it first makes a second server on the same
     // data fail before it can touch the running server's blob store.
-    let meta = SledMeta::open(&config.data.join("meta"))?;
+    let meta = SledMeta::open(&config.data)?;
     let blobs = FsBlobStore::open(&config.data.join("blobs"))?;
     let mut server = Server::bind(config.listen, &config.credentials)?;
     if let Some(path) = &config.revoked {

@@ -3,39 +3,96 @@
 //!
 //! [`MetaStore`] is what the protocol needs: put and get trees and commits by id,
 //! read and compare-and-swap branch heads, create-once and read images with their
-//! authorship, and read the ref log. [`SledMeta`] implements it with one sled
-//! database and one sled tree per kind of record, trees, commits and images in their
-//! canonical encodings (so a record read back is re-verified by decoding), the
-//! authorship and ref log records in `wire::codec`'s record encoding.
+//! authorship, and read the ref log. [`SledMeta`] implements it in three parts
+//! under the repository's data directory:
 //!
-//! Every branch move and every image created appends one event to the ref log in
-//! the same transaction as the change itself, so the log and the refs never
-//! disagree, even after `kill -9`. Events are numbered from a counter kept in that
-//! transaction (1, 2, 3…, no gaps, never reused), and the append removes the event
-//! that falls out of the retained window, so the log holds at most the newest
-//! `retain` events. Writes that a client is told about are flushed before the answer, so
-//! an acknowledged push survives `kill -9`. A commit is written after its tree, and
-//! a branch is moved only to a stored commit, so no reader ever sees a commit
-//! without its tree or a branch without its commit. A SQL database would implement
-//! the same trait with one table per kind and `UPDATE … WHERE head = expected`.
+//! - **objects** (`DATA/objects`, [`crate::objects`]): every tree, commit and
+//!   image as a file named by the blake3 of its canonical encoding, verified on
+//!   every read;
+//! - **the refs journal** (`DATA/refs.journal`, [`embedded_db::journal`]): every
+//!   branch move and image creation, appended and synced before it is applied,
+//!   hash-chained so damage or a lost tail shows;
+//! - **the index** (`DATA/meta`, sled): branch heads, image names, authorship,
+//!   commits by service (for abbreviated ids) and the retained window of the ref
+//!   log, plus the journal position it has applied, all derived from the two
+//!   above.
+//!
+//! Opening checks the index against the journal. sled recovers a damaged file by
+//! dropping what follows the damage, so a flipped byte or a truncated tail turns
+//! the index into an older one: it is then rebuilt from the journal and the
+//! objects, and the warning says what differed. A journal behind or disagreeing
+//! with its index (its tail lost, an old copy restored) is refused at start,
+//! named, for `molt fsck --repo DATA --repair` ([`crate::fsck`]).
+//!
+//! Every branch move and every image created is one journal record and one ref
+//! log event; the index applies both in one transaction with the journal
+//! position, so the log and the refs never disagree, even after `kill -9`. Events
+//! are numbered 1, 2, 3… with no gaps, never reused; the index keeps the newest
+//! `retain`. Writes are serialized by the journal's lock and are durable before
+//! the caller is answered. A commit is written after its tree, and a branch is
+//! moved only to a stored commit, so no reader ever sees a commit without its tree
+//! or a branch without its commit. A SQL database would implement the same trait
+//! with one table per kind and `UPDATE … WHERE head = expected`, and would need no
+//! journal of its own.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
+use embedded_db::journal::{Contents, Journal, JournalError, Position};
 use image_spec::{
     BranchName, Commit, CommitId, DecodeError, IdPrefix, Image, ImageId, ImageName, ServiceName,
     Timestamp, Tree, TreeId,
 };
+use serde::{Deserialize, Serialize};
 use wire::Identity;
 use wire::codec::{FrameError, decode_record, encode_record};
 use wire::repo::{BranchHead, ImageAuthorship, ImageRecord, REF_LOG_RETAINED, RefChange, RefEvent};
 
+use crate::objects::{Kind, ObjectError, Objects};
+
 /// Why metadata could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
-    /// The database failed.
-    #[error("metadata database: {0}")]
+    /// The index database failed.
+    #[error("metadata index: {0}")]
     Db(#[from] sled::Error),
-    /// A stored record does not decode: the database is corrupt.
+    /// An object file could not be read or written, or is corrupt.
+    #[error(transparent)]
+    Objects(#[from] ObjectError),
+    /// The refs journal could not be read or written, or is corrupt.
+    #[error("{0}; run `molt fsck --repo DATA --repair`")]
+    Journal(#[from] JournalError),
+    /// The index has applied more of the journal than the journal holds.
+    #[error(
+        "the refs journal `{path}` ends at record {journal} but the metadata index has applied \
+         {index}: the journal lost its tail or an older copy was restored; run \
+         `molt fsck --repo DATA --repair` to take the index's refs back into it"
+    )]
+    JournalBehind {
+        /// The journal.
+        path: PathBuf,
+        /// Its records.
+        journal: u64,
+        /// What the index applied.
+        index: u64,
+    },
+    /// The index applied a different record than the journal holds there.
+    #[error(
+        "the refs journal `{path}` and the metadata index disagree at record {seq}: one of them \
+         was replaced; run `molt fsck --repo DATA --repair`"
+    )]
+    Diverged {
+        /// The journal.
+        path: PathBuf,
+        /// The record.
+        seq: u64,
+    },
+    /// An earlier write reached the journal but not the index: the index is
+    /// behind until the next start brings it forward.
+    #[error("the metadata index fell behind the refs journal; restart the repository server")]
+    Stale,
+    /// A stored object does not decode.
     #[error("stored {what} is corrupt: {source}")]
     Corrupt {
         /// What kind of record.
@@ -43,8 +100,8 @@ pub enum MetaError {
         /// Why it does not decode.
         source: DecodeError,
     },
-    /// A stored record of the record encoding (authorship, ref log) does not
-    /// decode, or a new one does not encode.
+    /// A stored record of the record encoding (authorship, ref log, journal)
+    /// does not decode, or a new one does not encode.
     #[error("{what} record: {source}")]
     Record {
         /// What kind of record.
@@ -74,7 +131,6 @@ pub enum HeadUpdate {
         current: Option<CommitId>,
     },
 }
-
 /// Storage for trees, commits, branches and images (see the module docs).
 pub trait MetaStore: Send + Sync + 'static {
     /// Stores a tree (idempotent).
@@ -133,24 +189,193 @@ pub trait MetaStore: Send + Sync + 'static {
     fn ref_events(&self, from: u64, max: usize) -> Result<Vec<RefEvent>, MetaError>;
 }
 
-/// Metadata in sled (see the module docs).
-#[derive(Debug, Clone)]
+/// One record of the refs journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RefRecord {
+    /// A change the ref log also holds, under the same number.
+    Event(RefEvent),
+    /// A branch head set without a ref log event: taken over from an index
+    /// that had no journal yet, or back from the index by a repair.
+    Head {
+        /// The service.
+        service: ServiceName,
+        /// The branch.
+        branch: BranchName,
+        /// Its head.
+        head: CommitId,
+    },
+    /// An image recorded without a ref log event (as [`RefRecord::Head`]).
+    Image {
+        /// Its name.
+        name: ImageName,
+        /// Its id.
+        id: ImageId,
+        /// Its authorship, if known.
+        created: Option<ImageAuthorship>,
+    },
+    /// The ref log goes on after event `last` (events before the journal).
+    LogFrom {
+        /// The last event numbered before this record.
+        last: u64,
+    },
+}
+
+/// The refs a journal (or an index) holds: what is compared at start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Refs {
+    /// Every branch head.
+    pub heads: BTreeMap<(ServiceName, BranchName), CommitId>,
+    /// Every image, in creation order, with its id and authorship.
+    pub images: Vec<(ImageName, ImageId, Option<ImageAuthorship>)>,
+    /// The newest ref log event's number.
+    pub last_event: u64,
+}
+
+impl Refs {
+    /// The refs after applying `record`.
+    fn apply(&mut self, record: &RefRecord) {
+        match record {
+            RefRecord::Event(event) => {
+                self.last_event = self.last_event.max(event.seq);
+                match &event.change {
+                    RefChange::BranchMoved {
+                        service,
+                        branch,
+                        new,
+                        ..
+                    } => {
+                        self.heads.insert((service.clone(), branch.clone()), *new);
+                    }
+                    RefChange::ImageCreated {
+                        name,
+                        id,
+                        author,
+                        by,
+                    } => self.add_image(
+                        name,
+                        *id,
+                        Some(ImageAuthorship {
+                            author: author.clone(),
+                            by: by.clone(),
+                            at: event.at,
+                        }),
+                    ),
+                }
+            }
+            RefRecord::Head {
+                service,
+                branch,
+                head,
+            } => {
+                self.heads.insert((service.clone(), branch.clone()), *head);
+            }
+            RefRecord::Image { name, id, created } => self.add_image(name, *id, created.clone()),
+            RefRecord::LogFrom { last } => self.last_event = self.last_event.max(*last),
+        }
+    }
+
+    fn add_image(&mut self, name: &ImageName, id: ImageId, created: Option<ImageAuthorship>) {
+        // Names are created once; a repair never records one twice.
+        if !self.images.iter().any(|(n, _, _)| n == name) {
+            self.images.push((name.clone(), id, created));
+        }
+    }
+
+    /// What differs between `self` (the journal's) and `index`, in words.
+    pub fn differences(&self, index: &Refs) -> Vec<String> {
+        let mut out = Vec::new();
+        for ((service, branch), head) in &self.heads {
+            match index.heads.get(&(service.clone(), branch.clone())) {
+                Some(h) if h == head => {}
+                Some(h) => out.push(format!(
+                    "{service}/{branch} is at {} in the index, {} in the journal",
+                    h.short(12),
+                    head.short(12)
+                )),
+                None => out.push(format!(
+                    "branch {service}/{branch} is missing from the index"
+                )),
+            }
+        }
+        for (service, branch) in index.heads.keys() {
+            if !self.heads.contains_key(&(service.clone(), branch.clone())) {
+                out.push(format!("branch {service}/{branch} is only in the index"));
+            }
+        }
+        for (name, id, _) in &self.images {
+            if !index.images.iter().any(|(n, i, _)| n == name && i == id) {
+                out.push(format!("image {name} is missing from the index"));
+            }
+        }
+        if index.images.len() > self.images.len() {
+            out.push(format!(
+                "the index lists {} images, the journal {}",
+                index.images.len(),
+                self.images.len()
+            ));
+        }
+        if self.last_event != index.last_event {
+            out.push(format!(
+                "the index's ref log ends at event {}, the journal's at {}",
+                index.last_event, self.last_event
+            ));
+        }
+        out
+    }
+}
+
+/// The refs journal's records, decoded.
+pub fn journal_records(contents: &Contents) -> Result<Vec<(Position, RefRecord)>, MetaError> {
+    contents
+        .records
+        .iter()
+        .map(|(pos, payload)| {
+            decode_record(payload)
+                .map(|r| (*pos, r))
+                .map_err(record_error("refs journal"))
+        })
+        .collect()
+}
+
+/// The refs `records` make.
+pub fn replay<'a>(records: impl IntoIterator<Item = &'a RefRecord>) -> Refs {
+    let mut refs = Refs::default();
+    for r in records {
+        refs.apply(r);
+    }
+    refs
+}
+
+/// The journal's writer: the file, and whether the index keeps up with it.
+#[derive(Debug)]
+struct Writer {
+    journal: Journal,
+    /// A write reached the journal but the index failed to apply it.
+    stale: bool,
+}
+
+/// Metadata in object files, a journal and a sled index (see the module docs).
+#[derive(Debug)]
 pub struct SledMeta {
     db: sled::Db,
-    trees: sled::Tree,
-    commits: sled::Tree,
+    objects: Objects,
+    writer: Mutex<Writer>,
+    journal_path: PathBuf,
     /// `service \0 commit id` → empty: the commits of each service, for prefix lookups.
     by_service: sled::Tree,
     heads: sled::Tree,
-    images: sled::Tree,
-    /// creation sequence (u64 BE) → image name.
+    /// image name → image id.
+    image_ids: sled::Tree,
+    /// journal record number (u64 BE) → image name: creation order.
     image_order: sled::Tree,
     /// image name → its [`ImageAuthorship`] (record encoding); absent for images
     /// stored before authors were recorded.
     image_authors: sled::Tree,
     /// event number (u64 BE) → `(Timestamp, RefChange)` (record encoding).
     ref_log: sled::Tree,
-    /// [`REF_LOG_LAST`] → the newest event's number (u64 BE).
+    /// [`REF_LOG_LAST`] → the newest event's number (u64 BE); [`JOURNAL_AT`] →
+    /// the journal [`Position`] the index has applied.
     counters: sled::Tree,
     /// How many of the newest events the log keeps.
     retain: u64,
@@ -158,50 +383,464 @@ pub struct SledMeta {
 
 /// The key of the ref log's counter in `counters`.
 const REF_LOG_LAST: &[u8] = b"ref_log_last";
+/// The key of the applied journal position in `counters`.
+const JOURNAL_AT: &[u8] = b"journal_at";
 
 /// sled's page cache, bounded: metadata is small and blobs never go into sled.
-const CACHE_BYTES: u64 = 64 << 20;
+pub const CACHE_BYTES: u64 = 64 << 20;
+
+/// Where the parts live under the data directory.
+pub fn index_dir(data: &Path) -> PathBuf {
+    data.join("meta")
+}
+/// The objects' directory under the data directory.
+pub fn objects_dir(data: &Path) -> PathBuf {
+    data.join("objects")
+}
+/// The refs journal under the data directory.
+pub fn journal_path(data: &Path) -> PathBuf {
+    data.join("refs.journal")
+}
+
+/// What opening found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Opened {
+    /// How the index differed from the journal before it was rebuilt (empty:
+    /// it agreed).
+    pub rebuilt: Vec<String>,
+    /// Objects taken over from an index of the older layout.
+    pub migrated: usize,
+}
 
 impl SledMeta {
-    /// Opens (creating if needed) the database in `dir`, keeping the newest
-    /// [`REF_LOG_RETAINED`] ref log events.
-    pub fn open(dir: &Path) -> Result<Self, MetaError> {
-        Self::open_retaining(dir, REF_LOG_RETAINED)
+    /// Opens (creating if needed) the metadata under the data directory
+    /// `data`, keeping the newest [`REF_LOG_RETAINED`] ref log events.
+    pub fn open(data: &Path) -> Result<Self, MetaError> {
+        Self::open_retaining(data, REF_LOG_RETAINED)
     }
 
-    /// Opens the database in `dir`, keeping the newest `retain` (at least 1) ref log
+    /// [`SledMeta::open`], keeping the newest `retain` (at least 1) ref log
     /// events; older ones are removed now if the log holds more.
-    pub fn open_retaining(dir: &Path, retain: u64) -> Result<Self, MetaError> {
-        let db = embedded_db::open(dir, CACHE_BYTES)?;
+    pub fn open_retaining(data: &Path, retain: u64) -> Result<Self, MetaError> {
+        Ok(Self::open_reporting(data, retain)?.0)
+    }
+
+    /// [`SledMeta::open_retaining`], saying what it found.
+    pub fn open_reporting(data: &Path, retain: u64) -> Result<(Self, Opened), MetaError> {
+        let db = embedded_db::open(&index_dir(data), CACHE_BYTES)?;
+        let objects = Objects::open(&objects_dir(data))?;
+        let journal_path = journal_path(data);
+        let (journal, contents) = Journal::open(&journal_path)?;
         let meta = Self {
-            trees: db.open_tree("trees")?,
-            commits: db.open_tree("commits")?,
             by_service: db.open_tree("commits_by_service")?,
             heads: db.open_tree("heads")?,
-            images: db.open_tree("images")?,
+            image_ids: db.open_tree("image_ids")?,
             image_order: db.open_tree("image_order")?,
             image_authors: db.open_tree("image_authors")?,
             ref_log: db.open_tree("ref_log")?,
             counters: db.open_tree("counters")?,
             retain: retain.max(1),
+            objects,
+            writer: Mutex::new(Writer {
+                journal,
+                stale: false,
+            }),
+            journal_path,
             db,
         };
-        let last = meta.ref_log_last()?;
-        if last > meta.retain {
-            let keep_from = (last - meta.retain + 1).to_be_bytes();
-            for kv in meta.ref_log.range(..keep_from) {
-                let (k, _) = kv?;
-                meta.ref_log.remove(k)?;
+        let mut opened = Opened {
+            migrated: meta.migrate()?,
+            ..Opened::default()
+        };
+        let mut records = journal_records(&contents)?;
+        let applied = meta.applied()?;
+        if applied.is_none() && records.is_empty() {
+            // An index from before the journal (or a new repository): its refs
+            // become the journal's first records.
+            let baseline = meta.baseline()?;
+            let mut writer = meta.lock();
+            for r in baseline {
+                let pos = writer.journal.append(&encode(&r)?)?;
+                records.push((pos, r));
             }
-            meta.flush()?;
         }
-        Ok(meta)
+        let journal_at = records.last().map(|(p, _)| *p).unwrap_or_default();
+        if let Some(applied) = applied {
+            if applied.seq > journal_at.seq {
+                return Err(MetaError::JournalBehind {
+                    path: meta.journal_path.clone(),
+                    journal: journal_at.seq,
+                    index: applied.seq,
+                });
+            }
+            if contents
+                .position_at(applied.seq)
+                .is_some_and(|p| p != applied)
+                || (applied.seq > 0 && records.is_empty())
+            {
+                return Err(MetaError::Diverged {
+                    path: meta.journal_path.clone(),
+                    seq: applied.seq,
+                });
+            }
+        }
+        let expected = replay(records.iter().map(|(_, r)| r));
+        let mut differences = expected.differences(&meta.indexed_refs()?);
+        if applied != Some(journal_at) && differences.is_empty() && !records.is_empty() {
+            differences.push(format!(
+                "the index had applied {} of the journal's {} records",
+                applied.map_or(0, |p| p.seq),
+                journal_at.seq
+            ));
+        }
+        if !differences.is_empty() || applied != Some(journal_at) {
+            if !differences.is_empty() {
+                tracing::warn!(
+                    journal = %meta.journal_path.display(),
+                    differences = %differences.join("; "),
+                    "the metadata index disagreed with the refs journal; rebuilding it"
+                );
+            }
+            meta.rebuild(&records)?;
+            opened.rebuilt = differences;
+        }
+        meta.trim_ref_log()?;
+        Ok((meta, opened))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Writer> {
+        // A writer that panicked left the journal and index as a crash would:
+        // the next start reconciles them, so the lock stays usable.
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn flush(&self) -> Result<(), MetaError> {
         self.db.flush()?;
         Ok(())
     }
+
+    /// The journal position the index has applied (`None`: never recorded).
+    fn applied(&self) -> Result<Option<Position>, MetaError> {
+        Ok(self
+            .counters
+            .get(JOURNAL_AT)?
+            .and_then(|v| Position::from_bytes(&v)))
+    }
+
+    /// The refs as the index holds them.
+    pub fn indexed_refs(&self) -> Result<Refs, MetaError> {
+        Ok(read_index(&self.db)?.1)
+    }
+
+    fn authorship(&self, key: &[u8]) -> Result<Option<ImageAuthorship>, MetaError> {
+        self.image_authors
+            .get(key)?
+            .map(|v| decode_record::<ImageAuthorship>(&v))
+            .transpose()
+            .map_err(record_error("image authorship"))
+    }
+
+    /// The records that make a journal of an index without one.
+    fn baseline(&self) -> Result<Vec<RefRecord>, MetaError> {
+        let refs = self.indexed_refs()?;
+        let mut out = Vec::new();
+        if refs.last_event > 0 {
+            out.push(RefRecord::LogFrom {
+                last: refs.last_event,
+            });
+        }
+        for ((service, branch), head) in refs.heads {
+            out.push(RefRecord::Head {
+                service,
+                branch,
+                head,
+            });
+        }
+        for (name, id, created) in refs.images {
+            out.push(RefRecord::Image { name, id, created });
+        }
+        Ok(out)
+    }
+
+    /// Moves trees, commits and images kept in the index by older versions
+    /// into object files; returns how many.
+    fn migrate(&self) -> Result<usize, MetaError> {
+        let mut moved = 0;
+        for (name, kind) in [
+            ("trees", Kind::Tree),
+            ("commits", Kind::Commit),
+            ("images", Kind::Image),
+        ] {
+            if !self
+                .db
+                .tree_names()
+                .iter()
+                .any(|n| n.as_ref() == name.as_bytes())
+            {
+                continue;
+            }
+            let old = self.db.open_tree(name)?;
+            for kv in old.iter() {
+                let (k, v) = kv?;
+                let id = blake3::hash(&v);
+                self.objects.put(kind, id.as_bytes(), &v)?;
+                if kind == Kind::Image {
+                    // Old layout: image name → encoded image.
+                    self.image_ids.insert(&k, id.as_bytes().as_slice())?;
+                }
+                moved += 1;
+            }
+            self.flush()?;
+            self.db.drop_tree(name)?;
+        }
+        if moved > 0 {
+            tracing::info!(
+                objects = moved,
+                "moved trees, commits and images out of the index into object files"
+            );
+        }
+        Ok(moved)
+    }
+
+    /// Rebuilds the index's refs, ref log and commit index from the journal's
+    /// `records` and the object files; the applied position is written last,
+    /// so a crash halfway rebuilds again at the next start.
+    pub fn rebuild(&self, records: &[(Position, RefRecord)]) -> Result<(), MetaError> {
+        self.counters.remove(JOURNAL_AT)?;
+        self.flush()?;
+        for tree in [
+            &self.heads,
+            &self.image_ids,
+            &self.image_order,
+            &self.image_authors,
+            &self.ref_log,
+        ] {
+            tree.clear()?;
+        }
+        let refs = replay(records.iter().map(|(_, r)| r));
+        for ((service, branch), head) in &refs.heads {
+            self.heads
+                .insert(head_key(service, branch), head.as_bytes().as_slice())?;
+        }
+        for (i, (name, id, created)) in refs.images.iter().enumerate() {
+            let key = name.as_str().as_bytes();
+            self.image_ids.insert(key, id.as_bytes().as_slice())?;
+            self.image_order.insert((i as u64 + 1).to_be_bytes(), key)?;
+            if let Some(created) = created {
+                self.image_authors.insert(
+                    key,
+                    encode_record(created).map_err(record_error("image authorship"))?,
+                )?;
+            }
+        }
+        let events = records.iter().filter_map(|(_, r)| match r {
+            RefRecord::Event(e) => Some(e),
+            _ => None,
+        });
+        for e in events {
+            if e.seq + self.retain > refs.last_event {
+                let body = encode_record(&(e.at, &e.change)).map_err(record_error("ref log"))?;
+                self.ref_log.insert(e.seq.to_be_bytes(), body)?;
+            }
+        }
+        self.counters
+            .insert(REF_LOG_LAST, &refs.last_event.to_be_bytes())?;
+        self.reindex_commits()?;
+        let at = records.last().map(|(p, _)| *p).unwrap_or_default();
+        self.flush()?;
+        self.counters.insert(JOURNAL_AT, at.to_bytes().as_slice())?;
+        self.flush()?;
+        Ok(())
+    }
+
+    /// Rebuilds the commits-by-service index from the commit objects; a commit
+    /// that does not verify is quarantined and left out.
+    fn reindex_commits(&self) -> Result<(), MetaError> {
+        self.by_service.clear()?;
+        for id in self.objects.ids(Kind::Commit)? {
+            match self.objects.get(Kind::Commit, &id) {
+                Ok(Some(bytes)) => {
+                    let commit = Commit::decode(&bytes).map_err(corrupt("commit"))?;
+                    let id = CommitId::from_bytes(id);
+                    self.by_service
+                        .insert(service_key(commit.service(), Some(&id)), &[])?;
+                }
+                Ok(None) => {}
+                Err(ObjectError::Corrupt { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes ref log events older than the window.
+    fn trim_ref_log(&self) -> Result<(), MetaError> {
+        let last = self.ref_log_last()?;
+        if last > self.retain {
+            let keep_from = (last - self.retain + 1).to_be_bytes();
+            let mut removed = false;
+            for kv in self.ref_log.range(..keep_from) {
+                let (k, _) = kv?;
+                self.ref_log.remove(k)?;
+                removed = true;
+            }
+            if removed {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The object files.
+    pub fn objects(&self) -> &Objects {
+        &self.objects
+    }
+
+    /// Every commit the index lists, by service.
+    pub fn indexed_commits(&self) -> Result<Vec<CommitId>, MetaError> {
+        let mut out = Vec::new();
+        for kv in self.by_service.iter() {
+            let (k, _) = kv?;
+            let id = k
+                .len()
+                .checked_sub(32)
+                .and_then(|at| id_bytes(&k[at..]))
+                .ok_or(MetaError::Key { what: "commit" })?;
+            out.push(CommitId::from_bytes(id));
+        }
+        Ok(out)
+    }
+
+    /// Journals `record`, then applies it to the index with `apply` in one
+    /// transaction that also records the new journal position.
+    fn journal_and_apply(
+        &self,
+        writer: &mut Writer,
+        record: &RefRecord,
+        apply: impl Fn(
+            &[&sled::transaction::TransactionalTree],
+        )
+            -> sled::transaction::ConflictableTransactionResult<(), std::convert::Infallible>,
+    ) -> Result<(), MetaError> {
+        if writer.stale {
+            return Err(MetaError::Stale);
+        }
+        let pos = writer.journal.append(&encode(record)?)?;
+        let applied = self.apply_at(pos, apply);
+        if applied.is_err() {
+            writer.stale = true;
+        }
+        applied
+    }
+
+    fn apply_at(
+        &self,
+        pos: Position,
+        apply: impl Fn(
+            &[&sled::transaction::TransactionalTree],
+        )
+            -> sled::transaction::ConflictableTransactionResult<(), std::convert::Infallible>,
+    ) -> Result<(), MetaError> {
+        use sled::Transactional;
+        let pos = pos.to_bytes();
+        let trees: [&sled::Tree; 6] = [
+            &self.heads,
+            &self.image_ids,
+            &self.image_order,
+            &self.image_authors,
+            &self.counters,
+            &self.ref_log,
+        ];
+        trees[..]
+            .transaction(|trees| {
+                let refs: Vec<&sled::transaction::TransactionalTree> = trees.iter().collect();
+                apply(&refs)?;
+                trees[COUNTERS].insert(JOURNAL_AT, pos.as_slice())?;
+                Ok(())
+            })
+            .map_err(embedded_db::storage_error)?;
+        self.flush()
+    }
+
+    /// The next ref log event's number.
+    fn next_event(&self) -> Result<u64, MetaError> {
+        Ok(self.ref_log_last()? + 1)
+    }
+}
+
+/// The index trees [`SledMeta::apply_at`] hands its closure, by position.
+const HEADS: usize = 0;
+const IMAGE_IDS: usize = 1;
+const IMAGE_ORDER: usize = 2;
+const IMAGE_AUTHORS: usize = 3;
+const COUNTERS: usize = 4;
+const REF_LOG: usize = 5;
+
+/// A `heads` entry.
+fn parse_head(k: &[u8], v: &[u8]) -> Result<BranchHead, MetaError> {
+    let bad = || MetaError::Key {
+        what: "branch head",
+    };
+    let key = std::str::from_utf8(k).map_err(|_| bad())?;
+    let (service, branch) = key.split_once('/').ok_or_else(bad)?;
+    Ok(BranchHead {
+        service: ServiceName::new(service).map_err(|_| bad())?,
+        branch: BranchName::new(branch).map_err(|_| bad())?,
+        head: CommitId::from_bytes(id_bytes(v).ok_or_else(bad)?),
+    })
+}
+
+/// What the index in `db` holds: the journal position it applied and its
+/// refs. Reads only (fsck inspects an index with it before repairing).
+pub fn read_index(db: &sled::Db) -> Result<(Option<Position>, Refs), MetaError> {
+    let counters = db.open_tree("counters")?;
+    let applied = counters
+        .get(JOURNAL_AT)?
+        .and_then(|v| Position::from_bytes(&v));
+    let mut refs = Refs {
+        last_event: counters
+            .get(REF_LOG_LAST)?
+            .and_then(|v| u64_of(&v))
+            .unwrap_or(0),
+        ..Refs::default()
+    };
+    for kv in db.open_tree("heads")?.iter() {
+        let (k, v) = kv?;
+        let h = parse_head(&k, &v)?;
+        refs.heads.insert((h.service, h.branch), h.head);
+    }
+    let (ids, authors) = (db.open_tree("image_ids")?, db.open_tree("image_authors")?);
+    for kv in db.open_tree("image_order")?.iter() {
+        let (_, name) = kv?;
+        let bad = || MetaError::Key { what: "image" };
+        let Some(id) = ids.get(&name)? else {
+            continue;
+        };
+        let id = ImageId::from_bytes(id_bytes(&id).ok_or_else(bad)?);
+        let created = authors
+            .get(&name)?
+            .map(|v| decode_record::<ImageAuthorship>(&v))
+            .transpose()
+            .map_err(record_error("image authorship"))?;
+        let name = std::str::from_utf8(&name)
+            .ok()
+            .and_then(|n| ImageName::new(n).ok())
+            .ok_or_else(bad)?;
+        refs.images.push((name, id, created));
+    }
+    Ok((applied, refs))
+}
+
+/// Forgets which journal position `db` applied, so the next open rebuilds it
+/// from the journal (a repair).
+pub fn forget_applied(db: &sled::Db) -> Result<(), MetaError> {
+    db.open_tree("counters")?.remove(JOURNAL_AT)?;
+    db.flush()?;
+    Ok(())
+}
+
+fn encode(record: &RefRecord) -> Result<Vec<u8>, MetaError> {
+    encode_record(record).map_err(record_error("refs journal"))
 }
 
 fn head_key(service: &ServiceName, branch: &BranchName) -> Vec<u8> {
@@ -234,62 +873,49 @@ fn record_error(what: &'static str) -> impl Fn(FrameError) -> MetaError {
     move |source| MetaError::Record { what, source }
 }
 
-/// Appends one event to the ref log inside a transaction over `(counters, ref_log)`:
-/// the next number, the event under it, and the removal of the event that falls out
-/// of the window of `retain`. Returns the event's number.
-fn append_event<E>(
+/// Appends event `seq` to the ref log inside the transaction: the counter, the
+/// event under it, and the removal of the event that falls out of the window of
+/// `retain`.
+fn append_event(
     counters: &sled::transaction::TransactionalTree,
     log: &sled::transaction::TransactionalTree,
     retain: u64,
+    seq: u64,
     body: &[u8],
-) -> sled::transaction::ConflictableTransactionResult<u64, E> {
-    let last = counters
-        .get(REF_LOG_LAST)?
-        .and_then(|v| u64_of(&v))
-        .unwrap_or(0);
-    let seq = last + 1;
+) -> sled::transaction::ConflictableTransactionResult<(), std::convert::Infallible> {
     counters.insert(REF_LOG_LAST, &seq.to_be_bytes())?;
     log.insert(&seq.to_be_bytes(), body)?;
     if seq > retain {
         log.remove(&(seq - retain).to_be_bytes())?;
     }
-    Ok(seq)
+    Ok(())
 }
 
 impl MetaStore for SledMeta {
     fn put_tree(&self, tree: &Tree) -> Result<TreeId, MetaError> {
         let id = tree.id();
-        if !self.trees.contains_key(id.as_bytes())? {
-            self.trees.insert(id.as_bytes(), tree.encode())?;
-            self.flush()?;
-        }
+        self.objects
+            .put(Kind::Tree, id.as_bytes(), &tree.encode())?;
         Ok(id)
     }
 
     fn tree(&self, id: &TreeId) -> Result<Option<Tree>, MetaError> {
-        self.trees
-            .get(id.as_bytes())?
+        self.objects
+            .get(Kind::Tree, id.as_bytes())?
             .map(|v| Tree::decode(&v).map_err(corrupt("tree")))
             .transpose()
     }
 
     fn put_commit(&self, commit: &Commit) -> Result<(CommitId, bool), MetaError> {
-        use sled::Transactional;
         let id = commit.id();
-        let encoded = commit.encode();
-        let index_key = service_key(commit.service(), Some(&id));
-        // The commit and its index entry land together or not at all, so a crash
-        // can never leave a commit that abbreviated ids do not find.
-        let created = (&self.commits, &self.by_service)
-            .transaction(|(commits, index)| {
-                if commits.get(id.as_bytes())?.is_some() {
-                    return Ok(false);
-                }
-                commits.insert(id.as_bytes(), encoded.as_slice())?;
-                index.insert(index_key.as_slice(), &[])?;
-                Ok(true)
-            })
-            .map_err(embedded_db::storage_error)?;
+        self.objects
+            .put(Kind::Commit, id.as_bytes(), &commit.encode())?;
+        // The index entry follows the object: a crash between them leaves a
+        // commit that a rebuild indexes, never an entry without its commit.
+        let created = self
+            .by_service
+            .insert(service_key(commit.service(), Some(&id)), &[])?
+            .is_none();
         if created {
             self.flush()?;
         }
@@ -297,8 +923,8 @@ impl MetaStore for SledMeta {
     }
 
     fn commit(&self, id: &CommitId) -> Result<Option<Commit>, MetaError> {
-        self.commits
-            .get(id.as_bytes())?
+        self.objects
+            .get(Kind::Commit, id.as_bytes())?
             .map(|v| Commit::decode(&v).map_err(corrupt("commit")))
             .transpose()
     }
@@ -352,16 +978,7 @@ impl MetaStore for SledMeta {
         let mut out = Vec::new();
         for kv in self.heads.scan_prefix(prefix.as_bytes()) {
             let (k, v) = kv?;
-            let bad = || MetaError::Key {
-                what: "branch head",
-            };
-            let key = std::str::from_utf8(&k).map_err(|_| bad())?;
-            let (service, branch) = key.split_once('/').ok_or_else(bad)?;
-            out.push(BranchHead {
-                service: ServiceName::new(service).map_err(|_| bad())?,
-                branch: BranchName::new(branch).map_err(|_| bad())?,
-                head: CommitId::from_bytes(id_bytes(&v).ok_or_else(bad)?),
-            });
+            out.push(parse_head(&k, &v)?);
         }
         // Keys sort as `service/branch` bytes, where `-` and `.` come before
         // `/` (`a-b/main` before `a/main`): sort by the fields themselves.
@@ -378,44 +995,32 @@ impl MetaStore for SledMeta {
         by: &Identity,
         at: Timestamp,
     ) -> Result<HeadUpdate, MetaError> {
-        use sled::Transactional;
         let key = head_key(service, branch);
-        let change = |old| RefChange::BranchMoved {
-            service: service.clone(),
-            branch: branch.clone(),
-            old,
-            new,
-            by: by.clone(),
-        };
-        let body = encode_record(&(at, change(expected))).map_err(record_error("ref log"))?;
-        // The head moves and the move is logged in one transaction: a compare-and-swap
-        // that is also an append.
-        let outcome = (&self.heads, &self.counters, &self.ref_log)
-            .transaction(|(heads, counters, log)| {
-                let current = heads
-                    .get(&key)?
-                    .and_then(|v| id_bytes(&v))
-                    .map(CommitId::from_bytes);
-                if current != expected {
-                    return Ok(Err(current));
-                }
-                heads.insert(key.as_slice(), new.as_bytes().as_slice())?;
-                Ok(Ok(append_event(counters, log, self.retain, &body)?))
-            })
-            .map_err(embedded_db::storage_error)?;
-        match outcome {
-            Ok(seq) => {
-                self.flush()?;
-                Ok(HeadUpdate::Moved {
-                    event: RefEvent {
-                        seq,
-                        at,
-                        change: change(expected),
-                    },
-                })
-            }
-            Err(current) => Ok(HeadUpdate::Conflict { current }),
+        // The journal's lock serializes every ref change: the head read here
+        // cannot move before this change is applied.
+        let mut writer = self.lock();
+        let current = self.head(service, branch)?;
+        if current != expected {
+            return Ok(HeadUpdate::Conflict { current });
         }
+        let event = RefEvent {
+            seq: self.next_event()?,
+            at,
+            change: RefChange::BranchMoved {
+                service: service.clone(),
+                branch: branch.clone(),
+                old: expected,
+                new,
+                by: by.clone(),
+            },
+        };
+        let body = encode_record(&(at, &event.change)).map_err(record_error("ref log"))?;
+        let record = RefRecord::Event(event.clone());
+        self.journal_and_apply(&mut writer, &record, |t| {
+            t[HEADS].insert(key.as_slice(), new.as_bytes().as_slice())?;
+            append_event(t[COUNTERS], t[REF_LOG], self.retain, event.seq, &body)
+        })?;
+        Ok(HeadUpdate::Moved { event })
     }
 
     fn create_image(
@@ -423,52 +1028,38 @@ impl MetaStore for SledMeta {
         image: &Image,
         created: &ImageAuthorship,
     ) -> Result<(ImageId, Option<RefEvent>), MetaError> {
-        use sled::Transactional;
         let key = image.name().as_str().as_bytes();
-        let encoded = image.encode();
-        let authorship = encode_record(created).map_err(record_error("image authorship"))?;
-        let change = RefChange::ImageCreated {
-            name: image.name().clone(),
-            id: image.id(),
-            author: created.author.clone(),
-            by: created.by.clone(),
-        };
-        let body = encode_record(&(created.at, &change)).map_err(record_error("ref log"))?;
-        let order_seq = self.db.generate_id()?;
-        // The image, its authorship, its place in the listing and its event in the
-        // ref log land together or not at all.
-        let outcome = (
-            &self.images,
-            &self.image_order,
-            &self.image_authors,
-            &self.counters,
-            &self.ref_log,
-        )
-            .transaction(|(images, order, authors, counters, log)| {
-                if let Some(v) = images.get(key)? {
-                    return Ok(Err(v));
-                }
-                images.insert(key, encoded.as_slice())?;
-                order.insert(&order_seq.to_be_bytes(), key)?;
-                authors.insert(key, authorship.as_slice())?;
-                Ok(Ok(append_event(counters, log, self.retain, &body)?))
-            })
-            .map_err(embedded_db::storage_error)?;
-        match outcome {
-            Ok(seq) => {
-                self.flush()?;
-                let event = RefEvent {
-                    seq,
-                    at: created.at,
-                    change,
-                };
-                Ok((image.id(), Some(event)))
-            }
-            Err(v) => {
-                let stored = Image::decode(&v).map_err(corrupt("image"))?;
-                Ok((stored.id(), None))
-            }
+        let id = image.id();
+        let mut writer = self.lock();
+        if let Some(v) = self.image_ids.get(key)? {
+            let stored = id_bytes(&v).ok_or(MetaError::Key { what: "image" })?;
+            return Ok((ImageId::from_bytes(stored), None));
         }
+        self.objects
+            .put(Kind::Image, id.as_bytes(), &image.encode())?;
+        let authorship = encode_record(created).map_err(record_error("image authorship"))?;
+        let event = RefEvent {
+            seq: self.next_event()?,
+            at: created.at,
+            change: RefChange::ImageCreated {
+                name: image.name().clone(),
+                id,
+                author: created.author.clone(),
+                by: created.by.clone(),
+            },
+        };
+        let body = encode_record(&(created.at, &event.change)).map_err(record_error("ref log"))?;
+        let order = writer.journal.position().seq + 1;
+        let record = RefRecord::Event(event.clone());
+        // The image's name, authorship, place in the listing and event land
+        // together or not at all.
+        self.journal_and_apply(&mut writer, &record, |t| {
+            t[IMAGE_IDS].insert(key, id.as_bytes().as_slice())?;
+            t[IMAGE_ORDER].insert(&order.to_be_bytes(), key)?;
+            t[IMAGE_AUTHORS].insert(key, authorship.as_slice())?;
+            append_event(t[COUNTERS], t[REF_LOG], self.retain, event.seq, &body)
+        })?;
+        Ok((id, Some(event)))
     }
 
     fn image(&self, name: &ImageName) -> Result<Option<ImageRecord>, MetaError> {
@@ -517,20 +1108,18 @@ impl MetaStore for SledMeta {
 impl SledMeta {
     /// The image stored under `key` (its name's bytes) with its authorship.
     fn image_record(&self, key: &[u8]) -> Result<Option<ImageRecord>, MetaError> {
-        let Some(v) = self.images.get(key)? else {
+        let Some(v) = self.image_ids.get(key)? else {
             return Ok(None);
         };
-        let image = Image::decode(&v).map_err(corrupt("image"))?;
-        let created = self
-            .image_authors
-            .get(key)?
-            .map(|v| decode_record::<ImageAuthorship>(&v))
-            .transpose()
-            .map_err(record_error("image authorship"))?;
+        let id = id_bytes(&v).ok_or(MetaError::Key { what: "image" })?;
+        let Some(bytes) = self.objects.get(Kind::Image, &id)? else {
+            return Ok(None);
+        };
+        let image = Image::decode(&bytes).map_err(corrupt("image"))?;
         Ok(Some(ImageRecord {
             id: image.id(),
             image,
-            created,
+            created: self.authorship(key)?,
         }))
     }
 }

@@ -24,12 +24,25 @@
 //! [`KEEP_OUTCOMES`] kept. A repeated request with that id is answered from
 //! here (`crate::deployment`).
 //!
+//! Every change is first appended, synced, to the state's journal
+//! (`ROOT/state.journal`, [`embedded_db::journal`]) as a [`StateRecord`], then
+//! applied to the database in one transaction with the journal position it
+//! reached. sled recovers a damaged file by dropping what follows the damage —
+//! a shell would come back on an older generation, or on none — so opening
+//! replays the journal and compares: a database that differs or lags is
+//! rebuilt from it (a warning names what differed); a journal behind its
+//! database, disagreeing with it, or damaged is a typed error naming
+//! `molt fsck --root ROOT --repair` ([`crate::fsck`]).
+//!
 //! Records are serde values encoded by `wire`'s codec ([`codec::encode_record`]),
 //! so the shell's stored state and its messages change encoding in one place,
 //! and a corrupt record is a [`StateError::Corrupt`], bounded like a frame.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use embedded_db::journal::{Contents, Journal, JournalError, Position};
 
 use image_spec::{CommitId, ImageId, ImageName, ServiceName, Timestamp, TreeId};
 use serde::{Deserialize, Serialize};
@@ -78,6 +91,37 @@ pub enum StateError {
         /// Why.
         source: FrameError,
     },
+    /// The state's journal could not be read or written, or is damaged.
+    #[error("{0}; run `molt fsck --root ROOT --repair`")]
+    Journal(#[from] JournalError),
+    /// The database has applied more of the journal than the journal holds.
+    #[error(
+        "the state journal `{path}` ends at record {journal} but the state database has applied \
+         {index}: the journal lost its tail or an older copy was restored; run \
+         `molt fsck --root ROOT --repair`"
+    )]
+    JournalBehind {
+        /// The journal.
+        path: PathBuf,
+        /// Its records.
+        journal: u64,
+        /// What the database applied.
+        index: u64,
+    },
+    /// The database applied a different record than the journal holds there.
+    #[error(
+        "the state journal `{path}` and the state database disagree at record {seq}; run \
+         `molt fsck --root ROOT --repair`"
+    )]
+    Diverged {
+        /// The journal.
+        path: PathBuf,
+        /// The record.
+        seq: u64,
+    },
+    /// An earlier change reached the journal but not the database.
+    #[error("the state database fell behind its journal; restart the shell")]
+    Stale,
 }
 
 /// One service as installed.
@@ -136,7 +180,57 @@ pub struct State {
     data_dirs: sled::Tree,
     counters: sled::Tree,
     outcomes: sled::Tree,
+    /// `at` → the journal [`Position`] the database has applied.
+    applied: sled::Tree,
+    writer: Arc<Mutex<Writer>>,
+    journal_path: PathBuf,
 }
+
+/// The journal's writer, and whether the database keeps up with it.
+#[derive(Debug)]
+struct Writer {
+    journal: Journal,
+    stale: bool,
+}
+
+/// One change of the instance's state, as its journal records it. Paths are
+/// relative to the root, as the database stores them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StateRecord {
+    /// A generation number was handed out.
+    Allocated {
+        /// The number.
+        number: u64,
+    },
+    /// A generation was recorded: it is now the installed state.
+    Generation {
+        /// The generation.
+        generation: Generation,
+        /// Its services' data directories.
+        data: DataDirs,
+    },
+    /// A deployment's outcome was recorded.
+    Outcome {
+        /// The deployment.
+        deployment: DeploymentId,
+        /// Which of its operations.
+        op: DeploymentOp,
+        /// The outcome.
+        outcome: DeploymentOutcome,
+    },
+}
+
+/// The database's contents: tree name → key → value.
+pub type Tables = BTreeMap<&'static str, BTreeMap<Vec<u8>, Vec<u8>>>;
+
+/// The trees a journal replay fills, by name.
+const TREES: [&str; 5] = [
+    "current",
+    "generations",
+    "data_dirs",
+    "counters",
+    "outcomes",
+];
 
 /// Which operation of a deployment an outcome is of: a deployment that fails
 /// may send the rollback of an instance with the same id as its upgrade.
@@ -253,21 +347,327 @@ fn map_dirs(
         .collect()
 }
 
+/// The key of the applied journal position (in `journal`).
+const JOURNAL_AT: &[u8] = b"at";
+/// Positions of the trees [`State::change`] hands its closure.
+const CURRENT: usize = 0;
+const GENERATIONS: usize = 1;
+const DATA_DIRS: usize = 2;
+const COUNTERS: usize = 3;
+const OUTCOMES: usize = 4;
+
+/// The journal of the state database in `dir` (`ROOT/state` →
+/// `ROOT/state.journal`).
+pub fn journal_path(dir: &Path) -> PathBuf {
+    dir.with_extension("journal")
+}
+
+/// One row to write: the tree (by position in [`TREES`]), key and value.
+type Row = (usize, Vec<u8>, Vec<u8>);
+
+/// The rows a recorded generation writes.
+fn generation_rows(
+    generation: &Generation,
+    data: &DataDirs,
+) -> Result<Vec<Row>, StateError> {
+    let key = generation.number.to_be_bytes().to_vec();
+    Ok(vec![
+        (
+            CURRENT,
+            INSTALLED.to_vec(),
+            encode("installed", &generation.state)?,
+        ),
+        (GENERATIONS, key.clone(), encode("generation", generation)?),
+        (DATA_DIRS, key, encode("data directories", data)?),
+        (
+            COUNTERS,
+            LAST.to_vec(),
+            encode("generation counter", &generation.number)?,
+        ),
+    ])
+}
+
+/// The journal's records, decoded.
+pub fn journal_records(contents: &Contents) -> Result<Vec<(Position, StateRecord)>, StateError> {
+    contents
+        .records
+        .iter()
+        .map(|(pos, payload)| Ok((*pos, decode("state journal", payload)?)))
+        .collect()
+}
+
+/// Tree `i` of `tables` ([`TREES`]), made empty if missing.
+fn table(tables: &mut Tables, i: usize) -> &mut BTreeMap<Vec<u8>, Vec<u8>> {
+    tables.entry(TREES[i]).or_default()
+}
+
+/// The database contents `records` make.
+pub fn replay<'a>(
+    records: impl IntoIterator<Item = &'a StateRecord>,
+) -> Result<Tables, StateError> {
+    let mut tables = Tables::new();
+    for name in TREES {
+        tables.insert(name, BTreeMap::new());
+    }
+    for r in records {
+        match r {
+            StateRecord::Allocated { number } => {
+                table(&mut tables, COUNTERS)
+                    .insert(ALLOCATED.to_vec(), encode("generation counter", number)?);
+            }
+            StateRecord::Generation { generation, data } => {
+                for (tree, key, value) in generation_rows(generation, data)? {
+                    table(&mut tables, tree).insert(key, value);
+                }
+            }
+            StateRecord::Outcome {
+                deployment,
+                op,
+                outcome,
+            } => {
+                let key = OutcomeKey {
+                    deployment: *deployment,
+                    op: *op,
+                };
+                let outcomes = table(&mut tables, OUTCOMES);
+                outcomes.insert(key.bytes().to_vec(), encode("deployment outcome", outcome)?);
+                while outcomes.len() > KEEP_OUTCOMES {
+                    outcomes.pop_first();
+                }
+            }
+        }
+    }
+    Ok(tables)
+}
+
+/// The contents of the state database `db`, tree by tree (reads only).
+pub fn tables(db: &sled::Db) -> Result<Tables, StateError> {
+    let mut out = Tables::new();
+    for name in TREES {
+        let mut rows = BTreeMap::new();
+        for kv in db.open_tree(name)?.iter() {
+            let (k, v) = kv?;
+            rows.insert(k.to_vec(), v.to_vec());
+        }
+        out.insert(name, rows);
+    }
+    Ok(out)
+}
+
+/// The records that make `tables` (a database without a journal, or the part
+/// of a database a damaged journal lost).
+pub fn baseline(tables: &Tables) -> Result<Vec<StateRecord>, StateError> {
+    let mut out = Vec::new();
+    let rows = |i: usize| tables.get(TREES[i]).into_iter().flatten();
+    if let Some(v) = tables.get(TREES[COUNTERS]).and_then(|c| c.get(ALLOCATED)) {
+        out.push(StateRecord::Allocated {
+            number: decode("generation counter", v)?,
+        });
+    }
+    let dirs = tables.get(TREES[DATA_DIRS]);
+    for (k, v) in rows(GENERATIONS) {
+        let generation: Generation = decode("generation", v)?;
+        let data = match dirs.and_then(|d| d.get(k)) {
+            Some(d) => decode("data directories", d)?,
+            None => DataDirs::new(),
+        };
+        out.push(StateRecord::Generation { generation, data });
+    }
+    for (k, v) in rows(OUTCOMES) {
+        let Some(deployment) = k.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
+            continue;
+        };
+        let op = match k.get(8) {
+            Some(0) => DeploymentOp::Upgrade,
+            Some(1) => DeploymentOp::Rollback,
+            _ => continue,
+        };
+        out.push(StateRecord::Outcome {
+            deployment: DeploymentId(u64::from_be_bytes(deployment)),
+            op,
+            outcome: decode("deployment outcome", v)?,
+        });
+    }
+    Ok(out)
+}
+
+/// How `index` differs from `expected` (the journal's), in words.
+pub fn differences(expected: &Tables, index: &Tables) -> Vec<String> {
+    let mut out = Vec::new();
+    for name in TREES {
+        let (want, have) = (expected.get(name), index.get(name));
+        let empty = BTreeMap::new();
+        let (want, have) = (want.unwrap_or(&empty), have.unwrap_or(&empty));
+        let missing = want
+            .iter()
+            .filter(|(k, v)| have.get(*k) != Some(*v))
+            .count();
+        let extra = have.keys().filter(|k| !want.contains_key(*k)).count();
+        if missing > 0 {
+            out.push(format!("{name}: {missing} records missing or different"));
+        }
+        if extra > 0 {
+            out.push(format!("{name}: {extra} records not in the journal"));
+        }
+    }
+    out
+}
+
 impl State {
     /// Opens (creating if needed) the database in `dir`, the instance's
     /// `ROOT/state`: the paths it records are relative to ROOT, the directory
     /// that holds `dir`.
+    ///
+    /// The database is checked against the journal (`ROOT/state.journal`) and
+    /// rebuilt from it if it differs (see the module docs).
     pub fn open(dir: &Path) -> Result<Self, StateError> {
+        Ok(Self::open_reporting(dir)?.0)
+    }
+
+    /// [`State::open`], returning how the database differed from the journal
+    /// before it was rebuilt (empty: it agreed).
+    pub fn open_reporting(dir: &Path) -> Result<(Self, Vec<String>), StateError> {
         let db = embedded_db::open(dir, 8 << 20)?;
-        Ok(Self {
+        let journal_path = journal_path(dir);
+        let (journal, contents) = Journal::open(&journal_path)?;
+        let state = Self {
             root: dir.parent().unwrap_or(dir).to_owned(),
             current: db.open_tree("current")?,
             generations: db.open_tree("generations")?,
             data_dirs: db.open_tree("data_dirs")?,
             counters: db.open_tree("counters")?,
             outcomes: db.open_tree("outcomes")?,
+            applied: db.open_tree("journal")?,
+            writer: Arc::new(Mutex::new(Writer {
+                journal,
+                stale: false,
+            })),
+            journal_path,
             db,
-        })
+        };
+        let mut records = journal_records(&contents)?;
+        let applied = state.applied()?;
+        if applied.is_none() && records.is_empty() {
+            // A database from before the journal (or a new instance): its
+            // contents become the journal's first records.
+            let baseline = baseline(&state.tables()?)?;
+            let mut writer = state.lock();
+            for r in baseline {
+                let pos = writer.journal.append(&encode("state journal", &r)?)?;
+                records.push((pos, r));
+            }
+        }
+        let at = records.last().map(|(p, _)| *p).unwrap_or_default();
+        if let Some(applied) = applied {
+            if applied.seq > at.seq {
+                return Err(StateError::JournalBehind {
+                    path: state.journal_path.clone(),
+                    journal: at.seq,
+                    index: applied.seq,
+                });
+            }
+            if contents
+                .position_at(applied.seq)
+                .is_some_and(|p| p != applied)
+                || (applied.seq > 0 && records.is_empty())
+            {
+                return Err(StateError::Diverged {
+                    path: state.journal_path.clone(),
+                    seq: applied.seq,
+                });
+            }
+        }
+        let expected = replay(records.iter().map(|(_, r)| r))?;
+        let differences = differences(&expected, &state.tables()?);
+        if !differences.is_empty() {
+            tracing::warn!(
+                journal = %state.journal_path.display(),
+                differences = %differences.join("; "),
+                "the instance's state database disagreed with its journal; rebuilding it"
+            );
+        }
+        if !differences.is_empty() || applied != Some(at) {
+            state.rebuild(&expected, at)?;
+        }
+        Ok((state, differences))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Writer> {
+        // A writer that panicked left journal and database as a crash would;
+        // the next open reconciles them, so the lock stays usable.
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The journal position the database has applied (`None`: never recorded).
+    fn applied(&self) -> Result<Option<Position>, StateError> {
+        Ok(self
+            .applied
+            .get(JOURNAL_AT)?
+            .and_then(|v| Position::from_bytes(&v)))
+    }
+
+    /// The database's contents, tree by tree.
+    pub fn tables(&self) -> Result<Tables, StateError> {
+        tables(&self.db)
+    }
+
+    /// Replaces the database's contents with `tables`, then records `at` as
+    /// applied (last: a crash halfway rebuilds again at the next open).
+    fn rebuild(&self, tables: &Tables, at: Position) -> Result<(), StateError> {
+        self.applied.remove(JOURNAL_AT)?;
+        self.db.flush()?;
+        for name in TREES {
+            let tree = self.db.open_tree(name)?;
+            tree.clear()?;
+            for (k, v) in tables.get(name).into_iter().flatten() {
+                tree.insert(k.as_slice(), v.as_slice())?;
+            }
+        }
+        self.db.flush()?;
+        self.applied.insert(JOURNAL_AT, at.to_bytes().as_slice())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Journals `record`, then applies `apply` and the new journal position
+    /// in one transaction, durably.
+    fn change(
+        &self,
+        record: &StateRecord,
+        apply: impl Fn(
+            &[sled::transaction::TransactionalTree],
+        )
+            -> sled::transaction::ConflictableTransactionResult<(), std::convert::Infallible>,
+    ) -> Result<(), StateError> {
+        use sled::Transactional;
+        let mut writer = self.lock();
+        if writer.stale {
+            return Err(StateError::Stale);
+        }
+        let pos = writer
+            .journal
+            .append(&encode("state journal", record)?)?
+            .to_bytes();
+        let trees: [&sled::Tree; 6] = [
+            &self.current,
+            &self.generations,
+            &self.data_dirs,
+            &self.counters,
+            &self.outcomes,
+            &self.applied,
+        ];
+        let applied = trees[..]
+            .transaction(|t| {
+                apply(t)?;
+                t[5].insert(JOURNAL_AT, pos.as_slice())?;
+                Ok(())
+            })
+            .map_err(embedded_db::storage_error)
+            .and_then(|()| self.db.flush().map(drop));
+        if applied.is_err() {
+            writer.stale = true;
+        }
+        Ok(applied?)
     }
 
     /// What is installed now (empty on a new instance).
@@ -350,9 +750,11 @@ impl State {
     /// generation ever gets it, whether this one is recorded or fails.
     pub fn allocate_generation(&self) -> Result<u64, StateError> {
         let number = self.next_generation()?;
-        self.counters
-            .insert(ALLOCATED, encode("generation counter", &number)?)?;
-        self.db.flush()?;
+        let encoded = encode("generation counter", &number)?;
+        self.change(&StateRecord::Allocated { number }, |t| {
+            t[COUNTERS].insert(ALLOCATED, encoded.as_slice())?;
+            Ok(())
+        })?;
         Ok(number)
     }
 
@@ -366,38 +768,21 @@ impl State {
         reason: &str,
         data: &DataDirs,
     ) -> Result<(), StateError> {
-        use sled::Transactional;
         let state = map_releases(state, |p| self.to_stored(p))?;
         let data = map_dirs(data, |p| self.to_stored(p))?;
-        let encoded_data = encode("data directories", &data)?;
-        let encoded_state = encode("installed", &state)?;
-        let generation = encode(
-            "generation",
-            &Generation {
-                number,
-                time: Timestamp::now(),
-                reason: reason.to_owned(),
-                state,
-            },
-        )?;
-        let encoded_number = encode("generation counter", &number)?;
-        let key = number.to_be_bytes();
-        (
-            &self.current,
-            &self.generations,
-            &self.data_dirs,
-            &self.counters,
-        )
-            .transaction(|(current, generations, data_dirs, counters)| {
-                current.insert(INSTALLED, encoded_state.as_slice())?;
-                generations.insert(&key, generation.as_slice())?;
-                data_dirs.insert(&key, encoded_data.as_slice())?;
-                counters.insert(LAST, encoded_number.as_slice())?;
-                Ok(())
-            })
-            .map_err(embedded_db::storage_error)?;
-        self.db.flush()?;
-        Ok(())
+        let generation = Generation {
+            number,
+            time: Timestamp::now(),
+            reason: reason.to_owned(),
+            state,
+        };
+        let rows = generation_rows(&generation, &data)?;
+        self.change(&StateRecord::Generation { generation, data }, |t| {
+            for (tree, key, value) in &rows {
+                t[*tree].insert(key.as_slice(), value.as_slice())?;
+            }
+            Ok(())
+        })
     }
 
     /// The data directories recorded with generation `number` (none recorded:
@@ -426,20 +811,24 @@ impl State {
         key: OutcomeKey,
         outcome: &DeploymentOutcome,
     ) -> Result<(), StateError> {
-        self.outcomes
-            .insert(key.bytes(), encode("deployment outcome", outcome)?)?;
-        let excess = self.outcomes.len().saturating_sub(KEEP_OUTCOMES);
-        let old: Vec<sled::IVec> = self
-            .outcomes
-            .iter()
-            .keys()
-            .take(excess)
-            .collect::<Result<_, _>>()?;
-        for key in old {
-            self.outcomes.remove(key)?;
-        }
-        self.db.flush()?;
-        Ok(())
+        let value = encode("deployment outcome", outcome)?;
+        let mut kept: Vec<sled::IVec> = self.outcomes.iter().keys().collect::<Result<_, _>>()?;
+        kept.push(key.bytes().to_vec().into());
+        kept.sort();
+        kept.dedup();
+        let excess = kept.len().saturating_sub(KEEP_OUTCOMES);
+        let record = StateRecord::Outcome {
+            deployment: key.deployment,
+            op: key.op,
+            outcome: outcome.clone(),
+        };
+        self.change(&record, |t| {
+            t[OUTCOMES].insert(&key.bytes(), value.as_slice())?;
+            for old in &kept[..excess] {
+                t[OUTCOMES].remove(old)?;
+            }
+            Ok(())
+        })
     }
 
     /// The recorded generations, oldest first.

@@ -297,5 +297,6 @@ impl Load {
 
 pub mod bench;
 pub mod browser;
+pub mod damage;
 pub mod portal;
 pub mod relay;

@@ -209,6 +209,21 @@ async fn a_corrupt_release_is_healed_from_the_repository_at_boot() {
     for name in ["server.py", "service.toml", "tool.sh", "no repository"] {
         assert!(text.contains(name), "{text}");
     }
+    // `molt fsck --root` names the same damage, and the cache blob, and
+    // leaves the healing to the start (the repository has the bytes).
+    let report = shell::fsck::fsck(&config.root, true).unwrap();
+    let problems = report.problems.join("\n");
+    for name in ["3 files of hello's release", "server.py", "tool.sh"] {
+        assert!(problems.contains(name), "{problems}");
+    }
+    assert!(
+        problems.contains(&format!(
+            "cache blob {} is corrupt",
+            cached.file_name().unwrap().to_str().unwrap()
+        )),
+        "{problems}"
+    );
+    assert!(!cached.exists(), "the repair set the corrupt blob aside");
 
     let client = wire::Client::new(&cluster.credentials("shell/qa-1"), cluster.repo_addr).unwrap();
     let instance = Instance::open_healing(config, Some((&client, cluster.repo_addr)))
@@ -237,4 +252,76 @@ async fn a_corrupt_release_is_healed_from_the_repository_at_boot() {
             .exists()
     );
     instance.shutdown().await;
+}
+
+/// The state database damaged while the shell is down (deleted, or its file
+/// cut short, which sled would otherwise take for an older database): the
+/// shell comes back on the generation it recorded last, from its journal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_state_database_comes_back_on_the_last_recorded_generation() {
+    let cluster = TestCluster::start().await;
+    let dev = cluster.repo_client("user/ada/developer").await;
+    let repo = cluster.repo_client("shell/qa-1").await;
+    let dir = cluster.path("src/hello");
+    copy_example("hello", &dir);
+    let config = InstanceConfig {
+        name: InstanceName::new("qa-1").unwrap(),
+        root: cluster.path("instance"),
+        public_ports: PublicPorts::Ephemeral,
+        public_ip: shell::instance::LOOPBACK,
+    };
+    let mut instance = Instance::open(config.clone()).await.unwrap();
+    for v in ["v1", "v2"] {
+        let manifest = std::fs::read_to_string(dir.join("service.toml")).unwrap();
+        let next = manifest.replace("hello from molt", &format!("hello {v}"));
+        write_file(&dir, "service.toml", next.as_bytes());
+        let pushed = dev.push(&dir, &push_main(v), |_| {}).await.unwrap();
+        instance
+            .upgrade(
+                &repo,
+                &BTreeMap::from([(svc("hello"), pushed.commit)]),
+                None,
+                v,
+            )
+            .await
+            .unwrap();
+        write_file(&dir, "service.toml", manifest.as_bytes());
+    }
+    let generations = instance.state().generations().unwrap();
+    assert_eq!(generations.len(), 2);
+    instance.shutdown().await;
+
+    let state = config.root.join("state");
+    let pristine = cluster.path("pristine-state");
+    molt_e2e::damage::copy_dir(&state, &pristine);
+    let db = state.join("db");
+    let len = std::fs::metadata(&db).unwrap().len();
+    for (what, damage) in [
+        (
+            "deleted",
+            Box::new(|| std::fs::remove_dir_all(&state).unwrap()) as Box<dyn Fn()>,
+        ),
+        (
+            "cut to half",
+            Box::new(|| molt_e2e::damage::cut(&db, len / 2)),
+        ),
+    ] {
+        let _ = std::fs::remove_dir_all(&state);
+        molt_e2e::damage::copy_dir(&pristine, &state);
+        damage();
+        let instance = Instance::open(config.clone()).await.unwrap();
+        assert_eq!(
+            instance.state().generations().unwrap(),
+            generations,
+            "{what}"
+        );
+        let addr = instance.public_addr(&svc("hello"), "main").unwrap();
+        let (code, body) = get_once(addr, "/").await;
+        assert_eq!(
+            (code, version_of(&body)),
+            (200, "hello v2".to_owned()),
+            "{what}"
+        );
+        instance.shutdown().await;
+    }
 }

@@ -364,7 +364,7 @@ async fn a_watcher_behind_what_the_log_retains_is_told_what_it_missed() {
     // A repository keeping only the newest 3 events, served like `repo_server::run`.
     let cluster = TestCluster::start().await;
     let data = cluster.path("small-repo");
-    let meta = SledMeta::open_retaining(&data.join("meta"), 3).unwrap();
+    let meta = SledMeta::open_retaining(&data, 3).unwrap();
     let blobs = FsBlobStore::open(&data.join("blobs")).unwrap();
     let service = Arc::new(RepoService::new(blobs, meta));
     let server = wire::Server::bind(
