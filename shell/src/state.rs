@@ -366,10 +366,7 @@ pub fn journal_path(dir: &Path) -> PathBuf {
 type Row = (usize, Vec<u8>, Vec<u8>);
 
 /// The rows a recorded generation writes.
-fn generation_rows(
-    generation: &Generation,
-    data: &DataDirs,
-) -> Result<Vec<Row>, StateError> {
+fn generation_rows(generation: &Generation, data: &DataDirs) -> Result<Vec<Row>, StateError> {
     let key = generation.number.to_be_bytes().to_vec();
     Ok(vec![
         (
