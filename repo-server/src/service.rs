@@ -78,6 +78,37 @@ pub struct RepoService<B, M> {
     watches: tokio::sync::Semaphore,
     /// Cancelled when the server shuts down: every watch ends.
     closing: CancellationToken,
+    /// Fetches in progress, and when the last one ended: the server gives
+    /// the memory of a burst of fetches back once it is over.
+    fetches: FetchTracker,
+}
+
+/// Counts fetches in progress and remembers when the last one ended.
+#[derive(Debug, Default)]
+struct FetchTracker {
+    active: std::sync::atomic::AtomicUsize,
+    last_end: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// A fetch in progress; its drop ends it.
+struct FetchGuard<'a>(&'a FetchTracker);
+
+impl FetchTracker {
+    fn start(&self) -> FetchGuard<'_> {
+        self.active
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        FetchGuard(self)
+    }
+}
+
+impl Drop for FetchGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.last_end.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(std::time::Instant::now());
+        self.0
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl From<MetaError> for RemoteError {
@@ -185,7 +216,26 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
             events: broadcast::channel(LIVE_BACKLOG).0,
             watches: tokio::sync::Semaphore::new(MAX_WATCHES),
             closing: CancellationToken::new(),
+            fetches: FetchTracker::default(),
         }
+    }
+
+    /// When the last fetch ended, if none is in progress (`None`: one is, or
+    /// none ever ran).
+    pub fn last_fetch_end(&self) -> Option<std::time::Instant> {
+        if self
+            .fetches
+            .active
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+        {
+            return None;
+        }
+        *self
+            .fetches
+            .last_end
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Ends every watch, now and from now on (the server is shutting down).
@@ -389,6 +439,7 @@ impl<B: BlobStore, M: MetaStore> RepoService<B, M> {
 
     /// Sends the sizes, then each blob's bytes in order.
     async fn fetch_blobs(&self, stream: &mut BiStream, blobs: Vec<BlobId>) {
+        let _fetch = self.fetches.start();
         let sizes = async {
             check_count(blobs.len())?;
             let mut sizes = Vec::with_capacity(blobs.len());

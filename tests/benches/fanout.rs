@@ -79,6 +79,19 @@ impl ChildRepo {
     fn rss_kib(&self) -> u64 {
         status_kib(self.pid, "VmRSS").unwrap_or(0)
     }
+
+    /// Bytes the server has read through system calls (`rchar`) and from the
+    /// block device (`read_bytes`: what the page cache did not hold).
+    fn reads(&self) -> (u64, u64) {
+        let text = std::fs::read_to_string(format!("/proc/{}/io", self.pid)).unwrap_or_default();
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        (field("rchar:"), field("read_bytes:"))
+    }
 }
 
 fn status_kib(pid: u32, field: &str) -> Option<u64> {
@@ -160,6 +173,9 @@ struct Row {
     rsync: Duration,
     peak: u64,
     settled: u64,
+    /// What the server read for the fan-out: through system calls, and from
+    /// the disk.
+    read: (u64, u64),
 }
 
 #[tokio::main]
@@ -211,7 +227,9 @@ async fn main() -> Res<()> {
                 }
             })
         };
+        let reads_before = server.reads();
         let molt_t = fan_out(&cluster, server.addr, n, pushed.commit, &work).await?;
+        let reads_after = server.reads();
         done.store(true, Ordering::Relaxed);
         sampler.await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -226,6 +244,10 @@ async fn main() -> Res<()> {
             rsync: rsync_t,
             peak: peak.load(Ordering::Relaxed),
             settled,
+            read: (
+                reads_after.0 - reads_before.0,
+                reads_after.1 - reads_before.1,
+            ),
         });
     }
 
@@ -238,14 +260,24 @@ async fn main() -> Res<()> {
     println!("repository server VmRSS idle after the push: {rss_idle} KiB");
     println!();
     println!(
-        "{:>3} {:>10} {:>9} {:>9} {:>10} {:>9} {:>9} {:>12} {:>14}",
-        "N", "molt ms", "MB/s", "/ceiling", "rsync ms", "MB/s", "/rsync", "peak KiB", "settled KiB"
+        "{:>3} {:>10} {:>9} {:>9} {:>10} {:>9} {:>9} {:>12} {:>14} {:>10} {:>10}",
+        "N",
+        "molt ms",
+        "MB/s",
+        "/ceiling",
+        "rsync ms",
+        "MB/s",
+        "/rsync",
+        "peak KiB",
+        "settled KiB",
+        "read MB",
+        "disk MB"
     );
     for r in rows {
         let total = bytes as f64 * r.n as f64 / 1e6;
         let (ours, theirs) = (total / r.molt.as_secs_f64(), total / r.rsync.as_secs_f64());
         println!(
-            "{:>3} {:>10.0} {:>9.0} {:>9.2} {:>10.0} {:>9.0} {:>9.2} {:>12} {:>14}",
+            "{:>3} {:>10.0} {:>9.0} {:>9.2} {:>10.0} {:>9.0} {:>9.2} {:>12} {:>14} {:>10.1} {:>10.1}",
             r.n,
             r.molt.as_secs_f64() * 1e3,
             ours,
@@ -254,9 +286,15 @@ async fn main() -> Res<()> {
             theirs,
             ours / theirs,
             r.peak,
-            r.settled
+            r.settled,
+            r.read.0 as f64 / 1e6,
+            r.read.1 as f64 / 1e6
         );
     }
+    println!(
+        "(read MB: what the server read to serve the N instances; disk MB: what of it came \
+         from the disk rather than the page cache)"
+    );
     println!("(goals: >= 0.70 of the ceiling, >= 0.5 of N parallel rsync)");
     drop(server.child);
     Ok(())

@@ -93,8 +93,20 @@ async fn push_repush_change_one_file_and_diff() {
     let fetch_dir = cluster.path("fetched");
     std::fs::create_dir_all(&fetch_dir).unwrap();
     let wanted: Vec<BlobId> = full.needed_blobs().into_iter().collect();
+    // The server notes when its fetches end (it gives their memory back
+    // once they have settled).
+    assert_eq!(cluster.service().last_fetch_end(), None);
     let got = repo.fetch_blobs_to(&wanted, &fetch_dir).await.unwrap();
     assert_eq!(got, total - 12 + 29);
+    // The server's task may still be finishing the stream the client has read.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while cluster.service().last_fetch_end().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fetch's end was not noted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     assert_eq!(
         std::fs::read(fetch_dir.join(BlobId::of(&big).to_hex())).unwrap(),
         big

@@ -141,12 +141,18 @@ fn tls_err(e: impl std::fmt::Display) -> WireError {
     WireError::Tls(e.to_string())
 }
 
-/// Transport settings tuned for bulk transfer on fast links.
-fn transport() -> TransportConfig {
+/// How many bytes a peer may have sent and not yet had acknowledged, per
+/// connection, by default: the data a connection can hold in memory while its
+/// peer reads slower than it is sent.
+pub const SEND_WINDOW: u64 = 64 << 20;
+
+/// Transport settings tuned for bulk transfer on fast links, sending at most
+/// `send_window` unacknowledged bytes per connection.
+fn transport(send_window: u64) -> TransportConfig {
     let mut t = TransportConfig::default();
     t.stream_receive_window(VarInt::from_u32(16 << 20));
     t.receive_window(VarInt::from_u32(64 << 20));
-    t.send_window(64 << 20);
+    t.send_window(send_window);
     t.max_concurrent_bidi_streams(VarInt::from_u32(64));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
     // Keep-alives keep a quiet connection (a long build behind a deploy) open;
@@ -188,7 +194,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn server_config(creds: &Credentials) -> Result<quinn::ServerConfig, WireError> {
+fn server_config(creds: &Credentials, send_window: u64) -> Result<quinn::ServerConfig, WireError> {
     let parts = tls_parts(creds)?;
     let verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(parts.roots, provider())
@@ -203,7 +209,7 @@ fn server_config(creds: &Credentials) -> Result<quinn::ServerConfig, WireError> 
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicServerConfig::try_from(tls).map_err(tls_err)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    cfg.transport_config(Arc::new(transport()));
+    cfg.transport_config(Arc::new(transport(send_window)));
     Ok(cfg)
 }
 
@@ -218,7 +224,7 @@ fn client_config(creds: &Credentials) -> Result<quinn::ClientConfig, WireError> 
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(tls_err)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(Arc::new(transport()));
+    cfg.transport_config(Arc::new(transport(SEND_WINDOW)));
     Ok(cfg)
 }
 
@@ -362,10 +368,21 @@ pub struct Server {
 impl Server {
     /// Binds `addr` (UDP) with the server's credentials.
     pub fn bind(addr: SocketAddr, creds: &Credentials) -> Result<Self, WireError> {
+        Self::bind_with_send_window(addr, creds, SEND_WINDOW)
+    }
+
+    /// [`Server::bind`], holding at most `send_window` unacknowledged bytes
+    /// per connection ([`SEND_WINDOW`] by default): a server that streams bulk
+    /// data to many peers at once bounds its memory with it.
+    pub fn bind_with_send_window(
+        addr: SocketAddr,
+        creds: &Credentials,
+        send_window: u64,
+    ) -> Result<Self, WireError> {
         if creds.identity.server_name().is_none() {
             return Err(WireError::NotAServer(creds.identity.clone()));
         }
-        let cfg = server_config(creds)?;
+        let cfg = server_config(creds, send_window)?;
         let endpoint = quinn::Endpoint::server(cfg, addr)
             .map_err(|source| WireError::Bind { addr, source })?;
         Ok(Self {

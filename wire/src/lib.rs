@@ -42,7 +42,7 @@ pub mod revocation;
 pub mod shell;
 
 pub use codec::{DEFAULT_FRAME_LIMIT, FrameError};
-pub use endpoint::{ALPN, BiStream, Client, Connection, Handler, Server, WireError};
+pub use endpoint::{ALPN, BiStream, Client, Connection, Handler, SEND_WINDOW, Server, WireError};
 pub use hello::PROTOCOL_VERSION;
 pub use identity::{Grant, Identity, IdentityError};
 pub use pki::{ClusterCa, CredentialFiles, Credentials, PkiError};
