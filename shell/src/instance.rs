@@ -341,6 +341,18 @@ pub struct Instance {
     /// Held (read) by an upgrade while it fetches into and links from the
     /// blob cache, (write) by the reaper's sweep of it.
     cache_lock: Arc<tokio::sync::RwLock<()>>,
+    /// Recorded services not started at boot because their release is
+    /// corrupt and could not be healed then (no repository): the others
+    /// serve meanwhile, and the next upgrade heals and starts these first.
+    held: BTreeMap<ServiceName, Held>,
+}
+
+/// A recorded service held back at boot (see [`Instance`]'s `held`).
+#[derive(Debug)]
+struct Held {
+    installed: Installed,
+    /// Why: the files that differ and why they could not be healed.
+    why: String,
 }
 
 impl std::fmt::Debug for Instance {
@@ -401,6 +413,14 @@ fn routes(name: &ServiceName, service: &Service) -> Vec<(String, Option<SocketAd
         .collect()
 }
 
+/// The paths of the files a verification found bad, for messages.
+fn files_of(bad: &[(image_spec::TreeEntry, crate::release::ReleaseError)]) -> String {
+    bad.iter()
+        .map(|(e, _)| e.path().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn read_manifest(release: &Path) -> Result<ServiceManifest, UpgradeError> {
     let path = release.join(MANIFEST_FILE);
     let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
@@ -410,7 +430,7 @@ fn read_manifest(release: &Path) -> Result<ServiceManifest, UpgradeError> {
 
 impl Instance {
     /// Opens the instance at `config.root` and starts what its recorded state
-    /// says; a recorded release found corrupt stops the open (see
+    /// says; a recorded release found corrupt is held back, not started (see
     /// [`Instance::open_healing`]).
     pub async fn open(config: InstanceConfig) -> Result<Self, UpgradeError> {
         Self::open_healing(config, None).await
@@ -421,7 +441,10 @@ impl Instance {
     /// blobs of the files that differ are taken out of the blob cache (which
     /// may share their bad bytes), fetched anew and verified, put back in
     /// place of the bad files, and the release verified again before its
-    /// service starts. The bad bytes never serve.
+    /// service starts. The bad bytes never serve: a release that cannot be
+    /// healed now (no repository, or it cannot be reached) is held back, its
+    /// service not started and shown held by `status`, while the others serve;
+    /// the next upgrade heals and starts it before anything else.
     pub async fn open_healing(
         config: InstanceConfig,
         repo: Option<(&wire::Client, SocketAddr)>,
@@ -445,6 +468,7 @@ impl Instance {
             data_dirs: Default::default(),
             reaper: crate::reaper::Reaper::start(),
             cache_lock: Arc::default(),
+            held: BTreeMap::new(),
         };
         // What was started before a failure is stopped again: nothing is left
         // running by an open that failed.
@@ -473,18 +497,32 @@ impl Instance {
         let recorded = self.state.installed()?;
         let (_, generation) = self.recorded()?;
         self.data_dirs = self.state.data_dirs(generation)?;
+        let mut connected = None;
         for (name, s) in &recorded.services {
             let tree = self.tree_of(&s.release, s.tree)?;
-            self.heal(name, &s.release, &tree, repo).await?;
             let installed = Installed {
                 commit: s.commit,
                 tree,
                 dir: s.release.clone(),
             };
-            let log = self.log_path(name, generation);
-            let service = self.start_at_boot(name, installed, log).await?;
-            self.expose(name, &service).await?;
-            self.services.insert(name.clone(), service);
+            if let Err(e) = self.heal(name, &installed, repo, &mut connected).await {
+                // The bad bytes never serve, and the others still do: this
+                // one waits for the next upgrade, which heals it first.
+                tracing::error!(service = %name, error = %e, "holding back a corrupt release");
+                self.held.insert(
+                    name.clone(),
+                    Held {
+                        installed,
+                        why: e.to_string(),
+                    },
+                );
+                continue;
+            }
+            self.start_recorded_service(name, installed, generation)
+                .await?;
+        }
+        if let Some(c) = connected {
+            c.connection().close();
         }
         if generation > 0 {
             self.lifecycle.opened(generation);
@@ -492,32 +530,73 @@ impl Instance {
         Ok(())
     }
 
+    /// Starts a recorded service at boot (or once healed) and opens its
+    /// public ports.
+    async fn start_recorded_service(
+        &mut self,
+        name: &ServiceName,
+        installed: Installed,
+        generation: u64,
+    ) -> Result<(), UpgradeError> {
+        let log = self.log_path(name, generation);
+        let service = self.start_at_boot(name, installed, log).await?;
+        self.expose(name, &service).await?;
+        self.services.insert(name.clone(), service);
+        Ok(())
+    }
+
+    /// Heals and starts the services held back at boot, before an upgrade
+    /// plans anything; the first that cannot be healed fails the upgrade,
+    /// naming its files.
+    async fn heal_held(&mut self, repo: &RepoClient) -> Result<(), UpgradeError> {
+        let names: Vec<ServiceName> = self.held.keys().cloned().collect();
+        let (_, generation) = self.recorded()?;
+        for name in names {
+            let Some(held) = self.held.remove(&name) else {
+                continue;
+            };
+            let dir = held.installed.dir.clone();
+            let (d, t) = (dir.clone(), held.installed.tree.clone());
+            let bad = tokio::task::spawn_blocking(move || crate::release::verify_all(&d, &t))
+                .await
+                .map_err(|e| io_err(&dir)(std::io::Error::other(e)))?;
+            let healed = match bad.is_empty() {
+                true => Ok(()),
+                false => self.repair(&name, &held.installed, &bad, repo).await,
+            };
+            if let Err(e) = healed {
+                self.held.insert(name, held);
+                return Err(e);
+            }
+            info!(service = %name, "healed a release held back at boot; starting it");
+            self.start_recorded_service(&name, held.installed, generation)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Verifies a recorded release (on a blocking thread: it reads every
     /// byte) and heals what differs from the repository (see
-    /// [`Instance::open_healing`]).
+    /// [`Instance::open_healing`]), connecting to it the first time one is
+    /// needed (`connected`).
     async fn heal(
         &self,
         name: &ServiceName,
-        dir: &Path,
-        tree: &image_spec::Tree,
+        installed: &Installed,
         repo: Option<(&wire::Client, SocketAddr)>,
+        connected: &mut Option<RepoClient>,
     ) -> Result<(), UpgradeError> {
-        let (d, t) = (dir.to_owned(), tree.clone());
+        let dir = &installed.dir;
+        let (d, t) = (dir.to_owned(), installed.tree.clone());
         let bad = tokio::task::spawn_blocking(move || crate::release::verify_all(&d, &t))
             .await
             .map_err(|e| io_err(dir)(std::io::Error::other(e)))?;
         if bad.is_empty() {
             return Ok(());
         }
-        let files = bad
-            .iter()
-            .map(|(e, _)| e.path().to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
-        warn!(service = %name, %files, "a recorded release is corrupt; healing it");
         let corrupt = |why: String| UpgradeError::Corrupt {
             service: name.clone(),
-            files: files.clone(),
+            files: files_of(&bad),
             why,
         };
         let Some((client, addr)) = repo else {
@@ -526,9 +605,36 @@ impl Instance {
                 bad[0].1
             )));
         };
-        let repo = RepoClient::connect(client, addr)
-            .await
-            .map_err(|e| corrupt(format!("cannot reach the repository: {e}")))?;
+        if connected.is_none() {
+            *connected = Some(
+                RepoClient::connect(client, addr)
+                    .await
+                    .map_err(|e| corrupt(format!("cannot reach the repository: {e}")))?,
+            );
+        }
+        let repo = connected.as_ref().expect("connected just above");
+        self.repair(name, installed, &bad, repo).await
+    }
+
+    /// Heals the files `bad` of a recorded release from the repository: the
+    /// blobs of the files that differ are taken out of the blob cache (which
+    /// may share their bad bytes), fetched anew and verified, put back in
+    /// place of the bad files, and the release verified again.
+    async fn repair(
+        &self,
+        name: &ServiceName,
+        installed: &Installed,
+        bad: &[(image_spec::TreeEntry, crate::release::ReleaseError)],
+        repo: &RepoClient,
+    ) -> Result<(), UpgradeError> {
+        let dir = &installed.dir;
+        let files = files_of(bad);
+        warn!(service = %name, %files, "a recorded release is corrupt; healing it");
+        let corrupt = |why: String| UpgradeError::Corrupt {
+            service: name.clone(),
+            files: files.clone(),
+            why,
+        };
         let mut blobs: Vec<BlobId> = bad
             .iter()
             .filter(|(e, _)| e.link_target().is_none())
@@ -536,8 +642,6 @@ impl Instance {
             .collect();
         blobs.sort();
         blobs.dedup();
-        // The cache may share the bad bytes (a release links its files):
-        // those go aside, and the repository's verified bytes come instead.
         for id in &blobs {
             self.cache
                 .quarantine(id)
@@ -546,12 +650,11 @@ impl Instance {
         repo.fetch_blobs_to(&blobs, self.cache.dir())
             .await
             .map_err(|e| corrupt(format!("cannot fetch the files anew: {e}")))?;
-        repo.connection().close();
-        for (entry, _) in &bad {
+        for (entry, _) in bad {
             crate::release::restore(dir, entry, &self.cache.path(&entry.blob()))
                 .map_err(|e| corrupt(e.to_string()))?;
         }
-        let (d, t) = (dir.to_owned(), tree.clone());
+        let (d, t) = (dir.to_owned(), installed.tree.clone());
         tokio::task::spawn_blocking(move || verify(&d, &t))
             .await
             .map_err(|e| io_err(dir)(std::io::Error::other(e)))?
@@ -1097,6 +1200,7 @@ impl Instance {
         // No sweep of the blob cache while this upgrade fetches into it and
         // links from it.
         let _cache = self.cache_lock.clone().read_owned().await;
+        self.heal_held(repo).await?;
         let (mut survey, prepared) = self.survey(repo, target, options.strategy).await?;
         if options.skip_hooks {
             survey.skip_hooks();
@@ -1250,6 +1354,23 @@ impl Instance {
 
     /// Each service as `status` reports it.
     pub fn describe(&self) -> BTreeMap<ServiceName, wire::shell::ServiceStatus> {
+        let held = self.held.iter().map(|(name, h)| {
+            (
+                name.clone(),
+                wire::shell::ServiceStatus {
+                    commit: h.installed.commit,
+                    pid: None,
+                    state: format!(
+                        "held: its release is corrupt, healed and started by the next deploy: {}",
+                        h.why
+                    ),
+                    health: "unknown".to_owned(),
+                    uptime_secs: None,
+                    restarts: 0,
+                    ports: BTreeMap::new(),
+                },
+            )
+        });
         self.services
             .iter()
             .map(|(name, s)| {
@@ -1290,6 +1411,7 @@ impl Instance {
                     },
                 )
             })
+            .chain(held)
             .collect()
     }
 

@@ -111,14 +111,13 @@ async fn a_service_that_fails_at_boot_does_not_keep_the_others_down() {
     }
     let good_release = instance.release_dir(&svc("good")).unwrap().to_owned();
     let flaky_release = instance.release_dir(&svc("flaky")).unwrap().to_owned();
+    let good_tree = instance.state().installed().unwrap().services[&svc("good")].tree;
     instance.shutdown().await;
 
-    // An open that fails half way (good's release was tampered with, after
+    // An open that fails half way (good's stored tree is gone, found after
     // flaky started) stops what it started: nothing is left running.
-    // (A new file in its place: the release's own files are shared with the
-    // blob cache and other releases, which a write into them would reach.)
-    std::fs::remove_file(good_release.join("server.py")).unwrap();
-    write_file(&good_release, "server.py", b"print('tampered')\n");
+    assert!(good_release.exists());
+    std::fs::remove_file(cluster.path("instance/trees").join(good_tree.to_hex())).unwrap();
     let err = Instance::open(InstanceConfig {
         name: InstanceName::new("qa-1").unwrap(),
         root: cluster.path("instance"),
@@ -127,7 +126,10 @@ async fn a_service_that_fails_at_boot_does_not_keep_the_others_down() {
     })
     .await
     .unwrap_err();
-    assert!(err.to_string().contains("server.py"), "{err}");
+    assert!(
+        err.to_string().contains(&good_tree.to_hex().to_string()),
+        "{err}"
+    );
     // flaky was started (its process log for generation 2 was opened)…
     assert!(cluster.path("instance/logs/flaky/g2.log").exists());
     // …and no process runs from its release any more.
@@ -145,7 +147,7 @@ async fn a_service_that_fails_at_boot_does_not_keep_the_others_down() {
 
 /// A recorded release found corrupt at boot — a byte flipped in the blob
 /// cache (which the release shares), a file appended to, an executable
-/// deleted — stops a plain open, naming the files; an open that may reach
+/// deleted — holds its service back in a plain open, naming the files; an open that may reach
 /// the repository heals it (the cache's bad copies set aside, the blobs
 /// fetched anew and verified, the files put back) and the service serves its
 /// true bytes.
@@ -204,11 +206,22 @@ async fn a_corrupt_release_is_healed_from_the_repository_at_boot() {
         .unwrap();
     std::fs::remove_file(release.join("tool.sh")).unwrap();
 
-    let err = Instance::open(config.clone()).await.unwrap_err();
-    let text = err.to_string();
-    for name in ["server.py", "service.toml", "tool.sh", "no repository"] {
+    // Without a repository the shell still opens: the service is held back,
+    // named with its files, and its bad bytes are not served.
+    let instance = Instance::open(config.clone()).await.unwrap();
+    let status = instance.describe();
+    let text = &status[&svc("hello")].state;
+    for name in [
+        "held",
+        "server.py",
+        "service.toml",
+        "tool.sh",
+        "no repository",
+    ] {
         assert!(text.contains(name), "{text}");
     }
+    assert_eq!(instance.public_addr(&svc("hello"), "main"), None);
+    instance.shutdown().await;
     // `molt fsck --root` names the same damage, and the cache blob, and
     // leaves the healing to the start (the repository has the bytes).
     let report = shell::fsck::fsck(&config.root, true).unwrap();
@@ -324,4 +337,75 @@ async fn a_damaged_state_database_comes_back_on_the_last_recorded_generation() {
         );
         instance.shutdown().await;
     }
+}
+
+/// A release found corrupt at boot with no repository to heal it from: the
+/// shell starts and serves its other services; the next deploy heals the held
+/// one from the repository and starts it, before anything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_held_back_at_boot_is_healed_and_started_by_the_next_deploy() {
+    let cluster = TestCluster::start().await;
+    let dev = cluster.repo_client("user/ada/developer").await;
+    let repo = cluster.repo_client("shell/qa-1").await;
+    let mut target = BTreeMap::new();
+    for (name, port) in [("hello", 8080), ("other", 8081)] {
+        let dir = cluster.path(&format!("src/{name}"));
+        copy_example("hello", &dir);
+        let manifest = std::fs::read_to_string(dir.join("service.toml")).unwrap();
+        let manifest = manifest
+            .replace("name = \"hello\"", &format!("name = \"{name}\""))
+            .replace("port = 8080", &format!("port = {port}"));
+        write_file(&dir, "service.toml", manifest.as_bytes());
+        let pushed = dev.push(&dir, &push_main("v1"), |_| {}).await.unwrap();
+        target.insert(svc(name), pushed.commit);
+    }
+    let config = InstanceConfig {
+        name: InstanceName::new("qa-1").unwrap(),
+        root: cluster.path("instance"),
+        public_ports: PublicPorts::Ephemeral,
+        public_ip: shell::instance::LOOPBACK,
+    };
+    let mut instance = Instance::open(config.clone()).await.unwrap();
+    instance.upgrade(&repo, &target, None, "v1").await.unwrap();
+    let release = instance.release_dir(&svc("hello")).unwrap().to_owned();
+    instance.shutdown().await;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(release.join("server.py"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"\nraise SystemExit(3)\n"))
+        .unwrap();
+
+    let mut instance = Instance::open(config.clone()).await.unwrap();
+    assert!(instance.describe()[&svc("hello")].state.starts_with("held"));
+    assert_eq!(instance.public_addr(&svc("hello"), "main"), None);
+    let other = instance.public_addr(&svc("other"), "main").unwrap();
+    assert_eq!(
+        get_once(other, "/").await.0,
+        200,
+        "the others serve meanwhile"
+    );
+
+    // The same target again: nothing to change, but the held one is healed
+    // and started first.
+    instance
+        .upgrade(&repo, &target, None, "again")
+        .await
+        .unwrap();
+    assert!(
+        !instance.describe()[&svc("hello")].state.starts_with("held"),
+        "{:?}",
+        instance.describe()
+    );
+    let addr = instance.public_addr(&svc("hello"), "main").unwrap();
+    let (code, body) = get_once(addr, "/").await;
+    assert_eq!(
+        (code, version_of(&body)),
+        (200, "hello from molt".to_owned())
+    );
+    assert!(
+        !std::fs::read_to_string(release.join("server.py"))
+            .unwrap()
+            .contains("SystemExit(3)")
+    );
+    instance.shutdown().await;
 }
