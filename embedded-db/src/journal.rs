@@ -133,6 +133,16 @@ impl Contents {
         self.records.last().map(|(p, _)| *p).unwrap_or_default()
     }
 
+    /// The length of a journal file holding exactly the first `seq` of these
+    /// records (what cutting the journal back to them leaves).
+    pub fn file_len_through(&self, seq: usize) -> u64 {
+        let records: usize = self.records[..seq.min(self.records.len())]
+            .iter()
+            .map(|(_, p)| 8 + p.len() + 32)
+            .sum();
+        (MAGIC.len() + records) as u64
+    }
+
     /// The position after record `seq` (0: the start), if the journal holds it.
     pub fn position_at(&self, seq: u64) -> Option<Position> {
         if seq == 0 {
@@ -141,6 +151,76 @@ impl Contents {
         let i = usize::try_from(seq - 1).ok()?;
         self.records.get(i).map(|(p, _)| *p)
     }
+}
+
+/// How a database's applied position stands against its journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// The database has applied exactly the journal.
+    Agrees,
+    /// The database has applied a prefix of the journal (or never recorded a
+    /// position): it is brought forward from the journal.
+    DatabaseBehind,
+    /// The database has applied more records than the journal holds: the
+    /// journal lost its tail, or an older copy of it was restored.
+    JournalBehind {
+        /// The journal's records.
+        journal: u64,
+        /// What the database applied.
+        database: u64,
+    },
+    /// The database applied a different record than the journal holds at
+    /// that place: one of them was replaced.
+    Diverged {
+        /// The record.
+        seq: u64,
+    },
+}
+
+impl Contents {
+    /// How a database that has applied `applied` (`None`: never recorded)
+    /// stands against these records.
+    pub fn standing(&self, applied: Option<Position>) -> Standing {
+        let at = self.position();
+        match applied {
+            None => Standing::DatabaseBehind,
+            Some(a) if a.seq > at.seq => Standing::JournalBehind {
+                journal: at.seq,
+                database: a.seq,
+            },
+            Some(a) if self.position_at(a.seq) != Some(a) => Standing::Diverged { seq: a.seq },
+            Some(a) if a == at => Standing::Agrees,
+            Some(_) => Standing::DatabaseBehind,
+        }
+    }
+}
+
+impl std::fmt::Display for Standing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Standing::Agrees => f.write_str("the database has applied the whole journal"),
+            Standing::DatabaseBehind => f.write_str("the database has applied part of the journal"),
+            Standing::JournalBehind { journal, database } => write!(
+                f,
+                "the journal ends at record {journal} but the database applied {database}: the journal lost records"
+            ),
+            Standing::Diverged { seq } => {
+                write!(f, "the journal and the database disagree at record {seq}")
+            }
+        }
+    }
+}
+
+/// A damaged file or directory's name when it is set aside for a repair:
+/// `NAME.damaged-SECS`, beside it.
+pub fn aside_name(path: &Path) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(format!(".damaged-{secs}"));
+    path.with_file_name(name)
 }
 
 /// Reads and verifies the journal at `path` without changing it; a missing file
@@ -388,6 +468,11 @@ mod tests {
         assert_eq!(c.position_at(2), Some(c.records[1].0));
         assert_eq!(c.position_at(0), Some(Position::default()));
         assert_eq!(c.position_at(4), None);
+        assert_eq!(
+            c.file_len_through(3),
+            std::fs::metadata(&path).unwrap().len()
+        );
+        assert_eq!(c.file_len_through(1), 8 + 8 + 3 + 32);
         // Appending goes on from the end, and positions round-trip as bytes.
         let p = j.append(b"four").unwrap();
         assert_eq!(p.seq, 4);
@@ -455,6 +540,36 @@ mod tests {
             Journal::open(&path),
             Err(JournalError::NotAJournal { .. })
         ));
+    }
+
+    #[test]
+    fn a_database_position_stands_against_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = journal_with(dir.path(), &[b"alpha", b"bravo"]);
+        let c = read(&path).unwrap();
+        let (one, two) = (c.records[0].0, c.records[1].0);
+        assert_eq!(c.standing(Some(two)), Standing::Agrees);
+        assert_eq!(c.standing(Some(one)), Standing::DatabaseBehind);
+        assert_eq!(c.standing(None), Standing::DatabaseBehind);
+        let three = Position {
+            seq: 3,
+            chain: [7; 32],
+        };
+        assert_eq!(
+            c.standing(Some(three)),
+            Standing::JournalBehind {
+                journal: 2,
+                database: 3
+            }
+        );
+        let other = Position {
+            seq: 1,
+            chain: [9; 32],
+        };
+        assert_eq!(c.standing(Some(other)), Standing::Diverged { seq: 1 });
+        let aside = aside_name(&path);
+        assert!(aside.to_string_lossy().contains("j.damaged-"), "{aside:?}");
+        assert_eq!(aside.parent(), path.parent());
     }
 
     #[test]

@@ -20,7 +20,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use embedded_db::journal::{self, Journal};
+use embedded_db::journal::{self, Journal, Standing, aside_name};
 use image_spec::{BlobId, Commit, CommitId, Image, Tree, TreeId};
 
 use crate::blobs::{BlobError, FsBlobStore};
@@ -79,17 +79,6 @@ impl Report {
     }
 }
 
-/// A file or directory's name when it is set aside: `NAME.damaged-SECS`.
-fn aside_name(path: &Path) -> PathBuf {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let mut name = path.file_name().unwrap_or_default().to_owned();
-    name.push(format!(".damaged-{secs}"));
-    path.with_file_name(name)
-}
-
 /// Moves `path` aside ([`aside_name`]).
 fn set_aside(path: &Path) -> Result<PathBuf, FsckError> {
     let to = aside_name(path);
@@ -129,32 +118,17 @@ pub fn fsck(data: &Path, repair: bool) -> Result<Report, FsckError> {
     match embedded_db::open(&index_dir, meta::CACHE_BYTES) {
         Ok(db) => {
             let (applied, refs) = meta::read_index(&db)?;
-            let at = contents.position();
-            match applied {
-                Some(a) if a.seq > at.seq => {
+            match contents.standing(applied) {
+                bad @ (Standing::JournalBehind { .. } | Standing::Diverged { .. }) => {
                     journal_damaged = true;
-                    report.problems.push(format!(
-                        "the journal ends at record {} but the index applied {}: the journal lost records",
-                        at.seq, a.seq
-                    ));
+                    report.problems.push(bad.to_string());
                 }
-                Some(a) if contents.position_at(a.seq) != Some(a) => {
-                    journal_damaged = true;
-                    report.problems.push(format!(
-                        "the journal and the index disagree at record {}",
-                        a.seq
-                    ));
-                }
-                _ => {
+                standing => {
                     for d in journal_refs.differences(&refs) {
                         report.problems.push(format!("index: {d}"));
                     }
-                    if applied != Some(at) && !records.is_empty() {
-                        report.problems.push(format!(
-                            "index: applied {} of the journal's {} records",
-                            applied.map_or(0, |p| p.seq),
-                            at.seq
-                        ));
+                    if standing == Standing::DatabaseBehind && !records.is_empty() {
+                        report.problems.push(format!("index: {standing}"));
                     }
                 }
             }

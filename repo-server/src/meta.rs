@@ -39,7 +39,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use embedded_db::journal::{Contents, Journal, JournalError, Position};
+use embedded_db::journal::{Contents, Journal, JournalError, Position, Standing};
 use image_spec::{
     BranchName, Commit, CommitId, DecodeError, IdPrefix, Image, ImageId, ImageName, ServiceName,
     Timestamp, Tree, TreeId,
@@ -465,24 +465,21 @@ impl SledMeta {
             }
         }
         let journal_at = records.last().map(|(p, _)| *p).unwrap_or_default();
-        if let Some(applied) = applied {
-            if applied.seq > journal_at.seq {
+        match contents.standing(applied) {
+            Standing::JournalBehind { journal, database } => {
                 return Err(MetaError::JournalBehind {
                     path: meta.journal_path.clone(),
-                    journal: journal_at.seq,
-                    index: applied.seq,
+                    journal,
+                    index: database,
                 });
             }
-            if contents
-                .position_at(applied.seq)
-                .is_some_and(|p| p != applied)
-                || (applied.seq > 0 && records.is_empty())
-            {
+            Standing::Diverged { seq } => {
                 return Err(MetaError::Diverged {
                     path: meta.journal_path.clone(),
-                    seq: applied.seq,
+                    seq,
                 });
             }
+            Standing::Agrees | Standing::DatabaseBehind => {}
         }
         let expected = replay(records.iter().map(|(_, r)| r));
         let mut differences = expected.differences(&meta.indexed_refs()?);

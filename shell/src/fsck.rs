@@ -14,7 +14,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use embedded_db::journal::{self, Journal, JournalError};
+use embedded_db::journal::{self, Journal, JournalError, Standing, aside_name};
 use image_spec::{BlobId, Tree};
 
 use crate::cache::BlobCache;
@@ -66,17 +66,6 @@ pub struct Report {
     pub lost: Vec<String>,
 }
 
-/// `NAME.damaged-SECS` beside `path`.
-fn aside_name(path: &Path) -> PathBuf {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let mut name = path.file_name().unwrap_or_default().to_owned();
-    name.push(format!(".damaged-{secs}"));
-    path.with_file_name(name)
-}
-
 /// Checks the instance in `root` (its shell stopped: the database's lock says
 /// so if not); with `repair`, repairs it (see the module docs).
 pub fn fsck(root: &Path, repair: bool) -> Result<Report, FsckError> {
@@ -106,21 +95,10 @@ pub fn fsck(root: &Path, repair: bool) -> Result<Report, FsckError> {
                 .get(b"at")
                 .map_err(StateError::from)?
                 .and_then(|v| journal::Position::from_bytes(&v));
-            let at = contents.position();
-            match applied {
-                Some(a) if a.seq > at.seq => {
+            match contents.standing(applied) {
+                bad @ (Standing::JournalBehind { .. } | Standing::Diverged { .. }) => {
                     journal_damaged = true;
-                    report.problems.push(format!(
-                        "the journal ends at record {} but the database applied {}: the journal lost records",
-                        at.seq, a.seq
-                    ));
-                }
-                Some(a) if contents.position_at(a.seq) != Some(a) => {
-                    journal_damaged = true;
-                    report.problems.push(format!(
-                        "the journal and the database disagree at record {}",
-                        a.seq
-                    ));
+                    report.problems.push(bad.to_string());
                 }
                 _ => {
                     for d in state::differences(&expected, &tables) {

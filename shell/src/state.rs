@@ -42,7 +42,7 @@ use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use embedded_db::journal::{Contents, Journal, JournalError, Position};
+use embedded_db::journal::{Contents, Journal, JournalError, Position, Standing};
 
 use image_spec::{CommitId, ImageId, ImageName, ServiceName, Timestamp, TreeId};
 use serde::{Deserialize, Serialize};
@@ -555,24 +555,21 @@ impl State {
             }
         }
         let at = records.last().map(|(p, _)| *p).unwrap_or_default();
-        if let Some(applied) = applied {
-            if applied.seq > at.seq {
+        match contents.standing(applied) {
+            Standing::JournalBehind { journal, database } => {
                 return Err(StateError::JournalBehind {
                     path: state.journal_path.clone(),
-                    journal: at.seq,
-                    index: applied.seq,
+                    journal,
+                    index: database,
                 });
             }
-            if contents
-                .position_at(applied.seq)
-                .is_some_and(|p| p != applied)
-                || (applied.seq > 0 && records.is_empty())
-            {
+            Standing::Diverged { seq } => {
                 return Err(StateError::Diverged {
                     path: state.journal_path.clone(),
-                    seq: applied.seq,
+                    seq,
                 });
             }
+            Standing::Agrees | Standing::DatabaseBehind => {}
         }
         let expected = replay(records.iter().map(|(_, r)| r))?;
         let differences = differences(&expected, &state.tables()?);

@@ -144,13 +144,7 @@ fn a_journal_that_lost_its_tail_is_refused_and_the_repair_takes_the_refs_back_fr
     // Cut back to three records, at a record boundary: it verifies, but the
     // index has applied five.
     let mut bytes = std::fs::read(&journal).unwrap();
-    let len_of = |n: usize| -> usize {
-        8 + records.records[..n]
-            .iter()
-            .map(|(_, p)| 8 + p.len() + 32)
-            .sum::<usize>()
-    };
-    bytes.truncate(len_of(3));
+    bytes.truncate(records.file_len_through(3) as usize);
     std::fs::write(&journal, &bytes).unwrap();
 
     let err = SledMeta::open(dir.path()).unwrap_err();
@@ -482,12 +476,8 @@ mod shell_state {
         // Allocated and recorded 1, allocated 2, an outcome, allocated and
         // recorded 3, the outcome again.
         assert_eq!(records.records.len(), 7);
-        let keep = 8 + records.records[..3]
-            .iter()
-            .map(|(_, p)| 8 + p.len() + 32)
-            .sum::<usize>();
         let mut bytes = std::fs::read(&journal).unwrap();
-        bytes.truncate(keep);
+        bytes.truncate(records.file_len_through(3) as usize);
         std::fs::write(&journal, &bytes).unwrap();
 
         let err = State::open(&dir.path().join("state")).unwrap_err();
