@@ -15,7 +15,12 @@
 //!    - OSTree: `ostree pull-local` of v2 into a bare repository holding v1,
 //!      then `ostree checkout -H` (hard links) of v2 (v2 and its objects
 //!      pruned, its checkout removed before each trial).
-//! 4. What one connection's handshake costs on the wire, and a one-shot
+//! 4. The whole deploy of the same change: the files with a runnable HTTP
+//!    service beside them (`examples/hello`'s), on a running instance
+//!    (`shell::instance::Instance::upgrade`: diff, fetch, new release, start
+//!    the new process, health, cutover, record, stop the old), alternating
+//!    between the two versions; medians of the same number of deploys.
+//! 5. What one connection's handshake costs on the wire, and a one-shot
 //!    client's connect → call → shutdown.
 //!
 //! Run: `scripts/bench-update` (installs rsync and ostree if missing) or
@@ -28,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use image_spec::{InstanceName, ServiceName};
 use molt_e2e::bench::{RsyncDaemon, env_or, generate_service, middle_file};
-use molt_e2e::{TestCluster, push_main, write_file};
+use molt_e2e::{TestCluster, copy_example, push_main, write_file};
 use shell::install::{BlobCache, InstallContext, install};
 use shell::release::Releases;
 
@@ -175,6 +180,39 @@ async fn main() -> Res<()> {
         assert_eq!(std::fs::read(ostree_v2.join(changed))?, v2_bytes);
     }
 
+    // The whole deploy: the same files and change, as a service that runs.
+    let mut commits = Vec::new();
+    for (v, src) in [("w1", &v1_dir), ("w2", &v2_dir)] {
+        let dir = cluster.path(&format!("whole-{v}"));
+        run(Command::new("cp").arg("-a").arg(src).arg(&dir))?;
+        copy_example("hello", &dir);
+        commits.push(dev.push(&dir, &push_main(v), |_| {}).await?.commit);
+    }
+    let hello = ServiceName::new("hello")?;
+    let mut running = shell::instance::Instance::open(shell::instance::InstanceConfig {
+        name: InstanceName::new("whole")?,
+        root: cluster.path("whole-instance"),
+        public_ports: shell::instance::PublicPorts::Ephemeral,
+        public_ip: shell::instance::LOOPBACK,
+    })
+    .await?;
+    let target = |c| std::collections::BTreeMap::from([(hello.clone(), c)]);
+    running
+        .upgrade(&shell_repo, &target(commits[0]), None, "w1")
+        .await?;
+    let mut deploy_t = Vec::new();
+    for trial in 0..trials {
+        eprintln!("deploy {}/{trials} ...", trial + 1);
+        let commit = commits[(trial + 1) % 2];
+        sync_disk();
+        let t = Instant::now();
+        running
+            .upgrade(&shell_repo, &target(commit), None, "bench")
+            .await?;
+        deploy_t.push(t.elapsed());
+    }
+    running.shutdown().await;
+
     // A one-shot client: what its handshake sends and receives, and connect →
     // one call → shutdown.
     let mut oneshot = Vec::new();
@@ -208,6 +246,11 @@ async fn main() -> Res<()> {
     println!(
         "molt / OSTree: {:.2}   (goal: <= 0.5 of OSTree's time, <= rsync's)",
         molt_m.as_secs_f64() / ostree_m.as_secs_f64()
+    );
+    row(
+        "whole deploy on a running instance (start, health, cutover)",
+        median(deploy_t),
+        rsync_m,
     );
     println!();
     println!(
