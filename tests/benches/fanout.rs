@@ -104,6 +104,36 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
         .ok()
 }
 
+/// CPU seconds (user + system) process `pid` has used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): state is the
+    // first, utime and stime the 12th and 13th.
+    let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// What this machine's disk writes durably, in MB/s: `mb` MiB with `dd`,
+/// synced before it ends (the ceiling for installs, which sync what they
+/// fetch).
+fn durable_write_mbs(dir: &Path, mb: u64) -> Res<f64> {
+    let file = dir.join("dd-probe");
+    let t = Instant::now();
+    let status = std::process::Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", file.display()))
+        .args(["bs=1M", &format!("count={mb}"), "conv=fsync", "status=none"])
+        .status()?;
+    let elapsed = t.elapsed();
+    std::fs::remove_file(&file)?;
+    if !status.success() {
+        return Err("dd failed".into());
+    }
+    Ok((mb << 20) as f64 / 1e6 / elapsed.as_secs_f64())
+}
+
 /// N instances installing `commit` at once; the wall time.
 async fn fan_out(
     cluster: &TestCluster,
@@ -176,6 +206,8 @@ struct Row {
     /// What the server read for the fan-out: through system calls, and from
     /// the disk.
     read: (u64, u64),
+    /// CPU seconds the shells (this process) and the server used.
+    cpu: (f64, f64),
 }
 
 #[tokio::main]
@@ -213,6 +245,7 @@ async fn main() -> Res<()> {
 
     let work = cluster.path("work");
     std::fs::create_dir_all(&work)?;
+    let disk_mbs = durable_write_mbs(&work, 256)?;
     let mut rows = Vec::new();
     for n in fanout {
         eprintln!("{n} instance(s) at once ...");
@@ -228,7 +261,12 @@ async fn main() -> Res<()> {
             })
         };
         let reads_before = server.reads();
+        let cpu_before = (cpu_secs(std::process::id()), cpu_secs(server.pid));
         let molt_t = fan_out(&cluster, server.addr, n, pushed.commit, &work).await?;
+        let cpu = (
+            cpu_secs(std::process::id()) - cpu_before.0,
+            cpu_secs(server.pid) - cpu_before.1,
+        );
         let reads_after = server.reads();
         done.store(true, Ordering::Relaxed);
         sampler.await?;
@@ -248,6 +286,7 @@ async fn main() -> Res<()> {
                 reads_after.0 - reads_before.0,
                 reads_after.1 - reads_before.1,
             ),
+            cpu,
         });
     }
 
@@ -257,6 +296,10 @@ async fn main() -> Res<()> {
         bytes as f64 / 1e6
     );
     println!("loopback QUIC ceiling (one connection, 256 MiB): {ceiling_mbs:.0} MB/s");
+    println!(
+        "durable disk writes here (dd 256 MiB, conv=fsync): {disk_mbs:.0} MB/s — an install makes \
+         every byte durable, rsync does not"
+    );
     println!("repository server VmRSS idle after the push: {rss_idle} KiB");
     println!();
     println!(
@@ -273,7 +316,7 @@ async fn main() -> Res<()> {
         "read MB",
         "disk MB"
     );
-    for r in rows {
+    for r in &rows {
         let total = bytes as f64 * r.n as f64 / 1e6;
         let (ours, theirs) = (total / r.molt.as_secs_f64(), total / r.rsync.as_secs_f64());
         println!(
@@ -295,6 +338,22 @@ async fn main() -> Res<()> {
         "(read MB: what the server read to serve the N instances; disk MB: what of it came \
          from the disk rather than the page cache)"
     );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!();
+    println!("CPU during the fan-out ({cores} cores here):");
+    println!(
+        "{:>3} {:>12} {:>12} {:>14}",
+        "N", "shells s", "server s", "cores busy"
+    );
+    for r in &rows {
+        println!(
+            "{:>3} {:>12.1} {:>12.1} {:>14.2}",
+            r.n,
+            r.cpu.0,
+            r.cpu.1,
+            (r.cpu.0 + r.cpu.1) / r.molt.as_secs_f64()
+        );
+    }
     println!("(goals: >= 0.70 of the ceiling, >= 0.5 of N parallel rsync)");
     drop(server.child);
     Ok(())
