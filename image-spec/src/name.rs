@@ -3,7 +3,9 @@
 //! A name is 1 to its kind's maximum length of lowercase ASCII letters, digits,
 //! `-`, `_` and `.`, and starts with a letter or digit. That makes every name safe
 //! as a directory name, a URL segment and a sled key prefix, and keeps `orders`
-//! and `Orders` from being two services.
+//! and `Orders` from being two services. A branch name may also be several such
+//! parts joined by `/` (`dev/ada`, a developer's own branch): never a directory
+//! name or a path segment, and no part of it can be `.` or `..`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -51,6 +53,53 @@ pub enum NameError {
         /// The name.
         name: String,
     },
+    /// A branch name has an empty part (`/dev`, `dev/`, `dev//ada`).
+    #[error("{kind} name `{name}` has an empty part between `/`")]
+    EmptyPart {
+        /// `branch`.
+        kind: &'static str,
+        /// The name.
+        name: String,
+    },
+}
+
+/// A branch name: one or more names joined by `/`, within `max` characters
+/// in all.
+fn check_branch(kind: &'static str, max: usize, s: &str) -> Result<(), NameError> {
+    if !s.contains('/') {
+        return check_name(kind, max, s);
+    }
+    let len = s.chars().count();
+    if len > max {
+        return Err(NameError::TooLong {
+            kind,
+            name: s.chars().take(80).collect(),
+            len,
+            max,
+        });
+    }
+    for part in s.split('/') {
+        if part.is_empty() {
+            return Err(NameError::EmptyPart {
+                kind,
+                name: s.to_owned(),
+            });
+        }
+        // A part's own error names the whole branch.
+        check_name(kind, max, part).map_err(|e| match e {
+            NameError::BadChar { kind, found, .. } => NameError::BadChar {
+                kind,
+                name: s.to_owned(),
+                found,
+            },
+            NameError::BadStart { kind, .. } => NameError::BadStart {
+                kind,
+                name: s.to_owned(),
+            },
+            other => other,
+        })?;
+    }
+    Ok(())
 }
 
 fn check_name(kind: &'static str, max: usize, s: &str) -> Result<(), NameError> {
@@ -85,6 +134,9 @@ fn check_name(kind: &'static str, max: usize, s: &str) -> Result<(), NameError> 
 
 macro_rules! name_type {
     ($(#[$doc:meta])* $name:ident, $kind:literal, $max:expr) => {
+        name_type!($(#[$doc])* $name, $kind, $max, check_name);
+    };
+    ($(#[$doc:meta])* $name:ident, $kind:literal, $max:expr, $check:ident) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
@@ -96,7 +148,7 @@ macro_rules! name_type {
 
             /// Parses `s`.
             pub fn new(s: &str) -> Result<Self, NameError> {
-                check_name($kind, Self::MAX_LEN, s)?;
+                $check($kind, Self::MAX_LEN, s)?;
                 Ok(Self(s.to_owned()))
             }
 
@@ -116,7 +168,7 @@ macro_rules! name_type {
         impl TryFrom<String> for $name {
             type Error = NameError;
             fn try_from(s: String) -> Result<Self, Self::Error> {
-                check_name($kind, Self::MAX_LEN, &s)?;
+                $check($kind, Self::MAX_LEN, &s)?;
                 Ok(Self(s))
             }
         }
@@ -154,10 +206,12 @@ name_type!(
     64
 );
 name_type!(
-    /// A branch of one service's history, e.g. `main` (the ref is `orders/main`).
+    /// A branch of one service's history, e.g. `main` (the ref is
+    /// `orders/main`) or a developer's `dev/ada`.
     BranchName,
     "branch",
-    64
+    64,
+    check_branch
 );
 name_type!(
     /// An image's name, e.g. `shop-2026.11.23`.
@@ -190,6 +244,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn branches_may_have_parts_joined_by_slashes_and_nothing_else_may() {
+        for ok in ["main", "dev/ada", "qa/ada/fix-1.2"] {
+            assert_eq!(BranchName::new(ok).unwrap().as_str(), ok);
+            let json = serde_json::to_string(&BranchName::new(ok).unwrap()).unwrap();
+            assert_eq!(
+                serde_json::from_str::<BranchName>(&json).unwrap().as_str(),
+                ok
+            );
+        }
+        for bad in ["/dev", "dev/", "dev//ada"] {
+            assert!(
+                matches!(BranchName::new(bad), Err(NameError::EmptyPart { .. })),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            BranchName::new("dev/../main"),
+            Err(NameError::BadStart { name, .. }) if name == "dev/../main"
+        ));
+        assert!(matches!(
+            BranchName::new("dev/Ada"),
+            Err(NameError::BadChar { found: 'A', name, .. }) if name == "dev/Ada"
+        ));
+        let long = format!("dev/{}", "a".repeat(61));
+        assert!(matches!(
+            BranchName::new(&long),
+            Err(NameError::TooLong { len: 65, .. })
+        ));
+        // Other names keep `/` out: they are directory names and path segments.
+        assert!(ServiceName::new("dev/ada").is_err());
+        assert!(ImageName::new("a/b").is_err());
+        assert!(UserName::new("a/b").is_err());
+    }
+
+    #[test]
     fn accepts_and_rejects() {
         for ok in ["orders", "a", "v1.2_rc-3", "0day"] {
             assert_eq!(ServiceName::new(ok).unwrap().as_str(), ok);
@@ -203,8 +292,8 @@ mod tests {
             Err(NameError::BadChar { found: 'O', .. })
         ));
         assert!(matches!(
-            BranchName::new("feature/x"),
-            Err(NameError::BadChar { found: '/', .. })
+            BranchName::new("feature x"),
+            Err(NameError::BadChar { found: ' ', .. })
         ));
         assert!(matches!(
             ImageName::new(".."),

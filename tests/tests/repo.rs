@@ -883,3 +883,48 @@ async fn a_corrupt_or_lost_blob_is_quarantined_and_repaired_by_the_next_push() {
         .collect();
     assert_eq!(quarantined.len(), 2, "a and b: {quarantined:?}");
 }
+
+/// A developer's own branch is named `dev/<user>`: pushed to, listed,
+/// resolved, and kept across a restart like any branch, apart from `main`.
+#[tokio::test]
+async fn a_branch_named_dev_slash_user_is_a_branch_like_any_other() {
+    let mut cluster = TestCluster::start().await;
+    let dev = cluster.repo_client("user/ada/developer").await;
+    let dir = cluster.path("orders");
+    write_service(&dir, "orders", &[("src/main.rs", b"fn main() {}")]);
+    let main = dev.push(&dir, &push_main("main"), |_| {}).await.unwrap();
+    write_file(&dir, "src/main.rs", b"fn main() { /* ada's */ }");
+    let mine = dev
+        .push(
+            &dir,
+            &repo_client::PushOptions {
+                branch: "dev/ada".parse().unwrap(),
+                message: "mine".into(),
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(mine.branch.as_str(), "dev/ada");
+    assert_ne!(mine.commit, main.commit);
+    for _ in 0..2 {
+        let dev = cluster.repo_client("user/ada/developer").await;
+        assert_eq!(
+            dev.resolve(&svc("orders"), "dev/ada").await.unwrap(),
+            mine.commit
+        );
+        assert_eq!(
+            dev.resolve(&svc("orders"), "main").await.unwrap(),
+            main.commit
+        );
+        let branches: Vec<String> = dev
+            .branches(Some(&svc("orders")))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|b| b.branch.to_string())
+            .collect();
+        assert_eq!(branches, ["dev/ada", "main"]);
+        cluster.restart_repo().await;
+    }
+}
