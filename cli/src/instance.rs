@@ -148,6 +148,34 @@ pub(crate) async fn command(
     instance: &str,
     req: ShellRequest,
 ) -> Result<ShellResponse> {
+    command_with(config, instance, req, true).await
+}
+
+/// [`command`] without printing the upgrade's steps (`molt watch` prints one
+/// line per cycle).
+pub(crate) async fn command_quiet(
+    config: Option<&Path>,
+    instance: &str,
+    req: ShellRequest,
+) -> Result<ShellResponse> {
+    command_with(config, instance, req, false).await
+}
+
+/// Did the shell refuse the request (no grant, a staging or production
+/// instance), rather than fail carrying it out?
+pub(crate) fn is_refusal(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<wire::repo::RemoteError>()
+            .is_some_and(|r| matches!(r.kind, wire::repo::ErrorKind::PermissionDenied))
+    })
+}
+
+async fn command_with(
+    config: Option<&Path>,
+    instance: &str,
+    req: ShellRequest,
+    show_steps: bool,
+) -> Result<ShellResponse> {
     let loaded = Loaded::read(config)?;
     let creds = loaded.credentials()?;
     let (name, addr) = target(&loaded, instance)?;
@@ -164,8 +192,9 @@ pub(crate) async fn command(
     // An upgrade reports its steps as it goes: show them on stderr (stdout keeps
     // the one answer, or the one JSON document).
     let reply: ShellReply = wire::shell::call(&conn, &req, |update| match update {
-        Update::Progress(p) => eprintln!("  {name}: {p}"),
-        Update::Step(e) => eprintln!("  {name}: {e}"),
+        Update::Progress(p) if show_steps => eprintln!("  {name}: {p}"),
+        Update::Step(e) if show_steps => eprintln!("  {name}: {e}"),
+        _ => {}
     })
     .await?;
     conn.close();

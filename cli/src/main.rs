@@ -11,6 +11,7 @@ mod portal;
 mod repo;
 mod signals;
 mod up;
+mod watch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -100,6 +101,19 @@ enum Command {
         /// certificate [default: from molt.toml].
         #[arg(long)]
         https: Option<SocketAddr>,
+    },
+    /// Watch a service's directory: each settled change is pushed to your own
+    /// branch (dev/<user>) and pulled onto a development or quality instance;
+    /// one line per cycle (--json: one JSON object). Ctrl-C stops.
+    Watch {
+        /// The service directory (holds service.toml).
+        dir: PathBuf,
+        /// The instance: NAME@ADDR, or a NAME under [instances] in molt.toml.
+        #[arg(long)]
+        instance: String,
+        /// The branch to push to [default: dev/<your user name>].
+        #[arg(long)]
+        branch: Option<String>,
     },
     /// Check a stopped repository's or instance's stores, and repair them.
     ///
@@ -554,6 +568,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cert {
             command: CertCommand::Revoke { certificate },
         } => cluster::revoke(cli.config.as_deref(), &certificate, json),
+        Command::Watch {
+            dir,
+            instance,
+            branch,
+        } => {
+            watch::watch(
+                cli.config.as_deref(),
+                cli.repo,
+                watch::WatchArgs {
+                    dir,
+                    instance,
+                    branch,
+                    json,
+                },
+            )
+            .await
+        }
         Command::Fsck { data, root, repair } => {
             cluster::fsck(cli.config.as_deref(), data, root, repair)
         }

@@ -1,0 +1,268 @@
+//! `molt watch DIR --instance I`: save in the editor, the instance serves it.
+//!
+//! The service directory is watched (`notify` with a debouncer). Each settled
+//! batch of changes is one cycle: the directory is scanned (`.moltignore`
+//! honoured); if no file's content changed, nothing happens; otherwise it is
+//! pushed to the developer's own branch (`dev/<user>` unless `--branch` says)
+//! and pulled onto the instance, and one line says what changed, the bytes
+//! sent, the build's time and the time from the save to the new version
+//! serving. A failed cycle (a build error) prints its error lines and the old
+//! version keeps serving; the watcher goes on. Changes that arrive during a
+//! cycle are the next cycle's: the debouncer keeps collecting while a cycle
+//! runs, so none is lost. A refusal (a staging or production instance, a
+//! missing grant) ends the watch. Ctrl-C ends it between or during cycles.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use image_spec::{ServiceName, TreeId};
+use notify::RecursiveMode;
+use notify_debouncer_full::{DebounceEventResult, new_debouncer};
+use tokio::sync::mpsc;
+use wire::shell::{ShellRequest, ShellResponse};
+
+use crate::config::Loaded;
+use crate::repo::Context;
+
+/// How long the files must be quiet before a batch of saves is a cycle.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// What `molt watch` was asked.
+#[derive(Debug, Clone)]
+pub(crate) struct WatchArgs {
+    /// The service directory.
+    pub(crate) dir: PathBuf,
+    /// The instance: NAME@ADDR, or a NAME under `[instances]`.
+    pub(crate) instance: String,
+    /// The branch to push to (default `dev/<user>`).
+    pub(crate) branch: Option<String>,
+    /// One JSON object per cycle.
+    pub(crate) json: bool,
+}
+
+/// Is `path` an editor's temporary or backup file (never a reason to cycle)?
+fn is_editor_temp(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    name.ends_with('~')
+        || name.ends_with(".swp")
+        || name.ends_with(".swx")
+        || name.ends_with(".swo")
+        || name.ends_with(".tmp")
+        || name.starts_with(".#")
+        || (name.starts_with('#') && name.ends_with('#'))
+        || name == "4913"
+        || path.components().any(|c| c.as_os_str() == ".git")
+}
+
+/// The tree the directory holds now (`.moltignore` honoured).
+async fn scan(dir: &Path) -> Result<TreeId> {
+    let d = dir.to_owned();
+    let scanned = tokio::task::spawn_blocking(move || image_spec::scan_dir(&d))
+        .await?
+        .with_context(|| format!("cannot read `{}`", dir.display()))?;
+    Ok(scanned.tree.id())
+}
+
+/// `molt watch` (see the module docs).
+pub(crate) async fn watch(
+    config: Option<&Path>,
+    repo: Option<std::net::SocketAddr>,
+    args: WatchArgs,
+) -> Result<()> {
+    let loaded = Loaded::read(config)?;
+    let user = match loaded.credentials()?.identity {
+        wire::Identity::User { name, .. } => name,
+        other => bail!("`molt watch` runs as a person; the configured certificate is `{other}`"),
+    };
+    let branch = args.branch.clone().unwrap_or_else(|| format!("dev/{user}"));
+    image_spec::BranchName::new(&branch)?;
+    let ctx = Context::open(config, repo).await?;
+
+    // Every settled batch's earliest change, for the save → serving time.
+    let (tx, mut rx) = mpsc::unbounded_channel::<Instant>();
+    let mut debouncer = new_debouncer(SETTLE, None, move |res: DebounceEventResult| {
+        let Ok(events) = res else {
+            return;
+        };
+        let earliest = events
+            .iter()
+            .filter(|e| e.paths.iter().any(|p| !is_editor_temp(p)))
+            .map(|e| e.time)
+            .min();
+        if let Some(t) = earliest {
+            let _ = tx.send(t);
+        }
+    })
+    .context("cannot watch files")?;
+    debouncer
+        .watch(&args.dir, RecursiveMode::Recursive)
+        .with_context(|| format!("cannot watch `{}`", args.dir.display()))?;
+    if !args.json {
+        eprintln!(
+            "watching {} → branch {branch} → {} (Ctrl-C stops)",
+            args.dir.display(),
+            args.instance
+        );
+    }
+
+    let mut last: Option<TreeId> = None;
+    let mut pending = Some(Instant::now());
+    loop {
+        let saved = match pending.take() {
+            Some(t) => t,
+            None => tokio::select! {
+                t = rx.recv() => match t {
+                    Some(t) => t,
+                    None => bail!("the file watcher stopped"),
+                },
+                _ = tokio::signal::ctrl_c() => break,
+            },
+        };
+        // Everything saved up to now is in this cycle.
+        let mut saved = saved;
+        while let Ok(t) = rx.try_recv() {
+            saved = saved.min(t);
+        }
+        let cycle = tokio::select! {
+            c = cycle(config, &ctx, &args, &branch, last, saved) => c,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        match cycle {
+            Ok(Some((tree, line))) => {
+                last = Some(tree);
+                println!("{line}");
+            }
+            Ok(None) => {}
+            Err(Cycle::Failed(tree, line)) => {
+                // The same bytes would fail the same way: wait for a change.
+                last = Some(tree);
+                println!("{line}");
+            }
+            Err(Cycle::Refused(e)) => return Err(e),
+        }
+    }
+    ctx.close().await;
+    Ok(())
+}
+
+/// A cycle that did not serve.
+enum Cycle {
+    /// The build (or the pull) failed: the old version serves; the line says why.
+    Failed(TreeId, String),
+    /// The instance or repository refused: the watch ends.
+    Refused(anyhow::Error),
+}
+
+/// One cycle: scan, push, pull. `Ok(None)`: nothing changed.
+async fn cycle(
+    config: Option<&Path>,
+    ctx: &Context,
+    args: &WatchArgs,
+    branch: &str,
+    last: Option<TreeId>,
+    saved: Instant,
+) -> Result<Option<(TreeId, String)>, Cycle> {
+    let tree = scan(&args.dir).await.map_err(Cycle::Refused)?;
+    if Some(tree) == last {
+        return Ok(None);
+    }
+    let pushed = match ctx
+        .push_report(&args.dir, "molt watch", branch, false)
+        .await
+    {
+        Ok(p) => p,
+        // Saved again while it was read: the next cycle has the new content.
+        Err(_) if scan(&args.dir).await.ok() != Some(tree) => return Ok(None),
+        Err(e) => return Err(Cycle::Refused(e)),
+    };
+    let service: ServiceName = pushed.service.clone();
+    let req = ShellRequest::Pull {
+        service: service.clone(),
+        rev: branch.to_owned(),
+    };
+    let answer = crate::instance::command_quiet(config, &args.instance, req).await;
+    let serving = saved.elapsed();
+    let summary = match answer {
+        Ok(ShellResponse::Upgraded(s)) => s,
+        Ok(_) => {
+            return Err(Cycle::Refused(anyhow::anyhow!(
+                "the shell answered with something else than an upgrade"
+            )));
+        }
+        Err(e) if crate::instance::is_refusal(&e) => return Err(Cycle::Refused(e)),
+        Err(e) => {
+            let why = format!("{e:#}");
+            let line = if args.json {
+                serde_json::json!({
+                    "service": service,
+                    "commit": pushed.commit.to_hex().to_string(),
+                    "ok": false,
+                    "bytes_sent": pushed.bytes_sent,
+                    "error": why,
+                })
+                .to_string()
+            } else {
+                format!(
+                    "{service} {}: FAILED, the old version serves: {why}",
+                    pushed.commit.short(10)
+                )
+            };
+            return Err(Cycle::Failed(tree, line));
+        }
+    };
+    let build_ms: u64 = summary
+        .steps
+        .iter()
+        .filter(|s| matches!(s.step, wire::plan::Step::Build { .. }))
+        .map(|s| s.millis)
+        .sum();
+    let line = if args.json {
+        serde_json::json!({
+            "service": service,
+            "commit": pushed.commit.to_hex().to_string(),
+            "ok": true,
+            "files": pushed.files,
+            "blobs_sent": pushed.blobs_sent,
+            "bytes_sent": pushed.bytes_sent,
+            "build_ms": build_ms,
+            "save_to_serving_ms": serving.as_millis() as u64,
+            "generation": summary.generation,
+        })
+        .to_string()
+    } else {
+        format!(
+            "{service} {}: {} blob(s) changed, {} B sent, build {build_ms} ms, save → serving {} ms",
+            pushed.commit.short(10),
+            pushed.blobs_sent,
+            pushed.bytes_sent,
+            serving.as_millis()
+        )
+    };
+    Ok(Some((tree, line)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn editors_temporary_files_are_told_apart() {
+        for temp in [
+            "a/.server.py.swp",
+            "server.py~",
+            ".#server.py",
+            "#server.py#",
+            "a/4913",
+            "x.tmp",
+            ".git/index",
+        ] {
+            assert!(is_editor_temp(Path::new(temp)), "{temp}");
+        }
+        for real in ["server.py", "src/main.rs", "service.toml", ".moltignore"] {
+            assert!(!is_editor_temp(Path::new(real)), "{real}");
+        }
+    }
+}
