@@ -42,6 +42,16 @@ fn watcher(c: &Cluster, dir: &Path, target: &str) -> (Child, Receiver<serde_json
     (child, rx)
 }
 
+/// A child killed when the test ends, passed or not (no shell outlives it).
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn next_cycle(rx: &Receiver<serde_json::Value>) -> serde_json::Value {
     rx.recv_timeout(Duration::from_secs(90))
         .expect("a cycle within 90 s")
@@ -82,11 +92,13 @@ fn saves_serve_bursts_batch_bad_builds_keep_the_old_version_and_staging_refuses(
     write(&dir, "server.py", &server);
     write(&dir, ".moltignore", b"__pycache__/\n*.pyc\nscratch/\n");
     write(&dir, "service.toml", &manifest("hello v1"));
-    let (mut shell, addr) = start_shell(&c, "dev-1", "development");
+    let (shell, addr) = start_shell(&c, "dev-1", "development");
+    let mut shell = Reaped(shell);
     let target = format!("dev-1@{addr}");
 
     // The first cycle serves what the directory holds.
-    let (mut watch, rx) = watcher(&c, &dir, &target);
+    let (watch, rx) = watcher(&c, &dir, &target);
+    let mut watch = Reaped(watch);
     let first = next_cycle(&rx);
     assert_eq!(first["ok"], true, "{first}");
     let status = c.molt_json(&["status", "--instance", &target]);
@@ -144,10 +156,11 @@ fn saves_serve_bursts_batch_bad_builds_keep_the_old_version_and_staging_refuses(
     assert_eq!(greeting(&url), "burst 49");
 
     // Ctrl-C stops it cleanly.
-    assert!(signal(&mut watch, "-INT").success());
+    assert!(signal(&mut watch.0, "-INT").success());
 
     // A staging instance refuses, and the watch ends with that refusal.
-    let (mut staging, staging_addr) = start_shell(&c, "stage-1", "staging");
+    let (staging, staging_addr) = start_shell(&c, "stage-1", "staging");
+    let mut staging = Reaped(staging);
     let out = Command::new(MOLT)
         .env("XDG_CACHE_HOME", c.dir.path().join("cache"))
         .arg("--config")
@@ -162,6 +175,6 @@ fn saves_serve_bursts_batch_bad_builds_keep_the_old_version_and_staging_refuses(
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not pulls"), "{err}");
-    signal(&mut staging, "-TERM");
-    signal(&mut shell, "-TERM");
+    signal(&mut staging.0, "-TERM");
+    signal(&mut shell.0, "-TERM");
 }
