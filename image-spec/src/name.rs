@@ -69,15 +69,7 @@ fn check_branch(kind: &'static str, max: usize, s: &str) -> Result<(), NameError
     if !s.contains('/') {
         return check_name(kind, max, s);
     }
-    let len = s.chars().count();
-    if len > max {
-        return Err(NameError::TooLong {
-            kind,
-            name: s.chars().take(80).collect(),
-            len,
-            max,
-        });
-    }
+    check_len(kind, max, s)?;
     for part in s.split('/') {
         if part.is_empty() {
             return Err(NameError::EmptyPart {
@@ -102,10 +94,8 @@ fn check_branch(kind: &'static str, max: usize, s: &str) -> Result<(), NameError
     Ok(())
 }
 
-fn check_name(kind: &'static str, max: usize, s: &str) -> Result<(), NameError> {
-    let Some(first) = s.chars().next() else {
-        return Err(NameError::Empty { kind });
-    };
+/// `s` is at most `max` characters long.
+fn check_len(kind: &'static str, max: usize, s: &str) -> Result<(), NameError> {
     let len = s.chars().count();
     if len > max {
         return Err(NameError::TooLong {
@@ -115,6 +105,14 @@ fn check_name(kind: &'static str, max: usize, s: &str) -> Result<(), NameError> 
             max,
         });
     }
+    Ok(())
+}
+
+fn check_name(kind: &'static str, max: usize, s: &str) -> Result<(), NameError> {
+    let Some(first) = s.chars().next() else {
+        return Err(NameError::Empty { kind });
+    };
+    check_len(kind, max, s)?;
     let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c);
     if let Some(found) = s.chars().find(|c| !allowed(*c)) {
         return Err(NameError::BadChar {

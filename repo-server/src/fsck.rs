@@ -151,7 +151,8 @@ pub fn fsck(data: &Path, repair: bool) -> Result<Report, FsckError> {
         }
     }
 
-    if repair && journal_damaged {
+    // The refs whose commits must be stored: the journal's, as repaired.
+    let refs = if repair && journal_damaged {
         repair_journal(
             data,
             &journal_path,
@@ -160,9 +161,13 @@ pub fn fsck(data: &Path, repair: bool) -> Result<Report, FsckError> {
             index_refs.as_ref(),
             &mut report,
         )?;
-    }
+        let (contents, _) = journal::salvage(&journal_path)?;
+        meta::replay(meta::journal_records(&contents)?.iter().map(|(_, r)| r))
+    } else {
+        journal_refs
+    };
 
-    check_objects(data, repair, &mut report)?;
+    check_objects(data, &refs, repair, &mut report)?;
 
     if repair {
         let (_, opened) = SledMeta::open_reporting(data, wire::repo::REF_LOG_RETAINED)?;
@@ -255,8 +260,13 @@ fn repair_journal(
     Ok(())
 }
 
-/// Checks every object file and what the refs and trees name.
-fn check_objects(data: &Path, repair: bool, report: &mut Report) -> Result<(), FsckError> {
+/// Checks every object file and what `refs` and the trees name.
+fn check_objects(
+    data: &Path,
+    refs: &Refs,
+    repair: bool,
+    report: &mut Report,
+) -> Result<(), FsckError> {
     let objects = Objects::open(&meta::objects_dir(data))?;
     let blobs = FsBlobStore::open(&data.join("blobs"))?;
     let mut sound: [BTreeSet<[u8; 32]>; 3] = Default::default();
@@ -306,9 +316,6 @@ fn check_objects(data: &Path, repair: bool, report: &mut Report) -> Result<(), F
             );
         }
     }
-    // The heads and images the journal makes.
-    let (contents, _) = journal::salvage(&meta::journal_path(data))?;
-    let refs = meta::replay(meta::journal_records(&contents)?.iter().map(|(_, r)| r));
     for ((service, branch), head) in &refs.heads {
         if !sound_commits.contains(head.as_bytes()) {
             missing(

@@ -156,8 +156,10 @@ pub fn fsck(root: &Path, repair: bool) -> Result<Report, FsckError> {
             extra.len()
         ));
     }
-    if repair {
-        let (_, rebuilt) = state::State::open_reporting(&dir)?;
+    // What is recorded: the journal's, or after a repair what was rebuilt.
+    let recorded = if repair {
+        let (state, rebuilt) = state::State::open_reporting(&dir)?;
+        let tables = state.tables()?;
         report.repaired.push(if rebuilt.is_empty() {
             "rebuilt the state database from the journal".to_owned()
         } else {
@@ -166,9 +168,12 @@ pub fn fsck(root: &Path, repair: bool) -> Result<Report, FsckError> {
                 rebuilt.join("; ")
             )
         });
-    }
+        tables
+    } else {
+        expected
+    };
 
-    check_releases(root, &expected, &mut report);
+    check_releases(root, &recorded, &mut report)?;
     check_cache(root, repair, &mut report)?;
     Ok(report)
 }
@@ -199,10 +204,8 @@ fn only_in_index(expected: &Tables, index: Option<&Tables>) -> Result<Vec<StateR
 }
 
 /// Checks the stored tree and release of every recorded generation.
-fn check_releases(root: &Path, expected: &Tables, report: &mut Report) {
-    let Ok(records) = state::baseline(expected) else {
-        return;
-    };
+fn check_releases(root: &Path, recorded: &Tables, report: &mut Report) -> Result<(), FsckError> {
+    let records = state::baseline(recorded)?;
     let mut seen = BTreeSet::new();
     for r in records {
         let StateRecord::Generation {
@@ -250,6 +253,7 @@ fn check_releases(root: &Path, expected: &Tables, report: &mut Report) {
             }
         }
     }
+    Ok(())
 }
 
 /// Checks every cache blob against its name; the repair sets corrupt ones

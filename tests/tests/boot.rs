@@ -11,6 +11,16 @@ use image_spec::{InstanceName, ServiceName};
 use molt_e2e::{TestCluster, copy_example, get_once, push_main, version_of, write_file};
 use shell::instance::{Instance, InstanceConfig, PublicPorts};
 
+/// The instance these tests boot: `qa-1`, rooted in the cluster's `instance`.
+fn qa_1(cluster: &TestCluster) -> InstanceConfig {
+    InstanceConfig {
+        name: InstanceName::new("qa-1").unwrap(),
+        root: cluster.path("instance"),
+        public_ports: PublicPorts::Ephemeral,
+        public_ip: shell::instance::LOOPBACK,
+    }
+}
+
 fn svc(s: &str) -> ServiceName {
     ServiceName::new(s).unwrap()
 }
@@ -47,12 +57,7 @@ async fn a_service_that_fails_at_boot_does_not_keep_the_others_down() {
         let pushed = dev.push(&dir, &push_main(greeting), |_| {}).await.unwrap();
         commits.insert(svc(name), pushed.commit);
     }
-    let config = InstanceConfig {
-        name: InstanceName::new("qa-1").unwrap(),
-        root: cluster.path("instance"),
-        public_ports: PublicPorts::Ephemeral,
-        public_ip: shell::instance::LOOPBACK,
-    };
+    let config = qa_1(&cluster);
     let mut instance = Instance::open(config.clone()).await.unwrap();
     instance.upgrade(&repo, &commits, None, "v1").await.unwrap();
     instance.shutdown().await;
@@ -118,14 +123,7 @@ async fn a_service_that_fails_at_boot_does_not_keep_the_others_down() {
     // flaky started) stops what it started: nothing is left running.
     assert!(good_release.exists());
     std::fs::remove_file(cluster.path("instance/trees").join(good_tree.to_hex())).unwrap();
-    let err = Instance::open(InstanceConfig {
-        name: InstanceName::new("qa-1").unwrap(),
-        root: cluster.path("instance"),
-        public_ports: PublicPorts::Ephemeral,
-        public_ip: shell::instance::LOOPBACK,
-    })
-    .await
-    .unwrap_err();
+    let err = Instance::open(qa_1(&cluster)).await.unwrap_err();
     assert!(
         err.to_string().contains(&good_tree.to_hex().to_string()),
         "{err}"
@@ -162,12 +160,7 @@ async fn a_corrupt_release_is_healed_from_the_repository_at_boot() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir.join("tool.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
     let pushed = dev.push(&dir, &push_main("v1"), |_| {}).await.unwrap();
-    let config = InstanceConfig {
-        name: InstanceName::new("qa-1").unwrap(),
-        root: cluster.path("instance"),
-        public_ports: PublicPorts::Ephemeral,
-        public_ip: shell::instance::LOOPBACK,
-    };
+    let config = qa_1(&cluster);
     let mut instance = Instance::open(config.clone()).await.unwrap();
     instance
         .upgrade(
@@ -277,12 +270,7 @@ async fn a_damaged_state_database_comes_back_on_the_last_recorded_generation() {
     let repo = cluster.repo_client("shell/qa-1").await;
     let dir = cluster.path("src/hello");
     copy_example("hello", &dir);
-    let config = InstanceConfig {
-        name: InstanceName::new("qa-1").unwrap(),
-        root: cluster.path("instance"),
-        public_ports: PublicPorts::Ephemeral,
-        public_ip: shell::instance::LOOPBACK,
-    };
+    let config = qa_1(&cluster);
     let mut instance = Instance::open(config.clone()).await.unwrap();
     for v in ["v1", "v2"] {
         let manifest = std::fs::read_to_string(dir.join("service.toml")).unwrap();
@@ -359,12 +347,7 @@ async fn a_release_held_back_at_boot_is_healed_and_started_by_the_next_deploy() 
         let pushed = dev.push(&dir, &push_main("v1"), |_| {}).await.unwrap();
         target.insert(svc(name), pushed.commit);
     }
-    let config = InstanceConfig {
-        name: InstanceName::new("qa-1").unwrap(),
-        root: cluster.path("instance"),
-        public_ports: PublicPorts::Ephemeral,
-        public_ip: shell::instance::LOOPBACK,
-    };
+    let config = qa_1(&cluster);
     let mut instance = Instance::open(config.clone()).await.unwrap();
     instance.upgrade(&repo, &target, None, "v1").await.unwrap();
     let release = instance.release_dir(&svc("hello")).unwrap().to_owned();
