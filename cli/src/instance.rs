@@ -300,7 +300,8 @@ enum Kind {
     Other,
 }
 
-/// `molt rollback --instance T` and `molt pull SERVICE[@REV] --instance T`.
+/// `molt rollback --instance T`, `molt pull SERVICE[@REV] --instance T` and
+/// `molt reset --instance T [SERVICE]`.
 pub(crate) async fn change(
     config: Option<&Path>,
     instance: &str,
@@ -309,7 +310,12 @@ pub(crate) async fn change(
 ) -> Result<()> {
     let what = match &req {
         ShellRequest::Rollback { .. } => "rolled back".to_owned(),
-        ShellRequest::Pull { service, rev } => format!("pulled {service}@{rev} onto"),
+        ShellRequest::Pull { service, rev, .. } => format!("pulled {service}@{rev} onto"),
+        ShellRequest::Reset {
+            service: Some(service),
+            ..
+        } => format!("reset {service} to the image on"),
+        ShellRequest::Reset { service: None, .. } => "reset to the image:".to_owned(),
         _ => "changed".to_owned(),
     };
     let req_kind = match &req {
@@ -470,6 +476,17 @@ pub(crate) async fn status(config: Option<&Path>, instance: &str, json: bool) ->
         if svc.health != "healthy" {
             println!("  {:<16} health: {}", "", svc.health);
         }
+        if let Some(o) = s.overlays.get(name) {
+            println!("  {:<16} {}", "", overlay_line(o));
+        }
     }
     Ok(())
+}
+
+/// How `status` shows an overlay: who pulled which revision, since when.
+pub(crate) fn overlay_line(o: &wire::shell::Overlay) -> String {
+    format!(
+        "overlay: {} pulled by {} since {} (not the image's; molt reset brings it back)",
+        o.rev, o.by, o.since
+    )
 }

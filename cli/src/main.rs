@@ -279,6 +279,15 @@ enum Command {
         #[arg(long)]
         instance: String,
     },
+    /// Bring services pulled or watched onto a development or quality instance
+    /// back to the instance's image.
+    Reset {
+        /// The service; without it, every service.
+        service: Option<String>,
+        /// The instance: NAME@ADDR, or a NAME under [instances] in molt.toml.
+        #[arg(long)]
+        instance: String,
+    },
     /// Push the service in DIR: upload what the repository lacks, commit, move the branch.
     Push {
         /// The service directory (holds service.toml).
@@ -805,7 +814,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             instance::change(
                 cli.config.as_deref(),
                 &instance,
-                wire::shell::ShellRequest::Pull { service, rev },
+                wire::shell::ShellRequest::Pull {
+                    service,
+                    rev,
+                    on_behalf_of: None,
+                },
+                json,
+            )
+            .await
+        }
+        Command::Reset { service, instance } => {
+            let service = service
+                .map(|s| image_spec::ServiceName::new(&s))
+                .transpose()?;
+            instance::change(
+                cli.config.as_deref(),
+                &instance,
+                wire::shell::ShellRequest::Reset {
+                    service,
+                    on_behalf_of: None,
+                },
                 json,
             )
             .await

@@ -182,6 +182,7 @@ async fn cycle(
     let req = ShellRequest::Pull {
         service: service.clone(),
         rev: branch.to_owned(),
+        on_behalf_of: None,
     };
     let answer = crate::instance::command_quiet(config, &args.instance, req).await;
     let serving = saved.elapsed();

@@ -178,3 +178,155 @@ fn saves_serve_bursts_batch_bad_builds_keep_the_old_version_and_staging_refuses(
     signal(&mut staging.0, "-TERM");
     signal(&mut shell.0, "-TERM");
 }
+
+/// `molt ARGS` with `config`'s identity.
+fn molt_as(c: &Cluster, config: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(MOLT)
+        .env("XDG_CACHE_HOME", c.dir.path().join("cache"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A developer (the developer grant) pulls their branch onto a development
+/// instance that runs an image: the service shows as an overlay (who, which
+/// branch and commit, since when) until `molt reset` brings it back to the
+/// image; a rollback to the overlaid generation brings the overlay back too.
+/// The developer may not deploy, nor pull onto staging.
+#[test]
+fn a_developers_pull_is_an_overlay_until_reset_and_developers_only_pull_onto_dev_and_qa() {
+    let c = Cluster::init();
+    let dir = c.dir.path().join("hello");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello");
+    write(
+        &dir,
+        "server.py",
+        &std::fs::read(example.join("server.py")).unwrap(),
+    );
+    write(&dir, "service.toml", &manifest("from the image"));
+    c.molt_json(&["push", dir.to_str().unwrap()]);
+    c.molt_json(&["image", "create", "demo-1", "--set", "hello=main"]);
+    let (shell, addr) = start_shell(&c, "dev-1", "development");
+    let mut shell = Reaped(shell);
+    let target = format!("dev-1@{addr}");
+    c.molt_json(&["deploy", "demo-1", "--instance", &target]);
+    let status = c.molt_json(&["status", "--instance", &target]);
+    assert_eq!(status["overlays"], serde_json::json!({}), "{status}");
+    let public = status["services"]["hello"]["ports"]["main"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let url = format!("http://{public}/");
+    assert_eq!(greeting(&url), "from the image");
+
+    // Ada, a developer, pushes her branch and pulls it.
+    let out = c.molt(&[
+        "cert",
+        "issue",
+        "--role",
+        "user",
+        "--name",
+        "ada",
+        "--grant",
+        "developer",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ada = c.dir.path().join("ada.toml");
+    std::fs::write(
+        &ada,
+        format!(
+            "repo = \"{}\"\ncert = \"certs/user-ada.crt\"\nkey = \"certs/user-ada.key\"\nca = \"certs/ca.crt\"\n",
+            c.addr.unwrap()
+        ),
+    )
+    .unwrap();
+    write(&dir, "service.toml", &manifest("ada's change"));
+    let out = molt_as(
+        &c,
+        &ada,
+        &[
+            "--json",
+            "push",
+            dir.to_str().unwrap(),
+            "--branch",
+            "dev/ada",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pushed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let commit = pushed["commit"].as_str().unwrap().to_owned();
+    let before = image_spec::Timestamp::now().as_unix_seconds();
+    let out = molt_as(&c, &ada, &["pull", "hello@dev/ada", "--instance", &target]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(greeting(&url), "ada's change");
+
+    let status = c.molt_json(&["status", "--instance", &target]);
+    let overlay = &status["overlays"]["hello"];
+    assert_eq!(overlay["by"], "ada", "{status}");
+    assert_eq!(overlay["rev"], "dev/ada", "{status}");
+    assert_eq!(overlay["commit"], commit.as_str(), "{status}");
+    assert!(overlay["since"].as_i64().unwrap() >= before - 1, "{status}");
+    assert_eq!(status["image"]["name"], "demo-1", "{status}");
+    let shown = c.molt(&["status", "--instance", &target]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("overlay: dev/ada pulled by ada"), "{shown}");
+
+    // A developer may not deploy.
+    let out = molt_as(&c, &ada, &["deploy", "demo-1", "--instance", &target]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("may pull, reset"), "{err}");
+
+    // Reset returns to the image, and the overlay is gone.
+    let out = molt_as(&c, &ada, &["reset", "hello", "--instance", &target]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(greeting(&url), "from the image");
+    let status = c.molt_json(&["status", "--instance", &target]);
+    assert_eq!(status["overlays"], serde_json::json!({}), "{status}");
+
+    // Rolling back to the overlaid generation brings its overlay back.
+    c.molt_json(&["rollback", "--instance", &target]);
+    assert_eq!(greeting(&url), "ada's change");
+    let status = c.molt_json(&["status", "--instance", &target]);
+    assert_eq!(status["overlays"]["hello"]["by"], "ada", "{status}");
+    // Reset of everything, as the deployer.
+    c.molt_json(&["reset", "--instance", &target]);
+    assert_eq!(greeting(&url), "from the image");
+
+    // Staging refuses the developer's pull.
+    let (staging, staging_addr) = start_shell(&c, "stage-1", "staging");
+    let mut staging = Reaped(staging);
+    let staging_target = format!("stage-1@{staging_addr}");
+    let out = molt_as(
+        &c,
+        &ada,
+        &["pull", "hello@dev/ada", "--instance", &staging_target],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not pulls"), "{err}");
+    let out = molt_as(&c, &ada, &["reset", "--instance", &staging_target]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not resets"), "{err}");
+    signal(&mut staging.0, "-TERM");
+    signal(&mut shell.0, "-TERM");
+}

@@ -188,12 +188,14 @@ fn only_in_index(expected: &Tables, index: Option<&Tables>) -> Result<Vec<StateR
     let mut out = Vec::new();
     for r in state::baseline(index)? {
         let new = match &r {
-            StateRecord::Generation { generation, .. } => !known.iter().any(|k| {
-                matches!(k, StateRecord::Generation { generation: g, .. } if g.number >= generation.number)
+            StateRecord::Generation { generation, .. }
+            | StateRecord::Recorded { generation, .. } => !known.iter().any(|k| {
+                k.generation()
+                    .is_some_and(|g| g.number >= generation.number)
             }),
-            StateRecord::Allocated { number } => !known.iter().any(
-                |k| matches!(k, StateRecord::Allocated { number: n } if n >= number),
-            ),
+            StateRecord::Allocated { number } => !known
+                .iter()
+                .any(|k| matches!(k, StateRecord::Allocated { number: n } if n >= number)),
             StateRecord::Outcome { .. } => !known.contains(&r),
         };
         if new {
@@ -208,11 +210,7 @@ fn check_releases(root: &Path, recorded: &Tables, report: &mut Report) -> Result
     let records = state::baseline(recorded)?;
     let mut seen = BTreeSet::new();
     for r in records {
-        let StateRecord::Generation {
-            generation: Generation { number, state, .. },
-            ..
-        } = r
-        else {
+        let Some(Generation { number, state, .. }) = r.generation().cloned() else {
             continue;
         };
         for (service, s) in state.services {

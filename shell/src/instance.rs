@@ -302,6 +302,10 @@ pub struct UpgradeOptions {
     /// Keep at least this many releases of each service afterwards (at least
     /// [`KEEP_RELEASES`]), so a rollback that far back reuses them.
     pub keep_releases: Option<usize>,
+    /// The overlays the new generation records: the services it runs at
+    /// another commit than its image's, who pulled them and when (empty for
+    /// an upgrade to an image).
+    pub overlays: crate::state::Overlays,
 }
 
 /// Where one service's upgrade spent its time, step by step.
@@ -1232,6 +1236,7 @@ impl Instance {
             generation,
             progress,
         );
+        upgrade.overlays = options.overlays.clone();
         let result = execute(
             &mut upgrade,
             &plan,
@@ -1413,6 +1418,13 @@ impl Instance {
             })
             .chain(held)
             .collect()
+    }
+
+    /// The overlays of generation `number` (the current one: of
+    /// [`Instance::recorded`]'s): its services pulled at another commit than
+    /// its image's.
+    pub fn overlays(&self, number: u64) -> Result<crate::state::Overlays, UpgradeError> {
+        Ok(self.state.overlays(number)?)
     }
 
     /// The recorded image and the last generation's number.

@@ -32,7 +32,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 use wire::repo::{ErrorKind, RemoteError};
 use wire::shell::{
-    InstanceStatus, LogSource, Progress, ShellReply, ShellRequest, ShellResponse, UpgradeSummary,
+    InstanceStatus, LogSource, Overlay, Overlays, Progress, ShellReply, ShellRequest,
+    ShellResponse, UpgradeSummary,
 };
 use wire::{
     BiStream, Client, Credentials, DEFAULT_FRAME_LIMIT, Handler, Identity, Server, WireError,
@@ -236,10 +237,12 @@ impl ShellService {
             *logs = instance.log_paths();
         }
         let (image, generation) = instance.recorded().unwrap_or((None, 0));
+        let overlays = instance.overlays(generation).unwrap_or_default();
         if let Ok(mut s) = self.status.lock() {
             s.services = instance.describe();
             s.image = image.map(Into::into);
             s.generation = generation;
+            s.overlays = overlays;
         }
     }
 
@@ -262,7 +265,12 @@ impl ShellService {
         s
     }
 
-    async fn answer(self: &Arc<Self>, req: ShellRequest, progress: &Reporter) -> ShellReply {
+    async fn answer(
+        self: &Arc<Self>,
+        peer: &Identity,
+        req: ShellRequest,
+        progress: &Reporter,
+    ) -> ShellReply {
         match req {
             ShellRequest::Status => Ok(ShellResponse::Status(self.status())),
             ShellRequest::Logs {
@@ -358,25 +366,29 @@ impl ShellService {
                 })
                 .await
             }
-            ShellRequest::Pull { service, rev } => {
-                if matches!(self.stage, Stage::Staging | Stage::Production) {
-                    return Err(remote(
-                        ErrorKind::PermissionDenied,
-                        format!(
-                            "`{}` is a {} instance: it takes images (molt deploy), not pulls",
-                            self.name, self.stage
-                        ),
-                    ));
-                }
+            ShellRequest::Pull {
+                service,
+                rev,
+                on_behalf_of,
+            } => {
+                self.takes_pulls("pulls")?;
+                let by = person(peer, on_behalf_of)?;
                 let repo = self.repo().await?;
                 let commit = repo.resolve(&service, &rev).await.map_err(|e| match e {
                     repo_client::ClientError::Remote(r) => r,
                     other => remote(ErrorKind::Internal, other.to_string()),
                 })?;
+                let reason = format!("pull {service}@{rev} by {by}");
+                let overlay = Overlay {
+                    commit,
+                    rev,
+                    by,
+                    since: image_spec::Timestamp::now(),
+                };
                 self.spawn_upgrade(
                     repo,
-                    Change::Pull(service.clone(), commit),
-                    format!("pull {service}@{rev}"),
+                    Change::Pull(service, overlay),
+                    reason,
                     UpgradeOptions {
                         strategy: self.strategy,
                         ..UpgradeOptions::default()
@@ -386,6 +398,45 @@ impl ShellService {
                 )
                 .await
             }
+            ShellRequest::Reset {
+                service,
+                on_behalf_of,
+            } => {
+                self.takes_pulls("resets")?;
+                let by = person(peer, on_behalf_of)?;
+                let repo = self.repo().await?;
+                let reason = match &service {
+                    Some(service) => format!("reset {service} to the image by {by}"),
+                    None => format!("reset to the image by {by}"),
+                };
+                self.spawn_upgrade(
+                    repo,
+                    Change::Reset(service),
+                    reason,
+                    UpgradeOptions {
+                        strategy: self.strategy,
+                        ..UpgradeOptions::default()
+                    },
+                    progress,
+                    None,
+                )
+                .await
+            }
+        }
+    }
+
+    /// Refuses `what` (pulls, resets) on a staging or production instance:
+    /// those take images only.
+    fn takes_pulls(&self, what: &str) -> Result<(), RemoteError> {
+        match self.stage.is_guarded() {
+            true => Err(remote(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "`{}` is a {} instance: it takes images (molt deploy), not {what}",
+                    self.name, self.stage
+                ),
+            )),
+            false => Ok(()),
         }
     }
 
@@ -520,59 +571,44 @@ impl ShellService {
             })?;
         }
         self.upgrading.store(true, Ordering::SeqCst);
+        let change_named = matches!(change, Change::Back(_));
         let mut reason = reason.to_owned();
-        let result = async {
-            let (target, image) = match change {
-                Change::To(target, image) => (target, image),
-                Change::Pull(service, commit) => {
-                    let mut target = instance.commits();
-                    target.insert(service, commit);
-                    (target, instance.recorded()?.0)
-                }
-                Change::Back(to) => {
-                    let (number, earlier) = instance.rollback_target(to)?;
-                    reason = match &earlier.image {
-                        Some((name, _)) => {
-                            format!("rollback to generation {number} (image {name})")
-                        }
-                        None => format!("rollback to generation {number}"),
-                    };
+        let result = match self
+            .resolve_change(&instance, repo, change, &mut reason)
+            .await
+        {
+            Ok((target, image, overlays)) => {
+                if change_named {
                     report(None, &reason);
-                    let target = earlier
-                        .services
-                        .iter()
-                        .map(|(n, s)| (n.clone(), s.commit))
-                        .collect();
-                    (target, earlier.image)
                 }
-            };
-            let options = UpgradeOptions {
-                cancel: self.cancel.clone(),
-                ..options
-            };
-            instance
-                .upgrade_with(repo, &target, image, &reason, options, &report, &observe)
-                .await
-        }
-        .await;
+                let options = UpgradeOptions {
+                    cancel: self.cancel.clone(),
+                    overlays,
+                    ..options
+                };
+                instance
+                    .upgrade_with(repo, &target, image, &reason, options, &report, &observe)
+                    .await
+                    .map_err(|e| remote(ErrorKind::Invalid, e.to_string()))
+            }
+            Err(e) => Err(e),
+        };
         self.upgrading.store(false, Ordering::SeqCst);
         self.refresh(&instance);
-        let outcome = result
-            .map_err(|e| remote(ErrorKind::Invalid, e.to_string()))
-            .map(|report| UpgradeSummary {
-                restarted: report.restarted,
-                unchanged: report.unchanged,
-                removed: report.removed,
-                generation: report.generation,
-                steps: report.timeline,
-                warnings: report.warnings,
-                reason,
-                image: instance
-                    .recorded()
-                    .ok()
-                    .and_then(|(i, _)| i)
-                    .map(|(n, _)| n),
-            });
+        let outcome = result.map(|report| UpgradeSummary {
+            restarted: report.restarted,
+            unchanged: report.unchanged,
+            removed: report.removed,
+            generation: report.generation,
+            steps: report.timeline,
+            warnings: report.warnings,
+            reason,
+            image: instance
+                .recorded()
+                .ok()
+                .and_then(|(i, _)| i)
+                .map(|(n, _)| n),
+        });
         if let Some(key) = deployment {
             // Written while the instance is still held: no other operation
             // can record a generation between this one's and its outcome.
@@ -580,6 +616,109 @@ impl ShellService {
                 .record(key, &outcome, self.cancel.is_cancelled());
         }
         outcome.map(ShellResponse::Upgraded)
+    }
+
+    /// What `change` brings the instance to: each service's commit, the
+    /// image, and the overlays the new generation records. `reason` is made
+    /// exact (a rollback names the generation it goes back to).
+    async fn resolve_change(
+        &self,
+        instance: &Instance,
+        repo: &RepoClient,
+        change: Change,
+        reason: &mut String,
+    ) -> Result<(Commits, Option<(ImageName, image_spec::ImageId)>, Overlays), RemoteError> {
+        let internal = |e: UpgradeError| remote(ErrorKind::Internal, e.to_string());
+        let (image, last) = instance.recorded().map_err(internal)?;
+        Ok(match change {
+            Change::To(target, image) => (target, image, Overlays::new()),
+            Change::Pull(service, overlay) => {
+                let mut overlays = instance.overlays(last).map_err(internal)?;
+                let base = self.image_commits(repo, image.as_ref()).await?;
+                let mut target = instance.commits();
+                target.insert(service.clone(), overlay.commit);
+                match base.get(&service) == Some(&overlay.commit) {
+                    true => overlays.remove(&service),
+                    false => {
+                        // A pull of what already runs, by the same person and
+                        // revision, keeps the overlay's start.
+                        let since = overlays
+                            .get(&service)
+                            .filter(|o| o.commit == overlay.commit && o.by == overlay.by)
+                            .map_or(overlay.since, |o| o.since);
+                        overlays.insert(service, Overlay { since, ..overlay })
+                    }
+                };
+                (target, image, overlays)
+            }
+            Change::Reset(service) => {
+                let Some((name, _)) = &image else {
+                    return Err(remote(
+                        ErrorKind::Invalid,
+                        format!(
+                            "`{}` runs no image: there is nothing to reset to (deploy an image first)",
+                            self.name
+                        ),
+                    ));
+                };
+                let base = self.image_commits(repo, image.as_ref()).await?;
+                let mut overlays = instance.overlays(last).map_err(internal)?;
+                let mut target = instance.commits();
+                match service {
+                    Some(service) => {
+                        if !target.contains_key(&service) && !base.contains_key(&service) {
+                            return Err(remote(
+                                ErrorKind::NotFound,
+                                format!(
+                                    "no service `{service}` runs on `{}` or is in its image `{name}`",
+                                    self.name
+                                ),
+                            ));
+                        }
+                        match base.get(&service) {
+                            Some(commit) => target.insert(service.clone(), *commit),
+                            None => target.remove(&service),
+                        };
+                        overlays.remove(&service);
+                    }
+                    None => {
+                        target = base;
+                        overlays.clear();
+                    }
+                }
+                (target, image, overlays)
+            }
+            Change::Back(to) => {
+                let (number, earlier) = instance
+                    .rollback_target(to)
+                    .map_err(|e| remote(ErrorKind::Invalid, e.to_string()))?;
+                *reason = match &earlier.image {
+                    Some((name, _)) => {
+                        format!("rollback to generation {number} (image {name})")
+                    }
+                    None => format!("rollback to generation {number}"),
+                };
+                let target = earlier
+                    .services
+                    .iter()
+                    .map(|(n, s)| (n.clone(), s.commit))
+                    .collect();
+                let overlays = instance.overlays(number).map_err(internal)?;
+                (target, earlier.image, overlays)
+            }
+        })
+    }
+
+    /// The commits of the instance's image (none: no image, no commits).
+    async fn image_commits(
+        &self,
+        repo: &RepoClient,
+        image: Option<&(ImageName, image_spec::ImageId)>,
+    ) -> Result<Commits, RemoteError> {
+        match image {
+            Some((name, _)) => Ok(self.image_target(repo, name).await?.1),
+            None => Ok(Commits::new()),
+        }
     }
 
     /// Why `peer` may not send `req` to this shell beyond the grant check: a
@@ -591,6 +730,7 @@ impl ShellService {
             ShellRequest::Upgrade { .. }
                 | ShellRequest::Rollback { .. }
                 | ShellRequest::Pull { .. }
+                | ShellRequest::Reset { .. }
         );
         if deploys && self.attached && self.stage.is_guarded() && *peer != Identity::Portal {
             return Err(remote(
@@ -603,6 +743,28 @@ impl ShellService {
             ));
         }
         Ok(())
+    }
+}
+
+/// Who a pull or reset is for: a user is themselves (naming anyone else is
+/// refused); the portal must name the person it acts for.
+fn person(peer: &Identity, on_behalf_of: Option<String>) -> Result<String, RemoteError> {
+    match (peer, on_behalf_of) {
+        (Identity::User { name, .. }, None) => Ok(name.to_string()),
+        (Identity::User { name, .. }, Some(other)) if name.to_string() == other => Ok(other),
+        (Identity::User { name, .. }, Some(other)) => Err(remote(
+            ErrorKind::PermissionDenied,
+            format!("`{name}` may not pull or reset on behalf of `{other}`"),
+        )),
+        (Identity::Portal, Some(person)) if !person.is_empty() => Ok(person),
+        (Identity::Portal, _) => Err(remote(
+            ErrorKind::Invalid,
+            "the portal pulls and resets on a person's behalf: name them (on_behalf_of)",
+        )),
+        (other, _) => Err(remote(
+            ErrorKind::PermissionDenied,
+            format!("`{other}` may not pull or reset"),
+        )),
     }
 }
 
@@ -620,15 +782,20 @@ enum Update {
 /// Where an upgrade's steps go while it runs: to the stream that asked for it.
 type Reporter = mpsc::UnboundedSender<Update>;
 
+/// Each service's commit.
+type Commits = BTreeMap<ServiceName, CommitId>;
+
 /// What an upgrade changes to.
 enum Change {
     /// These commits (and the image they come from).
     To(
-        BTreeMap<ServiceName, CommitId>,
+        Commits,
         Option<(image_spec::ImageName, image_spec::ImageId)>,
     ),
-    /// One service to one commit, the others as they are.
-    Pull(ServiceName, CommitId),
+    /// One service to one commit (its overlay), the others as they are.
+    Pull(ServiceName, Overlay),
+    /// One service (`None`: every service) back to the image's commit.
+    Reset(Option<ServiceName>),
     /// An earlier generation: this one, or the one before the current.
     Back(Option<u64>),
 }
@@ -733,14 +900,21 @@ impl ShellService {
         let span = info_span!("command", instance = %self.name, %peer, ?req);
         let (progress, mut steps) = mpsc::unbounded_channel();
         let reply = async {
-            if !wire::shell::allowed(&peer) {
+            if !wire::shell::allowed(&peer, &req) {
                 return Err(remote(
                     ErrorKind::PermissionDenied,
-                    format!("`{peer}` may not command shells"),
+                    match &*peer {
+                        Identity::User { .. } => format!(
+                            "`{peer}` may pull, reset, and read status and logs, but not \
+                             upgrade or roll back (developers bring single services onto \
+                             development and quality instances)"
+                        ),
+                        _ => format!("`{peer}` may not command shells"),
+                    },
                 ));
             }
             self.guard(&peer, &req)?;
-            self.answer(req, &progress).await
+            self.answer(&peer, req, &progress).await
         }
         .instrument(span);
         // Forward each step as a progress frame while the command runs; a
@@ -833,6 +1007,7 @@ pub async fn bind(config: ShellConfig) -> Result<Bound, ShellError> {
         strategy: config.strategy,
         lifecycle: Vec::new(),
         last_failure: None,
+        overlays: Overlays::new(),
     };
     let lifecycle = instance.lifecycle();
     let deployments = Deployments::new(instance.state().clone());

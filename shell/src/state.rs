@@ -49,6 +49,7 @@ use serde::{Deserialize, Serialize};
 use wire::codec::{self, FrameError};
 use wire::portal::DeploymentId;
 use wire::repo::RemoteError;
+pub use wire::shell::Overlays;
 use wire::shell::UpgradeSummary;
 
 /// Why the state could not be read or written.
@@ -180,6 +181,7 @@ pub struct State {
     data_dirs: sled::Tree,
     counters: sled::Tree,
     outcomes: sled::Tree,
+    overlays: sled::Tree,
     /// `at` → the journal [`Position`] the database has applied.
     applied: sled::Tree,
     writer: Arc<Mutex<Writer>>,
@@ -202,7 +204,8 @@ pub enum StateRecord {
         /// The number.
         number: u64,
     },
-    /// A generation was recorded: it is now the installed state.
+    /// A generation was recorded: it is now the installed state (written by
+    /// shells before overlays; read, no longer written).
     Generation {
         /// The generation.
         generation: Generation,
@@ -218,18 +221,40 @@ pub enum StateRecord {
         /// The outcome.
         outcome: DeploymentOutcome,
     },
+    /// A generation was recorded: it is now the installed state, with the
+    /// services that run another commit than its image's.
+    Recorded {
+        /// The generation.
+        generation: Generation,
+        /// Its services' data directories.
+        data: DataDirs,
+        /// Its overlays.
+        overlays: Overlays,
+    },
+}
+
+impl StateRecord {
+    /// The generation the record records, if it records one.
+    pub fn generation(&self) -> Option<&Generation> {
+        match self {
+            StateRecord::Generation { generation, .. }
+            | StateRecord::Recorded { generation, .. } => Some(generation),
+            StateRecord::Allocated { .. } | StateRecord::Outcome { .. } => None,
+        }
+    }
 }
 
 /// The database's contents: tree name → key → value.
 pub type Tables = BTreeMap<&'static str, BTreeMap<Vec<u8>, Vec<u8>>>;
 
 /// The trees a journal replay fills, by name.
-const TREES: [&str; 5] = [
+const TREES: [&str; 6] = [
     "current",
     "generations",
     "data_dirs",
     "counters",
     "outcomes",
+    "overlays",
 ];
 
 /// Which operation of a deployment an outcome is of: a deployment that fails
@@ -355,6 +380,7 @@ const GENERATIONS: usize = 1;
 const DATA_DIRS: usize = 2;
 const COUNTERS: usize = 3;
 const OUTCOMES: usize = 4;
+const OVERLAYS: usize = 5;
 
 /// The journal of the state database in `dir` (`ROOT/state` →
 /// `ROOT/state.journal`).
@@ -365,10 +391,18 @@ pub fn journal_path(dir: &Path) -> PathBuf {
 /// One row to write: the tree (by position in [`TREES`]), key and value.
 type Row = (usize, Vec<u8>, Vec<u8>);
 
-/// The rows a recorded generation writes.
-fn generation_rows(generation: &Generation, data: &DataDirs) -> Result<Vec<Row>, StateError> {
+/// The rows a recorded generation writes (its overlays only if it has any).
+fn generation_rows(
+    generation: &Generation,
+    data: &DataDirs,
+    overlays: &Overlays,
+) -> Result<Vec<Row>, StateError> {
     let key = generation.number.to_be_bytes().to_vec();
-    Ok(vec![
+    let overlays = match overlays.is_empty() {
+        true => None,
+        false => Some((OVERLAYS, key.clone(), encode("overlays", overlays)?)),
+    };
+    let rows = vec![
         (
             CURRENT,
             INSTALLED.to_vec(),
@@ -381,7 +415,8 @@ fn generation_rows(generation: &Generation, data: &DataDirs) -> Result<Vec<Row>,
             LAST.to_vec(),
             encode("generation counter", &generation.number)?,
         ),
-    ])
+    ];
+    Ok(rows.into_iter().chain(overlays).collect())
 }
 
 /// The journal's records, decoded.
@@ -413,7 +448,16 @@ pub fn replay<'a>(
                     .insert(ALLOCATED.to_vec(), encode("generation counter", number)?);
             }
             StateRecord::Generation { generation, data } => {
-                for (tree, key, value) in generation_rows(generation, data)? {
+                for (tree, key, value) in generation_rows(generation, data, &Overlays::new())? {
+                    table(&mut tables, tree).insert(key, value);
+                }
+            }
+            StateRecord::Recorded {
+                generation,
+                data,
+                overlays,
+            } => {
+                for (tree, key, value) in generation_rows(generation, data, overlays)? {
                     table(&mut tables, tree).insert(key, value);
                 }
             }
@@ -462,13 +506,22 @@ pub fn baseline(tables: &Tables) -> Result<Vec<StateRecord>, StateError> {
         });
     }
     let dirs = tables.get(TREES[DATA_DIRS]);
+    let overlaid = tables.get(TREES[OVERLAYS]);
     for (k, v) in rows(GENERATIONS) {
         let generation: Generation = decode("generation", v)?;
         let data = match dirs.and_then(|d| d.get(k)) {
             Some(d) => decode("data directories", d)?,
             None => DataDirs::new(),
         };
-        out.push(StateRecord::Generation { generation, data });
+        let overlays = match overlaid.and_then(|o| o.get(k)) {
+            Some(o) => decode("overlays", o)?,
+            None => Overlays::new(),
+        };
+        out.push(StateRecord::Recorded {
+            generation,
+            data,
+            overlays,
+        });
     }
     for (k, v) in rows(OUTCOMES) {
         let Some(deployment) = k.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
@@ -534,6 +587,7 @@ impl State {
             data_dirs: db.open_tree("data_dirs")?,
             counters: db.open_tree("counters")?,
             outcomes: db.open_tree("outcomes")?,
+            overlays: db.open_tree("overlays")?,
             applied: db.open_tree("journal")?,
             writer: Arc::new(Mutex::new(Writer {
                 journal,
@@ -642,18 +696,19 @@ impl State {
             .journal
             .append(&encode("state journal", record)?)?
             .to_bytes();
-        let trees: [&sled::Tree; 6] = [
+        let trees: [&sled::Tree; 7] = [
             &self.current,
             &self.generations,
             &self.data_dirs,
             &self.counters,
             &self.outcomes,
+            &self.overlays,
             &self.applied,
         ];
         let applied = trees[..]
             .transaction(|t| {
                 apply(t)?;
-                t[5].insert(JOURNAL_AT, pos.as_slice())?;
+                t[6].insert(JOURNAL_AT, pos.as_slice())?;
                 Ok(())
             })
             .map_err(embedded_db::storage_error)
@@ -719,7 +774,7 @@ impl State {
         data: &DataDirs,
     ) -> Result<u64, StateError> {
         let number = self.allocate_generation()?;
-        self.record_generation(number, state, reason, data)?;
+        self.record_generation(number, state, reason, data, &Overlays::new())?;
         Ok(number)
     }
 
@@ -753,14 +808,15 @@ impl State {
     }
 
     /// Records `state` as installed as generation `number` (handed out by
-    /// [`State::allocate_generation`]), with its data directories, in one
-    /// transaction, durably.
+    /// [`State::allocate_generation`]), with its data directories and its
+    /// overlays, in one transaction, durably.
     pub fn record_generation(
         &self,
         number: u64,
         state: &InstalledState,
         reason: &str,
         data: &DataDirs,
+        overlays: &Overlays,
     ) -> Result<(), StateError> {
         let state = map_releases(state, |p| self.to_stored(p))?;
         let data = map_dirs(data, |p| self.to_stored(p))?;
@@ -770,8 +826,13 @@ impl State {
             reason: reason.to_owned(),
             state,
         };
-        let rows = generation_rows(&generation, &data)?;
-        self.change(&StateRecord::Generation { generation, data }, |t| {
+        let rows = generation_rows(&generation, &data, overlays)?;
+        let record = StateRecord::Recorded {
+            generation,
+            data,
+            overlays: overlays.clone(),
+        };
+        self.change(&record, |t| {
             for (tree, key, value) in &rows {
                 t[*tree].insert(key.as_slice(), value.as_slice())?;
             }
@@ -787,6 +848,14 @@ impl State {
                 self.resolve("data directories", p)
             }),
             None => Ok(DataDirs::new()),
+        }
+    }
+
+    /// The overlays recorded with generation `number` (none recorded: empty).
+    pub fn overlays(&self, number: u64) -> Result<Overlays, StateError> {
+        match self.overlays.get(number.to_be_bytes())? {
+            Some(v) => decode("overlays", &v),
+            None => Ok(Overlays::new()),
         }
     }
 
@@ -987,6 +1056,56 @@ mod tests {
             .map(|g| g.number)
             .collect();
         assert_eq!(numbers, [1, 2, 3, 5]);
+    }
+
+    /// Overlays travel with their generation: kept only when a generation
+    /// has some, journalled with it, and rebuilt from the journal when the
+    /// database is lost; a journal written before overlays (its records
+    /// `Generation`) replays as generations without any.
+    #[test]
+    fn overlays_are_recorded_with_their_generation_and_rebuilt_from_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let state = open(root);
+        let s1 = one_service(root, 1);
+        let overlays = Overlays::from([(
+            orders(),
+            wire::shell::Overlay {
+                commit: CommitId::from_bytes([7; 32]),
+                rev: "dev/ada".into(),
+                by: "ada".into(),
+                since: Timestamp::from_unix_seconds(1_800_000_000),
+            },
+        )]);
+        let one = state.allocate_generation().unwrap();
+        state
+            .record_generation(one, &s1, "pull", &DataDirs::new(), &overlays)
+            .unwrap();
+        let two = state.record(&s1, "reset").unwrap();
+        assert_eq!(state.overlays(one).unwrap(), overlays);
+        assert_eq!(state.overlays(two).unwrap(), Overlays::new());
+        let rows = state.tables().unwrap();
+        assert_eq!(
+            rows["overlays"].len(),
+            1,
+            "a generation without overlays keeps no row"
+        );
+        drop(state);
+
+        std::fs::remove_dir_all(root.join("state")).unwrap();
+        let (state, differences) = State::open_reporting(&root.join("state")).unwrap();
+        assert!(!differences.is_empty());
+        assert_eq!(state.overlays(one).unwrap(), overlays);
+        assert_eq!(state.generations().unwrap().len(), 2);
+
+        // The older record replays as a generation without overlays.
+        let old = StateRecord::Generation {
+            generation: state.generations().unwrap()[0].clone(),
+            data: DataDirs::new(),
+        };
+        let tables = replay([&old]).unwrap();
+        assert!(tables["overlays"].is_empty());
+        assert_eq!(tables["generations"].len(), 1);
     }
 
     #[test]

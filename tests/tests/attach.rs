@@ -431,8 +431,13 @@ async fn an_attached_production_shell_takes_deployments_only_from_the_portal() {
         let pull = ShellRequest::Pull {
             service: ServiceName::new("hello").unwrap(),
             rev: "main".into(),
+            on_behalf_of: None,
         };
-        for req in [upgrade("one", 1), rollback(2), pull] {
+        let reset = ShellRequest::Reset {
+            service: None,
+            on_behalf_of: None,
+        };
+        for req in [upgrade("one", 1), rollback(2), pull, reset] {
             let refused = call(req.clone()).await.unwrap_err();
             assert_eq!(refused.kind, ErrorKind::PermissionDenied, "{req:?}");
             assert!(

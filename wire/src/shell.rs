@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use image_spec::{CommitId, ImageId, ImageName, ServiceName};
+use image_spec::{CommitId, ImageId, ImageName, ServiceName, Timestamp};
 
 use crate::identity::{Grant, Identity};
 pub use crate::plan::{StepEvent, StepTime, UpgradePlan};
@@ -77,14 +77,51 @@ pub enum ShellRequest {
         since: Option<i64>,
     },
     /// Bring one service to a revision (branch, full or abbreviated commit id);
-    /// development and quality instances only.
+    /// development and quality instances only. A commit that differs from the
+    /// instance's image becomes an [`Overlay`].
     Pull {
         /// The service.
         service: ServiceName,
         /// The revision.
         rev: String,
+        /// The person the portal pulls for (`None` from a user: the user).
+        on_behalf_of: Option<String>,
+    },
+    /// Bring overlaid services back to the instance's image: one service, or
+    /// (`None`) every service; development and quality instances only.
+    Reset {
+        /// The service; `None`: all of them.
+        service: Option<ServiceName>,
+        /// The person the portal resets for (`None` from a user: the user).
+        on_behalf_of: Option<String>,
     },
 }
+
+impl ShellRequest {
+    /// Whether the request is a pull or a reset: the commands developers may
+    /// send, to development and quality instances only.
+    pub fn is_developers(&self) -> bool {
+        matches!(self, ShellRequest::Pull { .. } | ShellRequest::Reset { .. })
+    }
+}
+
+/// A service an instance runs at another commit than its image's: pulled or
+/// watched onto a development or quality instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Overlay {
+    /// The commit it runs.
+    pub commit: CommitId,
+    /// The revision it was pulled as (`dev/ada`, a commit id).
+    pub rev: String,
+    /// Who pulled it.
+    pub by: String,
+    /// When it was first pulled onto the instance (later pulls by the same
+    /// person of the same revision keep it).
+    pub since: Timestamp,
+}
+
+/// The instance's overlays, by service.
+pub type Overlays = BTreeMap<ServiceName, Overlay>;
 
 /// An instance's stage: what it may take, and how it upgrades by default.
 ///
@@ -301,6 +338,9 @@ pub struct InstanceStatus {
     pub lifecycle: Vec<GenerationPhase>,
     /// Why the last generation that failed did, if one did.
     pub last_failure: Option<String>,
+    /// The services that run another commit than the image's (empty on an
+    /// instance that runs its image).
+    pub overlays: Overlays,
 }
 
 /// What an upgrade did, per service, and where it spent its time.
@@ -420,12 +460,19 @@ pub async fn call_on(
 /// The answer to a shell request.
 pub type ShellReply = Result<ShellResponse, RemoteError>;
 
-/// May `who` send shell commands? The portal, and users with the deployer or admin
-/// grant.
-pub fn allowed(who: &Identity) -> bool {
+/// May `who` send `req` to a shell? The portal and users with the deployer or
+/// admin grant anything; developers pulls and resets (which only development
+/// and quality instances take) and the reads (`status`, `logs`).
+pub fn allowed(who: &Identity, req: &ShellRequest) -> bool {
     match who {
         Identity::Portal => true,
-        Identity::User { grant, .. } => matches!(grant, Grant::Deployer | Grant::Admin),
+        Identity::User { grant, .. } => match grant {
+            Grant::Deployer | Grant::Admin => true,
+            Grant::Developer => {
+                req.is_developers()
+                    || matches!(req, ShellRequest::Status | ShellRequest::Logs { .. })
+            }
+        },
         Identity::RepoServer | Identity::Shell { .. } => false,
     }
 }
@@ -470,6 +517,7 @@ mod tests {
                 phase: Phase::Serving,
             }],
             last_failure: None,
+            overlays: Overlays::new(),
         };
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(
@@ -489,11 +537,39 @@ mod tests {
     #[test]
     fn who_may_command_a_shell() {
         let id = |s: &str| s.parse::<Identity>().unwrap();
-        assert!(allowed(&id("portal")));
-        assert!(allowed(&id("user/a/deployer")));
-        assert!(allowed(&id("user/a/admin")));
-        assert!(!allowed(&id("user/a/developer")));
-        assert!(!allowed(&id("shell/dev-1")));
-        assert!(!allowed(&id("repo-server")));
+        let upgrade = ShellRequest::Upgrade {
+            image: ImageName::new("shop-1").unwrap(),
+            strategy: None,
+            deployment: None,
+            skip_hooks: false,
+            keep_releases: None,
+        };
+        let pull = ShellRequest::Pull {
+            service: ServiceName::new("hello").unwrap(),
+            rev: "dev/a".into(),
+            on_behalf_of: None,
+        };
+        let reset = ShellRequest::Reset {
+            service: None,
+            on_behalf_of: None,
+        };
+        let rollback = ShellRequest::Rollback {
+            strategy: None,
+            to: None,
+            deployment: None,
+        };
+        for req in [&upgrade, &pull, &reset, &rollback, &ShellRequest::Status] {
+            assert!(allowed(&id("portal"), req));
+            assert!(allowed(&id("user/a/deployer"), req));
+            assert!(allowed(&id("user/a/admin"), req));
+            assert!(!allowed(&id("shell/dev-1"), req));
+            assert!(!allowed(&id("repo-server"), req));
+        }
+        let developer = id("user/a/developer");
+        assert!(allowed(&developer, &pull));
+        assert!(allowed(&developer, &reset));
+        assert!(allowed(&developer, &ShellRequest::Status));
+        assert!(!allowed(&developer, &upgrade));
+        assert!(!allowed(&developer, &rollback));
     }
 }

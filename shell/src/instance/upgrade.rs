@@ -155,6 +155,8 @@ pub(super) struct Upgrade<'a> {
     pub(super) startup: BTreeMap<ServiceName, (std::time::Duration, std::time::Duration)>,
     /// The generation's number, for data copies.
     generation: u64,
+    /// The overlays the generation records.
+    pub(super) overlays: crate::state::Overlays,
 }
 
 impl<'a> Upgrade<'a> {
@@ -177,6 +179,7 @@ impl<'a> Upgrade<'a> {
             image,
             reason,
             progress,
+            overlays: crate::state::Overlays::new(),
             fetched: BTreeMap::new(),
             staged: BTreeMap::new(),
             releases: BTreeMap::new(),
@@ -314,7 +317,7 @@ impl<'a> Upgrade<'a> {
         crate::crash::point("before-record");
         instance
             .state
-            .record_generation(generation, &state, self.reason, &data)?;
+            .record_generation(generation, &state, self.reason, &data, &self.overlays)?;
         instance.data_dirs = data;
         crate::crash::point("after-record");
         Ok(())
