@@ -5,8 +5,10 @@
 
 mod cluster;
 mod config;
+mod devloop;
 mod examples;
 mod instance;
+mod locate;
 mod portal;
 mod repo;
 mod signals;
@@ -108,9 +110,14 @@ enum Command {
     Watch {
         /// The service directory (holds service.toml).
         dir: PathBuf,
-        /// The instance: NAME@ADDR, or a NAME under [instances] in molt.toml.
+        /// The instance: NAME@ADDR, or a NAME under [instances] in molt.toml
+        /// (with --target: one of the target's instances).
         #[arg(long)]
-        instance: String,
+        instance: Option<String>,
+        /// A development or quality target of the portal: its instances take
+        /// each cycle through the portal, which records the run in its history.
+        #[arg(long)]
+        target: Option<String>,
         /// The branch to push to [default: dev/<your user name>].
         #[arg(long)]
         branch: Option<String>,
@@ -275,18 +282,28 @@ enum Command {
     Pull {
         /// SERVICE or SERVICE@REV (REV: branch, commit id or abbreviation; default main).
         service: String,
-        /// The instance: NAME@ADDR, or a NAME under [instances] in molt.toml.
+        /// The instance: NAME@ADDR, or a NAME under [instances] in molt.toml
+        /// (with --target: one of the target's instances).
         #[arg(long)]
-        instance: String,
+        instance: Option<String>,
+        /// A development or quality target of the portal: pull onto its
+        /// instances through the portal.
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Bring services pulled or watched onto a development or quality instance
     /// back to the instance's image.
     Reset {
         /// The service; without it, every service.
         service: Option<String>,
-        /// The instance: NAME@ADDR, or a NAME under [instances] in molt.toml.
+        /// The instance: NAME@ADDR, or a NAME under [instances] in molt.toml
+        /// (with --target: one of the target's instances).
         #[arg(long)]
-        instance: String,
+        instance: Option<String>,
+        /// A development or quality target of the portal: reset its
+        /// instances through the portal.
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Push the service in DIR: upload what the repository lacks, commit, move the branch.
     Push {
@@ -580,14 +597,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Watch {
             dir,
             instance,
+            target,
             branch,
         } => {
             watch::watch(
                 cli.config.as_deref(),
+                cli.portal_url.as_deref(),
                 cli.repo,
                 watch::WatchArgs {
                     dir,
-                    instance,
+                    onto: devloop::Onto::new(instance, target)?,
                     branch,
                     json,
                 },
@@ -809,11 +828,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 portal::PortalClient::open(cli.config.as_deref(), cli.portal_url.as_deref())?;
             portal::user(&client, command, json).await
         }
-        Command::Pull { service, instance } => {
+        Command::Pull {
+            service,
+            instance,
+            target,
+        } => {
             let (service, rev) = instance::service_rev(&service)?;
-            instance::change(
+            devloop::change(
                 cli.config.as_deref(),
-                &instance,
+                cli.portal_url.as_deref(),
+                devloop::Onto::new(instance, target)?,
                 wire::shell::ShellRequest::Pull {
                     service,
                     rev,
@@ -823,13 +847,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Reset { service, instance } => {
+        Command::Reset {
+            service,
+            instance,
+            target,
+        } => {
             let service = service
                 .map(|s| image_spec::ServiceName::new(&s))
                 .transpose()?;
-            instance::change(
+            devloop::change(
                 cli.config.as_deref(),
-                &instance,
+                cli.portal_url.as_deref(),
+                devloop::Onto::new(instance, target)?,
                 wire::shell::ShellRequest::Reset {
                     service,
                     on_behalf_of: None,

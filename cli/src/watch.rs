@@ -1,4 +1,5 @@
-//! `molt watch DIR --instance I`: save in the editor, the instance serves it.
+//! `molt watch DIR --instance I | --target T`: save in the editor, the
+//! instance serves it.
 //!
 //! The service directory is watched (`notify` with a debouncer). Each settled
 //! batch of changes is one cycle: the directory is scanned (`.moltignore`
@@ -11,6 +12,11 @@
 //! cycle are the next cycle's: the debouncer keeps collecting while a cycle
 //! runs, so none is lost. A refusal (a staging or production instance, a
 //! missing grant) ends the watch. Ctrl-C ends it between or during cycles.
+//!
+//! With `--target`, each cycle's pull goes through the portal to the target's
+//! instances ([`crate::devloop`]), as a cycle of one watch run the portal
+//! opens at the first cycle and ends when the watch stops: the target's
+//! history shows the run with its cycles.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -20,9 +26,11 @@ use image_spec::{ServiceName, TreeId};
 use notify::RecursiveMode;
 use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use tokio::sync::mpsc;
-use wire::shell::{ShellRequest, ShellResponse};
+use wire::shell::{ShellRequest, ShellResponse, UpgradeSummary};
 
 use crate::config::Loaded;
+use crate::devloop::Onto;
+use crate::portal::PortalClient;
 use crate::repo::Context;
 
 /// How long the files must be quiet before a batch of saves is a cycle.
@@ -33,8 +41,8 @@ const SETTLE: Duration = Duration::from_millis(100);
 pub(crate) struct WatchArgs {
     /// The service directory.
     pub(crate) dir: PathBuf,
-    /// The instance: NAME@ADDR, or a NAME under `[instances]`.
-    pub(crate) instance: String,
+    /// Where each cycle's pull goes.
+    pub(crate) onto: Onto,
     /// The branch to push to (default `dev/<user>`).
     pub(crate) branch: Option<String>,
     /// One JSON object per cycle.
@@ -69,6 +77,7 @@ async fn scan(dir: &Path) -> Result<TreeId> {
 /// `molt watch` (see the module docs).
 pub(crate) async fn watch(
     config: Option<&Path>,
+    portal_url: Option<&str>,
     repo: Option<std::net::SocketAddr>,
     args: WatchArgs,
 ) -> Result<()> {
@@ -80,6 +89,15 @@ pub(crate) async fn watch(
     let branch = args.branch.clone().unwrap_or_else(|| format!("dev/{user}"));
     image_spec::BranchName::new(&branch)?;
     let ctx = Context::open(config, repo).await?;
+    let mut via = match &args.onto {
+        Onto::Instance(i) => Via::Shell(i.clone()),
+        Onto::Target { target, instance } => Via::Portal {
+            client: PortalClient::open(config, portal_url)?,
+            target: target.clone(),
+            instance: instance.clone(),
+            run: None,
+        },
+    };
 
     // Every settled batch's earliest change, for the save → serving time.
     let (tx, mut rx) = mpsc::unbounded_channel::<Instant>();
@@ -104,7 +122,7 @@ pub(crate) async fn watch(
         eprintln!(
             "watching {} → branch {branch} → {} (Ctrl-C stops)",
             args.dir.display(),
-            args.instance
+            args.onto.describe()
         );
     }
 
@@ -127,7 +145,7 @@ pub(crate) async fn watch(
             saved = saved.min(t);
         }
         let cycle = tokio::select! {
-            c = cycle(config, &ctx, &args, &branch, last, saved) => c,
+            c = cycle(config, &ctx, &mut via, &args, &branch, last, saved) => c,
             _ = tokio::signal::ctrl_c() => break,
         };
         match cycle {
@@ -141,11 +159,122 @@ pub(crate) async fn watch(
                 last = Some(tree);
                 println!("{line}");
             }
-            Err(Cycle::Refused(e)) => return Err(e),
+            Err(Cycle::Refused(e)) => {
+                via.end().await;
+                return Err(e);
+            }
         }
     }
+    via.end().await;
     ctx.close().await;
     Ok(())
+}
+
+/// Where each cycle's pull goes.
+enum Via {
+    /// Straight to the instance's shell.
+    Shell(String),
+    /// Through the portal, as cycles of watch run `run` (opened at the
+    /// first cycle, and again if the portal ended it).
+    Portal {
+        client: PortalClient,
+        target: String,
+        instance: Option<String>,
+        run: Option<u64>,
+    },
+}
+
+/// Why a pull did not serve.
+enum PullFailed {
+    /// Refused: the watch ends.
+    Refused(anyhow::Error),
+    /// Failed (a build error): the old version serves.
+    Failed(String),
+}
+
+impl Via {
+    /// Pulls `service` at `branch`.
+    async fn pull(
+        &mut self,
+        config: Option<&Path>,
+        service: &ServiceName,
+        branch: &str,
+    ) -> Result<UpgradeSummary, PullFailed> {
+        let (client, target, instance, run) = match self {
+            Via::Shell(instance) => {
+                let req = ShellRequest::Pull {
+                    service: service.clone(),
+                    rev: branch.to_owned(),
+                    on_behalf_of: None,
+                };
+                return match crate::instance::command_quiet(config, instance, req).await {
+                    Ok(ShellResponse::Upgraded(s)) => Ok(s),
+                    Ok(_) => Err(PullFailed::Refused(anyhow::anyhow!(
+                        "the shell answered with something else than an upgrade"
+                    ))),
+                    Err(e) if crate::instance::is_refusal(&e) => Err(PullFailed::Refused(e)),
+                    Err(e) => Err(PullFailed::Failed(format!("{e:#}"))),
+                };
+            }
+            Via::Portal {
+                client,
+                target,
+                instance,
+                run,
+            } => (client, target, instance, run),
+        };
+        let mut reopened = false;
+        loop {
+            let id = match *run {
+                Some(id) => id,
+                None => {
+                    let id = crate::devloop::open_watch(client, target, service.as_str(), branch)
+                        .await
+                        .map_err(PullFailed::Refused)?;
+                    *run = Some(id);
+                    id
+                }
+            };
+            let answer = crate::devloop::pull_via_portal(
+                client,
+                target,
+                instance.as_deref(),
+                service.as_str(),
+                branch,
+                Some(id),
+            )
+            .await;
+            return match answer {
+                // The portal ended the run (an admin did): open another.
+                Err(e) if crate::devloop::refused_with(&e, 409) && !reopened => {
+                    *run = None;
+                    reopened = true;
+                    continue;
+                }
+                Err(e) => Err(PullFailed::Refused(e)),
+                Ok(a) if a.failed.is_empty() => {
+                    a.done.into_iter().next().map(|(_, s)| s).ok_or_else(|| {
+                        PullFailed::Refused(anyhow::anyhow!("the portal pulled onto no instance"))
+                    })
+                }
+                Ok(a) => Err(PullFailed::Failed(a.why())),
+            };
+        }
+    }
+
+    /// Ends the portal's watch run, if one was opened (a failure is only
+    /// reported: the run then shows when it was last heard from).
+    async fn end(&mut self) {
+        if let Via::Portal {
+            client,
+            run: Some(id),
+            ..
+        } = self
+            && let Err(e) = crate::devloop::end_watch(client, *id).await
+        {
+            eprintln!("warning: cannot end watch run {id} on the portal: {e:#}");
+        }
+    }
 }
 
 /// A cycle that did not serve.
@@ -160,11 +289,13 @@ enum Cycle {
 async fn cycle(
     config: Option<&Path>,
     ctx: &Context,
+    via: &mut Via,
     args: &WatchArgs,
     branch: &str,
     last: Option<TreeId>,
     saved: Instant,
 ) -> Result<Option<(TreeId, String)>, Cycle> {
+    let began = Instant::now();
     let tree = scan(&args.dir).await.map_err(Cycle::Refused)?;
     if Some(tree) == last {
         return Ok(None);
@@ -179,23 +310,14 @@ async fn cycle(
         Err(e) => return Err(Cycle::Refused(e)),
     };
     let service: ServiceName = pushed.service.clone();
-    let req = ShellRequest::Pull {
-        service: service.clone(),
-        rev: branch.to_owned(),
-        on_behalf_of: None,
-    };
-    let answer = crate::instance::command_quiet(config, &args.instance, req).await;
+    let pushed_at = Instant::now();
+    let answer = via.pull(config, &service, branch).await;
     let serving = saved.elapsed();
     let summary = match answer {
-        Ok(ShellResponse::Upgraded(s)) => s,
-        Ok(_) => {
-            return Err(Cycle::Refused(anyhow::anyhow!(
-                "the shell answered with something else than an upgrade"
-            )));
-        }
-        Err(e) if crate::instance::is_refusal(&e) => return Err(Cycle::Refused(e)),
-        Err(e) => {
-            let why = format!("{e:#}");
+        Ok(s) => s,
+        Err(PullFailed::Refused(e)) => return Err(Cycle::Refused(e)),
+        Err(PullFailed::Failed(why)) => {
+            let found = crate::locate::locations(&why, &args.dir);
             let line = if args.json {
                 serde_json::json!({
                     "service": service,
@@ -203,13 +325,20 @@ async fn cycle(
                     "ok": false,
                     "bytes_sent": pushed.bytes_sent,
                     "error": why,
+                    "locations": found,
                 })
                 .to_string()
             } else {
-                format!(
+                // The build's own words first, then one `file:line:col:
+                // message` line per place it names, for editors to link.
+                let mut line = format!(
                     "{service} {}: FAILED, the old version serves: {why}",
                     pushed.commit.short(10)
-                )
+                );
+                for l in &found {
+                    line.push_str(&format!("\n{l}"));
+                }
+                line
             };
             return Err(Cycle::Failed(tree, line));
         }
@@ -229,6 +358,10 @@ async fn cycle(
             "blobs_sent": pushed.blobs_sent,
             "bytes_sent": pushed.bytes_sent,
             "build_ms": build_ms,
+            "settle_ms": began.saturating_duration_since(saved).as_millis() as u64,
+            "push_ms": pushed_at.saturating_duration_since(began).as_millis() as u64,
+            "pull_ms": pushed_at.elapsed().as_millis() as u64,
+            "steps": summary.steps.iter().map(|s| (s.step.kind().to_string(), s.millis)).collect::<std::collections::BTreeMap<_, _>>(),
             "save_to_serving_ms": serving.as_millis() as u64,
             "generation": summary.generation,
         })

@@ -155,6 +155,25 @@ fn post_json(addr: &str, path: &str, body: &serde_json::Value) -> String {
     answer
 }
 
+/// GET `path` at `addr` with a bearer token: the answer's body.
+fn get_with_token(addr: &str, path: &str, token: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
+}
+
 /// The `hits` count in an answer of the counter plugin.
 fn hits(answer: &str) -> u64 {
     let rest = answer
@@ -351,6 +370,63 @@ fn molt_up_serves_the_examples_stops_on_ctrl_c_and_comes_back() {
     assert!(err.contains("deploy through the portal"), "{err}");
     let pulled = molt_json(dir.path(), &["pull", "hello", "--instance", "dev"]);
     assert_eq!(pulled["restarted"], serde_json::json!(["hello"]));
+
+    // `molt watch --target dev`: each save goes through the portal, which
+    // keeps the run and its cycles in the target's history.
+    let hello = dir.path().join("molt-local/examples/hello");
+    let original = std::fs::read_to_string(hello.join("service.toml")).unwrap();
+    let mut watch = Command::new(MOLT)
+        .env("XDG_CACHE_HOME", dir.path().join("cache"))
+        .arg("--config")
+        .arg(dir.path().join("molt-local/molt.toml"))
+        .args(["--json", "watch"])
+        .arg(&hello)
+        .args(["--target", "dev"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut cycles = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let mut next_cycle =
+        || -> serde_json::Value { serde_json::from_str(&cycles.next().unwrap().unwrap()).unwrap() };
+    let first = next_cycle();
+    assert_eq!(first["ok"], true, "{first}");
+    std::fs::write(
+        hello.join("service.toml"),
+        original.replace("hello from molt", "hello, watched"),
+    )
+    .unwrap();
+    let second = next_cycle();
+    assert_eq!(second["ok"], true, "{second}");
+    let dev = molt_json(dir.path(), &["status", "--instance", "dev"]);
+    assert_eq!(dev["overlays"]["hello"]["rev"], "dev/admin", "{dev}");
+    assert!(
+        get(dev["services"]["hello"]["ports"]["main"]
+            .as_str()
+            .map(|a| format!("http://{a}/"))
+            .as_deref()
+            .unwrap())
+        .unwrap()
+        .contains("hello, watched")
+    );
+    assert!(common::signal(&mut watch, "-INT").success());
+    let token = std::fs::read_to_string(dir.path().join("molt-local/portal/admin.token")).unwrap();
+    let runs = get_with_token(portal, "/api/v1/targets/dev/watches", token.trim());
+    let runs: serde_json::Value = serde_json::from_str(&runs).unwrap();
+    assert_eq!(runs[0]["cycles"], 2, "{runs}");
+    assert_eq!(runs[0]["branch"], "dev/admin", "{runs}");
+    assert!(
+        runs[0]["ended"].as_i64().is_some(),
+        "Ctrl-C ends the run: {runs}"
+    );
+    std::fs::write(hello.join("service.toml"), &original).unwrap();
+    // A pull through the portal brings main back.
+    let pulled = molt_json(dir.path(), &["pull", "hello", "--target", "dev"]);
+    assert_eq!(pulled["ok"], true, "{pulled}");
+    assert_eq!(
+        pulled["instances"]["dev"]["summary"]["restarted"],
+        serde_json::json!(["hello"])
+    );
 
     // The counter plugin counts; its count will outlive the restart below.
     let counter = &urls[&("prod".to_owned(), "counter".to_owned())];

@@ -149,6 +149,22 @@ fn saves_serve_bursts_batch_bad_builds_keep_the_old_version_and_staging_refuses(
         failed["error"].as_str().unwrap().contains("SyntaxError"),
         "{failed}"
     );
+    // Its place, as `file:line:col` in the watched directory, for editors.
+    let at = &failed["locations"][0];
+    assert_eq!(
+        at["file"].as_str().unwrap(),
+        dir.join("server.py").to_str().unwrap(),
+        "{failed}"
+    );
+    assert_eq!(
+        (at["line"].as_u64(), at["col"].as_u64()),
+        (Some(1), Some(12)),
+        "{failed}"
+    );
+    assert!(
+        at["message"].as_str().unwrap().starts_with("SyntaxError"),
+        "{failed}"
+    );
     assert_eq!(greeting(&url), "burst 49");
     write(&dir, "server.py", &server);
     let recovered = next_cycle(&rx);

@@ -52,6 +52,8 @@ use wire::Grant;
 use wire::portal::DeploymentId;
 use wire::shell::{ImageRef, ShellRequest, ShellResponse, Stage, Strategy};
 
+pub(crate) mod devloop;
+
 use crate::Portal;
 use crate::auth::{
     AuditEntry, Denied, Principal, SESSION_COOKIE, SESSION_MAX_MS, Session, Token, User, Via,
@@ -63,6 +65,7 @@ use crate::deployment::{
 use crate::listener::{Connection, PeerCert};
 use crate::store::{DeploymentFilter, StoreError};
 use crate::target::{Rollout, Settings, Target};
+use crate::watch::WatchError;
 
 /// A token lives this many days unless its maker says otherwise.
 pub const DEFAULT_TOKEN_DAYS: i64 = 90;
@@ -125,7 +128,18 @@ pub fn router(portal: Arc<Portal>, hosts: Vec<String>) -> Router {
         .route("/api/v1/targets/{name}", get(show_target).put(edit_target))
         .route("/api/v1/targets/{name}/plan", get(plan))
         .route("/api/v1/targets/{name}/rollback", post(rollback))
+        .route("/api/v1/targets/{name}/pull", post(devloop::pull))
+        .route("/api/v1/targets/{name}/reset", post(devloop::reset))
+        .route(
+            "/api/v1/targets/{name}/watches",
+            get(devloop::list_watches).post(devloop::open_watch),
+        )
+        .route("/api/v1/watches/{id}/end", post(devloop::end_watch))
         .route("/api/v1/instances", get(list_instances))
+        .route(
+            "/api/v1/instances/{name}/status",
+            get(devloop::instance_status),
+        )
         .route("/api/v1/images", get(list_images).post(create_image))
         .route("/api/v1/images/{name}", get(show_image))
         .route("/api/v1/refs", get(list_refs))
@@ -256,6 +270,8 @@ impl From<StoreError> for ApiError {
             | StoreError::NoUser(_)
             | StoreError::NoToken(_) => Self::not_found(e.to_string()),
             StoreError::Backend(_) | StoreError::Corrupt { .. } => Self::internal(e.to_string()),
+            StoreError::Watch(WatchError::NotFound(_)) => Self::not_found(e.to_string()),
+            StoreError::Watch(WatchError::Ended(_)) => Self::conflict(e.to_string()),
         }
     }
 }
@@ -1024,21 +1040,14 @@ pub(crate) async fn target_summaries(
                 ..Default::default()
             })
             .await?;
-        let current = store
-            .deployments(DeploymentFilter {
-                target: Some(t.name.clone()),
-                state: Some(DeploymentState::Succeeded),
-                limit: 1,
-                ..Default::default()
-            })
-            .await?;
+        let current = current_image_in(store.as_ref(), &t.name).await?;
         out.push(TargetSummary {
             name: t.name.clone(),
             stage: t.stage,
             settings: t.settings.clone(),
             created: t.created,
             instances,
-            image: current.into_iter().next().map(|d| d.image),
+            image: current,
             last_deployment: last.into_iter().next().map(|d| LastDeployment {
                 id: d.id,
                 state: d.state,
@@ -1380,15 +1389,13 @@ pub(crate) struct DeployInput {
     pub(crate) skip_hooks: bool,
 }
 
-async fn enqueue(
-    api: &Api,
-    who: &Principal,
+/// `instance` (which must be one of the target's), or every instance of the
+/// target (it must have one).
+fn pick_instances(
     target: &Target,
-    image: ImageRef,
-    trigger: Trigger,
-    options: DeployOptions,
-) -> ApiResult<Deployment> {
-    let instances = match &options.instance {
+    instance: Option<&InstanceName>,
+) -> ApiResult<Vec<InstanceName>> {
+    let instances = match instance {
         Some(i) if !target.instances.contains(i) => {
             return Err(ApiError::bad(
                 "instance",
@@ -1401,9 +1408,55 @@ async fn enqueue(
     if instances.is_empty() {
         return Err(ApiError::bad(
             "target",
-            format!("target `{}` has no instances to deploy to", target.name),
+            format!("target `{}` has no instances", target.name),
         ));
     }
+    Ok(instances)
+}
+
+/// A target's current image: its newest succeeded deployment's.
+async fn current_image_in(
+    store: &dyn crate::store::Store,
+    target: &TargetName,
+) -> ApiResult<Option<ImageRef>> {
+    let newest = store
+        .deployments(DeploymentFilter {
+            target: Some(target.clone()),
+            state: Some(DeploymentState::Succeeded),
+            limit: 1,
+            ..Default::default()
+        })
+        .await?;
+    Ok(newest.into_iter().next().map(|d| d.image))
+}
+
+/// [`current_image_in`] the portal's store.
+pub(crate) async fn current_image(api: &Api, target: &Target) -> ApiResult<Option<ImageRef>> {
+    current_image_in(api.portal.store.as_ref(), &target.name).await
+}
+
+/// The commits of `image`, from the repository.
+pub(crate) async fn image_commits(
+    api: &Api,
+    image: &ImageRef,
+) -> ApiResult<BTreeMap<image_spec::ServiceName, image_spec::CommitId>> {
+    let repo = api.repo().await?;
+    let record = repo
+        .image(&image.name)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "repository", e.to_string()))?;
+    Ok(record.image.services().clone())
+}
+
+async fn enqueue(
+    api: &Api,
+    who: &Principal,
+    target: &Target,
+    image: ImageRef,
+    trigger: Trigger,
+    options: DeployOptions,
+) -> ApiResult<Deployment> {
+    let instances = pick_instances(target, options.instance.as_ref())?;
     let d = api
         .portal
         .store

@@ -37,6 +37,7 @@ pub mod runner;
 pub mod shells;
 pub mod store;
 pub mod target;
+pub mod watch;
 pub mod web;
 
 use std::net::SocketAddr;

@@ -29,6 +29,7 @@ use crate::deployment::{
     TransitionError, Trigger,
 };
 use crate::target::{InstanceRecord, Target};
+use crate::watch::{NewWatch, WatchCycle, WatchError, WatchRun};
 use wire::plan::UpgradePlan;
 
 /// What a store method returns.
@@ -84,6 +85,9 @@ pub enum StoreError {
     /// No such token.
     #[error("no token `{0}`")]
     NoToken(String),
+    /// A watch run refused a cycle or does not exist.
+    #[error(transparent)]
+    Watch(#[from] WatchError),
 }
 
 /// Which deployments a listing wants.
@@ -240,4 +244,16 @@ pub trait Store: Send + Sync + 'static {
     /// The audit log's entries before `before` (`None`: from the newest),
     /// newest first, at most `limit`: its pages, as people read it.
     fn audit_newest(&self, before: Option<u64>, limit: usize) -> StoreFuture<'_, Vec<AuditEntry>>;
+
+    /// Opens a watch run, numbered by the store ([`crate::watch`]).
+    fn open_watch(&self, new: NewWatch, at: Millis) -> StoreFuture<'_, WatchRun>;
+    /// Adds a cycle to an open run, atomically; an ended one refuses it
+    /// (`Watch(Ended)`).
+    fn watch_cycle(&self, id: u64, cycle: WatchCycle) -> StoreFuture<'_, WatchRun>;
+    /// Ends a run (an ended one stays as it was).
+    fn end_watch(&self, id: u64, at: Millis) -> StoreFuture<'_, WatchRun>;
+    /// One run.
+    fn watch(&self, id: u64) -> StoreFuture<'_, Option<WatchRun>>;
+    /// A target's runs, newest first, at most `limit`.
+    fn watches(&self, target: &TargetName, limit: usize) -> StoreFuture<'_, Vec<WatchRun>>;
 }

@@ -10,8 +10,10 @@
 //! `running` (target → id: at most one per target), `events` (id and sequence
 //! number → event), `users`, `tokens` (id → token),
 //! `token_hashes` (hash → id), `sessions` (hash of the session id → session),
-//! `audit` (sequence number → entry) and `meta`
-//! (counters). Records are encoded with the wire's record codec.
+//! `audit` (sequence number → entry), `watches` (run number → watch run) with
+//! `watches_by_target` (target name, NUL, run number: a target's runs
+//! without a scan of all; the newest [`KEEP_WATCHES`] per target kept) and
+//! `meta` (counters). Records are encoded with the wire's record codec.
 //!
 //! One process owns the database (sled locks its directory), and every write
 //! goes through one mutex, so each [`Store`] operation is atomic here; the
@@ -38,6 +40,7 @@ use crate::deployment::{
     Deployment, DeploymentState, Event, EventKind, InstanceRun, Millis, NewDeployment, Transition,
 };
 use crate::target::{InstanceRecord, Target};
+use crate::watch::{NewWatch, WatchCycle, WatchError, WatchRun};
 
 /// The page cache sled may use: the records are small.
 const CACHE_BYTES: u64 = 16 << 20;
@@ -63,6 +66,8 @@ pub struct SledStore {
     plans: sled::Tree,
     by_target: sled::Tree,
     audit: sled::Tree,
+    watches: sled::Tree,
+    watches_by_target: sled::Tree,
     meta: sled::Tree,
     write: Mutex<()>,
 }
@@ -170,6 +175,8 @@ impl SledStore {
             plans: tree("plans")?,
             by_target: tree("by_target")?,
             audit: tree("audit")?,
+            watches: tree("watches")?,
+            watches_by_target: tree("watches_by_target")?,
             meta: tree("meta")?,
             db,
             write: Mutex::new(()),
@@ -751,6 +758,88 @@ impl SledStore {
     }
 }
 
+/// How many watch runs each target keeps (the oldest are dropped).
+pub const KEEP_WATCHES: usize = 200;
+
+impl SledStore {
+    fn sync_open_watch(&self, new: NewWatch, at: Millis) -> Result<WatchRun, StoreError> {
+        let _guard = self.lock();
+        let id = self.next("watch")?;
+        let run = WatchRun::new(id, new, at);
+        let prefix = watch_prefix(&run.target);
+        let mut listed: Vec<sled::IVec> = self
+            .watches_by_target
+            .scan_prefix(&prefix)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(backend)?;
+        // Keys sort by number: the oldest first.
+        let excess = (listed.len() + 1).saturating_sub(KEEP_WATCHES);
+        listed.truncate(excess);
+        let record = encode(&run)?;
+        let mut key = prefix;
+        key.extend_from_slice(&be(id));
+        (&self.watches, &self.watches_by_target)
+            .transaction(|(watches, by_target)| {
+                watches.insert(&be(id), record.as_slice())?;
+                by_target.insert(key.as_slice(), &[])?;
+                for old in &listed {
+                    by_target.remove(old)?;
+                    if let Some(number) = old.get(old.len().saturating_sub(8)..) {
+                        watches.remove(number)?;
+                    }
+                }
+                Ok(())
+            })
+            .map_err(embedded_db::storage_error)
+            .map_err(backend)?;
+        self.flush()?;
+        Ok(run)
+    }
+
+    /// Changes run `id` by `change`, atomically, durably.
+    fn change_watch(
+        &self,
+        id: u64,
+        change: impl FnOnce(&mut WatchRun) -> Result<(), WatchError>,
+    ) -> Result<WatchRun, StoreError> {
+        let _guard = self.lock();
+        let mut run: WatchRun =
+            Self::get(&self.watches, "watch run", be(id))?.ok_or(WatchError::NotFound(id))?;
+        change(&mut run)?;
+        self.watches
+            .insert(be(id), encode(&run)?)
+            .map_err(backend)?;
+        self.flush()?;
+        Ok(run)
+    }
+
+    fn sync_watches(&self, target: &TargetName, limit: usize) -> Result<Vec<WatchRun>, StoreError> {
+        self.watches_by_target
+            .scan_prefix(watch_prefix(target))
+            .keys()
+            .rev()
+            .take(limit)
+            .map(|key| {
+                let key = key.map_err(backend)?;
+                let number = key.get(key.len().saturating_sub(8)..).unwrap_or_default();
+                let id = id_of(number, "watch run key")?.0;
+                Self::get(&self.watches, "watch run", be(id))?.ok_or(StoreError::Corrupt {
+                    what: "watch run index",
+                    message: format!("it lists run {id}, which is missing"),
+                })
+            })
+            .collect()
+    }
+}
+
+/// The prefix of a target's entries in `watches_by_target`.
+fn watch_prefix(target: &TargetName) -> Vec<u8> {
+    let mut key = target.as_str().as_bytes().to_vec();
+    key.push(0);
+    key
+}
+
 impl Store for SledStore {
     fn put_target(&self, target: Target, replace: bool) -> StoreFuture<'_, ()> {
         ready(self.sync_put_target(target, replace))
@@ -997,5 +1086,28 @@ impl Store for SledStore {
                 .map(|v| decode("audit entry", &v.map_err(backend)?))
                 .collect(),
         )
+    }
+
+    fn open_watch(&self, new: NewWatch, at: Millis) -> StoreFuture<'_, WatchRun> {
+        ready(self.sync_open_watch(new, at))
+    }
+
+    fn watch_cycle(&self, id: u64, cycle: WatchCycle) -> StoreFuture<'_, WatchRun> {
+        ready(self.change_watch(id, |run| run.add(cycle).map(drop)))
+    }
+
+    fn end_watch(&self, id: u64, at: Millis) -> StoreFuture<'_, WatchRun> {
+        ready(self.change_watch(id, |run| {
+            run.end(at);
+            Ok(())
+        }))
+    }
+
+    fn watch(&self, id: u64) -> StoreFuture<'_, Option<WatchRun>> {
+        ready(Self::get(&self.watches, "watch run", be(id)))
+    }
+
+    fn watches(&self, target: &TargetName, limit: usize) -> StoreFuture<'_, Vec<WatchRun>> {
+        ready(self.sync_watches(target, limit))
     }
 }

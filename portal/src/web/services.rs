@@ -159,6 +159,16 @@ pub struct MicroserviceView {
     /// Set when it runs another commit than the target's current image has
     /// for it: what the image has (or that the image has no such service).
     drift: Option<String>,
+    /// Set when it was pulled there (a development or quality instance):
+    /// by whom, from which revision, since when.
+    overlay: Option<OverlayView>,
+}
+
+/// A microservice pulled onto an instance.
+pub struct OverlayView {
+    rev: String,
+    by: String,
+    since: When,
 }
 
 /// An instance of the target.
@@ -195,10 +205,7 @@ fn uptime(secs: Option<u64>) -> String {
 
 /// The commits of the target's current image, from the repository.
 async fn current_commits(api: &Api, s: &TargetSummary) -> Option<BTreeMap<ServiceName, CommitId>> {
-    let image = s.image.as_ref()?;
-    let repo = api.repo().await.ok()?;
-    let record = repo.image(&image.name).await.ok()?;
-    Some(record.image.services().clone())
+    crate::api::image_commits(api, s.image.as_ref()?).await.ok()
 }
 
 /// `GET /services/{name}`: the Overview tab.
@@ -229,14 +236,20 @@ pub(crate) async fn overview(
                     view.image = st.image.as_ref().map(|r| r.name.to_string());
                     view.generation = Some(st.generation);
                     view.upgrading = st.upgrading;
+                    let drifted = crate::api::devloop::drift(&st, expected.as_ref());
                     view.services = st
                         .services
                         .iter()
                         .map(|(svc, s)| {
-                            let drift = expected.as_ref().and_then(|e| match e.get(svc) {
-                                Some(c) if *c == s.commit => None,
-                                Some(c) => Some(format!("the image has {}", short(c))),
-                                None => Some("not in the image".to_owned()),
+                            let drift = drifted.get(svc).map(|d| match &d.image {
+                                Some(c) => format!("the image has {}", short(c)),
+                                None if expected.is_some() => "not in the image".to_owned(),
+                                None => "the target has no current image".to_owned(),
+                            });
+                            let overlay = st.overlays.get(svc).map(|o| OverlayView {
+                                rev: o.rev.clone(),
+                                by: o.by.clone(),
+                                since: When::new(o.since.as_unix_seconds() * 1000, now),
                             });
                             MicroserviceView {
                                 name: svc.to_string(),
@@ -247,6 +260,7 @@ pub(crate) async fn overview(
                                 uptime: uptime(s.uptime_secs),
                                 restarts: s.restarts,
                                 drift,
+                                overlay,
                             }
                         })
                         .collect();
@@ -674,7 +688,66 @@ struct HistoryPage {
     /// The query of the next (older) page, if there is one.
     older: Option<String>,
     filtered: bool,
+    /// The newest watch runs (on the first page only).
+    watches: Vec<WatchRow>,
 }
+
+/// A watch run as History lists it.
+pub struct WatchRow {
+    id: u64,
+    service: String,
+    branch: String,
+    by: String,
+    started: When,
+    last: When,
+    open: bool,
+    cycles: u64,
+    failed: u64,
+    /// The latest cycles, newest first.
+    recent: Vec<CycleRow>,
+}
+
+/// One cycle of a watch run.
+pub struct CycleRow {
+    number: u64,
+    at: When,
+    commit: String,
+    took: String,
+    error: Option<String>,
+}
+
+impl WatchRow {
+    fn new(r: &crate::watch::WatchRun, now: i64) -> Self {
+        Self {
+            id: r.id,
+            service: r.service.to_string(),
+            branch: r.branch.to_string(),
+            by: r.by.to_string(),
+            started: When::new(r.started, now),
+            last: When::new(r.ended.unwrap_or(r.last), now),
+            open: r.ended.is_none(),
+            cycles: r.cycles,
+            failed: r.failed,
+            recent: r
+                .recent
+                .iter()
+                .rev()
+                .take(WATCH_CYCLES_SHOWN)
+                .map(|c| CycleRow {
+                    number: c.number,
+                    at: When::new(c.at, now),
+                    commit: c.commit.as_ref().map(short).unwrap_or_default(),
+                    took: super::format::duration(c.millis),
+                    error: c.error.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// How many watch runs the History tab shows, and how many cycles of each.
+const WATCHES_SHOWN: usize = 10;
+const WATCH_CYCLES_SHOWN: usize = 20;
 
 /// How many deployments a History page lists.
 const HISTORY_PAGE: usize = 25;
@@ -754,7 +827,16 @@ pub(crate) async fn history(
         && filters.trigger.is_empty()
         && filters.from.is_empty()
         && filters.to.is_empty());
+    let watches = match q.contains_key("before") {
+        true => Vec::new(),
+        false => crate::api::devloop::target_watches(&api, &l.who, &l.target.name, WATCHES_SHOWN)
+            .await?
+            .iter()
+            .map(|r| WatchRow::new(r, now))
+            .collect(),
+    };
     let h = HistoryPage {
+        watches,
         layout: Layout::new(&l.who, "services"),
         head: head(&l, "history"),
         rows: list.iter().map(|d| DeploymentRow::new(d, now)).collect(),
