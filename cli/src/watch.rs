@@ -33,8 +33,10 @@ use crate::devloop::Onto;
 use crate::portal::PortalClient;
 use crate::repo::Context;
 
-/// How long the files must be quiet before a batch of saves is a cycle.
-const SETTLE: Duration = Duration::from_millis(100);
+/// How long the files must be quiet before a batch of saves is a cycle: an
+/// editor's save (write a temporary file, rename it over) takes a few
+/// milliseconds; a `git checkout` or a formatter over many files a few more.
+const SETTLE: Duration = Duration::from_millis(50);
 
 /// What `molt watch` was asked.
 #[derive(Debug, Clone)]

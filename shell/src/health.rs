@@ -213,33 +213,59 @@ fn status_line(bytes: &[u8]) -> String {
 /// The first pause between start-up probes; it doubles up to the check's interval.
 const FIRST_PAUSE: Duration = Duration::from_millis(10);
 
+/// For this long after the first probe, probes are at most [`FAST_PAUSE`]
+/// apart: an interpreter that listens after 160 ms would otherwise wait for
+/// the probe at 310 ms (10 + 20 + 40 + 80 + 160).
+const FAST_PHASE: Duration = Duration::from_millis(500);
+/// The longest pause between probes during [`FAST_PHASE`].
+const FAST_PAUSE: Duration = Duration::from_millis(20);
+
+/// The pause after a failed probe, `since` the first one, when the last
+/// pause was `last` and the check's interval is `interval`: 10 ms, then
+/// at most [`FAST_PAUSE`] during [`FAST_PHASE`], then doubling up to
+/// `interval`.
+fn next_pause(last: Option<Duration>, since: Duration, interval: Duration) -> Duration {
+    let doubled = match last {
+        None => FIRST_PAUSE,
+        Some(p) => p * 2,
+    };
+    let pause = match since < FAST_PHASE {
+        true => doubled.min(FAST_PAUSE),
+        false => doubled,
+    };
+    pause.min(interval)
+}
+
 /// Probes until one passes or `start_grace` runs out. A starting process is
-/// probed soon and then less and less often (10 ms, doubling up to `interval`):
-/// most services listen within milliseconds, and every probe interval waited
-/// needlessly is time the upgrade keeps the old process serving.
+/// probed soon and then less and less often ([`next_pause`]): most services
+/// listen within milliseconds, and every probe interval waited needlessly is
+/// time a developer waits for their save, or the upgrade keeps the old
+/// process serving.
 pub async fn wait_healthy(
     check: &HealthCheck,
     ports: &BTreeMap<String, u16>,
     dir: &Path,
 ) -> Result<(), HealthError> {
-    let deadline = tokio::time::Instant::now() + check.start_grace;
+    let started = tokio::time::Instant::now();
+    let deadline = started + check.start_grace;
     let mut attempts = 0;
-    let mut pause = FIRST_PAUSE.min(check.interval);
+    let mut pause = None;
     loop {
         attempts += 1;
         let last = match probe(&check.probe, ports, dir, check.timeout).await {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
-        if tokio::time::Instant::now() + pause > deadline {
+        let next = next_pause(pause, started.elapsed(), check.interval);
+        if tokio::time::Instant::now() + next > deadline {
             return Err(HealthError {
                 grace: check.start_grace,
                 attempts,
                 last,
             });
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(check.interval);
+        tokio::time::sleep(next).await;
+        pause = Some(next);
     }
 }
 
@@ -453,10 +479,24 @@ mod tests {
         let err = wait_healthy(&check, &BTreeMap::new(), dir.path())
             .await
             .unwrap_err();
-        // Pauses of 10, 20, 40, … ms, then 400: seven probes fit in one second
-        // where probing every interval would have made three.
-        // (A loaded machine spawns `false` slowly: more than three is the point.)
-        assert!((4..=8).contains(&err.attempts), "{err}");
+        // Pauses of 10 then 20 ms for half a second, then doubling to 400:
+        // about thirty probes fit in one second where probing every interval
+        // would have made three. (A loaded machine spawns `false` slowly:
+        // many more than three is the point.)
+        assert!((8..=35).contains(&err.attempts), "{err}");
+    }
+
+    #[test]
+    fn probes_stay_close_while_a_service_starts_then_back_off() {
+        let interval = Duration::from_secs(1);
+        let ms = Duration::from_millis;
+        assert_eq!(next_pause(None, ms(0), interval), ms(10));
+        assert_eq!(next_pause(Some(ms(10)), ms(10), interval), ms(20));
+        assert_eq!(next_pause(Some(ms(20)), ms(300), interval), ms(20));
+        assert_eq!(next_pause(Some(ms(20)), ms(500), interval), ms(40));
+        assert_eq!(next_pause(Some(ms(640)), ms(2_000), interval), interval);
+        // Never longer than the interval, even at the start.
+        assert_eq!(next_pause(None, ms(0), ms(5)), ms(5));
     }
 
     #[tokio::test]
