@@ -16,7 +16,8 @@
 //! With `--target`, each cycle's pull goes through the portal to the target's
 //! instances ([`crate::devloop`]), as a cycle of one watch run the portal
 //! opens at the first cycle and ends when the watch stops: the target's
-//! history shows the run with its cycles.
+//! history shows the run with its cycles. So does `--instance` of an
+//! instance the configured portal lists online in a target.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -92,7 +93,23 @@ pub(crate) async fn watch(
     image_spec::BranchName::new(&branch)?;
     let ctx = Context::open(config, repo).await?;
     let mut via = match &args.onto {
-        Onto::Instance(i) => Via::Shell(i.clone()),
+        Onto::Instance(i) => match portal_target_of(config, portal_url, i).await {
+            Some((client, target, instance)) => {
+                if !args.json {
+                    eprintln!(
+                        "{instance} is an instance of portal target {target}: each cycle goes \
+                         through the portal, which records the watch run in the target's history"
+                    );
+                }
+                Via::Portal {
+                    client,
+                    target,
+                    instance: Some(instance),
+                    run: None,
+                }
+            }
+            None => Via::Shell(i.clone()),
+        },
         Onto::Target { target, instance } => Via::Portal {
             client: PortalClient::open(config, portal_url)?,
             target: target.clone(),
@@ -170,6 +187,32 @@ pub(crate) async fn watch(
     via.end().await;
     ctx.close().await;
     Ok(())
+}
+
+/// The portal target `instance` (NAME or NAME@ADDR) belongs to, if the
+/// configured portal answers within a moment that it does and the instance
+/// is online there: then its cycles go through the portal, so the target's
+/// history records them.
+async fn portal_target_of(
+    config: Option<&Path>,
+    portal_url: Option<&str>,
+    instance: &str,
+) -> Option<(PortalClient, String, String)> {
+    let name = instance.split('@').next().unwrap_or(instance).to_owned();
+    let client = PortalClient::open(config, portal_url).ok()?;
+    let listed = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.call("GET", "/api/v1/instances", None),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let target = listed.as_array()?.iter().find_map(|i| {
+        (i["name"] == name.as_str() && i["online"] == true)
+            .then(|| i["target"].as_str().map(str::to_owned))
+            .flatten()
+    })?;
+    Some((client, target, name))
 }
 
 /// Where each cycle's pull goes.

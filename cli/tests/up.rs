@@ -371,8 +371,9 @@ fn molt_up_serves_the_examples_stops_on_ctrl_c_and_comes_back() {
     let pulled = molt_json(dir.path(), &["pull", "hello", "--instance", "dev"]);
     assert_eq!(pulled["restarted"], serde_json::json!(["hello"]));
 
-    // `molt watch --target dev`: each save goes through the portal, which
-    // keeps the run and its cycles in the target's history.
+    // `molt watch --instance dev`: dev is an instance of the portal's target
+    // dev, so each save goes through the portal, which keeps the run and its
+    // cycles in the target's history.
     let hello = dir.path().join("molt-local/examples/hello");
     let original = std::fs::read_to_string(hello.join("service.toml")).unwrap();
     let mut watch = Command::new(MOLT)
@@ -381,7 +382,7 @@ fn molt_up_serves_the_examples_stops_on_ctrl_c_and_comes_back() {
         .arg(dir.path().join("molt-local/molt.toml"))
         .args(["--json", "watch"])
         .arg(&hello)
-        .args(["--target", "dev"])
+        .args(["--instance", "dev"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
