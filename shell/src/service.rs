@@ -385,18 +385,8 @@ impl ShellService {
                     by,
                     since: image_spec::Timestamp::now(),
                 };
-                self.spawn_upgrade(
-                    repo,
-                    Change::Pull(service, overlay),
-                    reason,
-                    UpgradeOptions {
-                        strategy: self.strategy,
-                        ..UpgradeOptions::default()
-                    },
-                    progress,
-                    None,
-                )
-                .await
+                self.spawn_overlay_change(repo, Change::Pull(service, overlay), reason, progress)
+                    .await
             }
             ShellRequest::Reset {
                 service,
@@ -409,20 +399,27 @@ impl ShellService {
                     Some(service) => format!("reset {service} to the image by {by}"),
                     None => format!("reset to the image by {by}"),
                 };
-                self.spawn_upgrade(
-                    repo,
-                    Change::Reset(service),
-                    reason,
-                    UpgradeOptions {
-                        strategy: self.strategy,
-                        ..UpgradeOptions::default()
-                    },
-                    progress,
-                    None,
-                )
-                .await
+                self.spawn_overlay_change(repo, Change::Reset(service), reason, progress)
+                    .await
             }
         }
+    }
+
+    /// A pull or reset: an upgrade with the instance's own strategy, outside
+    /// any deployment.
+    async fn spawn_overlay_change(
+        self: &Arc<Self>,
+        repo: RepoClient,
+        change: Change,
+        reason: String,
+        progress: &Reporter,
+    ) -> ShellReply {
+        let options = UpgradeOptions {
+            strategy: self.strategy,
+            ..UpgradeOptions::default()
+        };
+        self.spawn_upgrade(repo, change, reason, options, progress, None)
+            .await
     }
 
     /// Refuses `what` (pulls, resets) on a staging or production instance:
