@@ -682,7 +682,7 @@ fn deploy_an_image_to_a_shell_and_read_its_status() {
     );
     assert!(dev_shell.wait().unwrap().success());
 
-    // A developer may not command shells.
+    // A developer may not deploy (only pull and reset, on dev and QA).
     let out = c.molt(&[
         "cert",
         "issue",
@@ -708,7 +708,7 @@ fn deploy_an_image_to_a_shell_and_read_its_status() {
         .unwrap();
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("may not command shells"),
+        String::from_utf8_lossy(&out.stderr).contains("not upgrade or roll back"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -3,13 +3,15 @@
 //! branch onto a development target's instance, the instance view and the
 //! API show the overlay (who, branch, commit, since) as drift from the
 //! target's image, a watch run records its cycles in the target's history,
-//! a reset brings the image back, and staging refuses pulls.
+//! a reset brings the image back, and staging refuses pulls. The service's
+//! Overview and History tabs are read in a real browser (headless chromium).
 
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 
 use image_spec::{CommitId, ImageName, ServiceName};
+use molt_e2e::browser::Browser;
 use molt_e2e::portal::{Api, TestPortal, TestShell, wait_online};
 use molt_e2e::{TestCluster, copy_example, get_once, write_file};
 use repo_client::PushOptions;
@@ -141,13 +143,38 @@ async fn developers_pull_watch_and_reset_through_the_portal_and_overlays_show_as
         drift["overlay"]["since"].as_i64().unwrap() >= before,
         "{status}"
     );
-    // And so does the instance view.
-    let page = admin.request("GET", "/services/dev", None).await;
-    let page = page.body.as_str().unwrap();
-    assert!(
-        page.contains("overlay: <code>dev/dan</code> pulled by dan"),
-        "{page}"
-    );
+    // And so does the instance view, in a browser.
+    admin
+        .post(
+            "/api/v1/users",
+            json!({ "name": "alice", "grant": "deployer", "password": "alice password" }),
+        )
+        .await;
+    let browser = Browser::start(portal.http).await;
+    browser.goto("/services/dev").await;
+    browser
+        .find("#user")
+        .await
+        .send_keys("alice")
+        .await
+        .unwrap();
+    browser
+        .find("#password")
+        .await
+        .send_keys("alice password")
+        .await
+        .unwrap();
+    browser.find("#login").await.click().await.unwrap();
+    let row = browser
+        .wait_text(
+            "[data-instance=dev-1] tr[data-microservice=hello]",
+            20,
+            |t| t.contains("overlay"),
+        )
+        .await;
+    assert!(row.contains("overlay: dev/dan pulled by dan"), "{row}");
+    assert!(row.contains("drift: the image has"), "{row}");
+    browser.screenshot("overlay").await;
 
     // A watch run: opened, one cycle per pull naming it, ended.
     let (code, refused) = dan
@@ -205,13 +232,17 @@ async fn developers_pull_watch_and_reset_through_the_portal_and_overlays_show_as
     assert_eq!(runs.as_array().unwrap().len(), 1, "{runs}");
     assert_eq!(runs[0]["by"], "dan");
     assert_eq!(runs[0]["cycles"], 1);
-    let history = admin.request("GET", "/services/dev/history", None).await;
-    let history = history.body.as_str().unwrap();
-    assert!(history.contains("Watch runs"), "{history}");
+    browser.goto("/services/dev/history").await;
+    let listed = browser
+        .text(&format!("#watches tr[data-watch='{id}']"))
+        .await;
+    assert!(listed.contains("dev/dan"), "{listed}");
     assert!(
-        history.contains(&format!("data-watch=\"{id}\"")),
-        "{history}"
+        listed.contains("1 cycle,") || listed.contains("1 cycle "),
+        "{listed}"
     );
+    assert!(listed.contains("ended"), "{listed}");
+    browser.close().await;
 
     // Staging takes no pulls: not from a developer, not from an admin.
     let (code, body) = dan
