@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use image_spec::{ServiceName, TreeId};
+use image_spec::{ServiceName, Tree, TreeDiff};
 use notify::RecursiveMode;
 use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use tokio::sync::mpsc;
@@ -69,12 +69,41 @@ fn is_editor_temp(path: &Path) -> bool {
 }
 
 /// The tree the directory holds now (`.moltignore` honoured).
-async fn scan(dir: &Path) -> Result<TreeId> {
+async fn scan(dir: &Path) -> Result<Tree> {
     let d = dir.to_owned();
     let scanned = tokio::task::spawn_blocking(move || image_spec::scan_dir(&d))
         .await?
         .with_context(|| format!("cannot read `{}`", dir.display()))?;
-    Ok(scanned.tree.id())
+    Ok(scanned.tree)
+}
+
+/// Most changed paths a cycle names.
+const NAMED: usize = 3;
+
+/// The paths that differ between the last cycle's tree and `tree` (all of
+/// them on the first cycle).
+fn changed_paths(last: Option<&Tree>, tree: &Tree) -> Vec<String> {
+    match last {
+        Some(last) => TreeDiff::between(last, tree)
+            .changes()
+            .iter()
+            .map(|c| c.path().to_string())
+            .collect(),
+        None => tree
+            .entries()
+            .iter()
+            .map(|e| e.path().to_string())
+            .collect(),
+    }
+}
+
+/// `changed` in words: the first few paths, then how many more.
+fn in_words(changed: &[String]) -> String {
+    match changed.len() {
+        0 => "nothing".to_owned(),
+        n if n <= NAMED => changed.join(", "),
+        n => format!("{} and {} more", changed[..NAMED].join(", "), n - NAMED),
+    }
 }
 
 /// `molt watch` (see the module docs).
@@ -145,7 +174,7 @@ pub(crate) async fn watch(
         );
     }
 
-    let mut last: Option<TreeId> = None;
+    let mut last: Option<Tree> = None;
     let mut pending = Some(Instant::now());
     loop {
         let saved = match pending.take() {
@@ -164,7 +193,7 @@ pub(crate) async fn watch(
             saved = saved.min(t);
         }
         let cycle = tokio::select! {
-            c = cycle(config, &ctx, &mut via, &args, &branch, last, saved) => c,
+            c = cycle(config, &ctx, &mut via, &args, &branch, last.as_ref(), saved) => c,
             _ = tokio::signal::ctrl_c() => break,
         };
         match cycle {
@@ -325,7 +354,7 @@ impl Via {
 /// A cycle that did not serve.
 enum Cycle {
     /// The build (or the pull) failed: the old version serves; the line says why.
-    Failed(TreeId, String),
+    Failed(Tree, String),
     /// The instance or repository refused: the watch ends.
     Refused(anyhow::Error),
 }
@@ -337,21 +366,24 @@ async fn cycle(
     via: &mut Via,
     args: &WatchArgs,
     branch: &str,
-    last: Option<TreeId>,
+    last: Option<&Tree>,
     saved: Instant,
-) -> Result<Option<(TreeId, String)>, Cycle> {
+) -> Result<Option<(Tree, String)>, Cycle> {
     let began = Instant::now();
     let tree = scan(&args.dir).await.map_err(Cycle::Refused)?;
-    if Some(tree) == last {
+    if last.map(Tree::id) == Some(tree.id()) {
         return Ok(None);
     }
+    let changed = changed_paths(last, &tree);
     let pushed = match ctx
         .push_report(&args.dir, "molt watch", branch, false)
         .await
     {
         Ok(p) => p,
         // Saved again while it was read: the next cycle has the new content.
-        Err(_) if scan(&args.dir).await.ok() != Some(tree) => return Ok(None),
+        Err(_) if scan(&args.dir).await.ok().map(|t| t.id()) != Some(tree.id()) => {
+            return Ok(None);
+        }
         Err(e) => return Err(Cycle::Refused(e)),
     };
     let service: ServiceName = pushed.service.clone();
@@ -368,6 +400,7 @@ async fn cycle(
                     "service": service,
                     "commit": pushed.commit.to_hex().to_string(),
                     "ok": false,
+                    "changed": changed,
                     "bytes_sent": pushed.bytes_sent,
                     "error": why,
                     "locations": found,
@@ -399,6 +432,7 @@ async fn cycle(
             "service": service,
             "commit": pushed.commit.to_hex().to_string(),
             "ok": true,
+            "changed": changed,
             "files": pushed.files,
             "blobs_sent": pushed.blobs_sent,
             "bytes_sent": pushed.bytes_sent,
@@ -413,9 +447,9 @@ async fn cycle(
         .to_string()
     } else {
         format!(
-            "{service} {}: {} blob(s) changed, {} B sent, build {build_ms} ms, save → serving {} ms",
+            "{service} {}: {} changed, {} B sent, build {build_ms} ms, save → serving {} ms",
             pushed.commit.short(10),
-            pushed.blobs_sent,
+            in_words(&changed),
             pushed.bytes_sent,
             serving.as_millis()
         )
@@ -426,6 +460,27 @@ async fn cycle(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cycle_names_the_paths_that_changed() {
+        let entry = |path: &str, n: u8| {
+            image_spec::TreeEntry::file(
+                image_spec::RelPath::new(path).unwrap(),
+                false,
+                1,
+                image_spec::BlobId::from_bytes([n; 32]),
+            )
+        };
+        let old = Tree::new(vec![entry("a.py", 1), entry("b.py", 2)]).unwrap();
+        let new = Tree::new(vec![entry("a.py", 1), entry("b.py", 3), entry("c.py", 4)]).unwrap();
+        let changed = changed_paths(Some(&old), &new);
+        assert_eq!(changed, ["b.py", "c.py"]);
+        assert_eq!(in_words(&changed), "b.py, c.py");
+        let first = changed_paths(None, &new);
+        assert_eq!(first.len(), 3);
+        let many: Vec<String> = (0..5).map(|i| format!("f{i}")).collect();
+        assert_eq!(in_words(&many), "f0, f1, f2 and 2 more");
+    }
 
     #[test]
     fn editors_temporary_files_are_told_apart() {
