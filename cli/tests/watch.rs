@@ -118,7 +118,11 @@ fn saves_serve_bursts_batch_bad_builds_keep_the_old_version_and_staging_refuses(
     assert_eq!(cycle["ok"], true, "{cycle}");
     assert!(cycle["save_to_serving_ms"].as_u64().unwrap() > 0, "{cycle}");
     assert!(cycle["bytes_sent"].as_u64().unwrap() > 0, "{cycle}");
-    assert_eq!(cycle["changed"], serde_json::json!(["service.toml"]), "{cycle}");
+    assert_eq!(
+        cycle["changed"],
+        serde_json::json!(["service.toml"]),
+        "{cycle}"
+    );
     assert_eq!(greeting(&url), "hello v2");
 
     // A burst of 50 saves in 200 ms: one or two cycles, the last content serves.

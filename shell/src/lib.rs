@@ -46,6 +46,7 @@ pub mod deployment;
 pub mod durable;
 pub mod env;
 pub mod executor;
+pub mod fdpass;
 pub mod fsck;
 pub mod health;
 pub mod install;
