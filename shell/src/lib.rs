@@ -51,6 +51,7 @@ pub mod fsck;
 pub mod health;
 pub mod install;
 pub mod instance;
+pub mod keeper;
 pub mod lifecycle;
 pub mod plan;
 pub mod plugin;

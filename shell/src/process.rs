@@ -29,6 +29,14 @@ use tokio::task::JoinSet;
 /// `PR_SET_PDEATHSIG` fires when the thread that forked the child exits; the shell
 /// spawns from its runtime's worker threads, which live as long as the shell.
 pub(crate) fn owned_by_shell(cmd: &mut tokio::process::Command) {
+    owned_by_this_process(cmd.as_std_mut());
+}
+
+/// Makes `cmd`'s process a group of its own that dies with this process (the
+/// thread that spawns it must live as long as the process: see
+/// [`owned_by_shell`]). The keeper ([`crate::keeper`]) spawns services so.
+pub(crate) fn owned_by_this_process(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
     cmd.process_group(0);
     let parent = std::process::id();
     // SAFETY: the closure runs in the child between fork and exec and only makes
