@@ -122,6 +122,14 @@ enum Command {
         #[arg(long)]
         branch: Option<String>,
     },
+    /// The process that holds an instance's services for its shell (started
+    /// by the shell; not for people).
+    #[command(hide = true)]
+    Keeper {
+        /// The unix socket to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+    },
     /// Check a stopped repository's or instance's stores, and repair them.
     ///
     /// Without --repair nothing changes; the exit status is 1 when something
@@ -594,6 +602,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cert {
             command: CertCommand::Revoke { certificate },
         } => cluster::revoke(cli.config.as_deref(), &certificate, json),
+        Command::Keeper { socket } => Ok(shell::keeper::run(&socket)?),
         Command::Watch {
             dir,
             instance,

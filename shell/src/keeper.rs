@@ -443,7 +443,7 @@ fn pump(mut from: impl Read, log: Arc<Mutex<RotatingLog>>) {
 }
 
 /// Starts `spec` as the keeper's child, its output pumped into its log.
-fn start(spec: &SpawnSpec) -> Result<Child, String> {
+fn start_child(spec: &SpawnSpec) -> Result<Child, String> {
     let log = RotatingLog::open(&spec.log, spec.log_limit)
         .map_err(|e| format!("cannot open the log `{}`: {e}", spec.log.display()))?;
     let log = Arc::new(Mutex::new(log));
@@ -494,7 +494,7 @@ pub fn serve(socket: &Path, token: String) -> Result<(), KeeperError> {
     let k = keeper.clone();
     let spawner = std::thread::spawn(move || {
         for (spec, answer) in requests {
-            let started = start(&spec).map(|mut child| {
+            let started = start_child(&spec).map(|mut child| {
                 let pid = child.id();
                 k.lock().children.insert(
                     pid,
@@ -558,6 +558,92 @@ pub fn serve(socket: &Path, token: String) -> Result<(), KeeperError> {
     let _ = spawner.join();
     drop(listener);
     Ok(())
+}
+
+/// How long [`start`] waits for a new keeper's socket.
+pub const START_WAIT: Duration = Duration::from_secs(10);
+
+/// A new secret token: 32 random bytes, in hex.
+pub fn new_token() -> std::io::Result<String> {
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Starts `exe keeper --socket SOCKET` (the `molt` binary) in a process
+/// group of its own, not tied to this process's life, gives it a new token on
+/// its standard input, and waits for its socket. Returns the token and the
+/// child (to reap it should it end first).
+pub fn start(exe: &Path, socket: &Path, log: &Path) -> Result<(String, Child), KeeperError> {
+    let failed = |source| KeeperError::Socket {
+        path: socket.to_owned(),
+        source,
+    };
+    let token = new_token().map_err(failed)?;
+    let _ = std::fs::remove_file(socket);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(failed)?;
+    let mut child = {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new(exe)
+            .arg("keeper")
+            .arg("--socket")
+            .arg(socket)
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(failed)?
+    };
+    {
+        use std::io::Write;
+        let mut stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| failed(std::io::Error::other("no stdin")))?;
+        writeln!(stdin, "{token}").map_err(failed)?;
+    }
+    let deadline = Instant::now() + START_WAIT;
+    while UnixStream::connect(socket).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(failed(std::io::Error::other(format!(
+                "the keeper ended at once ({status})"
+            ))));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(failed(std::io::Error::other(format!(
+                "the keeper did not listen within {} s",
+                START_WAIT.as_secs()
+            ))));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok((token, child))
+}
+
+/// The keeper's side of [`start`]: reads the token from standard input, then
+/// [`serve`]s.
+pub fn run(socket: &Path) -> Result<(), KeeperError> {
+    let mut token = String::new();
+    std::io::stdin()
+        .read_line(&mut token)
+        .map_err(|source| KeeperError::Socket {
+            path: socket.to_owned(),
+            source,
+        })?;
+    let token = token.trim().to_owned();
+    if token.len() < 32 {
+        return Err(KeeperError::Refused(
+            "the keeper needs its token on standard input".into(),
+        ));
+    }
+    serve(socket, token)
 }
 
 /// A shell's connection to its keeper.
