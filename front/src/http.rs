@@ -49,7 +49,7 @@ use tokio::net::TcpStream;
 
 use crate::FrontConfig;
 use crate::http1::{self, Added, Chunked, FrameError, Length, RequestHead, ResponseHead};
-use crate::port::{Busy, Counter, Front, Route, Routing, counter};
+use crate::port::{Busy, Counter, DRAIN_IDLE, Front, Listen, Route, Routing, counter};
 
 /// The time limits of one client connection (see [`FrontConfig`]).
 ///
@@ -438,6 +438,16 @@ async fn serve_client(stream: TcpStream, mut routing: Routing, config: &FrontCon
     let mut upstream: Option<Upstream> = None;
     let mut timers = Timers::new(config);
     loop {
+        // Draining: a connection with nothing to answer waits a moment for
+        // its next request (answered with `Connection: close`), then ends.
+        if routing.draining.is_stopped()
+            && client.buf.is_empty()
+            && tokio::time::timeout(DRAIN_IDLE, client.stream.readable())
+                .await
+                .is_err()
+        {
+            break;
+        }
         let next = exchange(
             &mut client,
             &mut upstream,
@@ -582,6 +592,12 @@ async fn exchange(
     };
     timers.head_done();
     client.buf.advance(req.consumed);
+    // A draining front answers with `Connection: close`: the client's next
+    // request goes to a new connection, which the front taking over accepts.
+    let mut req = req;
+    if routing.draining.is_stopped() {
+        req.keep_alive = false;
+    }
     // A request arriving is movement: a standstill is counted from here, not
     // from an idle moment before it.
     scratch
@@ -943,13 +959,32 @@ pub async fn bind_http(
     hold: Duration,
     config: &FrontConfig,
 ) -> std::io::Result<Front> {
+    bind_http_on(Listen::new(public, None).await?, route, hold, config)
+}
+
+/// [`bind_http`] on a listening socket another process handed over
+/// ([`Front::listener`]).
+pub fn bind_http_inherited(
+    listener: std::net::TcpListener,
+    route: Route,
+    hold: Duration,
+    config: &FrontConfig,
+) -> std::io::Result<Front> {
+    bind_http_on(Listen::Inherited(listener), route, hold, config)
+}
+
+fn bind_http_on(
+    listener: Listen,
+    route: Route,
+    hold: Duration,
+    config: &FrontConfig,
+) -> std::io::Result<Front> {
     let max = config.max_connections;
     let config = std::sync::Arc::new(config.clone());
-    Front::bind(public, route, hold, max, move |stream, routing| {
+    Front::bind(listener, route, hold, max, move |stream, routing| {
         let config = config.clone();
         async move { serve_client(stream, routing, &config).await }
     })
-    .await
 }
 
 #[cfg(test)]
@@ -1087,6 +1122,120 @@ mod tests {
             conn.read_to_end(&mut seen.body).await.unwrap();
         }
         seen
+    }
+
+    /// One response's status and whether it said `Connection: close`; an
+    /// error where the connection failed or ended before a whole response.
+    async fn try_response(conn: &mut BufReader<TcpStream>) -> std::io::Result<(u16, bool)> {
+        let mut line = String::new();
+        if conn.read_line(&mut line).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+        let (mut len, mut close) = (0usize, false);
+        loop {
+            line.clear();
+            if conn.read_line(&mut line).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            let l = line.trim_end().to_ascii_lowercase();
+            if l.is_empty() {
+                break;
+            }
+            if let Some(v) = l.strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+            close |= l == "connection: close";
+        }
+        let mut body = vec![0u8; len];
+        conn.read_exact(&mut body).await?;
+        Ok((status, close))
+    }
+
+    /// A client asking GETs on keep-alive connections until `stop`, opening
+    /// a new connection when told to close (or, with `fresh`, for every
+    /// request): (answered 200, failed).
+    async fn keep_asking(
+        front: SocketAddr,
+        fresh: bool,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+    ) -> (u64, u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (mut ok, mut failed) = (0u64, 0u64);
+        'connections: while !stop.load(SeqCst) {
+            let Ok(stream) = TcpStream::connect(front).await else {
+                failed += 1;
+                continue;
+            };
+            let mut conn = BufReader::new(stream);
+            while !stop.load(SeqCst) {
+                let asked = conn
+                    .get_mut()
+                    .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .await;
+                match (asked, try_response(&mut conn).await) {
+                    (Ok(()), Ok((200, close))) => {
+                        ok += 1;
+                        if close || fresh {
+                            continue 'connections;
+                        }
+                    }
+                    _ => {
+                        failed += 1;
+                        continue 'connections;
+                    }
+                }
+            }
+        }
+        (ok, failed)
+    }
+
+    /// A shell taking over: a second front accepts on a copy of the first's
+    /// listening socket while the first drains. Under keep-alive load and a
+    /// stream of new connections, no request fails: each keep-alive client
+    /// is told `Connection: close` on its next answer and goes to a new
+    /// connection, which the new front takes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_front_handed_over_takes_the_load_while_the_old_one_drains() {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        let app = backend("app", Duration::ZERO).await;
+        let (router, old) = bind_front(Some(app), Duration::from_secs(1)).await;
+        let addr = old.local_addr();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut clients = Vec::new();
+        for i in 0..6 {
+            clients.push(tokio::spawn(keep_asking(addr, i == 0, stop.clone())));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let new = bind_http_inherited(
+            old.listener().unwrap(),
+            router.route(KEY),
+            Duration::from_secs(1),
+            &FrontConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(new.local_addr(), addr);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let cut = old.drain(Duration::from_secs(10)).await;
+        assert_eq!(cut, 0, "the old front had to cut connections");
+        // Only the new front answers now, and it does.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut conn = BufReader::new(TcpStream::connect(addr).await.unwrap());
+        assert_eq!(get(&mut conn).await, (200, "app".to_owned()));
+        assert!(new.connections() >= 1);
+        stop.store(true, SeqCst);
+        let (mut ok, mut failed) = (0, 0);
+        for c in clients {
+            let (o, f) = c.await.unwrap();
+            (ok, failed) = (ok + o, failed + f);
+        }
+        assert!(ok > 100, "{ok} answered");
+        assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
+        new.shutdown().await;
     }
 
     /// Sends one GET on an open keep-alive connection and reads the body.

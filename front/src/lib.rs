@@ -45,5 +45,5 @@ pub mod http1;
 mod port;
 
 pub use config::FrontConfig;
-pub use http::bind_http;
-pub use port::{Front, Route, Router, bind_tcp};
+pub use http::{bind_http, bind_http_inherited};
+pub use port::{DRAIN_IDLE, Front, Route, Router, bind_tcp, bind_tcp_inherited};

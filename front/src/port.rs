@@ -174,6 +174,9 @@ pub(crate) struct Routing {
     pub(crate) counts: Counts,
     /// Set when the front shuts down.
     pub(crate) stop: Stop,
+    /// Set when the front drains ([`Front::drain`]): no new connection, and
+    /// each open one ends after answering its next request.
+    pub(crate) draining: Stop,
     /// The route's backend as last read, until the table changes (`None`:
     /// not read yet).
     pub(crate) seen: Option<Option<SocketAddr>>,
@@ -235,6 +238,9 @@ pub struct Front {
     /// How many permits there are in all.
     max_connections: usize,
     stop: Stop,
+    draining: Stop,
+    /// A copy of the listening socket, for [`Front::listener`].
+    listener: std::os::fd::OwnedFd,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -247,10 +253,11 @@ impl Drop for Front {
 }
 
 impl Front {
-    /// Listens on `public` and runs `serve` for every client connection, at
-    /// most `max_connections` at once.
-    pub(crate) async fn bind<F, Fut>(
-        public: SocketAddr,
+    /// Accepts on `listener` (bound here, or handed over from another
+    /// process: see [`Front::listener`]) and runs `serve` for every client
+    /// connection, at most `max_connections` at once.
+    pub(crate) fn bind<F, Fut>(
+        listener: Listen,
         route: Route,
         hold: Duration,
         max_connections: usize,
@@ -260,15 +267,27 @@ impl Front {
         F: Fn(TcpStream, Routing) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let listener = TcpListener::bind(public).await?;
+        let listener = match listener {
+            Listen::Bound(l) => l,
+            Listen::Inherited(l) => {
+                l.set_nonblocking(true)?;
+                TcpListener::from_std(l)?
+            }
+        };
         let addr = listener.local_addr()?;
+        let copy = {
+            use std::os::fd::AsFd;
+            listener.as_fd().try_clone_to_owned()?
+        };
         let counts: Counts = Arc::default();
         let stop = Stop::default();
+        let draining = Stop::default();
         let routing = Routing {
             route,
             hold,
             counts: counts.clone(),
             stop: stop.clone(),
+            draining: draining.clone(),
             seen: None,
             table_reads: 0,
         };
@@ -281,8 +300,39 @@ impl Front {
             permits,
             max_connections,
             stop,
+            draining,
+            listener: copy,
             task: Some(task),
         })
+    }
+
+    /// A copy of the listening socket, to hand to another process (a shell
+    /// taking over): it accepts from the same queue, so a connection waiting
+    /// there is taken by whichever front accepts first, never refused.
+    pub fn listener(&self) -> std::io::Result<std::net::TcpListener> {
+        Ok(std::net::TcpListener::from(self.listener.try_clone()?))
+    }
+
+    /// Stops accepting and lets the open connections finish: an HTTP
+    /// connection answers its next request (or the one in flight) with
+    /// `Connection: close` and ends, or ends after [`DRAIN_IDLE`] without
+    /// one; a TCP connection runs until it ends. What is still open after
+    /// `grace` is ended as by [`Front::shutdown`]. Returns how many were
+    /// ended so.
+    pub async fn drain(mut self, grace: Duration) -> usize {
+        self.draining.stop();
+        let Some(mut task) = self.task.take() else {
+            return 0;
+        };
+        match tokio::time::timeout(grace, &mut task).await {
+            Ok(_) => 0,
+            Err(_) => {
+                let cut = self.connections();
+                self.stop.stop();
+                let _ = task.await;
+                cut
+            }
+        }
     }
 
     /// The public address (useful with port 0).
@@ -347,6 +397,7 @@ async fn accept_loop<F, Fut>(
         while conns.try_join_next().is_some() {}
         let (client, _) = tokio::select! {
             () = routing.stop.stopped() => break,
+            () = routing.draining.stopped() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) if matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted) => {
@@ -372,8 +423,41 @@ async fn accept_loop<F, Fut>(
             drop(permit);
         });
     }
+    drop(listener);
+    // Draining: the connections end on their own, unless a stop comes first.
+    if !routing.stop.is_stopped() {
+        tokio::select! {
+            () = async { while conns.join_next().await.is_some() {} } => {}
+            () = routing.stop.stopped() => {}
+        }
+    }
     conns.shutdown().await;
 }
+
+/// Where a front's listening socket comes from.
+pub(crate) enum Listen {
+    /// Bound by this process.
+    Bound(TcpListener),
+    /// Handed over by another process ([`Front::listener`]).
+    Inherited(std::net::TcpListener),
+}
+
+impl Listen {
+    /// `public` bound now, or `inherited` taken as it is.
+    pub(crate) async fn new(
+        public: SocketAddr,
+        inherited: Option<std::net::TcpListener>,
+    ) -> std::io::Result<Self> {
+        Ok(match inherited {
+            Some(l) => Listen::Inherited(l),
+            None => Listen::Bound(TcpListener::bind(public).await?),
+        })
+    }
+}
+
+/// How long a draining HTTP connection waits for its next request before it
+/// ends.
+pub const DRAIN_IDLE: Duration = Duration::from_secs(1);
 
 /// Listens on `public` for a `tcp` port, splicing each connection to the backend
 /// of `route`; a connection arriving while it has none waits up to `hold`.
@@ -384,15 +468,33 @@ pub async fn bind_tcp(
     hold: Duration,
     config: &FrontConfig,
 ) -> std::io::Result<Front> {
+    bind_tcp_on(Listen::new(public, None).await?, route, hold, config)
+}
+
+/// [`bind_tcp`] on a listening socket another process handed over.
+pub fn bind_tcp_inherited(
+    listener: std::net::TcpListener,
+    route: Route,
+    hold: Duration,
+    config: &FrontConfig,
+) -> std::io::Result<Front> {
+    bind_tcp_on(Listen::Inherited(listener), route, hold, config)
+}
+
+fn bind_tcp_on(
+    listener: Listen,
+    route: Route,
+    hold: Duration,
+    config: &FrontConfig,
+) -> std::io::Result<Front> {
     let max = config.max_connections;
-    Front::bind(public, route, hold, max, |client, routing| async move {
+    Front::bind(listener, route, hold, max, |client, routing| async move {
         let stop = routing.stop.clone();
         tokio::select! {
             () = stop.stopped() => {}
             () = splice(client, routing) => {}
         }
     })
-    .await
 }
 
 /// Waits (up to the hold time) for a backend, connects, and copies both ways.
@@ -474,6 +576,48 @@ pub(crate) mod tests {
         let read = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await;
         // A close with unread bytes is a reset: refused too.
         matches!(read, Ok(Ok(0) | Err(_)))
+    }
+
+    /// A `tcp` port handed over: the new front accepts on the same socket,
+    /// the old one's open connection carries on until its client ends it,
+    /// and only then is the old front's drain done, having cut nothing.
+    #[tokio::test]
+    async fn a_tcp_front_handed_over_keeps_open_connections_until_they_end() {
+        let app = backend("app").await;
+        let router = Router::new();
+        set(&router, Some(app));
+        let config = FrontConfig::default();
+        let hold = Duration::from_secs(1);
+        let old = bind_tcp(any(), router.route("svc/main"), hold, &config)
+            .await
+            .unwrap();
+        let addr = old.local_addr();
+        let mut open = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(ask(&mut open, "a").await, "app:a");
+        let new = bind_tcp_inherited(
+            old.listener().unwrap(),
+            router.route("svc/main"),
+            hold,
+            &config,
+        )
+        .unwrap();
+        let draining = tokio::spawn(old.drain(Duration::from_secs(10)));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !draining.is_finished(),
+            "the drain ended with a connection open"
+        );
+        assert_eq!(ask(&mut open, "b").await, "app:b");
+        let mut fresh = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(ask(&mut fresh, "c").await, "app:c");
+        until_connections(&new, 1).await;
+        drop(open);
+        assert_eq!(draining.await.unwrap(), 0);
+        // A drain that runs out of grace cuts what is left, and says so.
+        let held = TcpStream::connect(addr).await.unwrap();
+        until_connections(&new, 2).await;
+        assert_eq!(new.drain(Duration::from_millis(100)).await, 2);
+        drop((held, fresh));
     }
 
     #[tokio::test]
