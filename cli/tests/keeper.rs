@@ -47,7 +47,7 @@ fn sleeper(dir: &Path, label: &str) -> SpawnSpec {
 fn start(dir: &Path) -> (std::process::Child, KeeperClient) {
     let socket = dir.join("keeper.sock");
     let (token, child) = keeper::start(Path::new(MOLT), &socket, &dir.join("keeper.log")).unwrap();
-    let (owner, _) = KeeperClient::connect(
+    let owner = KeeperClient::connect(
         &socket,
         &Hello::Owner {
             version: KEEPER_VERSION,

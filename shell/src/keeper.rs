@@ -228,8 +228,13 @@ impl Keeper {
     }
 
     /// Tells the owner, or keeps it for the next one.
+    /// Tells the owner, and a successor (which will supervise the same
+    /// children), or keeps it for the next owner.
     fn event(&self, event: Event) {
         let mut shared = self.lock();
+        if let Some((_, w)) = &shared.successor {
+            let _ = send(w, &FromKeeper::Event(event.clone()));
+        }
         match &shared.owner {
             Some((_, w)) if send(w, &FromKeeper::Event(event.clone())).is_ok() => {}
             _ => shared.pending.push(event),
@@ -646,11 +651,12 @@ pub fn run(socket: &Path) -> Result<(), KeeperError> {
     serve(socket, token)
 }
 
-/// A shell's connection to its keeper.
+/// A plain, blocking connection to a keeper (tools and tests; a shell uses
+/// [`KeeperLink`]).
 pub struct KeeperClient {
     stream: UnixStream,
-    /// Events that arrived while waiting for a reply.
-    events: mpsc::Sender<Event>,
+    /// Events that arrived while waiting for a reply, oldest first.
+    events: std::collections::VecDeque<Event>,
     /// The keeper's pid and its children when this connection began.
     welcome: (u32, Vec<Kept>),
 }
@@ -664,22 +670,16 @@ impl std::fmt::Debug for KeeperClient {
 }
 
 impl KeeperClient {
-    /// Connects to the keeper at `socket` as `hello` says; events go to the
-    /// returned receiver as they are read (while waiting for replies, and
-    /// by [`KeeperClient::wait_event`]).
-    pub fn connect(
-        socket: &Path,
-        hello: &Hello,
-    ) -> Result<(Self, mpsc::Receiver<Event>), KeeperError> {
+    /// Connects to the keeper at `socket` as `hello` says.
+    pub fn connect(socket: &Path, hello: &Hello) -> Result<Self, KeeperError> {
         let stream = UnixStream::connect(socket).map_err(|source| KeeperError::Socket {
             path: socket.to_owned(),
             source,
         })?;
         fdpass::send(&stream, hello, &[])?;
-        let (tx, rx) = mpsc::channel();
         let mut client = Self {
             stream,
-            events: tx,
+            events: std::collections::VecDeque::new(),
             welcome: (0, Vec::new()),
         };
         match client.read_reply()? {
@@ -687,7 +687,7 @@ impl KeeperClient {
             Reply::Refused(why) => return Err(KeeperError::Refused(why)),
             other => return Err(KeeperError::Unexpected(Box::new(other))),
         }
-        Ok((client, rx))
+        Ok(client)
     }
 
     /// The keeper's pid and its children when this connection began.
@@ -699,9 +699,7 @@ impl KeeperClient {
         loop {
             match fdpass::recv::<FromKeeper>(&self.stream)?.0 {
                 FromKeeper::Reply(r) => return Ok(r),
-                FromKeeper::Event(e) => {
-                    let _ = self.events.send(e);
-                }
+                FromKeeper::Event(e) => self.events.push_back(e),
             }
         }
     }
@@ -723,9 +721,12 @@ impl KeeperClient {
         }
     }
 
-    /// Reads the next event (waiting at most `timeout`), delivering it to
-    /// the receiver too; `None` on timeout.
+    /// The next event: one that came while waiting for a reply, else one
+    /// read now (waiting at most `timeout`); `None` on timeout.
     pub fn wait_event(&mut self, timeout: Duration) -> Result<Option<Event>, KeeperError> {
+        if let Some(e) = self.events.pop_front() {
+            return Ok(Some(e));
+        }
         self.stream
             .set_read_timeout(Some(timeout))
             .map_err(FdPassError::from)?;
@@ -734,10 +735,7 @@ impl KeeperClient {
             .set_read_timeout(None)
             .map_err(FdPassError::from)?;
         match got {
-            Ok((FromKeeper::Event(e), _)) => {
-                let _ = self.events.send(e.clone());
-                Ok(Some(e))
-            }
+            Ok((FromKeeper::Event(e), _)) => Ok(Some(e)),
             Ok((FromKeeper::Reply(r), _)) => Err(KeeperError::Unexpected(Box::new(r))),
             Err(FdPassError::Io(e))
                 if matches!(
@@ -749,6 +747,183 @@ impl KeeperClient {
             }
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// How a kept process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    /// Its exit code, if it exited.
+    pub code: Option<i32>,
+    /// The signal that ended it, if one did.
+    pub signal: Option<i32>,
+}
+
+impl Exit {
+    /// As a `std` exit status.
+    pub fn status(self) -> std::process::ExitStatus {
+        match (self.code, self.signal) {
+            (Some(code), _) => std::process::ExitStatus::from_raw((code & 0xff) << 8),
+            (None, Some(signal)) => std::process::ExitStatus::from_raw(signal & 0x7f),
+            (None, None) => std::process::ExitStatus::from_raw(0xff << 8),
+        }
+    }
+}
+
+/// Exits waited for, and those that came before anyone waited.
+#[derive(Default)]
+struct Exits {
+    waiting: std::collections::HashMap<u32, tokio::sync::oneshot::Sender<Exit>>,
+    early: std::collections::HashMap<u32, Exit>,
+}
+
+/// A shell's live link to its keeper, usable from any task: one request at a
+/// time (blocking: call it from `spawn_blocking`), each child's exit routed
+/// to whoever waits for it ([`KeeperLink::exit_of`]), and a token cancelled
+/// when the keeper is gone.
+pub struct KeeperLink {
+    writer: Mutex<UnixStream>,
+    replies: Mutex<mpsc::Receiver<Reply>>,
+    exits: Arc<Mutex<Exits>>,
+    lost: tokio_util::sync::CancellationToken,
+    promoted: Arc<std::sync::atomic::AtomicBool>,
+    welcome: (u32, Vec<Kept>),
+}
+
+impl std::fmt::Debug for KeeperLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeeperLink")
+            .field("keeper", &self.welcome.0)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Letting go of the link ends the connection (its reader holds a copy of
+/// the socket, which alone would keep it open).
+impl Drop for KeeperLink {
+    fn drop(&mut self) {
+        let w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = w.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl KeeperLink {
+    /// Connects as `hello` says and starts reading what the keeper sends.
+    pub fn connect(socket: &Path, hello: &Hello) -> Result<Arc<Self>, KeeperError> {
+        let stream = UnixStream::connect(socket).map_err(|source| KeeperError::Socket {
+            path: socket.to_owned(),
+            source,
+        })?;
+        fdpass::send(&stream, hello, &[])?;
+        let welcome = match fdpass::recv::<FromKeeper>(&stream)?.0 {
+            FromKeeper::Reply(Reply::Welcome { keeper, children }) => (keeper, children),
+            FromKeeper::Reply(Reply::Refused(why)) => return Err(KeeperError::Refused(why)),
+            FromKeeper::Reply(other) => return Err(KeeperError::Unexpected(Box::new(other))),
+            FromKeeper::Event(e) => {
+                return Err(KeeperError::Refused(format!(
+                    "an event before the welcome: {e:?}"
+                )));
+            }
+        };
+        let reader = stream.try_clone().map_err(FdPassError::from)?;
+        let (replies_tx, replies) = mpsc::channel();
+        let exits: Arc<Mutex<Exits>> = Arc::default();
+        let lost = tokio_util::sync::CancellationToken::new();
+        let promoted = Arc::new(std::sync::atomic::AtomicBool::new(matches!(
+            hello,
+            Hello::Owner { .. }
+        )));
+        {
+            let (exits, lost, promoted) = (exits.clone(), lost.clone(), promoted.clone());
+            std::thread::spawn(move || {
+                while let Ok((msg, _)) = fdpass::recv::<FromKeeper>(&reader) {
+                    match msg {
+                        FromKeeper::Reply(r) => {
+                            if replies_tx.send(r).is_err() {
+                                break;
+                            }
+                        }
+                        FromKeeper::Event(Event::Exited { pid, code, signal }) => {
+                            let exit = Exit { code, signal };
+                            let mut e = exits.lock().unwrap_or_else(|p| p.into_inner());
+                            match e.waiting.remove(&pid) {
+                                Some(tx) => {
+                                    let _ = tx.send(exit);
+                                }
+                                None => {
+                                    e.early.insert(pid, exit);
+                                }
+                            }
+                        }
+                        FromKeeper::Event(Event::Promoted) => {
+                            promoted.store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                }
+                // The keeper is gone: nobody will hear of another exit. Said
+                // first, so a waiter that finds its exit lost sees why.
+                lost.cancel();
+                exits
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .waiting
+                    .clear();
+            });
+        }
+        Ok(Arc::new(Self {
+            writer: Mutex::new(stream),
+            replies: Mutex::new(replies),
+            exits,
+            lost,
+            promoted,
+            welcome,
+        }))
+    }
+
+    /// The keeper's pid and its children when the link began.
+    pub fn welcome(&self) -> (u32, &[Kept]) {
+        (self.welcome.0, &self.welcome.1)
+    }
+
+    /// Whether this link owns the keeper (a successor once promoted).
+    pub fn owns(&self) -> bool {
+        self.promoted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Cancelled once the keeper is gone.
+    pub fn lost(&self) -> tokio_util::sync::CancellationToken {
+        self.lost.clone()
+    }
+
+    /// Sends `request` and waits for its reply (a refusal as an error).
+    pub fn call(&self, request: &Request) -> Result<Reply, KeeperError> {
+        // One request at a time: replies come in order.
+        let replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            fdpass::send(&w, request, &[])?;
+        }
+        match replies.recv() {
+            Ok(Reply::Refused(why)) => Err(KeeperError::Refused(why)),
+            Ok(r) => Ok(r),
+            Err(_) => Err(FdPassError::Closed.into()),
+        }
+    }
+
+    /// How child `pid` ends (the receiver fails if the keeper goes first).
+    pub fn exit_of(&self, pid: u32) -> tokio::sync::oneshot::Receiver<Exit> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut e = self.exits.lock().unwrap_or_else(|p| p.into_inner());
+        match e.early.remove(&pid) {
+            Some(exit) => {
+                let _ = tx.send(exit);
+            }
+            None if self.lost.is_cancelled() => {}
+            None => {
+                e.waiting.insert(pid, tx);
+            }
+        }
+        rx
     }
 }
 
@@ -794,14 +969,11 @@ mod tests {
             }
         }
 
-        fn connect(
-            &self,
-            hello: Hello,
-        ) -> Result<(KeeperClient, mpsc::Receiver<Event>), KeeperError> {
+        fn connect(&self, hello: Hello) -> Result<KeeperClient, KeeperError> {
             KeeperClient::connect(&self.socket, &hello)
         }
 
-        fn owner(&self) -> (KeeperClient, mpsc::Receiver<Event>) {
+        fn owner(&self) -> KeeperClient {
             self.connect(Hello::Owner {
                 version: KEEPER_VERSION,
                 token: "secret".into(),
@@ -809,7 +981,7 @@ mod tests {
             .unwrap()
         }
 
-        fn successor(&self) -> (KeeperClient, mpsc::Receiver<Event>) {
+        fn successor(&self) -> KeeperClient {
             self.connect(Hello::Successor {
                 version: KEEPER_VERSION,
                 token: "secret".into(),
@@ -847,7 +1019,7 @@ mod tests {
     #[test]
     fn the_owner_spawns_signals_and_hears_of_exits_and_logs_are_written() {
         let mut k = Running::start();
-        let (mut owner, _) = k.owner();
+        let mut owner = k.owner();
         let pid = owner
             .spawn(k.spec("web", "echo started as $WHO; exec sleep 60"))
             .unwrap();
@@ -903,10 +1075,78 @@ mod tests {
         k.join();
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_link_routes_each_exit_to_its_waiter_and_says_when_the_keeper_is_gone() {
+        let k = Running::start();
+        let link = KeeperLink::connect(
+            &k.socket,
+            &Hello::Owner {
+                version: KEEPER_VERSION,
+                token: "secret".into(),
+            },
+        )
+        .unwrap();
+        assert!(link.owns());
+        let spawn = |spec: SpawnSpec| match link.call(&Request::Spawn(spec)).unwrap() {
+            Reply::Spawned { pid } => pid,
+            other => panic!("{other:?}"),
+        };
+        // One that exits before anyone waits: its exit is kept for the waiter.
+        let quick = spawn(k.spec("quick", "exit 7"));
+        let slow = spawn(k.spec("slow", "exec sleep 60"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let exit = link.exit_of(quick).await.unwrap();
+        assert_eq!(
+            exit,
+            Exit {
+                code: Some(7),
+                signal: None
+            }
+        );
+        assert_eq!(exit.status().code(), Some(7));
+        let waiting = link.exit_of(slow);
+        link.call(&Request::Signal {
+            pid: slow,
+            signal: libc::SIGKILL,
+        })
+        .unwrap();
+        let exit = waiting.await.unwrap();
+        assert_eq!(exit.signal, Some(libc::SIGKILL));
+        assert_eq!(exit.status().signal(), Some(libc::SIGKILL));
+        // A successor link is promoted when the owner goes without a release.
+        let successor = KeeperLink::connect(
+            &k.socket,
+            &Hello::Successor {
+                version: KEEPER_VERSION,
+                token: "secret".into(),
+            },
+        )
+        .unwrap();
+        assert!(!successor.owns());
+        let last = spawn(k.spec("last", "exec sleep 60"));
+        let waiting = link.exit_of(last);
+        let lost = link.lost();
+        drop(link);
+        assert!(
+            waiting.await.is_err(),
+            "a link let go hears of no more exits"
+        );
+        assert!(lost.is_cancelled());
+        wait_until("the successor's promotion", 10, || successor.owns());
+        assert!(alive(last));
+        // Its keeper gone (no owner left), the link says so.
+        let gone = successor.lost();
+        let waiting = successor.exit_of(last);
+        drop(successor);
+        assert!(waiting.await.is_err());
+        assert!(gone.is_cancelled());
+        wait_until("the service to be stopped", 20, || !alive(last));
+    }
+
     #[test]
     fn a_lost_owner_with_no_successor_takes_every_service_with_it() {
         let mut k = Running::start();
-        let (mut owner, _) = k.owner();
+        let mut owner = k.owner();
         // One that ignores SIGTERM: killed after the grace.
         let stubborn = owner
             .spawn(k.spec("stubborn", "trap '' TERM; while :; do sleep 0.05; done"))
@@ -946,27 +1186,31 @@ mod tests {
     #[test]
     fn a_successor_takes_over_the_running_services_and_a_failed_one_changes_nothing() {
         let mut k = Running::start();
-        let (mut old, _) = k.owner();
+        let mut old = k.owner();
         let pid = old.spawn(k.spec("web", "exec sleep 60")).unwrap();
 
         // A successor that dies before the release: the old owner keeps it all.
-        let (failed, _) = k.successor();
+        let failed = k.successor();
         drop(failed);
-        wait_until("the failed successor to be gone", 10, || {
-            k.connect(Hello::Successor {
+        // A successor that takes over (once the failed one is seen gone): it
+        // sees the child, is promoted at the release, and the old owner may
+        // go without the service dying.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut new = loop {
+            match k.connect(Hello::Successor {
                 version: KEEPER_VERSION,
                 token: "secret".into(),
-            })
-            .map(drop)
-            .is_ok()
-        });
+            }) {
+                Ok(c) => break c,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "{e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        };
         assert!(alive(pid));
         let listed = old.call(&Request::List).unwrap();
         assert!(matches!(listed, Reply::Children(c) if c.len() == 1));
-
-        // A successor that takes over: it sees the child, is promoted at the
-        // release, and the old owner may go without the service dying.
-        let (mut new, _) = k.successor();
         assert_eq!(new.welcome().1.len(), 1);
         assert_eq!(new.welcome().1[0].pid, pid);
         // Before the release it may look, not act.
@@ -994,7 +1238,7 @@ mod tests {
 
         // An owner lost during a takeover: the successor is promoted.
         let next = new.spawn(k.spec("web2", "exec sleep 60")).unwrap();
-        let (mut third, _) = k.successor();
+        let mut third = k.successor();
         drop(new);
         assert_eq!(
             third.wait_event(Duration::from_secs(10)).unwrap(),
