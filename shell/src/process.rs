@@ -11,6 +11,12 @@
 //! the shell dies, even by `kill -9`, so no orphan of a dead shell keeps running
 //! beside the one that restarts.
 //!
+//! A shell that can be taken over ([`use_keeper`], `molt shell`) has its
+//! services started by its keeper ([`crate::keeper`]) instead: the keeper is
+//! their parent and writes their logs, and a [`Running`] is then the shell's
+//! handle on a kept process — started, signalled and waited for through the
+//! keeper, or adopted by the shell that takes over ([`Running::adopt`]).
+//!
 //! [`decide`] is the restart policy as a pure function of the policy, how the
 //! process ended and how many times in a row it has failed: restarts back off
 //! exponentially from 100 ms to 30 s.
@@ -23,6 +29,8 @@ use std::time::{Duration, Instant};
 use image_spec::manifest::{Command, RestartPolicy, StopSignal};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::task::JoinSet;
+
+use crate::keeper::KeeperLink;
 
 /// Makes `cmd`'s process the shell's own (see the module docs).
 ///
@@ -253,10 +261,55 @@ pub struct ProcessSpec {
 /// A started process (see the module docs).
 #[derive(Debug)]
 pub struct Running {
-    child: tokio::process::Child,
     pid: u32,
     started: Instant,
-    pumps: JoinSet<()>,
+    how: How,
+}
+
+/// Whose child the process is.
+#[derive(Debug)]
+enum How {
+    /// The shell's, its output pumped by the shell.
+    Child {
+        child: tokio::process::Child,
+        pumps: JoinSet<()>,
+    },
+    /// The keeper's.
+    Kept {
+        link: Arc<KeeperLink>,
+        exit: Option<tokio::sync::oneshot::Receiver<crate::keeper::Exit>>,
+        status: Option<ExitStatus>,
+    },
+}
+
+/// The keeper this process's services are started by, once set.
+static KEEPER: std::sync::OnceLock<Arc<KeeperLink>> = std::sync::OnceLock::new();
+
+/// From now on, services are started by the keeper at the other end of
+/// `link` (see the module docs); set once per process (`molt shell`), so a
+/// second call changes nothing and says so.
+pub fn use_keeper(link: Arc<KeeperLink>) -> bool {
+    KEEPER.set(link).is_ok()
+}
+
+/// The keeper services are started by, if one was set.
+pub fn keeper() -> Option<&'static Arc<KeeperLink>> {
+    KEEPER.get()
+}
+
+/// Calls the keeper off the async runtime.
+async fn keeper_call(
+    link: &Arc<KeeperLink>,
+    request: crate::keeper::Request,
+) -> Result<crate::keeper::Reply, crate::keeper::KeeperError> {
+    let link = link.clone();
+    tokio::task::spawn_blocking(move || link.call(&request))
+        .await
+        .unwrap_or_else(|e| {
+            Err(crate::keeper::KeeperError::Refused(format!(
+                "the call to the keeper failed: {e}"
+            )))
+        })
 }
 
 /// How a stop went.
@@ -363,8 +416,64 @@ async fn pump(mut from: impl AsyncRead + Unpin, log: Arc<Mutex<RotatingLog>>) {
 }
 
 impl Running {
-    /// Starts `spec`.
-    pub fn start(spec: &ProcessSpec) -> Result<Self, ProcessError> {
+    /// Starts `spec`: through the keeper if one is set ([`use_keeper`]),
+    /// else as the shell's own child.
+    pub async fn start(spec: &ProcessSpec) -> Result<Self, ProcessError> {
+        match keeper() {
+            Some(link) => Self::start_kept(link, spec).await,
+            None => Self::start_child(spec),
+        }
+    }
+
+    /// Starts `spec` as a child of the keeper at `link`.
+    async fn start_kept(link: &Arc<KeeperLink>, spec: &ProcessSpec) -> Result<Self, ProcessError> {
+        let request = crate::keeper::Request::Spawn(crate::keeper::SpawnSpec {
+            program: spec.command.program().to_owned(),
+            args: spec.command.args().to_vec(),
+            dir: spec.dir.clone(),
+            env: spec.env.clone(),
+            log: spec.log.clone(),
+            log_limit: spec.log_limit,
+            label: spec.log.display().to_string(),
+        });
+        let failed = |e: crate::keeper::KeeperError| ProcessError::Spawn {
+            command: spec.command.to_string(),
+            source: std::io::Error::other(e.to_string()),
+        };
+        match keeper_call(link, request).await.map_err(failed)? {
+            crate::keeper::Reply::Spawned { pid } => {
+                Ok(Self::adopt_with(link, pid, Instant::now()))
+            }
+            other => Err(failed(crate::keeper::KeeperError::Unexpected(Box::new(
+                other,
+            )))),
+        }
+    }
+
+    /// Takes over the supervision of `pid`, a child of the keeper running
+    /// since `since` (a shell taking over from another).
+    pub fn adopt(pid: u32, since: Instant) -> Result<Self, ProcessError> {
+        let link = keeper().ok_or_else(|| ProcessError::Wait {
+            pid,
+            source: std::io::Error::other("no keeper holds the services of this shell"),
+        })?;
+        Ok(Self::adopt_with(link, pid, since))
+    }
+
+    fn adopt_with(link: &Arc<KeeperLink>, pid: u32, since: Instant) -> Self {
+        Self {
+            pid,
+            started: since,
+            how: How::Kept {
+                exit: Some(link.exit_of(pid)),
+                link: link.clone(),
+                status: None,
+            },
+        }
+    }
+
+    /// Starts `spec` as the shell's own child.
+    fn start_child(spec: &ProcessSpec) -> Result<Self, ProcessError> {
         let log =
             RotatingLog::open(&spec.log, spec.log_limit).map_err(|source| ProcessError::Log {
                 path: spec.log.clone(),
@@ -395,10 +504,9 @@ impl Running {
             pumps.spawn(pump(err, log));
         }
         Ok(Self {
-            child,
             pid,
             started: Instant::now(),
-            pumps,
+            how: How::Child { child, pumps },
         })
     }
 
@@ -414,16 +522,38 @@ impl Running {
 
     /// Waits until the process exits on its own.
     pub async fn wait(&mut self) -> Result<ExitStatus, ProcessError> {
-        let status = self
-            .child
-            .wait()
-            .await
-            .map_err(|source| ProcessError::Wait {
-                pid: self.pid,
-                source,
-            })?;
-        while self.pumps.join_next().await.is_some() {}
-        Ok(status)
+        let pid = self.pid;
+        match &mut self.how {
+            How::Child { child, pumps } => {
+                let status = child
+                    .wait()
+                    .await
+                    .map_err(|source| ProcessError::Wait { pid, source })?;
+                while pumps.join_next().await.is_some() {}
+                Ok(status)
+            }
+            How::Kept { exit, status, .. } => {
+                if let Some(done) = status {
+                    return Ok(*done);
+                }
+                let Some(rx) = exit.as_mut() else {
+                    return Err(ProcessError::Wait {
+                        pid,
+                        source: std::io::Error::other("its keeper is gone"),
+                    });
+                };
+                let got = rx.await;
+                *exit = None;
+                let done = got
+                    .map_err(|_| ProcessError::Wait {
+                        pid,
+                        source: std::io::Error::other("its keeper is gone"),
+                    })?
+                    .status();
+                *status = Some(done);
+                Ok(done)
+            }
+        }
     }
 
     /// Sends `signal` to its process group, waits up to `grace` for the process to
@@ -433,13 +563,33 @@ impl Running {
         signal: StopSignal,
         grace: Duration,
     ) -> Result<Stopped, ProcessError> {
-        signal_group(self.pid, signal.number());
-        let killed = match tokio::time::timeout(grace, self.child.wait()).await {
-            Ok(_) => false,
-            Err(_) => {
-                signal_group(self.pid, libc::SIGKILL);
-                let _ = self.child.start_kill();
-                true
+        let pid = self.pid;
+        let killed = match &mut self.how {
+            How::Child { child, .. } => {
+                signal_group(pid, signal.number());
+                match tokio::time::timeout(grace, child.wait()).await {
+                    Ok(_) => false,
+                    Err(_) => {
+                        signal_group(pid, libc::SIGKILL);
+                        let _ = child.start_kill();
+                        true
+                    }
+                }
+            }
+            How::Kept { link, .. } => {
+                let link = link.clone();
+                let send = |signal: i32| {
+                    keeper_call(&link, crate::keeper::Request::Signal { pid, signal })
+                };
+                // Refused: it has exited already; the wait says how.
+                let _ = send(signal.number()).await;
+                match tokio::time::timeout(grace, self.wait()).await {
+                    Ok(_) => false,
+                    Err(_) => {
+                        let _ = send(libc::SIGKILL).await;
+                        true
+                    }
+                }
             }
         };
         let status = self.wait().await?;
@@ -483,6 +633,7 @@ pub fn decide(policy: RestartPolicy, success: bool, failures: u32) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::process::ExitStatusExt;
 
     #[test]
     fn every_line_is_stamped_and_partial_lines_wait_for_their_end() {
@@ -527,6 +678,7 @@ mod tests {
             dir.path(),
             "echo $GREETING; echo oops >&2; exec sleep 30",
         ))
+        .await
         .unwrap();
         assert!(running.pid() > 0);
         // Wait for the output to land (bounded), then stop.
@@ -548,6 +700,101 @@ mod tests {
         assert!(text.contains("hello") && text.contains("oops"), "{text}");
     }
 
+    /// A kept process: started through a real keeper (in this process, on a
+    /// thread), its output in its log, stopped by signal — killed after the
+    /// grace if it ignores it —, and adopted by a second link that takes
+    /// over from the first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kept_processes_start_stop_and_are_adopted_through_the_keeper() {
+        use crate::keeper::{Hello, KEEPER_VERSION, Request};
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("keeper.sock");
+        let s = socket.clone();
+        let keeper = std::thread::spawn(move || crate::keeper::serve(&s, "token".into()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let hello = |successor: bool| match successor {
+            false => Hello::Owner {
+                version: KEEPER_VERSION,
+                token: "token".into(),
+            },
+            true => Hello::Successor {
+                version: KEEPER_VERSION,
+                token: "token".into(),
+            },
+        };
+        let link = KeeperLink::connect(&socket, &hello(false)).unwrap();
+        let running =
+            Running::start_kept(&link, &spec(dir.path(), "echo $GREETING; exec sleep 30"))
+                .await
+                .unwrap();
+        let log = dir.path().join("logs/svc.log");
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("hello")
+        {
+            assert!(Instant::now() < deadline, "no output");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let stopped = running
+            .stop(StopSignal::Term, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(!stopped.killed);
+        assert_eq!(stopped.status.signal(), Some(libc::SIGTERM));
+
+        let stubborn = Running::start_kept(
+            &link,
+            &spec(dir.path(), "trap '' TERM; while true; do sleep 0.05; done"),
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stopped = stubborn
+            .stop(StopSignal::Term, Duration::from_millis(300))
+            .await
+            .unwrap();
+        assert!(stopped.killed);
+
+        // Taken over: the successor adopts the process by its pid.
+        let kept = Running::start_kept(&link, &spec(dir.path(), "exec sleep 30"))
+            .await
+            .unwrap();
+        let pid = kept.pid();
+        let next = KeeperLink::connect(&socket, &hello(true)).unwrap();
+        assert_eq!(
+            next.welcome().1.iter().map(|k| k.pid).collect::<Vec<_>>(),
+            [pid]
+        );
+        let link2 = link.clone();
+        tokio::task::spawn_blocking(move || link2.call(&Request::Release))
+            .await
+            .unwrap()
+            .unwrap();
+        drop(kept);
+        drop(link);
+        let mut adopted = Running::adopt_with(&next, pid, Instant::now());
+        assert_eq!(adopted.pid(), pid);
+        let exited = tokio::spawn(async move { adopted.wait().await });
+        let n = next.clone();
+        tokio::task::spawn_blocking(move || {
+            n.call(&Request::Signal {
+                pid,
+                signal: libc::SIGKILL,
+            })
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let status = exited.await.unwrap().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        drop(next);
+        keeper.join().unwrap().unwrap();
+    }
+
     #[tokio::test]
     async fn a_process_ignoring_its_stop_signal_is_killed_after_the_grace() {
         let dir = tempfile::tempdir().unwrap();
@@ -555,6 +802,7 @@ mod tests {
             dir.path(),
             "trap '' TERM; echo ready; while true; do sleep 1; done",
         ))
+        .await
         .unwrap();
         let log = dir.path().join("logs/svc.log");
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -579,7 +827,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = spec(dir.path(), "");
         s.command = Command::try_from(vec!["/nonexistent/server".to_owned()]).unwrap();
-        let err = Running::start(&s).unwrap_err();
+        let err = Running::start(&s).await.unwrap_err();
         assert!(err.to_string().contains("/nonexistent/server"), "{err}");
     }
 

@@ -208,7 +208,7 @@ async fn run(
                 last_exit: last_exit.clone(),
             });
         };
-        let mut running = match Running::start(&spec) {
+        let mut running = match Running::start(&spec).await {
             Ok(r) => r,
             Err(e) => {
                 warn!(error = %e, "cannot start the service");
