@@ -426,7 +426,10 @@ impl Running {
     }
 
     /// Starts `spec` as a child of the keeper at `link`.
-    async fn start_kept(link: &Arc<KeeperLink>, spec: &ProcessSpec) -> Result<Self, ProcessError> {
+    pub(crate) async fn start_kept(
+        link: &Arc<KeeperLink>,
+        spec: &ProcessSpec,
+    ) -> Result<Self, ProcessError> {
         let request = crate::keeper::Request::Spawn(crate::keeper::SpawnSpec {
             program: spec.command.program().to_owned(),
             args: spec.command.args().to_vec(),
@@ -460,7 +463,7 @@ impl Running {
         Ok(Self::adopt_with(link, pid, since))
     }
 
-    fn adopt_with(link: &Arc<KeeperLink>, pid: u32, since: Instant) -> Self {
+    pub(crate) fn adopt_with(link: &Arc<KeeperLink>, pid: u32, since: Instant) -> Self {
         Self {
             pid,
             started: since,

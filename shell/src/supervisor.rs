@@ -123,6 +123,7 @@ pub struct StopPlan {
 pub struct Supervised {
     status: watch::Receiver<ProcessStatus>,
     stop: CancellationToken,
+    detach: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
 
@@ -143,6 +144,17 @@ impl Supervised {
         self.status.clone()
     }
 
+    /// Ends the supervision and leaves the process running: for a process the
+    /// keeper holds, handed to the shell that takes over (a process of the
+    /// shell's own would die with its handle).
+    pub async fn detach(mut self) -> ProcessStatus {
+        self.detach.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        self.status.borrow().clone()
+    }
+
     /// Stops the process (stop signal, then SIGKILL after the grace) and waits for
     /// the supervisor to finish.
     pub async fn stop(mut self) -> ProcessStatus {
@@ -161,6 +173,28 @@ pub fn supervise(
     plan: StopPlan,
     monitor: Option<Monitor>,
 ) -> Supervised {
+    start_supervising(None, spec, policy, plan, monitor)
+}
+
+/// Supervises `running`, a process of `spec` that another shell started (a
+/// takeover: [`Running::adopt`]), as if this supervisor had started it.
+pub fn supervise_adopted(
+    running: Running,
+    spec: ProcessSpec,
+    policy: RestartPolicy,
+    plan: StopPlan,
+    monitor: Option<Monitor>,
+) -> Supervised {
+    start_supervising(Some(running), spec, policy, plan, monitor)
+}
+
+fn start_supervising(
+    first: Option<Running>,
+    spec: ProcessSpec,
+    policy: RestartPolicy,
+    plan: StopPlan,
+    monitor: Option<Monitor>,
+) -> Supervised {
     let (tx, rx) = watch::channel(ProcessStatus {
         state: ProcessState::Backoff {
             after: Duration::ZERO,
@@ -170,18 +204,33 @@ pub fn supervise(
         last_exit: None,
     });
     let stop = CancellationToken::new();
-    let task = tokio::spawn(run(spec, policy, plan, monitor, tx, stop.clone()));
+    let detach = CancellationToken::new();
+    let ends = Ends {
+        stop: stop.clone(),
+        detach: detach.clone(),
+    };
+    let task = tokio::spawn(run(first, spec, policy, plan, monitor, tx, ends));
     Supervised {
         status: rx,
         stop,
+        detach,
         task: Some(task),
     }
+}
+
+/// What ends a supervisor: a stop (the process is stopped) or a detach (it
+/// is left running).
+struct Ends {
+    stop: CancellationToken,
+    detach: CancellationToken,
 }
 
 /// How a running process stopped running.
 enum End {
     /// The supervisor was told to stop.
     Stop,
+    /// The supervisor was told to let go of it.
+    Detach,
     /// The process exited.
     Exited(Result<std::process::ExitStatus, crate::process::ProcessError>),
     /// Its health probes failed `retries` times in a row.
@@ -189,13 +238,15 @@ enum End {
 }
 
 async fn run(
+    mut first: Option<Running>,
     spec: ProcessSpec,
     policy: RestartPolicy,
     plan: StopPlan,
     monitor: Option<Monitor>,
     tx: watch::Sender<ProcessStatus>,
-    stop: CancellationToken,
+    ends: Ends,
 ) {
+    let Ends { stop, detach } = ends;
     let mut restarts = 0u32;
     let mut failures = 0u32;
     let mut last_exit: Option<String> = None;
@@ -208,7 +259,11 @@ async fn run(
                 last_exit: last_exit.clone(),
             });
         };
-        let mut running = match Running::start(&spec).await {
+        let started = match first.take() {
+            Some(adopted) => Ok(adopted),
+            None => Running::start(&spec).await,
+        };
+        let mut running = match started {
             Ok(r) => r,
             Err(e) => {
                 warn!(error = %e, "cannot start the service");
@@ -233,6 +288,7 @@ async fn run(
         );
         let end = tokio::select! {
             () = stop.cancelled() => End::Stop,
+            () = detach.cancelled() => End::Detach,
             exited = running.wait() => End::Exited(exited),
             reason = watch_health(monitor.as_ref(), &tx) => End::Unhealthy(reason),
         };
@@ -243,6 +299,10 @@ async fn run(
                     Err(e) => warn!(pid, error = %e, "stopping the service failed"),
                 }
                 publish(ProcessState::Stopped, &last_exit);
+                return;
+            }
+            End::Detach => {
+                info!(pid, "supervision handed over; the process runs on");
                 return;
             }
             End::Exited(Ok(status)) => (status.success(), status.to_string()),
@@ -389,6 +449,63 @@ mod tests {
             .expect("status reached in time")
             .expect("supervisor alive")
             .clone()
+    }
+
+    /// A takeover, supervisor side: a kept process adopted by a new
+    /// supervisor, let go by it (still running), adopted again, and restarted
+    /// by its policy when it dies.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_kept_process_is_adopted_detached_and_adopted_again() {
+        use crate::keeper::{Hello, KEEPER_VERSION, KeeperLink, Request};
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("keeper.sock");
+        let s = socket.clone();
+        let keeper = std::thread::spawn(move || crate::keeper::serve(&s, "token".into()));
+        while !socket.exists() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let link = KeeperLink::connect(
+            &socket,
+            &Hello::Owner {
+                version: KEEPER_VERSION,
+                token: "token".into(),
+            },
+        )
+        .unwrap();
+        let svc = spec(dir.path(), "exec sleep 60");
+        let running = Running::start_kept(&link, &svc).await.unwrap();
+        let pid = running.pid();
+        let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+
+        let first = supervise_adopted(running, svc.clone(), RestartPolicy::Always, PLAN, None);
+        let mut rx = first.watch();
+        let s = until(&mut rx, |s| matches!(s.state, ProcessState::Running { .. })).await;
+        assert!(matches!(s.state, ProcessState::Running { pid: p, .. } if p == pid));
+        first.detach().await;
+        assert!(alive(pid), "a detached process must run on");
+
+        let again = Running::adopt_with(&link, pid, Instant::now());
+        let second = supervise_adopted(again, svc, RestartPolicy::Always, PLAN, None);
+        let mut rx = second.watch();
+        let l = link.clone();
+        tokio::task::spawn_blocking(move || {
+            l.call(&Request::Signal {
+                pid,
+                signal: libc::SIGKILL,
+            })
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let s = until(&mut rx, |s| {
+            s.restarts == 1 && matches!(s.state, ProcessState::Running { .. })
+        })
+        .await;
+        assert!(matches!(s.state, ProcessState::Running { pid: p, .. } if p != pid));
+        assert!(s.last_exit.unwrap().contains("signal"));
+        assert_eq!(second.stop().await.state, ProcessState::Stopped);
+        drop(link);
+        keeper.join().unwrap().unwrap();
     }
 
     #[tokio::test]
