@@ -61,3 +61,4 @@ pub mod release;
 pub mod service;
 pub mod state;
 pub mod supervisor;
+pub mod takeover;
