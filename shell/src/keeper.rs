@@ -651,6 +651,25 @@ pub fn run(socket: &Path) -> Result<(), KeeperError> {
     serve(socket, token)
 }
 
+/// Connects to the keeper at `socket`, says `hello` and reads the welcome:
+/// the stream, the keeper's pid and its children. (No event comes before the
+/// welcome: the keeper sends it under the lock events are sent under.)
+fn handshake(socket: &Path, hello: &Hello) -> Result<(UnixStream, (u32, Vec<Kept>)), KeeperError> {
+    let stream = UnixStream::connect(socket).map_err(|source| KeeperError::Socket {
+        path: socket.to_owned(),
+        source,
+    })?;
+    fdpass::send(&stream, hello, &[])?;
+    match fdpass::recv::<FromKeeper>(&stream)?.0 {
+        FromKeeper::Reply(Reply::Welcome { keeper, children }) => Ok((stream, (keeper, children))),
+        FromKeeper::Reply(Reply::Refused(why)) => Err(KeeperError::Refused(why)),
+        FromKeeper::Reply(other) => Err(KeeperError::Unexpected(Box::new(other))),
+        FromKeeper::Event(e) => Err(KeeperError::Refused(format!(
+            "an event before the welcome: {e:?}"
+        ))),
+    }
+}
+
 /// A plain, blocking connection to a keeper (tools and tests; a shell uses
 /// [`KeeperLink`]).
 pub struct KeeperClient {
@@ -672,22 +691,12 @@ impl std::fmt::Debug for KeeperClient {
 impl KeeperClient {
     /// Connects to the keeper at `socket` as `hello` says.
     pub fn connect(socket: &Path, hello: &Hello) -> Result<Self, KeeperError> {
-        let stream = UnixStream::connect(socket).map_err(|source| KeeperError::Socket {
-            path: socket.to_owned(),
-            source,
-        })?;
-        fdpass::send(&stream, hello, &[])?;
-        let mut client = Self {
+        let (stream, welcome) = handshake(socket, hello)?;
+        Ok(Self {
             stream,
             events: std::collections::VecDeque::new(),
-            welcome: (0, Vec::new()),
-        };
-        match client.read_reply()? {
-            Reply::Welcome { keeper, children } => client.welcome = (keeper, children),
-            Reply::Refused(why) => return Err(KeeperError::Refused(why)),
-            other => return Err(KeeperError::Unexpected(Box::new(other))),
-        }
-        Ok(client)
+            welcome,
+        })
     }
 
     /// The keeper's pid and its children when this connection began.
@@ -810,21 +819,7 @@ impl Drop for KeeperLink {
 impl KeeperLink {
     /// Connects as `hello` says and starts reading what the keeper sends.
     pub fn connect(socket: &Path, hello: &Hello) -> Result<Arc<Self>, KeeperError> {
-        let stream = UnixStream::connect(socket).map_err(|source| KeeperError::Socket {
-            path: socket.to_owned(),
-            source,
-        })?;
-        fdpass::send(&stream, hello, &[])?;
-        let welcome = match fdpass::recv::<FromKeeper>(&stream)?.0 {
-            FromKeeper::Reply(Reply::Welcome { keeper, children }) => (keeper, children),
-            FromKeeper::Reply(Reply::Refused(why)) => return Err(KeeperError::Refused(why)),
-            FromKeeper::Reply(other) => return Err(KeeperError::Unexpected(Box::new(other))),
-            FromKeeper::Event(e) => {
-                return Err(KeeperError::Refused(format!(
-                    "an event before the welcome: {e:?}"
-                )));
-            }
-        };
+        let (stream, welcome) = handshake(socket, hello)?;
         let reader = stream.try_clone().map_err(FdPassError::from)?;
         let (replies_tx, replies) = mpsc::channel();
         let exits: Arc<Mutex<Exits>> = Arc::default();
