@@ -199,7 +199,13 @@ pub(super) async fn pull(
                 millis,
                 error: first_error(&answers),
             };
-            Some(api.portal.store.watch_cycle(id, cycle).await?)
+            // Ended while this pull ran (an admin ended it): the pull stands,
+            // and the watch opens a new run at its next cycle.
+            match api.portal.store.watch_cycle(id, cycle).await {
+                Ok(run) => Some(run),
+                Err(crate::store::StoreError::Watch(crate::watch::WatchError::Ended(_))) => None,
+                Err(e) => return Err(e.into()),
+            }
         }
     };
     let names: Vec<String> = instances.iter().map(ToString::to_string).collect();
