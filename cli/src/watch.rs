@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use image_spec::{ServiceName, Tree, TreeDiff};
+use image_spec::{CommitId, ServiceName, Tree, TreeDiff};
 use notify::RecursiveMode;
 use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use tokio::sync::mpsc;
@@ -33,6 +33,14 @@ use crate::config::Loaded;
 use crate::devloop::Onto;
 use crate::portal::PortalClient;
 use crate::repo::Context;
+
+/// The pauses before each new try of a push that failed while the content
+/// stayed as it was (a file caught half-written).
+const PUSH_RETRIES: [Duration; 3] = [
+    Duration::from_millis(50),
+    Duration::from_millis(200),
+    Duration::from_millis(400),
+];
 
 /// How long the files must be quiet before a batch of saves is a cycle: an
 /// editor's save (write a temporary file, rename it over) takes a few
@@ -174,7 +182,16 @@ pub(crate) async fn watch(
         );
     }
 
+    // One listener for the whole watch: a Ctrl-C that comes between two
+    // waits is kept for the next, not missed (a listener made per wait
+    // would not see it).
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("cannot listen for Ctrl-C")?;
     let mut last: Option<Tree> = None;
+    // The commit the last cycle pushed: a scan taken mid-burst may differ
+    // from what its push then read, so a later cycle can find the same
+    // commit again, which is already serving (or already failed).
+    let mut pushed: Option<CommitId> = None;
     let mut pending = Some(Instant::now());
     loop {
         let saved = match pending.take() {
@@ -184,7 +201,7 @@ pub(crate) async fn watch(
                     Some(t) => t,
                     None => bail!("the file watcher stopped"),
                 },
-                _ = tokio::signal::ctrl_c() => break,
+                _ = interrupt.recv() => break,
             },
         };
         // Everything saved up to now is in this cycle.
@@ -193,16 +210,19 @@ pub(crate) async fn watch(
             saved = saved.min(t);
         }
         let cycle = tokio::select! {
-            c = cycle(config, &ctx, &mut via, &args, &branch, last.as_ref(), saved) => c,
-            _ = tokio::signal::ctrl_c() => break,
+            c = cycle(config, &ctx, &mut via, &args, &branch, (last.as_ref(), pushed), saved) => c,
+            _ = interrupt.recv() => break,
         };
         match cycle {
-            Ok(Some((tree, line))) => {
-                last = Some(tree);
-                println!("{line}");
+            Ok(Some((tree, commit, line))) => {
+                (last, pushed) = (Some(tree), Some(commit));
+                if let Some(line) = line {
+                    println!("{line}");
+                }
             }
             Ok(None) => {}
-            Err(Cycle::Failed(tree, line)) => {
+            Err(Cycle::Failed(tree, commit, line)) => {
+                pushed = commit.or(pushed);
                 // The same bytes would fail the same way: wait for a change.
                 last = Some(tree);
                 println!("{line}");
@@ -354,7 +374,7 @@ impl Via {
 /// A cycle that did not serve.
 enum Cycle {
     /// The build (or the pull) failed: the old version serves; the line says why.
-    Failed(Tree, String),
+    Failed(Tree, Option<CommitId>, String),
     /// The instance or repository refused: the watch ends.
     Refused(anyhow::Error),
 }
@@ -366,26 +386,69 @@ async fn cycle(
     via: &mut Via,
     args: &WatchArgs,
     branch: &str,
-    last: Option<&Tree>,
+    (last, last_commit): (Option<&Tree>, Option<CommitId>),
     saved: Instant,
-) -> Result<Option<(Tree, String)>, Cycle> {
+) -> Result<Option<(Tree, CommitId, Option<String>)>, Cycle> {
     let began = Instant::now();
     let tree = scan(&args.dir).await.map_err(Cycle::Refused)?;
     if last.map(Tree::id) == Some(tree.id()) {
         return Ok(None);
     }
     let changed = changed_paths(last, &tree);
-    let pushed = match ctx
-        .push_report(&args.dir, "molt watch", branch, false)
-        .await
-    {
+    let push = || ctx.push_report(&args.dir, "molt watch", branch, false);
+    let mut pushed_now = None;
+    let pushed = match push().await {
         Ok(p) => p,
-        // Saved again while it was read: the next cycle has the new content.
-        Err(_) if scan(&args.dir).await.ok().map(|t| t.id()) != Some(tree.id()) => {
-            return Ok(None);
+        Err(e) if crate::instance::is_refusal(&e) => return Err(Cycle::Refused(e)),
+        Err(_) => {
+            // Written while it was read (an editor's save truncates, then
+            // writes — and a busy machine may pause the editor in between):
+            // while the content stays as it was, the push is tried again a
+            // few times; once it differs, the next cycle has it.
+            let moved = async || scan(&args.dir).await.ok().map(|t| t.id()) != Some(tree.id());
+            let mut last_error = None;
+            for pause in PUSH_RETRIES {
+                tokio::time::sleep(pause).await;
+                if moved().await {
+                    return Ok(None);
+                }
+                match push().await {
+                    Ok(p) => {
+                        last_error = None;
+                        pushed_now = Some(p);
+                        break;
+                    }
+                    Err(e) if crate::instance::is_refusal(&e) => return Err(Cycle::Refused(e)),
+                    Err(e) => last_error = Some(e),
+                }
+            }
+            match (pushed_now.take(), last_error) {
+                (Some(p), _) => p,
+                (None, _) if moved().await => return Ok(None),
+                // The content as it stands cannot be pushed (a broken
+                // `service.toml`, say): shown like a failed build; the next
+                // save is the next cycle.
+                (None, e) => {
+                    let why = e.map_or_else(|| "the push failed".to_owned(), |e| format!("{e:#}"));
+                    let line = match args.json {
+                        true => serde_json::json!({
+                            "ok": false,
+                            "changed": changed,
+                            "error": why,
+                            "locations": crate::locate::locations(&why, &args.dir),
+                        })
+                        .to_string(),
+                        false => format!("push FAILED, the old version serves: {why}"),
+                    };
+                    return Err(Cycle::Failed(tree, None, line));
+                }
+            }
         }
-        Err(e) => return Err(Cycle::Refused(e)),
     };
+    if Some(pushed.commit) == last_commit {
+        // What the last cycle pushed, already serving: nothing to say.
+        return Ok(Some((tree, pushed.commit, None)));
+    }
     let service: ServiceName = pushed.service.clone();
     let pushed_at = Instant::now();
     let answer = via.pull(config, &service, branch).await;
@@ -418,7 +481,7 @@ async fn cycle(
                 }
                 line
             };
-            return Err(Cycle::Failed(tree, line));
+            return Err(Cycle::Failed(tree, Some(pushed.commit), line));
         }
     };
     let build_ms: u64 = summary
@@ -454,7 +517,7 @@ async fn cycle(
             serving.as_millis()
         )
     };
-    Ok(Some((tree, line)))
+    Ok(Some((tree, pushed.commit, Some(line))))
 }
 
 #[cfg(test)]
