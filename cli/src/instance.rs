@@ -29,6 +29,8 @@ pub(crate) struct ShellArgs {
     pub(crate) key: Option<PathBuf>,
     pub(crate) port_offset: u16,
     pub(crate) ephemeral_ports: bool,
+    /// Start the services through a keeper process.
+    pub(crate) keeper: bool,
     /// The address public ports listen on.
     pub(crate) public_addr: std::net::IpAddr,
     pub(crate) strategy: Option<Strategy>,
@@ -109,6 +111,10 @@ pub(crate) async fn shell(
         strategy: args.strategy.unwrap_or(stage.default_strategy()),
     };
     let (shutdown, waiter) = crate::signals::shutdown_on_signals()?;
+    let _keeper = match args.keeper {
+        true => Some(start_keeper(&config.instance.root).await?),
+        false => None,
+    };
     let bound = shell::service::bind(config)
         .await
         .with_context(|| format!("cannot start the shell of `{name}`"))?;
@@ -122,6 +128,31 @@ pub(crate) async fn shell(
     waiter.abort();
     eprintln!("shell {name} stopped");
     Ok(())
+}
+
+/// Starts the instance's keeper (`molt keeper`, this binary) and makes it the
+/// parent of every service this shell starts; the child is kept to be
+/// reaped.
+async fn start_keeper(root: &Path) -> Result<std::process::Child> {
+    let logs = root.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("cannot make `{}`", logs.display()))?;
+    let socket = root.join("keeper.sock");
+    let exe = std::env::current_exe().context("cannot find this program to run its keeper")?;
+    let (token, child, link) = tokio::task::spawn_blocking(move || {
+        let (token, child) = shell::keeper::start(&exe, &socket, &logs.join("keeper.log"))?;
+        let hello = shell::keeper::Hello::Owner {
+            version: shell::keeper::KEEPER_VERSION,
+            token: token.clone(),
+        };
+        let link = shell::keeper::KeeperLink::connect(&socket, &hello)?;
+        Ok::<_, shell::keeper::KeeperError>((token, child, link))
+    })
+    .await??;
+    drop(token);
+    if !shell::process::use_keeper(link) {
+        bail!("a keeper was already set up in this process");
+    }
+    Ok(child)
 }
 
 /// `NAME@ADDR`, or a `NAME` listed under `[instances]`.

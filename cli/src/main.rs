@@ -183,6 +183,11 @@ enum Command {
         /// Pick free public ports instead (see them with `molt status`).
         #[arg(long)]
         ephemeral_ports: bool,
+        /// Start the services through a keeper process (ROOT/keeper.sock), so
+        /// they can outlive this shell when another takes over (#15, in
+        /// progress); a shell killed with kill -9 still leaves none running.
+        #[arg(long)]
+        keeper: bool,
         /// The address the services' public ports listen on (e.g. 0.0.0.0 to
         /// serve other hosts).
         #[arg(long, default_value = "127.0.0.1")]
@@ -639,6 +644,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             key,
             port_offset,
             ephemeral_ports,
+            keeper,
             public_addr,
             strategy,
         } => {
@@ -656,6 +662,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     key,
                     port_offset,
                     ephemeral_ports,
+                    keeper,
                     public_addr,
                     strategy,
                 },

@@ -10,7 +10,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::MOLT;
+use common::{Cluster, MOLT, get, start_shell_args, write};
 use shell::keeper::{self, Hello, KEEPER_VERSION, KeeperClient, SpawnSpec};
 
 /// Alive, and not a zombie.
@@ -85,4 +85,52 @@ fn a_keeper_killed_takes_its_services_with_it() {
     wait_until("the service to die with its keeper", || !alive(a));
     // The owner hears the keeper is gone.
     assert!(owner.wait_event(Duration::from_secs(5)).is_err());
+}
+
+/// The parent of a process (from /proc/PID/stat).
+fn parent_of(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let (_, rest) = stat.rsplit_once(") ").unwrap();
+    rest.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// `molt shell --keeper`: the services are the keeper's children, not the
+/// shell's; the shell killed with `kill -9`, the keeper stops them and exits.
+#[test]
+fn a_shell_with_a_keeper_killed_with_kill_9_leaves_no_service_running() {
+    let c = Cluster::init();
+    let hello = c.dir.path().join("hello");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello");
+    for f in ["service.toml", "server.py", ".moltignore"] {
+        write(&hello, f, &std::fs::read(example.join(f)).unwrap());
+    }
+    c.molt_json(&["push", hello.to_str().unwrap()]);
+    c.molt_json(&["image", "create", "demo-1", "--set", "hello=main"]);
+    let (mut shell, addr) = start_shell_args(&c, "dev-1", "development", &[], &["--keeper"]);
+    let target = format!("dev-1@{addr}");
+    c.molt_json(&["deploy", "demo-1", "--instance", &target]);
+    let status = c.molt_json(&["status", "--instance", &target]);
+    let pid = status["services"]["hello"]["pid"].as_u64().unwrap() as u32;
+    let url = format!(
+        "http://{}/",
+        status["services"]["hello"]["ports"]["main"]
+            .as_str()
+            .unwrap()
+    );
+    assert!(get(&url).unwrap().contains("hello from molt"));
+    let keeper = parent_of(pid);
+    assert_ne!(keeper, shell.id(), "the service is the shell's own child");
+    assert!(
+        std::fs::read_to_string(format!("/proc/{keeper}/cmdline"))
+            .unwrap()
+            .contains("keeper"),
+        "the service's parent is not the keeper"
+    );
+    assert!(c.dir.path().join("dev-1/keeper.sock").exists());
+
+    shell.kill().unwrap();
+    shell.wait().unwrap();
+    wait_until("the service to stop", || !alive(pid));
+    wait_until("the keeper to exit", || !alive(keeper));
+    assert!(get(&url).is_err(), "the port still answers");
 }

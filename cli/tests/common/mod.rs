@@ -134,6 +134,17 @@ pub fn start_shell_with(
     stage: &str,
     env: &[(&str, &str)],
 ) -> (Child, String) {
+    start_shell_args(c, name, stage, env, &[])
+}
+
+/// [`start_shell_with`] with extra arguments for `molt shell`.
+pub fn start_shell_args(
+    c: &Cluster,
+    name: &str,
+    stage: &str,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (Child, String) {
     if !c
         .dir
         .path()
@@ -166,6 +177,7 @@ pub fn start_shell_with(
         .arg("--root")
         .arg(c.dir.path().join(name))
         .arg("--ephemeral-ports")
+        .args(args)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
