@@ -379,6 +379,87 @@ enum Cycle {
     Refused(anyhow::Error),
 }
 
+/// How a push of the watched directory went.
+enum Pushed {
+    /// Pushed.
+    Done(repo_client::PushReport),
+    /// The directory changed meanwhile: the next cycle has it.
+    Moved,
+    /// The content, still as scanned, cannot be pushed.
+    Failed(anyhow::Error),
+}
+
+/// Pushes the directory, whose content was `tree`. A push that fails while
+/// the content stays as it was is tried again after each of
+/// [`PUSH_RETRIES`]: a file caught half-written (an editor that truncates,
+/// then writes — and a busy machine may pause it in between) is read again
+/// once still. A refusal is the error.
+async fn push_settled(
+    ctx: &Context,
+    dir: &Path,
+    branch: &str,
+    tree: &Tree,
+) -> Result<Pushed, anyhow::Error> {
+    let moved = async || scan(dir).await.ok().map(|t| t.id()) != Some(tree.id());
+    let mut failure = None;
+    for pause in std::iter::once(Duration::ZERO).chain(PUSH_RETRIES) {
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+            if moved().await {
+                return Ok(Pushed::Moved);
+            }
+        }
+        match ctx.push_report(dir, "molt watch", branch, false).await {
+            Ok(p) => return Ok(Pushed::Done(p)),
+            Err(e) if crate::instance::is_refusal(&e) => return Err(e),
+            Err(e) => failure = Some(e),
+        }
+    }
+    if moved().await {
+        return Ok(Pushed::Moved);
+    }
+    Ok(Pushed::Failed(
+        failure.unwrap_or_else(|| anyhow::anyhow!("the push failed")),
+    ))
+}
+
+/// The line of a cycle that did not serve (`pushed`: what it pushed, if the
+/// push went through): the error's own words first, then one `file:line:col:
+/// message` line per place it names, for editors to link; or one JSON
+/// object.
+fn failed_line(
+    args: &WatchArgs,
+    changed: &[String],
+    pushed: Option<&repo_client::PushReport>,
+    why: &str,
+) -> String {
+    let found = crate::locate::locations(why, &args.dir);
+    if args.json {
+        return serde_json::json!({
+            "service": pushed.map(|p| p.service.to_string()),
+            "commit": pushed.map(|p| p.commit.to_hex().to_string()),
+            "ok": false,
+            "changed": changed,
+            "bytes_sent": pushed.map(|p| p.bytes_sent),
+            "error": why,
+            "locations": found,
+        })
+        .to_string();
+    }
+    let mut line = match pushed {
+        Some(p) => format!(
+            "{} {}: FAILED, the old version serves: {why}",
+            p.service,
+            p.commit.short(10)
+        ),
+        None => format!("push FAILED, the old version serves: {why}"),
+    };
+    for l in &found {
+        line.push_str(&format!("\n{l}"));
+    }
+    line
+}
+
 /// One cycle: scan, push, pull. `Ok(None)`: nothing changed.
 async fn cycle(
     config: Option<&Path>,
@@ -395,55 +476,16 @@ async fn cycle(
         return Ok(None);
     }
     let changed = changed_paths(last, &tree);
-    let push = || ctx.push_report(&args.dir, "molt watch", branch, false);
-    let mut pushed_now = None;
-    let pushed = match push().await {
-        Ok(p) => p,
-        Err(e) if crate::instance::is_refusal(&e) => return Err(Cycle::Refused(e)),
-        Err(_) => {
-            // Written while it was read (an editor's save truncates, then
-            // writes — and a busy machine may pause the editor in between):
-            // while the content stays as it was, the push is tried again a
-            // few times; once it differs, the next cycle has it.
-            let moved = async || scan(&args.dir).await.ok().map(|t| t.id()) != Some(tree.id());
-            let mut last_error = None;
-            for pause in PUSH_RETRIES {
-                tokio::time::sleep(pause).await;
-                if moved().await {
-                    return Ok(None);
-                }
-                match push().await {
-                    Ok(p) => {
-                        last_error = None;
-                        pushed_now = Some(p);
-                        break;
-                    }
-                    Err(e) if crate::instance::is_refusal(&e) => return Err(Cycle::Refused(e)),
-                    Err(e) => last_error = Some(e),
-                }
-            }
-            match (pushed_now.take(), last_error) {
-                (Some(p), _) => p,
-                (None, _) if moved().await => return Ok(None),
-                // The content as it stands cannot be pushed (a broken
-                // `service.toml`, say): shown like a failed build; the next
-                // save is the next cycle.
-                (None, e) => {
-                    let why = e.map_or_else(|| "the push failed".to_owned(), |e| format!("{e:#}"));
-                    let line = match args.json {
-                        true => serde_json::json!({
-                            "ok": false,
-                            "changed": changed,
-                            "error": why,
-                            "locations": crate::locate::locations(&why, &args.dir),
-                        })
-                        .to_string(),
-                        false => format!("push FAILED, the old version serves: {why}"),
-                    };
-                    return Err(Cycle::Failed(tree, None, line));
-                }
-            }
+    let pushed = match push_settled(ctx, &args.dir, branch, &tree).await {
+        Ok(Pushed::Done(p)) => p,
+        Ok(Pushed::Moved) => return Ok(None),
+        // The content as it stands cannot be pushed (a broken `service.toml`,
+        // say): shown like a failed build; the next save is the next cycle.
+        Ok(Pushed::Failed(e)) => {
+            let line = failed_line(args, &changed, None, &format!("{e:#}"));
+            return Err(Cycle::Failed(tree, None, line));
         }
+        Err(refused) => return Err(Cycle::Refused(refused)),
     };
     if Some(pushed.commit) == last_commit {
         // What the last cycle pushed, already serving: nothing to say.
@@ -457,30 +499,7 @@ async fn cycle(
         Ok(s) => s,
         Err(PullFailed::Refused(e)) => return Err(Cycle::Refused(e)),
         Err(PullFailed::Failed(why)) => {
-            let found = crate::locate::locations(&why, &args.dir);
-            let line = if args.json {
-                serde_json::json!({
-                    "service": service,
-                    "commit": pushed.commit.to_hex().to_string(),
-                    "ok": false,
-                    "changed": changed,
-                    "bytes_sent": pushed.bytes_sent,
-                    "error": why,
-                    "locations": found,
-                })
-                .to_string()
-            } else {
-                // The build's own words first, then one `file:line:col:
-                // message` line per place it names, for editors to link.
-                let mut line = format!(
-                    "{service} {}: FAILED, the old version serves: {why}",
-                    pushed.commit.short(10)
-                );
-                for l in &found {
-                    line.push_str(&format!("\n{l}"));
-                }
-                line
-            };
+            let line = failed_line(args, &changed, Some(&pushed), &why);
             return Err(Cycle::Failed(tree, Some(pushed.commit), line));
         }
     };

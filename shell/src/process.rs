@@ -663,6 +663,18 @@ mod tests {
         );
     }
 
+    /// Waits (up to 10 s) until the log at `log` holds `text`.
+    async fn until_logged(log: &Path, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .contains(text)
+        {
+            assert!(Instant::now() < deadline, "`{text}` never came to the log");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     fn spec(dir: &Path, script: &str) -> ProcessSpec {
         ProcessSpec {
             command: Command::try_from(vec!["sh".to_owned(), "-c".to_owned(), script.to_owned()])
@@ -686,14 +698,7 @@ mod tests {
         assert!(running.pid() > 0);
         // Wait for the output to land (bounded), then stop.
         let log = dir.path().join("logs/svc.log");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("oops")
-        {
-            assert!(Instant::now() < deadline, "no output");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_logged(&log, "oops").await;
         let stopped = running
             .stop(StopSignal::Term, Duration::from_secs(10))
             .await
@@ -735,13 +740,7 @@ mod tests {
                 .await
                 .unwrap();
         let log = dir.path().join("logs/svc.log");
-        while !std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("hello")
-        {
-            assert!(Instant::now() < deadline, "no output");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_logged(&log, "hello").await;
         let stopped = running
             .stop(StopSignal::Term, Duration::from_secs(10))
             .await
@@ -808,14 +807,7 @@ mod tests {
         .await
         .unwrap();
         let log = dir.path().join("logs/svc.log");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("ready")
-        {
-            assert!(Instant::now() < deadline, "never ready");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_logged(&log, "ready").await;
         let stopped = running
             .stop(StopSignal::Term, Duration::from_millis(200))
             .await

@@ -405,6 +405,28 @@ pub(crate) struct StatusAnswer {
     drift: BTreeMap<ServiceName, Drift>,
 }
 
+/// An instance's status from its shell (10 s at most), or why there is
+/// none: what the API's instance status and the Overview tab show.
+pub(crate) async fn shell_status(
+    api: &super::Api,
+    instance: &InstanceName,
+) -> Result<InstanceStatus, String> {
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        api.portal
+            .shells
+            .call(instance, &ShellRequest::Status, |_| {}),
+    )
+    .await;
+    match answer {
+        Ok(Ok(Ok(ShellResponse::Status(s)))) => Ok(s),
+        Ok(Ok(Ok(other))) => Err(format!("unexpected answer {other:?}")),
+        Ok(Ok(Err(e))) => Err(e.message),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the shell did not answer within 10 s".into()),
+    }
+}
+
 /// Each microservice of `status` that differs from `expected` (the target's
 /// current image's commits, if it has one).
 pub(crate) fn drift(
@@ -445,27 +467,9 @@ pub(super) async fn instance_status(
     if let Some(t) = &target {
         who.require_scope(&t.name)?;
     }
-    let status = match api
-        .portal
-        .shells
-        .call(&instance, &ShellRequest::Status, |_| {})
+    let status = shell_status(&api, &instance)
         .await
-    {
-        Ok(Ok(ShellResponse::Status(s))) => s,
-        Ok(Ok(other)) => {
-            return Err(ApiError::internal(format!(
-                "the shell answered with something else: {other:?}"
-            )));
-        }
-        Ok(Err(e)) => return Err(ApiError::internal(e.message)),
-        Err(e) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "shell",
-                e.to_string(),
-            ));
-        }
-    };
+        .map_err(|why| ApiError::new(StatusCode::BAD_GATEWAY, "shell", why))?;
     let current = match &target {
         Some(t) => super::current_image(&api, t).await?,
         None => None,

@@ -11,7 +11,6 @@
 //! - History: [`crate::store::Store::deployments`] with the API's filters.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::time::Duration;
 
 use askama::Template;
 use axum::body::Bytes;
@@ -20,7 +19,7 @@ use axum::response::{Html, IntoResponse, Redirect};
 use image_spec::{CommitId, ImageName, InstanceName, ServiceName, TargetName};
 use serde::Deserialize;
 use wire::plan::{Action, Step};
-use wire::shell::{ShellRequest, ShellResponse, Stage, Strategy};
+use wire::shell::{Stage, Strategy};
 
 use super::format::{When, bytes, short};
 use super::{Layout, PageError, PageResult, form, page, principal};
@@ -231,7 +230,7 @@ pub(crate) async fn overview(
             services: Vec::new(),
         };
         if i.online {
-            match status(&api, &i.name).await {
+            match crate::api::devloop::shell_status(&api, &i.name).await {
                 Ok(st) => {
                     view.image = st.image.as_ref().map(|r| r.name.to_string());
                     view.generation = Some(st.generation);
@@ -275,24 +274,6 @@ pub(crate) async fn overview(
         head: head(&l, "overview"),
         instances,
     })
-}
-
-/// An instance's status from its shell (10 s at most).
-async fn status(api: &Api, instance: &InstanceName) -> Result<wire::shell::InstanceStatus, String> {
-    let answer = tokio::time::timeout(
-        Duration::from_secs(10),
-        api.portal
-            .shells
-            .call(instance, &ShellRequest::Status, |_| {}),
-    )
-    .await;
-    match answer {
-        Ok(Ok(Ok(ShellResponse::Status(s)))) => Ok(s),
-        Ok(Ok(Ok(other))) => Err(format!("unexpected answer {other:?}")),
-        Ok(Ok(Err(e))) => Err(e.message),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("the shell did not answer within 10 s".into()),
-    }
 }
 
 // ---------------------------------------------------------------------------
