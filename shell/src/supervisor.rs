@@ -341,6 +341,10 @@ async fn run(
     }
 }
 
+/// How much longer than the start grace the supervisor waits for a starting
+/// process's first passing probe (see [`watch_health`]).
+pub const VERDICT_MARGIN: Duration = Duration::from_millis(500);
+
 /// Watches a running process's health (see the module docs); returns why it
 /// became unhealthy. Never returns without a monitor.
 async fn watch_health(monitor: Option<&Monitor>, tx: &watch::Sender<ProcessStatus>) -> String {
@@ -348,7 +352,15 @@ async fn watch_health(monitor: Option<&Monitor>, tx: &watch::Sender<ProcessStatu
         return std::future::pending().await;
     };
     let set = |health: Health| tx.send_modify(|s| s.health = health);
-    if let Err(e) = health::wait_healthy(&m.check, &m.ports, &m.dir).await {
+    // An upgrade that starts a process waits for its health itself, within
+    // the start grace; this verdict comes [`VERDICT_MARGIN`] later, so such a
+    // start that never gets healthy is reported as unhealthy, not as an exit
+    // this supervisor caused (the two would otherwise race).
+    let check = HealthCheck {
+        start_grace: m.check.start_grace + VERDICT_MARGIN,
+        ..m.check.clone()
+    };
+    if let Err(e) = health::wait_healthy(&check, &m.ports, &m.dir).await {
         return e.to_string();
     }
     set(Health::Healthy);
