@@ -31,6 +31,8 @@ pub(crate) struct ShellArgs {
     pub(crate) ephemeral_ports: bool,
     /// Start the services through a keeper process.
     pub(crate) keeper: bool,
+    /// Take the instance over from its running shell instead of opening it.
+    pub(crate) takeover: bool,
     /// The address public ports listen on.
     pub(crate) public_addr: std::net::IpAddr,
     pub(crate) strategy: Option<Strategy>,
@@ -111,22 +113,45 @@ pub(crate) async fn shell(
         strategy: args.strategy.unwrap_or(stage.default_strategy()),
     };
     let (shutdown, waiter) = crate::signals::shutdown_on_signals()?;
-    let _keeper = match args.keeper {
-        true => Some(start_keeper(&config.instance.root).await?),
-        false => None,
+    let root = config.instance.root.clone();
+    let (bound, _keeper) = if args.takeover {
+        let bound = shell::service::take_over(config)
+            .await
+            .with_context(|| format!("cannot take over the shell of `{name}`; it serves on"))?;
+        (bound, None)
+    } else {
+        let keeper = match args.keeper {
+            true => Some(start_keeper(&root).await?),
+            false => None,
+        };
+        let bound = shell::service::bind(config)
+            .await
+            .with_context(|| format!("cannot start the shell of `{name}`"))?;
+        (bound, keeper)
     };
-    let bound = shell::service::bind(config)
-        .await
-        .with_context(|| format!("cannot start the shell of `{name}`"))?;
+    if let Err(e) = crate::takeover::record(name.as_str(), &root) {
+        eprintln!("warning: {e:#} (molt shell takeover will need --root)");
+    }
+    if args.takeover {
+        eprintln!("shell {name} took over (pid {})", std::process::id());
+        println!("{}", crate::takeover::TOOK_OVER);
+        crate::takeover::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
+    } else {
+        crate::takeover::notify("READY=1");
+    }
     if let Ok(addr) = bound.local_addr() {
         eprintln!("shell {name} listening on {addr}");
     }
     if let Some(portal) = bound.portal() {
         eprintln!("shell {name} attaching to the portal at {portal}");
     }
-    bound.serve(shutdown).await;
+    match bound.serve(shutdown).await {
+        shell::service::Served::Stopped => eprintln!("shell {name} stopped"),
+        shell::service::Served::HandedOver => {
+            eprintln!("shell {name} handed over to a new shell; its services run on")
+        }
+    }
     waiter.abort();
-    eprintln!("shell {name} stopped");
     Ok(())
 }
 
@@ -137,18 +162,30 @@ async fn start_keeper(root: &Path) -> Result<std::process::Child> {
     let logs = root.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot make `{}`", logs.display()))?;
     let socket = root.join("keeper.sock");
+    // A keeper left by a shell that was killed stops its services before it
+    // goes (their data directories are this shell's next): wait for it. One
+    // still there after that has an owner: another shell runs the instance.
+    let deadline = std::time::Instant::now() + shell::keeper::STOP_GRACE * 2;
+    while std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "another shell runs this instance (its keeper answers at `{}`): stop it, or replace it with molt shell takeover",
+                socket.display()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let exe = std::env::current_exe().context("cannot find this program to run its keeper")?;
-    let (token, child, link) = tokio::task::spawn_blocking(move || {
+    let (child, link) = tokio::task::spawn_blocking(move || {
         let (token, child) = shell::keeper::start(&exe, &socket, &logs.join("keeper.log"))?;
         let hello = shell::keeper::Hello::Owner {
             version: shell::keeper::KEEPER_VERSION,
-            token: token.clone(),
+            token,
         };
         let link = shell::keeper::KeeperLink::connect(&socket, &hello)?;
-        Ok::<_, shell::keeper::KeeperError>((token, child, link))
+        Ok::<_, shell::keeper::KeeperError>((child, link))
     })
     .await??;
-    drop(token);
     if !shell::process::use_keeper(link) {
         bail!("a keeper was already set up in this process");
     }

@@ -12,6 +12,7 @@ mod locate;
 mod portal;
 mod repo;
 mod signals;
+mod takeover;
 mod up;
 mod watch;
 
@@ -147,17 +148,21 @@ enum Command {
         #[arg(long)]
         repair: bool,
     },
-    /// Run an instance's shell until SIGINT or SIGTERM.
+    /// Run an instance's shell until SIGINT or SIGTERM (or until a new
+    /// shell takes the instance over: `molt shell takeover`).
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Shell {
+        #[command(subcommand)]
+        action: Option<ShellCommand>,
         /// The instance's name (its certificate is `shell/NAME`).
-        #[arg(long)]
-        instance: String,
+        #[arg(long, required = true)]
+        instance: Option<String>,
         /// development, quality, staging or production.
-        #[arg(long)]
-        stage: String,
+        #[arg(long, required = true)]
+        stage: Option<String>,
         /// The instance's root directory (state, cache, releases, logs).
-        #[arg(long)]
-        root: PathBuf,
+        #[arg(long, required = true)]
+        root: Option<PathBuf>,
         /// UDP address to serve commands on [default: 127.0.0.1:7901; none
         /// when --portal is given: the shell then takes commands only over the
         /// connection it dials to the portal].
@@ -183,11 +188,16 @@ enum Command {
         /// Pick free public ports instead (see them with `molt status`).
         #[arg(long)]
         ephemeral_ports: bool,
-        /// Start the services through a keeper process (ROOT/keeper.sock), so
-        /// they can outlive this shell when another takes over (#15, in
-        /// progress); a shell killed with kill -9 still leaves none running.
+        /// Start the services as this shell's own children instead of through
+        /// a keeper process (ROOT/keeper.sock): such a shell cannot be taken
+        /// over, and its services stop with it.
         #[arg(long)]
-        keeper: bool,
+        no_keeper: bool,
+        /// Take the instance over from the shell serving it now (under the
+        /// same --root, on this host), keeping every service and public port
+        /// up, instead of starting it (what `molt shell takeover` runs).
+        #[arg(long, conflicts_with = "no_keeper")]
+        takeover: bool,
         /// The address the services' public ports listen on (e.g. 0.0.0.0 to
         /// serve other hosts).
         #[arg(long, default_value = "127.0.0.1")]
@@ -399,6 +409,24 @@ enum Command {
     User {
         #[command(subcommand)]
         command: portal::UserCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ShellCommand {
+    /// Replace an instance's running shell with a new one of this molt
+    /// binary, keeping every service process and public port up: the new
+    /// shell takes the listening sockets, the services and their state, the
+    /// old one finishes its requests and exits. Prints when it is done; on
+    /// any failure the running shell serves on. (systemd: ExecReload=.)
+    Takeover {
+        /// The instance.
+        #[arg(long)]
+        instance: String,
+        /// Its root directory [default: where its running shell registered
+        /// it, in $MOLT_RUN_DIR, else $XDG_RUNTIME_DIR/molt, else /tmp/molt-UID].
+        #[arg(long)]
+        root: Option<PathBuf>,
     },
 }
 
@@ -634,6 +662,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cluster::repo_server(cli.config.as_deref(), data, listen).await
         }
         Command::Shell {
+            action: Some(ShellCommand::Takeover { instance, root }),
+            ..
+        } => takeover::takeover(&instance, root, json).await,
+        Command::Shell {
+            action: None,
             instance,
             stage,
             root,
@@ -644,17 +677,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             key,
             port_offset,
             ephemeral_ports,
-            keeper,
+            no_keeper,
+            takeover,
             public_addr,
             strategy,
         } => {
+            let required = |what: &str| anyhow::anyhow!("molt shell needs --{what}");
             instance::shell(
                 cli.config.as_deref(),
                 cli.repo,
                 instance::ShellArgs {
-                    instance,
-                    stage,
-                    root,
+                    instance: instance.ok_or_else(|| required("instance"))?,
+                    stage: stage.ok_or_else(|| required("stage"))?,
+                    root: root.ok_or_else(|| required("root"))?,
                     listen,
                     portal,
                     labels: labels.into_iter().collect(),
@@ -662,7 +697,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     key,
                     port_offset,
                     ephemeral_ports,
-                    keeper,
+                    keeper: !no_keeper,
+                    takeover,
                     public_addr,
                     strategy,
                 },

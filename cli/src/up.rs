@@ -251,7 +251,10 @@ async fn run(
             .await
             .with_context(|| in_use_hint(&format!("the shell of `{}`", m.name), listen))?;
         instances.insert(m.name.to_owned(), bound.local_addr()?);
-        daemons.spawn(bound.serve(shutdown.clone()));
+        let stop = shutdown.clone();
+        daemons.spawn(async move {
+            bound.serve(stop).await;
+        });
     }
     loaded.config.repo = repo_addr;
     loaded.config.instances = instances;

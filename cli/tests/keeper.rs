@@ -94,7 +94,7 @@ fn parent_of(pid: u32) -> u32 {
     rest.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-/// `molt shell --keeper`: the services are the keeper's children, not the
+/// `molt shell` (a keeper by default): the services are the keeper's children, not the
 /// shell's; the shell killed with `kill -9`, the keeper stops them and exits.
 #[test]
 fn a_shell_with_a_keeper_killed_with_kill_9_leaves_no_service_running() {
@@ -106,7 +106,7 @@ fn a_shell_with_a_keeper_killed_with_kill_9_leaves_no_service_running() {
     }
     c.molt_json(&["push", hello.to_str().unwrap()]);
     c.molt_json(&["image", "create", "demo-1", "--set", "hello=main"]);
-    let (mut shell, addr) = start_shell_args(&c, "dev-1", "development", &[], &["--keeper"]);
+    let (mut shell, addr) = start_shell_args(&c, "dev-1", "development", &[], &[]);
     let target = format!("dev-1@{addr}");
     c.molt_json(&["deploy", "demo-1", "--instance", &target]);
     let status = c.molt_json(&["status", "--instance", &target]);

@@ -46,8 +46,11 @@ use wire::plan::{Action, Step, StepEvent, StepKind, StepTime, UpgradePlan};
 pub use wire::shell::Strategy;
 
 mod data;
+mod handover;
 mod hooks;
 mod upgrade;
+
+pub use handover::{PLUGIN_IDLE_WAIT, STATE_WAIT, Taken};
 
 use upgrade::Upgrade;
 
@@ -432,6 +435,155 @@ fn read_manifest(release: &Path) -> Result<ServiceManifest, UpgradeError> {
         .map_err(|e| UpgradeError::Manifest(format!("{}: {e}", path.display())))
 }
 
+/// What a service's process is started and supervised with.
+struct ProcessParts {
+    spec: ProcessSpec,
+    stop: StopPlan,
+    monitor: Monitor,
+}
+
+impl ProcessParts {
+    /// The parts for a process service (a plugin has none: an error).
+    fn of(
+        instance: &InstanceName,
+        name: &ServiceName,
+        installed: &Installed,
+        manifest: &ServiceManifest,
+        ports: &BTreeMap<String, u16>,
+        data: Option<&Path>,
+        log: &Path,
+    ) -> Result<Self, UpgradeError> {
+        let ServiceKind::Process { command } = manifest.kind() else {
+            return Err(UpgradeError::Manifest(format!(
+                "service `{name}` is a plugin, not a process"
+            )));
+        };
+        let env = ServiceEnv {
+            instance,
+            service: name,
+            commit: installed.commit,
+            manifest,
+            ports: Some(ports),
+            data,
+        }
+        .vars();
+        Ok(Self {
+            spec: ProcessSpec {
+                command: command.clone(),
+                dir: installed.dir.clone(),
+                env,
+                log: log.to_owned(),
+                log_limit: 10 << 20,
+            },
+            stop: StopPlan {
+                signal: manifest.stop().signal,
+                grace: manifest.stop().grace,
+            },
+            monitor: Monitor {
+                check: manifest.health().clone(),
+                ports: ports.clone(),
+                dir: installed.dir.clone(),
+            },
+        })
+    }
+}
+
+/// The tree recorded for a release, from the instance's tree store
+/// (`ROOT/trees/<id>`, written when the release was installed; decoding
+/// checks it).
+fn read_tree(
+    root: &Path,
+    release: &Path,
+    id: image_spec::TreeId,
+) -> Result<image_spec::Tree, UpgradeError> {
+    let path = root.join("trees").join(id.to_hex());
+    let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+    let tree = image_spec::Tree::decode(&bytes).map_err(|e| {
+        UpgradeError::Manifest(format!(
+            "stored tree for `{}` is corrupt: {e}",
+            release.display()
+        ))
+    })?;
+    if tree.id() != id {
+        return Err(UpgradeError::Manifest(format!(
+            "stored tree for `{}` is not tree {id}",
+            release.display()
+        )));
+    }
+    Ok(tree)
+}
+
+/// Where a plugin service's loaded copies of its library live.
+fn plugin_dir(root: &Path, name: &ServiceName) -> PathBuf {
+    root.join("plugins").join(name.as_str())
+}
+
+/// Loads a plugin service's library (copied under `dir`) into a new host
+/// with `state`, if any, and waits until it answers its health check. Every
+/// port of the service leads to the host.
+async fn plugin_service(
+    dir: &Path,
+    name: &ServiceName,
+    installed: Installed,
+    manifest: ServiceManifest,
+    library: &image_spec::RelPath,
+    log: PathBuf,
+    state: Option<Vec<u8>>,
+) -> Result<Service, UpgradeError> {
+    let started = std::time::Instant::now();
+    let built = installed.dir.join(library.as_str());
+    let host = PluginHost::start(name.as_str(), &built, dir, state)
+        .await
+        .map_err(|source| UpgradeError::Plugin {
+            service: name.clone(),
+            source: Box::new(source),
+        })?;
+    let host_addr = host.local_addr();
+    let port = host_addr.port();
+    let ports: BTreeMap<String, u16> = manifest
+        .ports()
+        .iter()
+        .map(|p| (p.name.clone(), port))
+        .collect();
+    let start = started.elapsed();
+    if let Err(source) = health::wait_healthy(manifest.health(), &ports, &installed.dir).await {
+        host.shutdown().await;
+        return Err(UpgradeError::Unhealthy {
+            service: name.clone(),
+            listen: host_addr.to_string(),
+            source: Box::new(source),
+            log_tail: String::new(),
+        });
+    }
+    info!(service = %name, commit = %installed.commit, "plugin healthy");
+    note(
+        &log,
+        &format!(
+            "plugin {} loaded, healthy, serving on {host_addr} inside the shell",
+            installed.commit.short(12)
+        ),
+    );
+    let health = crate::supervisor::HealthWatch::start(Monitor {
+        check: manifest.health().clone(),
+        ports: ports.clone(),
+        dir: installed.dir.clone(),
+    });
+    Ok(Service {
+        installed,
+        manifest,
+        ports,
+        process: Runner::Plugin {
+            host,
+            since: started,
+            health,
+        },
+        startup: (start, started.elapsed() - start),
+        data: None,
+        log,
+        failed_start: None,
+    })
+}
+
 impl Instance {
     /// Opens the instance at `config.root` and starts what its recorded state
     /// says; a recorded release found corrupt is held back, not started (see
@@ -675,21 +827,7 @@ impl Instance {
         release: &Path,
         id: image_spec::TreeId,
     ) -> Result<image_spec::Tree, UpgradeError> {
-        let path = self.config.root.join("trees").join(id.to_hex());
-        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-        let tree = image_spec::Tree::decode(&bytes).map_err(|e| {
-            UpgradeError::Manifest(format!(
-                "stored tree for `{}` is corrupt: {e}",
-                release.display()
-            ))
-        })?;
-        if tree.id() != id {
-            return Err(UpgradeError::Manifest(format!(
-                "stored tree for `{}` is not tree {id}",
-                release.display()
-            )));
-        }
-        Ok(tree)
+        read_tree(&self.config.root, release, id)
     }
 
     /// Stores a release's tree as `ROOT/trees/<id>`, durably
@@ -839,44 +977,27 @@ impl Instance {
             let port = free_port().map_err(io_err(&installed.dir))?;
             ports.insert(p.name.clone(), port);
         }
-        let env = ServiceEnv {
-            instance: &self.config.name,
-            service: name,
-            commit: installed.commit,
-            manifest: &manifest,
-            ports: Some(&ports),
-            data: data.as_deref(),
+        if let ServiceKind::Plugin { library } = manifest.kind() {
+            let library = library.clone();
+            return self
+                .start_plugin(name, installed, manifest, &library, log)
+                .await;
         }
-        .vars();
-        let command = match manifest.kind() {
-            ServiceKind::Process { command } => command.clone(),
-            ServiceKind::Plugin { library } => {
-                let library = library.clone();
-                return self
-                    .start_plugin(name, installed, manifest, &library, log)
-                    .await;
-            }
-        };
-        let spec = ProcessSpec {
-            command,
-            dir: installed.dir.clone(),
-            env,
-            log: log.clone(),
-            log_limit: 10 << 20,
-        };
+        let parts = ProcessParts::of(
+            &self.config.name,
+            name,
+            &installed,
+            &manifest,
+            &ports,
+            data.as_deref(),
+            &log,
+        )?;
         let started = std::time::Instant::now();
         let process = Runner::Process(supervise(
-            spec,
+            parts.spec,
             manifest.restart(),
-            StopPlan {
-                signal: manifest.stop().signal,
-                grace: manifest.stop().grace,
-            },
-            Some(Monitor {
-                check: manifest.health().clone(),
-                ports: ports.clone(),
-                dir: installed.dir.clone(),
-            }),
+            parts.stop,
+            Some(parts.monitor),
         ));
         if let Runner::Process(p) = &process {
             let _ = p
@@ -960,8 +1081,6 @@ impl Instance {
         library: &image_spec::RelPath,
         log: PathBuf,
     ) -> Result<Service, UpgradeError> {
-        let started = std::time::Instant::now();
-        let built = installed.dir.join(library.as_str());
         // The state a shutdown kept, taken up once and then removed; if the
         // plugin cannot take it, it stays for the operator and the start fails.
         let state_path = self.plugin_state_path(name);
@@ -979,68 +1098,28 @@ impl Instance {
             }
         };
         let resumed = kept.is_some();
-        let host = PluginHost::start(name.as_str(), &built, &self.plugin_dir(name), kept)
-            .await
-            .map_err(|source| UpgradeError::Plugin {
-                service: name.clone(),
-                source: Box::new(source),
-            })?;
-
-        let host_addr = host.local_addr();
-        let port = host_addr.port();
-        let ports: BTreeMap<String, u16> = manifest
-            .ports()
-            .iter()
-            .map(|p| (p.name.clone(), port))
-            .collect();
-        let start = started.elapsed();
-        if let Err(source) = health::wait_healthy(manifest.health(), &ports, &installed.dir).await {
-            host.shutdown().await;
-            return Err(UpgradeError::Unhealthy {
-                service: name.clone(),
-                listen: host_addr.to_string(),
-                source: Box::new(source),
-                log_tail: String::new(),
-            });
-        }
-        info!(service = %name, commit = %installed.commit, "plugin healthy");
-        note(
-            &log,
-            &format!(
-                "plugin {} loaded, healthy, serving on {host_addr} inside the shell",
-                installed.commit.short(12)
-            ),
-        );
+        let service = plugin_service(
+            &self.plugin_dir(name),
+            name,
+            installed,
+            manifest,
+            library,
+            log,
+            kept,
+        )
+        .await?;
         if resumed {
             info!(service = %name, "plugin resumed the state its last shutdown kept");
             if let Err(e) = std::fs::remove_file(&state_path) {
                 warn!(service = %name, error = %e, "could not remove the taken-up plugin state");
             }
         }
-        let health = crate::supervisor::HealthWatch::start(Monitor {
-            check: manifest.health().clone(),
-            ports: ports.clone(),
-            dir: installed.dir.clone(),
-        });
-        Ok(Service {
-            installed,
-            manifest,
-            ports,
-            process: Runner::Plugin {
-                host,
-                since: started,
-                health,
-            },
-            startup: (start, started.elapsed() - start),
-            data: None,
-            log,
-            failed_start: None,
-        })
+        Ok(service)
     }
 
     /// Where a plugin service's loaded copies of its library live.
     fn plugin_dir(&self, name: &ServiceName) -> PathBuf {
-        self.config.root.join("plugins").join(name.as_str())
+        plugin_dir(&self.config.root, name)
     }
 
     /// Swaps a running plugin service to the library of `installed` in place,

@@ -797,6 +797,7 @@ pub struct KeeperLink {
     lost: tokio_util::sync::CancellationToken,
     promoted: Arc<std::sync::atomic::AtomicBool>,
     welcome: (u32, Vec<Kept>),
+    token: String,
 }
 
 impl std::fmt::Debug for KeeperLink {
@@ -872,12 +873,20 @@ impl KeeperLink {
             lost,
             promoted,
             welcome,
+            token: match hello {
+                Hello::Owner { token, .. } | Hello::Successor { token, .. } => token.clone(),
+            },
         }))
     }
 
     /// The keeper's pid and its children when the link began.
     pub fn welcome(&self) -> (u32, &[Kept]) {
         (self.welcome.0, &self.welcome.1)
+    }
+
+    /// The keeper's token (what a shell taking over needs to join it).
+    pub fn token(&self) -> &str {
+        &self.token
     }
 
     /// Whether this link owns the keeper (a successor once promoted).

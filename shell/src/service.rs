@@ -47,6 +47,11 @@ use crate::instance::{
 use crate::state::{DeploymentOp, OutcomeKey};
 use wire::plan::StepEvent;
 
+mod takeover;
+
+pub use takeover::{
+    ASK_WAIT, DRAIN_GRACE, EXPORT_WAIT, OFFER_WAIT, READY_WAIT, RELEASED_WAIT, take_over,
+};
 pub use wire::shell::Stage;
 
 /// How to run a shell.
@@ -98,6 +103,22 @@ pub enum ShellError {
         /// The instance.
         instance: String,
     },
+    /// No shell serves the instance to take over from.
+    #[error(
+        "no shell to take over from at `{path}` ({source}): is `molt shell` running there, with its keeper?"
+    )]
+    NoHolder {
+        /// The takeover socket.
+        path: PathBuf,
+        /// Why it could not be reached.
+        source: std::io::Error,
+    },
+    /// The keeper could not be joined.
+    #[error(transparent)]
+    Keeper(#[from] crate::keeper::KeeperError),
+    /// The takeover failed; the shell that holds the instance serves on.
+    #[error(transparent)]
+    Takeover(#[from] crate::takeover::TakeoverError),
     /// The shell has no listener of its own (it takes commands over its
     /// portal's connection only).
     #[error(
@@ -133,6 +154,11 @@ pub(crate) struct ShellService {
     tasks: TaskTracker,
     /// Cancels the upgrades (at shutdown).
     cancel: CancellationToken,
+    /// Set once the instance was handed to a shell that took over: nothing
+    /// more is done here.
+    handed: AtomicBool,
+    /// Where this shell takes commands, if it listens.
+    listen: Option<SocketAddr>,
 }
 
 fn remote(kind: ErrorKind, message: impl Into<String>) -> RemoteError {
@@ -555,6 +581,12 @@ impl ShellService {
             }
         };
         self.queued.fetch_sub(1, Ordering::SeqCst);
+        if self.handed.load(Ordering::SeqCst) {
+            return Err(remote(
+                ErrorKind::Internal,
+                "this shell handed its instance to a new shell meanwhile; send the command again",
+            ));
+        }
         if let Some(key) = deployment {
             let after = instance
                 .recorded()
@@ -957,9 +989,8 @@ impl std::fmt::Debug for Bound {
     }
 }
 
-/// Opens the instance (starting its recorded generation) and binds the endpoint
-/// (the listener, the client that dials the portal, or both).
-pub async fn bind(config: ShellConfig) -> Result<Bound, ShellError> {
+/// Refuses a configuration no shell could serve with.
+fn check(config: &ShellConfig) -> Result<(), ShellError> {
     let name = config.instance.name.to_string();
     if config.credentials.identity
         != (Identity::Shell {
@@ -974,6 +1005,13 @@ pub async fn bind(config: ShellConfig) -> Result<Bound, ShellError> {
     if config.listen.is_none() && config.portal.is_none() {
         return Err(ShellError::NowhereToServe { instance: name });
     }
+    Ok(())
+}
+
+/// The listener (if any) and the portal's link (if any).
+type Endpoints = (Option<Server>, Option<Attach>);
+
+fn endpoints(config: &ShellConfig) -> Result<Endpoints, ShellError> {
     let server = config
         .listen
         .map(|addr| Server::bind(addr, &config.credentials))
@@ -990,9 +1028,44 @@ pub async fn bind(config: ShellConfig) -> Result<Bound, ShellError> {
             )
         })
         .transpose()?;
+    Ok((server, attach))
+}
+
+/// Opens the instance (starting its recorded generation) and binds the endpoint
+/// (the listener, the client that dials the portal, or both).
+pub async fn bind(config: ShellConfig) -> Result<Bound, ShellError> {
+    check(&config)?;
+    let (server, attach) = endpoints(&config)?;
     let client = Client::new(&config.credentials, config.repo)?;
+    let instance =
+        Instance::open_healing(config.instance.clone(), Some((&client, config.repo))).await?;
+    Ok(build(config, server, attach, client, instance).await)
+}
+
+/// Binds the endpoint for an instance taken over: the old shell's listener
+/// goes away with it, so its address is tried again for a while.
+async fn assemble(config: ShellConfig, instance: Instance) -> Result<Bound, ShellError> {
+    let deadline = std::time::Instant::now() + crate::instance::STATE_WAIT;
+    let (server, attach) = loop {
+        match endpoints(&config) {
+            Ok(e) => break e,
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    };
+    let client = Client::new(&config.credentials, config.repo)?;
+    Ok(build(config, server, attach, client, instance).await)
+}
+
+async fn build(
+    config: ShellConfig,
+    server: Option<Server>,
+    attach: Option<Attach>,
+    client: Client,
+    instance: Instance,
+) -> Bound {
+    let name = config.instance.name.to_string();
     let root = config.instance.root.clone();
-    let instance = Instance::open_healing(config.instance, Some((&client, config.repo))).await?;
     let status = InstanceStatus {
         instance: name.clone(),
         stage: config.stage.to_string(),
@@ -1025,13 +1098,24 @@ pub async fn bind(config: ShellConfig) -> Result<Bound, ShellError> {
         logs: std::sync::Mutex::default(),
         tasks: TaskTracker::new(),
         cancel: CancellationToken::new(),
+        handed: AtomicBool::new(false),
+        listen: server.as_ref().and_then(|s| s.local_addr().ok()),
     });
     service.refresh(&*service.instance.lock().await);
-    Ok(Bound {
+    Bound {
         server,
         attach,
         service,
-    })
+    }
+}
+
+/// How [`Bound::serve`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// Shut down: every service was stopped.
+    Stopped,
+    /// Handed over to a shell that took over: every service runs on.
+    HandedOver,
 }
 
 impl Bound {
@@ -1053,12 +1137,14 @@ impl Bound {
 
     /// Serves until `shutdown` — on its listener, and over the connection it
     /// keeps to its portal ([`crate::attach`]) — then stops every service
-    /// process.
+    /// process; or until a new shell took the instance over (a shell whose
+    /// services a keeper holds listens for that: [`take_over`]), leaving
+    /// them running.
     ///
     /// At shutdown: an upgrade in progress is cancelled — it starts no further
     /// step before its record and undoes what it did (one past its record
     /// completes) — and waited for; then every service stops.
-    pub async fn serve(self, shutdown: CancellationToken) {
+    pub async fn serve(self, shutdown: CancellationToken) -> Served {
         info!(
             instance = %self.service.name,
             stage = %self.service.stage,
@@ -1067,24 +1153,37 @@ impl Bound {
         );
         let service = self.service;
         let cancel = service.cancel.clone();
+        // Cancelled at shutdown, and by a takeover.
+        let stop = shutdown.child_token();
         let commands = Arc::new(Commands(service.clone()));
         let listening = async {
             if let Some(server) = self.server {
-                server.serve(commands, shutdown.clone()).await;
+                server.serve(commands, stop.clone()).await;
             }
         };
         let attached = async {
             if let Some(attach) = self.attach {
-                attach.run(service.clone(), shutdown.clone()).await;
+                attach.run(service.clone(), stop.clone()).await;
             }
         };
-        tokio::join!(listening, attached, async {
-            shutdown.cancelled().await;
+        let held = async {
+            match crate::process::keeper() {
+                Some(_) => takeover::hold(service.clone(), stop.clone()).await,
+                None => false,
+            }
+        };
+        let (_, _, handed, ()) = tokio::join!(listening, attached, held, async {
+            stop.cancelled().await;
             cancel.cancel();
         });
         service.tasks.close();
         service.tasks.wait().await;
+        if handed {
+            info!(instance = %service.name, "handed over; the services run on");
+            return Served::HandedOver;
+        }
         service.instance.lock().await.stop_all().await;
+        Served::Stopped
     }
 }
 

@@ -10,17 +10,24 @@
 //! second copy of molt.
 //!
 //! The messages travel as [`crate::fdpass`] frames over the instance's
-//! takeover socket: the taker asks ([`ToHolder::Ask`]), the holder offers its
-//! state with the public ports' listening sockets attached in
-//! [`Handover::fronts`] order ([`ToTaker::Offer`]), the taker says it serves
-//! ([`ToHolder::Ready`]) or why it cannot, and the holder lets go
-//! ([`ToTaker::Released`]).
+//! takeover socket ([`socket_path`]): the taker asks ([`ToHolder::Ask`]), the
+//! holder offers its state with the public ports' listening sockets attached
+//! in [`Handover::fronts`] order ([`ToTaker::Offer`]), the taker says it
+//! serves ([`ToHolder::Ready`]) or why it cannot, the holder lets go of the
+//! keeper, its fronts and its supervisors ([`ToTaker::Released`]), the taker
+//! asks for the plugins' state once none of its requests is in flight on the
+//! holder's plugins ([`ToHolder::Export`]), and the holder hands it over
+//! ([`ToTaker::Exported`]) and exits. [`Channel`] carries them, each wait
+//! bounded.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use image_spec::{CommitId, InstanceName, ServiceName};
+use image_spec::{CommitId, InstanceName, ServiceName, TreeId};
 use serde::{Deserialize, Serialize};
 
 /// The version of the handover's layout this shell writes.
@@ -43,7 +50,7 @@ fn version_from(value: Option<&str>) -> u32 {
 }
 
 /// Why a takeover cannot go on.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum TakeoverError {
     /// The state was written by a newer shell.
     #[error(
@@ -72,6 +79,73 @@ pub enum TakeoverError {
     /// The other shell refused, and said why.
     #[error("the other shell refused: {0}")]
     Refused(String),
+    /// The channel to the other shell failed (it exited, or did not answer
+    /// in time).
+    #[error("the takeover channel {doing}: {source}")]
+    Channel {
+        /// What was being done (`waiting for the offer`).
+        doing: &'static str,
+        /// Why it failed.
+        source: crate::fdpass::FdPassError,
+    },
+    /// The other shell sent a message out of turn.
+    #[error("the other shell sent {got} while this one was {doing}")]
+    OutOfTurn {
+        /// What was being done.
+        doing: &'static str,
+        /// What came instead.
+        got: String,
+    },
+}
+
+/// The takeover socket of the instance whose root is `root`.
+pub fn socket_path(root: &Path) -> PathBuf {
+    root.join("takeover.sock")
+}
+
+/// One end of a takeover's conversation: blocking, each receive bounded by a
+/// timeout (call it from `spawn_blocking`).
+#[derive(Debug)]
+pub struct Channel {
+    stream: UnixStream,
+}
+
+impl Channel {
+    /// Wraps a connected stream.
+    pub fn new(stream: UnixStream) -> Self {
+        Self { stream }
+    }
+
+    /// Sends `msg` with `fds` attached.
+    pub fn send<T: Serialize>(
+        &self,
+        msg: &T,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+        doing: &'static str,
+    ) -> Result<(), TakeoverError> {
+        crate::fdpass::send(&self.stream, msg, fds)
+            .map_err(|source| TakeoverError::Channel { doing, source })
+    }
+
+    /// Waits up to `timeout` for the next message (`None`: no limit).
+    pub fn recv<T: serde::de::DeserializeOwned>(
+        &self,
+        timeout: Option<Duration>,
+        doing: &'static str,
+    ) -> Result<(T, Vec<OwnedFd>), TakeoverError> {
+        let channel = |source| TakeoverError::Channel { doing, source };
+        self.stream
+            .set_read_timeout(timeout)
+            .map_err(|e| channel(e.into()))?;
+        crate::fdpass::recv(&self.stream).map_err(channel)
+    }
+
+    /// A second handle on the same conversation (for another thread).
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(Self {
+            stream: self.stream.try_clone()?,
+        })
+    }
 }
 
 /// Whether a shell of version `mine` takes state of version `theirs`.
@@ -97,11 +171,18 @@ pub struct HandedService {
     pub name: ServiceName,
     /// Its commit.
     pub commit: CommitId,
+    /// Its release's tree (stored under `ROOT/trees`).
+    pub tree: TreeId,
     /// Its release directory.
     pub release: PathBuf,
-    /// Its process id (a child of the keeper).
-    pub pid: u32,
-    /// Its internal port per port name.
+    /// Its process id: a child of the keeper (`None`: waiting to be
+    /// restarted), or, for a plugin, the holder itself.
+    pub pid: Option<u32>,
+    /// A plugin served inside the holder (its state comes with
+    /// [`ToTaker::Exported`]), not a process.
+    pub plugin: bool,
+    /// Its internal port per port name (a plugin's: its host's, in the
+    /// holder, until the taker starts its own).
     pub ports: BTreeMap<String, u16>,
     /// Its data directory, if it has one.
     pub data: Option<PathBuf>,
@@ -109,8 +190,6 @@ pub struct HandedService {
     pub log: PathBuf,
     /// How long it has been running, in milliseconds.
     pub uptime_ms: u64,
-    /// A plugin's exported state (`None`: a process).
-    pub plugin_state: Option<Vec<u8>>,
 }
 
 /// One public port as the holder hands it over; its listening socket comes
@@ -136,6 +215,9 @@ pub struct Handover {
     pub instance: InstanceName,
     /// The generation it runs.
     pub generation: u64,
+    /// The address the holder takes commands on, if it listens (a taker
+    /// told to listen on port 0 takes the same).
+    pub commands: Option<SocketAddr>,
     /// The keeper's token (see [`crate::keeper`]).
     pub keeper_token: String,
     /// Its running services.
@@ -154,6 +236,8 @@ pub enum ToHolder {
     },
     /// "I serve: let go."
     Ready,
+    /// "Nothing of mine is in flight on your plugins: hand me their state."
+    Export,
     /// "I cannot take over, because …": the holder serves on.
     Refuse(String),
 }
@@ -163,9 +247,12 @@ pub enum ToHolder {
 pub enum ToTaker {
     /// The state, with the listening sockets attached.
     Offer(Handover),
-    /// "I let go": the keeper is released and the old fronts drained; the
-    /// holder exits.
+    /// "I let go": the keeper is released, the old fronts drained and the
+    /// supervisors detached; only the plugins still run here.
     Released,
+    /// The plugins' exported state, by service (a plugin whose export failed
+    /// is missing); the holder exits.
+    Exported(BTreeMap<ServiceName, Vec<u8>>),
     /// "Not now, because …".
     Refuse(String),
 }
@@ -183,21 +270,21 @@ mod tests {
 
     #[test]
     fn a_shell_takes_its_own_version_and_the_one_before_never_a_newer() {
-        assert_eq!(accepts(5, 5), Ok(()));
-        assert_eq!(accepts(4, 5), Ok(()));
-        assert_eq!(
+        assert!(accepts(5, 5).is_ok());
+        assert!(accepts(4, 5).is_ok());
+        assert!(matches!(
             accepts(6, 5),
             Err(TakeoverError::Newer { theirs: 6, mine: 5 })
-        );
-        assert_eq!(
+        ));
+        assert!(matches!(
             accepts(3, 5),
             Err(TakeoverError::Older {
                 theirs: 3,
                 oldest: 4,
                 mine: 5
             })
-        );
-        assert_eq!(accepts(0, 1), Ok(()));
+        ));
+        assert!(accepts(0, 1).is_ok());
         let newer = accepts(2, 1).unwrap_err().to_string();
         assert!(newer.contains("newer than this shell's 1"), "{newer}");
     }
@@ -222,17 +309,19 @@ mod tests {
             version: handover_version(),
             instance: InstanceName::new("dev-1").unwrap(),
             generation: 3,
+            commands: None,
             keeper_token: "t".into(),
             services: vec![HandedService {
                 name: ServiceName::new("hello").unwrap(),
                 commit: CommitId::from_bytes([1; 32]),
+                tree: TreeId::from_bytes([2; 32]),
                 release: "/r".into(),
-                pid: 42,
+                pid: Some(42),
+                plugin: false,
                 ports: BTreeMap::from([("main".to_owned(), 9000)]),
                 data: None,
                 log: "/l".into(),
                 uptime_ms: 5,
-                plugin_state: None,
             }],
             fronts,
         });

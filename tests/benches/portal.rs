@@ -321,7 +321,10 @@ async fn start_shell(cluster: &TestCluster, portal: SocketAddr, name: &str) -> R
     let bound = shell::service::bind(config).await?;
     let listen = bound.local_addr()?;
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(bound.serve(shutdown.clone()));
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move {
+        bound.serve(stop).await;
+    });
     Ok(BenchShell {
         name: name.to_owned(),
         listen,

@@ -64,7 +64,10 @@ impl TestPortal {
         let https = bound.https_addr().expect("HTTPS address");
         let portal = bound.portal();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(bound.serve(shutdown.clone()));
+        let shutdown_task = shutdown.clone();
+        let task = tokio::spawn(async move {
+            bound.serve(shutdown_task).await;
+        });
         let admin_token = std::fs::read_to_string(data.join(portal::ADMIN_TOKEN_FILE))
             .expect("the first admin's token")
             .trim()
@@ -429,7 +432,10 @@ impl TestShell {
         };
         let bound = shell::service::bind(config).await.expect("open the shell");
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(bound.serve(shutdown.clone()));
+        let shutdown_task = shutdown.clone();
+        let task = tokio::spawn(async move {
+            bound.serve(shutdown_task).await;
+        });
         Self {
             name: name.to_owned(),
             shutdown,

@@ -221,7 +221,7 @@ fn config(
 /// A shell serving until its token is cancelled.
 struct RunningShell {
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<shell::service::Served>,
 }
 
 impl RunningShell {

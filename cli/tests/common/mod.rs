@@ -160,6 +160,7 @@ pub fn start_shell_args(
     }
     let mut shell = Command::new(MOLT)
         .env("XDG_CACHE_HOME", c.dir.path().join("cache"))
+        .env("MOLT_RUN_DIR", c.dir.path().join("run"))
         .envs(env.iter().copied())
         .arg("--config")
         .arg(c.config())
