@@ -367,3 +367,88 @@ fn a_takeover_that_fails_leaves_the_old_shell_serving() {
     wait_until("the shell to stop", 30, || !alive(newer));
     wait_until("the service to stop", 20, || !alive(pid as u32));
 }
+
+/// A taker that stays silent after the offer, and bytes that are no
+/// message at all, change nothing: the old shell waits its time
+/// (`MOLT_TAKEOVER_WAIT_MS`, shortened here), closes the conversation and
+/// serves on; a real takeover works afterwards.
+#[test]
+fn a_silent_taker_times_out_and_garbage_is_refused_the_old_shell_serves_on() {
+    use shell::takeover::{ToHolder, ToTaker};
+    let c = Cluster::init();
+    copy_example("hello", &c.dir.path().join("hello"));
+    c.molt_json(&["push", c.dir.path().join("hello").to_str().unwrap()]);
+    c.molt_json(&["image", "create", "demo-1", "--set", "hello=main"]);
+    let (mut shell, addr) = start_shell_args(
+        &c,
+        "dev-1",
+        "development",
+        &[("MOLT_TAKEOVER_WAIT_MS", "1500")],
+        &[],
+    );
+    let target = format!("dev-1@{addr}");
+    c.molt_json(&["deploy", "demo-1", "--instance", &target]);
+    let status = c.molt_json(&["status", "--instance", &target]);
+    let pid = status["services"]["hello"]["pid"].as_u64().unwrap();
+    let url = format!(
+        "http://{}/",
+        status["services"]["hello"]["ports"]["main"]
+            .as_str()
+            .unwrap()
+    );
+    let socket = c.dir.path().join("dev-1/takeover.sock");
+
+    // Garbage: a frame that announces more than any message may be.
+    let mut junk = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    junk.write_all(&[0xff; 64]).unwrap();
+    junk.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = junk.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "the holder answered garbage");
+
+    // A taker that asks, takes the offer (with the sockets) and says nothing.
+    let silent = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    shell::fdpass::send(&silent, &ToHolder::Ask { version: 1 }, &[]).unwrap();
+    let (offer, sockets): (ToTaker, _) = shell::fdpass::recv(&silent).unwrap();
+    let ToTaker::Offer(handover) = offer else {
+        panic!("no offer: {offer:?}")
+    };
+    assert_eq!(handover.services.len(), 1);
+    assert_eq!(handover.services[0].pid, Some(pid as u32));
+    assert_eq!(sockets.len(), handover.fronts.len());
+    let started = Instant::now();
+    // The holder gives up: the conversation ends.
+    silent
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let ended = shell::fdpass::recv::<ToTaker>(&silent);
+    assert!(ended.is_err(), "{ended:?}");
+    assert!(started.elapsed() >= Duration::from_millis(1000));
+    drop(sockets);
+    assert!(get(&url).unwrap().contains("hello from molt"));
+    let status = c.molt_json(&["status", "--instance", &target]);
+    assert_eq!(status["services"]["hello"]["pid"].as_u64(), Some(pid));
+    assert_eq!(shell_pid(&c, "dev-1"), shell.id());
+
+    // And a real takeover goes through.
+    let out = takeover(&c, "dev-1", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(shell.wait().unwrap().success());
+    assert!(get(&url).unwrap().contains("hello from molt"));
+    let status = c.molt_json(&["status", "--instance", &target]);
+    assert_eq!(status["services"]["hello"]["pid"].as_u64(), Some(pid));
+    let now = shell_pid(&c, "dev-1");
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &now.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_until("the shell to stop", 30, || !alive(now));
+}

@@ -513,6 +513,12 @@ fn read_tree(
     Ok(tree)
 }
 
+/// Where a plugin's state waits between a shutdown (or a takeover) and the
+/// next start.
+fn plugin_state_path(root: &Path, name: &ServiceName) -> PathBuf {
+    root.join("plugins").join(format!("{name}.state"))
+}
+
 /// Where a plugin service's loaded copies of its library live.
 fn plugin_dir(root: &Path, name: &ServiceName) -> PathBuf {
     root.join("plugins").join(name.as_str())
@@ -1679,10 +1685,7 @@ impl Instance {
 
     /// Where a plugin's state waits between a shutdown and the next start.
     fn plugin_state_path(&self, name: &ServiceName) -> PathBuf {
-        self.config
-            .root
-            .join("plugins")
-            .join(format!("{name}.state"))
+        plugin_state_path(&self.config.root, name)
     }
 
     /// Stops a plugin and writes its exported state where its next start finds

@@ -30,7 +30,7 @@ use tracing::{info, warn};
 
 use super::{
     Held, Instance, InstanceConfig, ProcessParts, Runner, Service, UpgradeError, io_err,
-    plugin_dir, plugin_service, read_manifest, read_tree, route_key, routes,
+    plugin_dir, plugin_service, plugin_state_path, read_manifest, read_tree, route_key, routes,
 };
 use crate::install::{BlobCache, Installed};
 use crate::keeper::{KeeperLink, Kept, Reply, Request};
@@ -229,6 +229,7 @@ impl Instance {
             generation: handover.generation,
             adopting: services,
             services: BTreeMap::new(),
+            failed: BTreeMap::new(),
             fronts,
             router,
         })
@@ -249,6 +250,8 @@ pub struct Taken {
     generation: u64,
     adopting: BTreeMap<ServiceName, Adopting>,
     services: BTreeMap<ServiceName, Service>,
+    /// Plugins that did not start here, and why.
+    failed: BTreeMap<ServiceName, String>,
     fronts: BTreeMap<(ServiceName, String), Front>,
     router: Router,
 }
@@ -394,10 +397,10 @@ impl Taken {
 
     /// Starts the handed plugins here, each with its exported state (one
     /// without starts afresh, and is said), and routes their ports to them.
-    pub async fn start_plugins(
-        &mut self,
-        mut states: BTreeMap<ServiceName, Vec<u8>>,
-    ) -> Result<(), UpgradeError> {
+    /// One that cannot start is held until the next upgrade, its state kept
+    /// where a start takes it up (`ROOT/plugins/SERVICE.state`): the others
+    /// serve meanwhile.
+    pub async fn start_plugins(&mut self, mut states: BTreeMap<ServiceName, Vec<u8>>) {
         let names: Vec<ServiceName> = self.adopting.keys().cloned().collect();
         for name in names {
             let Some(a) = self.adopting.remove(&name) else {
@@ -411,20 +414,34 @@ impl Taken {
             if state.is_none() {
                 warn!(service = %name, "no state came for the plugin; it starts afresh");
             }
-            let service = plugin_service(
+            let started = plugin_service(
                 &plugin_dir(&self.config.root, &name),
                 &name,
                 a.installed,
                 a.manifest,
                 &library,
                 a.handed.log,
-                state,
+                state.clone(),
             )
-            .await?;
-            self.router.set(routes(&name, &service));
-            self.services.insert(name, service);
+            .await;
+            match started {
+                Ok(service) => {
+                    self.router.set(routes(&name, &service));
+                    self.services.insert(name, service);
+                }
+                Err(e) => {
+                    tracing::error!(service = %name, error = %e, "the plugin did not start in the new shell; held until the next upgrade");
+                    if let Some(state) = state {
+                        let path = plugin_state_path(&self.config.root, &name);
+                        if let Err(e) = crate::durable::write_file(&path, &state) {
+                            warn!(service = %name, error = %e, "could not keep the plugin's state; it is lost");
+                        }
+                    }
+                    self.failed
+                        .insert(name, format!("it did not start in the new shell: {e}"));
+                }
+            }
         }
-        Ok(())
     }
 
     /// Becomes the [`Instance`]: opens its state database — trying again
@@ -475,6 +492,9 @@ impl Taken {
                 continue;
             }
             let tree = instance.tree_of(&s.release, s.tree)?;
+            let why = self.failed.get(&name).cloned().unwrap_or_else(|| {
+                "it was not running in the shell this one took over from".into()
+            });
             instance.held.insert(
                 name,
                 Held {
@@ -483,7 +503,7 @@ impl Taken {
                         tree,
                         dir: s.release,
                     },
-                    why: "it was not running in the shell this one took over from".into(),
+                    why,
                 },
             );
         }

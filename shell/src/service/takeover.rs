@@ -6,7 +6,7 @@
 //! meanwhile; one running or queued makes the holder refuse). Until the
 //! taker says it serves, nothing of the holder's changed: a taker that
 //! refuses, dies or stays silent past [`READY_WAIT`] leaves it serving as
-//! before. The commit point is the keeper's release: refused (the taker is
+//! before ([`WAIT_OVERRIDE`] shortens the wait for tests). The commit point is the keeper's release: refused (the taker is
 //! gone), the holder serves on; granted, it stops taking commands, detaches
 //! its supervisors, drains its fronts, hands its plugins' state over and
 //! exits.
@@ -33,8 +33,21 @@ use crate::takeover::{
 
 /// How long a holder waits for a connection's ask.
 pub const ASK_WAIT: Duration = Duration::from_secs(5);
-/// How long a holder waits for the taker to serve after the offer.
+/// How long a holder waits for the taker to serve after the offer (unless
+/// [`WAIT_OVERRIDE`] says otherwise).
 pub const READY_WAIT: Duration = Duration::from_secs(60);
+
+/// The variable that shortens (or lengthens) [`READY_WAIT`], in
+/// milliseconds: for tests and drills of a taker that never answers.
+pub const WAIT_OVERRIDE: &str = "MOLT_TAKEOVER_WAIT_MS";
+
+/// [`READY_WAIT`], or what [`WAIT_OVERRIDE`] names.
+fn ready_wait() -> Duration {
+    std::env::var(WAIT_OVERRIDE)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .map_or(READY_WAIT, Duration::from_millis)
+}
 /// How long the holder's fronts have to answer their last requests.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// How long a holder waits for the taker to ask for the plugins' state.
@@ -163,7 +176,7 @@ impl ShellService {
         .await?;
         let ch = channel.clone();
         let (answer, _) = blocking("waiting for the taker to serve", move || {
-            ch.recv::<ToHolder>(Some(READY_WAIT), "waiting for the taker to serve")
+            ch.recv::<ToHolder>(Some(ready_wait()), "waiting for the taker to serve")
         })
         .await?;
         match answer {
@@ -376,7 +389,7 @@ pub async fn take_over(mut config: ShellConfig) -> Result<Bound, ShellError> {
         }
         false => Default::default(),
     };
-    taken.start_plugins(states).await?;
+    taken.start_plugins(states).await;
     // The holder exits now; its end of the channel closes with it.
     let ch = channel.clone();
     let _ = blocking("waiting for the old shell to exit", move || {
