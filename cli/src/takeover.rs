@@ -115,16 +115,6 @@ pub(crate) fn notify(state: &str) {
     }
 }
 
-/// Alive, and not a zombie.
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit_once(") ")
-                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
-        })
-        .unwrap_or(false)
-}
-
 /// `molt shell takeover --instance I [--root R]` (see the module docs).
 pub(crate) async fn takeover(instance: &str, root: Option<PathBuf>, json: bool) -> Result<()> {
     let path = match &root {
@@ -146,7 +136,7 @@ pub(crate) async fn takeover(instance: &str, root: Option<PathBuf>, json: bool) 
             record.instance
         );
     }
-    if !alive(record.pid) {
+    if !shell::process::alive(record.pid) {
         bail!(
             "the shell of `{instance}` (pid {}) is not running: start it with molt shell",
             record.pid

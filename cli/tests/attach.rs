@@ -57,6 +57,7 @@ async fn molt_shell_with_a_portal_and_no_listener_registers_there() {
     let serving = tokio::spawn(server.serve(Arc::new(Portal(tx)), shutdown.clone()));
 
     let mut shell = Command::new(MOLT)
+        .env("MOLT_RUN_DIR", c.dir.path().join("run"))
         .arg("--config")
         .arg(c.config())
         .arg("--repo")

@@ -8,27 +8,13 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Cluster, MOLT, get, start_shell_args, write};
+use common::{Cluster, MOLT, alive, get, start_shell_args, write};
 use shell::keeper::{self, Hello, KEEPER_VERSION, KeeperClient, SpawnSpec};
 
-/// Alive, and not a zombie.
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit_once(") ")
-                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
-        })
-        .unwrap_or(false)
-}
-
 fn wait_until(what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !done() {
-        assert!(Instant::now() < deadline, "{what} within 20 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_until(what, 20, done);
 }
 
 fn sleeper(dir: &Path, label: &str) -> SpawnSpec {

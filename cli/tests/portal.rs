@@ -62,6 +62,7 @@ fn start_attached_shell(c: &Cluster, name: &str, portal: SocketAddr) -> Child {
     );
     Command::new(MOLT)
         .env("XDG_CACHE_HOME", c.dir.path().join("cache"))
+        .env("MOLT_RUN_DIR", c.dir.path().join("run"))
         .arg("--config")
         .arg(c.config())
         .arg("--repo")
@@ -219,7 +220,47 @@ fn a_portal_killed_mid_deployment_carries_it_on_after_its_restart() {
     let text = String::from_utf8_lossy(&history.stdout);
     assert!(text.contains("v2") && text.contains("succeeded"), "{text}");
 
-    for shell in &mut shells {
+    // k-1's shell replaced by a new one (molt shell takeover): it attaches
+    // again under the same name and carries the portal's next deployment.
+    let out = Command::new(MOLT)
+        .env("XDG_CACHE_HOME", c.dir.path().join("cache"))
+        .env("MOLT_RUN_DIR", c.dir.path().join("run"))
+        .args(["shell", "takeover", "--instance", "k-1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(shells[0].wait().unwrap().success(), "the old shell of k-1");
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(c.dir.path().join("k-1/shell.json")).unwrap())
+            .unwrap();
+    let taker = record["pid"].as_u64().unwrap();
+    assert_ne!(taker, u64::from(shells[0].id()));
+    wait_for("k-1 online again", || {
+        let list = through_json(&c, http, &["instances"]);
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["name"] == "k-1" && i["online"] == true)
+    });
+    let d = through_json(&c, http, &["deploy", "v1", "--target", "t", "--no-wait"]);
+    let id = d["id"].as_u64().unwrap().to_string();
+    let out = through(&c, http, &["deployment", "show", &id, "-f", "--json"]);
+    let d: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(d["state"], "succeeded", "{d}");
+    assert_eq!(d["instances"]["k-1"]["generation"], 3, "{d}");
+
+    assert!(
+        Command::new("kill")
+            .args(["-9", &taker.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    for shell in &mut shells[1..] {
         shell.kill().unwrap();
         shell.wait().unwrap();
     }

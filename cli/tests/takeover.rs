@@ -15,25 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, MOLT, get, start_shell_args, write};
-
-/// Alive, and not a zombie.
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit_once(") ")
-                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
-        })
-        .unwrap_or(false)
-}
-
-fn wait_until(what: &str, secs: u64, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !done() {
-        assert!(Instant::now() < deadline, "{what} within {secs} s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use common::{Cluster, MOLT, alive, get, start_shell_args, wait_until, write};
 
 fn copy_example(name: &str, to: &Path) {
     let from = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -294,17 +276,20 @@ fn ten_takeovers_under_load_fail_no_request_and_keep_every_service() {
     );
 }
 
-/// A takeover that fails leaves the old shell serving, untouched: the new
-/// shell killed with `kill -9` halfway (it serves the handed sockets and
-/// joined the keeper, and has not said so yet), and a new shell refusing
-/// state of a newer version. A shell takes over from the previous version.
-#[test]
-fn a_takeover_that_fails_leaves_the_old_shell_serving() {
-    let c = Cluster::init();
+/// hello deployed to a development shell started with `env`: the shell, its
+/// command target, hello's pid and its public URL.
+struct HelloShell {
+    shell: std::process::Child,
+    target: String,
+    pid: u64,
+    url: String,
+}
+
+fn hello_shell(c: &Cluster, env: &[(&str, &str)]) -> HelloShell {
     copy_example("hello", &c.dir.path().join("hello"));
     c.molt_json(&["push", c.dir.path().join("hello").to_str().unwrap()]);
     c.molt_json(&["image", "create", "demo-1", "--set", "hello=main"]);
-    let (mut shell, addr) = start_shell_args(&c, "dev-1", "development", &[], &[]);
+    let (shell, addr) = start_shell_args(c, "dev-1", "development", env, &[]);
     let target = format!("dev-1@{addr}");
     c.molt_json(&["deploy", "demo-1", "--instance", &target]);
     let status = c.molt_json(&["status", "--instance", &target]);
@@ -315,6 +300,27 @@ fn a_takeover_that_fails_leaves_the_old_shell_serving() {
             .as_str()
             .unwrap()
     );
+    HelloShell {
+        shell,
+        target,
+        pid,
+        url,
+    }
+}
+
+/// A takeover that fails leaves the old shell serving, untouched: the new
+/// shell killed with `kill -9` halfway (it serves the handed sockets and
+/// joined the keeper, and has not said so yet), and a new shell refusing
+/// state of a newer version. A shell takes over from the previous version.
+#[test]
+fn a_takeover_that_fails_leaves_the_old_shell_serving() {
+    let c = Cluster::init();
+    let HelloShell {
+        mut shell,
+        target,
+        pid,
+        url,
+    } = hello_shell(&c, &[]);
     let serving = |who: &str| {
         assert!(get(&url).unwrap().contains("hello from molt"), "{who}");
         let status = c.molt_json(&["status", "--instance", &target]);
@@ -376,26 +382,12 @@ fn a_takeover_that_fails_leaves_the_old_shell_serving() {
 fn a_silent_taker_times_out_and_garbage_is_refused_the_old_shell_serves_on() {
     use shell::takeover::{ToHolder, ToTaker};
     let c = Cluster::init();
-    copy_example("hello", &c.dir.path().join("hello"));
-    c.molt_json(&["push", c.dir.path().join("hello").to_str().unwrap()]);
-    c.molt_json(&["image", "create", "demo-1", "--set", "hello=main"]);
-    let (mut shell, addr) = start_shell_args(
-        &c,
-        "dev-1",
-        "development",
-        &[("MOLT_TAKEOVER_WAIT_MS", "1500")],
-        &[],
-    );
-    let target = format!("dev-1@{addr}");
-    c.molt_json(&["deploy", "demo-1", "--instance", &target]);
-    let status = c.molt_json(&["status", "--instance", &target]);
-    let pid = status["services"]["hello"]["pid"].as_u64().unwrap();
-    let url = format!(
-        "http://{}/",
-        status["services"]["hello"]["ports"]["main"]
-            .as_str()
-            .unwrap()
-    );
+    let HelloShell {
+        mut shell,
+        target,
+        pid,
+        url,
+    } = hello_shell(&c, &[("MOLT_TAKEOVER_WAIT_MS", "1500")]);
     let socket = c.dir.path().join("dev-1/takeover.sock");
 
     // Garbage: a frame that announces more than any message may be.

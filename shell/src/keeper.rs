@@ -934,16 +934,7 @@ impl KeeperLink {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn alive(pid: u32) -> bool {
-        // A zombie is not alive; /proc/PID/stat's third field says which.
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| {
-                s.rsplit_once(") ")
-                    .is_some_and(|(_, rest)| !rest.starts_with('Z'))
-            })
-            .unwrap_or(false)
-    }
+    use crate::process::alive;
 
     fn wait_until(what: &str, secs: u64, done: impl Fn() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(secs);

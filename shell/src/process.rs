@@ -292,6 +292,17 @@ pub fn use_keeper(link: Arc<KeeperLink>) -> bool {
     KEEPER.set(link).is_ok()
 }
 
+/// Whether process `pid` is alive (and not a zombie waiting to be reaped):
+/// `/proc/PID/stat`'s state field.
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
 /// The keeper services are started by, if one was set.
 pub fn keeper() -> Option<&'static Arc<KeeperLink>> {
     KEEPER.get()

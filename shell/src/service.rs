@@ -982,6 +982,9 @@ pub struct Bound {
     server: Option<Server>,
     attach: Option<Attach>,
     service: Arc<ShellService>,
+    /// The takeover socket, listening from the moment the shell is bound
+    /// (when a keeper holds its services).
+    takeover: Option<tokio::net::UnixListener>,
 }
 
 impl std::fmt::Debug for Bound {
@@ -1103,10 +1106,15 @@ async fn build(
         listen: server.as_ref().and_then(|s| s.local_addr().ok()),
     });
     service.refresh(&*service.instance.lock().await);
+    let takeover = match crate::process::keeper() {
+        Some(_) => takeover::listen(&service.root),
+        None => None,
+    };
     Bound {
         server,
         attach,
         service,
+        takeover,
     }
 }
 
@@ -1168,8 +1176,8 @@ impl Bound {
             }
         };
         let held = async {
-            match crate::process::keeper() {
-                Some(_) => takeover::hold(service.clone(), stop.clone()).await,
+            match self.takeover {
+                Some(listener) => takeover::hold(listener, service.clone(), stop.clone()).await,
                 None => false,
             }
         };

@@ -230,3 +230,20 @@ pub fn succeeded(cmd: &mut Command) -> Output {
     );
     out
 }
+
+/// Alive, and not a zombie.
+pub fn alive(pid: u32) -> bool {
+    shell::process::alive(pid)
+}
+
+/// Waits until `done`, at most `secs` seconds (then fails, naming `what`).
+pub fn wait_until(what: &str, secs: u64, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} within {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

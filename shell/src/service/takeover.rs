@@ -71,23 +71,34 @@ async fn blocking<T: Send + 'static>(
     })
 }
 
-/// Holds the takeover socket of `service`'s instance until `stop` (or a
-/// takeover, which cancels `stop` itself): `true` once the instance was
-/// handed over.
-pub(crate) async fn hold(service: Arc<ShellService>, stop: CancellationToken) -> bool {
-    let path = socket_path(&service.root);
+/// Listens on the takeover socket of the instance at `root` (made anew,
+/// 0600), or says why it cannot (the shell then cannot be taken over).
+pub(crate) fn listen(root: &std::path::Path) -> Option<tokio::net::UnixListener> {
+    let path = socket_path(root);
     let _ = std::fs::remove_file(&path);
     let listener = match tokio::net::UnixListener::bind(&path) {
         Ok(l) => l,
         Err(e) => {
             warn!(path = %path.display(), error = %e, "cannot listen for takeovers; this shell cannot be taken over");
-            return false;
+            return None;
         }
     };
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    use std::os::unix::fs::PermissionsExt;
+    if let Err(e) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
+        warn!(path = %path.display(), error = %e, "cannot make the takeover socket private; this shell cannot be taken over");
+        return None;
     }
+    Some(listener)
+}
+
+/// Answers takeovers on `listener` for `service`'s instance until `stop`
+/// (or a takeover, which cancels `stop` itself): `true` once the instance
+/// was handed over.
+pub(crate) async fn hold(
+    listener: tokio::net::UnixListener,
+    service: Arc<ShellService>,
+    stop: CancellationToken,
+) -> bool {
     loop {
         let stream = tokio::select! {
             () = stop.cancelled() => return false,
