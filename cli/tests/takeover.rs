@@ -444,3 +444,62 @@ fn a_silent_taker_times_out_and_garbage_is_refused_the_old_shell_serves_on() {
     );
     wait_until("the shell to stop", 30, || !alive(now));
 }
+
+/// A new shell that dies after the old one let go (the keeper released, the
+/// fronts drained, the supervisors detached, and in the second case the
+/// plugin's state exported): the keeper is the old shell's again, and it
+/// takes everything back — the same process, the plugin with its state —
+/// and serves on; a takeover afterwards goes through.
+#[test]
+fn a_new_shell_dying_after_the_old_one_let_go_gets_everything_handed_back() {
+    let c = Cluster::init();
+    let (mut shell, target, hello, counter) = deployed(&c);
+    let status = c.molt_json(&["status", "--instance", &target]);
+    let pid = status["services"]["hello"]["pid"].as_u64().unwrap();
+    let mut seen = hits(counter);
+    for point in ["takeover-after-release", "takeover-before-done"] {
+        let out = takeover(&c, "dev-1", &[("MOLT_CRASH_AT", point)]);
+        assert!(!out.status.success(), "{point}");
+        assert!(alive(shell.id()), "{point}: the old shell died");
+        assert_eq!(shell_pid(&c, "dev-1"), shell.id());
+        assert!(
+            get(&format!("http://{hello}/"))
+                .unwrap()
+                .contains("hello from molt")
+        );
+        let status = c.molt_json(&["status", "--instance", &target]);
+        assert_eq!(
+            status["services"]["hello"]["pid"].as_u64(),
+            Some(pid),
+            "{point}"
+        );
+        assert_eq!(
+            status["services"]["counter"]["health"], "healthy",
+            "{point}"
+        );
+        // The plugin's state came back with it: the count goes on.
+        let now = hits(counter);
+        assert_eq!(now, seen + 1, "{point}");
+        seen = now;
+    }
+    let out = takeover(&c, "dev-1", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(shell.wait().unwrap().success());
+    assert_eq!(hits(counter), seen + 1);
+    let status = c.molt_json(&["status", "--instance", &target]);
+    assert_eq!(status["services"]["hello"]["pid"].as_u64(), Some(pid));
+    let now = shell_pid(&c, "dev-1");
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &now.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_until("the shell to stop", 30, || !alive(now));
+    wait_until("the service to stop", 20, || !alive(pid as u32));
+}

@@ -15,7 +15,8 @@
 //! connection that says [`Hello::Owner`] with it becomes the owner. During a
 //! takeover the new shell, given the token by the old one, says
 //! [`Hello::Successor`]; the owner's [`Request::Release`] then makes the
-//! successor the owner, and the old shell may go. If the owner's connection
+//! successor the owner and the old owner its successor until it goes: a new
+//! shell that dies before the old one has gone hands the keeper back. If the owner's connection
 //! ends first, a registered successor is promoted; with none, the keeper
 //! stops every service (SIGTERM to its process group, SIGKILL after
 //! [`STOP_GRACE`]) and exits: a shell killed with `kill -9` leaves no service
@@ -347,7 +348,10 @@ impl Keeper {
                 match shared.successor.take() {
                     Some(next) => {
                         let _ = send(&next.1, &FromKeeper::Event(Event::Promoted));
-                        shared.owner = Some(next);
+                        // The old owner stays on as the successor: should the
+                        // new owner go first, the old one owns the keeper
+                        // again (a takeover that failed after the release).
+                        shared.successor = shared.owner.replace(next);
                         self.changed.notify_all();
                         Reply::Released
                     }
@@ -909,6 +913,13 @@ impl KeeperLink {
         }
         match replies.recv() {
             Ok(Reply::Refused(why)) => Err(KeeperError::Refused(why)),
+            Ok(Reply::Released) => {
+                // The successor owns the keeper now; this link is its
+                // successor until a `Promoted` says otherwise.
+                self.promoted
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+                Ok(Reply::Released)
+            }
             Ok(r) => Ok(r),
             Err(_) => Err(FdPassError::Closed.into()),
         }
@@ -1176,6 +1187,43 @@ mod tests {
         assert!(!alive(stubborn), "the stubborn service outlived the keeper");
         assert!(!alive(plain), "a service outlived the keeper");
         assert!(!k.socket.exists());
+    }
+
+    #[test]
+    fn a_new_owner_lost_before_the_old_one_left_hands_the_keeper_back() {
+        let mut k = Running::start();
+        let mut old = k.owner();
+        let pid = old.spawn(k.spec("web", "exec sleep 60")).unwrap();
+        let mut new = k.successor();
+        assert_eq!(old.call(&Request::Release).unwrap(), Reply::Released);
+        assert_eq!(
+            new.wait_event(Duration::from_secs(10)).unwrap(),
+            Some(Event::Promoted)
+        );
+        // The old owner is the successor now: it may look, not act.
+        let e = old
+            .call(&Request::Signal {
+                pid,
+                signal: libc::SIGTERM,
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("owner"), "{e}");
+        // The new owner dies (a takeover failing after the release): the
+        // old one owns the keeper again, and the service never stopped.
+        drop(new);
+        assert_eq!(
+            old.wait_event(Duration::from_secs(10)).unwrap(),
+            Some(Event::Promoted)
+        );
+        assert!(alive(pid));
+        old.call(&Request::Signal {
+            pid,
+            signal: libc::SIGTERM,
+        })
+        .unwrap();
+        assert!(matches!(exited(&mut old, pid), Event::Exited { .. }));
+        drop(old);
+        k.join();
     }
 
     #[test]

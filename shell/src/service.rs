@@ -50,8 +50,8 @@ use wire::plan::StepEvent;
 mod takeover;
 
 pub use takeover::{
-    ASK_WAIT, DRAIN_GRACE, EXPORT_WAIT, OFFER_WAIT, READY_WAIT, RELEASED_WAIT, WAIT_OVERRIDE,
-    take_over,
+    ASK_WAIT, DRAIN_GRACE, EXPORT_WAIT, OFFER_WAIT, READY_WAIT, RELEASED_WAIT, TAKE_BACK_WAIT,
+    WAIT_OVERRIDE, take_over,
 };
 pub use wire::shell::Stage;
 

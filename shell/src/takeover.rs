@@ -16,8 +16,9 @@
 //! serves ([`ToHolder::Ready`]) or why it cannot, the holder lets go of the
 //! keeper, its fronts and its supervisors ([`ToTaker::Released`]), the taker
 //! asks for the plugins' state once none of its requests is in flight on the
-//! holder's plugins ([`ToHolder::Export`]), and the holder hands it over
-//! ([`ToTaker::Exported`]) and exits. [`Channel`] carries them, each wait
+//! holder's plugins ([`ToHolder::Export`]), the holder hands it over
+//! ([`ToTaker::Exported`]), the taker says it serves everything
+//! ([`ToHolder::Done`]) and the holder exits. [`Channel`] carries them, each wait
 //! bounded.
 
 use std::collections::BTreeMap;
@@ -238,6 +239,9 @@ pub enum ToHolder {
     Ready,
     /// "Nothing of mine is in flight on your plugins: hand me their state."
     Export,
+    /// "I serve everything: go." (The holder exits; the taker opens the
+    /// state once it has.)
+    Done,
     /// "I cannot take over, because …": the holder serves on.
     Refuse(String),
 }
@@ -251,7 +255,7 @@ pub enum ToTaker {
     /// supervisors detached; only the plugins still run here.
     Released,
     /// The plugins' exported state, by service (a plugin whose export failed
-    /// is missing); the holder exits.
+    /// is missing).
     Exported(BTreeMap<ServiceName, Vec<u8>>),
     /// "Not now, because …".
     Refuse(String),

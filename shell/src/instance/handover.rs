@@ -6,7 +6,9 @@
 //! the taker serves, the holder lets go ([`Instance::let_go`]: supervisors
 //! detached, the processes left running; fronts drained, their last requests
 //! answered), and at last stops its plugins, handing their exported state
-//! over ([`Instance::export_plugins`]).
+//! over ([`Instance::export_plugins`]). Should the taker fail after that,
+//! the holder takes everything back the way a taker takes it
+//! ([`Instance::take_back`]).
 //!
 //! The taker goes the other way, in the order that keeps every request
 //! served: [`Instance::adopt`] serves the handed sockets at once, routed to
@@ -153,6 +155,36 @@ impl Instance {
             }
         }
         states
+    }
+
+    /// Serves again what [`Instance::let_go`] let go, when the taker failed
+    /// after the keeper's release and the keeper is this shell's again: the
+    /// fronts on its own copies of the `listeners` it offered, the processes
+    /// supervised again by pid, the plugins that were exported (`exported`)
+    /// started anew with their state — those never exported serve on.
+    pub async fn take_back(
+        &mut self,
+        handover: &Handover,
+        listeners: Vec<std::net::TcpListener>,
+        link: &Arc<KeeperLink>,
+        exported: Option<BTreeMap<ServiceName, Vec<u8>>>,
+    ) -> Result<(), UpgradeError> {
+        let sockets = listeners.into_iter().map(OwnedFd::from).collect();
+        let mut taken = Instance::adopt(self.config.clone(), handover, sockets)?;
+        taken.supervise(link).await?;
+        match exported {
+            Some(states) => taken.start_plugins(states).await,
+            // Still running here; their routes lead to their hosts.
+            None => taken.adopting.clear(),
+        }
+        for (name, why) in &taken.failed {
+            warn!(service = %name, %why, "not serving after the takeover failed");
+        }
+        self.fronts = taken.fronts;
+        self.router = taken.router;
+        self.services.extend(taken.services);
+        self.reaper = crate::reaper::Reaper::start();
+        Ok(())
     }
 
     /// Starts serving a handed-over instance (see the module docs): the

@@ -16,6 +16,7 @@
 //! (same pids), moves the plugins over with their state, opens the state
 //! database once the holder has exited, and serves commands.
 
+use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -30,6 +31,7 @@ use crate::keeper::{Hello, KEEPER_VERSION, KeeperLink, Request};
 use crate::takeover::{
     Channel, TakeoverError, ToHolder, ToTaker, accepts, handover_version, socket_path,
 };
+use image_spec::ServiceName;
 
 /// How long a holder waits for a connection's ask.
 pub const ASK_WAIT: Duration = Duration::from_secs(5);
@@ -52,6 +54,9 @@ fn ready_wait() -> Duration {
 pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// How long a holder waits for the taker to ask for the plugins' state.
 pub const EXPORT_WAIT: Duration = Duration::from_secs(30);
+/// How long a holder whose taker failed after the keeper's release waits
+/// for the keeper to be its own again.
+pub const TAKE_BACK_WAIT: Duration = Duration::from_secs(5);
 /// How long a taker waits for the offer.
 pub const OFFER_WAIT: Duration = Duration::from_secs(30);
 /// How long a taker waits for the holder to let go (its fronts' drain
@@ -179,10 +184,12 @@ impl ShellService {
             }
         };
         let ch = channel.clone();
-        blocking("sending the offer", move || {
+        let offered = handover.clone();
+        let listeners = blocking("sending the offer", move || {
             use std::os::fd::AsFd;
             let fds: Vec<_> = listeners.iter().map(|l| l.as_fd()).collect();
-            ch.send(&ToTaker::Offer(handover), &fds, "sending the offer")
+            ch.send(&ToTaker::Offer(offered), &fds, "sending the offer")?;
+            Ok(listeners)
         })
         .await?;
         let ch = channel.clone();
@@ -200,8 +207,8 @@ impl ShellService {
                 });
             }
         }
-        // The commit point: the keeper's release (refused if the taker is
-        // gone — then nothing changed here).
+        // The keeper's release (refused if the taker is gone — then nothing
+        // changed here). This shell stays its successor until it exits.
         let l = link.clone();
         tokio::task::spawn_blocking(move || l.call(&Request::Release))
             .await
@@ -209,56 +216,96 @@ impl ShellService {
             .map_err(|e| TakeoverError::Refused(format!("the keeper: {e}")))?;
         info!(instance = %self.name, "handed the keeper over; letting go");
         self.handed.store(true, Ordering::SeqCst);
-        stop.cancel();
-        self.cancel.cancel();
         let cut = instance.let_go(DRAIN_GRACE).await;
         if cut > 0 {
             warn!(cut, "connections still open after the drain grace were cut");
         }
-        let ch = channel.clone();
-        let exported = async {
-            blocking("saying it let go", move || {
-                ch.send(&ToTaker::Released, &[], "saying it let go")
-            })
-            .await?;
-            let ch = channel.clone();
-            let (ask, _) = blocking("waiting for the plugins' export", move || {
-                ch.recv::<ToHolder>(Some(EXPORT_WAIT), "waiting for the plugins' export")
-            })
-            .await?;
-            match ask {
-                ToHolder::Export => Ok(()),
-                other => Err(TakeoverError::OutOfTurn {
-                    doing: "waiting for the plugins' export",
-                    got: format!("{other:?}"),
-                }),
+        let mut exported = None;
+        let finished = self.finish(&channel, &mut instance, &mut exported).await;
+        let Err(e) = finished else {
+            stop.cancel();
+            self.cancel.cancel();
+            info!(instance = %self.name, "handed over");
+            return Ok(true);
+        };
+        // The new shell failed after the release: once the keeper is this
+        // shell's again, it serves everything as before.
+        warn!(error = %e, "the new shell went away during the takeover; taking everything back");
+        let promoted = async {
+            while !link.owns() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         };
-        match exported.await {
+        if tokio::time::timeout(TAKE_BACK_WAIT, promoted)
+            .await
+            .is_err()
+        {
+            // The new shell holds the keeper and lives on: it is the shell.
+            tracing::error!(error = %e, "the new shell keeps the keeper though it failed to finish the takeover; this shell exits");
+            stop.cancel();
+            self.cancel.cancel();
+            return Ok(true);
+        }
+        match instance
+            .take_back(&handover, listeners, &link, exported)
+            .await
+        {
             Ok(()) => {
-                let states = instance.export_plugins().await;
-                let ch = channel.clone();
-                if let Err(e) = blocking("handing the plugins' state", move || {
-                    ch.send(
-                        &ToTaker::Exported(states),
-                        &[],
-                        "handing the plugins' state",
-                    )
-                })
-                .await
-                {
-                    warn!(error = %e, "the plugins' state did not reach the new shell");
-                }
+                self.handed.store(false, Ordering::SeqCst);
+                self.refresh(&instance);
+                info!(instance = %self.name, "took everything back; serving on");
+                Err(e)
             }
-            Err(e) => {
-                // The new shell is gone after the commit point: the plugins'
-                // state is kept on disk for the next start.
-                warn!(error = %e, "the new shell went away during the takeover");
+            Err(back) => {
+                tracing::error!(error = %back, "could not take everything back; this shell stops");
                 instance.stop_all().await;
+                stop.cancel();
+                self.cancel.cancel();
+                Ok(true)
             }
         }
-        info!(instance = %self.name, "handed over");
-        Ok(true)
+    }
+
+    /// The holder's part after it let go: says so, hands the plugins' state
+    /// over when asked (kept in `exported`, should the taker fail after),
+    /// and waits for the taker's `Done`.
+    async fn finish(
+        &self,
+        channel: &Arc<Channel>,
+        instance: &mut Instance,
+        exported: &mut Option<BTreeMap<ServiceName, Vec<u8>>>,
+    ) -> Result<(), TakeoverError> {
+        let ch = channel.clone();
+        let (ask, _) = blocking("waiting for the plugins' export", move || {
+            ch.send(&ToTaker::Released, &[], "saying it let go")?;
+            ch.recv::<ToHolder>(Some(EXPORT_WAIT), "waiting for the plugins' export")
+        })
+        .await?;
+        if !matches!(ask, ToHolder::Export) {
+            return Err(TakeoverError::OutOfTurn {
+                doing: "waiting for the plugins' export",
+                got: format!("{ask:?}"),
+            });
+        }
+        let states = instance.export_plugins().await;
+        *exported = Some(states.clone());
+        let ch = channel.clone();
+        let (done, _) = blocking("waiting for the taker to finish", move || {
+            ch.send(
+                &ToTaker::Exported(states),
+                &[],
+                "handing the plugins' state",
+            )?;
+            ch.recv::<ToHolder>(Some(EXPORT_WAIT), "waiting for the taker to finish")
+        })
+        .await?;
+        match done {
+            ToHolder::Done => Ok(()),
+            other => Err(TakeoverError::OutOfTurn {
+                doing: "waiting for the taker to finish",
+                got: format!("{other:?}"),
+            }),
+        }
     }
 }
 
@@ -375,6 +422,7 @@ pub async fn take_over(mut config: ShellConfig) -> Result<Bound, ShellError> {
             false
         }
     };
+    crate::crash::point("takeover-after-release");
     info!(instance = %config.instance.name, "the old shell let go; supervising the services");
     taken.supervise(&link).await?;
     taken.hold_plugins().await;
@@ -401,9 +449,11 @@ pub async fn take_over(mut config: ShellConfig) -> Result<Bound, ShellError> {
         false => Default::default(),
     };
     taken.start_plugins(states).await;
+    crate::crash::point("takeover-before-done");
     // The holder exits now; its end of the channel closes with it.
     let ch = channel.clone();
     let _ = blocking("waiting for the old shell to exit", move || {
+        ch.send(&ToHolder::Done, &[], "saying it is done")?;
         ch.recv::<ToTaker>(Some(RELEASED_WAIT), "waiting for the old shell to exit")
     })
     .await;
