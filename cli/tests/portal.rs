@@ -253,13 +253,7 @@ fn a_portal_killed_mid_deployment_carries_it_on_after_its_restart() {
     assert_eq!(d["state"], "succeeded", "{d}");
     assert_eq!(d["instances"]["k-1"]["generation"], 3, "{d}");
 
-    assert!(
-        Command::new("kill")
-            .args(["-9", &taker.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    common::kill_pid(taker as u32, "-9");
     for shell in &mut shells[1..] {
         shell.kill().unwrap();
         shell.wait().unwrap();

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, MOLT, alive, get, start_shell_args, wait_until, write};
+use common::{Cluster, MOLT, alive, get, kill_pid, start_shell_args, wait_until, write};
 
 fn copy_example(name: &str, to: &Path) {
     let from = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -53,6 +53,17 @@ fn takeover(c: &Cluster, name: &str, env: &[(&str, &str)]) -> Output {
         .arg(c.dir.path().join(name))
         .output()
         .unwrap()
+}
+
+/// `molt shell takeover` that must succeed: the new shell's pid.
+fn takes_over(c: &Cluster, name: &str) -> u32 {
+    let out = takeover(c, name, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    shell_pid(c, name)
 }
 
 /// The pid the instance's running shell recorded.
@@ -261,13 +272,7 @@ fn ten_takeovers_under_load_fail_no_request_and_keep_every_service() {
             .unwrap()
             .contains("keeper")
     );
-    assert!(
-        Command::new("kill")
-            .args(["-9", &shell.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    kill_pid(shell, "-9");
     wait_until("the service to stop", 20, || !alive(pid));
     wait_until("the keeper to exit", 20, || !alive(keeper));
     assert!(
@@ -363,13 +368,7 @@ fn a_takeover_that_fails_leaves_the_old_shell_serving() {
 
     // The shell takes commands as before.
     c.molt_json(&["deploy", "demo-1", "--instance", &target]);
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &newer.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    kill_pid(newer, "-TERM");
     wait_until("the shell to stop", 30, || !alive(newer));
     wait_until("the service to stop", 20, || !alive(pid as u32));
 }
@@ -424,24 +423,12 @@ fn a_silent_taker_times_out_and_garbage_is_refused_the_old_shell_serves_on() {
     assert_eq!(shell_pid(&c, "dev-1"), shell.id());
 
     // And a real takeover goes through.
-    let out = takeover(&c, "dev-1", &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let now = takes_over(&c, "dev-1");
     assert!(shell.wait().unwrap().success());
     assert!(get(&url).unwrap().contains("hello from molt"));
     let status = c.molt_json(&["status", "--instance", &target]);
     assert_eq!(status["services"]["hello"]["pid"].as_u64(), Some(pid));
-    let now = shell_pid(&c, "dev-1");
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &now.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    kill_pid(now, "-TERM");
     wait_until("the shell to stop", 30, || !alive(now));
 }
 
@@ -482,24 +469,12 @@ fn a_new_shell_dying_after_the_old_one_let_go_gets_everything_handed_back() {
         assert_eq!(now, seen + 1, "{point}");
         seen = now;
     }
-    let out = takeover(&c, "dev-1", &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let now = takes_over(&c, "dev-1");
     assert!(shell.wait().unwrap().success());
     assert_eq!(hits(counter), seen + 1);
     let status = c.molt_json(&["status", "--instance", &target]);
     assert_eq!(status["services"]["hello"]["pid"].as_u64(), Some(pid));
-    let now = shell_pid(&c, "dev-1");
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &now.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    kill_pid(now, "-TERM");
     wait_until("the shell to stop", 30, || !alive(now));
     wait_until("the service to stop", 20, || !alive(pid as u32));
 }

@@ -247,3 +247,15 @@ pub fn wait_until(what: &str, secs: u64, done: impl Fn() -> bool) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Sends `signal` (e.g. `-TERM`, `-9`) to process `pid` with kill(1).
+pub fn kill_pid(pid: u32, signal: &str) {
+    assert!(
+        Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success(),
+        "kill {signal} {pid}"
+    );
+}
