@@ -190,9 +190,21 @@ pub(crate) async fn takeover(instance: &str, root: Option<PathBuf>, json: bool) 
         let _ = child.kill();
         let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
         let tail = shell::build::tail(&log_path, 20);
+        // Another takeover may have replaced the shell meanwhile: name the
+        // one that serves now.
+        let serving = std::fs::read(record_path(&record.root))
+            .ok()
+            .and_then(|t| serde_json::from_slice::<ShellRecord>(&t).ok())
+            .map_or(record.pid, |r| r.pid);
+        let who = match serving == record.pid {
+            true => format!("the running shell (pid {serving}) serves on"),
+            false => format!(
+                "meanwhile pid {serving} took over from pid {} (another takeover), and serves",
+                record.pid
+            ),
+        };
         bail!(
-            "the new shell did not take over ({status}); the running shell (pid {}) serves on.\nlast lines of {}:\n{tail}",
-            record.pid,
+            "the new shell did not take over ({status}); {who}.\nlast lines of {}:\n{tail}",
             log_path.display()
         );
     }

@@ -368,9 +368,72 @@ fn a_takeover_that_fails_leaves_the_old_shell_serving() {
 
     // The shell takes commands as before.
     c.molt_json(&["deploy", "demo-1", "--instance", &target]);
-    kill_pid(newer, "-TERM");
-    wait_until("the shell to stop", 30, || !alive(newer));
+
+    // Two takeovers at once (by the next version, which takes version 2):
+    // however they interleave, one shell serves at the end, the same
+    // service under it, and a takeover that lost says who serves.
+    let runs: Vec<_> = (0..2)
+        .map(|_| {
+            Command::new(MOLT)
+                .env("XDG_CACHE_HOME", c.dir.path().join("cache"))
+                .env("MOLT_RUN_DIR", c.dir.path().join("run"))
+                .env("MOLT_HANDOVER_VERSION", "3")
+                .args(["shell", "takeover", "--instance", "dev-1", "--root"])
+                .arg(c.dir.path().join("dev-1"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<Output> = runs
+        .into_iter()
+        .map(|r| r.wait_with_output().unwrap())
+        .collect();
+    assert!(outs.iter().any(|o| o.status.success()), "neither took over");
+    for o in outs.iter().filter(|o| !o.status.success()) {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("serves"), "{err}");
+    }
+    wait_until("the shell before them to exit", 30, || !alive(newer));
+    let last = shell_pid(&c, "dev-1");
+    let root = c.dir.path().join("dev-1");
+    wait_until("one shell left", 30, || shells_of(&root) == vec![last]);
+    serving("after two takeovers at once");
+
+    kill_pid(last, "-TERM");
+    wait_until("the shell to stop", 30, || !alive(last));
     wait_until("the service to stop", 20, || !alive(pid as u32));
+}
+
+/// The live `molt shell` processes of the instance at `root` (not the
+/// `molt shell takeover` commands).
+fn shells_of(root: &Path) -> Vec<u32> {
+    let root = root.to_str().unwrap();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_shell = args.iter().skip(1).any(|a| a == "shell")
+            && !args.iter().any(|a| a == "takeover")
+            && args.iter().any(|a| a == root);
+        if is_shell && alive(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 /// A taker that stays silent after the offer, and bytes that are no
