@@ -37,6 +37,13 @@
 //!
 //! - [`plugin`]: plugin services, served inside the shell and swapped with
 //!   their state.
+//!
+//! - [`keeper`]: the process that holds an instance's services, so they
+//!   outlive the shell that started them when a new one takes over, and stop
+//!   when no shell is left;
+//! - [`fdpass`]: messages carrying open descriptors over a unix socket;
+//! - [`takeover`]: what one shell hands the shell that takes over from it
+//!   (the versioned state and its messages).
 
 pub mod attach;
 pub mod build;

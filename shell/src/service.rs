@@ -16,6 +16,10 @@
 //! only, so its queue, approvals and audit cannot be bypassed. An upgrade or
 //! rollback that carries a deployment id is done once per id
 //! ([`crate::deployment`]).
+//!
+//! A shell whose services a keeper holds can be replaced by a new shell
+//! process without stopping them: [`take_over`] on the new one, the holder's
+//! side answering on the instance's takeover socket (`service/takeover.rs`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
