@@ -162,19 +162,6 @@ async fn start_keeper(root: &Path) -> Result<std::process::Child> {
     let logs = root.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot make `{}`", logs.display()))?;
     let socket = root.join("keeper.sock");
-    // A keeper left by a shell that was killed stops its services before it
-    // goes (their data directories are this shell's next): wait for it. One
-    // still there after that has an owner: another shell runs the instance.
-    let deadline = std::time::Instant::now() + shell::keeper::STOP_GRACE * 2;
-    while std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-        if std::time::Instant::now() >= deadline {
-            bail!(
-                "another shell runs this instance (its keeper answers at `{}`): stop it, or replace it with molt shell takeover",
-                socket.display()
-            );
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
     let exe = std::env::current_exe().context("cannot find this program to run its keeper")?;
     let (child, link) = tokio::task::spawn_blocking(move || {
         let (token, child) = shell::keeper::start(&exe, &socket, &logs.join("keeper.log"))?;

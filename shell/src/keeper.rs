@@ -583,11 +583,27 @@ pub fn new_token() -> std::io::Result<String> {
 /// group of its own, not tied to this process's life, gives it a new token on
 /// its standard input, and waits for its socket. Returns the token and the
 /// child (to reap it should it end first).
+///
+/// A keeper still answering at `socket` is waited for first: one left by a
+/// shell that was killed stops its services before it goes (their data
+/// directories are the new shell's next). One still there after twice
+/// [`STOP_GRACE`] has an owner — another shell runs the instance — and the
+/// start is refused.
 pub fn start(exe: &Path, socket: &Path, log: &Path) -> Result<(String, Child), KeeperError> {
     let failed = |source| KeeperError::Socket {
         path: socket.to_owned(),
         source,
     };
+    let deadline = Instant::now() + STOP_GRACE * 2;
+    while UnixStream::connect(socket).is_ok() {
+        if Instant::now() >= deadline {
+            return Err(KeeperError::Refused(format!(
+                "another shell runs this instance (its keeper answers at `{}`): stop it, or replace it with molt shell takeover",
+                socket.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let token = new_token().map_err(failed)?;
     let _ = std::fs::remove_file(socket);
     let log = std::fs::OpenOptions::new()
