@@ -134,7 +134,13 @@ pub(crate) async fn shell(
     }
     if args.takeover {
         eprintln!("shell {name} took over (pid {})", std::process::id());
-        println!("{}", crate::takeover::TOOK_OVER);
+        // Whoever started this shell may be gone (its stdout closed): that
+        // must not end a shell that now holds the instance.
+        {
+            use std::io::Write;
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "{}", crate::takeover::TOOK_OVER).and_then(|()| out.flush());
+        }
         crate::takeover::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
     } else {
         crate::takeover::notify("READY=1");
