@@ -11,7 +11,21 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, MOLT, get, signal, start_shell, write};
+use common::{Cluster, MOLT, get, signal, start_shell};
+
+/// Saves `bytes` as `dir/rel` the way an editor's save lands at once: written
+/// beside the watched directory, then renamed into place (a plain write
+/// truncates first, and a scan on a loaded machine could read the file
+/// empty between the two).
+fn write(dir: &Path, rel: &str, bytes: &[u8]) {
+    let staging = dir.parent().unwrap().join(".saves");
+    std::fs::create_dir_all(&staging).unwrap();
+    let tmp = staging.join(rel.replace('/', "_"));
+    std::fs::write(&tmp, bytes).unwrap();
+    let to = dir.join(rel);
+    std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+    std::fs::rename(&tmp, &to).unwrap();
+}
 
 /// `molt watch DIR --instance TARGET --json`, its JSON lines on a channel.
 fn watcher(c: &Cluster, dir: &Path, target: &str) -> (Child, Receiver<serde_json::Value>) {

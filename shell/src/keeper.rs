@@ -855,6 +855,17 @@ impl KeeperLink {
                 while let Ok((msg, _)) = fdpass::recv::<FromKeeper>(&reader) {
                     match msg {
                         FromKeeper::Reply(r) => {
+                            if let Reply::Spawned { pid } = &r {
+                                // A new child: an exit kept for an older
+                                // process of the same pid (pids are reused)
+                                // is not its. Dropped here, in order, before
+                                // any exit of the new child can arrive.
+                                exits
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .early
+                                    .remove(pid);
+                            }
                             if replies_tx.send(r).is_err() {
                                 break;
                             }
